@@ -1,0 +1,121 @@
+//! `GET`/`HEAD`/`PUT`/`DELETE /v2/<name>/manifests/<reference>`.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+
+use super::{body_stream, headers, Query};
+use crate::app::App;
+use crate::error::{ApiError, ApiResult, Code};
+use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
+use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
+use crate::storage::ManifestPut;
+
+fn unknown(r: &Reference) -> ApiError {
+    ApiError::new(Code::ManifestUnknown).detail(r.to_string())
+}
+
+/// The digest a reference names in `repo`.
+async fn resolve(app: &App, repo: &RepoName, r: &Reference) -> Result<Digest, ApiError> {
+    match r {
+        Reference::Digest(d) => Ok(d.clone()),
+        Reference::Tag(t) => app.store.resolve_tag(repo, t).await?.ok_or_else(|| unknown(r)),
+    }
+}
+
+pub async fn get(app: &App, repo: &RepoName, r: &Reference, head: bool) -> ApiResult {
+    let d = resolve(app, repo, r).await?;
+    let (info, body) = if head {
+        (app.store.manifest_info(repo, &d).await?.ok_or_else(|| unknown(r))?, Body::empty())
+    } else {
+        let (info, bytes) = app.store.read_manifest(repo, &d).await?.ok_or_else(|| unknown(r))?;
+        (info, Body::from(bytes))
+    };
+    let mut resp = headers::response(StatusCode::OK, body);
+    headers::content(resp.headers_mut(), &d, &info.media_type, info.size);
+    Ok(resp)
+}
+
+/// Reads a manifest body, refusing more than [`MAX_MANIFEST_BYTES`].
+async fn read_capped(h: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_big = || {
+        Code::SizeInvalid.with_detail(format!("manifests are limited to {MAX_MANIFEST_BYTES} bytes")).status(StatusCode::PAYLOAD_TOO_LARGE)
+    };
+    let announced = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+        return Err(too_big());
+    }
+    let mut buf = BytesMut::new();
+    let mut stream = body_stream(body);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Code::ManifestInvalid.with_detail(format!("reading the body: {e}")))?;
+        if buf.len() + chunk.len() > MAX_MANIFEST_BYTES {
+            return Err(too_big());
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub async fn put(app: &App, repo: &RepoName, r: &Reference, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+    let bytes = read_capped(h, body).await?;
+    let content_type = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+    let m = manifest::parse(&bytes, content_type).map_err(|e| Code::ManifestInvalid.with_detail(e.0))?;
+    let digest = match r {
+        Reference::Digest(want) => {
+            let got = Digest::of(want.algorithm(), &bytes);
+            if &got != want {
+                return Err(Code::DigestInvalid.with_detail(format!("manifest digest is {got}, not {want}")));
+            }
+            got
+        }
+        Reference::Tag(_) => Digest::of(Algorithm::Sha256, &bytes),
+    };
+    let mut tags: Vec<Tag> = Vec::new();
+    if let Reference::Tag(t) = r {
+        tags.push(t.clone());
+    }
+    for t in q.all("tag") {
+        tags.push(t.parse().map_err(|e: crate::oci::name::TagError| Code::ManifestInvalid.with_detail(e.to_string()))?);
+    }
+    for req in m.required() {
+        let present = match &req {
+            Required::Blob(d) => app.store.repo_blob_size(repo, d).await?.is_some(),
+            Required::Manifest(d) => app.store.manifest_info(repo, d).await?.is_some(),
+        };
+        if !present {
+            let d = match req {
+                Required::Blob(d) | Required::Manifest(d) => d,
+            };
+            return Err(Code::ManifestBlobUnknown.with_detail(serde_json::json!({ "digest": d.to_string() })));
+        }
+    }
+    let subject = m.subject.as_ref().map(|s| s.digest.clone());
+    let referrer = subject.as_ref().map(|s| (s, m.referrer_descriptor(&digest, bytes.len() as u64)));
+    app.store
+        .put_manifest(repo, ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer })
+        .await?;
+    let mut resp = headers::located(StatusCode::CREATED, &format!("/v2/{repo}/manifests/{digest}"));
+    headers::set(resp.headers_mut(), headers::DOCKER_CONTENT_DIGEST, &digest);
+    if let Some(s) = subject {
+        headers::set(resp.headers_mut(), headers::OCI_SUBJECT, s);
+    }
+    Ok(resp)
+}
+
+pub async fn delete(app: &App, repo: &RepoName, r: &Reference) -> ApiResult {
+    match r {
+        Reference::Tag(t) => {
+            if !app.store.delete_tag(repo, t).await? {
+                return Err(unknown(r));
+            }
+        }
+        Reference::Digest(d) => {
+            let (info, bytes) = app.store.read_manifest(repo, d).await?.ok_or_else(|| unknown(r))?;
+            let subject = manifest::parse(&bytes, Some(&info.media_type)).ok().and_then(|m| m.subject).map(|s| s.digest);
+            app.store.delete_manifest(repo, d, subject.as_ref()).await?;
+        }
+    }
+    Ok(headers::response(StatusCode::ACCEPTED, Body::empty()))
+}

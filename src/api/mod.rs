@@ -1,0 +1,112 @@
+//! HTTP front: every `/v2/…` request is parsed into a [`routes::Route`] and dispatched on
+//! (route, method) to the handler modules. Handlers return `ApiResult`; errors are rendered by
+//! [`crate::error::ApiError`] only.
+
+pub mod blobs;
+mod headers;
+pub mod listing;
+pub mod manifests;
+pub mod routes;
+pub mod uploads;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, Method};
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+
+use crate::app::App;
+use crate::error::{ApiError, ApiResult, Code};
+use routes::Route;
+
+pub type AppState = Arc<App>;
+
+/// The production router; tests and `main` build exactly this.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", any(dispatch))
+        .route("/v2/", any(dispatch))
+        .route("/v2/{*rest}", any(dispatch))
+        .with_state(state)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(tower_http::catch_panic::CatchPanicLayer::new())
+}
+
+async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
+    let mut resp = match routes::parse(req.uri().path()) {
+        Ok(route) => handle(&app, route, req).await.unwrap_or_else(IntoResponse::into_response),
+        Err(e) => e.into_response(),
+    };
+    resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+async fn handle(app: &App, route: Route, req: Request) -> ApiResult {
+    let (parts, body) = req.into_parts();
+    let q = Query::parse(parts.uri.query());
+    let h = &parts.headers;
+    let head = parts.method == Method::HEAD;
+    match (route, &parts.method) {
+        (Route::Base, &Method::GET | &Method::HEAD) => Ok(headers::json_response("{}".into())),
+        (Route::Catalog, &Method::GET) => listing::catalog(app, &q).await,
+        (Route::Tags(name), &Method::GET) => listing::tags(app, &name, &q).await,
+        (Route::Referrers(name, d), &Method::GET) => listing::referrers(app, &name, &d, &q).await,
+        (Route::Manifest(name, r), &Method::GET | &Method::HEAD) => manifests::get(app, &name, &r, head).await,
+        (Route::Manifest(name, r), &Method::PUT) => manifests::put(app, &name, &r, &q, h, body).await,
+        (Route::Manifest(name, r), &Method::DELETE) => manifests::delete(app, &name, &r).await,
+        (Route::Blob(name, d), &Method::GET | &Method::HEAD) => blobs::get(app, &name, &d, h, head).await,
+        (Route::Blob(name, d), &Method::DELETE) => blobs::delete(app, &name, &d).await,
+        (Route::UploadStart(name), &Method::POST) => uploads::start(app, &name, &q, h, body).await,
+        (Route::Upload(name, id), &Method::GET) => uploads::status(app, &name, &id).await,
+        (Route::Upload(name, id), &Method::PATCH) => uploads::patch(app, &name, &id, h, body).await,
+        (Route::Upload(name, id), &Method::PUT) => uploads::finish(app, &name, &id, &q, h, body).await,
+        (Route::Upload(name, id), &Method::DELETE) => uploads::cancel(app, &name, &id).await,
+        (route, method) => {
+            Err(ApiError::new(Code::Unsupported).detail(format!("{method} is not supported on the {} endpoint", route.kind())))
+        }
+    }
+}
+
+/// Decoded query parameters, in order, repeated keys kept.
+pub struct Query(Vec<(String, String)>);
+
+impl Query {
+    fn parse(q: Option<&str>) -> Query {
+        Query(form_urlencoded::parse(q.unwrap_or("").as_bytes()).into_owned().collect())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Streams a request body chunk by chunk.
+pub(crate) fn body_stream(body: Body) -> axum::body::BodyDataStream {
+    body.into_data_stream()
+}
+
+impl From<crate::storage::StoreError> for ApiError {
+    fn from(e: crate::storage::StoreError) -> ApiError {
+        use crate::storage::StoreError::*;
+        match e {
+            UploadUnknown => ApiError::new(Code::BlobUploadUnknown),
+            InvalidOffset { expected, got } => {
+                Code::RangeInvalid.with_detail(format!("upload is at offset {expected}, chunk starts at {got}"))
+            }
+            DigestMismatch { expected, actual } => {
+                Code::DigestInvalid.with_detail(format!("content digest is {actual}, expected {expected}"))
+            }
+            SizeMismatch { expected, actual } => {
+                Code::SizeInvalid.with_detail(format!("content size is {actual}, expected {expected}"))
+            }
+            Io(e) => ApiError::internal(e),
+        }
+    }
+}

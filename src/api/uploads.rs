@@ -1,0 +1,168 @@
+//! Upload sessions: `POST /v2/<name>/blobs/uploads/` (start, monolithic, mount) and
+//! `GET`/`PATCH`/`PUT`/`DELETE /v2/<name>/blobs/uploads/<id>`.
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use futures::StreamExt;
+
+use super::{blobs, body_stream, headers, Query};
+use crate::app::App;
+use crate::error::{ApiError, ApiResult, Code};
+use crate::oci::range::parse_content_range;
+use crate::oci::{Algorithm, Digest, RepoName};
+use crate::storage::{Upload, UploadId, UploadWriter};
+
+fn upload_location(repo: &RepoName, id: UploadId) -> String {
+    format!("/v2/{repo}/blobs/uploads/{id}")
+}
+
+/// `Range: 0-<last byte>` as the spec writes it (`0-0` for an empty session).
+fn range_value(size: u64) -> String {
+    format!("0-{}", size.saturating_sub(1))
+}
+
+/// 202 (or 204 for a status query) describing a session.
+fn session_response(status: StatusCode, repo: &RepoName, up: Upload) -> Response {
+    let mut r = headers::located(status, &upload_location(repo, up.id));
+    headers::set(r.headers_mut(), "range", range_value(up.offset));
+    headers::set(r.headers_mut(), headers::DOCKER_UPLOAD_UUID, up.id);
+    r
+}
+
+fn parse_id(id: &str) -> Result<UploadId, ApiError> {
+    id.parse().map_err(|_| ApiError::new(Code::BlobUploadUnknown).detail("no such upload session"))
+}
+
+fn digest_param(q: &Query, key: &str) -> Result<Option<Digest>, ApiError> {
+    q.get(key)
+        .map(|s| s.parse().map_err(|e: crate::oci::digest::DigestError| Code::DigestInvalid.with_detail(e.to_string())))
+        .transpose()
+}
+
+fn content_length(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    h.get(header::CONTENT_LENGTH)
+        .map(|v| {
+            v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| Code::SizeInvalid.with_detail("bad Content-Length"))
+        })
+        .transpose()
+}
+
+/// The byte count a chunk must have, from `Content-Range` (checked against the session's
+/// offset) and `Content-Length`; `None` for a plain streamed chunk.
+fn expected_chunk_len(h: &HeaderMap, offset: u64) -> Result<Option<u64>, ApiError> {
+    let len = content_length(h)?;
+    let Some(cr) = h.get(header::CONTENT_RANGE) else { return Ok(len) };
+    let Some((start, end)) = cr.to_str().ok().and_then(parse_content_range) else {
+        return Err(ApiError::new(Code::RangeInvalid).detail("Content-Range must be <start>-<end>"));
+    };
+    if start != offset {
+        return Err(ApiError::new(Code::RangeInvalid)
+            .detail(format!("upload is at offset {offset}, chunk starts at {start}"))
+            .header(header::RANGE, range_value(offset)));
+    }
+    let want = end - start + 1;
+    if len.is_some_and(|l| l != want) {
+        return Err(Code::SizeInvalid.with_detail("Content-Length does not match Content-Range"));
+    }
+    Ok(Some(want))
+}
+
+/// Appends a request body to the session. On any failure the chunk is rolled back, so the
+/// session stays at its last checkpoint.
+async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u64>) -> Result<UploadWriter, ApiError> {
+    let start = w.size();
+    let mut stream = body_stream(body);
+    let outcome: Result<(), ApiError> = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Code::BlobUploadInvalid.with_detail(format!("reading the body: {e}")))?;
+            if want.is_some_and(|n| w.size() - start + chunk.len() as u64 > n) {
+                return Err(Code::SizeInvalid.with_detail("body is longer than announced"));
+            }
+            w.write(&chunk).await.map_err(ApiError::internal)?;
+        }
+        if let Some(n) = want.filter(|&n| w.size() - start != n) {
+            return Err(Code::SizeInvalid.with_detail(format!("body has {} bytes, expected {n}", w.size() - start)));
+        }
+        Ok(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => Ok(w),
+        Err(e) => {
+            w.rollback(&app.store).await?;
+            Err(e)
+        }
+    }
+}
+
+pub async fn start(app: &App, repo: &RepoName, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+    if let Some(mount) = digest_param(q, "mount")? {
+        if let Some(r) = try_mount(app, repo, &mount, q.get("from")).await? {
+            return Ok(r);
+        }
+    }
+    if let Some(d) = digest_param(q, "digest")? {
+        // Monolithic upload: the whole blob in the POST body.
+        let id = app.store.create_upload(repo, d.algorithm()).await?;
+        let w = app.store.open_upload(repo, &id).await?;
+        let w = match write_chunk(app, w, body, content_length(h)?).await {
+            Ok(w) => w,
+            Err(e) => {
+                app.store.cancel_upload(repo, &id).await?;
+                return Err(e);
+            }
+        };
+        w.commit(&app.store, repo, &d).await?;
+        return Ok(blobs::created(repo, &d));
+    }
+    let id = app.store.create_upload(repo, Algorithm::Sha256).await?;
+    Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id, offset: 0 }))
+}
+
+/// Cross-repository mount: links a blob already in `from` (or, without `from`, anywhere in the
+/// store) into `repo`. `None` when it cannot, and a session should be started instead.
+async fn try_mount(app: &App, repo: &RepoName, d: &Digest, from: Option<&str>) -> Result<Option<Response>, ApiError> {
+    let present = match from {
+        Some(from) => {
+            let Ok(from) = from.parse::<RepoName>() else { return Ok(None) };
+            app.store.repo_blob_size(&from, d).await?.is_some()
+        }
+        None => app.store.blob_size(d).await?.is_some(),
+    };
+    if !present {
+        return Ok(None);
+    }
+    app.store.link_blob(repo, d).await?;
+    Ok(Some(blobs::created(repo, d)))
+}
+
+pub async fn status(app: &App, repo: &RepoName, id: &str) -> ApiResult {
+    let up = app.store.upload_status(repo, &parse_id(id)?).await?;
+    Ok(session_response(StatusCode::NO_CONTENT, repo, up))
+}
+
+pub async fn patch(app: &App, repo: &RepoName, id: &str, h: &HeaderMap, body: Body) -> ApiResult {
+    let w = app.store.open_upload(repo, &parse_id(id)?).await?;
+    let want = expected_chunk_len(h, w.offset())?;
+    let mut w = write_chunk(app, w, body, want).await?;
+    w.checkpoint(&app.store).await?;
+    Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id: w.id(), offset: w.size() }))
+}
+
+pub async fn finish(app: &App, repo: &RepoName, id: &str, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+    let id = parse_id(id)?;
+    let Some(d) = digest_param(q, "digest")? else {
+        return Err(Code::DigestInvalid.with_detail("the digest query parameter is required"));
+    };
+    let w = app.store.open_upload(repo, &id).await?;
+    let want = expected_chunk_len(h, w.offset())?;
+    let w = write_chunk(app, w, body, want).await?;
+    w.commit(&app.store, repo, &d).await?;
+    Ok(blobs::created(repo, &d))
+}
+
+pub async fn cancel(app: &App, repo: &RepoName, id: &str) -> ApiResult {
+    app.store.cancel_upload(repo, &parse_id(id)?).await?;
+    Ok(headers::response(StatusCode::NO_CONTENT, Body::empty()))
+}

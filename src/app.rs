@@ -1,0 +1,39 @@
+//! The application state shared by every request.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::storage::{Store, StoreConfig};
+
+pub struct App {
+    pub cfg: Config,
+    pub store: Arc<Store>,
+}
+
+impl App {
+    pub async fn new(cfg: Config) -> std::io::Result<Arc<App>> {
+        let store = Store::open(&StoreConfig {
+            root: cfg.storage.root.clone(),
+            fsync: cfg.storage.fsync,
+            descriptor_cache_capacity: cfg.cache.descriptors,
+        })
+        .await?;
+        Ok(Arc::new(App { cfg, store }))
+    }
+
+    /// Background work: the idle upload session sweep. Runs until the runtime stops.
+    pub fn spawn_background(self: &Arc<App>) {
+        let app = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(app.cfg.uploads.sweep_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let n = app.store.sweep_uploads(app.cfg.uploads.session_ttl).await;
+                if n > 0 {
+                    tracing::info!(removed = n, "swept idle upload sessions");
+                }
+            }
+        });
+    }
+}

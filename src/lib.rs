@@ -1,0 +1,10 @@
+//! Stevedore: a pull-through caching OCI registry. See ARCHITECTURE.md for the map.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod oci;
+pub mod storage;
+
+pub use api::router;

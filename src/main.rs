@@ -1,0 +1,122 @@
+use std::path::PathBuf;
+
+use std::future::IntoFuture;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use stevedore::app::App;
+use stevedore::config::Config;
+
+#[derive(Parser)]
+#[command(name = "stevedore", version, about = "A pull-through caching OCI registry")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the registry.
+    Serve(ServeArgs),
+    /// Load and validate a config file, then exit.
+    CheckConfig {
+        #[arg(long, env = "STEVEDORE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// TOML config file (defaults apply without one).
+    #[arg(long, env = "STEVEDORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address, e.g. 0.0.0.0:5000 (overrides server.listen).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Store root directory (overrides storage.root).
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Default upstream registry URL, or `none` for a plain local registry.
+    #[arg(long)]
+    upstream: Option<String>,
+}
+
+fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    let cfg = match path {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    Ok(cfg)
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.cmd {
+        Cmd::CheckConfig { config } => {
+            let cfg = load(Some(&config))?;
+            cfg.validate()?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Cmd::Serve(args) => {
+            let mut cfg = load(args.config.as_ref())?;
+            if let Some(l) = args.listen {
+                cfg.server.listen = l;
+            }
+            if let Some(r) = args.root {
+                cfg.storage.root = r;
+            }
+            cfg.validate()?;
+            let _ = args.upstream;
+            tokio::runtime::Runtime::new()?.block_on(serve(cfg))
+        }
+    }
+}
+
+async fn serve(cfg: Config) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(cfg.server.listen).await.with_context(|| format!("binding {}", cfg.server.listen))?;
+    let addr = listener.local_addr()?;
+    let grace = cfg.server.shutdown_grace;
+    let app = App::new(cfg).await.context("opening the store")?;
+    app.spawn_background();
+    tracing::info!(%addr, root = %app.cfg.storage.root.display(), "stevedore started");
+    println!("stevedore listening on {addr}");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(listener, stevedore::router(app.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            let _ = tx.send(());
+        })
+        .into_future();
+    tokio::select! {
+        r = server => r?,
+        _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("shutdown grace period over; exiting with requests in flight");
+        }
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+}

@@ -3,22 +3,25 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::proxy::Proxy;
 use crate::storage::{Store, StoreConfig};
 
 pub struct App {
     pub cfg: Config,
     pub store: Arc<Store>,
+    pub proxy: Proxy,
 }
 
 impl App {
-    pub async fn new(cfg: Config) -> std::io::Result<Arc<App>> {
+    pub async fn new(cfg: Config) -> anyhow::Result<Arc<App>> {
         let store = Store::open(&StoreConfig {
             root: cfg.storage.root.clone(),
             fsync: cfg.storage.fsync,
             descriptor_cache_capacity: cfg.cache.descriptors,
         })
         .await?;
-        Ok(Arc::new(App { cfg, store }))
+        let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?;
+        Ok(Arc::new(App { cfg, store, proxy }))
     }
 
     /// Background work: the idle upload session sweep. Runs until the runtime stops.

@@ -15,6 +15,107 @@ pub struct Config {
     pub storage: StorageConfig,
     pub uploads: UploadsConfig,
     pub cache: CacheConfig,
+    pub proxy: ProxyConfig,
+    /// Registries Stevedore pulls through from. Only these are ever contacted.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Host of the upstream used for requests that name none (no `ns`, no path prefix);
+    /// empty for none.
+    pub default_upstream: String,
+    /// A fill keeps going after its clients hang up, but no longer than this.
+    #[serde(with = "humantime_serde")]
+    pub fill_timeout: Duration,
+    /// How long an upstream answer to a blob or manifest HEAD is reused.
+    #[serde(with = "humantime_serde")]
+    pub head_cache_ttl: Duration,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The registry host images are named with (`docker.io`, `ghcr.io`): matched against
+    /// `ns=` and path prefixes, and the namespace its content is cached under.
+    pub host: String,
+    /// Other names for the same registry (`index.docker.io`, `registry-1.docker.io`).
+    pub aliases: Vec<String>,
+    /// Base URLs tried in order (failover). Default: `https://<host>`.
+    pub endpoints: Vec<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// Read the password from this file (trailing newline trimmed).
+    pub password_file: Option<PathBuf>,
+    /// Read the password from this environment variable.
+    pub password_env: Option<String>,
+    /// A tag resolved from upstream is served without asking again for this long.
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    /// Tags matching one of these glob patterns (`*` and `?`) never change: never revalidated.
+    pub immutable_tags: Vec<String>,
+    /// At most this many requests to this upstream at once.
+    pub max_concurrency: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Longest silence on an upstream connection (never a limit on a whole transfer).
+    #[serde(with = "humantime_serde")]
+    pub read_timeout: Duration,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> ProxyConfig {
+        ProxyConfig {
+            default_upstream: "docker.io".into(),
+            fill_timeout: Duration::from_secs(30 * 60),
+            head_cache_ttl: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> UpstreamConfig {
+        UpstreamConfig {
+            host: String::new(),
+            aliases: Vec::new(),
+            endpoints: Vec::new(),
+            username: None,
+            password: None,
+            password_file: None,
+            password_env: None,
+            tag_ttl: Duration::from_secs(300),
+            immutable_tags: Vec::new(),
+            max_concurrency: 32,
+            connect_timeout: Duration::from_secs(10),
+            read_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl UpstreamConfig {
+    /// Docker Hub, as shipped.
+    pub fn docker_hub() -> UpstreamConfig {
+        UpstreamConfig {
+            host: "docker.io".into(),
+            aliases: vec!["index.docker.io".into(), "registry-1.docker.io".into()],
+            endpoints: vec!["https://registry-1.docker.io".into()],
+            ..UpstreamConfig::default()
+        }
+    }
+
+    /// An upstream for a bare URL given with `--upstream`, named after its host[:port].
+    pub fn from_url(url: &str) -> Result<UpstreamConfig, ConfigError> {
+        let u = reqwest::Url::parse(url).map_err(|e| ConfigError::Invalid { key: "--upstream", why: e.to_string() })?;
+        if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
+            return Err(ConfigError::Invalid { key: "--upstream", why: "must be an http(s) URL or `none`".into() });
+        }
+        let host = match u.port() {
+            Some(p) => format!("{}:{p}", u.host_str().unwrap_or_default()),
+            None => u.host_str().unwrap_or_default().to_string(),
+        };
+        Ok(UpstreamConfig { host, endpoints: vec![url.trim_end_matches('/').to_string()], ..UpstreamConfig::default() })
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -61,6 +162,8 @@ impl Default for Config {
             storage: StorageConfig::default(),
             uploads: UploadsConfig::default(),
             cache: CacheConfig::default(),
+            proxy: ProxyConfig::default(),
+            upstreams: vec![UpstreamConfig::docker_hub()],
         }
     }
 }
@@ -123,6 +226,32 @@ impl Config {
         if self.cache.descriptors == 0 {
             return invalid("cache.descriptors", "must be at least 1");
         }
+        let mut seen = std::collections::HashSet::new();
+        for u in &self.upstreams {
+            if u.host.is_empty() || u.host.contains('/') || u.host != u.host.to_ascii_lowercase() {
+                return invalid("upstreams.host", &format!("{:?} must be a lowercase registry host", u.host));
+            }
+            for name in std::iter::once(&u.host).chain(&u.aliases) {
+                if !seen.insert(name.as_str()) {
+                    return invalid("upstreams.aliases", &format!("{name} names more than one upstream"));
+                }
+            }
+            for e in &u.endpoints {
+                match reqwest::Url::parse(e) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => {}
+                    _ => return invalid("upstreams.endpoints", &format!("{e:?} is not an http(s) URL")),
+                }
+            }
+            if u.max_concurrency == 0 {
+                return invalid("upstreams.max_concurrency", "must be at least 1");
+            }
+            if u.password.is_some() as u8 + u.password_file.is_some() as u8 + u.password_env.is_some() as u8 > 1 {
+                return invalid("upstreams.password", "give one of password, password_file, password_env");
+            }
+        }
+        if !self.proxy.default_upstream.is_empty() && !seen.contains(self.proxy.default_upstream.as_str()) {
+            return invalid("proxy.default_upstream", &format!("{} is not a configured upstream", self.proxy.default_upstream));
+        }
         Ok(())
     }
 }
@@ -140,6 +269,29 @@ mod tests {
         assert_eq!(c.storage.root, d.storage.root);
         assert_eq!(c.uploads.session_ttl, d.uploads.session_ttl);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn upstreams() {
+        let c = Config::parse(
+            r#"
+            [proxy]
+            default_upstream = "ghcr.io"
+            [[upstreams]]
+            host = "ghcr.io"
+            tag_ttl = "1m"
+            immutable_tags = ["v*"]
+            "#,
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.upstreams.len(), 1);
+        assert_eq!(c.upstreams[0].tag_ttl, Duration::from_secs(60));
+        let bad = Config::parse("[proxy]\ndefault_upstream = \"quay.io\"").unwrap();
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "proxy.default_upstream", .. })));
+        let u = UpstreamConfig::from_url("http://127.0.0.1:5001/").unwrap();
+        assert_eq!((u.host.as_str(), u.endpoints[0].as_str()), ("127.0.0.1:5001", "http://127.0.0.1:5001"));
+        assert!(UpstreamConfig::from_url("ftp://x").is_err());
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The error catalogue: every error a client can see is an [`ApiError`] carrying one of the
 //! spec's codes, rendered once as `{"errors":[{"code","message","detail"}]}`.
 
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
@@ -67,12 +67,12 @@ pub struct ApiError {
     pub code: Code,
     pub status: StatusCode,
     pub detail: Option<Value>,
-    pub headers: HeaderMap,
+    pub headers: Vec<(header::HeaderName, HeaderValue)>,
 }
 
 impl ApiError {
     pub fn new(code: Code) -> ApiError {
-        ApiError { code, status: code.describe().1, detail: None, headers: HeaderMap::new() }
+        ApiError { code, status: code.describe().1, detail: None, headers: Vec::new() }
     }
 
     pub fn detail(mut self, detail: impl Into<Value>) -> ApiError {
@@ -87,7 +87,7 @@ impl ApiError {
 
     pub fn header(mut self, name: header::HeaderName, value: impl ToString) -> ApiError {
         if let Ok(v) = HeaderValue::from_str(&value.to_string()) {
-            self.headers.insert(name, v);
+            self.headers.push((name, v));
         }
         self
     }
@@ -110,7 +110,9 @@ impl IntoResponse for ApiError {
         let (code, _, message) = self.code.describe();
         let body = json!({"errors": [{"code": code, "message": message, "detail": self.detail.unwrap_or(Value::Null)}]});
         let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
-        resp.headers_mut().extend(self.headers);
+        for (k, v) in self.headers {
+            resp.headers_mut().insert(k, v);
+        }
         resp
     }
 }

@@ -5,6 +5,8 @@ pub mod app;
 pub mod config;
 pub mod error;
 pub mod oci;
+pub mod proxy;
 pub mod storage;
+pub mod upstream;
 
 pub use api::router;

@@ -73,8 +73,17 @@ fn main() -> anyhow::Result<()> {
             if let Some(r) = args.root {
                 cfg.storage.root = r;
             }
+            match args.upstream.as_deref() {
+                None => {}
+                Some("none") => cfg.proxy.default_upstream.clear(),
+                Some(url) => {
+                    let up = stevedore::config::UpstreamConfig::from_url(url)?;
+                    cfg.proxy.default_upstream = up.host.clone();
+                    cfg.upstreams.retain(|u| u.host != up.host);
+                    cfg.upstreams.push(up);
+                }
+            }
             cfg.validate()?;
-            let _ = args.upstream;
             tokio::runtime::Runtime::new()?.block_on(serve(cfg))
         }
     }
@@ -87,7 +96,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let grace = cfg.server.shutdown_grace;
     let app = App::new(cfg).await.context("opening the store")?;
     app.spawn_background();
-    tracing::info!(%addr, root = %app.cfg.storage.root.display(), "stevedore started");
+    let upstreams: Vec<String> = app.proxy.upstreams().iter().map(|u| u.host.clone()).collect();
+    tracing::info!(
+        %addr,
+        root = %app.cfg.storage.root.display(),
+        upstreams = ?upstreams,
+        default_upstream = app.proxy.default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
+        "stevedore started"
+    );
     println!("stevedore listening on {addr}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, stevedore::router(app.clone()))

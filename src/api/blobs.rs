@@ -8,31 +8,68 @@ use axum::response::Response;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use super::headers;
+use super::{headers, upstream_error};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::range::{parse_range, RangeRequest};
 use crate::oci::{Digest, RepoName};
+use crate::proxy::fill::FillError;
+use crate::proxy::{Outcome, ProxyRepo, Target};
 
 /// Read size when streaming a blob from disk (256 KiB measured ~2× faster than 64 KiB).
 pub const READ_CHUNK: usize = 256 * 1024;
 
-pub async fn get(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
+pub async fn get(app: &App, target: &Target, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
+    match target {
+        Target::Local(name) => get_local(app, name, d, req, head).await,
+        Target::Proxy { repo, .. } => get_proxied(app, repo, d, req, head).await,
+        Target::Overlay { local, repo } => {
+            if app.store.repo_blob_size(local, d).await?.is_some() {
+                get_local(app, local, d, req, head).await
+            } else {
+                get_proxied(app, repo, d, req, head).await
+            }
+        }
+    }
+}
+
+fn range_of(req: &HeaderMap, size: u64) -> RangeRequest {
+    match req.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(r) => parse_range(r, size),
+        None => RangeRequest::Full,
+    }
+}
+
+fn unsatisfiable(size: u64) -> ApiError {
+    ApiError::new(Code::RangeInvalid).detail(format!("blob has {size} bytes")).header(header::CONTENT_RANGE, format!("bytes */{size}"))
+}
+
+/// The response head for `len` bytes from `start` of a `size`-byte blob (`size` unknown: no
+/// length headers).
+fn blob_response(d: &Digest, status: StatusCode, start: u64, len: Option<u64>, size: Option<u64>, body: Body) -> Response {
+    let mut resp = headers::response(status, body);
+    let h = resp.headers_mut();
+    headers::set(h, headers::DOCKER_CONTENT_DIGEST, d);
+    headers::set(h, "etag", format!("\"{d}\""));
+    headers::set(h, "content-type", "application/octet-stream");
+    headers::set(h, "accept-ranges", "bytes");
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, len.into());
+    }
+    if let (StatusCode::PARTIAL_CONTENT, Some(len), Some(size)) = (status, len, size) {
+        headers::set(h, "content-range", format!("bytes {start}-{}/{size}", start + len - 1));
+    }
+    resp
+}
+
+async fn get_local(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
     let Some(size) = app.store.repo_blob_size(repo, d).await? else {
         return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
     };
-    let range = match req.get(header::RANGE).and_then(|v| v.to_str().ok()) {
-        Some(r) => parse_range(r, size),
-        None => RangeRequest::Full,
-    };
-    let (status, start, len) = match range {
+    let (status, start, len) = match range_of(req, size) {
         RangeRequest::Full => (StatusCode::OK, 0, size),
         RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
-        RangeRequest::Unsatisfiable => {
-            return Err(ApiError::new(Code::RangeInvalid)
-                .detail(format!("blob has {size} bytes"))
-                .header(header::CONTENT_RANGE, format!("bytes */{size}")));
-        }
+        RangeRequest::Unsatisfiable => return Err(unsatisfiable(size)),
     };
     let body = if head {
         Body::empty()
@@ -45,13 +82,47 @@ pub async fn get(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head: 
         }
         Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK))
     };
-    let mut resp = headers::response(status, body);
-    let h = resp.headers_mut();
-    headers::content(h, d, "application/octet-stream", len);
-    headers::set(h, "accept-ranges", "bytes");
-    if status == StatusCode::PARTIAL_CONTENT {
-        headers::set(h, "content-range", format!("bytes {start}-{}/{size}", start + len - 1));
+    Ok(blob_response(d, status, start, Some(len), Some(size), body))
+}
+
+/// A blob in an upstream's namespace: from the cache, else from the fill (started or joined).
+async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
+    let outcome = if app.store.repo_blob_size(&p.cache, d).await?.is_some() {
+        Some(Outcome::Hit)
+    } else if app.store.blob_size(d).await?.is_some() {
+        // Content-addressed: the same bytes arrived through another repository.
+        app.store.link_blob(&p.cache, d).await?;
+        Some(Outcome::Hit)
+    } else {
+        None
+    };
+    if let Some(outcome) = outcome {
+        let mut resp = get_local(app, &p.cache, d, req, head).await?;
+        headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, outcome.as_str());
+        return Ok(resp);
     }
+    if head {
+        let size = app.proxy.blob_head(p, d).await.map_err(|e| upstream_error(&e, Code::BlobUnknown))?;
+        let Some(size) = size else { return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string())) };
+        let mut resp = blob_response(d, StatusCode::OK, 0, Some(size), Some(size), Body::empty());
+        headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, Outcome::Miss.as_str());
+        return Ok(resp);
+    }
+    let (fill, leader) = app.proxy.fill(&app.store, p, d).map_err(ApiError::internal)?;
+    let size = fill.started().await.map_err(|e| match e {
+        FillError::Upstream(u) => upstream_error(&u, Code::BlobUnknown),
+        e => ApiError::new(Code::Unavailable).status(StatusCode::BAD_GATEWAY).detail(e.to_string()),
+    })?;
+    let (status, start, end) = match size.map(|s| (s, range_of(req, s))) {
+        Some((s, RangeRequest::Unsatisfiable)) => return Err(unsatisfiable(s)),
+        Some((_, RangeRequest::Partial(r))) => (StatusCode::PARTIAL_CONTENT, r.start, Some(r.end + 1)),
+        _ => (StatusCode::OK, 0, None),
+    };
+    let len = end.or(size).map(|e| e - start);
+    let body = Body::from_stream(fill.read(start, end));
+    let mut resp = blob_response(d, status, start, len, size, body);
+    let outcome = if leader { Outcome::Miss } else { Outcome::Joined };
+    headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, outcome.as_str());
     Ok(resp)
 }
 

@@ -10,6 +10,10 @@ pub const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
 pub const DOCKER_UPLOAD_UUID: &str = "docker-upload-uuid";
 pub const OCI_SUBJECT: &str = "oci-subject";
 pub const OCI_FILTERS_APPLIED: &str = "oci-filters-applied";
+pub const OCI_NAMESPACE: &str = "oci-namespace";
+/// How a pull was answered: hit, miss, joined, stale or revalidated.
+pub const CACHE_OUTCOME: &str = "x-stevedore-cache";
+pub const STALE_WARNING: &str = "110 stevedore \"Response is Stale\"";
 
 pub fn response(status: StatusCode, body: Body) -> Response {
     let mut r = Response::new(body);

@@ -5,11 +5,13 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::{headers, Query};
+use super::{headers, upstream_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, RepoName};
+use crate::proxy::{tags_from_upstream, ProxyRepo, Target};
+use crate::upstream::UpstreamError;
 
 /// One page of a sorted list after `last`, at most `n` long, and the `Link` to the next page.
 fn page(all: Vec<String>, q: &Query, path: &str) -> Result<(Vec<String>, Option<String>), ApiError> {
@@ -42,13 +44,49 @@ fn listing(body: Value, link: Option<String>) -> Response {
     r
 }
 
-pub async fn tags(app: &App, repo: &RepoName, q: &Query) -> ApiResult {
-    let Some(tags) = app.store.list_tags(repo).await? else {
-        return Err(ApiError::new(Code::NameUnknown).detail(repo.to_string()));
+pub async fn tags(app: &App, target: &Target, q: &Query) -> ApiResult {
+    let (shown, tags) = match target {
+        Target::Local(name) => (name, local_tags(app, name).await?),
+        Target::Overlay { local, repo } => match local_tags(app, local).await? {
+            Some(t) => (local, Some(t)),
+            None => (local, upstream_tags(app, repo).await?),
+        },
+        Target::Proxy { repo, .. } => (&repo.remote, upstream_tags(app, repo).await?),
     };
-    let all = tags.into_iter().map(|t| t.as_str().to_string()).collect();
-    let (tags, link) = page(all, q, &format!("/v2/{repo}/tags/list"))?;
-    Ok(listing(json!({ "name": repo.as_str(), "tags": tags }), link))
+    let Some(all) = tags else {
+        return Err(ApiError::new(Code::NameUnknown).detail(shown.to_string()));
+    };
+    let name = target_name(target);
+    let (tags, link) = page(all, q, &format!("/v2/{name}/tags/list"))?;
+    Ok(listing(json!({ "name": name, "tags": tags }), link))
+}
+
+/// The name the client used.
+fn target_name(t: &Target) -> String {
+    match t {
+        Target::Local(n) | Target::Overlay { local: n, .. } => n.to_string(),
+        Target::Proxy { repo, ns_echo: Some(_) } => repo.remote.to_string(),
+        Target::Proxy { repo, ns_echo: None } => format!("{}/{}", repo.upstream.host, repo.remote),
+    }
+}
+
+async fn local_tags(app: &App, repo: &RepoName) -> Result<Option<Vec<String>>, ApiError> {
+    Ok(app.store.list_tags(repo).await?.map(|t| t.into_iter().map(|t| t.as_str().to_string()).collect()))
+}
+
+/// The upstream's tag list; the cached tags when the upstream is in trouble.
+async fn upstream_tags(app: &App, p: &ProxyRepo) -> Result<Option<Vec<String>>, ApiError> {
+    match p.upstream.get_json(&p.remote, &format!("/v2/{}/tags/list", p.remote)).await {
+        Ok((_, body)) => Ok(tags_from_upstream(&body)),
+        Err(UpstreamError::NotFound) => Ok(None),
+        Err(e) => {
+            tracing::warn!(upstream = %p.upstream.host, repo = %p.remote, error = %e, "tags list from the cache");
+            match local_tags(app, &p.cache).await? {
+                Some(t) => Ok(Some(t)),
+                None => Err(upstream_error(&e, Code::NameUnknown)),
+            }
+        }
+    }
 }
 
 pub async fn catalog(app: &App, q: &Query) -> ApiResult {
@@ -56,8 +94,19 @@ pub async fn catalog(app: &App, q: &Query) -> ApiResult {
     Ok(listing(json!({ "repositories": repos }), link))
 }
 
-pub async fn referrers(app: &App, repo: &RepoName, subject: &Digest, q: &Query) -> ApiResult {
-    let mut manifests = app.store.referrers(repo, subject).await?;
+pub async fn referrers(app: &App, target: &Target, subject: &Digest, q: &Query) -> ApiResult {
+    let mut manifests = match target {
+        Target::Local(name) => app.store.referrers(name, subject).await?,
+        Target::Overlay { local, repo } => {
+            let local = app.store.referrers(local, subject).await?;
+            if local.is_empty() {
+                upstream_referrers(app, repo, subject).await?
+            } else {
+                local
+            }
+        }
+        Target::Proxy { repo, .. } => upstream_referrers(app, repo, subject).await?,
+    };
     let filter = q.get("artifactType");
     if let Some(t) = filter {
         manifests.retain(|d| d["artifactType"].as_str() == Some(t));
@@ -69,4 +118,18 @@ pub async fn referrers(app: &App, repo: &RepoName, subject: &Digest, q: &Query) 
         headers::set(r.headers_mut(), headers::OCI_FILTERS_APPLIED, "artifactType");
     }
     Ok(r)
+}
+
+/// The upstream's referrers; the cached ones when it has no answer.
+async fn upstream_referrers(app: &App, p: &ProxyRepo, subject: &Digest) -> Result<Vec<Value>, ApiError> {
+    match p.upstream.get_json(&p.remote, &format!("/v2/{}/referrers/{subject}", p.remote)).await {
+        Ok((_, body)) => {
+            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            Ok(v.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default())
+        }
+        Err(e) => {
+            tracing::debug!(upstream = %p.upstream.host, error = %e, "referrers from the cache");
+            Ok(app.store.referrers(&p.cache, subject).await?)
+        }
+    }
 }

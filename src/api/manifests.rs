@@ -5,11 +5,12 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{body_stream, headers, Query};
+use super::{body_stream, headers, upstream_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
+use crate::proxy::{Outcome, ProxyRepo, Target};
 use crate::storage::ManifestPut;
 
 fn unknown(r: &Reference) -> ApiError {
@@ -24,7 +25,18 @@ async fn resolve(app: &App, repo: &RepoName, r: &Reference) -> Result<Digest, Ap
     }
 }
 
-pub async fn get(app: &App, repo: &RepoName, r: &Reference, head: bool) -> ApiResult {
+pub async fn get(app: &App, target: &Target, r: &Reference, head: bool) -> ApiResult {
+    match target {
+        Target::Local(name) => get_local(app, name, r, head).await,
+        Target::Proxy { repo, .. } => get_proxied(app, repo, r, head).await,
+        Target::Overlay { local, repo } => match get_local(app, local, r, head).await {
+            Err(e) if e.code == Code::ManifestUnknown => get_proxied(app, repo, r, head).await,
+            other => other,
+        },
+    }
+}
+
+async fn get_local(app: &App, repo: &RepoName, r: &Reference, head: bool) -> ApiResult {
     let d = resolve(app, repo, r).await?;
     let (info, body) = if head {
         (app.store.manifest_info(repo, &d).await?.ok_or_else(|| unknown(r))?, Body::empty())
@@ -34,6 +46,17 @@ pub async fn get(app: &App, repo: &RepoName, r: &Reference, head: bool) -> ApiRe
     };
     let mut resp = headers::response(StatusCode::OK, body);
     headers::content(resp.headers_mut(), &d, &info.media_type, info.size);
+    Ok(resp)
+}
+
+/// Fills the cache from the upstream when needed, then serves from the cache.
+async fn get_proxied(app: &App, p: &ProxyRepo, r: &Reference, head: bool) -> ApiResult {
+    let (d, outcome) = app.proxy.manifest(&app.store, p, r).await.map_err(|e| upstream_error(&e, Code::ManifestUnknown))?;
+    let mut resp = get_local(app, &p.cache, &Reference::Digest(d), head).await?;
+    headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, outcome.as_str());
+    if outcome == Outcome::Stale {
+        headers::set(resp.headers_mut(), "warning", headers::STALE_WARNING);
+    }
     Ok(resp)
 }
 

@@ -20,6 +20,7 @@ use axum::Router;
 
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
+use crate::proxy::Target;
 use routes::Route;
 
 pub type AppState = Arc<App>;
@@ -49,24 +50,50 @@ async fn handle(app: &App, route: Route, req: Request) -> ApiResult {
     let q = Query::parse(parts.uri.query());
     let h = &parts.headers;
     let head = parts.method == Method::HEAD;
-    match (route, &parts.method) {
+    let target = route.name().map(|n| app.proxy.resolve(n, q.get("ns")));
+    let ns_echo = match &target {
+        Some(Target::Proxy { ns_echo: Some(ns), .. }) => Some(ns.clone()),
+        _ => None,
+    };
+    // Writes go to local repositories only; an upstream's namespace is read-only.
+    let local = || match &target {
+        Some(Target::Local(n)) | Some(Target::Overlay { local: n, .. }) => Ok(n),
+        _ => Err(ApiError::new(Code::Denied).detail("this namespace mirrors an upstream registry and is read-only")),
+    };
+    let t = || target.as_ref().expect("routes with a name have a target");
+    let res = match (route, &parts.method) {
         (Route::Base, &Method::GET | &Method::HEAD) => Ok(headers::json_response("{}".into())),
         (Route::Catalog, &Method::GET) => listing::catalog(app, &q).await,
-        (Route::Tags(name), &Method::GET) => listing::tags(app, &name, &q).await,
-        (Route::Referrers(name, d), &Method::GET) => listing::referrers(app, &name, &d, &q).await,
-        (Route::Manifest(name, r), &Method::GET | &Method::HEAD) => manifests::get(app, &name, &r, head).await,
-        (Route::Manifest(name, r), &Method::PUT) => manifests::put(app, &name, &r, &q, h, body).await,
-        (Route::Manifest(name, r), &Method::DELETE) => manifests::delete(app, &name, &r).await,
-        (Route::Blob(name, d), &Method::GET | &Method::HEAD) => blobs::get(app, &name, &d, h, head).await,
-        (Route::Blob(name, d), &Method::DELETE) => blobs::delete(app, &name, &d).await,
-        (Route::UploadStart(name), &Method::POST) => uploads::start(app, &name, &q, h, body).await,
-        (Route::Upload(name, id), &Method::GET) => uploads::status(app, &name, &id).await,
-        (Route::Upload(name, id), &Method::PATCH) => uploads::patch(app, &name, &id, h, body).await,
-        (Route::Upload(name, id), &Method::PUT) => uploads::finish(app, &name, &id, &q, h, body).await,
-        (Route::Upload(name, id), &Method::DELETE) => uploads::cancel(app, &name, &id).await,
+        (Route::Tags(_), &Method::GET) => listing::tags(app, t(), &q).await,
+        (Route::Referrers(_, d), &Method::GET) => listing::referrers(app, t(), &d, &q).await,
+        (Route::Manifest(_, r), &Method::GET | &Method::HEAD) => manifests::get(app, t(), &r, head).await,
+        (Route::Manifest(_, r), &Method::PUT) => manifests::put(app, local()?, &r, &q, h, body).await,
+        (Route::Manifest(_, r), &Method::DELETE) => manifests::delete(app, local()?, &r).await,
+        (Route::Blob(_, d), &Method::GET | &Method::HEAD) => blobs::get(app, t(), &d, h, head).await,
+        (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, local()?, &d).await,
+        (Route::UploadStart(_), &Method::POST) => uploads::start(app, local()?, &q, h, body).await,
+        (Route::Upload(_, id), &Method::GET) => uploads::status(app, local()?, &id).await,
+        (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, local()?, &id, h, body).await,
+        (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, local()?, &id, &q, h, body).await,
+        (Route::Upload(_, id), &Method::DELETE) => uploads::cancel(app, local()?, &id).await,
         (route, method) => {
             Err(ApiError::new(Code::Unsupported).detail(format!("{method} is not supported on the {} endpoint", route.kind())))
         }
+    };
+    let mut resp = res.unwrap_or_else(IntoResponse::into_response);
+    if let Some(ns) = ns_echo {
+        headers::set(resp.headers_mut(), headers::OCI_NAMESPACE, ns);
+    }
+    Ok(resp)
+}
+
+/// An upstream's trouble as the client sees it. `missing` is the code for "not there".
+pub(crate) fn upstream_error(e: &crate::upstream::UpstreamError, missing: Code) -> ApiError {
+    use crate::upstream::UpstreamError as U;
+    match e {
+        U::NotFound => ApiError::new(missing).detail("not found locally or upstream"),
+        U::RateLimited => ApiError::new(Code::TooManyRequests).detail("the upstream registry is rate limiting"),
+        e => ApiError::new(Code::Unavailable).status(axum::http::StatusCode::BAD_GATEWAY).detail(e.to_string()),
     }
 }
 

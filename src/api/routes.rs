@@ -26,6 +26,15 @@ pub enum Route {
 }
 
 impl Route {
+    /// The repository the route addresses.
+    pub fn name(&self) -> Option<&RepoName> {
+        match self {
+            Route::Base | Route::Catalog => None,
+            Route::Tags(n) | Route::UploadStart(n) => Some(n),
+            Route::Manifest(n, _) | Route::Blob(n, _) | Route::Upload(n, _) | Route::Referrers(n, _) => Some(n),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Route::Base => "base",

@@ -46,6 +46,19 @@ impl Store {
         Ok(std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse().ok()))
     }
 
+    /// The digest a tag points at and how long ago the tag was written or last confirmed.
+    pub async fn tag_with_age(&self, repo: &RepoName, tag: &Tag) -> StoreResult<Option<(Digest, std::time::Duration)>> {
+        let path = self.layout.tag(repo, tag);
+        let Some(d) = self.resolve_tag(repo, tag).await? else { return Ok(None) };
+        let age = tokio::fs::metadata(&path).await.and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default());
+        Ok(age.ok().map(|age| (d, age)))
+    }
+
+    /// Points a tag at `d` (again), restarting its age.
+    pub async fn touch_tag(&self, repo: &RepoName, tag: &Tag, d: &Digest) -> StoreResult<()> {
+        self.write_atomic(&self.layout.tag(repo, tag), d.to_string().as_bytes()).await
+    }
+
     /// A manifest's media type and size, if it is in `repo`.
     pub async fn manifest_info(&self, repo: &RepoName, d: &Digest) -> StoreResult<Option<StoredManifest>> {
         let Some(media_type) = read_opt(&self.layout.revision(repo, d)).await? else { return Ok(None) };

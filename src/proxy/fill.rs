@@ -1,0 +1,235 @@
+//! The streaming, single-flight, digest-verifying blob fill.
+//!
+//! One [`Fill`] per missing digest: a detached task GETs the blob from the upstream once and
+//! writes it through the digest verifier into an ingest file; every client asking for that
+//! digest meanwhile, the first and all followers, reads the growing file at its own pace.
+//! Readers never see a clean end unless the fill was committed: the last byte of the blob is
+//! held back until the digest and size have been verified and the file renamed into `blobs/`;
+//! on any failure every reader's stream breaks with an error.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::watch;
+
+use crate::oci::{Digest, RepoName};
+use crate::storage::{Ingest, Store, StoreError};
+use crate::upstream::{Upstream, UpstreamError};
+
+/// Readers are woken, and the file flushed, after this many new bytes.
+const PUBLISH_EVERY: usize = 1 << 20;
+/// Largest read a follower makes from the spool at once.
+const READ_CHUNK: u64 = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub enum FillState {
+    Connecting,
+    Streaming,
+    Committed,
+    Failed(FillError),
+}
+
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum FillError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("upstream content does not match: {0}")]
+    Mismatch(String),
+    #[error("fill i/o: {0}")]
+    Io(String),
+    #[error("fill took longer than the fill timeout")]
+    Timeout,
+}
+
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// The blob's size, when the upstream announced it.
+    pub size: Option<u64>,
+    /// Bytes in the spool file, readable.
+    pub written: u64,
+    pub state: FillState,
+}
+
+pub struct Fill {
+    file: Arc<std::fs::File>,
+    progress: watch::Receiver<Progress>,
+}
+
+/// Fills in flight, by digest.
+#[derive(Clone, Default)]
+pub struct Fills {
+    map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+}
+
+/// What a fill needs to run.
+pub struct FillRequest {
+    pub store: Arc<Store>,
+    pub upstream: Arc<Upstream>,
+    pub remote: RepoName,
+    pub cache_repo: RepoName,
+    pub digest: Digest,
+    pub timeout: Duration,
+}
+
+impl Fills {
+    /// Joins the fill of `req.digest`, starting it if none is running. `true` when this call
+    /// started it.
+    pub fn join_or_start(&self, req: FillRequest) -> io::Result<(Arc<Fill>, bool)> {
+        let mut map = self.map.lock().unwrap();
+        if let Some(f) = map.get(&req.digest) {
+            return Ok((f.clone(), false));
+        }
+        let path = req.store.layout().tmp();
+        let write = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
+        drop(write);
+        let read = std::fs::File::open(&path)?;
+        let (tx, rx) = watch::channel(Progress { size: None, written: 0, state: FillState::Connecting });
+        let fill = Arc::new(Fill { file: Arc::new(read), progress: rx });
+        map.insert(req.digest.clone(), fill.clone());
+        let fills = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = match tokio::time::timeout(req.timeout, run(&req, &path, &tx)).await {
+                Ok(r) => r,
+                Err(_) => Err(FillError::Timeout),
+            };
+            fills.map.lock().unwrap().remove(&req.digest);
+            match outcome {
+                Ok(size) => {
+                    tracing::info!(digest = %req.digest, size, upstream = %req.upstream.host, ms = started.elapsed().as_millis() as u64, "fill committed");
+                    tx.send_modify(|p| p.state = FillState::Committed);
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %req.digest, upstream = %req.upstream.host, error = %e, "fill failed");
+                    let _ = std::fs::remove_file(&path);
+                    tx.send_modify(|p| p.state = FillState::Failed(e));
+                }
+            }
+        });
+        Ok((fill, true))
+    }
+
+    /// Number of fills in flight.
+    pub fn in_flight(&self) -> usize {
+        self.map.lock().unwrap().len()
+    }
+}
+
+async fn run(req: &FillRequest, path: &std::path::Path, tx: &watch::Sender<Progress>) -> Result<u64, FillError> {
+    let s = req.upstream.blob_get(&req.remote, &req.digest).await?;
+    let size = s.resp.content_length();
+    tx.send_modify(|p| {
+        p.size = size;
+        p.state = FillState::Streaming;
+    });
+    let io_err = |e: io::Error| FillError::Io(e.to_string());
+    let mut ingest = Ingest::create(path, req.digest.algorithm()).await.map_err(io_err)?;
+    let mut unpublished = 0usize;
+    let mut body = s.resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Unreachable(format!("blob body: {e}")))?;
+        if size.is_some_and(|n| ingest.size() + chunk.len() as u64 > n) {
+            return Err(FillError::Mismatch("more bytes than Content-Length".into()));
+        }
+        ingest.write(&chunk).await.map_err(io_err)?;
+        unpublished += chunk.len();
+        if unpublished >= PUBLISH_EVERY {
+            ingest.flush(false).await.map_err(io_err)?;
+            let written = ingest.size();
+            tx.send_modify(|p| p.written = written);
+            unpublished = 0;
+        }
+    }
+    ingest.flush(false).await.map_err(io_err)?;
+    let written = ingest.size();
+    tx.send_modify(|p| p.written = written);
+    let size = req.store.commit_ingest(ingest, &req.digest, size).await.map_err(|e| match e {
+        StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => FillError::Mismatch(e.to_string()),
+        e => FillError::Io(e.to_string()),
+    })?;
+    req.store.link_blob(&req.cache_repo, &req.digest).await.map_err(|e| FillError::Io(e.to_string()))?;
+    Ok(size)
+}
+
+impl Fill {
+    /// Waits until the upstream answered: the size (if announced) is known, or the fill failed.
+    pub async fn started(&self) -> Result<Option<u64>, FillError> {
+        let mut rx = self.progress.clone();
+        let p = rx
+            .wait_for(|p| !matches!(p.state, FillState::Connecting))
+            .await
+            .map_err(|_| FillError::Io("fill vanished".into()))?
+            .clone();
+        match p.state {
+            FillState::Failed(e) => Err(e),
+            _ => Ok(p.size),
+        }
+    }
+
+    /// The bytes `start..end` (to the blob's end when `end` is `None`) as they arrive.
+    pub fn read(self: Arc<Self>, start: u64, end: Option<u64>) -> impl Stream<Item = io::Result<Bytes>> + Send {
+        let rx = self.progress.clone();
+        futures::stream::unfold((self, rx, start, false), move |(fill, mut rx, pos, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
+                let p = rx.borrow_and_update().clone();
+                let committed = matches!(p.state, FillState::Committed);
+                if let FillState::Failed(e) = &p.state {
+                    return Some((Err(io::Error::other(e.to_string())), (fill, rx, pos, true)));
+                }
+                let limit = end.or(p.size);
+                // Reads that end at the blob's end keep its last byte back until the commit.
+                let to_blob_end = limit.is_none() || limit == p.size;
+                let mut hi = p.written;
+                if !committed && to_blob_end {
+                    if let Some(l) = limit {
+                        hi = hi.min(l.saturating_sub(1));
+                    }
+                }
+                if let Some(l) = limit {
+                    hi = hi.min(l);
+                }
+                if pos < hi {
+                    let n = (hi - pos).min(READ_CHUNK) as usize;
+                    let file = fill.file.clone();
+                    let res = tokio::task::spawn_blocking(move || {
+                        let mut buf = vec![0u8; n];
+                        let got = file.read_at(&mut buf, pos)?;
+                        if got == 0 {
+                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool shorter than announced"));
+                        }
+                        buf.truncate(got);
+                        Ok(Bytes::from(buf))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)));
+                    return match res {
+                        Ok(b) => {
+                            let next = pos + b.len() as u64;
+                            Some((Ok(b), (fill, rx, next, false)))
+                        }
+                        Err(e) => Some((Err(e), (fill, rx, pos, true))),
+                    };
+                }
+                let range_done = limit.is_some_and(|l| pos >= l) && !to_blob_end;
+                if committed || range_done {
+                    return None;
+                }
+                if rx.changed().await.is_err() {
+                    // The fill task is gone; its last word is in the channel.
+                    let p = rx.borrow().clone();
+                    if !matches!(p.state, FillState::Committed | FillState::Failed(_)) {
+                        return Some((Err(io::Error::other("fill ended unexpectedly")), (fill, rx, pos, true)));
+                    }
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,312 @@
+//! The client side of pull-through: one [`Upstream`] per configured registry, speaking the
+//! distribution API with auth, endpoint failover, timeouts and a concurrency cap. Only hosts
+//! from the configuration are ever contacted: there is no way to build an `Upstream` from a
+//! request.
+
+pub mod auth;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::{Method, StatusCode, Url};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::config::UpstreamConfig;
+use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
+use crate::oci::{Digest, RepoName, Tag};
+use auth::{parse_challenge, Challenge, TokenCache};
+
+const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("not found upstream")]
+    NotFound,
+    #[error("upstream refused our credentials: {0}")]
+    Unauthorized(String),
+    #[error("upstream rate limit (429)")]
+    RateLimited,
+    #[error("upstream answered HTTP {0}")]
+    Status(u16),
+    #[error("upstream unreachable: {0}")]
+    Unreachable(String),
+    #[error("upstream sent an invalid answer: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// Trouble on the upstream's side (or between us), as opposed to "it does not exist":
+    /// cached content may be served stale.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            UpstreamError::Unreachable(_) | UpstreamError::RateLimited | UpstreamError::Unauthorized(_) => true,
+            UpstreamError::Status(s) => *s >= 500,
+            UpstreamError::NotFound | UpstreamError::Invalid(_) => false,
+        }
+    }
+
+    /// A short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::NotFound => "not_found",
+            UpstreamError::Unauthorized(_) => "unauthorized",
+            UpstreamError::RateLimited => "rate_limited",
+            UpstreamError::Status(_) => "status",
+            UpstreamError::Unreachable(_) => "unreachable",
+            UpstreamError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+pub type UpstreamResult<T> = Result<T, UpstreamError>;
+
+/// A manifest as the upstream describes it.
+#[derive(Clone, Debug)]
+pub struct ManifestHead {
+    pub digest: Option<Digest>,
+    pub media_type: String,
+    pub size: Option<u64>,
+}
+
+/// An upstream response being streamed; holds a concurrency permit until dropped.
+pub struct Streaming {
+    pub resp: reqwest::Response,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub struct Upstream {
+    /// The registry host images are named with, e.g. `docker.io`.
+    pub host: String,
+    pub aliases: Vec<String>,
+    /// First component of the cache namespace (the host, `:` made `-`), e.g. `docker.io`.
+    pub namespace: String,
+    pub tag_ttl: Duration,
+    immutable_tags: Vec<String>,
+    endpoints: Vec<Url>,
+    creds: Option<(String, String)>,
+    http: reqwest::Client,
+    permits: Arc<Semaphore>,
+    tokens: TokenCache,
+}
+
+impl Upstream {
+    pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Upstream> {
+        let endpoints = if cfg.endpoints.is_empty() { vec![format!("https://{}", cfg.host)] } else { cfg.endpoints.clone() };
+        let endpoints = endpoints
+            .iter()
+            .map(|e| Url::parse(e.trim_end_matches('/')).map_err(|err| anyhow::anyhow!("upstream {}: endpoint {e}: {err}", cfg.host)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let password = match (&cfg.password, &cfg.password_file, &cfg.password_env) {
+            (Some(p), _, _) => Some(p.clone()),
+            (_, Some(f), _) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| anyhow::anyhow!("upstream {}: password_file {}: {e}", cfg.host, f.display()))?
+                    .trim_end()
+                    .to_string(),
+            ),
+            (_, _, Some(v)) => {
+                Some(std::env::var(v).map_err(|_| anyhow::anyhow!("upstream {}: password_env {v} is not set", cfg.host))?)
+            }
+            _ => None,
+        };
+        let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default()));
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .read_timeout(cfg.read_timeout)
+            // Blob GETs redirect to CDNs; reqwest drops Authorization on a cross-host redirect.
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Upstream {
+            host: cfg.host.clone(),
+            aliases: cfg.aliases.clone(),
+            namespace: cfg.host.replace(':', "-"),
+            tag_ttl: cfg.tag_ttl,
+            immutable_tags: cfg.immutable_tags.clone(),
+            endpoints,
+            creds,
+            http,
+            permits: Arc::new(Semaphore::new(cfg.max_concurrency)),
+            tokens: TokenCache::default(),
+        })
+    }
+
+    /// Whether `tag` matches one of the configured immutable patterns.
+    pub fn is_immutable(&self, tag: &Tag) -> bool {
+        self.immutable_tags.iter().any(|p| glob_match(p.as_bytes(), tag.as_str().as_bytes()))
+    }
+
+    /// Sends one request to the first endpoint that answers, authenticating on a 401
+    /// challenge. 2xx and 3xx-resolved answers come back; everything else is an error.
+    async fn send(&self, method: Method, path: &str, remote: &str, accept: Option<&str>, range: Option<&str>) -> UpstreamResult<Streaming> {
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| UpstreamError::Unreachable("shutting down".into()))?;
+        let scope = format!("repository:{remote}:pull");
+        let mut last = UpstreamError::Unreachable("no endpoint".into());
+        for base in &self.endpoints {
+            let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
+            let mut auth: Option<String> = self.tokens.cached(&self.token_key(base, &scope)).await.map(|t| format!("Bearer {}", t.value));
+            for attempt in 0..2 {
+                let mut req = self.http.request(method.clone(), &url);
+                if let Some(a) = &accept {
+                    req = req.header(ACCEPT, *a);
+                }
+                if let Some(r) = range {
+                    req = req.header(reqwest::header::RANGE, r);
+                }
+                if let Some(a) = &auth {
+                    req = req.header(AUTHORIZATION, a);
+                }
+                let resp = match req.send().await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        last = UpstreamError::Unreachable(format!("{url}: {e}"));
+                        break;
+                    }
+                };
+                let status = resp.status();
+                if status == StatusCode::UNAUTHORIZED && attempt == 0 {
+                    let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge);
+                    match challenge {
+                        Some(Challenge::Bearer { realm, service, .. }) => {
+                            let key = self.token_key(base, &scope);
+                            let token = self
+                                .tokens
+                                .fetch(&self.http, &key, &realm, service.as_deref(), &scope, self.creds.as_ref())
+                                .await
+                                .map_err(UpstreamError::Unauthorized)?;
+                            auth = Some(format!("Bearer {}", token.value));
+                            continue;
+                        }
+                        Some(Challenge::Basic) if self.creds.is_some() => {
+                            use base64::Engine as _;
+                            let (u, p) = self.creds.as_ref().unwrap();
+                            auth = Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+                            continue;
+                        }
+                        _ => return Err(UpstreamError::Unauthorized(format!("{url}: no usable challenge"))),
+                    }
+                }
+                if status.is_success() {
+                    return Ok(Streaming { resp, _permit: permit });
+                }
+                let err = match status {
+                    StatusCode::NOT_FOUND => UpstreamError::NotFound,
+                    StatusCode::TOO_MANY_REQUESTS => UpstreamError::RateLimited,
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => UpstreamError::Unauthorized(format!("{url}: HTTP {status}")),
+                    s => UpstreamError::Status(s.as_u16()),
+                };
+                if !err.is_outage() || matches!(err, UpstreamError::RateLimited | UpstreamError::Unauthorized(_)) {
+                    return Err(err);
+                }
+                last = err; // 5xx: try the next endpoint
+                break;
+            }
+        }
+        Err(last)
+    }
+
+    fn token_key(&self, base: &Url, scope: &str) -> String {
+        format!("{base} {scope}")
+    }
+
+    pub async fn manifest_head(&self, remote: &RepoName, reference: &str) -> UpstreamResult<ManifestHead> {
+        let s = self.send(Method::HEAD, &format!("/v2/{remote}/manifests/{reference}"), remote.as_str(), Some(MANIFEST_ACCEPT), None).await?;
+        Ok(manifest_head(s.resp.headers()))
+    }
+
+    /// GETs a manifest (at most [`MAX_MANIFEST_BYTES`]).
+    pub async fn manifest_get(&self, remote: &RepoName, reference: &str) -> UpstreamResult<(ManifestHead, Bytes)> {
+        let s = self.send(Method::GET, &format!("/v2/{remote}/manifests/{reference}"), remote.as_str(), Some(MANIFEST_ACCEPT), None).await?;
+        let head = manifest_head(s.resp.headers());
+        let body = read_capped(s.resp, MAX_MANIFEST_BYTES).await?;
+        Ok((head, body))
+    }
+
+    /// The size of a blob upstream.
+    pub async fn blob_head(&self, remote: &RepoName, d: &Digest) -> UpstreamResult<Option<u64>> {
+        let s = self.send(Method::HEAD, &format!("/v2/{remote}/blobs/{d}"), remote.as_str(), None, None).await?;
+        Ok(content_length(s.resp.headers()))
+    }
+
+    /// Starts streaming a blob.
+    pub async fn blob_get(&self, remote: &RepoName, d: &Digest) -> UpstreamResult<Streaming> {
+        self.send(Method::GET, &format!("/v2/{remote}/blobs/{d}"), remote.as_str(), None, None).await
+    }
+
+    /// A JSON listing (tags list, referrers) with its `Content-Type`.
+    pub async fn get_json(&self, remote: &RepoName, path_and_query: &str) -> UpstreamResult<(Option<String>, Bytes)> {
+        let s = self.send(Method::GET, path_and_query, remote.as_str(), None, None).await?;
+        let ct = s.resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+        Ok((ct, read_capped(s.resp, MAX_MANIFEST_BYTES).await?))
+    }
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
+}
+
+fn manifest_head(h: &HeaderMap) -> ManifestHead {
+    let media_type = h
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.split(';').next().unwrap_or("").trim().to_string())
+        .filter(|t| [OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST].contains(&t.as_str()))
+        .unwrap_or_default();
+    ManifestHead {
+        digest: h.get("docker-content-digest").and_then(|v| v.to_str().ok()?.parse().ok()),
+        media_type,
+        size: content_length(h),
+    }
+}
+
+async fn read_capped(resp: reqwest::Response, cap: usize) -> UpstreamResult<Bytes> {
+    if content_length(resp.headers()).is_some_and(|n| n > cap as u64) {
+        return Err(UpstreamError::Invalid(format!("body larger than {cap} bytes")));
+    }
+    let mut buf = BytesMut::new();
+    let mut stream = resp.bytes_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| UpstreamError::Unreachable(format!("reading body: {e}")))?;
+        if buf.len() + chunk.len() > cap {
+            return Err(UpstreamError::Invalid(format!("body larger than {cap} bytes")));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+/// `*` matches any run, `?` one character.
+fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    match (p.first(), s.first()) {
+        (None, None) => true,
+        (Some(b'*'), _) => glob_match(&p[1..], s) || (!s.is_empty() && glob_match(p, &s[1..])),
+        (Some(b'?'), Some(_)) => glob_match(&p[1..], &s[1..]),
+        (Some(a), Some(b)) if a == b => glob_match(&p[1..], &s[1..]),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs() {
+        assert!(glob_match(b"v*", b"v1.2.3"));
+        assert!(glob_match(b"v?.?", b"v1.2"));
+        assert!(glob_match(b"*", b""));
+        assert!(!glob_match(b"v*", b"latest"));
+        assert!(!glob_match(b"1.?", b"1.10"));
+    }
+
+    #[test]
+    fn outage_kinds() {
+        assert!(UpstreamError::Status(503).is_outage());
+        assert!(UpstreamError::RateLimited.is_outage());
+        assert!(!UpstreamError::NotFound.is_outage());
+        assert!(!UpstreamError::Status(400).is_outage());
+    }
+}

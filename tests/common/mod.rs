@@ -22,14 +22,22 @@ pub struct Server {
 impl Server {
     /// A plain local registry (no default upstream) on a fresh temporary store.
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// A fresh temporary store with extra command-line arguments.
+    pub fn start_with(extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("data");
-        let mut s = Server::start_at(&root, &[]);
+        let mut s = Server::start_at(&root, extra);
         s._tmp = Some(tmp);
         s
     }
 
     /// Starts the binary on `root` (created if missing) with extra command-line arguments.
+    /// Unless `extra` names an upstream (`--upstream`) or a config file (`--config`, which
+    /// must then set `proxy.default_upstream` itself), the server gets `--upstream none`, so
+    /// no test ever reaches for Docker Hub.
     pub fn start_at(root: &Path, extra: &[&str]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stevedore"));
         cmd.arg("serve")
@@ -37,12 +45,16 @@ impl Server {
             .arg("127.0.0.1:0")
             .arg("--root")
             .arg(root)
-            .arg("--upstream")
-            .arg("none")
             .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        if !extra.iter().any(|a| *a == "--upstream" || *a == "--config") {
+            cmd.arg("--upstream").arg("none");
+        }
         let mut child = cmd.spawn().expect("spawn stevedore");
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
@@ -65,7 +77,12 @@ impl Server {
                 panic!("stevedore did not report its listen address within 30 s");
             }
         };
-        Server { child, addr, root: root.to_path_buf(), _tmp: None }
+        Server {
+            child,
+            addr,
+            root: root.to_path_buf(),
+            _tmp: None,
+        }
     }
 
     /// `http://127.0.0.1:PORT` + `path`.
@@ -84,8 +101,12 @@ impl Server {
 
     /// Peak resident set size of the server process (VmHWM), in bytes.
     pub fn vm_hwm(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .expect("VmHWM");
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
     }

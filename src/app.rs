@@ -10,10 +10,15 @@ pub struct App {
     pub cfg: Config,
     pub store: Arc<Store>,
     pub proxy: Proxy,
+    /// Renders `/metrics`; `None` when no recorder is installed.
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl App {
-    pub async fn new(cfg: Config) -> anyhow::Result<Arc<App>> {
+    pub async fn new(
+        cfg: Config,
+        metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    ) -> anyhow::Result<Arc<App>> {
         let store = Store::open(&StoreConfig {
             root: cfg.storage.root.clone(),
             fsync: cfg.storage.fsync,
@@ -21,7 +26,7 @@ impl App {
         })
         .await?;
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?;
-        Ok(Arc::new(App { cfg, store, proxy }))
+        Ok(Arc::new(App { cfg, store, proxy, metrics }))
     }
 
     /// Background work: the idle upload session sweep. Runs until the runtime stops.
@@ -35,6 +40,10 @@ impl App {
                 let n = app.store.sweep_uploads(app.cfg.uploads.session_ttl).await;
                 if n > 0 {
                     tracing::info!(removed = n, "swept idle upload sessions");
+                }
+                if let Some(metrics) = &app.metrics {
+                    crate::metrics::store_bytes(app.store.blob_bytes().await);
+                    metrics.run_upkeep();
                 }
             }
         });

@@ -250,7 +250,10 @@ impl Config {
             }
         }
         if !self.proxy.default_upstream.is_empty() && !seen.contains(self.proxy.default_upstream.as_str()) {
-            return invalid("proxy.default_upstream", &format!("{} is not a configured upstream", self.proxy.default_upstream));
+            return invalid(
+                "proxy.default_upstream",
+                &format!("{} is not a configured upstream", self.proxy.default_upstream),
+            );
         }
         Ok(())
     }

@@ -36,10 +36,14 @@ impl Code {
             BlobUnknown => ("BLOB_UNKNOWN", StatusCode::NOT_FOUND, "blob unknown to registry"),
             BlobUploadInvalid => ("BLOB_UPLOAD_INVALID", StatusCode::BAD_REQUEST, "blob upload invalid"),
             BlobUploadUnknown => ("BLOB_UPLOAD_UNKNOWN", StatusCode::NOT_FOUND, "blob upload unknown to registry"),
-            DigestInvalid => ("DIGEST_INVALID", StatusCode::BAD_REQUEST, "provided digest did not match uploaded content"),
-            ManifestBlobUnknown => {
-                ("MANIFEST_BLOB_UNKNOWN", StatusCode::BAD_REQUEST, "manifest references a manifest or blob unknown to registry")
+            DigestInvalid => {
+                ("DIGEST_INVALID", StatusCode::BAD_REQUEST, "provided digest did not match uploaded content")
             }
+            ManifestBlobUnknown => (
+                "MANIFEST_BLOB_UNKNOWN",
+                StatusCode::BAD_REQUEST,
+                "manifest references a manifest or blob unknown to registry",
+            ),
             ManifestInvalid => ("MANIFEST_INVALID", StatusCode::BAD_REQUEST, "manifest invalid"),
             ManifestUnknown => ("MANIFEST_UNKNOWN", StatusCode::NOT_FOUND, "manifest unknown to registry"),
             NameInvalid => ("NAME_INVALID", StatusCode::BAD_REQUEST, "invalid repository name"),
@@ -50,7 +54,9 @@ impl Code {
             Unsupported => ("UNSUPPORTED", StatusCode::METHOD_NOT_ALLOWED, "the operation is unsupported"),
             TooManyRequests => ("TOOMANYREQUESTS", StatusCode::TOO_MANY_REQUESTS, "too many requests"),
             RangeInvalid => ("RANGE_INVALID", StatusCode::RANGE_NOT_SATISFIABLE, "invalid content range"),
-            PaginationNumberInvalid => ("PAGINATION_NUMBER_INVALID", StatusCode::BAD_REQUEST, "invalid number of results requested"),
+            PaginationNumberInvalid => {
+                ("PAGINATION_NUMBER_INVALID", StatusCode::BAD_REQUEST, "invalid number of results requested")
+            }
             Unavailable => ("UNAVAILABLE", StatusCode::SERVICE_UNAVAILABLE, "service unavailable"),
             Unknown => ("UNKNOWN", StatusCode::INTERNAL_SERVER_ERROR, "unknown error"),
         }
@@ -108,7 +114,8 @@ impl From<Code> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (code, _, message) = self.code.describe();
-        let body = json!({"errors": [{"code": code, "message": message, "detail": self.detail.unwrap_or(Value::Null)}]});
+        let body =
+            json!({"errors": [{"code": code, "message": message, "detail": self.detail.unwrap_or(Value::Null)}]});
         let mut resp = (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
         for (k, v) in self.headers {
             resp.headers_mut().insert(k, v);

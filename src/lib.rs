@@ -4,6 +4,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod storage;

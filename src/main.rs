@@ -90,11 +90,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
-    let listener =
-        tokio::net::TcpListener::bind(cfg.server.listen).await.with_context(|| format!("binding {}", cfg.server.listen))?;
+    let listener = tokio::net::TcpListener::bind(cfg.server.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
     let grace = cfg.server.shutdown_grace;
-    let app = App::new(cfg).await.context("opening the store")?;
+    let metrics = stevedore::metrics::install().context("installing the metrics recorder")?;
+    let app = App::new(cfg, Some(metrics)).await.context("opening the store")?;
     app.spawn_background();
     let upstreams: Vec<String> = app.proxy.upstreams().iter().map(|u| u.host.clone()).collect();
     tracing::info!(

@@ -41,12 +41,21 @@ fn range_of(req: &HeaderMap, size: u64) -> RangeRequest {
 }
 
 fn unsatisfiable(size: u64) -> ApiError {
-    ApiError::new(Code::RangeInvalid).detail(format!("blob has {size} bytes")).header(header::CONTENT_RANGE, format!("bytes */{size}"))
+    ApiError::new(Code::RangeInvalid)
+        .detail(format!("blob has {size} bytes"))
+        .header(header::CONTENT_RANGE, format!("bytes */{size}"))
 }
 
 /// The response head for `len` bytes from `start` of a `size`-byte blob (`size` unknown: no
 /// length headers).
-fn blob_response(d: &Digest, status: StatusCode, start: u64, len: Option<u64>, size: Option<u64>, body: Body) -> Response {
+fn blob_response(
+    d: &Digest,
+    status: StatusCode,
+    start: u64,
+    len: Option<u64>,
+    size: Option<u64>,
+    body: Body,
+) -> Response {
     let mut resp = headers::response(status, body);
     let h = resp.headers_mut();
     headers::set(h, headers::DOCKER_CONTENT_DIGEST, d);
@@ -98,14 +107,14 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
     };
     if let Some(outcome) = outcome {
         let mut resp = get_local(app, &p.cache, d, req, head).await?;
-        headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, outcome.as_str());
+        headers::outcome(&mut resp, &p.upstream.host, "blob", outcome);
         return Ok(resp);
     }
     if head {
         let size = app.proxy.blob_head(p, d).await.map_err(|e| upstream_error(&e, Code::BlobUnknown))?;
         let Some(size) = size else { return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string())) };
         let mut resp = blob_response(d, StatusCode::OK, 0, Some(size), Some(size), Body::empty());
-        headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, Outcome::Miss.as_str());
+        headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Miss);
         return Ok(resp);
     }
     let (fill, leader) = app.proxy.fill(&app.store, p, d).map_err(ApiError::internal)?;
@@ -122,7 +131,7 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
     let body = Body::from_stream(fill.read(start, end));
     let mut resp = blob_response(d, status, start, len, size, body);
     let outcome = if leader { Outcome::Miss } else { Outcome::Joined };
-    headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, outcome.as_str());
+    headers::outcome(&mut resp, &p.upstream.host, "blob", outcome);
     Ok(resp)
 }
 

@@ -17,7 +17,10 @@ use crate::upstream::UpstreamError;
 fn page(all: Vec<String>, q: &Query, path: &str) -> Result<(Vec<String>, Option<String>), ApiError> {
     let n = match q.get("n") {
         None => None,
-        Some(s) => Some(s.parse::<usize>().map_err(|_| Code::PaginationNumberInvalid.with_detail("n must be a non-negative integer"))?),
+        Some(s) => Some(
+            s.parse::<usize>()
+                .map_err(|_| Code::PaginationNumberInvalid.with_detail("n must be a non-negative integer"))?,
+        ),
     };
     let mut items: Vec<String> = match q.get("last") {
         Some(last) => all.into_iter().filter(|t| t.as_str() > last).collect(),

@@ -51,32 +51,49 @@ async fn get_local(app: &App, repo: &RepoName, r: &Reference, head: bool) -> Api
 
 /// Fills the cache from the upstream when needed, then serves from the cache.
 async fn get_proxied(app: &App, p: &ProxyRepo, r: &Reference, head: bool) -> ApiResult {
-    let (d, outcome) = app.proxy.manifest(&app.store, p, r).await.map_err(|e| upstream_error(&e, Code::ManifestUnknown))?;
+    let (d, outcome) =
+        app.proxy.manifest(&app.store, p, r).await.map_err(|e| upstream_error(&e, Code::ManifestUnknown))?;
     let mut resp = get_local(app, &p.cache, &Reference::Digest(d), head).await?;
-    headers::set(resp.headers_mut(), headers::CACHE_OUTCOME, outcome.as_str());
+    headers::outcome(&mut resp, &p.upstream.host, "manifest", outcome);
     if outcome == Outcome::Stale {
         headers::set(resp.headers_mut(), "warning", headers::STALE_WARNING);
     }
     Ok(resp)
 }
 
+/// How much of an oversized manifest body is read and dropped before the 413.
+const DRAIN_LIMIT: u64 = 16 * 1024 * 1024;
+
 /// Reads a manifest body, refusing more than [`MAX_MANIFEST_BYTES`].
 async fn read_capped(h: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let too_big = || {
-        Code::SizeInvalid.with_detail(format!("manifests are limited to {MAX_MANIFEST_BYTES} bytes")).status(StatusCode::PAYLOAD_TOO_LARGE)
+        Code::SizeInvalid
+            .with_detail(format!("manifests are limited to {MAX_MANIFEST_BYTES} bytes"))
+            .status(StatusCode::PAYLOAD_TOO_LARGE)
     };
     let announced = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64) {
+    let mut stream = body_stream(body);
+    if announced.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64 + DRAIN_LIMIT) {
         return Err(too_big());
     }
     let mut buf = BytesMut::new();
-    let mut stream = body_stream(body);
+    let mut seen = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| Code::ManifestInvalid.with_detail(format!("reading the body: {e}")))?;
-        if buf.len() + chunk.len() > MAX_MANIFEST_BYTES {
-            return Err(too_big());
+        seen += chunk.len() as u64;
+        if seen > MAX_MANIFEST_BYTES as u64 {
+            // Read (and drop) a moderate excess so the client gets to see the 413 instead of a
+            // reset; past that, give up on the connection.
+            if seen > MAX_MANIFEST_BYTES as u64 + DRAIN_LIMIT {
+                break;
+            }
+            buf.clear();
+            continue;
         }
         buf.extend_from_slice(&chunk);
+    }
+    if seen > MAX_MANIFEST_BYTES as u64 {
+        return Err(too_big());
     }
     Ok(buf.freeze())
 }
@@ -117,7 +134,10 @@ pub async fn put(app: &App, repo: &RepoName, r: &Reference, q: &Query, h: &Heade
     let subject = m.subject.as_ref().map(|s| s.digest.clone());
     let referrer = subject.as_ref().map(|s| (s, m.referrer_descriptor(&digest, bytes.len() as u64)));
     app.store
-        .put_manifest(repo, ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer })
+        .put_manifest(
+            repo,
+            ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer },
+        )
         .await?;
     let mut resp = headers::located(StatusCode::CREATED, &format!("/v2/{repo}/manifests/{digest}"));
     headers::set(resp.headers_mut(), headers::DOCKER_CONTENT_DIGEST, &digest);
@@ -136,7 +156,8 @@ pub async fn delete(app: &App, repo: &RepoName, r: &Reference) -> ApiResult {
         }
         Reference::Digest(d) => {
             let (info, bytes) = app.store.read_manifest(repo, d).await?.ok_or_else(|| unknown(r))?;
-            let subject = manifest::parse(&bytes, Some(&info.media_type)).ok().and_then(|m| m.subject).map(|s| s.digest);
+            let subject =
+                manifest::parse(&bytes, Some(&info.media_type)).ok().and_then(|m| m.subject).map(|s| s.digest);
             app.store.delete_manifest(repo, d, subject.as_ref()).await?;
         }
     }

@@ -6,6 +6,7 @@ pub mod blobs;
 mod headers;
 pub mod listing;
 pub mod manifests;
+mod ops;
 pub mod routes;
 pub mod uploads;
 
@@ -15,7 +16,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
-use axum::routing::any;
+use axum::routing::{any, get};
 use axum::Router;
 
 use crate::app::App;
@@ -31,17 +32,29 @@ pub fn router(state: AppState) -> Router {
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
         .with_state(state)
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(ops::access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
+        .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
 }
 
+/// The route kind a response answered, for logs and metrics.
+#[derive(Clone, Copy)]
+pub struct RouteKind(pub &'static str);
+
 async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
-    let mut resp = match routes::parse(req.uri().path()) {
-        Ok(route) => handle(&app, route, req).await.unwrap_or_else(IntoResponse::into_response),
-        Err(e) => e.into_response(),
+    let (mut resp, kind) = match routes::parse(req.uri().path()) {
+        Ok(route) => {
+            let kind = route.kind();
+            (handle(&app, route, req).await.unwrap_or_else(IntoResponse::into_response), kind)
+        }
+        Err(e) => (e.into_response(), "invalid"),
     };
     resp.headers_mut().insert("docker-distribution-api-version", HeaderValue::from_static("registry/2.0"));
+    resp.extensions_mut().insert(RouteKind(kind));
     resp
 }
 
@@ -76,9 +89,8 @@ async fn handle(app: &App, route: Route, req: Request) -> ApiResult {
         (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, local()?, &id, h, body).await,
         (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, local()?, &id, &q, h, body).await,
         (Route::Upload(_, id), &Method::DELETE) => uploads::cancel(app, local()?, &id).await,
-        (route, method) => {
-            Err(ApiError::new(Code::Unsupported).detail(format!("{method} is not supported on the {} endpoint", route.kind())))
-        }
+        (route, method) => Err(ApiError::new(Code::Unsupported)
+            .detail(format!("{method} is not supported on the {} endpoint", route.kind()))),
     };
     let mut resp = res.unwrap_or_else(IntoResponse::into_response);
     if let Some(ns) = ns_echo {

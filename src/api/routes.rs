@@ -126,7 +126,10 @@ mod tests {
             Route::Manifest(n("docker.io/library/nginx"), "latest".parse().unwrap())
         );
         // a repository may itself be called "blobs" or "manifests"
-        assert_eq!(parse("/v2/manifests/manifests/v1").unwrap(), Route::Manifest(n("manifests"), "v1".parse().unwrap()));
+        assert_eq!(
+            parse("/v2/manifests/manifests/v1").unwrap(),
+            Route::Manifest(n("manifests"), "v1".parse().unwrap())
+        );
         assert_eq!(parse(&format!("/v2/a/referrers/{D}")).unwrap(), Route::Referrers(n("a"), D.parse().unwrap()));
     }
 

@@ -43,7 +43,10 @@ fn digest_param(q: &Query, key: &str) -> Result<Option<Digest>, ApiError> {
 fn content_length(h: &HeaderMap) -> Result<Option<u64>, ApiError> {
     h.get(header::CONTENT_LENGTH)
         .map(|v| {
-            v.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| Code::SizeInvalid.with_detail("bad Content-Length"))
+            v.to_str()
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| Code::SizeInvalid.with_detail("bad Content-Length"))
         })
         .transpose()
 }

@@ -121,8 +121,8 @@ impl FromStr for Tag {
     fn from_str(s: &str) -> Result<Tag, TagError> {
         let b = s.as_bytes();
         let first_ok = b.first().is_some_and(|&c| c.is_ascii_alphanumeric() || c == b'_');
-        let rest_ok = b.len() <= 128
-            && b.iter().skip(1).all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        let rest_ok =
+            b.len() <= 128 && b.iter().skip(1).all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
         if first_ok && rest_ok {
             Ok(Tag(s.to_string()))
         } else {
@@ -191,8 +191,24 @@ mod tests {
             assert!(ok.parse::<RepoName>().is_ok(), "{ok} rejected");
         }
         for bad in [
-            "", "A", "a/", "/a", "a//b", "a..b", "a___b", "-a", "a-", "_a", "a/_layers", "a/../b", "..", ".",
-            "a b", "a%2fb", "a:b", "a.-b",
+            "",
+            "A",
+            "a/",
+            "/a",
+            "a//b",
+            "a..b",
+            "a___b",
+            "-a",
+            "a-",
+            "_a",
+            "a/_layers",
+            "a/../b",
+            "..",
+            ".",
+            "a b",
+            "a%2fb",
+            "a:b",
+            "a.-b",
         ] {
             assert!(bad.parse::<RepoName>().is_err(), "{bad} accepted");
         }

@@ -92,6 +92,7 @@ impl Fills {
         let fill = Arc::new(Fill { file: Arc::new(read), progress: rx });
         map.insert(req.digest.clone(), fill.clone());
         let fills = self.clone();
+        crate::metrics::fill_started();
         tokio::spawn(async move {
             let started = Instant::now();
             let outcome = match tokio::time::timeout(req.timeout, run(&req, &path, &tx)).await {
@@ -99,6 +100,7 @@ impl Fills {
                 Err(_) => Err(FillError::Timeout),
             };
             fills.map.lock().unwrap().remove(&req.digest);
+            crate::metrics::fill_finished(&req.upstream.host, outcome.is_ok(), started.elapsed());
             match outcome {
                 Ok(size) => {
                     tracing::info!(digest = %req.digest, size, upstream = %req.upstream.host, ms = started.elapsed().as_millis() as u64, "fill committed");
@@ -148,6 +150,7 @@ async fn run(req: &FillRequest, path: &std::path::Path, tx: &watch::Sender<Progr
     ingest.flush(false).await.map_err(io_err)?;
     let written = ingest.size();
     tx.send_modify(|p| p.written = written);
+    crate::metrics::upstream_bytes(&req.upstream.host, written);
     let size = req.store.commit_ingest(ingest, &req.digest, size).await.map_err(|e| match e {
         StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => FillError::Mismatch(e.to_string()),
         e => FillError::Io(e.to_string()),

@@ -117,7 +117,11 @@ impl Proxy {
 
     fn proxy_repo(up: &Arc<Upstream>, remote: &str) -> Option<ProxyRepo> {
         // Docker Hub's official images live under library/.
-        let remote = if up.host == "docker.io" && !remote.contains('/') { format!("library/{remote}") } else { remote.to_string() };
+        let remote = if up.host == "docker.io" && !remote.contains('/') {
+            format!("library/{remote}")
+        } else {
+            remote.to_string()
+        };
         let remote: RepoName = remote.parse().ok()?;
         let cache: RepoName = format!("{}/{remote}", up.namespace).parse().ok()?;
         Some(ProxyRepo { upstream: up.clone(), remote, cache })
@@ -132,7 +136,8 @@ impl Proxy {
             if let Some(up) = self.by_host.get(first) {
                 if let Some(repo) = Proxy::proxy_repo(up, rest) {
                     // containerd with override_path sends the prefix and ns= for the same host.
-                    let ns_echo = ns.filter(|n| self.by_host.get(*n).is_some_and(|u| Arc::ptr_eq(u, up))).map(str::to_string);
+                    let ns_echo =
+                        ns.filter(|n| self.by_host.get(*n).is_some_and(|u| Arc::ptr_eq(u, up))).map(str::to_string);
                     return Target::Proxy { repo, ns_echo };
                 }
             }
@@ -163,7 +168,14 @@ impl Proxy {
                 }
                 let key = (p.cache.clone(), d.to_string());
                 let (store, p2, d2) = (store.clone(), p.clone(), d.clone());
-                self.manifest_flights.run(key, async move { fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2)).await.map(|d| (d, Outcome::Miss)).map_err(Arc::new) }).await
+                self.manifest_flights
+                    .run(key, async move {
+                        fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2))
+                            .await
+                            .map(|d| (d, Outcome::Miss))
+                            .map_err(Arc::new)
+                    })
+                    .await
             }
             Reference::Tag(t) => {
                 let cached = store.tag_with_age(&p.cache, t).await.map_err(io_upstream)?;
@@ -174,8 +186,12 @@ impl Proxy {
                     }
                 }
                 let key = (p.cache.clone(), format!("tag:{t}"));
-                let (store2, p2, t2, known) = (store.clone(), p.clone(), t.clone(), cached.as_ref().map(|c| c.0.clone()));
-                let res = self.manifest_flights.run(key, async move { revalidate(&store2, &p2, &t2, known).await.map_err(Arc::new) }).await;
+                let (store2, p2, t2, known) =
+                    (store.clone(), p.clone(), t.clone(), cached.as_ref().map(|c| c.0.clone()));
+                let res = self
+                    .manifest_flights
+                    .run(key, async move { revalidate(&store2, &p2, &t2, known).await.map_err(Arc::new) })
+                    .await;
                 match (res, cached) {
                     (Err(e), Some((d, _))) if e.is_outage() => {
                         tracing::warn!(upstream = %p.upstream.host, repo = %p.remote, tag = %t, error = %e, "upstream trouble; serving the cached tag stale");
@@ -221,10 +237,16 @@ fn io_upstream(e: crate::storage::StoreError) -> Arc<UpstreamError> {
 
 /// HEAD the tag upstream; if it still names the cached digest, refresh the tag's age, else
 /// GET the manifest. Without a cached digest, GET straight away.
-async fn revalidate(store: &Store, p: &ProxyRepo, tag: &Tag, known: Option<Digest>) -> Result<(Digest, Outcome), UpstreamError> {
+async fn revalidate(
+    store: &Store,
+    p: &ProxyRepo,
+    tag: &Tag,
+    known: Option<Digest>,
+) -> Result<(Digest, Outcome), UpstreamError> {
     if let Some(known) = known {
         let head = p.upstream.manifest_head(&p.remote, tag.as_str()).await?;
-        if head.digest.as_ref() == Some(&known) && store.manifest_info(&p.cache, &known).await.ok().flatten().is_some() {
+        if head.digest.as_ref() == Some(&known) && store.manifest_info(&p.cache, &known).await.ok().flatten().is_some()
+        {
             store.touch_tag(&p.cache, tag, &known).await.map_err(|e| UpstreamError::Invalid(e.to_string()))?;
             return Ok((known, Outcome::Revalidated));
         }
@@ -242,22 +264,34 @@ async fn revalidate(store: &Store, p: &ProxyRepo, tag: &Tag, known: Option<Diges
 }
 
 /// GETs a manifest, verifies it, and stores the exact bytes (tagged with `tag`, if given).
-async fn fetch_manifest(store: &Store, p: &ProxyRepo, reference: &str, tag: Option<&Tag>, want: Option<&Digest>) -> Result<Digest, UpstreamError> {
+async fn fetch_manifest(
+    store: &Store,
+    p: &ProxyRepo,
+    reference: &str,
+    tag: Option<&Tag>,
+    want: Option<&Digest>,
+) -> Result<Digest, UpstreamError> {
     let (head, bytes) = p.upstream.manifest_get(&p.remote, reference).await?;
     let alg = want.map(Digest::algorithm).or(head.digest.as_ref().map(Digest::algorithm)).unwrap_or(Algorithm::Sha256);
     let digest = Digest::of(alg, &bytes);
     if let Some(expected) = want.or(head.digest.as_ref()) {
         if &digest != expected {
-            return Err(UpstreamError::Invalid(format!("manifest {reference} hashes to {digest}, expected {expected}")));
+            return Err(UpstreamError::Invalid(format!(
+                "manifest {reference} hashes to {digest}, expected {expected}"
+            )));
         }
     }
     let content_type = (!head.media_type.is_empty()).then_some(head.media_type.as_str());
-    let m = manifest::parse(&bytes, content_type).map_err(|e| UpstreamError::Invalid(format!("manifest {reference}: {e}")))?;
+    let m = manifest::parse(&bytes, content_type)
+        .map_err(|e| UpstreamError::Invalid(format!("manifest {reference}: {e}")))?;
     let tags: Vec<Tag> = tag.into_iter().cloned().collect();
     let subject = m.subject.as_ref().map(|s| s.digest.clone());
     let referrer = subject.as_ref().map(|s| (s, m.referrer_descriptor(&digest, bytes.len() as u64)));
     store
-        .put_manifest(&p.cache, ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer })
+        .put_manifest(
+            &p.cache,
+            ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer },
+        )
         .await
         .map_err(|e| UpstreamError::Invalid(format!("storing manifest: {e}")))?;
     Ok(digest)
@@ -266,7 +300,8 @@ async fn fetch_manifest(store: &Store, p: &ProxyRepo, reference: &str, tag: Opti
 /// Rewrites an upstream tags-list answer for the name the client asked with.
 pub fn tags_from_upstream(body: &Bytes) -> Option<Vec<String>> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let mut tags: Vec<String> = v.get("tags")?.as_array()?.iter().filter_map(|t| t.as_str().map(str::to_string)).collect();
+    let mut tags: Vec<String> =
+        v.get("tags")?.as_array()?.iter().filter_map(|t| t.as_str().map(str::to_string)).collect();
     tags.sort();
     Some(tags)
 }

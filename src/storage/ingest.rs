@@ -82,11 +82,8 @@ impl Ingest {
     /// only when `alg` is not the one hashed on the way in).
     pub async fn finish(mut self, alg: Algorithm, fsync: bool) -> std::io::Result<(PathBuf, Digest, u64)> {
         self.flush(fsync).await?;
-        let digest = if self.hasher.algorithm() == alg {
-            self.hasher.finish()
-        } else {
-            hash_file(&self.path, alg).await?
-        };
+        let digest =
+            if self.hasher.algorithm() == alg { self.hasher.finish() } else { hash_file(&self.path, alg).await? };
         Ok((self.path, digest, self.size))
     }
 }

@@ -223,6 +223,36 @@ impl Store {
         Ok(res?)
     }
 
+    /// Total bytes of committed content (walks `blobs/`).
+    pub async fn blob_bytes(&self) -> u64 {
+        let root = self.layout.blobs_root();
+        tokio::task::spawn_blocking(move || {
+            let mut total = 0;
+            let mut stack = vec![root];
+            while let Some(dir) = stack.pop() {
+                let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+                for e in rd.flatten() {
+                    match e.file_type() {
+                        Ok(t) if t.is_dir() => stack.push(e.path()),
+                        Ok(_) => total += e.metadata().map(|m| m.len()).unwrap_or(0),
+                        Err(_) => {}
+                    }
+                }
+            }
+            total
+        })
+        .await
+        .unwrap_or(0)
+    }
+
+    /// Whether the store accepts writes (for readiness).
+    pub async fn writable(&self) -> bool {
+        let probe = self.layout.tmp();
+        let ok = tokio::fs::write(&probe, b"ready").await.is_ok();
+        let _ = tokio::fs::remove_file(&probe).await;
+        ok
+    }
+
     /// Removes `ingest/tmp-*` files older than `age` (left behind by a crash).
     async fn remove_stale_tmp(&self, age: Duration) {
         let Ok(mut rd) = tokio::fs::read_dir(self.layout.ingest_root()).await else { return };

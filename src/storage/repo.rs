@@ -63,7 +63,11 @@ impl Store {
     pub async fn manifest_info(&self, repo: &RepoName, d: &Digest) -> StoreResult<Option<StoredManifest>> {
         let Some(media_type) = read_opt(&self.layout.revision(repo, d)).await? else { return Ok(None) };
         let Some(size) = self.blob_size(d).await? else { return Ok(None) };
-        Ok(Some(StoredManifest { digest: d.clone(), media_type: String::from_utf8_lossy(&media_type).into_owned(), size }))
+        Ok(Some(StoredManifest {
+            digest: d.clone(),
+            media_type: String::from_utf8_lossy(&media_type).into_owned(),
+            size,
+        }))
     }
 
     /// A manifest's bytes, if it is in `repo`.
@@ -99,7 +103,8 @@ impl Store {
         if !exists(&self.layout.repo(repo)).await? {
             return Ok(None);
         }
-        let mut tags: Vec<Tag> = read_names(&self.layout.tags_dir(repo)).await?.iter().filter_map(|n| n.parse().ok()).collect();
+        let mut tags: Vec<Tag> =
+            read_names(&self.layout.tags_dir(repo)).await?.iter().filter_map(|n| n.parse().ok()).collect();
         tags.sort();
         Ok(Some(tags))
     }

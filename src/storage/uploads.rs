@@ -98,6 +98,7 @@ impl Store {
     /// Starts a session in `repo`, hashing with `alg` (sha256 unless the digest is known).
     pub async fn create_upload(&self, repo: &RepoName, alg: Algorithm) -> StoreResult<UploadId> {
         let id = UploadId(Uuid::now_v7());
+        let _guard = self.uploads.get(&id.0).lock_owned().await;
         tokio::fs::create_dir_all(self.layout.upload_dir(&id.0)).await?;
         let ingest = Ingest::create(&self.layout.upload_data(&id.0), alg).await?;
         let mut state = State {
@@ -168,16 +169,19 @@ impl Store {
         let mut removed = 0;
         while let Ok(Some(e)) = rd.next_entry().await {
             let Ok(id) = e.file_name().to_string_lossy().parse::<UploadId>() else { continue };
-            let idle = tokio::fs::metadata(self.layout.upload_state(&id.0))
-                .await
-                .and_then(|m| m.modified())
-                .map(|t| t.elapsed().unwrap_or_default())
-                .unwrap_or(Duration::MAX);
+            let lock = self.uploads.get(&id.0);
+            let Ok(_guard) = lock.try_lock() else { continue };
+            // Idle since the last checkpoint (state.json), or since creation if it has none.
+            let mut idle = Duration::ZERO;
+            for p in [self.layout.upload_state(&id.0), self.layout.upload_dir(&id.0)] {
+                if let Ok(t) = tokio::fs::metadata(&p).await.and_then(|m| m.modified()) {
+                    idle = t.elapsed().unwrap_or_default();
+                    break;
+                }
+            }
             if idle < ttl {
                 continue;
             }
-            let lock = self.uploads.get(&id.0);
-            let Ok(_guard) = lock.try_lock() else { continue };
             self.remove_upload(&id).await;
             removed += 1;
         }

@@ -57,6 +57,16 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
+/// Where and how to ask for a token.
+pub struct TokenRequest<'a> {
+    pub realm: &'a str,
+    pub service: Option<&'a str>,
+    pub scope: &'a str,
+    pub creds: Option<&'a (String, String)>,
+    /// The upstream's host, for metrics.
+    pub upstream: &'a str,
+}
+
 #[derive(Clone, Debug)]
 pub struct Token {
     pub value: String,
@@ -94,18 +104,11 @@ impl TokenCache {
     }
 
     /// Gets a token from the realm; concurrent calls for one key share one request.
-    pub async fn fetch(
-        &self,
-        http: &reqwest::Client,
-        key: &str,
-        realm: &str,
-        service: Option<&str>,
-        scope: &str,
-        creds: Option<&(String, String)>,
-    ) -> Result<Arc<Token>, String> {
+    pub async fn fetch(&self, http: &reqwest::Client, key: &str, req: TokenRequest<'_>) -> Result<Arc<Token>, String> {
         if let Some(t) = self.cached(key).await {
             return Ok(t);
         }
+        let TokenRequest { realm, service, scope, creds, upstream } = req;
         let fut = async {
             let mut q: Vec<(&str, &str)> = vec![("scope", scope)];
             if let Some(s) = service {
@@ -120,18 +123,15 @@ impl TokenCache {
                 return Err(format!("token request to {realm}: HTTP {}", resp.status()));
             }
             let body: TokenResponse = resp.json().await.map_err(|e| format!("token response from {realm}: {e}"))?;
-            let value = body.token.or(body.access_token).ok_or_else(|| format!("token response from {realm} has no token"))?;
+            let value =
+                body.token.or(body.access_token).ok_or_else(|| format!("token response from {realm} has no token"))?;
             // Renew a little early; registries default to 60 s when they say nothing.
             let ttl = body.expires_in.unwrap_or(60).saturating_sub(10).max(5);
-            metrics_token_fetched();
+            crate::metrics::token_fetched(upstream);
             Ok(Arc::new(Token { value, expires: Instant::now() + Duration::from_secs(ttl) }))
         };
         self.cache.try_get_with(key.to_string(), fut).await.map_err(|e| e.to_string())
     }
-}
-
-fn metrics_token_fetched() {
-    tracing::debug!("fetched an upstream token");
 }
 
 #[cfg(test)]
@@ -141,7 +141,9 @@ mod tests {
     #[test]
     fn challenges() {
         assert_eq!(
-            parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#),
+            parse_challenge(
+                r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/alpine:pull,push""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.docker.io/token".into(),
                 service: Some("registry.docker.io".into()),

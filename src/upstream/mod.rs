@@ -17,7 +17,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::UpstreamConfig;
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, RepoName, Tag};
-use auth::{parse_challenge, Challenge, TokenCache};
+use auth::{parse_challenge, Challenge, TokenCache, TokenRequest};
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -94,10 +94,14 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Upstream> {
-        let endpoints = if cfg.endpoints.is_empty() { vec![format!("https://{}", cfg.host)] } else { cfg.endpoints.clone() };
+        let endpoints =
+            if cfg.endpoints.is_empty() { vec![format!("https://{}", cfg.host)] } else { cfg.endpoints.clone() };
         let endpoints = endpoints
             .iter()
-            .map(|e| Url::parse(e.trim_end_matches('/')).map_err(|err| anyhow::anyhow!("upstream {}: endpoint {e}: {err}", cfg.host)))
+            .map(|e| {
+                Url::parse(e.trim_end_matches('/'))
+                    .map_err(|err| anyhow::anyhow!("upstream {}: endpoint {e}: {err}", cfg.host))
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let password = match (&cfg.password, &cfg.password_file, &cfg.password_env) {
             (Some(p), _, _) => Some(p.clone()),
@@ -107,9 +111,9 @@ impl Upstream {
                     .trim_end()
                     .to_string(),
             ),
-            (_, _, Some(v)) => {
-                Some(std::env::var(v).map_err(|_| anyhow::anyhow!("upstream {}: password_env {v} is not set", cfg.host))?)
-            }
+            (_, _, Some(v)) => Some(
+                std::env::var(v).map_err(|_| anyhow::anyhow!("upstream {}: password_env {v} is not set", cfg.host))?,
+            ),
             _ => None,
         };
         let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default()));
@@ -141,13 +145,41 @@ impl Upstream {
 
     /// Sends one request to the first endpoint that answers, authenticating on a 401
     /// challenge. 2xx and 3xx-resolved answers come back; everything else is an error.
-    async fn send(&self, method: Method, path: &str, remote: &str, accept: Option<&str>, range: Option<&str>) -> UpstreamResult<Streaming> {
-        let permit = self.permits.clone().acquire_owned().await.map_err(|_| UpstreamError::Unreachable("shutting down".into()))?;
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        remote: &str,
+        accept: Option<&str>,
+        range: Option<&str>,
+    ) -> UpstreamResult<Streaming> {
+        let res = self.send_inner(method, path, remote, accept, range).await;
+        if let Err(e) = &res {
+            crate::metrics::upstream_error(&self.host, e.kind());
+        }
+        res
+    }
+
+    async fn send_inner(
+        &self,
+        method: Method,
+        path: &str,
+        remote: &str,
+        accept: Option<&str>,
+        range: Option<&str>,
+    ) -> UpstreamResult<Streaming> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| UpstreamError::Unreachable("shutting down".into()))?;
         let scope = format!("repository:{remote}:pull");
         let mut last = UpstreamError::Unreachable("no endpoint".into());
         for base in &self.endpoints {
             let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
-            let mut auth: Option<String> = self.tokens.cached(&self.token_key(base, &scope)).await.map(|t| format!("Bearer {}", t.value));
+            let mut auth: Option<String> =
+                self.tokens.cached(&self.token_key(base, &scope)).await.map(|t| format!("Bearer {}", t.value));
             for attempt in 0..2 {
                 let mut req = self.http.request(method.clone(), &url);
                 if let Some(a) = &accept {
@@ -167,14 +199,28 @@ impl Upstream {
                     }
                 };
                 let status = resp.status();
+                if let Some(rl) = resp.headers().get("ratelimit-remaining").and_then(|v| v.to_str().ok()) {
+                    crate::metrics::ratelimit_remaining(&self.host, rl);
+                }
                 if status == StatusCode::UNAUTHORIZED && attempt == 0 {
-                    let challenge = resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge);
+                    let challenge =
+                        resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge);
                     match challenge {
                         Some(Challenge::Bearer { realm, service, .. }) => {
                             let key = self.token_key(base, &scope);
                             let token = self
                                 .tokens
-                                .fetch(&self.http, &key, &realm, service.as_deref(), &scope, self.creds.as_ref())
+                                .fetch(
+                                    &self.http,
+                                    &key,
+                                    TokenRequest {
+                                        realm: &realm,
+                                        service: service.as_deref(),
+                                        scope: &scope,
+                                        creds: self.creds.as_ref(),
+                                        upstream: &self.host,
+                                    },
+                                )
                                 .await
                                 .map_err(UpstreamError::Unauthorized)?;
                             auth = Some(format!("Bearer {}", token.value));
@@ -183,7 +229,10 @@ impl Upstream {
                         Some(Challenge::Basic) if self.creds.is_some() => {
                             use base64::Engine as _;
                             let (u, p) = self.creds.as_ref().unwrap();
-                            auth = Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))));
+                            auth = Some(format!(
+                                "Basic {}",
+                                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+                            ));
                             continue;
                         }
                         _ => return Err(UpstreamError::Unauthorized(format!("{url}: no usable challenge"))),
@@ -195,7 +244,9 @@ impl Upstream {
                 let err = match status {
                     StatusCode::NOT_FOUND => UpstreamError::NotFound,
                     StatusCode::TOO_MANY_REQUESTS => UpstreamError::RateLimited,
-                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => UpstreamError::Unauthorized(format!("{url}: HTTP {status}")),
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                        UpstreamError::Unauthorized(format!("{url}: HTTP {status}"))
+                    }
                     s => UpstreamError::Status(s.as_u16()),
                 };
                 if !err.is_outage() || matches!(err, UpstreamError::RateLimited | UpstreamError::Unauthorized(_)) {
@@ -213,15 +264,32 @@ impl Upstream {
     }
 
     pub async fn manifest_head(&self, remote: &RepoName, reference: &str) -> UpstreamResult<ManifestHead> {
-        let s = self.send(Method::HEAD, &format!("/v2/{remote}/manifests/{reference}"), remote.as_str(), Some(MANIFEST_ACCEPT), None).await?;
+        let s = self
+            .send(
+                Method::HEAD,
+                &format!("/v2/{remote}/manifests/{reference}"),
+                remote.as_str(),
+                Some(MANIFEST_ACCEPT),
+                None,
+            )
+            .await?;
         Ok(manifest_head(s.resp.headers()))
     }
 
     /// GETs a manifest (at most [`MAX_MANIFEST_BYTES`]).
     pub async fn manifest_get(&self, remote: &RepoName, reference: &str) -> UpstreamResult<(ManifestHead, Bytes)> {
-        let s = self.send(Method::GET, &format!("/v2/{remote}/manifests/{reference}"), remote.as_str(), Some(MANIFEST_ACCEPT), None).await?;
+        let s = self
+            .send(
+                Method::GET,
+                &format!("/v2/{remote}/manifests/{reference}"),
+                remote.as_str(),
+                Some(MANIFEST_ACCEPT),
+                None,
+            )
+            .await?;
         let head = manifest_head(s.resp.headers());
         let body = read_capped(s.resp, MAX_MANIFEST_BYTES).await?;
+        crate::metrics::upstream_bytes(&self.host, body.len() as u64);
         Ok((head, body))
     }
 

@@ -1,0 +1,67 @@
+//! Prometheus metrics. The recorder is process-global (installed by `main`); without it every
+//! call here is a no-op, so library code and tests need no setup.
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
+        .install_recorder()?)
+}
+
+/// One answered request.
+pub fn request(route: &'static str, method: &str, status: u16, duration: Duration) {
+    let labels = [("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+    counter!("stevedore_requests_total", &labels).increment(1);
+    histogram!("stevedore_request_duration_seconds", "route" => route).record(duration.as_secs_f64());
+}
+
+/// How a pull through an upstream was answered (hit, miss, joined, stale, revalidated).
+pub fn cache_outcome(upstream: &str, kind: &'static str, outcome: &'static str) {
+    counter!("stevedore_cache_requests_total", "upstream" => upstream.to_string(), "kind" => kind, "outcome" => outcome)
+        .increment(1);
+}
+
+/// Bytes sent to clients in blob and manifest bodies (as announced by Content-Length).
+pub fn served_bytes(n: u64) {
+    counter!("stevedore_served_bytes_total").increment(n);
+}
+
+/// Bytes fetched from an upstream.
+pub fn upstream_bytes(upstream: &str, n: u64) {
+    counter!("stevedore_upstream_bytes_total", "upstream" => upstream.to_string()).increment(n);
+}
+
+pub fn fill_started() {
+    gauge!("stevedore_fills_in_flight").increment(1.0);
+}
+
+pub fn fill_finished(upstream: &str, ok: bool, took: Duration) {
+    gauge!("stevedore_fills_in_flight").decrement(1.0);
+    let result = if ok { "committed" } else { "failed" };
+    counter!("stevedore_fills_total", "upstream" => upstream.to_string(), "result" => result).increment(1);
+    histogram!("stevedore_fill_duration_seconds", "upstream" => upstream.to_string()).record(took.as_secs_f64());
+}
+
+pub fn upstream_error(upstream: &str, kind: &'static str) {
+    counter!("stevedore_upstream_errors_total", "upstream" => upstream.to_string(), "kind" => kind).increment(1);
+}
+
+pub fn token_fetched(upstream: &str) {
+    counter!("stevedore_upstream_token_fetches_total", "upstream" => upstream.to_string()).increment(1);
+}
+
+/// Docker Hub's `ratelimit-remaining` (`100;w=21600`).
+pub fn ratelimit_remaining(upstream: &str, header: &str) {
+    if let Some(v) = header.split(';').next().and_then(|n| n.trim().parse::<f64>().ok()) {
+        gauge!("stevedore_upstream_ratelimit_remaining", "upstream" => upstream.to_string()).set(v);
+    }
+}
+
+pub fn store_bytes(n: u64) {
+    gauge!("stevedore_store_bytes").set(n as f64);
+}

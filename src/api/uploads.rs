@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, RepoName};
-use crate::storage::{Upload, UploadId, UploadWriter};
+use crate::storage::{StoreError, Upload, UploadId, UploadWriter};
 
 fn upload_location(repo: &RepoName, id: UploadId) -> String {
     format!("/v2/{repo}/blobs/uploads/{id}")
@@ -158,7 +158,13 @@ pub async fn finish(app: &App, repo: &RepoName, id: &str, q: &Query, h: &HeaderM
     let Some(d) = digest_param(q, "digest")? else {
         return Err(Code::DigestInvalid.with_detail("the digest query parameter is required"));
     };
-    let w = app.store.open_upload(repo, &id).await?;
+    let w = match app.store.open_upload(repo, &id).await {
+        Ok(w) => w,
+        Err(StoreError::UploadUnknown) if app.store.recover_interrupted_commit(repo, &id, &d).await? => {
+            return Ok(blobs::created(repo, &d));
+        }
+        Err(e) => return Err(e.into()),
+    };
     let want = expected_chunk_len(h, w.offset())?;
     let w = write_chunk(app, w, body, want).await?;
     w.commit(&app.store, repo, &d).await?;

@@ -147,6 +147,20 @@ impl Store {
         Ok(UploadWriter { id: *id, state, ingest, _guard: guard })
     }
 
+    /// Finishes a session whose commit was cut short (the process died after the verified
+    /// data was renamed into `blobs/` but before the session was removed): if the blob is
+    /// there with the session's size, links it and removes the session. `false` otherwise.
+    pub async fn recover_interrupted_commit(&self, repo: &RepoName, id: &UploadId, d: &Digest) -> StoreResult<bool> {
+        let _guard = self.uploads.get(&id.0).lock_owned().await;
+        let Ok(state) = self.load_state(repo, id).await else { return Ok(false) };
+        if super::exists(&self.layout.upload_data(&id.0)).await? || self.blob_size(d).await? != Some(state.offset) {
+            return Ok(false);
+        }
+        self.link_blob(repo, d).await?;
+        self.remove_upload(id).await;
+        Ok(true)
+    }
+
     /// Cancels a session and removes its files.
     pub async fn cancel_upload(&self, repo: &RepoName, id: &UploadId) -> StoreResult<()> {
         let guard = self.uploads.get(&id.0).lock_owned().await;

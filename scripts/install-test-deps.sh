@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Installs the system tools the integration tests need (Debian/Ubuntu, apt-get).
+# Idempotent: does nothing when everything is already installed; runs
+# `apt-get update` only when something is missing. Fails loudly otherwise.
+#
+#   skopeo           - real OCI client for tests/skopeo.rs
+#   curl             - chunked-upload checks and manual debugging
+#   docker-registry  - CNCF Distribution, used as an upstream in proxy tests
+set -euo pipefail
+
+packages=(skopeo curl docker-registry)
+# The command each package must provide; checked after install as well.
+declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry)
+
+is_installed() {
+    [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
+}
+
+missing=()
+for p in "${packages[@]}"; do
+    if ! is_installed "$p" || ! command -v "${provides[$p]}" >/dev/null 2>&1; then
+        missing+=("$p")
+    fi
+done
+
+if ((${#missing[@]} == 0)); then
+    echo "install-test-deps: all present (${packages[*]})"
+    exit 0
+fi
+
+echo "install-test-deps: installing ${missing[*]}"
+
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "install-test-deps: ERROR: apt-get not found; install manually: ${missing[*]}" >&2
+    exit 1
+fi
+
+sudo=()
+if [[ "$(id -u)" != 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        sudo=(sudo -n)
+    else
+        echo "install-test-deps: ERROR: not root and no sudo; install manually: ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+# Packaged services (docker-registry) must not be started by the install:
+# the tests run their own instances. Only add a policy-rc.d if none exists.
+policy=/usr/sbin/policy-rc.d
+added_policy=0
+if [[ ! -e "$policy" ]]; then
+    printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+    "${sudo[@]}" chmod 0755 "$policy"
+    added_policy=1
+fi
+cleanup() { if ((added_policy)); then "${sudo[@]}" rm -f "$policy"; fi; }
+trap cleanup EXIT
+
+"${sudo[@]}" apt-get update -q || { echo "install-test-deps: ERROR: apt-get update failed" >&2; exit 1; }
+"${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null || {
+    echo "install-test-deps: ERROR: apt-get install ${missing[*]} failed" >&2
+    exit 1
+}
+
+# The packaged registry service is not wanted; stop it if an init system started it anyway.
+if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+    "${sudo[@]}" systemctl disable --now docker-registry >/dev/null 2>&1 || true
+fi
+
+for p in "${packages[@]}"; do
+    if ! is_installed "$p" || ! command -v "${provides[$p]}" >/dev/null 2>&1; then
+        echo "install-test-deps: ERROR: $p still missing after install" >&2
+        exit 1
+    fi
+done
+echo "install-test-deps: installed ${missing[*]}"

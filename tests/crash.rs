@@ -1,0 +1,863 @@
+//! Crash safety: concurrent pushes while the server is SIGKILLed, then restarts on the same store.
+//!
+//! Each round starts `stevedore` on one store root, verifies everything the previous rounds were
+//! promised, runs concurrent writers (chunked uploads with many 1-8 MiB PATCHes, monolithic
+//! pushes, manifest PUTs, and sessions left idle mid-upload), SIGKILLs the server after a fixed
+//! delay, and checks the store on disk. A ledger records exactly what the server acknowledged:
+//!
+//! * every file under `blobs/` hashes to its own name (no torn or misnamed blob, ever);
+//! * every blob and manifest that got 201 is served byte-identical after the restart;
+//! * an upload session whose last PATCH got 202 answers `GET` with the same `Range` after the
+//!   restart (across several restarts) and can be completed;
+//! * a session whose PATCH was cut by the kill keeps at least the acknowledged bytes, and the
+//!   bytes it reports are the ones sent (completing it must match the digest);
+//! * a blob or manifest whose request was cut by the kill is either absent or intact.
+//!
+//! Everything is bounded: 5 rounds, a byte budget per round, timeouts on every request.
+
+mod common;
+mod support;
+
+use common::Server;
+use reqwest::{Body, StatusCode};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::data::{self, Rng};
+use support::http::{HttpErr, Registry};
+use support::oci_layout as oci;
+use support::store::assert_blobs_intact;
+
+const MIB: u64 = 1 << 20;
+const ROUNDS: usize = 5;
+/// When to SIGKILL the server after the writers start, per round.
+const KILL_AFTER_MS: [u64; ROUNDS] = [800, 300, 1600, 1100, 2300];
+/// Bytes the writers may send per round (bounds disk use and runtime).
+const ROUND_BUDGET: u64 = 768 * MIB;
+/// Writers stop by themselves after this, killed or not.
+const WRITER_DEADLINE: Duration = Duration::from_secs(30);
+/// Sessions each parker leaves idle per round.
+const PARKED_PER_ROUND: usize = 3;
+
+#[derive(Clone, Debug)]
+struct BlobRec {
+    repo: String,
+    seed: u64,
+    len: u64,
+    digest: String,
+    /// Read back in full (GET + hash) at least once after a restart.
+    verified: bool,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum SessState {
+    /// No request in flight: the server acknowledged exactly `acked` bytes.
+    Idle,
+    /// A PATCH of `len` bytes at `acked` was in flight.
+    Patching { len: u64 },
+    /// The final `PUT ?digest=` was in flight.
+    Finishing,
+}
+
+#[derive(Clone, Debug)]
+struct SessRec {
+    repo: String,
+    /// Path of the latest Location.
+    loc: String,
+    seed: u64,
+    len: u64,
+    digest: String,
+    acked: u64,
+    state: SessState,
+    /// Restarts survived while idle.
+    restarts: u32,
+}
+
+#[derive(Clone, Debug)]
+struct ManRec {
+    repo: String,
+    tag: String,
+    bytes: Vec<u8>,
+    digest: String,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    blobs_committed: usize,
+    manifests_committed: usize,
+    idle_sessions_checked: usize,
+    idle_sessions_multi_restart: usize,
+    cut_patches_checked: usize,
+    cut_sessions_dropped: usize,
+    cut_finishes_checked: usize,
+    cut_blobs_present: usize,
+    cut_blobs_absent: usize,
+    sessions_completed_after_restart: usize,
+    files_checked_on_disk: usize,
+}
+
+#[derive(Default)]
+struct Ledger {
+    next_id: u64,
+    blobs: Vec<BlobRec>,
+    /// Monolithic blob pushes in flight (keyed by id); left here if cut by the kill.
+    pending_blobs: BTreeMap<u64, BlobRec>,
+    manifests: Vec<ManRec>,
+    pending_manifests: BTreeMap<u64, ManRec>,
+    sessions: BTreeMap<u64, SessRec>,
+    failures: Vec<String>,
+    stats: Stats,
+}
+
+impl Ledger {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    reg: Registry,
+    ledger: Arc<Mutex<Ledger>>,
+    killed: Arc<AtomicBool>,
+    budget: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Ctx {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap()
+    }
+
+    fn stopping(&self) -> bool {
+        self.killed.load(Ordering::SeqCst) || self.started.elapsed() > WRITER_DEADLINE
+    }
+
+    /// Records an error unless it is the expected loss of connection after the kill.
+    fn error(&self, what: &str, e: HttpErr) {
+        let killed = self.killed.load(Ordering::SeqCst);
+        if e.is_transport() && killed {
+            return;
+        }
+        let when = if killed {
+            "after the kill"
+        } else {
+            "before the kill"
+        };
+        self.lock().failures.push(format!("{what} ({when}): {e}"));
+    }
+
+    /// Reserves `n` bytes of this round's budget.
+    fn reserve(&self, n: u64) -> bool {
+        self.budget.fetch_add(n, Ordering::SeqCst) + n <= ROUND_BUDGET
+    }
+
+    /// Idles until the kill (or the deadline).
+    async fn idle(&self) {
+        while !self.stopping() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn seed_for(round: usize, worker: usize, n: u64) -> u64 {
+    (round as u64 + 1) * 1_000_000_000 + worker as u64 * 1_000_000 + n
+}
+
+/// Chunked uploads: POST, many PATCHes of 1-8 MiB, PUT ?digest. A parker instead stops after
+/// a few chunks and leaves the session idle for the restart to check.
+async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
+    let mut rng = Rng::new(seed_for(round, worker, 7));
+    let repo = format!("crash/chunked{worker}");
+    let mut parked = 0;
+    for n in 0u64.. {
+        if ctx.stopping() {
+            return;
+        }
+        if park && parked >= PARKED_PER_ROUND {
+            return ctx.idle().await;
+        }
+        let len = if park {
+            rng.range(3 * MIB, 12 * MIB)
+        } else {
+            rng.range(6 * MIB, 24 * MIB)
+        } + rng.range(0, 4095);
+        if !ctx.reserve(len) {
+            return ctx.idle().await;
+        }
+        let seed = seed_for(round, worker, n);
+        let digest = data::stream_digest(seed, 0, len);
+        // A parker sends 1..=3 chunks, always leaving some bytes unsent.
+        let park_after = if park { rng.range(1, 3) } else { u64::MAX };
+
+        let loc = match ctx.reg.start_upload(&repo).await {
+            Ok(l) => Registry::path_of(&l),
+            Err(e) => return ctx.error("POST upload", e),
+        };
+        let sid = {
+            let mut l = ctx.lock();
+            let sid = l.id();
+            let rec = SessRec {
+                repo: repo.clone(),
+                loc: loc.clone(),
+                seed,
+                len,
+                digest: digest.clone(),
+                acked: 0,
+                state: SessState::Idle,
+                restarts: 0,
+            };
+            l.sessions.insert(sid, rec);
+            sid
+        };
+        let mut loc = loc;
+        let mut off = 0u64;
+        let mut chunks_sent = 0u64;
+        while off < len {
+            let mut clen = rng.range(MIB, 8 * MIB).min(len - off);
+            if park && chunks_sent + 1 == park_after && off + clen >= len {
+                clen = (len - off) / 2; // keep the session unfinished
+            }
+            if clen == 0 {
+                break;
+            }
+            ctx.lock().sessions.get_mut(&sid).unwrap().state = SessState::Patching { len: clen };
+            let body = Body::from(data::bytes_at(seed, off, clen as usize));
+            match ctx.reg.patch(&loc, off, clen, body).await {
+                Ok((new_loc, stored)) => {
+                    off = stored;
+                    loc = Registry::path_of(&new_loc);
+                    let mut l = ctx.lock();
+                    let s = l.sessions.get_mut(&sid).unwrap();
+                    s.acked = off;
+                    s.loc = loc.clone();
+                    s.state = SessState::Idle;
+                }
+                Err(e) => return ctx.error(&format!("PATCH {loc} at {off}+{clen}"), e),
+            }
+            chunks_sent += 1;
+            if chunks_sent >= park_after {
+                break;
+            }
+            if ctx.stopping() {
+                return;
+            }
+        }
+        if park {
+            parked += 1;
+            continue;
+        }
+        ctx.lock().sessions.get_mut(&sid).unwrap().state = SessState::Finishing;
+        match ctx.reg.finish(&loc, &digest, None).await {
+            Ok(()) => {
+                let mut l = ctx.lock();
+                l.sessions.remove(&sid);
+                l.blobs.push(BlobRec {
+                    repo: repo.clone(),
+                    seed,
+                    len,
+                    digest,
+                    verified: false,
+                });
+            }
+            Err(e) => return ctx.error(&format!("PUT {loc}?digest="), e),
+        }
+    }
+}
+
+/// Pushes one whole blob, monolithic (`POST ?digest=`) or `POST` + one `PUT` with the body.
+/// `seed` names the bytes in the ledger (only `digest` and `len` are used to check them).
+async fn push_whole_blob(
+    ctx: &Ctx,
+    repo: &str,
+    seed: u64,
+    bytes: Vec<u8>,
+    single_post: bool,
+) -> bool {
+    let len = bytes.len() as u64;
+    let digest = data::sha256_digest(&bytes);
+    let rec = BlobRec {
+        repo: repo.to_string(),
+        seed,
+        len,
+        digest: digest.clone(),
+        verified: false,
+    };
+    let loc = if single_post {
+        None
+    } else {
+        match ctx.reg.start_upload(repo).await {
+            Ok(l) => Some(Registry::path_of(&l)),
+            Err(e) => {
+                ctx.error("POST upload", e);
+                return false;
+            }
+        }
+    };
+    let id = {
+        let mut l = ctx.lock();
+        let id = l.id();
+        l.pending_blobs.insert(id, rec.clone());
+        id
+    };
+    let res = match &loc {
+        None => ctx.reg.post_monolithic(repo, &digest, bytes).await,
+        Some(loc) => {
+            ctx.reg
+                .finish(loc, &digest, Some((len, Body::from(bytes))))
+                .await
+        }
+    };
+    match res {
+        Ok(()) => {
+            let mut l = ctx.lock();
+            l.pending_blobs.remove(&id);
+            l.blobs.push(rec);
+            true
+        }
+        Err(e) => {
+            ctx.error(&format!("whole-blob push of {digest} to {repo}"), e);
+            false
+        }
+    }
+}
+
+async fn monolithic_writer(ctx: Ctx, round: usize, worker: usize) {
+    let mut rng = Rng::new(seed_for(round, worker, 11));
+    let repo = format!("crash/mono{worker}");
+    for n in 0u64.. {
+        if ctx.stopping() {
+            return;
+        }
+        let len = rng.range(64 * 1024, 4 * MIB);
+        if !ctx.reserve(len) {
+            return ctx.idle().await;
+        }
+        let seed = seed_for(round, worker, n);
+        if !push_whole_blob(
+            &ctx,
+            &repo,
+            seed,
+            data::bytes(seed, len as usize),
+            n % 2 == 0,
+        )
+        .await
+        {
+            return;
+        }
+    }
+}
+
+/// Small images: config + layer (monolithic), then the manifest under a unique tag.
+async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
+    let repo = format!("crash/images{worker}");
+    for n in 0u64.. {
+        if ctx.stopping() {
+            return;
+        }
+        let seed = seed_for(round, worker, n);
+        let layer = data::bytes(seed, 200_000 + n as usize);
+        let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"seed":{seed}}}"#)
+            .into_bytes();
+        if !ctx.reserve((layer.len() + config.len()) as u64) {
+            return ctx.idle().await;
+        }
+        let layer_digest = data::sha256_digest(&layer);
+        let config_digest = data::sha256_digest(&config);
+        let (layer_len, config_len) = (layer.len(), config.len());
+        if !push_whole_blob(&ctx, &repo, seed, layer, true).await {
+            return;
+        }
+        if !push_whole_blob(&ctx, &repo, seed, config, n % 2 == 1).await {
+            return;
+        }
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::MT_MANIFEST,
+            "config": {"mediaType": oci::MT_CONFIG, "digest": config_digest, "size": config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_len}],
+        });
+        let bytes = serde_json::to_vec(&manifest).unwrap();
+        let rec = ManRec {
+            repo: repo.clone(),
+            tag: format!("r{round}-n{n}"),
+            digest: data::sha256_digest(&bytes),
+            bytes: bytes.clone(),
+        };
+        let id = {
+            let mut l = ctx.lock();
+            let id = l.id();
+            l.pending_manifests.insert(id, rec.clone());
+            id
+        };
+        match ctx
+            .reg
+            .put_manifest(&repo, &rec.tag, oci::MT_MANIFEST, bytes)
+            .await
+        {
+            Ok(()) => {
+                let mut l = ctx.lock();
+                l.pending_manifests.remove(&id);
+                l.manifests.push(rec);
+            }
+            Err(e) => return ctx.error(&format!("PUT manifest {repo}:{}", rec.tag), e),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Verification after a restart
+
+/// GETs a blob and checks length and digest; returns a failure message if wrong.
+async fn check_blob(reg: &Registry, b: &BlobRec) -> Result<(), String> {
+    match reg.get_blob_hashed(&b.repo, &b.digest).await {
+        Ok((st, _, n, d)) if st == StatusCode::OK && n == b.len && d == b.digest => Ok(()),
+        Ok((st, _, n, d)) => Err(format!(
+            "GET /v2/{}/blobs/{}: expected 200 with {} bytes (data seed {}), got {st} with {n} bytes hashing to {d}",
+            b.repo, b.digest, b.len, b.seed
+        )),
+        Err(e) => Err(format!("GET /v2/{}/blobs/{}: {e}", b.repo, b.digest)),
+    }
+}
+
+/// Sends `seed`'s bytes from `from` to `len` (two PATCHes) and `PUT ?digest=`.
+async fn complete_session(reg: &Registry, s: &SessRec, from: u64) -> Result<(), String> {
+    let mut loc = s.loc.clone();
+    let mut off = from;
+    let half = (s.len - off).div_ceil(2);
+    while off < s.len {
+        let clen = half.min(s.len - off);
+        let body = Body::from(data::bytes_at(s.seed, off, clen as usize));
+        let (nl, stored) = reg
+            .patch(&loc, off, clen, body)
+            .await
+            .map_err(|e| format!("completing {}: PATCH at {off}: {e}", s.loc))?;
+        loc = Registry::path_of(&nl);
+        off = stored;
+    }
+    reg.finish(&loc, &s.digest, None)
+        .await
+        .map_err(|e| format!("completing {}: PUT ?digest: {e}", s.loc))?;
+    let b = BlobRec {
+        repo: s.repo.clone(),
+        seed: s.seed,
+        len: s.len,
+        digest: s.digest.clone(),
+        verified: false,
+    };
+    check_blob(reg, &b)
+        .await
+        .map_err(|e| format!("after completing {}: {e}", s.loc))
+}
+
+/// Checks everything in the ledger against the restarted server. Completes every open session
+/// when `complete_all`, otherwise about half of them, keeping the rest for the next restart.
+async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: bool) {
+    let mut failures = Vec::new();
+
+    // Blobs acknowledged with 201: full read-back once, HEAD (+ the on-disk hash check) later,
+    // full read-back again at the end.
+    for b in ledger.blobs.iter_mut() {
+        if !b.verified || complete_all {
+            match check_blob(reg, b).await {
+                Ok(()) => b.verified = true,
+                Err(e) => failures.push(format!("acknowledged blob lost or changed: {e}")),
+            }
+        } else {
+            match reg.head_blob(&b.repo, &b.digest).await {
+                Ok(st) if st == StatusCode::OK => {}
+                other => {
+                    failures.push(format!("HEAD /v2/{}/blobs/{}: {other:?}", b.repo, b.digest))
+                }
+            }
+        }
+    }
+
+    // Whole-blob pushes cut by the kill: absent, or present and intact.
+    for (_, b) in std::mem::take(&mut ledger.pending_blobs) {
+        match reg.head_blob(&b.repo, &b.digest).await {
+            Ok(st) if st == StatusCode::NOT_FOUND => ledger.stats.cut_blobs_absent += 1,
+            Ok(st) if st == StatusCode::OK => match check_blob(reg, &b).await {
+                Ok(()) => {
+                    ledger.stats.cut_blobs_present += 1;
+                    ledger.blobs.push(BlobRec {
+                        verified: true,
+                        ..b
+                    });
+                }
+                Err(e) => failures.push(format!("blob cut by the kill is present but wrong: {e}")),
+            },
+            other => failures.push(format!(
+                "HEAD of a cut blob /v2/{}/blobs/{}: {other:?}",
+                b.repo, b.digest
+            )),
+        }
+    }
+
+    // Manifests acknowledged with 201: by tag and by digest, byte-identical.
+    for m in &ledger.manifests {
+        for reference in [&m.tag, &m.digest] {
+            match reg.get_manifest(&m.repo, reference).await {
+                Ok((st, dcd, _, body)) if st == StatusCode::OK && body == m.bytes => {
+                    if dcd.as_deref() != Some(m.digest.as_str()) {
+                        failures.push(format!(
+                            "GET manifest {}:{reference}: Docker-Content-Digest {dcd:?}, expected {}",
+                            m.repo, m.digest
+                        ));
+                    }
+                }
+                Ok((st, _, _, body)) => failures.push(format!(
+                    "acknowledged manifest {}:{reference} lost or changed: {st}, {} bytes hashing to {}",
+                    m.repo,
+                    body.len(),
+                    data::sha256_digest(&body)
+                )),
+                Err(e) => failures.push(format!("GET manifest {}:{reference}: {e}", m.repo)),
+            }
+        }
+    }
+    for (_, m) in std::mem::take(&mut ledger.pending_manifests) {
+        match reg.get_manifest(&m.repo, &m.tag).await {
+            Ok((st, _, _, _)) if st == StatusCode::NOT_FOUND => {}
+            Ok((st, _, _, body)) if st == StatusCode::OK && body == m.bytes => {
+                ledger.manifests.push(m)
+            }
+            Ok((st, _, _, body)) => failures.push(format!(
+                "manifest {}:{} cut by the kill is neither absent nor intact: {st}, {} bytes",
+                m.repo,
+                m.tag,
+                body.len()
+            )),
+            Err(e) => failures.push(format!("GET manifest {}:{}: {e}", m.repo, m.tag)),
+        }
+    }
+
+    // Upload sessions.
+    let sessions = std::mem::take(&mut ledger.sessions);
+    for (i, (sid, mut s)) in sessions.into_iter().enumerate() {
+        let status = reg.session_status(&s.loc).await;
+        match s.state.clone() {
+            SessState::Idle => {
+                ledger.stats.idle_sessions_checked += 1;
+                match status {
+                    Ok((st, range))
+                        if st == StatusCode::NO_CONTENT
+                            && (s.acked == 0 || range == Some(s.acked)) => {}
+                    other => {
+                        failures.push(format!(
+                            "idle session {} (last PATCH got 202 with Range 0-{}, {} restart(s) ago): GET gave {other:?}, \
+                             expected 204 with Range 0-{}\n    on disk: {}",
+                            s.loc,
+                            s.acked as i64 - 1,
+                            s.restarts + 1,
+                            s.acked as i64 - 1,
+                            disk_report(root, &s)
+                        ));
+                        continue;
+                    }
+                }
+                if s.restarts >= 1 {
+                    ledger.stats.idle_sessions_multi_restart += 1;
+                }
+                if complete_all || i % 2 == 0 {
+                    match complete_session(reg, &s, s.acked).await {
+                        Ok(()) => {
+                            ledger.stats.sessions_completed_after_restart += 1;
+                            ledger.blobs.push(BlobRec {
+                                repo: s.repo.clone(),
+                                seed: s.seed,
+                                len: s.len,
+                                digest: s.digest.clone(),
+                                verified: true,
+                            });
+                        }
+                        Err(e) => failures.push(e),
+                    }
+                } else {
+                    s.restarts += 1;
+                    ledger.sessions.insert(sid, s);
+                }
+            }
+            SessState::Patching { len } => {
+                ledger.stats.cut_patches_checked += 1;
+                // The client never learnt the fate of its last PATCH, so the server may drop the
+                // session (404, as CNCF Distribution does); if it keeps it, it keeps at least the
+                // acknowledged bytes.
+                let k = match status {
+                    Ok((st, _)) if st == StatusCode::NOT_FOUND => {
+                        ledger.stats.cut_sessions_dropped += 1;
+                        continue;
+                    }
+                    Ok((st, range)) if st == StatusCode::NO_CONTENT => {
+                        // "0-0" is how an empty session is usually reported.
+                        let k = match range {
+                            None => 0,
+                            Some(1) if s.acked == 0 => 0,
+                            Some(k) => k,
+                        };
+                        if k < s.acked || k > s.acked + len {
+                            failures.push(format!(
+                                "session {} with a PATCH cut by the kill (acknowledged {} bytes, {len} in flight): \
+                                 Range reports {k} bytes",
+                                s.loc, s.acked
+                            ));
+                            continue;
+                        }
+                        k
+                    }
+                    other => {
+                        failures.push(format!(
+                            "session {} with {} acknowledged bytes (a PATCH of {len} was cut by the kill): \
+                             GET gave {other:?}, expected 204 or 404",
+                            s.loc, s.acked
+                        ));
+                        continue;
+                    }
+                };
+                // Whatever prefix the server kept must be exactly the bytes sent: completing the
+                // session from `k` has to produce the right digest.
+                match complete_session(reg, &s, k).await {
+                    Ok(()) => {
+                        ledger.stats.sessions_completed_after_restart += 1;
+                        ledger.blobs.push(BlobRec {
+                            repo: s.repo.clone(),
+                            seed: s.seed,
+                            len: s.len,
+                            digest: s.digest.clone(),
+                            verified: true,
+                        });
+                    }
+                    Err(e) => failures.push(format!("cut session resumed at {k}: {e}")),
+                }
+            }
+            SessState::Finishing => {
+                ledger.stats.cut_finishes_checked += 1;
+                let b = BlobRec {
+                    repo: s.repo.clone(),
+                    seed: s.seed,
+                    len: s.len,
+                    digest: s.digest.clone(),
+                    verified: true,
+                };
+                match reg.head_blob(&s.repo, &s.digest).await {
+                    Ok(st) if st == StatusCode::OK => match check_blob(reg, &b).await {
+                        Ok(()) => ledger.blobs.push(b),
+                        Err(e) => failures.push(format!("blob of a PUT cut by the kill: {e}")),
+                    },
+                    // Not in the repository: the commit did not happen. The session may be gone
+                    // (the client never saw a 201), but if it still answers it must be whole and
+                    // completable.
+                    Ok(st) if st == StatusCode::NOT_FOUND => match status {
+                        Ok((st, _)) if st == StatusCode::NOT_FOUND => ledger.stats.cut_sessions_dropped += 1,
+                        Ok((st, range)) if st == StatusCode::NO_CONTENT && range == Some(s.len) => {
+                            match reg.finish(&s.loc, &s.digest, None).await {
+                                Ok(()) => match check_blob(reg, &b).await {
+                                    Ok(()) => {
+                                        ledger.stats.sessions_completed_after_restart += 1;
+                                        ledger.blobs.push(b)
+                                    }
+                                    Err(e) => failures.push(e),
+                                },
+                                Err(e) => failures.push(format!(
+                                    "PUT ?digest on {} was cut by the kill; after the restart HEAD of the blob in \
+                                     {} is 404 and GET on the session answers 204 with Range 0-{} (complete), but \
+                                     re-sending the PUT fails: {e}\n    on disk: {}",
+                                    s.loc,
+                                    s.repo,
+                                    s.len - 1,
+                                    disk_report(root, &s)
+                                )),
+                            }
+                        }
+                        other => failures.push(format!(
+                            "PUT ?digest on {} was cut by the kill; the blob is absent and the session answers \
+                             {other:?}, expected 404, or 204 with Range 0-{}",
+                            s.loc,
+                            s.len - 1
+                        )),
+                    },
+                    other => failures.push(format!("HEAD /v2/{}/blobs/{}: {other:?}", s.repo, s.digest)),
+                }
+            }
+        }
+    }
+    ledger.failures.extend(failures);
+}
+
+/// What the store holds for a session and its blob, for failure messages.
+fn disk_report(root: &Path, s: &SessRec) -> String {
+    let hex = s.digest.strip_prefix("sha256:").unwrap_or(&s.digest);
+    let blob = root.join("blobs").join("sha256").join(&hex[..2]).join(hex);
+    let id = s
+        .loc
+        .split('?')
+        .next()
+        .unwrap_or("")
+        .rsplit('/')
+        .next()
+        .unwrap_or("")
+        .to_string();
+    let mut found = Vec::new();
+    let mut stack = vec![root.join("ingest")];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap_or(&p).display().to_string();
+            if p.is_dir() {
+                if rel.contains(&id) {
+                    let names: Vec<String> = std::fs::read_dir(&p)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(|e| {
+                            format!(
+                                "{} ({} bytes)",
+                                e.file_name().to_string_lossy(),
+                                e.metadata().map(|m| m.len()).unwrap_or(0)
+                            )
+                        })
+                        .collect();
+                    found.push(format!("{rel}/ holds {names:?}"));
+                } else {
+                    stack.push(p);
+                }
+            } else if rel.contains(&id) {
+                found.push(rel);
+            }
+        }
+    }
+    format!(
+        "blobs/sha256/{}/{hex} {}; ingest entries for session {id}: {found:?}",
+        &hex[..2],
+        if blob.exists() {
+            "exists"
+        } else {
+            "does not exist"
+        }
+    )
+}
+
+fn fail_if_any(ledger: &Ledger, when: &str) {
+    if !ledger.failures.is_empty() {
+        let shown: Vec<&String> = ledger.failures.iter().take(25).collect();
+        panic!(
+            "{} failure(s) {when}; stats {:?}:\n  {}",
+            ledger.failures.len(),
+            ledger.stats,
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n  ")
+        );
+    }
+}
+
+#[test]
+fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
+    let t0 = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+
+    for (round, &kill_after_ms) in KILL_AFTER_MS.iter().enumerate() {
+        let mut server = Server::start_at(&root, &[]);
+        let reg = Registry::new(&server.url(""));
+        {
+            let mut l = ledger.lock().unwrap();
+            rt.block_on(verify(&reg, &root, &mut l, false));
+            fail_if_any(&l, &format!("after restart {round}"));
+        }
+
+        let ctx = Ctx {
+            reg: reg.clone(),
+            ledger: ledger.clone(),
+            killed: Arc::new(AtomicBool::new(false)),
+            budget: Arc::new(AtomicU64::new(0)),
+            started: Instant::now(),
+        };
+        let mut tasks = Vec::new();
+        for w in 0..3 {
+            tasks.push(rt.spawn(chunked_writer(ctx.clone(), round, w, false)));
+        }
+        tasks.push(rt.spawn(chunked_writer(ctx.clone(), round, 3, true)));
+        tasks.push(rt.spawn(monolithic_writer(ctx.clone(), round, 4)));
+        tasks.push(rt.spawn(manifest_writer(ctx.clone(), round, 5)));
+
+        std::thread::sleep(Duration::from_millis(kill_after_ms));
+        ctx.killed.store(true, Ordering::SeqCst);
+        server.kill();
+
+        rt.block_on(async {
+            for t in tasks {
+                match tokio::time::timeout(Duration::from_secs(60), t).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => panic!("writer task panicked: {e}"),
+                    Err(_) => panic!("a writer did not stop within 60 s of the kill"),
+                }
+            }
+        });
+        let mut l = ledger.lock().unwrap();
+        l.stats.files_checked_on_disk += assert_blobs_intact(&root);
+        fail_if_any(&l, &format!("during round {round}"));
+        let open: Vec<_> = l.sessions.values().map(|s| (&s.state, s.acked)).collect();
+        eprintln!(
+            "crash round {round}: killed after {} ms; {} blobs and {} manifests acknowledged so far; open sessions {:?}",
+            kill_after_ms,
+            l.blobs.len(),
+            l.manifests.len(),
+            open
+        );
+    }
+
+    // Final restart: everything is checked in full and every session is completed.
+    let server = Server::start_at(&root, &[]);
+    let reg = Registry::new(&server.url(""));
+    let mut l = ledger.lock().unwrap();
+    rt.block_on(verify(&reg, &root, &mut l, true));
+    fail_if_any(&l, "after the final restart");
+    assert!(
+        l.sessions.is_empty(),
+        "sessions left open: {:?}",
+        l.sessions
+    );
+    l.stats.blobs_committed = l.blobs.len();
+    l.stats.manifests_committed = l.manifests.len();
+    drop(server);
+    l.stats.files_checked_on_disk += assert_blobs_intact(&root);
+    eprintln!(
+        "crash test: {:?} in {:.1} s",
+        l.stats,
+        t0.elapsed().as_secs_f64()
+    );
+
+    // The test must have exercised what it claims to check.
+    assert!(
+        l.stats.blobs_committed >= 10,
+        "too few acknowledged blobs: {:?}",
+        l.stats
+    );
+    assert!(
+        l.stats.manifests_committed >= 3,
+        "too few acknowledged manifests: {:?}",
+        l.stats
+    );
+    assert!(
+        l.stats.idle_sessions_checked >= ROUNDS,
+        "too few idle sessions checked: {:?}",
+        l.stats
+    );
+    assert!(
+        l.stats.idle_sessions_multi_restart >= 1,
+        "no session was checked across two restarts: {:?}",
+        l.stats
+    );
+}

@@ -1,0 +1,70 @@
+//! Checks on the server's on-disk store.
+
+use super::data::hex;
+use sha2::{Digest, Sha256, Sha512};
+use std::io::Read;
+use std::path::Path;
+
+fn hash_file(path: &Path, alg: &str) -> String {
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; 1 << 20];
+    macro_rules! run {
+        ($h:expr) => {{
+            let mut h = $h;
+            loop {
+                let n = f.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            hex(&h.finalize())
+        }};
+    }
+    match alg {
+        "sha256" => run!(Sha256::new()),
+        "sha512" => run!(Sha512::new()),
+        other => panic!("unexpected digest algorithm directory blobs/{other}"),
+    }
+}
+
+/// Every file under `<root>/blobs` must be `blobs/<alg>/<first 2 hex>/<hex>` and hash (with
+/// `<alg>`) to `<hex>`. Returns how many blobs were checked.
+pub fn assert_blobs_intact(root: &Path) -> usize {
+    let blobs = root.join("blobs");
+    let mut checked = 0;
+    let Ok(algs) = std::fs::read_dir(&blobs) else {
+        return 0;
+    };
+    for alg in algs {
+        let alg = alg.unwrap();
+        let alg_name = alg.file_name().to_string_lossy().into_owned();
+        assert!(alg.file_type().unwrap().is_dir(), "stray file {} in blobs/", alg.path().display());
+        let hex_len = match alg_name.as_str() {
+            "sha256" => 64,
+            "sha512" => 128,
+            other => panic!("unexpected directory blobs/{other}"),
+        };
+        for pre in std::fs::read_dir(alg.path()).unwrap() {
+            let pre = pre.unwrap();
+            let pre_name = pre.file_name().to_string_lossy().into_owned();
+            assert!(pre.file_type().unwrap().is_dir(), "stray file {}", pre.path().display());
+            for f in std::fs::read_dir(pre.path()).unwrap() {
+                let f = f.unwrap();
+                let name = f.file_name().to_string_lossy().into_owned();
+                let path = f.path();
+                assert!(f.file_type().unwrap().is_file(), "{} is not a regular file", path.display());
+                assert!(
+                    name.len() == hex_len && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+                    "{}: file name is not a {alg_name} hex digest",
+                    path.display()
+                );
+                assert_eq!(&name[..2], pre_name, "{}: wrong prefix directory", path.display());
+                let got = hash_file(&path, &alg_name);
+                assert_eq!(got, name, "{} does not hash to its name (torn or corrupt blob)", path.display());
+                checked += 1;
+            }
+        }
+    }
+    checked
+}

@@ -74,24 +74,27 @@ async fn handle(app: &App, route: Route, req: Request) -> ApiResult {
         _ => Err(ApiError::new(Code::Denied).detail("this namespace mirrors an upstream registry and is read-only")),
     };
     let t = || target.as_ref().expect("routes with a name have a target");
-    let res = match (route, &parts.method) {
-        (Route::Base, &Method::GET | &Method::HEAD) => Ok(headers::json_response("{}".into())),
-        (Route::Catalog, &Method::GET) => listing::catalog(app, &q).await,
-        (Route::Tags(_), &Method::GET) => listing::tags(app, t(), &q).await,
-        (Route::Referrers(_, d), &Method::GET) => listing::referrers(app, t(), &d, &q).await,
-        (Route::Manifest(_, r), &Method::GET | &Method::HEAD) => manifests::get(app, t(), &r, head).await,
-        (Route::Manifest(_, r), &Method::PUT) => manifests::put(app, local()?, &r, &q, h, body).await,
-        (Route::Manifest(_, r), &Method::DELETE) => manifests::delete(app, local()?, &r).await,
-        (Route::Blob(_, d), &Method::GET | &Method::HEAD) => blobs::get(app, t(), &d, h, head).await,
-        (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, local()?, &d).await,
-        (Route::UploadStart(_), &Method::POST) => uploads::start(app, local()?, &q, h, body).await,
-        (Route::Upload(_, id), &Method::GET) => uploads::status(app, local()?, &id).await,
-        (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, local()?, &id, h, body).await,
-        (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, local()?, &id, &q, h, body).await,
-        (Route::Upload(_, id), &Method::DELETE) => uploads::cancel(app, local()?, &id).await,
-        (route, method) => Err(ApiError::new(Code::Unsupported)
-            .detail(format!("{method} is not supported on the {} endpoint", route.kind()))),
-    };
+    let res: ApiResult = async {
+        match (route, &parts.method) {
+            (Route::Base, &Method::GET | &Method::HEAD) => Ok(headers::json_response("{}".into())),
+            (Route::Catalog, &Method::GET) => listing::catalog(app, &q).await,
+            (Route::Tags(_), &Method::GET) => listing::tags(app, t(), &q).await,
+            (Route::Referrers(_, d), &Method::GET) => listing::referrers(app, t(), &d, &q).await,
+            (Route::Manifest(_, r), &Method::GET | &Method::HEAD) => manifests::get(app, t(), &r, head).await,
+            (Route::Manifest(_, r), &Method::PUT) => manifests::put(app, local()?, &r, &q, h, body).await,
+            (Route::Manifest(_, r), &Method::DELETE) => manifests::delete(app, local()?, &r).await,
+            (Route::Blob(_, d), &Method::GET | &Method::HEAD) => blobs::get(app, t(), &d, h, head).await,
+            (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, local()?, &d).await,
+            (Route::UploadStart(_), &Method::POST) => uploads::start(app, local()?, &q, h, body).await,
+            (Route::Upload(_, id), &Method::GET) => uploads::status(app, local()?, &id).await,
+            (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, local()?, &id, h, body).await,
+            (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, local()?, &id, &q, h, body).await,
+            (Route::Upload(_, id), &Method::DELETE) => uploads::cancel(app, local()?, &id).await,
+            (route, method) => Err(ApiError::new(Code::Unsupported)
+                .detail(format!("{method} is not supported on the {} endpoint", route.kind()))),
+        }
+    }
+    .await;
     let mut resp = res.unwrap_or_else(IntoResponse::into_response);
     if let Some(ns) = ns_echo {
         headers::set(resp.headers_mut(), headers::OCI_NAMESPACE, ns);

@@ -142,6 +142,13 @@ impl Proxy {
                 }
             }
         }
+        // A first component that looks like a registry host (as docker parses references: it
+        // has a '.' or is `localhost`) but is not configured: never sent to any upstream.
+        if let Some((first, _)) = s.split_once('/') {
+            if first.contains('.') || first == "localhost" {
+                return Target::Local(name.clone());
+            }
+        }
         if let Some(ns) = ns {
             if let Some(up) = self.by_host.get(ns) {
                 if let Some(repo) = Proxy::proxy_repo(up, s) {

@@ -103,6 +103,10 @@ impl TokenCache {
         }
     }
 
+    pub async fn forget(&self, key: &str) {
+        self.cache.invalidate(key).await;
+    }
+
     /// Gets a token from the realm; concurrent calls for one key share one request.
     pub async fn fetch(&self, http: &reqwest::Client, key: &str, req: TokenRequest<'_>) -> Result<Arc<Token>, String> {
         if let Some(t) = self.cached(key).await {

@@ -208,6 +208,10 @@ impl Upstream {
                     match challenge {
                         Some(Challenge::Bearer { realm, service, .. }) => {
                             let key = self.token_key(base, &scope);
+                            if auth.is_some() {
+                                // The upstream no longer accepts the token we had cached.
+                                self.tokens.forget(&key).await;
+                            }
                             let token = self
                                 .tokens
                                 .fetch(

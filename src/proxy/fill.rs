@@ -188,16 +188,11 @@ impl Fill {
                     return Some((Err(io::Error::other(e.to_string())), (fill, rx, pos, true)));
                 }
                 let limit = end.or(p.size);
-                // Reads that end at the blob's end keep its last byte back until the commit.
-                let to_blob_end = limit.is_none() || limit == p.size;
+                // Every read keeps its last byte back until the commit, so no reader (whole
+                // blob or range) sees a clean end of bytes that were not verified.
                 let mut hi = p.written;
-                if !committed && to_blob_end {
-                    if let Some(l) = limit {
-                        hi = hi.min(l.saturating_sub(1));
-                    }
-                }
                 if let Some(l) = limit {
-                    hi = hi.min(l);
+                    hi = hi.min(if committed { l } else { l.saturating_sub(1) });
                 }
                 if pos < hi {
                     let n = (hi - pos).min(READ_CHUNK) as usize;
@@ -221,8 +216,7 @@ impl Fill {
                         Err(e) => Some((Err(e), (fill, rx, pos, true))),
                     };
                 }
-                let range_done = limit.is_some_and(|l| pos >= l) && !to_blob_end;
-                if committed || range_done {
+                if committed && limit.is_none_or(|l| pos >= l) {
                     return None;
                 }
                 if rx.changed().await.is_err() {

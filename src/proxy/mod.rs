@@ -142,13 +142,6 @@ impl Proxy {
                 }
             }
         }
-        // A first component that looks like a registry host (as docker parses references: it
-        // has a '.' or is `localhost`) but is not configured: never sent to any upstream.
-        if let Some((first, _)) = s.split_once('/') {
-            if first.contains('.') || first == "localhost" {
-                return Target::Local(name.clone());
-            }
-        }
         if let Some(ns) = ns {
             if let Some(up) = self.by_host.get(ns) {
                 if let Some(repo) = Proxy::proxy_repo(up, s) {
@@ -156,6 +149,14 @@ impl Proxy {
                 }
             }
             return Target::Local(name.clone());
+        }
+        // Without `ns`, a first component that looks like a registry host (as docker parses
+        // references: it has a '.' or is `localhost`) but is not configured is a path prefix
+        // for an unknown registry: never sent to any upstream.
+        if let Some((first, _)) = s.split_once('/') {
+            if first.contains('.') || first == "localhost" {
+                return Target::Local(name.clone());
+            }
         }
         match self.default.as_ref().and_then(|up| Proxy::proxy_repo(up, s)) {
             Some(repo) => Target::Overlay { local: name.clone(), repo },
@@ -217,7 +218,8 @@ impl Proxy {
             return Ok(v);
         }
         let v = match p.upstream.blob_head(&p.remote, d).await {
-            Ok(size) => Some(size.unwrap_or(0)),
+            Ok(Some(size)) => Some(size),
+            Ok(None) => return Err(UpstreamError::Invalid("blob HEAD without Content-Length".into())),
             Err(UpstreamError::NotFound) => None,
             Err(e) => return Err(e),
         };

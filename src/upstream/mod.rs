@@ -5,6 +5,7 @@
 
 pub mod auth;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +91,8 @@ pub struct Upstream {
     http: reqwest::Client,
     permits: Arc<Semaphore>,
     tokens: TokenCache,
+    /// The upstream asked for Basic auth once: send credentials with every request.
+    wants_basic: AtomicBool,
 }
 
 impl Upstream {
@@ -135,6 +138,7 @@ impl Upstream {
             http,
             permits: Arc::new(Semaphore::new(cfg.max_concurrency)),
             tokens: TokenCache::default(),
+            wants_basic: AtomicBool::new(false),
         })
     }
 
@@ -178,8 +182,10 @@ impl Upstream {
         let mut last = UpstreamError::Unreachable("no endpoint".into());
         for base in &self.endpoints {
             let url = format!("{}{path}", base.as_str().trim_end_matches('/'));
-            let mut auth: Option<String> =
-                self.tokens.cached(&self.token_key(base, &scope)).await.map(|t| format!("Bearer {}", t.value));
+            let mut auth: Option<String> = match self.basic_auth() {
+                Some(b) if self.wants_basic.load(Ordering::Relaxed) => Some(b),
+                _ => self.tokens.cached(&self.token_key(base, &scope)).await.map(|t| format!("Bearer {}", t.value)),
+            };
             for attempt in 0..2 {
                 let mut req = self.http.request(method.clone(), &url);
                 if let Some(a) = &accept {
@@ -231,12 +237,9 @@ impl Upstream {
                             continue;
                         }
                         Some(Challenge::Basic) if self.creds.is_some() => {
-                            use base64::Engine as _;
-                            let (u, p) = self.creds.as_ref().unwrap();
-                            auth = Some(format!(
-                                "Basic {}",
-                                base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
-                            ));
+                            // Send it up front from now on: one request instead of two.
+                            self.wants_basic.store(true, Ordering::Relaxed);
+                            auth = self.basic_auth();
                             continue;
                         }
                         _ => return Err(UpstreamError::Unauthorized(format!("{url}: no usable challenge"))),
@@ -261,6 +264,12 @@ impl Upstream {
             }
         }
         Err(last)
+    }
+
+    fn basic_auth(&self) -> Option<String> {
+        use base64::Engine as _;
+        let (u, p) = self.creds.as_ref()?;
+        Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
     }
 
     fn token_key(&self, base: &Url, scope: &str) -> String {

@@ -1,0 +1,269 @@
+//! Pull-through cache against a real upstream: CNCF Distribution (`/usr/bin/docker-registry`,
+//! installed by `scripts/install-test-deps.sh`; these tests fail with the install hint
+//! without it, they never skip). Images are generated and pushed to Distribution here, then
+//! pulled through Stevedore with `?ns=`, a path prefix, a plain name (default upstream) and
+//! skopeo. Distribution's access log counts what reached the upstream.
+//!
+//! Stevedore names the upstream `upstream.test` (endpoint: Distribution on 127.0.0.1), so the
+//! cache namespace is `upstream.test/<repo>` whichever way a client asks.
+
+mod common;
+mod proxy_support;
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use proxy_support::distribution::{Distribution, PASSWORD, USER};
+use proxy_support::push::Pusher;
+use proxy_support::{
+    assert_content, blob_files, client, config, get_manifest, hdr, ingest_leftovers, read, repo_dirs, Dialect, Read,
+    Stevedore, DIALECTS,
+};
+use support::oci_layout::{self as oci, Blob, Image};
+use support::skopeo_cli::Skopeo;
+
+const HOST: &str = "upstream.test";
+
+async fn push_image(p: &Pusher, repo: &str, img: &Image, tag: Option<&str>) {
+    for b in img.blobs() {
+        p.blob(repo, &b.data).await;
+    }
+    let reference = tag.unwrap_or(&img.manifest.digest);
+    p.manifest(repo, reference, &img.manifest.media_type, &img.manifest.data).await;
+}
+
+/// Checks the manifest answer: exact bytes, digest, media type.
+fn assert_manifest(r: &Read, m: &Blob, what: &str) {
+    assert_content(r, &m.digest, &m.data, what);
+    let ct = hdr(&r.headers, "content-type").unwrap_or_default();
+    assert_eq!(ct.split(';').next().unwrap().trim(), m.media_type, "{what}: Content-Type");
+}
+
+/// Pulls `repo:reference` (an image) and all its blobs through Stevedore in `dialect`.
+async fn pull_image(
+    http: &reqwest::Client,
+    sd: &Stevedore,
+    dialect: Dialect,
+    repo: &str,
+    reference: &str,
+    img: &Image,
+) {
+    let what = format!("{dialect:?} {repo}:{reference}");
+    let url = |rest: &str| sd.url(&dialect.path(HOST, repo, rest));
+    let r = get_manifest(http, url(&format!("manifests/{reference}"))).await;
+    assert_manifest(&r, &img.manifest, &what);
+    for b in img.blobs() {
+        let r = read(http.get(url(&format!("blobs/{}", b.digest)))).await;
+        assert_content(&r, &b.digest, &b.data, &format!("{what}: blob"));
+    }
+}
+
+/// Pulls the index `repo:tag` and every image in it.
+async fn pull_index(
+    http: &reqwest::Client,
+    sd: &Stevedore,
+    dialect: Dialect,
+    repo: &str,
+    tag: &str,
+    index: &Blob,
+    images: &[&Image],
+) {
+    let r = get_manifest(http, sd.url(&dialect.path(HOST, repo, &format!("manifests/{tag}")))).await;
+    assert_manifest(&r, index, &format!("{dialect:?} {repo}:{tag} index"));
+    for img in images {
+        pull_image(http, sd, dialect, repo, &img.manifest.digest, img).await;
+    }
+}
+
+/// The OCI layout skopeo wrote holds `root` under `tag` and every blob byte-for-byte.
+fn assert_layout(dir: &std::path::Path, tag: &str, root: &Blob, blobs: &[&Blob]) {
+    let (mt, digest) = oci::layout_ref(dir, tag);
+    assert_eq!(
+        (mt.as_str(), digest.as_str()),
+        (root.media_type.as_str(), root.digest.as_str()),
+        "{}: index.json entry for {tag}",
+        dir.display()
+    );
+    assert!(oci::layout_blob(dir, &root.digest) == root.data);
+    for b in blobs {
+        assert!(oci::layout_blob(dir, &b.digest) == b.data, "{}: blob {} differs", dir.display(), b.digest);
+    }
+}
+
+/// A multi-layer image and a two-platform index pushed to Distribution, pulled through
+/// Stevedore with every dialect and skopeo: identical digests; one cached copy per
+/// repository (`upstream.test/<repo>`), each blob once; every blob fetched from the upstream
+/// once in all, and a second round of pulls makes no upstream blob GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribution_pull_through_every_dialect_and_skopeo_share_one_cache() {
+    let reg = Distribution::start(false).await;
+    let pusher = Pusher::new(&reg.url(), None);
+    let app = oci::make_image(7001, 3, 1_200_000, "amd64", "linux");
+    push_image(&pusher, "team/app", &app, Some("1.0")).await;
+    let amd = oci::make_image(7002, 2, 400_000, "amd64", "linux");
+    let arm = oci::make_image(7003, 2, 380_000, "arm64", "linux");
+    let index = oci::make_index(&[(&amd, "amd64", None), (&arm, "arm64", Some("v8"))]);
+    push_image(&pusher, "multi", &amd, None).await;
+    push_image(&pusher, "multi", &arm, None).await;
+    pusher.manifest("multi", "latest", oci::MT_INDEX, &index.data).await;
+
+    let sd = Stevedore::start(&config(HOST, &[(HOST, &reg.url(), "tag_ttl = \"5m\"")]));
+    let http = client();
+    reg.settle().await;
+    assert_eq!((reg.blob_gets("team/app"), reg.blob_gets("multi")), (0, 0), "blob GETs before any pull");
+
+    // Round 1, cold: team/app with ?ns=, multi with skopeo through the path prefix.
+    pull_image(&http, &sd, Dialect::Ns, "team/app", "1.0", &app).await;
+    let sk = Skopeo::new();
+    let out = tempfile::Builder::new().prefix("proxy-skopeo-").tempdir().unwrap();
+    let multi_out = out.path().join("multi-1");
+    let skopeo = tokio::task::block_in_place(|| {
+        sk.copy(
+            &["--all"],
+            &format!("docker://{}/{HOST}/multi:latest", sd.host()),
+            &format!("oci:{}:latest", multi_out.display()),
+        )
+    });
+    sk.assert_cache_isolated();
+    let multi_blobs: Vec<&Blob> =
+        amd.blobs().into_iter().chain(arm.blobs()).chain([&amd.manifest, &arm.manifest]).collect();
+    assert_layout(&multi_out, "latest", &index, &multi_blobs);
+    reg.settle().await;
+    let app_blobs = app.blobs().len();
+    let cold = (reg.blob_gets("team/app"), reg.blob_gets("multi"));
+    assert_eq!(
+        cold,
+        (app_blobs, amd.blobs().len() + arm.blobs().len()),
+        "upstream blob GETs after the cold pulls (each blob once); skopeo said:\n{skopeo}\naccess log:\n{}",
+        reg.access_log()
+    );
+    let manifest_gets = |repo: &str| reg.count(&format!("\"GET /v2/{repo}/manifests/"));
+    let cold_manifests = (manifest_gets("team/app"), manifest_gets("multi"));
+
+    // Round 2, warm: every dialect for both repositories, skopeo with a plain name and a prefix.
+    for dialect in DIALECTS {
+        pull_image(&http, &sd, dialect, "team/app", "1.0", &app).await;
+        pull_image(&http, &sd, dialect, "team/app", &app.manifest.digest, &app).await;
+        pull_index(&http, &sd, dialect, "multi", "latest", &index, &[&amd, &arm]).await;
+    }
+    let app_out = out.path().join("app");
+    let multi_out2 = out.path().join("multi-2");
+    let sk2 = Skopeo::new();
+    tokio::task::block_in_place(|| {
+        sk2.copy(&[], &format!("docker://{}/team/app:1.0", sd.host()), &format!("oci:{}:1.0", app_out.display()));
+        sk2.copy(
+            &["--all"],
+            &format!("docker://{}/{HOST}/multi:latest", sd.host()),
+            &format!("oci:{}:latest", multi_out2.display()),
+        );
+    });
+    sk2.assert_cache_isolated();
+    assert_layout(&app_out, "1.0", &app.manifest, &app.blobs());
+    assert_layout(&multi_out2, "latest", &index, &multi_blobs);
+    reg.settle().await;
+    assert_eq!(
+        (reg.blob_gets("team/app"), reg.blob_gets("multi")),
+        cold,
+        "warm pulls made upstream blob GETs; access log:\n{}",
+        reg.access_log()
+    );
+    // Tags are younger than tag_ttl (5m) and digests are immutable: no manifest GETs either.
+    assert_eq!(
+        (manifest_gets("team/app"), manifest_gets("multi")),
+        cold_manifests,
+        "warm pulls made upstream manifest GETs; access log:\n{}",
+        reg.access_log()
+    );
+
+    // One cached copy: one repository per upstream repository, each blob once.
+    let root = sd.root();
+    assert_eq!(
+        repo_dirs(root).into_iter().collect::<Vec<_>>(),
+        vec![format!("{HOST}/multi"), format!("{HOST}/team/app")],
+        "repositories in the store"
+    );
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    for b in app.blobs().into_iter().chain(multi_blobs.iter().copied()) {
+        expected.insert(b.digest.clone());
+    }
+    expected.insert(app.manifest.digest.clone());
+    expected.insert(index.digest.clone());
+    assert_eq!(blob_files(root), expected, "content under blobs/");
+    assert_eq!(support::store::assert_blobs_intact(root), expected.len(), "intact blobs");
+    assert!(ingest_leftovers(root).is_empty(), "ingest/ leftovers: {:?}", ingest_leftovers(root));
+}
+
+/// An upstream error answer: prompt, JSON, not a success and not a 500.
+async fn assert_clean_upstream_error(req: reqwest::RequestBuilder, what: &str) -> Read {
+    let r = tokio::time::timeout(Duration::from_secs(20), read(req))
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 20 s"));
+    assert!(r.status >= 400 && r.status != 500, "{what}: status {} ({})", r.status, r.text());
+    assert!(r.error.is_none(), "{what}: body broke: {:?}", r.error);
+    let ct = hdr(&r.headers, "content-type").unwrap_or_default();
+    assert!(ct.starts_with("application/json"), "{what}: Content-Type {ct:?}");
+    let v: serde_json::Value =
+        serde_json::from_slice(&r.body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", r.text()));
+    assert!(v["errors"][0]["code"].is_string(), "{what}: not a registry error: {v}");
+    r
+}
+
+/// Distribution with htpasswd (Basic) auth: pulls through with the configured username and
+/// password; a wrong password or none is a clean JSON error, not a hang and not a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_without() {
+    let reg = Distribution::start(true).await;
+    let anon = client().get(format!("{}/v2/", reg.url())).send().await.unwrap();
+    assert_eq!(anon.status().as_u16(), 401, "the upstream must require auth");
+    let pusher = Pusher::new(&reg.url(), Some((USER, PASSWORD)));
+    let img = oci::make_image(7101, 2, 300_000, "amd64", "linux");
+    push_image(&pusher, "private/app", &img, Some("v1")).await;
+
+    let sd = Stevedore::start(&config(
+        "private.test",
+        &[
+            ("private.test", &reg.url(), &format!("username = \"{USER}\"\npassword = \"{PASSWORD}\"")),
+            ("wrongpw.test", &reg.url(), &format!("username = \"{USER}\"\npassword = \"not-{PASSWORD}\"")),
+            ("nocreds.test", &reg.url(), ""),
+        ],
+    ));
+    let http = client();
+
+    // Without valid credentials first, while nothing is cached.
+    for host in ["wrongpw.test", "nocreds.test"] {
+        let url = |rest: &str| sd.url(&format!("/v2/private/app/{rest}?ns={host}"));
+        assert_clean_upstream_error(
+            http.get(url("manifests/v1")).header("accept", proxy_support::MANIFEST_ACCEPT),
+            &format!("{host}: manifest"),
+        )
+        .await;
+        let layer = &img.layers[0].digest;
+        assert_clean_upstream_error(http.get(url(&format!("blobs/{layer}"))), &format!("{host}: blob")).await;
+        let h = tokio::time::timeout(Duration::from_secs(20), read(http.head(url(&format!("blobs/{layer}")))))
+            .await
+            .expect("HEAD hung");
+        assert!(h.status >= 400 && h.status != 500, "{host}: HEAD blob status {}", h.status);
+    }
+    assert!(blob_files(sd.root()).is_empty(), "content cached without valid credentials");
+    assert!(ingest_leftovers(sd.root()).is_empty());
+
+    // With the right credentials, every dialect.
+    for dialect in DIALECTS {
+        let what = format!("{dialect:?}");
+        let url = |rest: &str| sd.url(&dialect.path("private.test", "private/app", rest));
+        let r = get_manifest(&http, url("manifests/v1")).await;
+        assert_manifest(&r, &img.manifest, &what);
+        for b in img.blobs() {
+            let r = read(http.get(url(&format!("blobs/{}", b.digest)))).await;
+            assert_content(&r, &b.digest, &b.data, &format!("{what}: blob"));
+        }
+    }
+    assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["private.test/private/app".to_string()]);
+    // Each blob was downloaded from the upstream once, with credentials that worked.
+    reg.settle().await;
+    let log = reg.access_log();
+    let ok_blob_gets =
+        log.lines().filter(|l| l.contains("\"GET /v2/private/app/blobs/") && l.contains("HTTP/1.1\" 200 ")).count();
+    assert_eq!(ok_blob_gets, img.blobs().len(), "successful upstream blob GETs:\n{log}");
+}

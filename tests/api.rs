@@ -200,7 +200,11 @@ struct Reg {
 
 impl Reg {
     fn start() -> Reg {
-        let server = Server::start();
+        Reg::start_with(&[])
+    }
+
+    fn start_with(args: &[&str]) -> Reg {
+        let server = Server::start_with(args);
         let c = Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(30))
@@ -3294,4 +3298,44 @@ async fn upload_sessions_created_at_startup_survive() {
         failures.len(),
         failures.first()
     );
+}
+
+/// With a default upstream that does not answer (port 1 on loopback is closed), pushes to
+/// plain local names still work: the existence checks pushing clients make with HEAD get the
+/// local "not found", not an upstream error. A GET for something nobody has reports the outage.
+#[tokio::test]
+async fn pushes_work_while_the_default_upstream_is_down() {
+    let reg = Reg::start_with(&["--upstream", "http://127.0.0.1:1"]);
+    let config = b"{}".to_vec();
+    let layer = data(7, 4096);
+    let (dc, dl) = (sha256(&config), sha256(&layer));
+    for d in [&dc, &dl] {
+        let r = reg.head(&format!("/v2/team/app/blobs/{d}")).await;
+        assert_eq!(r.status().as_u16(), 404, "HEAD blob before the push");
+    }
+    reg.push_blob("team/app", &config).await;
+    reg.push_blob("team/app", &layer).await;
+    let r = reg.head("/v2/team/app/manifests/v1").await;
+    assert_eq!(r.status().as_u16(), 404, "HEAD manifest before the push");
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
+    }))
+    .unwrap();
+    let r = reg
+        .send(
+            reg.req(Method::PUT, "/v2/team/app/manifests/v1")
+                .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                .body(manifest.clone()),
+        )
+        .await;
+    expect(r, 201).await;
+    let (h, body) = expect(reg.get("/v2/team/app/manifests/v1").await, 200).await;
+    assert!(body[..] == manifest[..]);
+    assert_eq!(must_hdr(&h, "docker-content-digest"), sha256(&manifest));
+    let (_, body) = expect(reg.get(&format!("/v2/team/app/blobs/{dl}")).await, 200).await;
+    assert!(body[..] == layer[..]);
+    expect_error(reg.get("/v2/team/other/manifests/v1").await, 502, "UNAVAILABLE").await;
 }

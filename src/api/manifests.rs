@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{body_stream, headers, upstream_error, Query};
+use super::{blobs, body_stream, headers, upstream_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
@@ -30,7 +30,9 @@ pub async fn get(app: &App, target: &Target, r: &Reference, head: bool) -> ApiRe
         Target::Local(name) => get_local(app, name, r, head).await,
         Target::Proxy { repo, .. } => get_proxied(app, repo, r, head).await,
         Target::Overlay { local, repo } => match get_local(app, local, r, head).await {
-            Err(e) if e.code == Code::ManifestUnknown => get_proxied(app, repo, r, head).await,
+            Err(e) if e.code == Code::ManifestUnknown => {
+                blobs::overlay_fallback(get_proxied(app, repo, r, head).await, head, Code::ManifestUnknown)
+            }
             other => other,
         },
     }

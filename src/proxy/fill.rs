@@ -8,8 +8,9 @@
 //! on any failure every reader's stream breaks with an error.
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,14 +18,20 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
-use crate::oci::{Digest, RepoName};
-use crate::storage::{Ingest, Store, StoreError};
+use crate::oci::{Algorithm, Digest, Hasher, RepoName};
+use crate::storage::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 
-/// Readers are woken, and the file flushed, after this many new bytes.
+/// Readers are woken, and the spool written to, after this many new bytes.
 const PUBLISH_EVERY: usize = 1 << 20;
-/// Largest read a follower makes from the spool at once.
-const READ_CHUNK: u64 = 1 << 20;
+/// Batches of received bytes queued between the upstream body and the spool writer.
+const CHANNEL_BATCHES: usize = 16;
+/// Bytes collected from the upstream body before they go to the writer as one batch.
+const BATCH_BYTES: usize = 256 << 10;
+/// With fsync on, writeback of the spool is started after this many bytes.
+const WRITEBACK_EVERY: u64 = 8 << 20;
+/// Largest read a client makes from the spool at once (memory per client in flight).
+const READ_CHUNK: u64 = 256 << 10;
 
 #[derive(Clone, Debug)]
 pub enum FillState {
@@ -89,6 +96,7 @@ impl Fills {
         drop(write);
         let read = std::fs::File::open(&path)?;
         let (tx, rx) = watch::channel(Progress { size: None, written: 0, state: FillState::Connecting });
+        let tx = Arc::new(tx);
         let fill = Arc::new(Fill { file: Arc::new(read), progress: rx });
         map.insert(req.digest.clone(), fill.clone());
         let fills = self.clone();
@@ -122,41 +130,113 @@ impl Fills {
     }
 }
 
-async fn run(req: &FillRequest, path: &std::path::Path, tx: &watch::Sender<Progress>) -> Result<u64, FillError> {
+async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) -> Result<u64, FillError> {
     let s = req.upstream.blob_get(&req.remote, &req.digest).await?;
     let size = s.resp.content_length();
     tx.send_modify(|p| {
         p.size = size;
         p.state = FillState::Streaming;
     });
-    let io_err = |e: io::Error| FillError::Io(e.to_string());
-    let mut ingest = Ingest::create(path, req.digest.algorithm()).await.map_err(io_err)?;
-    let mut unpublished = 0usize;
+    // Hashing and file writes run on a blocking thread, overlapped with receiving the body.
+    let (chunks, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(CHANNEL_BATCHES);
+    let writer = {
+        let (path, tx, alg, fsync) = (path.to_path_buf(), tx.clone(), req.digest.algorithm(), req.store.fsync());
+        tokio::task::spawn_blocking(move || write_spool(&path, rx, alg, fsync, &tx))
+    };
+    let mut received = 0u64;
     let mut body = s.resp.bytes_stream();
+    let mut outcome = Ok(());
+    // Chunks go to the writer in batches: one wake-up per ~256 KiB, not per network read.
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batch_bytes = 0usize;
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| UpstreamError::Unreachable(format!("blob body: {e}")))?;
-        if size.is_some_and(|n| ingest.size() + chunk.len() as u64 > n) {
-            return Err(FillError::Mismatch("more bytes than Content-Length".into()));
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                outcome = Err(UpstreamError::Unreachable(format!("blob body: {e}")).into());
+                break;
+            }
+        };
+        received += chunk.len() as u64;
+        if size.is_some_and(|n| received > n) {
+            outcome = Err(FillError::Mismatch("more bytes than Content-Length".into()));
+            break;
         }
-        ingest.write(&chunk).await.map_err(io_err)?;
-        unpublished += chunk.len();
-        if unpublished >= PUBLISH_EVERY {
-            ingest.flush(false).await.map_err(io_err)?;
-            let written = ingest.size();
-            tx.send_modify(|p| p.written = written);
-            unpublished = 0;
+        batch_bytes += chunk.len();
+        batch.push(chunk);
+        if batch_bytes >= BATCH_BYTES {
+            batch_bytes = 0;
+            if chunks.send(std::mem::take(&mut batch)).await.is_err() {
+                break; // the writer failed; its error is reported below
+            }
         }
     }
-    ingest.flush(false).await.map_err(io_err)?;
-    let written = ingest.size();
-    tx.send_modify(|p| p.written = written);
+    if !batch.is_empty() && outcome.is_ok() {
+        let _ = chunks.send(batch).await;
+    }
+    drop(chunks);
+    let written = writer.await.map_err(|e| FillError::Io(e.to_string()))?;
+    outcome?;
+    let (actual, written) = written.map_err(|e| FillError::Io(e.to_string()))?;
     crate::metrics::upstream_bytes(&req.upstream.host, written);
-    let size = req.store.commit_ingest(ingest, &req.digest, size).await.map_err(|e| match e {
+    let size = req.store.commit_file(path, &actual, written, &req.digest, size).await.map_err(|e| match e {
         StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => FillError::Mismatch(e.to_string()),
         e => FillError::Io(e.to_string()),
     })?;
     req.store.link_blob(&req.cache_repo, &req.digest).await.map_err(|e| FillError::Io(e.to_string()))?;
     Ok(size)
+}
+
+/// The blocking side of a fill: hashes and appends chunks to the spool in large writes,
+/// publishes progress after each write, starts writeback as it goes (so the final fsync is
+/// short) and fsyncs at the end when `fsync` is set. Returns the digest and byte count.
+fn write_spool(
+    path: &Path,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
+    alg: Algorithm,
+    fsync: bool,
+    tx: &watch::Sender<Progress>,
+) -> io::Result<(Digest, u64)> {
+    let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    let mut hasher = Hasher::new(alg);
+    let mut buf: Vec<u8> = Vec::with_capacity(PUBLISH_EVERY);
+    let (mut written, mut synced) = (0u64, 0u64);
+    let mut flush = |buf: &mut Vec<u8>, file: &mut std::fs::File| -> io::Result<()> {
+        file.write_all(buf)?;
+        written += buf.len() as u64;
+        buf.clear();
+        tx.send_modify(|p| p.written = written);
+        if fsync && written - synced >= WRITEBACK_EVERY {
+            start_writeback(file, synced, written - synced);
+            synced = written;
+        }
+        Ok(())
+    };
+    while let Some(batch) = rx.blocking_recv() {
+        for chunk in batch {
+            hasher.update(&chunk);
+            buf.extend_from_slice(&chunk);
+        }
+        if buf.len() >= PUBLISH_EVERY {
+            flush(&mut buf, &mut file)?;
+        }
+    }
+    if !buf.is_empty() {
+        flush(&mut buf, &mut file)?;
+    }
+    if fsync {
+        file.sync_data()?;
+    }
+    Ok((hasher.finish(), written))
+}
+
+/// Asks the kernel to start writing `len` bytes at `offset` back to disk without waiting.
+fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a valid, open file descriptor; it only schedules writeback.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 impl Fill {

@@ -156,18 +156,37 @@ impl Store {
         expected_size: Option<u64>,
     ) -> StoreResult<u64> {
         let (path, actual, size) = ingest.finish(expected.algorithm(), self.fsync).await?;
-        let checked = if &actual != expected {
-            Err(StoreError::DigestMismatch { expected: expected.clone(), actual })
+        self.commit_file(&path, &actual, size, expected, expected_size).await
+    }
+
+    /// Whether data is fsynced before it is committed.
+    pub fn fsync(&self) -> bool {
+        self.fsync
+    }
+
+    /// Commits a file under `ingest/` whose content was hashed on the way in (`actual`,
+    /// `size`) and, with [`Store::fsync`], already synced: checks it against `expected` and
+    /// renames it into `blobs/`. The file is removed whatever the outcome.
+    pub async fn commit_file(
+        &self,
+        path: &Path,
+        actual: &Digest,
+        size: u64,
+        expected: &Digest,
+        expected_size: Option<u64>,
+    ) -> StoreResult<u64> {
+        let checked = if actual != expected {
+            Err(StoreError::DigestMismatch { expected: expected.clone(), actual: actual.clone() })
         } else if let Some(want) = expected_size.filter(|&s| s != size) {
             Err(StoreError::SizeMismatch { expected: want, actual: size })
         } else {
             Ok(())
         };
         if let Err(e) = checked {
-            let _ = tokio::fs::remove_file(&path).await;
+            let _ = tokio::fs::remove_file(path).await;
             return Err(e);
         }
-        self.rename_into_blobs(&path, expected).await?;
+        self.rename_into_blobs(path, expected).await?;
         self.sizes.insert(expected.clone(), size).await;
         Ok(size)
     }

@@ -6,11 +6,26 @@
 #   skopeo           - real OCI client for tests/skopeo.rs
 #   curl             - chunked-upload checks and manual debugging
 #   docker-registry  - CNCF Distribution, used as an upstream in proxy tests
+#   containerd       - containerd + ctr, a real mirror client in tests/clients.rs
+#   podman           - podman (registries.conf mirrors), tests/clients.rs
+#   docker.io        - dockerd + docker CLI (registry-mirrors), tests/clients.rs
+#   runc             - OCI runtime the three above depend on (checked explicitly)
+# The container engines are installed without their services running: a policy-rc.d
+# refuses every service start during the install, and systemd units are disabled after
+# it when systemd runs. The tests start private daemons with state in temporary dirs.
 set -euo pipefail
+# dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-packages=(skopeo curl docker-registry)
+packages=(skopeo curl docker-registry containerd podman docker.io runc)
 # The command each package must provide; checked after install as well.
-declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry)
+declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry
+    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc)
+# systemd units a package ships that must not keep running (disabled only for packages this
+# run installed, so a machine's own docker or containerd service is left alone).
+declare -A units=([docker-registry]="docker-registry" [containerd]="containerd"
+    [podman]="podman.socket podman podman-restart podman-auto-update.timer"
+    [docker.io]="docker.socket docker")
 
 is_installed() {
     [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
@@ -64,9 +79,13 @@ trap cleanup EXIT
     exit 1
 }
 
-# The packaged registry service is not wanted; stop it if an init system started it anyway.
+# The packaged services are not wanted; stop them if an init system started them anyway.
 if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
-    "${sudo[@]}" systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    for p in "${missing[@]}"; do
+        for unit in ${units[$p]:-}; do
+            "${sudo[@]}" systemctl disable --now "$unit" >/dev/null 2>&1 || true
+        done
+    done
 fi
 
 for p in "${packages[@]}"; do

@@ -1,0 +1,1 @@
+"""Stevedore benchmark helpers (stdlib only)."""

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The Stevedore benchmark: one command.
+#
+#   bash bench/run.sh
+#
+# Installs the tools it needs (Debian packages: docker-registry, skopeo, hey, wrk, curl,
+# python3), builds Stevedore in release mode, then runs bench/bench.py: an upstream CNCF
+# Distribution on 127.0.0.1 with generated images, measured directly, through Distribution
+# in proxy mode and through Stevedore. Prints one table and writes the raw figures to
+# bench/results/<timestamp>.json. Loopback only; every loop is bounded; every server it
+# starts is stopped on exit. Knobs (environment): see bench/README.md.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+packages=(docker-registry skopeo hey wrk curl python3)
+declare -A provides=([docker-registry]=docker-registry [skopeo]=skopeo [hey]=hey [wrk]=wrk [curl]=curl [python3]=python3)
+missing=()
+for p in "${packages[@]}"; do
+    command -v "${provides[$p]}" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    echo "bench: installing ${missing[*]}" >&2
+    sudo=()
+    if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
+    export DEBIAN_FRONTEND=noninteractive
+    # The packaged docker-registry service must not start: the bench runs its own instances.
+    policy=/usr/sbin/policy-rc.d
+    added_policy=0
+    if [[ ! -e "$policy" ]]; then
+        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
+        "${sudo[@]}" chmod 0755 "$policy"
+        added_policy=1
+    fi
+    "${sudo[@]}" apt-get update -q
+    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
+    if ((added_policy)); then "${sudo[@]}" rm -f "$policy"; fi
+    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
+        "${sudo[@]}" systemctl disable --now docker-registry >/dev/null 2>&1 || true
+    fi
+    for p in "${packages[@]}"; do
+        command -v "${provides[$p]}" >/dev/null 2>&1 || { echo "bench: $p still missing" >&2; exit 1; }
+    done
+fi
+
+if [[ -z "${BENCH_STEVEDORE:-}" ]]; then
+    build_start=$SECONDS
+    cargo build --release --locked --bin stevedore
+    export BENCH_BUILD_SECS=$((SECONDS - build_start))
+    echo "bench: release build took $BENCH_BUILD_SECS s" >&2
+fi
+
+# bench.py stops its servers on exit (and they die with it: PR_SET_PDEATHSIG); this trap
+# makes an interrupted run.sh stop bench.py first.
+python3 bench/bench.py "$@" &
+bench_pid=$!
+trap 'kill -TERM "$bench_pid" 2>/dev/null || true; wait "$bench_pid" 2>/dev/null || true' EXIT INT TERM HUP
+status=0
+wait "$bench_pid" || status=$?
+trap - EXIT INT TERM HUP
+exit "$status"

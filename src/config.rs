@@ -298,6 +298,14 @@ mod tests {
     }
 
     #[test]
+    fn shipped_multi_upstream_example_is_valid() {
+        let c = Config::parse(include_str!("../config/multi-upstream.toml")).unwrap();
+        c.validate().unwrap();
+        let hosts: Vec<&str> = c.upstreams.iter().map(|u| u.host.as_str()).collect();
+        assert_eq!(hosts, ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]);
+    }
+
+    #[test]
     fn rejects_unknown_keys_and_bad_values() {
         assert!(Config::parse("[server]\nlisten = \"nope\"").is_err());
         assert!(Config::parse("[storage]\nroots = \"x\"").is_err());

@@ -29,11 +29,9 @@ const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const DOCKER_FOREIGN: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
-const EMPTY_SHA256: &str =
-    "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+const EMPTY_SHA256: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 /// sha256 of the two bytes `{}` (the OCI empty descriptor's content).
-const EMPTY_JSON_SHA256: &str =
-    "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+const EMPTY_JSON_SHA256: &str = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{:02x}", b)).collect()
@@ -51,10 +49,7 @@ fn sha512(data: &[u8]) -> String {
 
 /// Deterministic pseudo-random bytes.
 fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407)
-        | 1;
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
     (0..len)
         .map(|_| {
             x ^= x << 13;
@@ -71,9 +66,7 @@ fn desc(media_type: &str, content: &[u8]) -> Value {
 }
 
 fn hdr(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers
-        .get(name)
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 /// A header that must be present.
@@ -96,12 +89,7 @@ async fn expect(resp: Response, status: u16) -> (HeaderMap, bytes::Bytes) {
     let url = resp.url().to_string();
     let headers = resp.headers().clone();
     let body = resp.bytes().await.expect("read body");
-    assert_eq!(
-        st,
-        status,
-        "{url}: expected {status}, got {st}; headers {headers:?}; body: {}",
-        body_text(&body)
-    );
+    assert_eq!(st, status, "{url}: expected {status}, got {st}; headers {headers:?}; body: {}", body_text(&body));
     (headers, body)
 }
 
@@ -122,25 +110,14 @@ fn check_error_body(url: &str, headers: &HeaderMap, body: &[u8], code: &str) {
     );
     let v: Value = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("{url}: error body is not JSON ({e}): {}", body_text(body)));
-    let errors = v["errors"]
-        .as_array()
-        .unwrap_or_else(|| panic!("{url}: no errors array in {v}"));
+    let errors = v["errors"].as_array().unwrap_or_else(|| panic!("{url}: no errors array in {v}"));
     assert!(!errors.is_empty(), "{url}: empty errors array");
     for e in errors {
-        assert!(
-            e["code"].is_string(),
-            "{url}: error without string code: {e}"
-        );
-        assert!(
-            e["message"].is_string(),
-            "{url}: error without string message: {e}"
-        );
+        assert!(e["code"].is_string(), "{url}: error without string code: {e}");
+        assert!(e["message"].is_string(), "{url}: error without string message: {e}");
     }
     let codes: Vec<&str> = errors.iter().filter_map(|e| e["code"].as_str()).collect();
-    assert!(
-        codes.contains(&code),
-        "{url}: expected error code {code}, got {codes:?}"
-    );
+    assert!(codes.contains(&code), "{url}: expected error code {code}, got {codes:?}");
 }
 
 /// Asserts a 4xx error whose code is one of `codes`.
@@ -151,16 +128,9 @@ async fn expect_error_one_of(resp: Response, status: u16, codes: &[&str]) {
         .unwrap_or_else(|e| panic!("{url}: error body is not JSON ({e}): {}", body_text(&body)));
     let got: Vec<String> = v["errors"]
         .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|e| e["code"].as_str().map(String::from))
-                .collect()
-        })
+        .map(|a| a.iter().filter_map(|e| e["code"].as_str().map(String::from)).collect())
         .unwrap_or_default();
-    assert!(
-        got.iter().any(|c| codes.contains(&c.as_str())),
-        "{url}: expected one of {codes:?}, got {got:?}"
-    );
+    assert!(got.iter().any(|c| codes.contains(&c.as_str())), "{url}: expected one of {codes:?}, got {got:?}");
     check_error_body(&url, &headers, &body, &got[0]);
 }
 
@@ -169,11 +139,7 @@ async fn expect_4xx(resp: Response) -> u16 {
     let st = resp.status().as_u16();
     let url = resp.url().to_string();
     let body = resp.bytes().await.unwrap_or_default();
-    assert!(
-        (400..500).contains(&st),
-        "{url}: expected a 4xx, got {st}: {}",
-        body_text(&body)
-    );
+    assert!((400..500).contains(&st), "{url}: expected a 4xx, got {st}: {}", body_text(&body));
     st
 }
 
@@ -186,10 +152,7 @@ fn upload_range(headers: &HeaderMap) -> String {
 fn link_target(link: &str) -> String {
     let start = link.find('<').expect("Link has <") + 1;
     let end = link.find('>').expect("Link has >");
-    assert!(
-        link[end..].contains("rel=\"next\""),
-        "Link without rel=\"next\": {link}"
-    );
+    assert!(link[end..].contains("rel=\"next\""), "Link without rel=\"next\": {link}");
     link[start..end].to_string()
 }
 
@@ -243,17 +206,9 @@ impl Reg {
 
     /// Monolithic `POST ?digest=` push with an explicit digest; asserts 201.
     async fn push_blob_as(&self, repo: &str, content: &[u8], digest: &str) -> String {
-        let r = self
-            .post(
-                &format!("/v2/{repo}/blobs/uploads/?digest={digest}"),
-                content.to_vec(),
-            )
-            .await;
+        let r = self.post(&format!("/v2/{repo}/blobs/uploads/?digest={digest}"), content.to_vec()).await;
         let (h, _) = expect(r, 201).await;
-        assert_eq!(
-            must_hdr(&h, "location"),
-            format!("/v2/{repo}/blobs/{digest}")
-        );
+        assert_eq!(must_hdr(&h, "location"), format!("/v2/{repo}/blobs/{digest}"));
         assert_eq!(must_hdr(&h, "docker-content-digest"), digest);
         digest.to_string()
     }
@@ -263,13 +218,7 @@ impl Reg {
         self.push_blob_as(repo, content, &sha256(content)).await
     }
 
-    async fn put_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: &[u8],
-    ) -> Response {
+    async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Response {
         self.send(
             self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
                 .header("content-type", media_type)
@@ -279,20 +228,11 @@ impl Reg {
     }
 
     /// PUTs a manifest, asserts 201 + Location + Docker-Content-Digest, returns the digest.
-    async fn push_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: &[u8],
-    ) -> String {
+    async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
         let d = sha256(body);
         let r = self.put_manifest(repo, reference, media_type, body).await;
         let (h, _) = expect(r, 201).await;
-        assert_eq!(
-            must_hdr(&h, "location"),
-            format!("/v2/{repo}/manifests/{d}")
-        );
+        assert_eq!(must_hdr(&h, "location"), format!("/v2/{repo}/manifests/{d}"));
         assert_eq!(must_hdr(&h, "docker-content-digest"), d);
         d
     }
@@ -300,9 +240,7 @@ impl Reg {
     /// Pushes a config blob and one layer and an OCI image manifest referencing them.
     /// `reference` is a tag, or "" to push by digest. Returns (digest, manifest bytes).
     async fn push_image(&self, repo: &str, reference: &str, seed: u64) -> (String, Vec<u8>) {
-        let config =
-            serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "seed": seed}))
-                .unwrap();
+        let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "seed": seed})).unwrap();
         let layer = data(seed, 128);
         self.push_blob(repo, &config).await;
         self.push_blob(repo, &layer).await;
@@ -314,28 +252,18 @@ impl Reg {
         }))
         .unwrap();
         let d = sha256(&m);
-        let reference = if reference.is_empty() {
-            d.clone()
-        } else {
-            reference.to_string()
-        };
+        let reference = if reference.is_empty() { d.clone() } else { reference.to_string() };
         self.push_manifest(repo, &reference, OCI_MANIFEST, &m).await;
         (d, m)
     }
 
     /// Starts an upload session; asserts the 202 answer and returns its Location.
     async fn start_upload(&self, repo: &str) -> String {
-        let r = self
-            .post(&format!("/v2/{repo}/blobs/uploads/"), Vec::new())
-            .await;
+        let r = self.post(&format!("/v2/{repo}/blobs/uploads/"), Vec::new()).await;
         let (h, _) = expect(r, 202).await;
         let loc = must_hdr(&h, "location");
         let uuid = must_hdr(&h, "docker-upload-uuid");
-        assert_eq!(
-            loc,
-            format!("/v2/{repo}/blobs/uploads/{uuid}"),
-            "upload Location"
-        );
+        assert_eq!(loc, format!("/v2/{repo}/blobs/uploads/{uuid}"), "upload Location");
         assert_eq!(upload_range(&h), "0-0");
         loc
     }
@@ -382,12 +310,7 @@ impl Reg {
             .collect()
     }
 
-    async fn referrers(
-        &self,
-        repo: &str,
-        subject: &str,
-        artifact_type: Option<&str>,
-    ) -> (HeaderMap, Value) {
+    async fn referrers(&self, repo: &str, subject: &str, artifact_type: Option<&str>) -> (HeaderMap, Value) {
         let mut rb = self.req(Method::GET, &format!("/v2/{repo}/referrers/{subject}"));
         if let Some(t) = artifact_type {
             rb = rb.query(&[("artifactType", t)]);
@@ -398,10 +321,7 @@ impl Reg {
         let v: Value = serde_json::from_slice(&body).expect("referrers body is JSON");
         assert_eq!(v["schemaVersion"], 2, "referrers: {v}");
         assert_eq!(v["mediaType"], OCI_INDEX, "referrers: {v}");
-        assert!(
-            v["manifests"].is_array(),
-            "referrers manifests must be an array: {v}"
-        );
+        assert!(v["manifests"].is_array(), "referrers manifests must be an array: {v}");
         (h, v)
     }
 }
@@ -411,9 +331,7 @@ impl Reg {
 async fn raw_status(reg: &Reg, request: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(reg.server.addr)
-            .await
-            .expect("connect");
+        let mut s = tokio::net::TcpStream::connect(reg.server.addr).await.expect("connect");
         s.write_all(request.as_bytes()).await.expect("write");
         let mut buf = Vec::new();
         let mut tmp = [0u8; 4096];
@@ -434,16 +352,11 @@ async fn raw_status(reg: &Reg, request: &str) -> u16 {
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or_else(|| panic!("no status line in response to {request:?}: {text:?}"))
     };
-    tokio::time::timeout(Duration::from_secs(15), fut)
-        .await
-        .expect("raw request timed out")
+    tokio::time::timeout(Duration::from_secs(15), fut).await.expect("raw request timed out")
 }
 
 fn raw_get(reg: &Reg, method: &str, path: &str) -> String {
-    format!(
-        "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
-        reg.server.host()
-    )
+    format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", reg.server.host())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -454,15 +367,9 @@ fn raw_get(reg: &Reg, method: &str, path: &str) -> String {
 async fn base_endpoint_returns_200_with_api_version() {
     let reg = Reg::start();
     let (h, _) = expect(reg.get("/v2/").await, 200).await;
-    assert_eq!(
-        must_hdr(&h, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
+    assert_eq!(must_hdr(&h, "docker-distribution-api-version"), "registry/2.0");
     let (h, _) = expect(reg.head("/v2/").await, 200).await;
-    assert_eq!(
-        must_hdr(&h, "docker-distribution-api-version"),
-        "registry/2.0"
-    );
+    assert_eq!(must_hdr(&h, "docker-distribution-api-version"), "registry/2.0");
 }
 
 #[tokio::test]
@@ -512,37 +419,11 @@ async fn invalid_repository_names_are_rejected() {
         long_multi.as_str(),
     ];
     for name in bad {
-        expect_error(
-            reg.get(&format!("/v2/{name}/blobs/{d}")).await,
-            400,
-            "NAME_INVALID",
-        )
-        .await;
-        expect_error(
-            reg.get(&format!("/v2/{name}/manifests/latest")).await,
-            400,
-            "NAME_INVALID",
-        )
-        .await;
-        expect_error(
-            reg.get(&format!("/v2/{name}/tags/list")).await,
-            400,
-            "NAME_INVALID",
-        )
-        .await;
-        expect_error(
-            reg.post(&format!("/v2/{name}/blobs/uploads/"), vec![])
-                .await,
-            400,
-            "NAME_INVALID",
-        )
-        .await;
-        expect_error(
-            reg.get(&format!("/v2/{name}/referrers/{d}")).await,
-            400,
-            "NAME_INVALID",
-        )
-        .await;
+        expect_error(reg.get(&format!("/v2/{name}/blobs/{d}")).await, 400, "NAME_INVALID").await;
+        expect_error(reg.get(&format!("/v2/{name}/manifests/latest")).await, 400, "NAME_INVALID").await;
+        expect_error(reg.get(&format!("/v2/{name}/tags/list")).await, 400, "NAME_INVALID").await;
+        expect_error(reg.post(&format!("/v2/{name}/blobs/uploads/"), vec![]).await, 400, "NAME_INVALID").await;
+        expect_error(reg.get(&format!("/v2/{name}/referrers/{d}")).await, 400, "NAME_INVALID").await;
     }
     // Nothing was created by the rejected POSTs.
     let (_, body) = expect(reg.get("/v2/_catalog").await, 200).await;
@@ -607,18 +488,8 @@ async fn invalid_tags_are_rejected_with_manifest_invalid() {
     let (_, m) = reg.push_image("repo", "ok", 1).await;
     let long = "t".repeat(129);
     for tag in [".hidden", "-dash", "tag!", "tag%20space", long.as_str()] {
-        expect_error(
-            reg.put_manifest("repo", tag, OCI_MANIFEST, &m).await,
-            400,
-            "MANIFEST_INVALID",
-        )
-        .await;
-        expect_error(
-            reg.get(&format!("/v2/repo/manifests/{tag}")).await,
-            400,
-            "MANIFEST_INVALID",
-        )
-        .await;
+        expect_error(reg.put_manifest("repo", tag, OCI_MANIFEST, &m).await, 400, "MANIFEST_INVALID").await;
+        expect_error(reg.get(&format!("/v2/repo/manifests/{tag}")).await, 400, "MANIFEST_INVALID").await;
         expect(reg.head(&format!("/v2/repo/manifests/{tag}")).await, 400).await;
     }
     // Boundary: 128 characters and the full alphabet are fine.
@@ -642,18 +513,8 @@ async fn invalid_tags_are_rejected_with_manifest_invalid() {
         expect_error(r, 400, "MANIFEST_INVALID").await;
     }
     // A reference containing ':' is parsed as a digest.
-    expect_error(
-        reg.get("/v2/repo/manifests/foo:bar").await,
-        400,
-        "DIGEST_INVALID",
-    )
-    .await;
-    expect_error(
-        reg.put_manifest("repo", "foo:bar", OCI_MANIFEST, &m).await,
-        400,
-        "DIGEST_INVALID",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/foo:bar").await, 400, "DIGEST_INVALID").await;
+    expect_error(reg.put_manifest("repo", "foo:bar", OCI_MANIFEST, &m).await, 400, "DIGEST_INVALID").await;
 }
 
 #[tokio::test]
@@ -680,56 +541,22 @@ async fn invalid_digests_are_rejected() {
     let content = b"digest test".to_vec();
     reg.push_blob("repo", &content).await;
     for d in &bad {
-        expect_error(
-            reg.get(&format!("/v2/repo/blobs/{d}")).await,
-            400,
-            "DIGEST_INVALID",
-        )
-        .await;
+        expect_error(reg.get(&format!("/v2/repo/blobs/{d}")).await, 400, "DIGEST_INVALID").await;
         expect(reg.head(&format!("/v2/repo/blobs/{d}")).await, 400).await;
+        expect_error(reg.delete(&format!("/v2/repo/blobs/{d}")).await, 400, "DIGEST_INVALID").await;
         expect_error(
-            reg.delete(&format!("/v2/repo/blobs/{d}")).await,
-            400,
-            "DIGEST_INVALID",
-        )
-        .await;
-        expect_error(
-            reg.post(
-                &format!("/v2/repo/blobs/uploads/?digest={d}"),
-                content.clone(),
-            )
-            .await,
+            reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await,
             400,
             "DIGEST_INVALID",
         )
         .await;
         let loc = reg.start_upload("repo").await;
-        expect_error(
-            reg.finish_upload(&loc, d, content.clone()).await,
-            400,
-            "DIGEST_INVALID",
-        )
-        .await;
+        expect_error(reg.finish_upload(&loc, d, content.clone()).await, 400, "DIGEST_INVALID").await;
         if d.contains(':') {
-            expect_error(
-                reg.get(&format!("/v2/repo/manifests/{d}")).await,
-                400,
-                "DIGEST_INVALID",
-            )
-            .await;
-            expect_error(
-                reg.delete(&format!("/v2/repo/manifests/{d}")).await,
-                400,
-                "DIGEST_INVALID",
-            )
-            .await;
+            expect_error(reg.get(&format!("/v2/repo/manifests/{d}")).await, 400, "DIGEST_INVALID").await;
+            expect_error(reg.delete(&format!("/v2/repo/manifests/{d}")).await, 400, "DIGEST_INVALID").await;
         }
-        expect_error(
-            reg.get(&format!("/v2/repo/referrers/{d}")).await,
-            400,
-            "DIGEST_INVALID",
-        )
-        .await;
+        expect_error(reg.get(&format!("/v2/repo/referrers/{d}")).await, 400, "DIGEST_INVALID").await;
     }
 }
 
@@ -780,26 +607,14 @@ async fn blob_range_requests() {
         ("bytes=-500", 0, 99),
     ];
     for &(range, a, b) in cases {
-        let r = reg
-            .send(reg.req(Method::GET, &path).header("range", range))
-            .await;
+        let r = reg.send(reg.req(Method::GET, &path).header("range", range)).await;
         let (h, body) = expect(r, 206).await;
-        assert_eq!(
-            must_hdr(&h, "content-range"),
-            format!("bytes {a}-{b}/100"),
-            "{range}"
-        );
+        assert_eq!(must_hdr(&h, "content-range"), format!("bytes {a}-{b}/100"), "{range}");
         assert_eq!(&body[..], &content[a..=b], "{range}");
-        assert_eq!(
-            must_hdr(&h, "content-length"),
-            (b - a + 1).to_string(),
-            "{range}"
-        );
+        assert_eq!(must_hdr(&h, "content-length"), (b - a + 1).to_string(), "{range}");
     }
     for range in ["bytes=100-", "bytes=100-200", "bytes=1000-2000"] {
-        let r = reg
-            .send(reg.req(Method::GET, &path).header("range", range))
-            .await;
+        let r = reg.send(reg.req(Method::GET, &path).header("range", range)).await;
         let (h, _) = expect(r, 416).await;
         assert_eq!(must_hdr(&h, "content-range"), "bytes */100", "{range}");
     }
@@ -810,28 +625,13 @@ async fn blob_unknown_is_404() {
     let reg = Reg::start();
     reg.push_blob("repo", b"something").await;
     let d = sha256(b"unknown");
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
     let (_, body) = expect(reg.head(&format!("/v2/repo/blobs/{d}")).await, 404).await;
     assert!(body.is_empty());
     // Repository that does not exist at all.
-    expect_error_one_of(
-        reg.get(&format!("/v2/nope/blobs/{d}")).await,
-        404,
-        &["BLOB_UNKNOWN", "NAME_UNKNOWN"],
-    )
-    .await;
+    expect_error_one_of(reg.get(&format!("/v2/nope/blobs/{d}")).await, 404, &["BLOB_UNKNOWN", "NAME_UNKNOWN"]).await;
     let d512 = sha512(b"unknown");
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{d512}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{d512}")).await, 404, "BLOB_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -840,25 +640,10 @@ async fn blob_is_scoped_to_its_repository() {
     let content = data(3, 50);
     let d = reg.push_blob("a", &content).await;
     reg.push_blob("b", b"other").await;
-    expect_error(
-        reg.get(&format!("/v2/b/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/b/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
     expect(reg.head(&format!("/v2/b/blobs/{d}")).await, 404).await;
-    expect_error(
-        reg.get(&format!("/v2/a/b/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        reg.delete(&format!("/v2/b/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/a/b/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
+    expect_error(reg.delete(&format!("/v2/b/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
     reg.assert_blob("a", &d, &content).await;
 }
 
@@ -869,29 +654,14 @@ async fn blob_delete() {
     let d = reg.push_blob("repo", &content).await;
     reg.push_blob("other", &content).await;
     expect(reg.delete(&format!("/v2/repo/blobs/{d}")).await, 202).await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
     expect(reg.head(&format!("/v2/repo/blobs/{d}")).await, 404).await;
-    expect_error(
-        reg.delete(&format!("/v2/repo/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.delete(&format!("/v2/repo/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
     // The same content in another repository is untouched.
     reg.assert_blob("other", &d, &content).await;
     // Unknown blob.
     let u = sha256(b"never pushed");
-    expect_error(
-        reg.delete(&format!("/v2/repo/blobs/{u}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.delete(&format!("/v2/repo/blobs/{u}")).await, 404, "BLOB_UNKNOWN").await;
     // A manifest can no longer reference it in this repository.
     let config = br#"{"os":"linux"}"#.to_vec();
     reg.push_blob("repo", &config).await;
@@ -900,12 +670,7 @@ async fn blob_delete() {
         "config": desc(OCI_CONFIG, &config), "layers": [desc(OCI_LAYER, &content)]
     }))
     .unwrap();
-    expect_error(
-        reg.put_manifest("repo", "t", OCI_MANIFEST, &m).await,
-        400,
-        "MANIFEST_BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", "t", OCI_MANIFEST, &m).await, 400, "MANIFEST_BLOB_UNKNOWN").await;
     // It can be pushed again.
     reg.push_blob("repo", &content).await;
     reg.assert_blob("repo", &d, &content).await;
@@ -933,17 +698,10 @@ async fn large_blobs_monolithic_and_chunked() {
     reg.assert_blob("big", &d2, &content2).await;
 
     // Ranged read in the middle of a large blob.
-    let r = reg
-        .send(
-            reg.req(Method::GET, &format!("/v2/big/blobs/{d2}"))
-                .header("range", "bytes=4000000-4000099"),
-        )
-        .await;
+    let r =
+        reg.send(reg.req(Method::GET, &format!("/v2/big/blobs/{d2}")).header("range", "bytes=4000000-4000099")).await;
     let (h, body) = expect(r, 206).await;
-    assert_eq!(
-        must_hdr(&h, "content-range"),
-        format!("bytes 4000000-4000099/{}", content2.len())
-    );
+    assert_eq!(must_hdr(&h, "content-range"), format!("bytes 4000000-4000099/{}", content2.len()));
     assert_eq!(&body[..], &content2[4000000..4000100]);
 }
 
@@ -973,10 +731,7 @@ async fn upload_post_opens_session() {
     assert_eq!(must_hdr(&h, "range"), "0-0");
     assert_eq!(must_hdr(&h, "docker-upload-uuid"), uuid);
     let sloc = must_hdr(&h, "location");
-    assert!(
-        sloc.starts_with(&format!("/v2/repo/blobs/uploads/{uuid}")),
-        "{sloc}"
-    );
+    assert!(sloc.starts_with(&format!("/v2/repo/blobs/uploads/{uuid}")), "{sloc}");
 }
 
 #[tokio::test]
@@ -984,12 +739,7 @@ async fn upload_monolithic_post_with_digest() {
     let reg = Reg::start();
     let content = data(10, 4096);
     let d = sha256(&content);
-    let r = reg
-        .post(
-            &format!("/v2/repo/blobs/uploads/?digest={d}"),
-            content.clone(),
-        )
-        .await;
+    let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await;
     let (h, _) = expect(r, 201).await;
     assert_eq!(must_hdr(&h, "location"), format!("/v2/repo/blobs/{d}"));
     assert_eq!(must_hdr(&h, "docker-content-digest"), d);
@@ -1005,40 +755,15 @@ async fn upload_monolithic_post_wrong_digest_stores_nothing() {
     let content = data(11, 500);
     let claimed = sha256(b"something else");
     let real = sha256(&content);
-    let r = reg
-        .post(
-            &format!("/v2/repo/blobs/uploads/?digest={claimed}"),
-            content.clone(),
-        )
-        .await;
+    let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={claimed}"), content.clone()).await;
     expect_error(r, 400, "DIGEST_INVALID").await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{claimed}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{real}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{claimed}")).await, 404, "BLOB_UNKNOWN").await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{real}")).await, 404, "BLOB_UNKNOWN").await;
     // Same with a sha512 digest.
     let claimed512 = sha512(b"something else");
-    let r = reg
-        .post(
-            &format!("/v2/repo/blobs/uploads/?digest={claimed512}"),
-            content.clone(),
-        )
-        .await;
+    let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={claimed512}"), content.clone()).await;
     expect_error(r, 400, "DIGEST_INVALID").await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{claimed512}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{claimed512}")).await, 404, "BLOB_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -1064,21 +789,13 @@ async fn upload_chunked() {
     let uuid = loc0.rsplit('/').next().unwrap().to_string();
     let mut loc = loc0.clone();
     let mut offset = 0;
-    for chunk in [
-        &content[..1000],
-        &content[1000..1001],
-        &content[1001..2500],
-        &content[2500..],
-    ] {
+    for chunk in [&content[..1000], &content[1000..1001], &content[1001..2500], &content[2500..]] {
         let (h, _) = expect(reg.patch_chunk(&loc, offset, chunk).await, 202).await;
         offset += chunk.len();
         assert_eq!(upload_range(&h), format!("0-{}", offset - 1));
         assert_eq!(must_hdr(&h, "docker-upload-uuid"), uuid);
         loc = must_hdr(&h, "location");
-        assert!(
-            loc.starts_with(&format!("/v2/repo/blobs/uploads/{uuid}")),
-            "{loc}"
-        );
+        assert!(loc.starts_with(&format!("/v2/repo/blobs/uploads/{uuid}")), "{loc}");
         let (h, _) = expect(reg.get(&loc).await, 204).await;
         assert_eq!(upload_range(&h), format!("0-{}", offset - 1));
         assert_eq!(must_hdr(&h, "docker-upload-uuid"), uuid);
@@ -1098,11 +815,7 @@ async fn upload_chunked_with_final_chunk_in_put() {
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content[..700]).await, 202).await;
     let loc = must_hdr(&h, "location");
-    let (h, _) = expect(
-        reg.finish_upload(&loc, &d, content[700..].to_vec()).await,
-        201,
-    )
-    .await;
+    let (h, _) = expect(reg.finish_upload(&loc, &d, content[700..].to_vec()).await, 201).await;
     assert_eq!(must_hdr(&h, "location"), format!("/v2/repo/blobs/{d}"));
     reg.assert_blob("repo", &d, &content).await;
 
@@ -1134,18 +847,11 @@ async fn upload_patch_streamed_without_content_range() {
     let mut loc = reg.start_upload("repo").await;
     let mut offset = 0;
     for part in [&content[..4000], &content[4000..]] {
-        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> = part
-            .chunks(999)
-            .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
-            .collect();
+        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> =
+            part.chunks(999).map(|c| Ok(bytes::Bytes::copy_from_slice(c))).collect();
         let body = reqwest::Body::wrap_stream(futures::stream::iter(pieces));
-        let r = reg
-            .send(
-                reg.req(Method::PATCH, &loc)
-                    .header("content-type", "application/octet-stream")
-                    .body(body),
-            )
-            .await;
+        let r =
+            reg.send(reg.req(Method::PATCH, &loc).header("content-type", "application/octet-stream").body(body)).await;
         let (h, _) = expect(r, 202).await;
         offset += part.len();
         assert_eq!(upload_range(&h), format!("0-{}", offset - 1));
@@ -1154,14 +860,9 @@ async fn upload_patch_streamed_without_content_range() {
     }
     // A plain PATCH (Content-Length, no Content-Range) also appends.
     let extra = b"tail".to_vec();
-    let r = reg
-        .send(reg.req(Method::PATCH, &loc).body(extra.clone()))
-        .await;
+    let r = reg.send(reg.req(Method::PATCH, &loc).body(extra.clone())).await;
     let (h, _) = expect(r, 202).await;
-    assert_eq!(
-        upload_range(&h),
-        format!("0-{}", content.len() + extra.len() - 1)
-    );
+    assert_eq!(upload_range(&h), format!("0-{}", content.len() + extra.len() - 1));
     let loc = must_hdr(&h, "location");
     let mut all = content.clone();
     all.extend_from_slice(&extra);
@@ -1211,49 +912,22 @@ async fn upload_put_with_wrong_or_missing_digest() {
     let loc = reg.start_upload("repo").await;
     let r = reg.finish_upload(&loc, &wrong, content.clone()).await;
     expect_error(r, 400, "DIGEST_INVALID").await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{wrong}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{wrong}")).await, 404, "BLOB_UNKNOWN").await;
     let real = sha256(&content);
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{real}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{real}")).await, 404, "BLOB_UNKNOWN").await;
 
     // Chunked data, wrong digest at the end.
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content).await, 202).await;
     let loc = must_hdr(&h, "location");
-    expect_error(
-        reg.finish_upload(&loc, &wrong, vec![]).await,
-        400,
-        "DIGEST_INVALID",
-    )
-    .await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{real}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.finish_upload(&loc, &wrong, vec![]).await, 400, "DIGEST_INVALID").await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{real}")).await, 404, "BLOB_UNKNOWN").await;
 
     // PUT without any digest.
     let loc = reg.start_upload("repo").await;
-    let r = reg
-        .send(reg.req(Method::PUT, &loc).body(content.clone()))
-        .await;
+    let r = reg.send(reg.req(Method::PUT, &loc).body(content.clone())).await;
     expect_error(r, 400, "DIGEST_INVALID").await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{real}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{real}")).await, 404, "BLOB_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -1265,26 +939,11 @@ async fn upload_cancel_with_delete() {
     let loc = must_hdr(&h, "location");
     expect(reg.delete(&loc).await, 204).await;
     expect_error(reg.get(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
-    expect_error(
-        reg.patch_chunk(&loc, 100, b"more").await,
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.patch_chunk(&loc, 100, b"more").await, 404, "BLOB_UPLOAD_UNKNOWN").await;
     let d = sha256(&content);
-    expect_error(
-        reg.finish_upload(&loc, &d, vec![]).await,
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.finish_upload(&loc, &d, vec![]).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
     expect_error(reg.delete(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -1292,26 +951,11 @@ async fn upload_unknown_session() {
     let reg = Reg::start();
     reg.start_upload("repo").await;
     let d = sha256(b"x");
-    for id in [
-        "garbage",
-        "00000000-0000-4000-8000-000000000000",
-        "a1b2c3",
-        "0",
-    ] {
+    for id in ["garbage", "00000000-0000-4000-8000-000000000000", "a1b2c3", "0"] {
         let loc = format!("/v2/repo/blobs/uploads/{id}");
         expect_error(reg.get(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
-        expect_error(
-            reg.patch_chunk(&loc, 0, b"abc").await,
-            404,
-            "BLOB_UPLOAD_UNKNOWN",
-        )
-        .await;
-        expect_error(
-            reg.finish_upload(&loc, &d, b"x".to_vec()).await,
-            404,
-            "BLOB_UPLOAD_UNKNOWN",
-        )
-        .await;
+        expect_error(reg.patch_chunk(&loc, 0, b"abc").await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+        expect_error(reg.finish_upload(&loc, &d, b"x".to_vec()).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
         expect_error(reg.delete(&loc).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
     }
 }
@@ -1328,40 +972,16 @@ async fn upload_session_is_scoped_to_its_repository() {
     assert_ne!(loc, other);
     reg.start_upload("b").await;
     expect_error(reg.get(&other).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
-    expect_error(
-        reg.patch_chunk(&other, 32, &content[32..]).await,
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        reg.finish_upload(&other, &d, content[32..].to_vec()).await,
-        404,
-        "BLOB_UPLOAD_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.patch_chunk(&other, 32, &content[32..]).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
+    expect_error(reg.finish_upload(&other, &d, content[32..].to_vec()).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
     expect_error(reg.delete(&other).await, 404, "BLOB_UPLOAD_UNKNOWN").await;
-    expect_error(
-        reg.get(&format!("/v2/b/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/b/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
     // The session in `a` was untouched by all of that.
     let (h, _) = expect(reg.get(&loc).await, 204).await;
     assert_eq!(upload_range(&h), "0-31");
-    expect(
-        reg.finish_upload(&loc, &d, content[32..].to_vec()).await,
-        201,
-    )
-    .await;
+    expect(reg.finish_upload(&loc, &d, content[32..].to_vec()).await, 201).await;
     reg.assert_blob("a", &d, &content).await;
-    expect_error(
-        reg.get(&format!("/v2/b/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/b/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -1377,22 +997,14 @@ async fn zero_byte_blob() {
     let (h, _) = expect(reg.head(&format!("/v2/repo/blobs/{d}")).await, 200).await;
     assert_eq!(must_hdr(&h, "content-length"), "0");
     // Every range of an empty blob is unsatisfiable.
-    let r = reg
-        .send(
-            reg.req(Method::GET, &format!("/v2/repo/blobs/{d}"))
-                .header("range", "bytes=0-"),
-        )
-        .await;
+    let r = reg.send(reg.req(Method::GET, &format!("/v2/repo/blobs/{d}")).header("range", "bytes=0-")).await;
     let (h, _) = expect(r, 416).await;
     assert_eq!(must_hdr(&h, "content-range"), "bytes */0");
 
     // Via POST + PUT with no body at all.
     let loc = reg.start_upload("repo2").await;
     let (h, _) = expect(reg.finish_upload(&loc, EMPTY_SHA256, vec![]).await, 201).await;
-    assert_eq!(
-        must_hdr(&h, "location"),
-        format!("/v2/repo2/blobs/{EMPTY_SHA256}")
-    );
+    assert_eq!(must_hdr(&h, "location"), format!("/v2/repo2/blobs/{EMPTY_SHA256}"));
     reg.assert_blob("repo2", EMPTY_SHA256, b"").await;
 
     // sha512 of nothing.
@@ -1405,12 +1017,7 @@ async fn sha512_blobs_monolithic_and_chunked() {
     let reg = Reg::start();
     let content = data(20, 5000);
     let d = sha512(&content);
-    let r = reg
-        .post(
-            &format!("/v2/repo/blobs/uploads/?digest={d}"),
-            content.clone(),
-        )
-        .await;
+    let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await;
     let (h, _) = expect(r, 201).await;
     assert_eq!(must_hdr(&h, "location"), format!("/v2/repo/blobs/{d}"));
     assert_eq!(must_hdr(&h, "docker-content-digest"), d);
@@ -1420,12 +1027,7 @@ async fn sha512_blobs_monolithic_and_chunked() {
     assert_eq!(must_hdr(&h, "content-length"), "5000");
     let (h, _) = expect(reg.head(&format!("/v2/repo/blobs/{d}")).await, 200).await;
     assert_eq!(must_hdr(&h, "docker-content-digest"), d);
-    let r = reg
-        .send(
-            reg.req(Method::GET, &format!("/v2/repo/blobs/{d}"))
-                .header("range", "bytes=10-20"),
-        )
-        .await;
+    let r = reg.send(reg.req(Method::GET, &format!("/v2/repo/blobs/{d}")).header("range", "bytes=10-20")).await;
     let (_, body) = expect(r, 206).await;
     assert_eq!(&body[..], &content[10..=20]);
 
@@ -1444,12 +1046,7 @@ async fn sha512_blobs_monolithic_and_chunked() {
 
     // Delete by sha512.
     expect(reg.delete(&format!("/v2/repo/blobs/{d2}")).await, 202).await;
-    expect_error(
-        reg.get(&format!("/v2/repo/blobs/{d2}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/blobs/{d2}")).await, 404, "BLOB_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -1457,12 +1054,7 @@ async fn mount_from_repository() {
     let reg = Reg::start();
     let content = data(22, 777);
     let d = reg.push_blob("src", &content).await;
-    let r = reg
-        .post(
-            &format!("/v2/dst/blobs/uploads/?mount={d}&from=src"),
-            vec![],
-        )
-        .await;
+    let r = reg.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src"), vec![]).await;
     let (h, _) = expect(r, 201).await;
     assert_eq!(must_hdr(&h, "location"), format!("/v2/dst/blobs/{d}"));
     assert_eq!(must_hdr(&h, "docker-content-digest"), d);
@@ -1472,30 +1064,15 @@ async fn mount_from_repository() {
     reg.assert_blob("dst", &d, &content).await;
 
     // `from` no longer has it: a session, not a mount.
-    let r = reg
-        .post(
-            &format!("/v2/dst3/blobs/uploads/?mount={d}&from=src"),
-            vec![],
-        )
-        .await;
+    let r = reg.post(&format!("/v2/dst3/blobs/uploads/?mount={d}&from=src"), vec![]).await;
     let (h, _) = expect(r, 202).await;
     must_hdr(&h, "docker-upload-uuid");
-    expect_error(
-        reg.get(&format!("/v2/dst3/blobs/{d}")).await,
-        404,
-        "BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/dst3/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
 
     // sha512 mount.
     let content2 = data(23, 99);
     let d2 = reg.push_blob_as("src", &content2, &sha512(&content2)).await;
-    let r = reg
-        .post(
-            &format!("/v2/dst2/blobs/uploads/?mount={d2}&from=src"),
-            vec![],
-        )
-        .await;
+    let r = reg.post(&format!("/v2/dst2/blobs/uploads/?mount={d2}&from=src"), vec![]).await;
     let (h, _) = expect(r, 201).await;
     assert_eq!(must_hdr(&h, "location"), format!("/v2/dst2/blobs/{d2}"));
     reg.assert_blob("dst2", &d2, &content2).await;
@@ -1510,22 +1087,12 @@ async fn mount_of_blob_not_in_from_opens_session() {
 
     // `from` does not have it (although another repository does): a normal upload session.
     for from in ["empty", "doesnotexist"] {
-        let r = reg
-            .post(
-                &format!("/v2/dst/blobs/uploads/?mount={d}&from={from}"),
-                vec![],
-            )
-            .await;
+        let r = reg.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from={from}"), vec![]).await;
         let (h, _) = expect(r, 202).await;
         let loc = must_hdr(&h, "location");
         let uuid = must_hdr(&h, "docker-upload-uuid");
         assert_eq!(loc, format!("/v2/dst/blobs/uploads/{uuid}"));
-        expect_error(
-            reg.get(&format!("/v2/dst/blobs/{d}")).await,
-            404,
-            "BLOB_UNKNOWN",
-        )
-        .await;
+        expect_error(reg.get(&format!("/v2/dst/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
         let (h, _) = expect(reg.get(&loc).await, 204).await;
         assert_eq!(upload_range(&h), "0-0");
         // The session works.
@@ -1536,9 +1103,7 @@ async fn mount_of_blob_not_in_from_opens_session() {
 
     // A blob the registry does not have at all, without `from`: also a session.
     let unknown = sha256(b"not anywhere");
-    let r = reg
-        .post(&format!("/v2/dst/blobs/uploads/?mount={unknown}"), vec![])
-        .await;
+    let r = reg.post(&format!("/v2/dst/blobs/uploads/?mount={unknown}"), vec![]).await;
     let (h, _) = expect(r, 202).await;
     let loc = must_hdr(&h, "location");
     expect(reg.get(&loc).await, 204).await;
@@ -1549,9 +1114,7 @@ async fn mount_without_from() {
     let reg = Reg::start();
     let content = data(25, 321);
     let d = reg.push_blob("somewhere", &content).await;
-    let r = reg
-        .post(&format!("/v2/elsewhere/blobs/uploads/?mount={d}"), vec![])
-        .await;
+    let r = reg.post(&format!("/v2/elsewhere/blobs/uploads/?mount={d}"), vec![]).await;
     let (h, _) = expect(r, 201).await;
     assert_eq!(must_hdr(&h, "location"), format!("/v2/elsewhere/blobs/{d}"));
     assert_eq!(must_hdr(&h, "docker-content-digest"), d);
@@ -1561,12 +1124,7 @@ async fn mount_without_from() {
 #[tokio::test]
 async fn mount_with_invalid_arguments() {
     let reg = Reg::start();
-    let r = reg
-        .post(
-            "/v2/dst/blobs/uploads/?mount=sha256:nothex&from=src",
-            vec![],
-        )
-        .await;
+    let r = reg.post("/v2/dst/blobs/uploads/?mount=sha256:nothex&from=src", vec![]).await;
     expect_error(r, 400, "DIGEST_INVALID").await;
 }
 
@@ -1577,8 +1135,7 @@ async fn mount_with_invalid_arguments() {
 /// Pushes a config and layer in `repo` and returns a hand-formatted (non-canonical) OCI
 /// image manifest referencing them.
 async fn odd_image_manifest(reg: &Reg, repo: &str, seed: u64) -> Vec<u8> {
-    let config =
-        format!("{{\"architecture\":\"arm64\",\"os\":\"linux\",\"n\":{seed}}}").into_bytes();
+    let config = format!("{{\"architecture\":\"arm64\",\"os\":\"linux\",\"n\":{seed}}}").into_bytes();
     let layer = data(seed, 333);
     reg.push_blob(repo, &config).await;
     reg.push_blob(repo, &layer).await;
@@ -1596,28 +1153,16 @@ async fn assert_manifest(reg: &Reg, repo: &str, reference: &str, media_type: &st
     let d = sha256(bytes);
     let path = format!("/v2/{repo}/manifests/{reference}");
     let (h, body) = expect(reg.get(&path).await, 200).await;
-    assert!(
-        body[..] == bytes[..],
-        "{path}: manifest bytes differ: {}",
-        body_text(&body)
-    );
+    assert!(body[..] == bytes[..], "{path}: manifest bytes differ: {}", body_text(&body));
     assert_eq!(must_hdr(&h, "content-type"), media_type, "{path}");
     assert_eq!(must_hdr(&h, "docker-content-digest"), d, "{path}");
-    assert_eq!(
-        must_hdr(&h, "content-length"),
-        bytes.len().to_string(),
-        "{path}"
-    );
+    assert_eq!(must_hdr(&h, "content-length"), bytes.len().to_string(), "{path}");
     assert!(!must_hdr(&h, "etag").is_empty());
     let (h, body) = expect(reg.head(&path).await, 200).await;
     assert!(body.is_empty());
     assert_eq!(must_hdr(&h, "content-type"), media_type, "HEAD {path}");
     assert_eq!(must_hdr(&h, "docker-content-digest"), d, "HEAD {path}");
-    assert_eq!(
-        must_hdr(&h, "content-length"),
-        bytes.len().to_string(),
-        "HEAD {path}"
-    );
+    assert_eq!(must_hdr(&h, "content-length"), bytes.len().to_string(), "HEAD {path}");
     assert!(!must_hdr(&h, "etag").is_empty());
 }
 
@@ -1654,12 +1199,9 @@ async fn manifest_put_by_digest_with_tag_parameters() {
     let d = sha256(&m);
     let r = reg
         .send(
-            reg.req(
-                Method::PUT,
-                &format!("/v2/repo/manifests/{d}?tag=alpha&tag=beta&tag=gamma"),
-            )
-            .header("content-type", OCI_MANIFEST)
-            .body(m.clone()),
+            reg.req(Method::PUT, &format!("/v2/repo/manifests/{d}?tag=alpha&tag=beta&tag=gamma"))
+                .header("content-type", OCI_MANIFEST)
+                .body(m.clone()),
         )
         .await;
     let (h, _) = expect(r, 201).await;
@@ -1699,15 +1241,12 @@ async fn manifest_index_and_nested_index() {
         ],
     }))
     .unwrap();
-    let dn = reg
-        .push_manifest("repo", "nested", OCI_INDEX, &nested)
-        .await;
+    let dn = reg.push_manifest("repo", "nested", OCI_INDEX, &nested).await;
     assert_manifest(&reg, "repo", "nested", OCI_INDEX, &nested).await;
     assert_manifest(&reg, "repo", &dn, OCI_INDEX, &nested).await;
 
     // Empty index is valid.
-    let empty = format!("{{\"schemaVersion\":2,\"mediaType\":\"{OCI_INDEX}\",\"manifests\":[]}}")
-        .into_bytes();
+    let empty = format!("{{\"schemaVersion\":2,\"mediaType\":\"{OCI_INDEX}\",\"manifests\":[]}}").into_bytes();
     reg.push_manifest("repo", "empty", OCI_INDEX, &empty).await;
     assert_manifest(&reg, "repo", "empty", OCI_INDEX, &empty).await;
 }
@@ -1726,9 +1265,7 @@ async fn manifest_docker_schema2_and_manifest_list() {
         "layers": [desc(DOCKER_LAYER, &layer)],
     }))
     .unwrap();
-    let d = reg
-        .push_manifest("docker", "latest", DOCKER_MANIFEST, &m)
-        .await;
+    let d = reg.push_manifest("docker", "latest", DOCKER_MANIFEST, &m).await;
     assert_manifest(&reg, "docker", "latest", DOCKER_MANIFEST, &m).await;
     assert_manifest(&reg, "docker", &d, DOCKER_MANIFEST, &m).await;
 
@@ -1740,9 +1277,7 @@ async fn manifest_docker_schema2_and_manifest_list() {
         ],
     }))
     .unwrap();
-    let dl = reg
-        .push_manifest("docker", "list", DOCKER_LIST, &list)
-        .await;
+    let dl = reg.push_manifest("docker", "list", DOCKER_LIST, &list).await;
     assert_manifest(&reg, "docker", "list", DOCKER_LIST, &list).await;
     assert_manifest(&reg, "docker", &dl, DOCKER_LIST, &list).await;
 
@@ -1758,8 +1293,7 @@ async fn manifest_docker_schema2_and_manifest_list() {
         ],
     }))
     .unwrap();
-    reg.push_manifest("docker", "foreign", DOCKER_MANIFEST, &foreign)
-        .await;
+    reg.push_manifest("docker", "foreign", DOCKER_MANIFEST, &foreign).await;
     assert_manifest(&reg, "docker", "foreign", DOCKER_MANIFEST, &foreign).await;
 }
 
@@ -1831,9 +1365,7 @@ async fn manifest_image_without_layers() {
         "layers": [],
     }))
     .unwrap();
-    let d = reg
-        .push_manifest("repo", "nolayers", OCI_MANIFEST, &m)
-        .await;
+    let d = reg.push_manifest("repo", "nolayers", OCI_MANIFEST, &m).await;
     assert_manifest(&reg, "repo", &d, OCI_MANIFEST, &m).await;
 
     // A zero-byte layer.
@@ -1845,8 +1377,7 @@ async fn manifest_image_without_layers() {
         "layers": [desc(OCI_LAYER, b"")],
     }))
     .unwrap();
-    reg.push_manifest("repo", "emptylayer", OCI_MANIFEST, &m2)
-        .await;
+    reg.push_manifest("repo", "emptylayer", OCI_MANIFEST, &m2).await;
     assert_manifest(&reg, "repo", "emptylayer", OCI_MANIFEST, &m2).await;
 }
 
@@ -1892,29 +1423,14 @@ async fn manifest_referencing_missing_blobs_is_rejected() {
         let r = reg.put_manifest("repo", "t", OCI_MANIFEST, &bytes).await;
         let url = r.url().to_string();
         let (h, body) = expect(r, 400).await;
-        check_error_body(
-            &format!("{url} ({what})"),
-            &h,
-            &body,
-            "MANIFEST_BLOB_UNKNOWN",
-        );
-        expect_error(
-            reg.get(&format!("/v2/repo/manifests/{d}")).await,
-            404,
-            "MANIFEST_UNKNOWN",
-        )
-        .await;
+        check_error_body(&format!("{url} ({what})"), &h, &body, "MANIFEST_BLOB_UNKNOWN");
+        expect_error(reg.get(&format!("/v2/repo/manifests/{d}")).await, 404, "MANIFEST_UNKNOWN").await;
     }
     // Docker manifest with a missing layer.
     let m = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
         "config": desc(DOCKER_CONFIG, &config), "layers": [desc(DOCKER_LAYER, &missing)]}))
     .unwrap();
-    expect_error(
-        reg.put_manifest("repo", "t", DOCKER_MANIFEST, &m).await,
-        400,
-        "MANIFEST_BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", "t", DOCKER_MANIFEST, &m).await, 400, "MANIFEST_BLOB_UNKNOWN").await;
 
     // Index whose child is missing, or only present in another repository.
     let (dother, mother) = reg.push_image("other", "x", 39).await;
@@ -1923,35 +1439,21 @@ async fn manifest_referencing_missing_blobs_is_rejected() {
         ("missing child", sha256(b"no such manifest"), 100usize),
         ("child in other repo", dother.clone(), mother.len()),
     ] {
-        let idx = serde_json::to_vec(
-            &json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
-                {"mediaType": OCI_MANIFEST, "digest": dhere, "size": mhere.len()},
-                {"mediaType": OCI_MANIFEST, "digest": child_d, "size": child_len},
-            ]}),
-        )
+        let idx = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [
+            {"mediaType": OCI_MANIFEST, "digest": dhere, "size": mhere.len()},
+            {"mediaType": OCI_MANIFEST, "digest": child_d, "size": child_len},
+        ]}))
         .unwrap();
         let r = reg.put_manifest("repo", "idx", OCI_INDEX, &idx).await;
         let url = r.url().to_string();
         let (h, body) = expect(r, 400).await;
-        check_error_body(
-            &format!("{url} ({what})"),
-            &h,
-            &body,
-            "MANIFEST_BLOB_UNKNOWN",
-        );
+        check_error_body(&format!("{url} ({what})"), &h, &body, "MANIFEST_BLOB_UNKNOWN");
     }
-    let list = serde_json::to_vec(
-        &json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [
-            {"mediaType": DOCKER_MANIFEST, "digest": sha256(b"nope"), "size": 10},
-        ]}),
-    )
+    let list = serde_json::to_vec(&json!({"schemaVersion": 2, "mediaType": DOCKER_LIST, "manifests": [
+        {"mediaType": DOCKER_MANIFEST, "digest": sha256(b"nope"), "size": 10},
+    ]}))
     .unwrap();
-    expect_error(
-        reg.put_manifest("repo", "list", DOCKER_LIST, &list).await,
-        400,
-        "MANIFEST_BLOB_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", "list", DOCKER_LIST, &list).await, 400, "MANIFEST_BLOB_UNKNOWN").await;
     // Nothing got tagged.
     assert!(reg.tags("repo").await.is_empty());
 }
@@ -2009,11 +1511,7 @@ async fn manifest_with_subject_returns_oci_subject() {
         "subject": {"mediaType": OCI_MANIFEST, "digest": sd, "size": sm.len()},
     }))
     .unwrap();
-    let (h, _) = expect(
-        reg.put_manifest("repo", "sig", OCI_MANIFEST, &m2).await,
-        201,
-    )
-    .await;
+    let (h, _) = expect(reg.put_manifest("repo", "sig", OCI_MANIFEST, &m2).await, 201).await;
     assert_eq!(must_hdr(&h, "oci-subject"), sd);
 
     // An index with artifactType and subject.
@@ -2025,22 +1523,13 @@ async fn manifest_with_subject_returns_oci_subject() {
         "subject": {"mediaType": OCI_MANIFEST, "digest": sd, "size": sm.len()},
     }))
     .unwrap();
-    let (h, _) = expect(
-        reg.put_manifest("repo", "bundle", OCI_INDEX, &idx).await,
-        201,
-    )
-    .await;
+    let (h, _) = expect(reg.put_manifest("repo", "bundle", OCI_INDEX, &idx).await, 201).await;
     assert_eq!(must_hdr(&h, "oci-subject"), sd);
     assert_manifest(&reg, "repo", "bundle", OCI_INDEX, &idx).await;
 
     // No subject, no OCI-Subject header.
     let (_, plain) = reg.push_image("repo", "", 42).await;
-    let (h, _) = expect(
-        reg.put_manifest("repo", "plain", OCI_MANIFEST, &plain)
-            .await,
-        201,
-    )
-    .await;
+    let (h, _) = expect(reg.put_manifest("repo", "plain", OCI_MANIFEST, &plain).await, 201).await;
     assert!(hdr(&h, "oci-subject").is_none());
 }
 
@@ -2074,12 +1563,7 @@ async fn manifest_invalid_is_rejected() {
         let (h, b) = expect(r, 400).await;
         check_error_body(&format!("{url} ({what})"), &h, &b, "MANIFEST_INVALID");
     }
-    expect_error(
-        reg.get("/v2/repo/manifests/bad").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/bad").await, 404, "MANIFEST_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -2109,37 +1593,17 @@ async fn manifest_size_limit() {
     assert!(body[..] == ok[..]);
     // One byte more is not.
     let too_big = build(LIMIT + 1);
-    expect_error(
-        reg.put_manifest("repo", "toobig", OCI_MANIFEST, &too_big)
-            .await,
-        413,
-        "SIZE_INVALID",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", "toobig", OCI_MANIFEST, &too_big).await, 413, "SIZE_INVALID").await;
     // Far over the limit: the server may answer 413 before reading everything and close the
     // connection, so a transport error while sending is tolerated; any answer must be 413.
     let huge = build(LIMIT * 2);
-    let sent = reg
-        .req(Method::PUT, "/v2/repo/manifests/huge")
-        .header("content-type", OCI_MANIFEST)
-        .body(huge)
-        .send()
-        .await;
+    let sent =
+        reg.req(Method::PUT, "/v2/repo/manifests/huge").header("content-type", OCI_MANIFEST).body(huge).send().await;
     if let Ok(r) = sent {
         expect_error(r, 413, "SIZE_INVALID").await;
     }
-    expect_error(
-        reg.get("/v2/repo/manifests/huge").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        reg.get("/v2/repo/manifests/toobig").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/huge").await, 404, "MANIFEST_UNKNOWN").await;
+    expect_error(reg.get("/v2/repo/manifests/toobig").await, 404, "MANIFEST_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -2147,31 +1611,11 @@ async fn manifest_put_by_digest_mismatch() {
     let reg = Reg::start();
     let (_, m) = reg.push_image("repo", "", 43).await;
     let wrong = sha256(b"not the manifest");
-    expect_error(
-        reg.put_manifest("repo", &wrong, OCI_MANIFEST, &m).await,
-        400,
-        "DIGEST_INVALID",
-    )
-    .await;
-    expect_error(
-        reg.get(&format!("/v2/repo/manifests/{wrong}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", &wrong, OCI_MANIFEST, &m).await, 400, "DIGEST_INVALID").await;
+    expect_error(reg.get(&format!("/v2/repo/manifests/{wrong}")).await, 404, "MANIFEST_UNKNOWN").await;
     let wrong512 = sha512(b"not the manifest");
-    expect_error(
-        reg.put_manifest("repo", &wrong512, OCI_MANIFEST, &m).await,
-        400,
-        "DIGEST_INVALID",
-    )
-    .await;
-    expect_error(
-        reg.get(&format!("/v2/repo/manifests/{wrong512}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", &wrong512, OCI_MANIFEST, &m).await, 400, "DIGEST_INVALID").await;
+    expect_error(reg.get(&format!("/v2/repo/manifests/{wrong512}")).await, 404, "MANIFEST_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -2193,15 +1637,11 @@ async fn manifest_sha512() {
     let (h, _) = expect(r, 201).await;
     let loc = must_hdr(&h, "location");
     assert!(
-        loc == format!("/v2/repo/manifests/{d512}")
-            || loc == format!("/v2/repo/manifests/{}", sha256(&m)),
+        loc == format!("/v2/repo/manifests/{d512}") || loc == format!("/v2/repo/manifests/{}", sha256(&m)),
         "Location {loc}"
     );
     let dcd = must_hdr(&h, "docker-content-digest");
-    assert!(
-        dcd == d512 || dcd == sha256(&m),
-        "Docker-Content-Digest {dcd}"
-    );
+    assert!(dcd == d512 || dcd == sha256(&m), "Docker-Content-Digest {dcd}");
     let (h, body) = expect(reg.get(&format!("/v2/repo/manifests/{d512}")).await, 200).await;
     assert!(body[..] == m[..]);
     assert_eq!(must_hdr(&h, "content-type"), OCI_MANIFEST);
@@ -2229,12 +1669,7 @@ async fn manifest_sha512() {
 
     // Delete by sha512.
     expect(reg.delete(&format!("/v2/repo/manifests/{d512}")).await, 202).await;
-    expect_error(
-        reg.get(&format!("/v2/repo/manifests/{d512}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/manifests/{d512}")).await, 404, "MANIFEST_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -2243,42 +1678,17 @@ async fn manifest_unknown_is_404() {
     reg.push_image("repo", "exists", 45).await;
     reg.push_image("other", "only-in-other", 46).await;
     let d = sha256(b"no manifest");
-    expect_error(
-        reg.get("/v2/repo/manifests/nope").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        reg.get(&format!("/v2/repo/manifests/{d}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/nope").await, 404, "MANIFEST_UNKNOWN").await;
+    expect_error(reg.get(&format!("/v2/repo/manifests/{d}")).await, 404, "MANIFEST_UNKNOWN").await;
     let (_, body) = expect(reg.head("/v2/repo/manifests/nope").await, 404).await;
     assert!(body.is_empty());
     expect(reg.head(&format!("/v2/repo/manifests/{d}")).await, 404).await;
     // Tags and manifests are per repository.
-    expect_error(
-        reg.get("/v2/repo/manifests/only-in-other").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/only-in-other").await, 404, "MANIFEST_UNKNOWN").await;
     let (od, _) = reg.push_image("other", "", 47).await;
-    expect_error(
-        reg.get(&format!("/v2/repo/manifests/{od}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/manifests/{od}")).await, 404, "MANIFEST_UNKNOWN").await;
     // A repository that does not exist.
-    expect_error_one_of(
-        reg.get("/v2/ghost/manifests/latest").await,
-        404,
-        &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"],
-    )
-    .await;
+    expect_error_one_of(reg.get("/v2/ghost/manifests/latest").await, 404, &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"]).await;
 }
 
 #[tokio::test]
@@ -2297,38 +1707,18 @@ async fn manifest_delete_by_digest_removes_all_its_tags() {
     assert_eq!(reg.tags("repo").await, vec!["keep", "t1", "t2"]);
 
     expect(reg.delete(&format!("/v2/repo/manifests/{d}")).await, 202).await;
-    expect_error(
-        reg.get(&format!("/v2/repo/manifests/{d}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get(&format!("/v2/repo/manifests/{d}")).await, 404, "MANIFEST_UNKNOWN").await;
     expect(reg.head(&format!("/v2/repo/manifests/{d}")).await, 404).await;
     for t in ["t1", "t2"] {
-        expect_error(
-            reg.get(&format!("/v2/repo/manifests/{t}")).await,
-            404,
-            "MANIFEST_UNKNOWN",
-        )
-        .await;
+        expect_error(reg.get(&format!("/v2/repo/manifests/{t}")).await, 404, "MANIFEST_UNKNOWN").await;
         expect(reg.head(&format!("/v2/repo/manifests/{t}")).await, 404).await;
     }
     assert_eq!(reg.tags("repo").await, vec!["keep"]);
     assert_manifest(&reg, "repo", &keep, OCI_MANIFEST, &keep_m).await;
     // Deleting again, or something never pushed.
-    expect_error(
-        reg.delete(&format!("/v2/repo/manifests/{d}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.delete(&format!("/v2/repo/manifests/{d}")).await, 404, "MANIFEST_UNKNOWN").await;
     let u = sha256(b"never");
-    expect_error(
-        reg.delete(&format!("/v2/repo/manifests/{u}")).await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.delete(&format!("/v2/repo/manifests/{u}")).await, 404, "MANIFEST_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -2337,28 +1727,13 @@ async fn manifest_delete_by_tag_removes_only_the_tag() {
     let (d, m) = reg.push_image("repo", "t1", 50).await;
     reg.push_manifest("repo", "t2", OCI_MANIFEST, &m).await;
     expect(reg.delete("/v2/repo/manifests/t1").await, 202).await;
-    expect_error(
-        reg.get("/v2/repo/manifests/t1").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/t1").await, 404, "MANIFEST_UNKNOWN").await;
     expect(reg.head("/v2/repo/manifests/t1").await, 404).await;
     assert_manifest(&reg, "repo", &d, OCI_MANIFEST, &m).await;
     assert_manifest(&reg, "repo", "t2", OCI_MANIFEST, &m).await;
     assert_eq!(reg.tags("repo").await, vec!["t2"]);
-    expect_error(
-        reg.delete("/v2/repo/manifests/t1").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
-    expect_error(
-        reg.delete("/v2/repo/manifests/never").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.delete("/v2/repo/manifests/t1").await, 404, "MANIFEST_UNKNOWN").await;
+    expect_error(reg.delete("/v2/repo/manifests/never").await, 404, "MANIFEST_UNKNOWN").await;
     // The tag can be re-created.
     reg.push_manifest("repo", "t1", OCI_MANIFEST, &m).await;
     assert_manifest(&reg, "repo", "t1", OCI_MANIFEST, &m).await;
@@ -2381,9 +1756,7 @@ async fn tags_list_is_sorted() {
     assert!(must_hdr(&h, "content-type").starts_with("application/json"));
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["name"], "library/app");
-    let expected = vec![
-        "0", "1.0", "10", "9", "a", "a-b", "a.b", "a_b", "b", "b0", "zeta",
-    ];
+    let expected = vec!["0", "1.0", "10", "9", "a", "a-b", "a.b", "a_b", "b", "b0", "zeta"];
     let mut sorted = expected.clone();
     sorted.sort();
     assert_eq!(sorted, expected);
@@ -2467,12 +1840,7 @@ async fn tags_list_unknown_repository() {
     let reg = Reg::start();
     reg.push_image("known", "v1", 62).await;
     expect_error(reg.get("/v2/unknown/tags/list").await, 404, "NAME_UNKNOWN").await;
-    expect_error(
-        reg.get("/v2/known/sub/tags/list").await,
-        404,
-        "NAME_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/known/sub/tags/list").await, 404, "NAME_UNKNOWN").await;
 }
 
 #[tokio::test]
@@ -2532,34 +1900,17 @@ async fn push_artifact(
     }
     let bytes = serde_json::to_vec(&m).unwrap();
     let d = sha256(&bytes);
-    let reference = if reference.is_empty() {
-        d.clone()
-    } else {
-        reference.to_string()
-    };
-    let (h, _) = expect(
-        reg.put_manifest(repo, &reference, OCI_MANIFEST, &bytes)
-            .await,
-        201,
-    )
-    .await;
+    let reference = if reference.is_empty() { d.clone() } else { reference.to_string() };
+    let (h, _) = expect(reg.put_manifest(repo, &reference, OCI_MANIFEST, &bytes).await, 201).await;
     assert_eq!(must_hdr(&h, "oci-subject"), subject);
-    Referrer {
-        digest: d,
-        bytes,
-        media_type: OCI_MANIFEST,
-        artifact_type: artifact_type.to_string(),
-        annotations,
-    }
+    Referrer { digest: d, bytes, media_type: OCI_MANIFEST, artifact_type: artifact_type.to_string(), annotations }
 }
 
 /// Asserts the referrers list equals `expected` (in any order), descriptor by descriptor.
 fn check_referrers(v: &Value, expected: &[&Referrer]) {
     let got = v["manifests"].as_array().expect("manifests array");
-    let by_digest: BTreeMap<String, &Value> = got
-        .iter()
-        .map(|d| (d["digest"].as_str().expect("digest").to_string(), d))
-        .collect();
+    let by_digest: BTreeMap<String, &Value> =
+        got.iter().map(|d| (d["digest"].as_str().expect("digest").to_string(), d)).collect();
     assert_eq!(got.len(), by_digest.len(), "duplicate referrers: {v}");
     let want: Vec<&str> = expected.iter().map(|r| r.digest.as_str()).collect();
     let have: Vec<&str> = by_digest.keys().map(|s| s.as_str()).collect();
@@ -2574,9 +1925,7 @@ fn check_referrers(v: &Value, expected: &[&Referrer]) {
         match &r.annotations {
             Some(a) => assert_eq!(&dsc["annotations"], a, "{dsc}"),
             None => assert!(
-                dsc.get("annotations").is_none()
-                    || dsc["annotations"] == json!({})
-                    || dsc["annotations"].is_null(),
+                dsc.get("annotations").is_none() || dsc["annotations"] == json!({}) || dsc["annotations"].is_null(),
                 "unexpected annotations: {dsc}"
             ),
         }
@@ -2597,15 +1946,9 @@ async fn referrers_list() {
         Some(json!({"org.example.kind": "sig", "org.opencontainers.image.created": "2024-05-01T00:00:00Z"})),
     )
     .await;
-    let sbom = push_artifact(
-        &reg,
-        "repo",
-        "sbom-tag",
-        &subject,
-        "application/vnd.example.sbom",
-        Some(json!({"k": "v"})),
-    )
-    .await;
+    let sbom =
+        push_artifact(&reg, "repo", "sbom-tag", &subject, "application/vnd.example.sbom", Some(json!({"k": "v"})))
+            .await;
 
     // Image manifest without artifactType: its config mediaType is the artifactType.
     let cfg_type = "application/vnd.example.config.v1+json";
@@ -2619,9 +1962,7 @@ async fn referrers_list() {
         "subject": {"mediaType": OCI_MANIFEST, "digest": subject, "size": 1},
     }))
     .unwrap();
-    let img_d = reg
-        .push_manifest("repo", &sha256(&img_bytes), OCI_MANIFEST, &img_bytes)
-        .await;
+    let img_d = reg.push_manifest("repo", &sha256(&img_bytes), OCI_MANIFEST, &img_bytes).await;
     let img = Referrer {
         digest: img_d,
         bytes: img_bytes,
@@ -2640,9 +1981,7 @@ async fn referrers_list() {
         "annotations": {"bundle": "yes"},
     }))
     .unwrap();
-    let idx_d = reg
-        .push_manifest("repo", "bundle", OCI_INDEX, &idx_bytes)
-        .await;
+    let idx_d = reg.push_manifest("repo", "bundle", OCI_INDEX, &idx_bytes).await;
     let idx = Referrer {
         digest: idx_d,
         bytes: idx_bytes,
@@ -2655,24 +1994,8 @@ async fn referrers_list() {
     // the same digest in another repository.
     reg.push_image("repo", "plain", 71).await;
     let (other_subject, _) = reg.push_image("repo", "other", 72).await;
-    let other_ref = push_artifact(
-        &reg,
-        "repo",
-        "",
-        &other_subject,
-        "application/vnd.example.signature",
-        None,
-    )
-    .await;
-    let elsewhere = push_artifact(
-        &reg,
-        "elsewhere",
-        "",
-        &subject,
-        "application/vnd.example.signature",
-        None,
-    )
-    .await;
+    let other_ref = push_artifact(&reg, "repo", "", &other_subject, "application/vnd.example.signature", None).await;
+    let elsewhere = push_artifact(&reg, "elsewhere", "", &subject, "application/vnd.example.signature", None).await;
 
     let (h, v) = reg.referrers("repo", &subject, None).await;
     assert!(hdr(&h, "oci-filters-applied").is_none());
@@ -2690,65 +2013,25 @@ async fn referrers_list() {
 async fn referrers_filter_by_artifact_type() {
     let reg = Reg::start();
     let (subject, _) = reg.push_image("repo", "base", 73).await;
-    let a = push_artifact(
-        &reg,
-        "repo",
-        "",
-        &subject,
-        "application/vnd.example.a",
-        Some(json!({"n": "1"})),
-    )
-    .await;
-    let b1 = push_artifact(
-        &reg,
-        "repo",
-        "",
-        &subject,
-        "application/vnd.example.b",
-        Some(json!({"n": "2"})),
-    )
-    .await;
-    let b2 = push_artifact(
-        &reg,
-        "repo",
-        "",
-        &subject,
-        "application/vnd.example.b",
-        Some(json!({"n": "3"})),
-    )
-    .await;
-    let plus = push_artifact(
-        &reg,
-        "repo",
-        "",
-        &subject,
-        "application/vnd.example.c+json",
-        None,
-    )
-    .await;
+    let a = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.a", Some(json!({"n": "1"}))).await;
+    let b1 = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.b", Some(json!({"n": "2"}))).await;
+    let b2 = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.b", Some(json!({"n": "3"}))).await;
+    let plus = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.c+json", None).await;
 
-    let (h, v) = reg
-        .referrers("repo", &subject, Some("application/vnd.example.b"))
-        .await;
+    let (h, v) = reg.referrers("repo", &subject, Some("application/vnd.example.b")).await;
     assert_eq!(must_hdr(&h, "oci-filters-applied"), "artifactType");
     check_referrers(&v, &[&b1, &b2]);
 
-    let (h, v) = reg
-        .referrers("repo", &subject, Some("application/vnd.example.a"))
-        .await;
+    let (h, v) = reg.referrers("repo", &subject, Some("application/vnd.example.a")).await;
     assert_eq!(must_hdr(&h, "oci-filters-applied"), "artifactType");
     check_referrers(&v, &[&a]);
 
     // '+' must be percent-decoded, not turned into a space.
-    let (h, v) = reg
-        .referrers("repo", &subject, Some("application/vnd.example.c+json"))
-        .await;
+    let (h, v) = reg.referrers("repo", &subject, Some("application/vnd.example.c+json")).await;
     assert_eq!(must_hdr(&h, "oci-filters-applied"), "artifactType");
     check_referrers(&v, &[&plus]);
 
-    let (h, v) = reg
-        .referrers("repo", &subject, Some("application/vnd.example.none"))
-        .await;
+    let (h, v) = reg.referrers("repo", &subject, Some("application/vnd.example.none")).await;
     assert_eq!(must_hdr(&h, "oci-filters-applied"), "artifactType");
     check_referrers(&v, &[]);
 
@@ -2760,13 +2043,9 @@ async fn referrers_filter_by_artifact_type() {
 async fn referrers_of_unknown_subject_is_empty() {
     let reg = Reg::start();
     reg.push_image("repo", "x", 74).await;
-    let (_, v) = reg
-        .referrers("repo", &sha256(b"nothing refers to me"), None)
-        .await;
+    let (_, v) = reg.referrers("repo", &sha256(b"nothing refers to me"), None).await;
     assert_eq!(v["manifests"], json!([]));
-    let (_, v) = reg
-        .referrers("repo", &sha512(b"nothing refers to me"), None)
-        .await;
+    let (_, v) = reg.referrers("repo", &sha512(b"nothing refers to me"), None).await;
     assert_eq!(v["manifests"], json!([]));
     // Even in a repository that does not exist.
     let (_, v) = reg.referrers("ghost", &sha256(b"nothing"), None).await;
@@ -2783,24 +2062,8 @@ async fn referrers_before_subject_exists_and_after_delete() {
     }))
     .unwrap();
     let subject = sha256(&m);
-    let r1 = push_artifact(
-        &reg,
-        "repo",
-        "r1",
-        &subject,
-        "application/vnd.example.x",
-        Some(json!({"i": "1"})),
-    )
-    .await;
-    let r2 = push_artifact(
-        &reg,
-        "repo",
-        "",
-        &subject,
-        "application/vnd.example.y",
-        None,
-    )
-    .await;
+    let r1 = push_artifact(&reg, "repo", "r1", &subject, "application/vnd.example.x", Some(json!({"i": "1"}))).await;
+    let r2 = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.y", None).await;
     let (_, v) = reg.referrers("repo", &subject, None).await;
     check_referrers(&v, &[&r1, &r2]);
 
@@ -2815,20 +2078,10 @@ async fn referrers_before_subject_exists_and_after_delete() {
     check_referrers(&v, &[&r1, &r2]);
 
     // Deleting the referrer manifest removes it.
-    expect(
-        reg.delete(&format!("/v2/repo/manifests/{}", r1.digest))
-            .await,
-        202,
-    )
-    .await;
+    expect(reg.delete(&format!("/v2/repo/manifests/{}", r1.digest)).await, 202).await;
     let (_, v) = reg.referrers("repo", &subject, None).await;
     check_referrers(&v, &[&r2]);
-    expect(
-        reg.delete(&format!("/v2/repo/manifests/{}", r2.digest))
-            .await,
-        202,
-    )
-    .await;
+    expect(reg.delete(&format!("/v2/repo/manifests/{}", r2.digest)).await, 202).await;
     let (_, v) = reg.referrers("repo", &subject, None).await;
     check_referrers(&v, &[]);
 }
@@ -2844,26 +2097,13 @@ async fn referrers_sha512() {
     }))
     .unwrap();
     let subject = sha512(&m);
-    let (h, _) = expect(
-        reg.put_manifest("repo", &subject, OCI_MANIFEST, &m).await,
-        201,
-    )
-    .await;
+    let (h, _) = expect(reg.put_manifest("repo", &subject, OCI_MANIFEST, &m).await, 201).await;
     assert!(hdr(&h, "oci-subject").is_none());
-    let r = push_artifact(
-        &reg,
-        "repo",
-        "sig",
-        &subject,
-        "application/vnd.example.sig512",
-        Some(json!({"a": "b"})),
-    )
-    .await;
+    let r =
+        push_artifact(&reg, "repo", "sig", &subject, "application/vnd.example.sig512", Some(json!({"a": "b"}))).await;
     let (_, v) = reg.referrers("repo", &subject, None).await;
     check_referrers(&v, &[&r]);
-    let (h, v) = reg
-        .referrers("repo", &subject, Some("application/vnd.example.sig512"))
-        .await;
+    let (h, v) = reg.referrers("repo", &subject, Some("application/vnd.example.sig512")).await;
     assert_eq!(must_hdr(&h, "oci-filters-applied"), "artifactType");
     check_referrers(&v, &[&r]);
     // The sha256 of the same subject bytes is a different digest with no referrers.
@@ -2888,10 +2128,7 @@ async fn catalog_lists_sorted_repositories_with_pagination() {
     }
     let mut sorted = names.to_vec();
     sorted.sort();
-    assert_eq!(
-        sorted,
-        vec!["alpha", "alpha-x", "alpha/one", "beta", "gamma/a/b", "zeta"]
-    );
+    assert_eq!(sorted, vec!["alpha", "alpha-x", "alpha/one", "beta", "gamma/a/b", "zeta"]);
 
     let (h, body) = expect(reg.get("/v2/_catalog").await, 200).await;
     assert!(must_hdr(&h, "content-type").starts_with("application/json"));
@@ -2998,24 +2235,14 @@ async fn hostile_paths_never_5xx() {
     for p in &paths {
         for method in ["GET", "HEAD", "DELETE", "PATCH", "PUT"] {
             let st = raw_status(&reg, &raw_get(&reg, method, p)).await;
-            assert!(
-                (400..500).contains(&st),
-                "{method} {p}: expected a 4xx, got {st}"
-            );
+            assert!((400..500).contains(&st), "{method} {p}: expected a 4xx, got {st}");
         }
     }
     // Non-numeric n is a client error for GET.
-    for p in [
-        "/v2/b/tags/list?n=abc",
-        "/v2/_catalog?n=abc",
-        "/v2/b/tags/list?n=-1",
-    ] {
+    for p in ["/v2/b/tags/list?n=abc", "/v2/_catalog?n=abc", "/v2/b/tags/list?n=-1"] {
         expect_4xx(reg.get(p).await).await;
     }
-    for p in [
-        "/v2/b/tags/list?n=99999999999999999999999999",
-        "/v2/_catalog?n=99999999999999999999999999",
-    ] {
+    for p in ["/v2/b/tags/list?n=99999999999999999999999999", "/v2/_catalog?n=99999999999999999999999999"] {
         let st = raw_status(&reg, &raw_get(&reg, "GET", p)).await;
         assert!(st < 500, "{p}: got {st}");
     }
@@ -3025,10 +2252,7 @@ async fn hostile_paths_never_5xx() {
     // No repository was created by any of this.
     let (_, body) = expect(reg.get("/v2/_catalog").await, 200).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
-    assert!(
-        v["repositories"] == json!([]) || v["repositories"] == json!(["b"]),
-        "{v}"
-    );
+    assert!(v["repositories"] == json!([]) || v["repositories"] == json!(["b"]), "{v}");
 }
 
 #[tokio::test]
@@ -3059,20 +2283,10 @@ async fn hostile_content_range_and_range_headers() {
             .await;
         let st = r.status().as_u16();
         let body = r.bytes().await.unwrap_or_default();
-        assert!(
-            st == 400 || st == 416,
-            "Content-Range {cr:?}: expected 400 or 416, got {st}: {}",
-            body_text(&body)
-        );
+        assert!(st == 400 || st == 416, "Content-Range {cr:?}: expected 400 or 416, got {st}: {}", body_text(&body));
     }
     // Content-Range that disagrees with the body length.
-    let r = reg
-        .send(
-            reg.req(Method::PATCH, &loc)
-                .header("content-range", "10-19")
-                .body(b"abcd".to_vec()),
-        )
-        .await;
+    let r = reg.send(reg.req(Method::PATCH, &loc).header("content-range", "10-19").body(b"abcd".to_vec())).await;
     expect_4xx(r).await;
     // The session is still usable. (The mismatched-length chunk may or may not have been kept,
     // so only check that the server still answers.)
@@ -3094,35 +2308,17 @@ async fn hostile_content_range_and_range_headers() {
         "items=0-5",
         "garbage",
     ] {
-        let r = reg
-            .send(
-                reg.req(Method::GET, &format!("/v2/repo/blobs/{d}"))
-                    .header("range", range),
-            )
-            .await;
+        let r = reg.send(reg.req(Method::GET, &format!("/v2/repo/blobs/{d}")).header("range", range)).await;
         let st = r.status().as_u16();
         let h = r.headers().clone();
         let body = r.bytes().await.unwrap_or_default();
-        assert!(
-            st == 200 || st == 206 || st == 416,
-            "Range {range:?}: got {st}"
-        );
+        assert!(st == 200 || st == 206 || st == 416, "Range {range:?}: got {st}");
         match st {
-            200 => assert!(
-                body[..] == content[..],
-                "Range {range:?}: 200 must be the whole blob"
-            ),
-            416 => assert_eq!(
-                must_hdr(&h, "content-range"),
-                "bytes */64",
-                "Range {range:?}"
-            ),
+            200 => assert!(body[..] == content[..], "Range {range:?}: 200 must be the whole blob"),
+            416 => assert_eq!(must_hdr(&h, "content-range"), "bytes */64", "Range {range:?}"),
             _ => {
                 let cr = must_hdr(&h, "content-range");
-                assert!(
-                    cr.starts_with("bytes ") && cr.ends_with("/64"),
-                    "Range {range:?}: {cr}"
-                );
+                assert!(cr.starts_with("bytes ") && cr.ends_with("/64"), "Range {range:?}: {cr}");
             }
         }
     }
@@ -3136,47 +2332,24 @@ async fn hostile_manifest_bodies() {
     let reg = Reg::start();
     // Deeply nested JSON.
     let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000)).into_bytes();
-    expect_error(
-        reg.put_manifest("repo", "deep", OCI_MANIFEST, &deep).await,
-        400,
-        "MANIFEST_INVALID",
-    )
-    .await;
+    expect_error(reg.put_manifest("repo", "deep", OCI_MANIFEST, &deep).await, 400, "MANIFEST_INVALID").await;
     let deep_obj = format!(
         "{{\"schemaVersion\":2,\"mediaType\":\"{OCI_MANIFEST}\",\"annotations\":{}{}}}",
         "{\"a\":".repeat(100_000),
         "}".repeat(100_000)
     )
     .into_bytes();
-    expect_4xx(
-        reg.put_manifest("repo", "deep2", OCI_MANIFEST, &deep_obj)
-            .await,
-    )
-    .await;
+    expect_4xx(reg.put_manifest("repo", "deep2", OCI_MANIFEST, &deep_obj).await).await;
 
     // Descriptors carrying traversal attempts in their digests.
-    for bad in [
-        "sha256:../../../../etc/passwd",
-        "../../etc/passwd",
-        "sha256:",
-        "sha256:%2e%2e",
-    ] {
+    for bad in ["sha256:../../../../etc/passwd", "../../etc/passwd", "sha256:", "sha256:%2e%2e"] {
         let m = serde_json::to_vec(&json!({
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": OCI_CONFIG, "digest": bad, "size": 2}, "layers": []
         }))
         .unwrap();
         let r = reg.put_manifest("repo", "trav", OCI_MANIFEST, &m).await;
-        expect_error_one_of(
-            r,
-            400,
-            &[
-                "MANIFEST_INVALID",
-                "DIGEST_INVALID",
-                "MANIFEST_BLOB_UNKNOWN",
-            ],
-        )
-        .await;
+        expect_error_one_of(r, 400, &["MANIFEST_INVALID", "DIGEST_INVALID", "MANIFEST_BLOB_UNKNOWN"]).await;
         let s = serde_json::to_vec(&json!({
             "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [],
             "subject": {"mediaType": OCI_MANIFEST, "digest": bad, "size": 2}
@@ -3185,12 +2358,7 @@ async fn hostile_manifest_bodies() {
         let r = reg.put_manifest("repo", "trav", OCI_INDEX, &s).await;
         expect_error_one_of(r, 400, &["MANIFEST_INVALID", "DIGEST_INVALID"]).await;
     }
-    expect_error(
-        reg.get("/v2/repo/manifests/trav").await,
-        404,
-        "MANIFEST_UNKNOWN",
-    )
-    .await;
+    expect_error(reg.get("/v2/repo/manifests/trav").await, 404, "MANIFEST_UNKNOWN").await;
 
     // Huge declared sizes and negative sizes.
     reg.push_blob("repo", b"{}").await;
@@ -3220,12 +2388,7 @@ async fn concurrent_pushes_of_the_same_content() {
         let d = d.clone();
         tasks.push(tokio::spawn(async move {
             if i % 2 == 0 {
-                let r = reg
-                    .post(
-                        &format!("/v2/repo/blobs/uploads/?digest={d}"),
-                        content.to_vec(),
-                    )
-                    .await;
+                let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.to_vec()).await;
                 expect(r, 201).await;
             } else {
                 let loc = reg.start_upload("repo").await;
@@ -3251,8 +2414,7 @@ async fn concurrent_pushes_of_the_same_content() {
         let reg = reg.clone();
         let m = m.clone();
         tasks.push(tokio::spawn(async move {
-            reg.push_manifest("repo", &format!("t{i:02}"), OCI_MANIFEST, &m)
-                .await;
+            reg.push_manifest("repo", &format!("t{i:02}"), OCI_MANIFEST, &m).await;
             reg.push_manifest("repo", "same", OCI_MANIFEST, &m).await;
         }));
     }
@@ -3279,11 +2441,7 @@ async fn upload_sessions_created_at_startup_survive() {
             let loc = reg.start_upload("repo").await;
             let (h, _) = expect(reg.patch_chunk(&loc, 0, &content).await, 202).await;
             let loc = must_hdr(&h, "location");
-            expect(
-                reg.finish_upload(&loc, &sha256(&content), vec![]).await,
-                201,
-            )
-            .await;
+            expect(reg.finish_upload(&loc, &sha256(&content), vec![]).await, 201).await;
         }));
     }
     let mut failures = Vec::new();
@@ -3292,12 +2450,7 @@ async fn upload_sessions_created_at_startup_survive() {
             failures.push(e.to_string());
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of 48 uploads failed: {:?}",
-        failures.len(),
-        failures.first()
-    );
+    assert!(failures.is_empty(), "{} of 48 uploads failed: {:?}", failures.len(), failures.first());
 }
 
 /// With a default upstream that does not answer (port 1 on loopback is closed), pushes to

@@ -142,11 +142,7 @@ impl Ctx {
         if e.is_transport() && killed {
             return;
         }
-        let when = if killed {
-            "after the kill"
-        } else {
-            "before the kill"
-        };
+        let when = if killed { "after the kill" } else { "before the kill" };
         self.lock().failures.push(format!("{what} ({when}): {e}"));
     }
 
@@ -180,11 +176,7 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
         if park && parked >= PARKED_PER_ROUND {
             return ctx.idle().await;
         }
-        let len = if park {
-            rng.range(3 * MIB, 12 * MIB)
-        } else {
-            rng.range(6 * MIB, 24 * MIB)
-        } + rng.range(0, 4095);
+        let len = if park { rng.range(3 * MIB, 12 * MIB) } else { rng.range(6 * MIB, 24 * MIB) } + rng.range(0, 4095);
         if !ctx.reserve(len) {
             return ctx.idle().await;
         }
@@ -255,13 +247,7 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
             Ok(()) => {
                 let mut l = ctx.lock();
                 l.sessions.remove(&sid);
-                l.blobs.push(BlobRec {
-                    repo: repo.clone(),
-                    seed,
-                    len,
-                    digest,
-                    verified: false,
-                });
+                l.blobs.push(BlobRec { repo: repo.clone(), seed, len, digest, verified: false });
             }
             Err(e) => return ctx.error(&format!("PUT {loc}?digest="), e),
         }
@@ -270,22 +256,10 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
 
 /// Pushes one whole blob, monolithic (`POST ?digest=`) or `POST` + one `PUT` with the body.
 /// `seed` names the bytes in the ledger (only `digest` and `len` are used to check them).
-async fn push_whole_blob(
-    ctx: &Ctx,
-    repo: &str,
-    seed: u64,
-    bytes: Vec<u8>,
-    single_post: bool,
-) -> bool {
+async fn push_whole_blob(ctx: &Ctx, repo: &str, seed: u64, bytes: Vec<u8>, single_post: bool) -> bool {
     let len = bytes.len() as u64;
     let digest = data::sha256_digest(&bytes);
-    let rec = BlobRec {
-        repo: repo.to_string(),
-        seed,
-        len,
-        digest: digest.clone(),
-        verified: false,
-    };
+    let rec = BlobRec { repo: repo.to_string(), seed, len, digest: digest.clone(), verified: false };
     let loc = if single_post {
         None
     } else {
@@ -305,11 +279,7 @@ async fn push_whole_blob(
     };
     let res = match &loc {
         None => ctx.reg.post_monolithic(repo, &digest, bytes).await,
-        Some(loc) => {
-            ctx.reg
-                .finish(loc, &digest, Some((len, Body::from(bytes))))
-                .await
-        }
+        Some(loc) => ctx.reg.finish(loc, &digest, Some((len, Body::from(bytes)))).await,
     };
     match res {
         Ok(()) => {
@@ -337,15 +307,7 @@ async fn monolithic_writer(ctx: Ctx, round: usize, worker: usize) {
             return ctx.idle().await;
         }
         let seed = seed_for(round, worker, n);
-        if !push_whole_blob(
-            &ctx,
-            &repo,
-            seed,
-            data::bytes(seed, len as usize),
-            n % 2 == 0,
-        )
-        .await
-        {
+        if !push_whole_blob(&ctx, &repo, seed, data::bytes(seed, len as usize), n % 2 == 0).await {
             return;
         }
     }
@@ -360,8 +322,10 @@ async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
         }
         let seed = seed_for(round, worker, n);
         let layer = data::bytes(seed, 200_000 + n as usize);
-        let config = format!(r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"seed":{seed}}}"#)
-            .into_bytes();
+        let config = format!(
+            r#"{{"architecture":"amd64","os":"linux","rootfs":{{"type":"layers","diff_ids":[]}},"seed":{seed}}}"#
+        )
+        .into_bytes();
         if !ctx.reserve((layer.len() + config.len()) as u64) {
             return ctx.idle().await;
         }
@@ -393,11 +357,7 @@ async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
             l.pending_manifests.insert(id, rec.clone());
             id
         };
-        match ctx
-            .reg
-            .put_manifest(&repo, &rec.tag, oci::MT_MANIFEST, bytes)
-            .await
-        {
+        match ctx.reg.put_manifest(&repo, &rec.tag, oci::MT_MANIFEST, bytes).await {
             Ok(()) => {
                 let mut l = ctx.lock();
                 l.pending_manifests.remove(&id);
@@ -431,26 +391,14 @@ async fn complete_session(reg: &Registry, s: &SessRec, from: u64) -> Result<(), 
     while off < s.len {
         let clen = half.min(s.len - off);
         let body = Body::from(data::bytes_at(s.seed, off, clen as usize));
-        let (nl, stored) = reg
-            .patch(&loc, off, clen, body)
-            .await
-            .map_err(|e| format!("completing {}: PATCH at {off}: {e}", s.loc))?;
+        let (nl, stored) =
+            reg.patch(&loc, off, clen, body).await.map_err(|e| format!("completing {}: PATCH at {off}: {e}", s.loc))?;
         loc = Registry::path_of(&nl);
         off = stored;
     }
-    reg.finish(&loc, &s.digest, None)
-        .await
-        .map_err(|e| format!("completing {}: PUT ?digest: {e}", s.loc))?;
-    let b = BlobRec {
-        repo: s.repo.clone(),
-        seed: s.seed,
-        len: s.len,
-        digest: s.digest.clone(),
-        verified: false,
-    };
-    check_blob(reg, &b)
-        .await
-        .map_err(|e| format!("after completing {}: {e}", s.loc))
+    reg.finish(&loc, &s.digest, None).await.map_err(|e| format!("completing {}: PUT ?digest: {e}", s.loc))?;
+    let b = BlobRec { repo: s.repo.clone(), seed: s.seed, len: s.len, digest: s.digest.clone(), verified: false };
+    check_blob(reg, &b).await.map_err(|e| format!("after completing {}: {e}", s.loc))
 }
 
 /// Checks everything in the ledger against the restarted server. Completes every open session
@@ -469,9 +417,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
         } else {
             match reg.head_blob(&b.repo, &b.digest).await {
                 Ok(st) if st == StatusCode::OK => {}
-                other => {
-                    failures.push(format!("HEAD /v2/{}/blobs/{}: {other:?}", b.repo, b.digest))
-                }
+                other => failures.push(format!("HEAD /v2/{}/blobs/{}: {other:?}", b.repo, b.digest)),
             }
         }
     }
@@ -483,17 +429,11 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
             Ok(st) if st == StatusCode::OK => match check_blob(reg, &b).await {
                 Ok(()) => {
                     ledger.stats.cut_blobs_present += 1;
-                    ledger.blobs.push(BlobRec {
-                        verified: true,
-                        ..b
-                    });
+                    ledger.blobs.push(BlobRec { verified: true, ..b });
                 }
                 Err(e) => failures.push(format!("blob cut by the kill is present but wrong: {e}")),
             },
-            other => failures.push(format!(
-                "HEAD of a cut blob /v2/{}/blobs/{}: {other:?}",
-                b.repo, b.digest
-            )),
+            other => failures.push(format!("HEAD of a cut blob /v2/{}/blobs/{}: {other:?}", b.repo, b.digest)),
         }
     }
 
@@ -522,9 +462,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
     for (_, m) in std::mem::take(&mut ledger.pending_manifests) {
         match reg.get_manifest(&m.repo, &m.tag).await {
             Ok((st, _, _, _)) if st == StatusCode::NOT_FOUND => {}
-            Ok((st, _, _, body)) if st == StatusCode::OK && body == m.bytes => {
-                ledger.manifests.push(m)
-            }
+            Ok((st, _, _, body)) if st == StatusCode::OK && body == m.bytes => ledger.manifests.push(m),
             Ok((st, _, _, body)) => failures.push(format!(
                 "manifest {}:{} cut by the kill is neither absent nor intact: {st}, {} bytes",
                 m.repo,
@@ -543,9 +481,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
             SessState::Idle => {
                 ledger.stats.idle_sessions_checked += 1;
                 match status {
-                    Ok((st, range))
-                        if st == StatusCode::NO_CONTENT
-                            && (s.acked == 0 || range == Some(s.acked)) => {}
+                    Ok((st, range)) if st == StatusCode::NO_CONTENT && (s.acked == 0 || range == Some(s.acked)) => {}
                     other => {
                         failures.push(format!(
                             "idle session {} (last PATCH got 202 with Range 0-{}, {} restart(s) ago): GET gave {other:?}, \
@@ -691,15 +627,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
 fn disk_report(root: &Path, s: &SessRec) -> String {
     let hex = s.digest.strip_prefix("sha256:").unwrap_or(&s.digest);
     let blob = root.join("blobs").join("sha256").join(&hex[..2]).join(hex);
-    let id = s
-        .loc
-        .split('?')
-        .next()
-        .unwrap_or("")
-        .rsplit('/')
-        .next()
-        .unwrap_or("")
-        .to_string();
+    let id = s.loc.split('?').next().unwrap_or("").rsplit('/').next().unwrap_or("").to_string();
     let mut found = Vec::new();
     let mut stack = vec![root.join("ingest")];
     while let Some(dir) = stack.pop() {
@@ -732,11 +660,7 @@ fn disk_report(root: &Path, s: &SessRec) -> String {
     format!(
         "blobs/sha256/{}/{hex} {}; ingest entries for session {id}: {found:?}",
         &hex[..2],
-        if blob.exists() {
-            "exists"
-        } else {
-            "does not exist"
-        }
+        if blob.exists() { "exists" } else { "does not exist" }
     )
 }
 
@@ -747,11 +671,7 @@ fn fail_if_any(ledger: &Ledger, when: &str) {
             "{} failure(s) {when}; stats {:?}:\n  {}",
             ledger.failures.len(),
             ledger.stats,
-            shown
-                .iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("\n  ")
+            shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
         );
     }
 }
@@ -761,11 +681,7 @@ fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
     let t0 = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("store");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let ledger = Arc::new(Mutex::new(Ledger::default()));
 
     for (round, &kill_after_ms) in KILL_AFTER_MS.iter().enumerate() {
@@ -824,40 +740,16 @@ fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
     let mut l = ledger.lock().unwrap();
     rt.block_on(verify(&reg, &root, &mut l, true));
     fail_if_any(&l, "after the final restart");
-    assert!(
-        l.sessions.is_empty(),
-        "sessions left open: {:?}",
-        l.sessions
-    );
+    assert!(l.sessions.is_empty(), "sessions left open: {:?}", l.sessions);
     l.stats.blobs_committed = l.blobs.len();
     l.stats.manifests_committed = l.manifests.len();
     drop(server);
     l.stats.files_checked_on_disk += assert_blobs_intact(&root);
-    eprintln!(
-        "crash test: {:?} in {:.1} s",
-        l.stats,
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("crash test: {:?} in {:.1} s", l.stats, t0.elapsed().as_secs_f64());
 
     // The test must have exercised what it claims to check.
-    assert!(
-        l.stats.blobs_committed >= 10,
-        "too few acknowledged blobs: {:?}",
-        l.stats
-    );
-    assert!(
-        l.stats.manifests_committed >= 3,
-        "too few acknowledged manifests: {:?}",
-        l.stats
-    );
-    assert!(
-        l.stats.idle_sessions_checked >= ROUNDS,
-        "too few idle sessions checked: {:?}",
-        l.stats
-    );
-    assert!(
-        l.stats.idle_sessions_multi_restart >= 1,
-        "no session was checked across two restarts: {:?}",
-        l.stats
-    );
+    assert!(l.stats.blobs_committed >= 10, "too few acknowledged blobs: {:?}", l.stats);
+    assert!(l.stats.manifests_committed >= 3, "too few acknowledged manifests: {:?}", l.stats);
+    assert!(l.stats.idle_sessions_checked >= ROUNDS, "too few idle sessions checked: {:?}", l.stats);
+    assert!(l.stats.idle_sessions_multi_restart >= 1, "no session was checked across two restarts: {:?}", l.stats);
 }

@@ -35,29 +35,20 @@ fn one_gib_blobs_stream_through_in_bounded_memory() {
     let t0 = Instant::now();
     let server = Server::start();
     let reg = Registry::new(&server.url(""));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let (seed_mono, seed_chunked) = (0x5eed_0001, 0x5eed_0002);
 
     // Digests first (computed from the generator, in 1 MiB pieces, in parallel).
     let h1 = std::thread::spawn(move || data::stream_digest(seed_mono, 0, GIB));
     let h2 = std::thread::spawn(move || data::stream_digest(seed_chunked, 0, GIB));
     let (digest_mono, digest_chunked) = (h1.join().unwrap(), h2.join().unwrap());
-    eprintln!(
-        "memory: digests computed at {:.1} s",
-        t0.elapsed().as_secs_f64()
-    );
+    eprintln!("memory: digests computed at {:.1} s", t0.elapsed().as_secs_f64());
 
     rt.block_on(async {
         // POST, then one PUT with the whole body.
         let loc = reg.start_upload("mem/mono").await.expect("POST upload");
         let body = Body::wrap_stream(data::byte_stream(seed_mono, 0, GIB));
-        reg.finish(&loc, &digest_mono, Some((GIB, body)))
-            .await
-            .expect("PUT 1 GiB");
+        reg.finish(&loc, &digest_mono, Some((GIB, body))).await.expect("PUT 1 GiB");
         eprintln!(
             "memory: monolithic push done at {:.1} s, VmHWM {:.1} MiB",
             t0.elapsed().as_secs_f64(),
@@ -69,16 +60,11 @@ fn one_gib_blobs_stream_through_in_bounded_memory() {
         let mut off = 0;
         while off < GIB {
             let body = Body::wrap_stream(data::byte_stream(seed_chunked, off, CHUNK));
-            let (nl, stored) = reg
-                .patch(&loc, off, CHUNK, body)
-                .await
-                .expect("PATCH 64 MiB");
+            let (nl, stored) = reg.patch(&loc, off, CHUNK, body).await.expect("PATCH 64 MiB");
             loc = nl;
             off = stored;
         }
-        reg.finish(&loc, &digest_chunked, None)
-            .await
-            .expect("PUT ?digest");
+        reg.finish(&loc, &digest_chunked, None).await.expect("PUT ?digest");
         eprintln!(
             "memory: chunked push done at {:.1} s, VmHWM {:.1} MiB",
             t0.elapsed().as_secs_f64(),
@@ -93,11 +79,7 @@ fn one_gib_blobs_stream_through_in_bounded_memory() {
     });
 
     let hwm = server.vm_hwm();
-    eprintln!(
-        "memory: done in {:.1} s, server VmHWM {:.1} MiB",
-        t0.elapsed().as_secs_f64(),
-        mib(hwm)
-    );
+    eprintln!("memory: done in {:.1} s, server VmHWM {:.1} MiB", t0.elapsed().as_secs_f64(), mib(hwm));
     assert!(
         hwm < HWM_LIMIT,
         "server peak RSS (VmHWM) {:.1} MiB is not under {} MiB while moving 1 GiB blobs",

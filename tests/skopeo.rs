@@ -23,96 +23,44 @@ use tokio::runtime::Runtime;
 
 /// One runtime per test: reqwest's pooled connections belong to the runtime that opened them.
 fn rt() -> Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
 }
 
 /// The manifest at `repo:reference` is served with exactly `expected`'s bytes, its digest in
 /// `Docker-Content-Digest`, and its media type in `Content-Type`.
-fn assert_manifest_served(
-    rt: &Runtime,
-    reg: &Registry,
-    repo: &str,
-    reference: &str,
-    expected: &Blob,
-) {
-    let (st, dcd, ct, body) = rt
-        .block_on(reg.get_manifest(repo, reference))
-        .expect("GET manifest");
+fn assert_manifest_served(rt: &Runtime, reg: &Registry, repo: &str, reference: &str, expected: &Blob) {
+    let (st, dcd, ct, body) = rt.block_on(reg.get_manifest(repo, reference)).expect("GET manifest");
     assert_eq!(st.as_u16(), 200, "GET /v2/{repo}/manifests/{reference}");
-    assert_eq!(
-        data::sha256_digest(&body),
-        expected.digest,
-        "{repo}:{reference}: served manifest digest"
-    );
-    assert!(
-        body == expected.data,
-        "{repo}:{reference}: served manifest bytes differ"
-    );
-    assert_eq!(
-        dcd.as_deref(),
-        Some(expected.digest.as_str()),
-        "{repo}:{reference}: Docker-Content-Digest"
-    );
+    assert_eq!(data::sha256_digest(&body), expected.digest, "{repo}:{reference}: served manifest digest");
+    assert!(body == expected.data, "{repo}:{reference}: served manifest bytes differ");
+    assert_eq!(dcd.as_deref(), Some(expected.digest.as_str()), "{repo}:{reference}: Docker-Content-Digest");
     let ct = ct.unwrap_or_default();
-    assert_eq!(
-        ct.split(';').next().unwrap().trim(),
-        expected.media_type,
-        "{repo}:{reference}: Content-Type"
-    );
+    assert_eq!(ct.split(';').next().unwrap().trim(), expected.media_type, "{repo}:{reference}: Content-Type");
 }
 
 /// Every blob is served under `repo` with identical bytes.
 fn assert_blobs_served(rt: &Runtime, reg: &Registry, repo: &str, blobs: &[&Blob]) {
     for b in blobs {
-        let (st, body) = rt
-            .block_on(reg.get_blob(repo, &b.digest))
-            .expect("GET blob");
+        let (st, body) = rt.block_on(reg.get_blob(repo, &b.digest)).expect("GET blob");
         assert_eq!(st.as_u16(), 200, "GET /v2/{repo}/blobs/{}", b.digest);
-        assert_eq!(
-            data::sha256_digest(&body),
-            b.digest,
-            "{repo}: blob {} bytes differ",
-            b.digest
-        );
+        assert_eq!(data::sha256_digest(&body), b.digest, "{repo}: blob {} bytes differ", b.digest);
     }
 }
 
 /// `skopeo inspect --raw` returns exactly the expected manifest bytes.
 fn assert_inspect_raw(sk: &Skopeo, image: &str, expected: &Blob) {
     let raw = sk.inspect_raw(image);
-    assert_eq!(
-        data::sha256_digest(&raw),
-        expected.digest,
-        "skopeo inspect --raw {image}: digest"
-    );
+    assert_eq!(data::sha256_digest(&raw), expected.digest, "skopeo inspect --raw {image}: digest");
 }
 
 /// The OCI layout at `dir` names `expected` under `tag`, and holds every blob intact.
 fn assert_layout_has(dir: &Path, tag: &str, expected: &Blob, blobs: &[&Blob]) {
     let (mt, digest) = oci::layout_ref(dir, tag);
-    assert_eq!(
-        digest,
-        expected.digest,
-        "{}: {tag} digest after the round trip",
-        dir.display()
-    );
-    assert_eq!(
-        mt,
-        expected.media_type,
-        "{}: {tag} media type",
-        dir.display()
-    );
+    assert_eq!(digest, expected.digest, "{}: {tag} digest after the round trip", dir.display());
+    assert_eq!(mt, expected.media_type, "{}: {tag} media type", dir.display());
     assert!(oci::layout_blob(dir, &expected.digest) == expected.data);
     for b in blobs {
-        assert!(
-            oci::layout_blob(dir, &b.digest) == b.data,
-            "{}: blob {} differs",
-            dir.display(),
-            b.digest
-        );
+        assert!(oci::layout_blob(dir, &b.digest) == b.data, "{}: blob {} differs", dir.display(), b.digest);
     }
 }
 
@@ -130,52 +78,22 @@ fn skopeo_copies_a_three_layer_image_in_and_out_unchanged() {
     oci::write_image_layout(&src, &img, "v1");
 
     // In.
-    sk.copy(
-        &[],
-        &format!("oci:{}:v1", src.display()),
-        &format!("docker://{host}/roundtrip/img:v1"),
-    );
+    sk.copy(&[], &format!("oci:{}:v1", src.display()), &format!("docker://{host}/roundtrip/img:v1"));
     sk.assert_cache_isolated();
-    assert_inspect_raw(
-        &sk,
-        &format!("docker://{host}/roundtrip/img:v1"),
-        &img.manifest,
-    );
-    assert_inspect_raw(
-        &sk,
-        &format!("docker://{host}/roundtrip/img@{}", img.manifest.digest),
-        &img.manifest,
-    );
+    assert_inspect_raw(&sk, &format!("docker://{host}/roundtrip/img:v1"), &img.manifest);
+    assert_inspect_raw(&sk, &format!("docker://{host}/roundtrip/img@{}", img.manifest.digest), &img.manifest);
     assert_manifest_served(&rt, &reg, "roundtrip/img", "v1", &img.manifest);
-    assert_manifest_served(
-        &rt,
-        &reg,
-        "roundtrip/img",
-        &img.manifest.digest,
-        &img.manifest,
-    );
+    assert_manifest_served(&rt, &reg, "roundtrip/img", &img.manifest.digest, &img.manifest);
     assert_blobs_served(&rt, &reg, "roundtrip/img", &img.blobs());
 
     // Out, to a new OCI layout.
     let out = tmp.path().join("out");
-    sk.copy(
-        &[],
-        &format!("docker://{host}/roundtrip/img:v1"),
-        &format!("oci:{}:v1", out.display()),
-    );
+    sk.copy(&[], &format!("docker://{host}/roundtrip/img:v1"), &format!("oci:{}:v1", out.display()));
     assert_layout_has(&out, "v1", &img.manifest, &img.blobs());
 
     // Registry to registry, another repository and tag.
-    sk.copy(
-        &[],
-        &format!("docker://{host}/roundtrip/img:v1"),
-        &format!("docker://{host}/roundtrip/copy:v2"),
-    );
-    assert_inspect_raw(
-        &sk,
-        &format!("docker://{host}/roundtrip/copy:v2"),
-        &img.manifest,
-    );
+    sk.copy(&[], &format!("docker://{host}/roundtrip/img:v1"), &format!("docker://{host}/roundtrip/copy:v2"));
+    assert_inspect_raw(&sk, &format!("docker://{host}/roundtrip/copy:v2"), &img.manifest);
     assert_manifest_served(&rt, &reg, "roundtrip/copy", "v2", &img.manifest);
     assert_blobs_served(&rt, &reg, "roundtrip/copy", &img.blobs());
 }
@@ -199,19 +117,11 @@ fn skopeo_copies_a_multi_arch_index_in_and_out_unchanged() {
     let src = tmp.path().join("src");
     oci::write_layout(&src, &blobs, &[("multi", &index)]);
 
-    sk.copy(
-        &["--all"],
-        &format!("oci:{}:multi", src.display()),
-        &format!("docker://{host}/multi/app:latest"),
-    );
+    sk.copy(&["--all"], &format!("oci:{}:multi", src.display()), &format!("docker://{host}/multi/app:latest"));
     sk.assert_cache_isolated();
     assert_inspect_raw(&sk, &format!("docker://{host}/multi/app:latest"), &index);
     for img in [&amd, &arm] {
-        assert_inspect_raw(
-            &sk,
-            &format!("docker://{host}/multi/app@{}", img.manifest.digest),
-            &img.manifest,
-        );
+        assert_inspect_raw(&sk, &format!("docker://{host}/multi/app@{}", img.manifest.digest), &img.manifest);
         assert_manifest_served(&rt, &reg, "multi/app", &img.manifest.digest, &img.manifest);
         assert_blobs_served(&rt, &reg, "multi/app", &img.blobs());
     }
@@ -220,29 +130,15 @@ fn skopeo_copies_a_multi_arch_index_in_and_out_unchanged() {
 
     // Out, all platforms, to a new OCI layout.
     let out = tmp.path().join("out");
-    sk.copy(
-        &["--all"],
-        &format!("docker://{host}/multi/app:latest"),
-        &format!("oci:{}:multi", out.display()),
-    );
+    sk.copy(&["--all"], &format!("docker://{host}/multi/app:latest"), &format!("oci:{}:multi", out.display()));
     assert_layout_has(&out, "multi", &index, &blobs);
 
     // Registry to registry.
-    sk.copy(
-        &["--all"],
-        &format!("docker://{host}/multi/app:latest"),
-        &format!("docker://{host}/multi/mirror:stable"),
-    );
+    sk.copy(&["--all"], &format!("docker://{host}/multi/app:latest"), &format!("docker://{host}/multi/mirror:stable"));
     assert_inspect_raw(&sk, &format!("docker://{host}/multi/mirror:stable"), &index);
     assert_manifest_served(&rt, &reg, "multi/mirror", "stable", &index);
     for img in [&amd, &arm] {
-        assert_manifest_served(
-            &rt,
-            &reg,
-            "multi/mirror",
-            &img.manifest.digest,
-            &img.manifest,
-        );
+        assert_manifest_served(&rt, &reg, "multi/mirror", &img.manifest.digest, &img.manifest);
         assert_blobs_served(&rt, &reg, "multi/mirror", &img.blobs());
     }
 }
@@ -258,11 +154,7 @@ struct CurlResponse {
 
 impl CurlResponse {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .rev()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().rev().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
     }
 }
 
@@ -280,18 +172,9 @@ fn curl(dir: &Path, args: &[&str], url: &str) -> CurlResponse {
         .arg(url)
         .stdin(Stdio::null())
         .output()
-        .unwrap_or_else(|e| {
-            panic!("curl is required: run `bash scripts/install-test-deps.sh` ({e})")
-        });
-    assert!(
-        out.status.success(),
-        "curl {args:?} {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let status: u16 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("http code");
+        .unwrap_or_else(|e| panic!("curl is required: run `bash scripts/install-test-deps.sh` ({e})"));
+    assert!(out.status.success(), "curl {args:?} {url} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let status: u16 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("http code");
     let raw = std::fs::read_to_string(&hdr).unwrap();
     let headers = raw
         .lines()
@@ -299,11 +182,7 @@ fn curl(dir: &Path, args: &[&str], url: &str) -> CurlResponse {
         .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
         .collect();
     let body = std::fs::read(&body).unwrap_or_default();
-    CurlResponse {
-        status,
-        headers,
-        body,
-    }
+    CurlResponse { status, headers, body }
 }
 
 #[test]
@@ -319,17 +198,8 @@ fn curl_chunked_push_then_pull_with_curl_and_skopeo() {
     let layer = &img.layers[0];
 
     // Start a session.
-    let r = curl(
-        dir,
-        &["-X", "POST", "-H", "Content-Length: 0"],
-        &server.url(&format!("/v2/{repo}/blobs/uploads/")),
-    );
-    assert_eq!(
-        r.status,
-        202,
-        "POST uploads: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    let r = curl(dir, &["-X", "POST", "-H", "Content-Length: 0"], &server.url(&format!("/v2/{repo}/blobs/uploads/")));
+    assert_eq!(r.status, 202, "POST uploads: {}", String::from_utf8_lossy(&r.body));
     let mut loc = Registry::path_of(r.header("location").expect("Location"));
 
     // Uneven chunks, each with Content-Range; Range must grow accordingly.
@@ -344,39 +214,17 @@ fn curl_chunked_push_then_pull_with_curl_and_skopeo() {
         let at_file = format!("@{}", file.display());
         let r = curl(
             dir,
-            &[
-                "-X",
-                "PATCH",
-                "-H",
-                "Content-Type: application/octet-stream",
-                "-H",
-                &range,
-                "--data-binary",
-                &at_file,
-            ],
+            &["-X", "PATCH", "-H", "Content-Type: application/octet-stream", "-H", &range, "--data-binary", &at_file],
             &server.url(&loc),
         );
-        assert_eq!(
-            r.status,
-            202,
-            "PATCH chunk {i} ({range}): {}",
-            String::from_utf8_lossy(&r.body)
-        );
+        assert_eq!(r.status, 202, "PATCH chunk {i} ({range}): {}", String::from_utf8_lossy(&r.body));
         off += len;
-        assert_eq!(
-            r.header("range"),
-            Some(format!("0-{}", off - 1).as_str()),
-            "Range after chunk {i}"
-        );
+        assert_eq!(r.header("range"), Some(format!("0-{}", off - 1).as_str()), "Range after chunk {i}");
         loc = Registry::path_of(r.header("location").expect("Location after PATCH"));
 
         let st = curl(dir, &[], &server.url(&loc));
         assert_eq!(st.status, 204, "GET upload status after chunk {i}");
-        assert_eq!(
-            st.header("range"),
-            Some(format!("0-{}", off - 1).as_str()),
-            "GET status Range after chunk {i}"
-        );
+        assert_eq!(st.header("range"), Some(format!("0-{}", off - 1).as_str()), "GET status Range after chunk {i}");
     }
     assert_eq!(off, layer.size());
 
@@ -386,16 +234,8 @@ fn curl_chunked_push_then_pull_with_curl_and_skopeo() {
         &["-X", "PUT", "-H", "Content-Length: 0"],
         &server.url(&format!("{loc}{sep}digest={}", layer.digest)),
     );
-    assert_eq!(
-        r.status,
-        201,
-        "PUT ?digest: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert_eq!(
-        r.header("docker-content-digest"),
-        Some(layer.digest.as_str())
-    );
+    assert_eq!(r.status, 201, "PUT ?digest: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("docker-content-digest"), Some(layer.digest.as_str()));
 
     // Config: monolithic POST; manifest: PUT.
     let cfg_file = dir.join("config.json");
@@ -410,17 +250,9 @@ fn curl_chunked_push_then_pull_with_curl_and_skopeo() {
             "--data-binary",
             &format!("@{}", cfg_file.display()),
         ],
-        &server.url(&format!(
-            "/v2/{repo}/blobs/uploads/?digest={}",
-            img.config.digest
-        )),
+        &server.url(&format!("/v2/{repo}/blobs/uploads/?digest={}", img.config.digest)),
     );
-    assert_eq!(
-        r.status,
-        201,
-        "monolithic POST of the config: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    assert_eq!(r.status, 201, "monolithic POST of the config: {}", String::from_utf8_lossy(&r.body));
     let man_file = dir.join("manifest.json");
     std::fs::write(&man_file, &img.manifest.data).unwrap();
     let r = curl(
@@ -435,40 +267,18 @@ fn curl_chunked_push_then_pull_with_curl_and_skopeo() {
         ],
         &server.url(&format!("/v2/{repo}/manifests/v1")),
     );
-    assert_eq!(
-        r.status,
-        201,
-        "PUT manifest: {}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert_eq!(
-        r.header("docker-content-digest"),
-        Some(img.manifest.digest.as_str())
-    );
+    assert_eq!(r.status, 201, "PUT manifest: {}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("docker-content-digest"), Some(img.manifest.digest.as_str()));
 
     // Pull with curl.
-    let r = curl(
-        dir,
-        &[],
-        &server.url(&format!("/v2/{repo}/blobs/{}", layer.digest)),
-    );
+    let r = curl(dir, &[], &server.url(&format!("/v2/{repo}/blobs/{}", layer.digest)));
     assert_eq!(r.status, 200);
-    assert!(
-        r.body == layer.data,
-        "pulled layer differs from the chunks pushed"
-    );
-    assert_eq!(
-        r.header("docker-content-digest"),
-        Some(layer.digest.as_str())
-    );
+    assert!(r.body == layer.data, "pulled layer differs from the chunks pushed");
+    assert_eq!(r.header("docker-content-digest"), Some(layer.digest.as_str()));
 
     // Pull with skopeo into an OCI layout.
     let out = dir.join("out");
-    sk.copy(
-        &[],
-        &format!("docker://{host}/{repo}:v1"),
-        &format!("oci:{}:v1", out.display()),
-    );
+    sk.copy(&[], &format!("docker://{host}/{repo}:v1"), &format!("oci:{}:v1", out.display()));
     assert_layout_has(&out, "v1", &img.manifest, &img.blobs());
 }
 
@@ -506,29 +316,14 @@ fn skopeo_copy_between_repositories_mounts_blobs_instead_of_uploading() {
     oci::write_image_layout(&src, &img, "v1");
     // The same Skopeo (same blob info cache) pushes to mnt/a and then copies a → b: it knows the
     // blobs are in mnt/a on this registry and asks for a mount instead of re-uploading.
-    sk.copy(
-        &[],
-        &format!("oci:{}:v1", src.display()),
-        &format!("docker://{host}/mnt/a:v1"),
-    );
-    let debug = sk.copy(
-        &["--debug"],
-        &format!("docker://{host}/mnt/a:v1"),
-        &format!("docker://{host}/mnt/b:v1"),
-    );
+    sk.copy(&[], &format!("oci:{}:v1", src.display()), &format!("docker://{host}/mnt/a:v1"));
+    let debug = sk.copy(&["--debug"], &format!("docker://{host}/mnt/a:v1"), &format!("docker://{host}/mnt/b:v1"));
     let requests = logged_requests(&debug);
-    assert!(
-        !requests.is_empty(),
-        "could not read skopeo --debug request log:\n{debug}"
-    );
+    assert!(!requests.is_empty(), "could not read skopeo --debug request log:\n{debug}");
 
     let uploads_b = "/v2/mnt/b/blobs/uploads/";
     let to_b = |m: &str| -> Vec<&String> {
-        requests
-            .iter()
-            .filter(|(rm, u)| rm == m && u.contains(uploads_b))
-            .map(|(_, u)| u)
-            .collect()
+        requests.iter().filter(|(rm, u)| rm == m && u.contains(uploads_b)).map(|(_, u)| u).collect()
     };
     let query_digest = |u: &str, key: &str| -> Option<String> {
         let q = u.split_once('?')?.1;
@@ -536,94 +331,37 @@ fn skopeo_copy_between_repositories_mounts_blobs_instead_of_uploading() {
         Some(v.replace("%3A", ":").replace("%3a", ":"))
     };
     // skopeo always re-sends the (small) config blob; no layer data may be uploaded to b.
-    let uploaded: Vec<String> = to_b("PUT")
-        .iter()
-        .filter_map(|u| query_digest(u, "digest="))
-        .collect();
+    let uploaded: Vec<String> = to_b("PUT").iter().filter_map(|u| query_digest(u, "digest=")).collect();
     assert!(
         uploaded.iter().all(|d| *d == img.config.digest) && to_b("PATCH").len() <= uploaded.len(),
         "copy a → b uploaded layer data instead of mounting: PUT digests {uploaded:?}, PATCHes {:?}\nall requests: {requests:#?}",
         to_b("PATCH")
     );
-    let mounts: Vec<&String> = to_b("POST")
-        .into_iter()
-        .filter(|u| u.contains("mount="))
-        .collect();
+    let mounts: Vec<&String> = to_b("POST").into_iter().filter(|u| u.contains("mount=")).collect();
     // Every layer that was not already in b was mounted (none was: b is new).
-    let mounted: BTreeSet<String> = mounts
-        .iter()
-        .filter_map(|u| query_digest(u, "mount="))
-        .collect();
+    let mounted: BTreeSet<String> = mounts.iter().filter_map(|u| query_digest(u, "mount=")).collect();
     for l in &img.layers {
-        assert!(
-            mounted.contains(&l.digest),
-            "layer {} was not mounted; requests: {requests:#?}",
-            l.digest
-        );
+        assert!(mounted.contains(&l.digest), "layer {} was not mounted; requests: {requests:#?}", l.digest);
     }
     assert_manifest_served(&rt, &reg, "mnt/b", "v1", &img.manifest);
     assert_blobs_served(&rt, &reg, "mnt/b", &img.blobs());
 
     // A direct mount: 201, Location, Docker-Content-Digest, blob then served from the new repo.
     let layer = &img.layers[1];
-    let url = reg.url(&format!(
-        "/v2/mnt/c/blobs/uploads/?mount={}&from=mnt/a",
-        layer.digest
-    ));
-    let resp = rt
-        .block_on(async {
-            reg.client
-                .post(url)
-                .header("content-length", "0")
-                .send()
-                .await
-        })
-        .unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        201,
-        "direct cross-repository mount POST"
-    );
-    let loc = resp
-        .headers()
-        .get("location")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    assert!(
-        loc.ends_with(&format!("/v2/mnt/c/blobs/{}", layer.digest)),
-        "mount Location: {loc:?}"
-    );
-    assert_eq!(
-        resp.headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok()),
-        Some(layer.digest.as_str())
-    );
+    let url = reg.url(&format!("/v2/mnt/c/blobs/uploads/?mount={}&from=mnt/a", layer.digest));
+    let resp = rt.block_on(async { reg.client.post(url).header("content-length", "0").send().await }).unwrap();
+    assert_eq!(resp.status().as_u16(), 201, "direct cross-repository mount POST");
+    let loc = resp.headers().get("location").and_then(|v| v.to_str().ok()).unwrap_or("");
+    assert!(loc.ends_with(&format!("/v2/mnt/c/blobs/{}", layer.digest)), "mount Location: {loc:?}");
+    assert_eq!(resp.headers().get("docker-content-digest").and_then(|v| v.to_str().ok()), Some(layer.digest.as_str()));
     assert_blobs_served(&rt, &reg, "mnt/c", &[layer]);
 
     // Mounting a digest the registry does not have starts an ordinary session instead.
     let missing = data::sha256_digest(b"not stored anywhere");
-    let url = reg.url(&format!(
-        "/v2/mnt/d/blobs/uploads/?mount={missing}&from=mnt/a"
-    ));
-    let resp = rt
-        .block_on(async {
-            reg.client
-                .post(url)
-                .header("content-length", "0")
-                .send()
-                .await
-        })
-        .unwrap();
-    assert_eq!(
-        resp.status().as_u16(),
-        202,
-        "mount of an unknown blob must fall back to a new session"
-    );
-    assert!(
-        resp.headers().get("location").is_some(),
-        "202 without Location"
-    );
+    let url = reg.url(&format!("/v2/mnt/d/blobs/uploads/?mount={missing}&from=mnt/a"));
+    let resp = rt.block_on(async { reg.client.post(url).header("content-length", "0").send().await }).unwrap();
+    assert_eq!(resp.status().as_u16(), 202, "mount of an unknown blob must fall back to a new session");
+    assert!(resp.headers().get("location").is_some(), "202 without Location");
     let st = rt.block_on(reg.head_blob("mnt/d", &missing)).unwrap();
     assert_eq!(st.as_u16(), 404);
 }

@@ -46,10 +46,7 @@ impl Server {
             .arg("--root")
             .arg(root)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         if !extra.iter().any(|a| *a == "--upstream" || *a == "--config") {
@@ -77,12 +74,7 @@ impl Server {
                 panic!("stevedore did not report its listen address within 30 s");
             }
         };
-        Server {
-            child,
-            addr,
-            root: root.to_path_buf(),
-            _tmp: None,
-        }
+        Server { child, addr, root: root.to_path_buf(), _tmp: None }
     }
 
     /// `http://127.0.0.1:PORT` + `path`.
@@ -101,12 +93,8 @@ impl Server {
 
     /// Peak resident set size of the server process (VmHWM), in bytes.
     pub fn vm_hwm(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .expect("VmHWM");
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
         let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
         kib * 1024
     }

@@ -1,0 +1,137 @@
+//! The operator surface of the real binary: health, readiness, metrics, the access log,
+//! `check-config`, `--version`, start-up errors and graceful shutdown on SIGTERM.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Server;
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_stevedore"))
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let s = Server::start();
+    let c = reqwest::Client::new();
+    let r = c.get(s.url("/healthz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c.get(s.url("/readyz")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    let blob = b"metrics please".to_vec();
+    let d = format!("sha256:{}", sha256_hex(&blob));
+    let r = c.post(s.url(&format!("/v2/ops/blobs/uploads/?digest={d}"))).body(blob.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c.get(s.url(&format!("/v2/ops/blobs/{d}"))).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), blob);
+    let r = c.get(s.url("/v2/ops/manifests/nope")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+
+    let r = c.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let line = |prefix: &str| text.lines().find(|l| l.starts_with(prefix)).map(str::to_string);
+    let counted = |route: &str, method: &str, status: &str| {
+        text.lines().any(|l| {
+            l.starts_with("stevedore_requests_total{")
+                && l.contains(&format!("route=\"{route}\""))
+                && l.contains(&format!("method=\"{method}\""))
+                && l.contains(&format!("status=\"{status}\""))
+        })
+    };
+    assert!(counted("upload", "POST", "201"), "upload not counted:\n{text}");
+    assert!(counted("blob", "GET", "200"), "blob GET not counted:\n{text}");
+    assert!(counted("manifest", "GET", "404"), "manifest 404 not counted:\n{text}");
+    let served = line("stevedore_served_bytes_total").expect("served bytes metric");
+    let served: f64 = served.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(served >= blob.len() as f64, "served bytes {served}");
+}
+
+#[test]
+fn check_config_accepts_the_shipped_configs_and_names_the_bad_key() {
+    for f in ["config/stevedore.toml", "config/multi-upstream.toml"] {
+        let out = bin().args(["check-config", "--config", f]).output().unwrap();
+        assert!(out.status.success(), "{f}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    for (text, key) in [
+        ("[proxy]\ndefault_upstream = \"quay.io\"\n", "proxy.default_upstream"),
+        ("[storage]\nrooot = \"/x\"\n", "rooot"),
+        ("[uploads]\nsession_ttl = \"soon\"\n", "session_ttl"),
+    ] {
+        std::fs::write(&bad, text).unwrap();
+        let out = bin().args(["check-config", "--config"]).arg(&bad).output().unwrap();
+        assert!(!out.status.success(), "{text:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "error for {text:?} does not name {key}: {err}");
+        // `serve` refuses the same config before binding anything.
+        let out = bin().args(["serve", "--listen", "127.0.0.1:0", "--config"]).arg(&bad).output().unwrap();
+        assert!(!out.status.success(), "serve started with {text:?}");
+    }
+    let out = bin().arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("stevedore "));
+}
+
+#[tokio::test]
+async fn access_log_names_the_request_and_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr.log");
+    let mut child = bin()
+        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "none", "--log-format", "json", "--root"])
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+    let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
+    let r = reqwest::get(format!("http://{addr}/v2/acc/tags/list?n=5")).await.unwrap();
+    assert_eq!(r.status(), 404);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        let hit = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
+            v["target"] == "stevedore::access" && v["fields"]["uri"].as_str() == Some("/v2/acc/tags/list?n=5")
+        });
+        if hit.is_some() || Instant::now() > deadline {
+            break hit;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let v = found.expect("no JSON access log line for the request");
+    assert_eq!(v["fields"]["status"], 404);
+    assert_eq!(v["fields"]["method"], "GET");
+    assert!(v["fields"]["ms"].is_number());
+}
+
+#[test]
+fn sigterm_stops_the_server_cleanly() {
+    let mut s = Server::start();
+    let pid = s.pid();
+    let started = Instant::now();
+    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+    let status = loop {
+        if let Some(st) = s.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "exit status after SIGTERM: {status:?}");
+}

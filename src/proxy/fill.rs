@@ -3,9 +3,10 @@
 //! One [`Fill`] per missing digest: a detached task GETs the blob from the upstream once and
 //! writes it through the digest verifier into an ingest file; every client asking for that
 //! digest meanwhile, the first and all followers, reads the growing file at its own pace.
-//! Readers never see a clean end unless the fill was committed: the last byte of the blob is
-//! held back until the digest and size have been verified and the file renamed into `blobs/`;
-//! on any failure every reader's stream breaks with an error.
+//! Readers never see a clean end of unverified bytes: every read holds its last byte back
+//! until the whole blob's digest and size have been verified; on any failure before that,
+//! every reader's stream breaks with an error. The commit (fsync, rename into `blobs/`)
+//! follows the verification; new requests see the blob only once it is committed.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -37,6 +38,9 @@ const READ_CHUNK: u64 = 256 << 10;
 pub enum FillState {
     Connecting,
     Streaming,
+    /// Every byte is in the spool and matches the digest and size; the commit (fsync,
+    /// rename) is under way. Readers may finish.
+    Verified,
     Committed,
     Failed(FillError),
 }
@@ -177,8 +181,19 @@ async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) 
     drop(chunks);
     let written = writer.await.map_err(|e| FillError::Io(e.to_string()))?;
     outcome?;
-    let (actual, written) = written.map_err(|e| FillError::Io(e.to_string()))?;
+    let (file, actual, written) = written.map_err(|e| FillError::Io(e.to_string()))?;
     crate::metrics::upstream_bytes(&req.upstream.host, written);
+    if actual != req.digest || size.is_some_and(|n| n != written) {
+        return Err(FillError::Mismatch(format!("received {written} bytes hashing to {actual}")));
+    }
+    // The bytes are verified: readers may end their streams while the data is made durable.
+    tx.send_modify(|p| p.state = FillState::Verified);
+    if req.store.fsync() {
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .map_err(|e| FillError::Io(e.to_string()))?
+            .map_err(|e| FillError::Io(e.to_string()))?;
+    }
     let size = req.store.commit_file(path, &actual, written, &req.digest, size).await.map_err(|e| match e {
         StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. } => FillError::Mismatch(e.to_string()),
         e => FillError::Io(e.to_string()),
@@ -188,15 +203,15 @@ async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) 
 }
 
 /// The blocking side of a fill: hashes and appends chunks to the spool in large writes,
-/// publishes progress after each write, starts writeback as it goes (so the final fsync is
-/// short) and fsyncs at the end when `fsync` is set. Returns the digest and byte count.
+/// publishes progress after each write and, when `fsync` is set, starts writeback as it goes
+/// (so the final fsync is short). Returns the file, the digest and the byte count.
 fn write_spool(
     path: &Path,
     mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
     alg: Algorithm,
     fsync: bool,
     tx: &watch::Sender<Progress>,
-) -> io::Result<(Digest, u64)> {
+) -> io::Result<(std::fs::File, Digest, u64)> {
     let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
     let mut hasher = Hasher::new(alg);
     let mut buf: Vec<u8> = Vec::with_capacity(PUBLISH_EVERY);
@@ -224,10 +239,7 @@ fn write_spool(
     if !buf.is_empty() {
         flush(&mut buf, &mut file)?;
     }
-    if fsync {
-        file.sync_data()?;
-    }
-    Ok((hasher.finish(), written))
+    Ok((file, hasher.finish(), written))
 }
 
 /// Asks the kernel to start writing `len` bytes at `offset` back to disk without waiting.
@@ -263,7 +275,7 @@ impl Fill {
             }
             loop {
                 let p = rx.borrow_and_update().clone();
-                let committed = matches!(p.state, FillState::Committed);
+                let committed = matches!(p.state, FillState::Verified | FillState::Committed);
                 if let FillState::Failed(e) = &p.state {
                     return Some((Err(io::Error::other(e.to_string())), (fill, rx, pos, true)));
                 }
@@ -302,7 +314,7 @@ impl Fill {
                 if rx.changed().await.is_err() {
                     // The fill task is gone; its last word is in the channel.
                     let p = rx.borrow().clone();
-                    if !matches!(p.state, FillState::Committed | FillState::Failed(_)) {
+                    if !matches!(p.state, FillState::Verified | FillState::Committed | FillState::Failed(_)) {
                         return Some((Err(io::Error::other("fill ended unexpectedly")), (fill, rx, pos, true)));
                     }
                 }

@@ -26,7 +26,7 @@ use crate::upstream::{Upstream, UpstreamError};
 /// Readers are woken, and the spool written to, after this many new bytes.
 const PUBLISH_EVERY: usize = 1 << 20;
 /// Batches of received bytes queued between the upstream body and the spool writer.
-const CHANNEL_BATCHES: usize = 16;
+const CHANNEL_BATCHES: usize = 4;
 /// Bytes collected from the upstream body before they go to the writer as one batch.
 const BATCH_BYTES: usize = 256 << 10;
 /// With fsync on, writeback of the spool is started after this many bytes.

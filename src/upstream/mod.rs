@@ -149,15 +149,8 @@ impl Upstream {
 
     /// Sends one request to the first endpoint that answers, authenticating on a 401
     /// challenge. 2xx and 3xx-resolved answers come back; everything else is an error.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        remote: &str,
-        accept: Option<&str>,
-        range: Option<&str>,
-    ) -> UpstreamResult<Streaming> {
-        let res = self.send_inner(method, path, remote, accept, range).await;
+    async fn send(&self, method: Method, path: &str, remote: &str, accept: Option<&str>) -> UpstreamResult<Streaming> {
+        let res = self.send_inner(method, path, remote, accept).await;
         if let Err(e) = &res {
             crate::metrics::upstream_error(&self.host, e.kind());
         }
@@ -170,7 +163,6 @@ impl Upstream {
         path: &str,
         remote: &str,
         accept: Option<&str>,
-        range: Option<&str>,
     ) -> UpstreamResult<Streaming> {
         let permit = self
             .permits
@@ -190,9 +182,6 @@ impl Upstream {
                 let mut req = self.http.request(method.clone(), &url);
                 if let Some(a) = &accept {
                     req = req.header(ACCEPT, *a);
-                }
-                if let Some(r) = range {
-                    req = req.header(reqwest::header::RANGE, r);
                 }
                 if let Some(a) = &auth {
                     req = req.header(AUTHORIZATION, a);
@@ -278,13 +267,7 @@ impl Upstream {
 
     pub async fn manifest_head(&self, remote: &RepoName, reference: &str) -> UpstreamResult<ManifestHead> {
         let s = self
-            .send(
-                Method::HEAD,
-                &format!("/v2/{remote}/manifests/{reference}"),
-                remote.as_str(),
-                Some(MANIFEST_ACCEPT),
-                None,
-            )
+            .send(Method::HEAD, &format!("/v2/{remote}/manifests/{reference}"), remote.as_str(), Some(MANIFEST_ACCEPT))
             .await?;
         Ok(manifest_head(s.resp.headers()))
     }
@@ -292,13 +275,7 @@ impl Upstream {
     /// GETs a manifest (at most [`MAX_MANIFEST_BYTES`]).
     pub async fn manifest_get(&self, remote: &RepoName, reference: &str) -> UpstreamResult<(ManifestHead, Bytes)> {
         let s = self
-            .send(
-                Method::GET,
-                &format!("/v2/{remote}/manifests/{reference}"),
-                remote.as_str(),
-                Some(MANIFEST_ACCEPT),
-                None,
-            )
+            .send(Method::GET, &format!("/v2/{remote}/manifests/{reference}"), remote.as_str(), Some(MANIFEST_ACCEPT))
             .await?;
         let head = manifest_head(s.resp.headers());
         let body = read_capped(s.resp, MAX_MANIFEST_BYTES).await?;
@@ -308,18 +285,18 @@ impl Upstream {
 
     /// The size of a blob upstream.
     pub async fn blob_head(&self, remote: &RepoName, d: &Digest) -> UpstreamResult<Option<u64>> {
-        let s = self.send(Method::HEAD, &format!("/v2/{remote}/blobs/{d}"), remote.as_str(), None, None).await?;
+        let s = self.send(Method::HEAD, &format!("/v2/{remote}/blobs/{d}"), remote.as_str(), None).await?;
         Ok(content_length(s.resp.headers()))
     }
 
     /// Starts streaming a blob.
     pub async fn blob_get(&self, remote: &RepoName, d: &Digest) -> UpstreamResult<Streaming> {
-        self.send(Method::GET, &format!("/v2/{remote}/blobs/{d}"), remote.as_str(), None, None).await
+        self.send(Method::GET, &format!("/v2/{remote}/blobs/{d}"), remote.as_str(), None).await
     }
 
     /// A JSON listing (tags list, referrers) with its `Content-Type`.
     pub async fn get_json(&self, remote: &RepoName, path_and_query: &str) -> UpstreamResult<(Option<String>, Bytes)> {
-        let s = self.send(Method::GET, path_and_query, remote.as_str(), None, None).await?;
+        let s = self.send(Method::GET, path_and_query, remote.as_str(), None).await?;
         let ct = s.resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
         Ok((ct, read_capped(s.resp, MAX_MANIFEST_BYTES).await?))
     }

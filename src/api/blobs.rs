@@ -70,13 +70,8 @@ fn blob_response(
 ) -> Response {
     let mut resp = headers::response(status, body);
     let h = resp.headers_mut();
-    headers::set(h, headers::DOCKER_CONTENT_DIGEST, d);
-    headers::set(h, "etag", format!("\"{d}\""));
-    headers::set(h, "content-type", "application/octet-stream");
+    headers::content(h, d, "application/octet-stream", len);
     headers::set(h, "accept-ranges", "bytes");
-    if let Some(len) = len {
-        h.insert(header::CONTENT_LENGTH, len.into());
-    }
     if let (StatusCode::PARTIAL_CONTENT, Some(len), Some(size)) = (status, len, size) {
         headers::set(h, "content-range", format!("bytes {start}-{}/{size}", start + len - 1));
     }

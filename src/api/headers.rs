@@ -33,12 +33,14 @@ pub fn set(h: &mut HeaderMap, name: &'static str, value: impl ToString) {
     }
 }
 
-/// `Docker-Content-Digest`, `Etag`, `Content-Type` and `Content-Length` of content.
-pub fn content(h: &mut HeaderMap, digest: &Digest, media_type: &str, len: u64) {
+/// `Docker-Content-Digest`, `Etag`, `Content-Type` and (when known) `Content-Length` of content.
+pub fn content(h: &mut HeaderMap, digest: &Digest, media_type: &str, len: Option<u64>) {
     set(h, DOCKER_CONTENT_DIGEST, digest);
     set(h, "etag", format!("\"{digest}\""));
     set(h, "content-type", media_type);
-    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    if let Some(len) = len {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
 }
 
 pub fn json_response(body: String) -> Response {

@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{blobs, body_stream, headers, upstream_error, Query};
+use super::{blobs, headers, upstream_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
@@ -47,7 +47,7 @@ async fn get_local(app: &App, repo: &RepoName, r: &Reference, head: bool) -> Api
         (info, Body::from(bytes))
     };
     let mut resp = headers::response(StatusCode::OK, body);
-    headers::content(resp.headers_mut(), &d, &info.media_type, info.size);
+    headers::content(resp.headers_mut(), &d, &info.media_type, Some(info.size));
     Ok(resp)
 }
 
@@ -74,7 +74,7 @@ async fn read_capped(h: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
             .status(StatusCode::PAYLOAD_TOO_LARGE)
     };
     let announced = h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let mut stream = body_stream(body);
+    let mut stream = body.into_data_stream();
     if announced.is_some_and(|n| n > MAX_MANIFEST_BYTES as u64 + DRAIN_LIMIT) {
         return Err(too_big());
     }

@@ -12,7 +12,6 @@ pub mod uploads;
 
 use std::sync::Arc;
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
@@ -49,7 +48,7 @@ async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
     let (mut resp, kind) = match routes::parse(req.uri().path()) {
         Ok(route) => {
             let kind = route.kind();
-            (handle(&app, route, req).await.unwrap_or_else(IntoResponse::into_response), kind)
+            (handle(&app, route, req).await, kind)
         }
         Err(e) => (e.into_response(), "invalid"),
     };
@@ -58,7 +57,7 @@ async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
     resp
 }
 
-async fn handle(app: &App, route: Route, req: Request) -> ApiResult {
+async fn handle(app: &App, route: Route, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     let q = Query::parse(parts.uri.query());
     let h = &parts.headers;
@@ -99,7 +98,7 @@ async fn handle(app: &App, route: Route, req: Request) -> ApiResult {
     if let Some(ns) = ns_echo {
         headers::set(resp.headers_mut(), headers::OCI_NAMESPACE, ns);
     }
-    Ok(resp)
+    resp
 }
 
 /// An upstream's trouble as the client sees it. `missing` is the code for "not there".
@@ -127,11 +126,6 @@ impl Query {
     pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
     }
-}
-
-/// Streams a request body chunk by chunk.
-pub(crate) fn body_stream(body: Body) -> axum::body::BodyDataStream {
-    body.into_data_stream()
 }
 
 impl From<crate::storage::StoreError> for ApiError {

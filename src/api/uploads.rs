@@ -6,7 +6,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures::StreamExt;
 
-use super::{blobs, body_stream, headers, Query};
+use super::{blobs, headers, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::range::parse_content_range;
@@ -75,7 +75,7 @@ fn expected_chunk_len(h: &HeaderMap, offset: u64) -> Result<Option<u64>, ApiErro
 /// session stays at its last checkpoint.
 async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u64>) -> Result<UploadWriter, ApiError> {
     let start = w.size();
-    let mut stream = body_stream(body);
+    let mut stream = body.into_data_stream();
     let outcome: Result<(), ApiError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| Code::BlobUploadInvalid.with_detail(format!("reading the body: {e}")))?;

@@ -1,12 +1,8 @@
 //! `GET`/`HEAD`/`DELETE /v2/<name>/blobs/<digest>`.
 
-use std::io::SeekFrom;
-
 use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::{headers, upstream_error};
 use crate::app::App;
@@ -15,9 +11,7 @@ use crate::oci::range::{parse_range, RangeRequest};
 use crate::oci::{Digest, RepoName};
 use crate::proxy::fill::FillError;
 use crate::proxy::{Outcome, ProxyRepo, Target};
-
-/// Read size when streaming a blob from disk (256 KiB measured ~2× faster than 64 KiB).
-pub const READ_CHUNK: usize = 256 * 1024;
+use crate::storage::read;
 
 pub async fn get(app: &App, target: &Target, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
     match target {
@@ -90,13 +84,10 @@ async fn get_local(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head
     let body = if head {
         Body::empty()
     } else {
-        let Some((mut file, _)) = app.store.open_blob(d).await? else {
+        let Some((file, _)) = app.store.open_blob(d).await? else {
             return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
         };
-        if start > 0 {
-            file.seek(SeekFrom::Start(start)).await.map_err(ApiError::internal)?;
-        }
-        Body::from_stream(ReaderStream::with_capacity(file.take(len), READ_CHUNK))
+        Body::from_stream(read::stream(file, start, len))
     };
     Ok(blob_response(d, status, start, Some(len), Some(size), body))
 }

@@ -1,16 +1,17 @@
 //! The streaming, single-flight, digest-verifying blob fill.
 //!
 //! One [`Fill`] per missing digest: a detached task GETs the blob from the upstream once and
-//! writes it through the digest verifier into an ingest file; every client asking for that
-//! digest meanwhile, the first and all followers, reads the growing file at its own pace.
+//! hands every received chunk both to a blocking writer thread (hash, append to the spool file)
+//! and to the clients: every client asking for that digest meanwhile, the first and all
+//! followers, streams at its own pace, taking the chunks still in memory without a copy
+//! (`recent`, shared by all) and reading older bytes back from the spool.
 //! Readers never see a clean end of unverified bytes: every read holds its last byte back
 //! until the whole blob's digest and size have been verified; on any failure before that,
 //! every reader's stream breaks with an error. The commit (fsync, rename into `blobs/`)
 //! follows the verification; new requests see the blob only once it is committed.
 
-use std::collections::HashMap;
-use std::io::{self, Write};
-use std::os::unix::fs::FileExt;
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, IoSlice, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,19 +21,15 @@ use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use crate::oci::{Algorithm, Digest, Hasher, RepoName};
-use crate::storage::{Store, StoreError};
+use crate::storage::{read, Store, StoreError, Writeback};
 use crate::upstream::{Upstream, UpstreamError};
 
-/// Readers are woken, and the spool written to, after this many new bytes.
-const PUBLISH_EVERY: usize = 1 << 20;
-/// Batches of received bytes queued between the upstream body and the spool writer.
+/// Batches of received bytes queued between the upstream body and the spool writer: with
+/// [`BATCH_BYTES`], bounds the memory of a fill (the chunks in `recent`).
 const CHANNEL_BATCHES: usize = 4;
-/// Bytes collected from the upstream body before they go to the writer as one batch.
+/// Bytes collected from the upstream body before they go to the writer as one batch (one
+/// wake-up of the writer and one vectored write per batch, not per network read).
 const BATCH_BYTES: usize = 256 << 10;
-/// With fsync on, writeback of the spool is started after this many bytes.
-const WRITEBACK_EVERY: u64 = 8 << 20;
-/// Largest read a client makes from the spool at once (memory per client in flight).
-const READ_CHUNK: u64 = 256 << 10;
 
 #[derive(Clone, Debug)]
 pub enum FillState {
@@ -61,14 +58,18 @@ pub enum FillError {
 pub struct Progress {
     /// The blob's size, when the upstream announced it.
     pub size: Option<u64>,
-    /// Bytes in the spool file, readable.
-    pub written: u64,
+    /// Bytes received so far: readable, from `recent` or the spool.
+    pub received: u64,
     pub state: FillState,
 }
 
 pub struct Fill {
+    /// The spool, opened for reading.
     file: Arc<std::fs::File>,
     progress: watch::Receiver<Progress>,
+    /// Received chunks the writer has not yet written, in order, by offset. A chunk leaves
+    /// only once it is in the spool, so every received byte is in one place or the other.
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
 
 /// Fills in flight, by digest.
@@ -99,15 +100,14 @@ impl Fills {
         let write = std::fs::OpenOptions::new().create_new(true).write(true).open(&path)?;
         drop(write);
         let read = std::fs::File::open(&path)?;
-        let (tx, rx) = watch::channel(Progress { size: None, written: 0, state: FillState::Connecting });
-        let tx = Arc::new(tx);
-        let fill = Arc::new(Fill { file: Arc::new(read), progress: rx });
+        let (tx, rx) = watch::channel(Progress { size: None, received: 0, state: FillState::Connecting });
+        let fill = Arc::new(Fill { file: Arc::new(read), progress: rx, recent: Mutex::default() });
         map.insert(req.digest.clone(), fill.clone());
-        let fills = self.clone();
+        let (fills, this) = (self.clone(), fill.clone());
         crate::metrics::fill_started();
         tokio::spawn(async move {
             let started = Instant::now();
-            let outcome = match tokio::time::timeout(req.timeout, run(&req, &path, &tx)).await {
+            let outcome = match tokio::time::timeout(req.timeout, run(&req, &path, &tx, &this)).await {
                 Ok(r) => r,
                 Err(_) => Err(FillError::Timeout),
             };
@@ -121,6 +121,7 @@ impl Fills {
                 Err(e) => {
                     tracing::warn!(digest = %req.digest, upstream = %req.upstream.host, error = %e, "fill failed");
                     let _ = std::fs::remove_file(&path);
+                    this.recent.lock().unwrap().clear();
                     tx.send_modify(|p| p.state = FillState::Failed(e));
                 }
             }
@@ -134,7 +135,7 @@ impl Fills {
     }
 }
 
-async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) -> Result<u64, FillError> {
+async fn run(req: &FillRequest, path: &Path, tx: &watch::Sender<Progress>, fill: &Arc<Fill>) -> Result<u64, FillError> {
     let s = req.upstream.blob_get(&req.remote, &req.digest).await?;
     let size = s.resp.content_length();
     tx.send_modify(|p| {
@@ -144,8 +145,8 @@ async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) 
     // Hashing and file writes run on a blocking thread, overlapped with receiving the body.
     let (chunks, rx) = tokio::sync::mpsc::channel::<Vec<Bytes>>(CHANNEL_BATCHES);
     let writer = {
-        let (path, tx, alg, fsync) = (path.to_path_buf(), tx.clone(), req.digest.algorithm(), req.store.fsync());
-        tokio::task::spawn_blocking(move || write_spool(&path, rx, alg, fsync, &tx))
+        let (path, fill, alg, fsync) = (path.to_path_buf(), fill.clone(), req.digest.algorithm(), req.store.fsync());
+        tokio::task::spawn_blocking(move || write_spool(&path, rx, alg, fsync, &fill))
     };
     let mut received = 0u64;
     let mut body = s.resp.bytes_stream();
@@ -166,6 +167,9 @@ async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) 
             outcome = Err(FillError::Mismatch("more bytes than Content-Length".into()));
             break;
         }
+        // Readers may take the chunk at once; the writer gets it with its batch.
+        fill.recent.lock().unwrap().push_back((received - chunk.len() as u64, chunk.clone()));
+        tx.send_modify(|p| p.received = received);
         batch_bytes += chunk.len();
         batch.push(chunk);
         if batch_bytes >= BATCH_BYTES {
@@ -202,53 +206,47 @@ async fn run(req: &FillRequest, path: &Path, tx: &Arc<watch::Sender<Progress>>) 
     Ok(size)
 }
 
-/// The blocking side of a fill: hashes and appends chunks to the spool in large writes,
-/// publishes progress after each write and, when `fsync` is set, starts writeback as it goes
-/// (so the final fsync is short). Returns the file, the digest and the byte count.
+/// The blocking side of a fill: hashes each batch of chunks, appends it to the spool with one
+/// vectored write, then drops its chunks from `recent` (readers find them in the spool from
+/// then on); when `fsync` is set, starts writeback as it goes (so the final fsync is short).
+/// Returns the file, the digest and the byte count.
 fn write_spool(
     path: &Path,
     mut rx: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
     alg: Algorithm,
     fsync: bool,
-    tx: &watch::Sender<Progress>,
+    fill: &Fill,
 ) -> io::Result<(std::fs::File, Digest, u64)> {
     let mut file = std::fs::OpenOptions::new().write(true).truncate(true).open(path)?;
+    let mut writeback = if fsync { Some(Writeback::new(file.try_clone()?)) } else { None };
     let mut hasher = Hasher::new(alg);
-    let mut buf: Vec<u8> = Vec::with_capacity(PUBLISH_EVERY);
-    let (mut written, mut synced) = (0u64, 0u64);
-    let mut flush = |buf: &mut Vec<u8>, file: &mut std::fs::File| -> io::Result<()> {
-        file.write_all(buf)?;
-        written += buf.len() as u64;
-        buf.clear();
-        tx.send_modify(|p| p.written = written);
-        if fsync && written - synced >= WRITEBACK_EVERY {
-            start_writeback(file, synced, written - synced);
-            synced = written;
-        }
-        Ok(())
-    };
+    let mut written = 0u64;
     while let Some(batch) = rx.blocking_recv() {
-        for chunk in batch {
-            hasher.update(&chunk);
-            buf.extend_from_slice(&chunk);
+        for chunk in &batch {
+            hasher.update(chunk);
         }
-        if buf.len() >= PUBLISH_EVERY {
-            flush(&mut buf, &mut file)?;
+        write_all_vectored(&mut file, &batch)?;
+        written += batch.iter().map(|c| c.len() as u64).sum::<u64>();
+        fill.recent.lock().unwrap().drain(..batch.len());
+        if let Some(wb) = &mut writeback {
+            wb.written(written);
         }
-    }
-    if !buf.is_empty() {
-        flush(&mut buf, &mut file)?;
     }
     Ok((file, hasher.finish(), written))
 }
 
-/// Asks the kernel to start writing `len` bytes at `offset` back to disk without waiting.
-fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: a plain syscall on a valid, open file descriptor; it only schedules writeback.
-    unsafe {
-        libc::sync_file_range(file.as_raw_fd(), offset as i64, len as i64, libc::SYNC_FILE_RANGE_WRITE);
+fn write_all_vectored(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 impl Fill {
@@ -264,6 +262,25 @@ impl Fill {
             FillState::Failed(e) => Err(e),
             _ => Ok(p.size),
         }
+    }
+
+    /// Bytes from `pos` on, short of `hi` (received bytes): a slice of a chunk still in
+    /// `recent` (no copy), else a read of the spool up to where `recent` begins.
+    async fn next_chunk(&self, pos: u64, hi: u64) -> io::Result<Bytes> {
+        let spool_end = {
+            let recent = self.recent.lock().unwrap();
+            let first = recent.front().map_or(hi, |(off, _)| *off);
+            if pos >= first {
+                let i = recent.partition_point(|(off, c)| off + c.len() as u64 <= pos);
+                if let Some((off, c)) = recent.get(i) {
+                    let from = (pos - off) as usize;
+                    let to = c.len().min((hi - off) as usize);
+                    return Ok(c.slice(from..to));
+                }
+            }
+            first.min(hi)
+        };
+        read::read_at(&self.file, pos, spool_end.saturating_sub(pos).min(read::READ_CHUNK as u64) as usize).await
     }
 
     /// The bytes `start..end` (to the blob's end when `end` is `None`) as they arrive.
@@ -282,25 +299,16 @@ impl Fill {
                 let limit = end.or(p.size);
                 // Every read keeps its last byte back until the commit, so no reader (whole
                 // blob or range) sees a clean end of bytes that were not verified.
-                let mut hi = p.written;
+                let mut hi = p.received;
                 if let Some(l) = limit {
                     hi = hi.min(if committed { l } else { l.saturating_sub(1) });
                 }
                 if pos < hi {
-                    let n = (hi - pos).min(READ_CHUNK) as usize;
-                    let file = fill.file.clone();
-                    let res = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0u8; n];
-                        let got = file.read_at(&mut buf, pos)?;
-                        if got == 0 {
-                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool shorter than announced"));
-                        }
-                        buf.truncate(got);
-                        Ok(Bytes::from(buf))
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)));
-                    return match res {
+                    return match fill.next_chunk(pos, hi).await {
+                        Ok(b) if b.is_empty() => Some((
+                            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool shorter than announced")),
+                            (fill, rx, pos, true),
+                        )),
                         Ok(b) => {
                             let next = pos + b.len() as u64;
                             Some((Ok(b), (fill, rx, next, false)))

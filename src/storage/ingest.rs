@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use tokio::fs::{File, OpenOptions};
 use tokio::io::{AsyncSeekExt, AsyncWriteExt, BufWriter};
 
+use super::Writeback;
 use crate::oci::{Algorithm, Digest, Hasher};
 
 /// Writes go to the file in large blocks: few syscalls and blocking-pool hops per MiB.
@@ -18,19 +19,22 @@ pub struct Ingest {
     file: BufWriter<File>,
     hasher: Hasher,
     size: u64,
+    /// Set when the file will be fsynced: its writeback starts as it grows.
+    writeback: Option<Writeback>,
 }
 
 impl Ingest {
-    /// Creates (or truncates) `path` and starts hashing with `alg`.
-    pub async fn create(path: &Path, alg: Algorithm) -> std::io::Result<Ingest> {
+    /// Creates (or truncates) `path` and starts hashing with `alg`. `durable`: the file will
+    /// be fsynced, so writeback starts while it is written.
+    pub async fn create(path: &Path, alg: Algorithm, durable: bool) -> std::io::Result<Ingest> {
         let file = OpenOptions::new().create(true).write(true).truncate(true).open(path).await?;
-        Ok(Ingest::wrap(path, file, Hasher::new(alg), 0))
+        Ingest::wrap(path, file, Hasher::new(alg), 0, durable).await
     }
 
     /// Reopens `path` at `size` bytes with a restored hash state. Bytes past `size` (a chunk
     /// that was being written when the process died) are cut off; a file shorter than `size`
     /// cannot be resumed.
-    pub async fn resume(path: &Path, hasher: Hasher, size: u64) -> std::io::Result<Ingest> {
+    pub async fn resume(path: &Path, hasher: Hasher, size: u64, durable: bool) -> std::io::Result<Ingest> {
         let mut file = OpenOptions::new().write(true).open(path).await?;
         let len = file.metadata().await?.len();
         if len < size {
@@ -43,11 +47,13 @@ impl Ingest {
             file.set_len(size).await?;
         }
         file.seek(SeekFrom::Start(size)).await?;
-        Ok(Ingest::wrap(path, file, hasher, size))
+        Ingest::wrap(path, file, hasher, size, durable).await
     }
 
-    fn wrap(path: &Path, file: File, hasher: Hasher, size: u64) -> Ingest {
-        Ingest { path: path.to_path_buf(), file: BufWriter::with_capacity(WRITE_BUFFER, file), hasher, size }
+    async fn wrap(path: &Path, file: File, hasher: Hasher, size: u64, durable: bool) -> std::io::Result<Ingest> {
+        let writeback = if durable { Some(Writeback::new(file.try_clone().await?.into_std().await)) } else { None };
+        let file = BufWriter::with_capacity(WRITE_BUFFER, file);
+        Ok(Ingest { path: path.to_path_buf(), file, hasher, size, writeback })
     }
 
     pub fn size(&self) -> u64 {
@@ -66,6 +72,9 @@ impl Ingest {
         self.hasher.update(chunk);
         self.file.write_all(chunk).await?;
         self.size += chunk.len() as u64;
+        if let Some(wb) = &mut self.writeback {
+            wb.written(self.size - self.file.buffer().len() as u64);
+        }
         Ok(())
     }
 

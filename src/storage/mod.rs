@@ -8,8 +8,10 @@
 
 mod ingest;
 mod layout;
+pub mod read;
 mod repo;
 mod uploads;
+mod writeback;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -21,6 +23,7 @@ pub use ingest::{hash_file, Ingest};
 pub use layout::Layout;
 pub use repo::{ManifestPut, StoredManifest};
 pub use uploads::{Upload, UploadId, UploadWriter};
+pub use writeback::Writeback;
 
 use crate::oci::{Algorithm, Digest, RepoName};
 
@@ -96,13 +99,18 @@ impl Store {
         }
     }
 
-    /// Opens a committed blob for reading.
-    pub async fn open_blob(&self, d: &Digest) -> StoreResult<Option<(tokio::fs::File, u64)>> {
-        match tokio::fs::File::open(self.layout.blob(d)).await {
-            Ok(f) => {
-                let size = f.metadata().await?.len();
-                Ok(Some((f, size)))
-            }
+    /// Opens a committed blob for reading (with [`read::stream`]).
+    pub async fn open_blob(&self, d: &Digest) -> StoreResult<Option<(Arc<std::fs::File>, u64)>> {
+        let path = self.layout.blob(d);
+        let opened = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(path)?;
+            let size = f.metadata()?.len();
+            Ok::<_, std::io::Error>((Arc::new(f), size))
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        match opened {
+            Ok(f) => Ok(Some(f)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 self.sizes.invalidate(d).await;
                 Ok(None)
@@ -196,7 +204,7 @@ impl Store {
         let digest = Digest::of(alg, bytes);
         if self.blob_size(&digest).await?.is_none() {
             let tmp = self.layout.tmp();
-            let mut ingest = Ingest::create(&tmp, alg).await?;
+            let mut ingest = Ingest::create(&tmp, alg, false).await?;
             ingest.write(bytes).await?;
             self.commit_ingest(ingest, &digest, Some(bytes.len() as u64)).await?;
         }

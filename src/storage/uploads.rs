@@ -100,7 +100,7 @@ impl Store {
         let id = UploadId(Uuid::now_v7());
         let _guard = self.uploads.get(&id.0).lock_owned().await;
         tokio::fs::create_dir_all(self.layout.upload_dir(&id.0)).await?;
-        let ingest = Ingest::create(&self.layout.upload_data(&id.0), alg).await?;
+        let ingest = Ingest::create(&self.layout.upload_data(&id.0), alg, self.fsync).await?;
         let mut state = State {
             v: 1,
             repo: repo.to_string(),
@@ -139,7 +139,7 @@ impl Store {
         let guard = self.uploads.get(&id.0).lock_owned().await;
         let state = self.load_state(repo, id).await?;
         let hasher = state.hasher().ok_or(StoreError::UploadUnknown)?;
-        let ingest = match Ingest::resume(&self.layout.upload_data(&id.0), hasher, state.offset).await {
+        let ingest = match Ingest::resume(&self.layout.upload_data(&id.0), hasher, state.offset, self.fsync).await {
             Ok(i) => i,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::UploadUnknown),
             Err(e) => return Err(e.into()),

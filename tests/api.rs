@@ -1,15 +1,21 @@
 //! Black-box HTTP conformance tests for Stevedore's OCI distribution-spec v1.1 API.
 //!
 //! Every test starts its own `stevedore serve` on a fresh temporary store (see
-//! `tests/common/mod.rs`) and talks to it over HTTP only.
+//! `tests/common/server.rs`) and talks to it over HTTP only.
 
 mod common;
 
+use common::data::{bytes, sha256, sha512};
+use common::http::hdr;
+use common::oci::{
+    MT_CONFIG as OCI_CONFIG, MT_DOCKER_CONFIG as DOCKER_CONFIG, MT_DOCKER_LAYER as DOCKER_LAYER,
+    MT_DOCKER_MANIFEST as DOCKER_MANIFEST, MT_INDEX as OCI_INDEX, MT_LAYER_GZIP as OCI_LAYER,
+    MT_MANIFEST as OCI_MANIFEST,
+};
 use common::Server;
 use reqwest::header::HeaderMap;
 use reqwest::{Client, Method, Response};
 use serde_json::{json, Value};
-use sha2::Digest as _;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -17,56 +23,18 @@ use std::time::Duration;
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const OCI_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const OCI_EMPTY: &str = "application/vnd.oci.empty.v1+json";
 const OCI_NONDIST: &str = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip";
-const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
-const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 const DOCKER_FOREIGN: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
 const EMPTY_SHA256: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 /// sha256 of the two bytes `{}` (the OCI empty descriptor's content).
 const EMPTY_JSON_SHA256: &str = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{:02x}", b)).collect()
-}
-
-fn sha256(data: &[u8]) -> String {
-    let out = sha2::Sha256::digest(data);
-    format!("sha256:{}", hex(out.as_slice()))
-}
-
-fn sha512(data: &[u8]) -> String {
-    let out = sha2::Sha512::digest(data);
-    format!("sha512:{}", hex(out.as_slice()))
-}
-
-/// Deterministic pseudo-random bytes.
-fn data(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 /// An OCI descriptor for `content`.
 fn desc(media_type: &str, content: &[u8]) -> Value {
     json!({"mediaType": media_type, "digest": sha256(content), "size": content.len()})
-}
-
-fn hdr(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
 /// A header that must be present.
@@ -168,11 +136,7 @@ impl Reg {
 
     fn start_with(args: &[&str]) -> Reg {
         let server = Server::start_with(args);
-        let c = Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("client");
+        let c = common::http::client();
         Reg { server, c }
     }
 
@@ -241,7 +205,7 @@ impl Reg {
     /// `reference` is a tag, or "" to push by digest. Returns (digest, manifest bytes).
     async fn push_image(&self, repo: &str, reference: &str, seed: u64) -> (String, Vec<u8>) {
         let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "seed": seed})).unwrap();
-        let layer = data(seed, 128);
+        let layer = bytes(seed, 128);
         self.push_blob(repo, &config).await;
         self.push_blob(repo, &layer).await;
         let m = serde_json::to_vec(&json!({
@@ -567,7 +531,7 @@ async fn invalid_digests_are_rejected() {
 #[tokio::test]
 async fn blob_get_and_head() {
     let reg = Reg::start();
-    let content = data(1, 1000);
+    let content = bytes(1, 1000);
     let d = reg.push_blob("repo", &content).await;
 
     let (h, body) = expect(reg.get(&format!("/v2/repo/blobs/{d}")).await, 200).await;
@@ -590,7 +554,7 @@ async fn blob_get_and_head() {
 #[tokio::test]
 async fn blob_range_requests() {
     let reg = Reg::start();
-    let content = data(2, 100);
+    let content = bytes(2, 100);
     let d = reg.push_blob("repo", &content).await;
     let path = format!("/v2/repo/blobs/{d}");
     let cases: &[(&str, usize, usize)] = &[
@@ -637,7 +601,7 @@ async fn blob_unknown_is_404() {
 #[tokio::test]
 async fn blob_is_scoped_to_its_repository() {
     let reg = Reg::start();
-    let content = data(3, 50);
+    let content = bytes(3, 50);
     let d = reg.push_blob("a", &content).await;
     reg.push_blob("b", b"other").await;
     expect_error(reg.get(&format!("/v2/b/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
@@ -650,7 +614,7 @@ async fn blob_is_scoped_to_its_repository() {
 #[tokio::test]
 async fn blob_delete() {
     let reg = Reg::start();
-    let content = data(4, 300);
+    let content = bytes(4, 300);
     let d = reg.push_blob("repo", &content).await;
     reg.push_blob("other", &content).await;
     expect(reg.delete(&format!("/v2/repo/blobs/{d}")).await, 202).await;
@@ -680,11 +644,11 @@ async fn blob_delete() {
 async fn large_blobs_monolithic_and_chunked() {
     // Well over common default request-body limits (axum: 2 MiB).
     let reg = Reg::start();
-    let content = data(5, 5 * 1024 * 1024 + 17);
+    let content = bytes(5, 5 * 1024 * 1024 + 17);
     let d = reg.push_blob("big", &content).await;
     reg.assert_blob("big", &d, &content).await;
 
-    let content2 = data(6, 6 * 1024 * 1024 + 3);
+    let content2 = bytes(6, 6 * 1024 * 1024 + 3);
     let d2 = sha256(&content2);
     let mut loc = reg.start_upload("big").await;
     let split = 3 * 1024 * 1024;
@@ -737,7 +701,7 @@ async fn upload_post_opens_session() {
 #[tokio::test]
 async fn upload_monolithic_post_with_digest() {
     let reg = Reg::start();
-    let content = data(10, 4096);
+    let content = bytes(10, 4096);
     let d = sha256(&content);
     let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await;
     let (h, _) = expect(r, 201).await;
@@ -752,7 +716,7 @@ async fn upload_monolithic_post_with_digest() {
 #[tokio::test]
 async fn upload_monolithic_post_wrong_digest_stores_nothing() {
     let reg = Reg::start();
-    let content = data(11, 500);
+    let content = bytes(11, 500);
     let claimed = sha256(b"something else");
     let real = sha256(&content);
     let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={claimed}"), content.clone()).await;
@@ -769,7 +733,7 @@ async fn upload_monolithic_post_wrong_digest_stores_nothing() {
 #[tokio::test]
 async fn upload_post_then_single_put() {
     let reg = Reg::start();
-    let content = data(12, 2048);
+    let content = bytes(12, 2048);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.finish_upload(&loc, &d, content.clone()).await, 201).await;
@@ -783,7 +747,7 @@ async fn upload_post_then_single_put() {
 #[tokio::test]
 async fn upload_chunked() {
     let reg = Reg::start();
-    let content = data(13, 3000);
+    let content = bytes(13, 3000);
     let d = sha256(&content);
     let loc0 = reg.start_upload("repo").await;
     let uuid = loc0.rsplit('/').next().unwrap().to_string();
@@ -810,7 +774,7 @@ async fn upload_chunked() {
 #[tokio::test]
 async fn upload_chunked_with_final_chunk_in_put() {
     let reg = Reg::start();
-    let content = data(14, 1500);
+    let content = bytes(14, 1500);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content[..700]).await, 202).await;
@@ -820,7 +784,7 @@ async fn upload_chunked_with_final_chunk_in_put() {
     reg.assert_blob("repo", &d, &content).await;
 
     // The closing PUT may carry the final chunk's Content-Range.
-    let content = data(114, 900);
+    let content = bytes(114, 900);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content[..400]).await, 202).await;
@@ -842,7 +806,7 @@ async fn upload_chunked_with_final_chunk_in_put() {
 #[tokio::test]
 async fn upload_patch_streamed_without_content_range() {
     let reg = Reg::start();
-    let content = data(15, 10_000);
+    let content = bytes(15, 10_000);
     let d = sha256(&content);
     let mut loc = reg.start_upload("repo").await;
     let mut offset = 0;
@@ -875,7 +839,7 @@ async fn upload_patch_streamed_without_content_range() {
 #[tokio::test]
 async fn upload_out_of_order_chunk_is_416_and_session_unchanged() {
     let reg = Reg::start();
-    let content = data(16, 30);
+    let content = bytes(16, 30);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
 
@@ -906,7 +870,7 @@ async fn upload_out_of_order_chunk_is_416_and_session_unchanged() {
 #[tokio::test]
 async fn upload_put_with_wrong_or_missing_digest() {
     let reg = Reg::start();
-    let content = data(17, 256);
+    let content = bytes(17, 256);
     let wrong = sha256(b"wrong");
 
     let loc = reg.start_upload("repo").await;
@@ -933,7 +897,7 @@ async fn upload_put_with_wrong_or_missing_digest() {
 #[tokio::test]
 async fn upload_cancel_with_delete() {
     let reg = Reg::start();
-    let content = data(18, 100);
+    let content = bytes(18, 100);
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content).await, 202).await;
     let loc = must_hdr(&h, "location");
@@ -963,7 +927,7 @@ async fn upload_unknown_session() {
 #[tokio::test]
 async fn upload_session_is_scoped_to_its_repository() {
     let reg = Reg::start();
-    let content = data(19, 64);
+    let content = bytes(19, 64);
     let d = sha256(&content);
     let loc = reg.start_upload("a").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content[..32]).await, 202).await;
@@ -1015,7 +979,7 @@ async fn zero_byte_blob() {
 #[tokio::test]
 async fn sha512_blobs_monolithic_and_chunked() {
     let reg = Reg::start();
-    let content = data(20, 5000);
+    let content = bytes(20, 5000);
     let d = sha512(&content);
     let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await;
     let (h, _) = expect(r, 201).await;
@@ -1032,7 +996,7 @@ async fn sha512_blobs_monolithic_and_chunked() {
     assert_eq!(&body[..], &content[10..=20]);
 
     // Chunked, finished with a sha512 digest.
-    let content2 = data(21, 7000);
+    let content2 = bytes(21, 7000);
     let d2 = sha512(&content2);
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content2[..3000]).await, 202).await;
@@ -1052,7 +1016,7 @@ async fn sha512_blobs_monolithic_and_chunked() {
 #[tokio::test]
 async fn mount_from_repository() {
     let reg = Reg::start();
-    let content = data(22, 777);
+    let content = bytes(22, 777);
     let d = reg.push_blob("src", &content).await;
     let r = reg.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src"), vec![]).await;
     let (h, _) = expect(r, 201).await;
@@ -1070,7 +1034,7 @@ async fn mount_from_repository() {
     expect_error(reg.get(&format!("/v2/dst3/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
 
     // sha512 mount.
-    let content2 = data(23, 99);
+    let content2 = bytes(23, 99);
     let d2 = reg.push_blob_as("src", &content2, &sha512(&content2)).await;
     let r = reg.post(&format!("/v2/dst2/blobs/uploads/?mount={d2}&from=src"), vec![]).await;
     let (h, _) = expect(r, 201).await;
@@ -1081,7 +1045,7 @@ async fn mount_from_repository() {
 #[tokio::test]
 async fn mount_of_blob_not_in_from_opens_session() {
     let reg = Reg::start();
-    let content = data(24, 100);
+    let content = bytes(24, 100);
     let d = reg.push_blob("has", &content).await;
     reg.push_blob("empty", b"unrelated").await;
 
@@ -1112,7 +1076,7 @@ async fn mount_of_blob_not_in_from_opens_session() {
 #[tokio::test]
 async fn mount_without_from() {
     let reg = Reg::start();
-    let content = data(25, 321);
+    let content = bytes(25, 321);
     let d = reg.push_blob("somewhere", &content).await;
     let r = reg.post(&format!("/v2/elsewhere/blobs/uploads/?mount={d}"), vec![]).await;
     let (h, _) = expect(r, 201).await;
@@ -1136,7 +1100,7 @@ async fn mount_with_invalid_arguments() {
 /// image manifest referencing them.
 async fn odd_image_manifest(reg: &Reg, repo: &str, seed: u64) -> Vec<u8> {
     let config = format!("{{\"architecture\":\"arm64\",\"os\":\"linux\",\"n\":{seed}}}").into_bytes();
-    let layer = data(seed, 333);
+    let layer = bytes(seed, 333);
     reg.push_blob(repo, &config).await;
     reg.push_blob(repo, &layer).await;
     format!(
@@ -1255,7 +1219,7 @@ async fn manifest_index_and_nested_index() {
 async fn manifest_docker_schema2_and_manifest_list() {
     let reg = Reg::start();
     let config = br#"{"architecture":"amd64","os":"linux","config":{}}"#.to_vec();
-    let layer = data(35, 200);
+    let layer = bytes(35, 200);
     reg.push_blob("docker", &config).await;
     reg.push_blob("docker", &layer).await;
     let m = serde_json::to_vec_pretty(&json!({
@@ -1385,13 +1349,13 @@ async fn manifest_image_without_layers() {
 async fn manifest_referencing_missing_blobs_is_rejected() {
     let reg = Reg::start();
     let config = br#"{"os":"linux","missing":"test"}"#.to_vec();
-    let layer = data(36, 100);
-    let missing = data(37, 100);
+    let layer = bytes(36, 100);
+    let missing = bytes(37, 100);
     reg.push_blob("repo", &config).await;
     reg.push_blob("repo", &layer).await;
     // Blobs that exist, but only in another repository.
     let other_cfg = br#"{"os":"linux","other":true}"#.to_vec();
-    let other_layer = data(38, 100);
+    let other_layer = bytes(38, 100);
     reg.push_blob("other", &other_cfg).await;
     reg.push_blob("other", &other_layer).await;
 
@@ -1622,7 +1586,7 @@ async fn manifest_put_by_digest_mismatch() {
 async fn manifest_sha512() {
     let reg = Reg::start();
     let config = br#"{"os":"linux","sha":512}"#.to_vec();
-    let layer = data(44, 64);
+    let layer = bytes(44, 64);
     let cd = reg.push_blob_as("repo", &config, &sha512(&config)).await;
     let ld = reg.push_blob_as("repo", &layer, &sha512(&layer)).await;
     let m = serde_json::to_vec(&json!({
@@ -2294,7 +2258,7 @@ async fn hostile_content_range_and_range_headers() {
     must_hdr(&h, "range");
 
     // Range headers on a blob.
-    let content = data(90, 64);
+    let content = bytes(90, 64);
     let d = reg.push_blob("repo", &content).await;
     for range in [
         "bytes=18446744073709551615-",
@@ -2379,7 +2343,7 @@ async fn hostile_manifest_bodies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pushes_of_the_same_content() {
     let reg = std::sync::Arc::new(Reg::start());
-    let content = std::sync::Arc::new(data(95, 256 * 1024));
+    let content = std::sync::Arc::new(bytes(95, 256 * 1024));
     let d = sha256(&content);
     let mut tasks = Vec::new();
     for i in 0..12 {
@@ -2437,7 +2401,7 @@ async fn upload_sessions_created_at_startup_survive() {
     for i in 0..48u64 {
         let reg = reg.clone();
         tasks.push(tokio::spawn(async move {
-            let content = data(200 + i, 64);
+            let content = bytes(200 + i, 64);
             let loc = reg.start_upload("repo").await;
             let (h, _) = expect(reg.patch_chunk(&loc, 0, &content).await, 202).await;
             let loc = must_hdr(&h, "location");
@@ -2460,7 +2424,7 @@ async fn upload_sessions_created_at_startup_survive() {
 async fn pushes_work_while_the_default_upstream_is_down() {
     let reg = Reg::start_with(&["--upstream", "http://127.0.0.1:1"]);
     let config = b"{}".to_vec();
-    let layer = data(7, 4096);
+    let layer = bytes(7, 4096);
     let (dc, dl) = (sha256(&config), sha256(&layer));
     for d in [&dc, &dl] {
         let r = reg.head(&format!("/v2/team/app/blobs/{d}")).await;

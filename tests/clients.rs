@@ -7,26 +7,27 @@
 //! in Stevedore as `docker.io` (and is the default upstream), the other as `registry.test`.
 //! Every engine runs as root with all of its state in a temporary directory, inside a private
 //! mount namespace where Docker Hub's names resolve to 127.0.0.1 and nothing else resolves (see
-//! `clients_support/proc.rs`): nothing here can reach beyond loopback, and a client that
+//! `common/proc.rs`): nothing here can reach beyond loopback, and a client that
 //! bypassed the mirror would fail rather than succeed.
 //!
 //! One test with a sub-step per client: each sub-step runs even if an earlier one failed, and
 //! the failure names every client that failed. Needs the packages installed by
 //! `scripts/install-test-deps.sh` (it fails with that hint otherwise; it never skips).
 
-mod clients_support;
+mod common;
 
 use std::collections::BTreeSet;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use clients_support::engines::{Containerd, Dockerd, Podman};
-use clients_support::image::{self, TestImage};
-use clients_support::proc::{self, run_ok, Sandbox};
-use clients_support::registry::Distribution;
-use clients_support::stevedore::{show, Access, Stevedore};
-use clients_support::{require_root, tool};
+use common::data::sha256;
+use common::distribution::Distribution;
+use common::engines::{Containerd, Dockerd, Podman};
+use common::oci::{self, Image};
+use common::proc::{self, require_root, run_ok, tool, Sandbox};
+use common::stevedore::{show, Access, Stevedore};
+use common::store;
 
 /// The image every client pulls: `docker.io/library/small:latest`.
 const SMALL: &str = "library/small";
@@ -40,8 +41,8 @@ struct World {
     sd: Stevedore,
     hub: Distribution,
     second: Distribution,
-    small: TestImage,
-    other: TestImage,
+    small: Image,
+    other: Image,
     tmp: tempfile::TempDir,
 }
 
@@ -51,10 +52,10 @@ impl World {
         tool("setpriv");
         tool("unshare");
         let tmp = tempfile::Builder::new().prefix("sdc-").tempdir().expect("tempdir");
-        let hub = Distribution::start(&tmp.path().join("hub"));
-        let second = Distribution::start(&tmp.path().join("second"));
-        let small = image::build("small", 41, 48 * 1024, false);
-        let other = image::build("other", 42, 48 * 1024, true);
+        let hub = Distribution::start_in(&tmp.path().join("hub"), false);
+        let second = Distribution::start_in(&tmp.path().join("second"), false);
+        let small = oci::build("small", 41, 48 * 1024, false);
+        let other = oci::build("other", 42, 48 * 1024, true);
         hub.push(SMALL, "latest", &small);
         second.push(OTHER, "latest", &other);
         let config = format!(
@@ -67,7 +68,7 @@ impl World {
             hub.url(),
             second.url()
         );
-        let sd = Stevedore::start(&tmp.path().join("stevedore"), &config);
+        let sd = Stevedore::start_in(&tmp.path().join("stevedore"), &config);
         World { sd, hub, second, small, other, tmp }
     }
 
@@ -95,7 +96,7 @@ impl World {
 
 /// Asserts that `reqs` fetched `repo:latest` (`path_repo` as the client names it) and every
 /// blob of `img`.
-fn assert_fetched(reqs: &[Access], path_repo: &str, img: &TestImage, client: &str) {
+fn assert_fetched(reqs: &[Access], path_repo: &str, img: &Image, client: &str) {
     let tag = format!("/v2/{path_repo}/manifests/latest");
     assert!(reqs.iter().any(|a| a.path() == tag), "{client}: no request for {tag}; requests:\n{}", show(reqs));
     for b in img.blobs() {
@@ -118,7 +119,7 @@ fn assert_request(reqs: &[Access], method: &str, path: &str, client: &str) {
 }
 
 /// Writes `img`'s files under `dir` (to compare an unpacked root file system against).
-fn write_expected(img: &TestImage, dir: &Path) -> PathBuf {
+fn write_expected(img: &Image, dir: &Path) -> PathBuf {
     for (path, data) in &img.files {
         let p = dir.join(path);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -128,15 +129,15 @@ fn write_expected(img: &TestImage, dir: &Path) -> PathBuf {
 }
 
 /// Shell lines comparing every file of `img` under the directory in `$M` with `expect`.
-fn cmp_lines(img: &TestImage, expect: &Path) -> String {
+fn cmp_lines(img: &Image, expect: &Path) -> String {
     img.files.iter().map(|(p, _)| format!("cmp -- \"$M/{p}\" \"{}/{p}\"\n", expect.display())).collect()
 }
 
 /// The chain ID of the image's top layer (what containerd names the unpacked snapshot).
-fn chain_id(img: &TestImage) -> String {
+fn chain_id(img: &Image) -> String {
     let mut chain = img.diff_ids[0].clone();
     for d in &img.diff_ids[1..] {
-        chain = image::sha256(format!("{chain} {d}").as_bytes());
+        chain = sha256(format!("{chain} {d}").as_bytes());
     }
     chain
 }
@@ -297,7 +298,7 @@ fn podman_step(w: &World) {
 /// diff_ids, and a container created from it holds the image's files.
 fn docker_step(w: &World) {
     let dir = w.dir("docker");
-    let d = Dockerd::start(&dir, &w.sd.url());
+    let d = Dockerd::start(&dir, &w.sd.url(""));
     let mark = w.sd.requests().len();
     let pull = run_ok("docker: pull small", d.docker(&["pull", "small"]), LIMIT);
     let reqs = w.requests_since(mark, "docker");
@@ -378,14 +379,18 @@ fn skopeo_step(w: &World) {
 /// All dialects landed in one cache: two repositories, each blob once in the store, and each
 /// blob fetched from its upstream exactly once.
 fn one_cache_step(w: &World) {
-    let repos = w.sd.repo_dirs();
+    let repos = store::repo_dirs(w.sd.root());
     let want: BTreeSet<String> = [format!("docker.io/{SMALL}"), format!("registry.test/{OTHER}")].into_iter().collect();
     assert_eq!(repos, want, "repositories in Stevedore's store");
     let mut want_blobs: Vec<String> = w.small.digests();
     want_blobs.extend(w.other.digests());
     want_blobs.sort();
-    assert_eq!(w.sd.blob_files(), want_blobs, "files under blobs/ (each blob once)");
-    assert!(w.sd.ingest_leftovers().is_empty(), "ingest leftovers: {:?}", w.sd.ingest_leftovers());
+    assert_eq!(store::blob_files(w.sd.root()), want_blobs, "files under blobs/ (each blob once)");
+    assert!(
+        store::ingest_leftovers(w.sd.root()).is_empty(),
+        "ingest leftovers: {:?}",
+        store::ingest_leftovers(w.sd.root())
+    );
     for (name, reg, repo, img) in
         [("docker.io", &w.hub, SMALL, &w.small), ("registry.test", &w.second, OTHER, &w.other)]
     {
@@ -413,14 +418,14 @@ fn one_cache_step(w: &World) {
 /// GET however the requests interleave.
 fn concurrent_step(w: &World) {
     const BURST: &str = "library/burst";
-    let burst = image::build("burst", 43, 2 << 20, false);
+    let burst = oci::build("burst", 43, 2 << 20, false);
     w.hub.push(BURST, "latest", &burst);
     let dir = w.dir("burst");
     // Engines first: their start-up is not part of the race.
     let ctd = Containerd::start(&dir.join("containerd"));
     let hosts = dir.join("certs.d");
     write_hosts_toml(&hosts, "docker.io", &format!("http://{}", w.sd.addr), "");
-    let dockerd = Dockerd::start(&dir.join("docker"), &w.sd.url());
+    let dockerd = Dockerd::start(&dir.join("docker"), &w.sd.url(""));
     let podman = Podman::new(&dir.join("podman"), &w.sd.addr);
     let sb = Sandbox::new(&dir.join("skopeo-sandbox"));
     let layout = dir.join("skopeo-layout");

@@ -16,8 +16,11 @@
 //! Everything is bounded: 5 rounds, a byte budget per round, timeouts on every request.
 
 mod common;
-mod support;
 
+use common::data::{self, Rng};
+use common::http::{HttpErr, Registry};
+use common::oci;
+use common::store::assert_blobs_intact;
 use common::Server;
 use reqwest::{Body, StatusCode};
 use std::collections::BTreeMap;
@@ -25,10 +28,6 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use support::data::{self, Rng};
-use support::http::{HttpErr, Registry};
-use support::oci_layout as oci;
-use support::store::assert_blobs_intact;
 
 const MIB: u64 = 1 << 20;
 const ROUNDS: usize = 5;
@@ -258,7 +257,7 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
 /// `seed` names the bytes in the ledger (only `digest` and `len` are used to check them).
 async fn push_whole_blob(ctx: &Ctx, repo: &str, seed: u64, bytes: Vec<u8>, single_post: bool) -> bool {
     let len = bytes.len() as u64;
-    let digest = data::sha256_digest(&bytes);
+    let digest = data::sha256(&bytes);
     let rec = BlobRec { repo: repo.to_string(), seed, len, digest: digest.clone(), verified: false };
     let loc = if single_post {
         None
@@ -329,8 +328,8 @@ async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
         if !ctx.reserve((layer.len() + config.len()) as u64) {
             return ctx.idle().await;
         }
-        let layer_digest = data::sha256_digest(&layer);
-        let config_digest = data::sha256_digest(&config);
+        let layer_digest = data::sha256(&layer);
+        let config_digest = data::sha256(&config);
         let (layer_len, config_len) = (layer.len(), config.len());
         if !push_whole_blob(&ctx, &repo, seed, layer, true).await {
             return;
@@ -348,7 +347,7 @@ async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
         let rec = ManRec {
             repo: repo.clone(),
             tag: format!("r{round}-n{n}"),
-            digest: data::sha256_digest(&bytes),
+            digest: data::sha256(&bytes),
             bytes: bytes.clone(),
         };
         let id = {
@@ -453,7 +452,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
                     "acknowledged manifest {}:{reference} lost or changed: {st}, {} bytes hashing to {}",
                     m.repo,
                     body.len(),
-                    data::sha256_digest(&body)
+                    data::sha256(&body)
                 )),
                 Err(e) => failures.push(format!("GET manifest {}:{reference}: {e}", m.repo)),
             }

@@ -6,13 +6,12 @@
 //! through SHA-256, and the server's peak RSS (VmHWM) must stay under 64 MiB.
 
 mod common;
-mod support;
 
+use common::data;
+use common::http::Registry;
 use common::Server;
 use reqwest::{Body, StatusCode};
 use std::time::Instant;
-use support::data;
-use support::http::Registry;
 
 const GIB: u64 = 1 << 30;
 const CHUNK: u64 = 64 << 20;

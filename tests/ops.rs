@@ -6,15 +6,10 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Server;
+use common::{data, Server};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_stevedore"))
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(b).iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[tokio::test]
@@ -27,7 +22,7 @@ async fn health_readiness_and_metrics() {
     assert_eq!(r.status(), 200);
 
     let blob = b"metrics please".to_vec();
-    let d = format!("sha256:{}", sha256_hex(&blob));
+    let d = data::sha256(&blob);
     let r = c.post(s.url(&format!("/v2/ops/blobs/uploads/?digest={d}"))).body(blob.clone()).send().await.unwrap();
     assert_eq!(r.status(), 201);
     let r = c.get(s.url(&format!("/v2/ops/blobs/{d}"))).send().await.unwrap();

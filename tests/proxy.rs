@@ -6,21 +6,19 @@
 //! loopback (checked by `Stevedore::start`), with `[proxy] default_upstream` set explicitly.
 
 mod common;
-mod proxy_support;
 
 use std::time::{Duration, Instant};
 
-use proxy_support::fake::{Bearer, Fake, Plan};
-use proxy_support::{
-    assert_content, assert_json_error, blob_files, blob_path, bytes, client, config, content_length_header,
-    get_manifest, hdr, ingest_leftovers, read, repo_dirs, sha256, wait_until, Dialect, Read, Stevedore, DIALECTS,
-    MANIFEST_ACCEPT,
+use common::data::{bytes, sha256};
+use common::fake::{Bearer, Fake, Plan};
+use common::http::{
+    assert_content, assert_json_error, client, content_length_header, get_manifest, hdr, read, Read, MANIFEST_ACCEPT,
 };
+use common::oci::{MT_CONFIG, MT_LAYER_GZIP as MT_LAYER, MT_MANIFEST};
+use common::stevedore::{config, Dialect, Stevedore, DIALECTS};
+use common::store::{blob_files, blob_path, ingest_leftovers, repo_dirs};
+use common::wait_until;
 use serde_json::json;
-
-const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-const MT_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
-const MT_LAYER: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
 /// An image the fake serves: manifest, config and layers.
 struct Img {
@@ -61,7 +59,7 @@ async fn assert_not_committed(sd: &Stevedore, digest: &str, what: &str) {
     let clean = wait_until(Duration::from_secs(5), || ingest_leftovers(&root).is_empty()).await;
     assert!(clean, "{what}: spool files left in ingest/: {:?}", ingest_leftovers(&root));
     assert!(!blob_path(&root, digest).exists(), "{what}: {digest} was committed under blobs/");
-    assert!(!blob_files(&root).contains(digest), "{what}: {digest} listed under blobs/");
+    assert!(!blob_files(&root).iter().any(|f| f == digest), "{what}: {digest} listed under blobs/");
 }
 
 /// Waits for `digest` to be committed and checks the file's hash.

@@ -8,30 +8,19 @@
 //! cache namespace is `upstream.test/<repo>` whichever way a client asks.
 
 mod common;
-mod proxy_support;
-mod support;
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use proxy_support::distribution::{Distribution, PASSWORD, USER};
-use proxy_support::push::Pusher;
-use proxy_support::{
-    assert_content, blob_files, client, config, get_manifest, hdr, ingest_leftovers, read, repo_dirs, Dialect, Read,
-    Stevedore, DIALECTS,
-};
-use support::oci_layout::{self as oci, Blob, Image};
-use support::skopeo_cli::Skopeo;
+use common::distribution::{Distribution, PASSWORD, USER};
+use common::http::{assert_content, client, get_manifest, hdr, read, Read, MANIFEST_ACCEPT};
+use common::oci::{self, Blob, Image};
+use common::push::Pusher;
+use common::skopeo_cli::Skopeo;
+use common::stevedore::{config, Dialect, Stevedore, DIALECTS};
+use common::store::{assert_blobs_intact, blob_files, ingest_leftovers, repo_dirs};
 
 const HOST: &str = "upstream.test";
-
-async fn push_image(p: &Pusher, repo: &str, img: &Image, tag: Option<&str>) {
-    for b in img.blobs() {
-        p.blob(repo, &b.data).await;
-    }
-    let reference = tag.unwrap_or(&img.manifest.digest);
-    p.manifest(repo, reference, &img.manifest.media_type, &img.manifest.data).await;
-}
 
 /// Checks the manifest answer: exact bytes, digest, media type.
 fn assert_manifest(r: &Read, m: &Blob, what: &str) {
@@ -97,20 +86,20 @@ fn assert_layout(dir: &std::path::Path, tag: &str, root: &Blob, blobs: &[&Blob])
 /// once in all, and a second round of pulls makes no upstream blob GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distribution_pull_through_every_dialect_and_skopeo_share_one_cache() {
-    let reg = Distribution::start(false).await;
+    let reg = Distribution::start(false);
     let pusher = Pusher::new(&reg.url(), None);
     let app = oci::make_image(7001, 3, 1_200_000, "amd64", "linux");
-    push_image(&pusher, "team/app", &app, Some("1.0")).await;
+    pusher.image("team/app", &app, Some("1.0")).await;
     let amd = oci::make_image(7002, 2, 400_000, "amd64", "linux");
     let arm = oci::make_image(7003, 2, 380_000, "arm64", "linux");
     let index = oci::make_index(&[(&amd, "amd64", None), (&arm, "arm64", Some("v8"))]);
-    push_image(&pusher, "multi", &amd, None).await;
-    push_image(&pusher, "multi", &arm, None).await;
+    pusher.image("multi", &amd, None).await;
+    pusher.image("multi", &arm, None).await;
     pusher.manifest("multi", "latest", oci::MT_INDEX, &index.data).await;
 
     let sd = Stevedore::start(&config(HOST, &[(HOST, &reg.url(), "tag_ttl = \"5m\"")]));
     let http = client();
-    reg.settle().await;
+    reg.settle();
     assert_eq!((reg.blob_gets("team/app"), reg.blob_gets("multi")), (0, 0), "blob GETs before any pull");
 
     // Round 1, cold: team/app with ?ns=, multi with skopeo through the path prefix.
@@ -129,7 +118,7 @@ async fn distribution_pull_through_every_dialect_and_skopeo_share_one_cache() {
     let multi_blobs: Vec<&Blob> =
         amd.blobs().into_iter().chain(arm.blobs()).chain([&amd.manifest, &arm.manifest]).collect();
     assert_layout(&multi_out, "latest", &index, &multi_blobs);
-    reg.settle().await;
+    reg.settle();
     let app_blobs = app.blobs().len();
     let cold = (reg.blob_gets("team/app"), reg.blob_gets("multi"));
     assert_eq!(
@@ -161,7 +150,7 @@ async fn distribution_pull_through_every_dialect_and_skopeo_share_one_cache() {
     sk2.assert_cache_isolated();
     assert_layout(&app_out, "1.0", &app.manifest, &app.blobs());
     assert_layout(&multi_out2, "latest", &index, &multi_blobs);
-    reg.settle().await;
+    reg.settle();
     assert_eq!(
         (reg.blob_gets("team/app"), reg.blob_gets("multi")),
         cold,
@@ -189,8 +178,8 @@ async fn distribution_pull_through_every_dialect_and_skopeo_share_one_cache() {
     }
     expected.insert(app.manifest.digest.clone());
     expected.insert(index.digest.clone());
-    assert_eq!(blob_files(root), expected, "content under blobs/");
-    assert_eq!(support::store::assert_blobs_intact(root), expected.len(), "intact blobs");
+    assert_eq!(blob_files(root).into_iter().collect::<BTreeSet<_>>(), expected, "content under blobs/");
+    assert_eq!(assert_blobs_intact(root), expected.len(), "intact blobs");
     assert!(ingest_leftovers(root).is_empty(), "ingest/ leftovers: {:?}", ingest_leftovers(root));
 }
 
@@ -213,12 +202,12 @@ async fn assert_clean_upstream_error(req: reqwest::RequestBuilder, what: &str) -
 /// password; a wrong password or none is a clean JSON error, not a hang and not a 500.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_without() {
-    let reg = Distribution::start(true).await;
+    let reg = Distribution::start(true);
     let anon = client().get(format!("{}/v2/", reg.url())).send().await.unwrap();
     assert_eq!(anon.status().as_u16(), 401, "the upstream must require auth");
     let pusher = Pusher::new(&reg.url(), Some((USER, PASSWORD)));
     let img = oci::make_image(7101, 2, 300_000, "amd64", "linux");
-    push_image(&pusher, "private/app", &img, Some("v1")).await;
+    pusher.image("private/app", &img, Some("v1")).await;
 
     let sd = Stevedore::start(&config(
         "private.test",
@@ -234,7 +223,7 @@ async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_wit
     for host in ["wrongpw.test", "nocreds.test"] {
         let url = |rest: &str| sd.url(&format!("/v2/private/app/{rest}?ns={host}"));
         assert_clean_upstream_error(
-            http.get(url("manifests/v1")).header("accept", proxy_support::MANIFEST_ACCEPT),
+            http.get(url("manifests/v1")).header("accept", MANIFEST_ACCEPT),
             &format!("{host}: manifest"),
         )
         .await;
@@ -261,7 +250,7 @@ async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_wit
     }
     assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["private.test/private/app".to_string()]);
     // Each blob was downloaded from the upstream once, with credentials that worked.
-    reg.settle().await;
+    reg.settle();
     let log = reg.access_log();
     let ok_blob_gets =
         log.lines().filter(|l| l.contains("\"GET /v2/private/app/blobs/") && l.contains("HTTP/1.1\" 200 ")).count();

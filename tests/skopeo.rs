@@ -6,19 +6,18 @@
 //! fail loudly without them: they never skip.
 //!
 //! Every test uses its own [`Skopeo`] (throwaway HOME, isolated blob info cache); see
-//! `tests/support/skopeo_cli.rs`.
+//! `tests/common/skopeo_cli.rs`.
 
 mod common;
-mod support;
 
+use common::data;
+use common::http::Registry;
+use common::oci::{self, Blob, Image};
+use common::skopeo_cli::Skopeo;
 use common::Server;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use support::data;
-use support::http::Registry;
-use support::oci_layout::{self as oci, Blob, Image};
-use support::skopeo_cli::Skopeo;
 use tokio::runtime::Runtime;
 
 /// One runtime per test: reqwest's pooled connections belong to the runtime that opened them.
@@ -31,7 +30,7 @@ fn rt() -> Runtime {
 fn assert_manifest_served(rt: &Runtime, reg: &Registry, repo: &str, reference: &str, expected: &Blob) {
     let (st, dcd, ct, body) = rt.block_on(reg.get_manifest(repo, reference)).expect("GET manifest");
     assert_eq!(st.as_u16(), 200, "GET /v2/{repo}/manifests/{reference}");
-    assert_eq!(data::sha256_digest(&body), expected.digest, "{repo}:{reference}: served manifest digest");
+    assert_eq!(data::sha256(&body), expected.digest, "{repo}:{reference}: served manifest digest");
     assert!(body == expected.data, "{repo}:{reference}: served manifest bytes differ");
     assert_eq!(dcd.as_deref(), Some(expected.digest.as_str()), "{repo}:{reference}: Docker-Content-Digest");
     let ct = ct.unwrap_or_default();
@@ -43,14 +42,14 @@ fn assert_blobs_served(rt: &Runtime, reg: &Registry, repo: &str, blobs: &[&Blob]
     for b in blobs {
         let (st, body) = rt.block_on(reg.get_blob(repo, &b.digest)).expect("GET blob");
         assert_eq!(st.as_u16(), 200, "GET /v2/{repo}/blobs/{}", b.digest);
-        assert_eq!(data::sha256_digest(&body), b.digest, "{repo}: blob {} bytes differ", b.digest);
+        assert_eq!(data::sha256(&body), b.digest, "{repo}: blob {} bytes differ", b.digest);
     }
 }
 
 /// `skopeo inspect --raw` returns exactly the expected manifest bytes.
 fn assert_inspect_raw(sk: &Skopeo, image: &str, expected: &Blob) {
     let raw = sk.inspect_raw(image);
-    assert_eq!(data::sha256_digest(&raw), expected.digest, "skopeo inspect --raw {image}: digest");
+    assert_eq!(data::sha256(&raw), expected.digest, "skopeo inspect --raw {image}: digest");
 }
 
 /// The OCI layout at `dir` names `expected` under `tag`, and holds every blob intact.
@@ -357,7 +356,7 @@ fn skopeo_copy_between_repositories_mounts_blobs_instead_of_uploading() {
     assert_blobs_served(&rt, &reg, "mnt/c", &[layer]);
 
     // Mounting a digest the registry does not have starts an ordinary session instead.
-    let missing = data::sha256_digest(b"not stored anywhere");
+    let missing = data::sha256(b"not stored anywhere");
     let url = reg.url(&format!("/v2/mnt/d/blobs/uploads/?mount={missing}&from=mnt/a"));
     let resp = rt.block_on(async { reg.client.post(url).header("content-length", "0").send().await }).unwrap();
     assert_eq!(resp.status().as_u16(), 202, "mount of an unknown blob must fall back to a new session");

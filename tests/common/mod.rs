@@ -1,113 +1,57 @@
-//! Test harness: runs the real `stevedore` binary on 127.0.0.1 with a temporary store.
+//! Shared support for every integration test (not a test target itself). Each test file
+//! compiles this module on its own (`mod common;`), so most files use only part of it.
 //!
-//! The server prints `stevedore listening on <addr>` on stdout once it accepts connections;
-//! the harness reads that line to learn the port chosen for `--listen 127.0.0.1:0`.
+//! - [`server`]: the `stevedore` binary on a temporary store, command-line arguments only.
+//! - [`stevedore`]: the binary on a config file, its JSON access log captured; config helpers.
+//! - [`data`]: deterministic bytes, digests, a small PRNG.
+//! - [`http`]: the loopback reqwest client, response reading and checks, and a strict
+//!   distribution-spec client ([`http::Registry`]).
+//! - [`oci`]: images (gzip ustar layers, config, manifest, index) and OCI image layouts.
+//! - [`push`]: pushing blobs, manifests and images to a registry.
+//! - [`distribution`]: CNCF Distribution (`docker-registry`) as a real upstream.
+//! - [`fake`]: a scripted fake upstream (axum, in process).
+//! - [`store`]: checks on Stevedore's on-disk store.
+//! - [`proc`]: daemons, bounded commands, required tools, the engine sandbox.
+//! - [`engines`]: containerd, dockerd and podman; [`skopeo_cli`]: isolated skopeo runs.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+pub mod data;
+pub mod distribution;
+pub mod engines;
+pub mod fake;
+pub mod http;
+pub mod oci;
+pub mod proc;
+pub mod push;
+pub mod server;
+pub mod skopeo_cli;
+pub mod stevedore;
+pub mod store;
 
-pub struct Server {
-    pub child: Child,
-    pub addr: SocketAddr,
-    pub root: PathBuf,
-    /// Keeps the temporary store alive for servers started with [`Server::start`].
-    _tmp: Option<tempfile::TempDir>,
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+#[allow(unused_imports)]
+pub use server::Server;
+
+/// A small runtime for async helpers called from synchronous tests (pushing, probes).
+pub fn rt() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio runtime")
+    })
 }
 
-impl Server {
-    /// A plain local registry (no default upstream) on a fresh temporary store.
-    pub fn start() -> Server {
-        Server::start_with(&[])
-    }
-
-    /// A fresh temporary store with extra command-line arguments.
-    pub fn start_with(extra: &[&str]) -> Server {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let root = tmp.path().join("data");
-        let mut s = Server::start_at(&root, extra);
-        s._tmp = Some(tmp);
-        s
-    }
-
-    /// Starts the binary on `root` (created if missing) with extra command-line arguments.
-    /// Unless `extra` names an upstream (`--upstream`) or a config file (`--config`, which
-    /// must then set `proxy.default_upstream` itself), the server gets `--upstream none`, so
-    /// no test ever reaches for Docker Hub.
-    pub fn start_at(root: &Path, extra: &[&str]) -> Server {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stevedore"));
-        cmd.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--root")
-            .arg(root)
-            .args(extra)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        if !extra.iter().any(|a| *a == "--upstream" || *a == "--config") {
-            cmd.arg("--upstream").arg("none");
+/// Polls `cond` every 20 ms until it holds or `limit` passes; returns whether it held.
+pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
         }
-        let mut child = cmd.spawn().expect("spawn stevedore");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let mut sent = false;
-            while let Some(Ok(line)) = lines.next() {
-                if !sent {
-                    if let Some(a) = line.strip_prefix("stevedore listening on ") {
-                        let _ = tx.send(a.trim().to_string());
-                        sent = true;
-                    }
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(a) => a.parse().expect("listen address"),
-            Err(_) => {
-                let _ = child.kill();
-                panic!("stevedore did not report its listen address within 30 s");
-            }
-        };
-        Server { child, addr, root: root.to_path_buf(), _tmp: None }
-    }
-
-    /// `http://127.0.0.1:PORT` + `path`.
-    pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    /// `127.0.0.1:PORT`, as skopeo and other clients want it.
-    pub fn host(&self) -> String {
-        self.addr.to_string()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Peak resident set size of the server process (VmHWM), in bytes.
-    pub fn vm_hwm(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
-        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
-        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        kib * 1024
-    }
-
-    /// SIGKILL, no chance to clean up.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -1,7 +1,7 @@
-//! Processes for the client tests: daemons in their own process group (killed as a group on
-//! drop, and by the kernel if the test process dies: `setpriv --pdeathsig KILL`), bounded
-//! one-shot commands, and a sandbox that keeps the container engines off the host's state and
-//! off the network.
+//! Processes for the tests: the external tools they need ([`tool`]), daemons in their own
+//! process group (killed as a group on drop, and by the kernel if the test process dies:
+//! `setpriv --pdeathsig KILL`), bounded one-shot commands, and a sandbox that keeps the
+//! container engines off the host's state and off the network.
 //!
 //! The sandbox is a private mount namespace (`unshare --mount --propagation private`) in which
 //! `/etc`, `/var/lib` and `/opt` are overlays whose upper layers live on a tmpfs, and `/run` is
@@ -18,6 +18,52 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+/// Tools the tests run: (name, absolute path, Debian package).
+const TOOLS: &[(&str, &str, &str)] = &[
+    ("containerd", "/usr/bin/containerd", "containerd"),
+    ("ctr", "/usr/bin/ctr", "containerd"),
+    ("runc", "/usr/sbin/runc", "runc"),
+    ("podman", "/usr/bin/podman", "podman"),
+    ("dockerd", "/usr/sbin/dockerd", "docker.io"),
+    // Debian's CLI, not whatever `docker` comes first on PATH.
+    ("docker", "/usr/bin/docker", "docker.io"),
+    ("skopeo", "/usr/bin/skopeo", "skopeo"),
+    ("docker-registry", "/usr/bin/docker-registry", "docker-registry"),
+    ("setpriv", "/usr/bin/setpriv", "util-linux"),
+    ("unshare", "/usr/bin/unshare", "util-linux"),
+];
+
+/// The absolute path of `name`; panics with the install hint when it is missing (these tests
+/// never skip).
+pub fn tool(name: &str) -> PathBuf {
+    let (_, path, package) = TOOLS.iter().find(|(n, _, _)| *n == name).unwrap_or_else(|| panic!("unknown tool {name}"));
+    let p = PathBuf::from(path);
+    if !p.exists() {
+        panic!(
+            "{name} ({path}, Debian package `{package}`) is required by this test and was not \
+             found: run `bash scripts/install-test-deps.sh` as root (or `apt-get install {package}`)"
+        );
+    }
+    p
+}
+
+/// The effective uid of the test process.
+pub fn euid() -> u32 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
+    line.split_whitespace().nth(2).unwrap().parse().unwrap()
+}
+
+/// Panics unless running as root: the engines run as root daemons in mount namespaces.
+pub fn require_root() {
+    assert_eq!(
+        euid(),
+        0,
+        "tests/clients.rs runs containerd, dockerd and podman as root daemons in private mount \
+         namespaces: run it as root"
+    );
+}
 
 /// Variables that would point a client at the host's configuration, credentials or a proxy.
 const SCRUBBED_ENV: &[&str] = &[
@@ -79,21 +125,39 @@ pub fn tail(s: &str, n: usize) -> &str {
     &s[i..]
 }
 
-/// A long-running process in its own process group, stdout and stderr in `log`.
+/// A long-running process in its own process group, stdout (and stderr, unless given a file
+/// of its own) in `log`.
 pub struct Daemon {
     pub name: String,
     child: Child,
     pub log: PathBuf,
+    pub err_log: Option<PathBuf>,
     stopped: bool,
 }
 
 impl Daemon {
-    /// Spawns `cmd` (already wrapped as wanted) in a new process group.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Daemon {
+    /// Spawns `cmd` (already wrapped as wanted) in a new process group, stdout and stderr in
+    /// `log`.
+    pub fn spawn(name: &str, cmd: Command, log: &Path) -> Daemon {
+        Daemon::spawn_logs(name, cmd, log, None)
+    }
+
+    /// [`Daemon::spawn`] with stderr in `err_log` when given.
+    pub fn spawn_logs(name: &str, mut cmd: Command, log: &Path, err_log: Option<&Path>) -> Daemon {
         let f = File::create(log).expect("create daemon log");
-        cmd.stdin(Stdio::null()).stdout(f.try_clone().expect("clone log handle")).stderr(f).process_group(0);
+        let err = match err_log {
+            Some(p) => File::create(p).expect("create daemon error log"),
+            None => f.try_clone().expect("clone log handle"),
+        };
+        cmd.stdin(Stdio::null()).stdout(f).stderr(err).process_group(0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("{name}: cannot start {:?}: {e}", cmd.get_program()));
-        Daemon { name: name.to_string(), child, log: log.to_path_buf(), stopped: false }
+        Daemon {
+            name: name.to_string(),
+            child,
+            log: log.to_path_buf(),
+            err_log: err_log.map(Path::to_path_buf),
+            stopped: false,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -105,8 +169,18 @@ impl Daemon {
         self.child.try_wait().ok().flatten()
     }
 
+    /// What the daemon wrote to `log`.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Everything the daemon wrote: `log`, then the separate stderr log if any.
+    pub fn all_output(&self) -> String {
+        let mut s = self.log_text();
+        if let Some(p) = &self.err_log {
+            s.push_str(&std::fs::read_to_string(p).unwrap_or_default());
+        }
+        s
     }
 
     /// Polls `ready` every 100 ms until it holds; panics (with the log) if the daemon exits
@@ -115,16 +189,27 @@ impl Daemon {
         let start = Instant::now();
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("{} exited during start-up ({status}); its log:\n{}", self.name, tail(&self.log_text(), 6000));
+                panic!("{} exited during start-up ({status}); its log:\n{}", self.name, tail(&self.all_output(), 6000));
             }
             if ready() {
                 return;
             }
             if start.elapsed() > limit {
-                panic!("{} was not ready within {limit:?}; its log:\n{}", self.name, tail(&self.log_text(), 6000));
+                panic!("{} was not ready within {limit:?}; its log:\n{}", self.name, tail(&self.all_output(), 6000));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// SIGKILL to the group at once.
+    pub fn kill(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        signal_group(self.pid(), "KILL");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM to the group, up to 10 s for the leader to exit, then SIGKILL to the group.
@@ -272,7 +357,8 @@ pub fn with_pdeathsig(program: impl AsRef<std::ffi::OsStr>) -> Command {
     c
 }
 
-/// A TCP port on 127.0.0.1 that nothing listens on (bound, then released).
+/// A TCP port on 127.0.0.1 that nothing listens on (bound, then released); also a free port
+/// for a server to listen on.
 pub fn closed_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
@@ -280,4 +366,19 @@ pub fn closed_port() -> u16 {
 /// Whether a unix socket (or any file) exists at `p`.
 pub fn exists(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok()
+}
+
+/// A plain `GET path` over HTTP/1.1 to 127.0.0.1:`port`, without a runtime: the status
+/// code, or `None` when nothing (valid) answered within 5 s.
+pub fn http_get_status(port: u16, path: &str) -> Option<u16> {
+    use std::io::Write;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let head = String::from_utf8_lossy(&resp[..resp.len().min(64)]).into_owned();
+    head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
 }

@@ -1,6 +1,8 @@
-//! Builds OCI image layouts (image-spec v1.1 "image-layout") in a directory, without
-//! external tools: a real ustar archive per layer, wrapped in a valid gzip stream that uses
-//! deflate "stored" blocks (no compression library needed), plus config, manifest, index,
+//! Small but real container images and OCI image layouts (image-spec v1.1 "image-layout"),
+//! built without external tools: each layer is a ustar archive (directories and regular
+//! files) in a valid gzip stream that uses deflate "stored" blocks (no compression library
+//! needed); the config's `rootfs.diff_ids` are the sha256 of the uncompressed tars, as
+//! containerd, podman and docker check when they unpack. Plus manifests, indexes,
 //! `oci-layout` and `index.json`.
 //!
 //! Layers are gzip on purpose: skopeo compresses uncompressed layers when pushing to a
@@ -14,6 +16,9 @@ pub const MT_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MT_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MT_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const MT_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const MT_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MT_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const MT_DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 pub const REF_NAME: &str = "org.opencontainers.image.ref.name";
 
 /// A content-addressed blob with its media type.
@@ -26,7 +31,7 @@ pub struct Blob {
 
 impl Blob {
     pub fn new(media_type: &str, data: Vec<u8>) -> Blob {
-        Blob { media_type: media_type.to_string(), digest: data::sha256_digest(&data), data }
+        Blob { media_type: media_type.to_string(), digest: data::sha256(&data), data }
     }
     pub fn size(&self) -> usize {
         self.data.len()
@@ -40,19 +45,31 @@ impl Blob {
     }
 }
 
-/// A single-platform image.
+/// A single-platform image and the files it unpacks to.
 #[derive(Clone, Debug)]
 pub struct Image {
     pub config: Blob,
     pub layers: Vec<Blob>,
     pub manifest: Blob,
+    /// sha256 of each uncompressed layer tar.
+    pub diff_ids: Vec<String>,
+    /// Every regular file of the unpacked image: (path without leading `/`, contents).
+    pub files: Vec<(String, Vec<u8>)>,
 }
 
 impl Image {
-    /// Every blob of the image (config and layers), manifest excluded.
+    /// Every blob of the image (config and layers, what a client GETs under `/blobs/`),
+    /// manifest excluded.
     pub fn blobs(&self) -> Vec<&Blob> {
         let mut v: Vec<&Blob> = self.layers.iter().collect();
         v.push(&self.config);
+        v
+    }
+
+    /// Every digest the image is made of, manifest included.
+    pub fn digests(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.blobs().iter().map(|b| b.digest.clone()).collect();
+        v.push(self.manifest.digest.clone());
         v
     }
 }
@@ -60,37 +77,55 @@ impl Image {
 /// Writes an octal field of a tar header (NUL terminated).
 fn tar_octal(field: &mut [u8], value: u64) {
     let width = field.len() - 1;
-    let s = format!("{:0width$o}", value, width = width);
-    assert!(s.len() == width, "tar field overflow");
+    let s = format!("{value:0width$o}");
+    assert_eq!(s.len(), width, "tar field overflow");
     field[..width].copy_from_slice(s.as_bytes());
     field[width] = 0;
 }
 
-/// A POSIX ustar archive holding one regular file `name` with `contents`.
-pub fn tar_one_file(name: &str, contents: &[u8]) -> Vec<u8> {
-    assert!(name.len() < 100);
+/// One ustar entry owned by root: a directory (`data == None`, name ending in `/`) or a
+/// regular file.
+fn tar_entry(out: &mut Vec<u8>, name: &str, data: Option<&[u8]>) {
+    assert!(name.len() < 100, "tar name too long: {name}");
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
-    tar_octal(&mut h[100..108], 0o644); // mode
+    let (mode, size, kind) = match data {
+        Some(d) => (0o644, d.len() as u64, b'0'),
+        None => (0o755, 0, b'5'),
+    };
+    tar_octal(&mut h[100..108], mode);
     tar_octal(&mut h[108..116], 0); // uid
     tar_octal(&mut h[116..124], 0); // gid
-    tar_octal(&mut h[124..136], contents.len() as u64); // size
+    tar_octal(&mut h[124..136], size);
     tar_octal(&mut h[136..148], 1_700_000_000); // mtime
     h[148..156].copy_from_slice(b"        "); // checksum placeholder: spaces
-    h[156] = b'0'; // regular file
+    h[156] = kind;
     h[257..263].copy_from_slice(b"ustar\0");
     h[263..265].copy_from_slice(b"00");
+    h[265..269].copy_from_slice(b"root");
+    h[297..301].copy_from_slice(b"root");
     let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    let chk = format!("{:06o}\0 ", sum);
-    h[148..156].copy_from_slice(chk.as_bytes());
-
-    let mut out = Vec::with_capacity(512 + contents.len() + 512 + 1024);
+    h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     out.extend_from_slice(&h);
-    out.extend_from_slice(contents);
-    let pad = (512 - contents.len() % 512) % 512;
-    out.extend(std::iter::repeat_n(0u8, pad));
-    out.extend(std::iter::repeat_n(0u8, 1024)); // end-of-archive marker
+    if let Some(d) = data {
+        out.extend_from_slice(d);
+        out.extend(std::iter::repeat_n(0u8, (512 - d.len() % 512) % 512));
+    }
+}
+
+/// A POSIX ustar archive of `entries` (`None`: directory), with the end-of-archive marker.
+pub fn tar(entries: &[(&str, Option<&[u8]>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, data) in entries {
+        tar_entry(&mut out, name, *data);
+    }
+    out.extend(std::iter::repeat_n(0u8, 1024));
     out
+}
+
+/// A POSIX ustar archive holding one regular file `name` with `contents`.
+pub fn tar_one_file(name: &str, contents: &[u8]) -> Vec<u8> {
+    tar(&[(name, Some(contents))])
 }
 
 /// CRC-32 (IEEE 802.3, as used by gzip).
@@ -136,11 +171,14 @@ pub fn gzip_stored(data: &[u8]) -> Vec<u8> {
 pub fn make_image(seed: u64, n_layers: usize, layer_size: usize, arch: &str, os: &str) -> Image {
     let mut layers = Vec::new();
     let mut diff_ids = Vec::new();
+    let mut files = Vec::new();
     for i in 0..n_layers {
         let contents = data::bytes(seed.wrapping_mul(1000).wrapping_add(i as u64), layer_size + i * 977);
-        let tar = tar_one_file(&format!("layer{i}/file-{seed}-{i}.bin"), &contents);
-        diff_ids.push(data::sha256_digest(&tar));
+        let name = format!("layer{i}/file-{seed}-{i}.bin");
+        let tar = tar_one_file(&name, &contents);
+        diff_ids.push(data::sha256(&tar));
         layers.push(Blob::new(MT_LAYER_GZIP, gzip_stored(&tar)));
+        files.push((name, contents));
     }
     let config = json!({
         "created": "2024-01-01T00:00:00Z",
@@ -159,7 +197,68 @@ pub fn make_image(seed: u64, n_layers: usize, layer_size: usize, arch: &str, os:
         "annotations": {"org.example.seed": seed.to_string()},
     });
     let manifest = Blob::new(MT_MANIFEST, serde_json::to_vec_pretty(&manifest).unwrap());
-    Image { config, layers, manifest }
+    Image { config, layers, manifest, diff_ids, files }
+}
+
+/// The host's architecture in OCI terms (the clients pick images for it).
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// An image for the host named `name` with two gzip layers: layer 0 holds
+/// `etc/stevedore/<name>.txt` and `etc/stevedore/<name>.bin`, layer 1 `srv/<name>/data.bin`
+/// and `srv/<name>/README`; the `.bin` files are `size` pseudo-random bytes each.
+/// `docker_types` selects Docker schema 2 media types instead of OCI ones.
+pub fn build(name: &str, seed: u64, size: usize, docker_types: bool) -> Image {
+    let (mt_manifest, mt_config, mt_layer) = if docker_types {
+        (MT_DOCKER_MANIFEST, MT_DOCKER_CONFIG, MT_DOCKER_LAYER)
+    } else {
+        (MT_MANIFEST, MT_CONFIG, MT_LAYER_GZIP)
+    };
+    let txt = format!("{name}: layer 0 of a Stevedore client test image (seed {seed})\n").into_bytes();
+    let bin = data::bytes(seed ^ 0x5eed, size);
+    let blob = data::bytes(seed, size);
+    let readme = format!("{name}: layer 1\n").into_bytes();
+    let f0 = format!("etc/stevedore/{name}.txt");
+    let f0b = format!("etc/stevedore/{name}.bin");
+    let d1 = format!("srv/{name}/");
+    let f1 = format!("srv/{name}/data.bin");
+    let f2 = format!("srv/{name}/README");
+    let tars = [
+        tar(&[("etc/", None), ("etc/stevedore/", None), (&f0, Some(&txt)), (&f0b, Some(&bin))]),
+        tar(&[("srv/", None), (&d1, None), (&f1, Some(&blob)), (&f2, Some(&readme))]),
+    ];
+    let diff_ids: Vec<String> = tars.iter().map(|t| data::sha256(t)).collect();
+    let layers: Vec<Blob> = tars.iter().map(|t| Blob::new(mt_layer, gzip_stored(t))).collect();
+    let config = json!({
+        "created": "2024-01-01T00:00:00Z",
+        "architecture": host_arch(),
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/true"],
+            "Labels": {"org.example.stevedore.test": name},
+        },
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [
+            {"created": "2024-01-01T00:00:00Z", "created_by": "layer 0"},
+            {"created": "2024-01-01T00:00:00Z", "created_by": "layer 1"},
+        ],
+    });
+    let config = Blob::new(mt_config, serde_json::to_vec(&config).unwrap());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": mt_manifest,
+        "config": config.descriptor(),
+        "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+    });
+    let manifest = Blob::new(mt_manifest, serde_json::to_vec_pretty(&manifest).unwrap());
+    let files = vec![(f0, txt), (f0b, bin), (f1, blob), (f2, readme)];
+    Image { config, layers, manifest, diff_ids, files }
 }
 
 /// An OCI image index over `(image, architecture, variant)` entries (os is linux).

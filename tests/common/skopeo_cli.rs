@@ -16,6 +16,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use super::proc::{self, euid, tail};
+
 pub const INSTALL_HINT: &str =
     "skopeo is required by this test and was not found: run `bash scripts/install-test-deps.sh` \
      (or `apt-get install skopeo`)";
@@ -25,12 +27,6 @@ pub const SKOPEO_TIMEOUT_SECS: u64 = 300;
 
 pub struct Skopeo {
     home: tempfile::TempDir,
-}
-
-fn euid() -> u32 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid line");
-    line.split_whitespace().nth(2).unwrap().parse().unwrap()
 }
 
 impl Skopeo {
@@ -68,28 +64,11 @@ impl Skopeo {
             0 => 65534,
             u => u,
         };
-        for var in [
-            "REGISTRY_AUTH_FILE",
-            "DOCKER_CONFIG",
-            "CONTAINERS_CONF",
-            "CONTAINERS_REGISTRIES_CONF",
-            "CONTAINERS_STORAGE_CONF",
-            "_CONTAINERS_USERNS_CONFIGURED",
-            "http_proxy",
-            "https_proxy",
-            "HTTP_PROXY",
-            "HTTPS_PROXY",
-            "all_proxy",
-            "ALL_PROXY",
-        ] {
-            c.env_remove(var);
-        }
-        c.env("HOME", h)
-            .env("XDG_DATA_HOME", h.join("share"))
-            .env("XDG_CONFIG_HOME", h.join("config"))
-            .env("XDG_CACHE_HOME", h.join("cache"))
+        // HOME, XDG config/data/cache dirs and TMPDIR in the throwaway HOME, no proxy or
+        // container configuration from the environment.
+        proc::isolate_env(&mut c, h);
+        c.env_remove("_CONTAINERS_USERNS_CONFIGURED")
             .env("XDG_RUNTIME_DIR", h.join("run"))
-            .env("TMPDIR", h)
             .env("_CONTAINERS_ROOTLESS_UID", rootless_uid.to_string())
             .env("_CONTAINERS_ROOTLESS_GID", rootless_uid.to_string())
             .stdin(Stdio::null());
@@ -142,19 +121,8 @@ impl Skopeo {
         assert!(
             found,
             "skopeo did not put its blob info cache in the isolated {}; runs would share state \
-             (see tests/support/skopeo_cli.rs)",
+             (see tests/common/skopeo_cli.rs)",
             dir.display()
         );
     }
-}
-
-fn tail(s: &str, n: usize) -> &str {
-    if s.len() <= n {
-        return s;
-    }
-    let mut i = s.len() - n;
-    while !s.is_char_boundary(i) {
-        i += 1;
-    }
-    &s[i..]
 }

@@ -1,9 +1,62 @@
-//! Checks on the server's on-disk store.
+//! Checks on the server's on-disk store (`<root>/blobs`, `repos`, `ingest`).
 
 use super::data::hex;
 use sha2::{Digest, Sha256, Sha512};
+use std::collections::BTreeSet;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Every file under `<root>/blobs` as `alg:hex`, sorted; a name stored twice (under two
+/// prefix directories) is listed twice.
+pub fn blob_files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for alg in std::fs::read_dir(root.join("blobs")).into_iter().flatten().flatten() {
+        let alg_name = alg.file_name().to_string_lossy().into_owned();
+        for pre in std::fs::read_dir(alg.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(pre.path()).into_iter().flatten().flatten() {
+                out.push(format!("{alg_name}:{}", f.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The path of blob `digest` (`alg:hex`) in the store.
+pub fn blob_path(root: &Path, digest: &str) -> PathBuf {
+    let (alg, hex) = digest.split_once(':').expect("alg:hex");
+    root.join("blobs").join(alg).join(&hex[..2]).join(hex)
+}
+
+/// Files left under `<root>/ingest` (fills spool to `ingest/tmp-*`).
+pub fn ingest_leftovers(root: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(root.join("ingest")).into_iter().flatten().flatten().map(|e| e.path()).collect()
+}
+
+/// Repositories in the store: directories under `repos/` that hold `_layers` or
+/// `_manifests`, relative to `repos/`.
+pub fn repo_dirs(root: &Path) -> BTreeSet<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with('_') {
+                out.insert(dir.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            } else {
+                walk(base, &e.path(), out);
+            }
+        }
+    }
+    let base = root.join("repos");
+    let mut out = BTreeSet::new();
+    walk(&base, &base, &mut out);
+    out
+}
 
 fn hash_file(path: &Path, alg: &str) -> String {
     let mut f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -1,8 +1,9 @@
-//! Stevedore under test: the real binary on 127.0.0.1:0 with a config file, JSON logs and the
+//! Stevedore under test on a config file: the real binary on 127.0.0.1:0, JSON logs and the
 //! access log (`stevedore::access`, one line per request with its query and cache outcome)
-//! captured to a file, so tests can see exactly what each client sent.
+//! captured to a file, so tests can see exactly what each client sent. Plus the pull-through
+//! config and request-path helpers. (For a server on command-line arguments only, see
+//! [`super::server::Server`].)
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -45,7 +46,11 @@ pub struct Stevedore {
     daemon: Daemon,
     /// `127.0.0.1:PORT`
     pub addr: String,
-    pub root: PathBuf,
+    root: PathBuf,
+    /// The config file it runs on.
+    pub config: PathBuf,
+    /// Set when Stevedore runs in a temporary directory of its own.
+    _tmp: Option<tempfile::TempDir>,
 }
 
 /// Panics unless `config` sets `[proxy] default_upstream` and names only 127.0.0.1
@@ -73,9 +78,20 @@ pub fn check_loopback_only(config: &str) {
 }
 
 impl Stevedore {
-    /// Writes `config` to `dir/stevedore.toml` and starts the server with its store in
-    /// `dir/data`; waits for its "listening" line.
-    pub fn start(dir: &Path, config: &str) -> Stevedore {
+    /// Starts Stevedore on `config` in a temporary directory of its own (see
+    /// [`Stevedore::start_in`]). From async tests: needs the multi-thread runtime.
+    pub fn start(config: &str) -> Stevedore {
+        let tmp = tempfile::Builder::new().prefix("stevedore-proxy-").tempdir().expect("tempdir");
+        let mut sd = tokio::task::block_in_place(|| Stevedore::start_in(tmp.path(), config));
+        sd._tmp = Some(tmp);
+        sd
+    }
+
+    /// Writes `config` (TOML) to `dir/stevedore.toml` and starts the server with its store in
+    /// `dir/data`; waits for its "listening" line. The config must set `[proxy]
+    /// default_upstream` and name loopback endpoints only; this is checked here so no test can
+    /// reach outside.
+    pub fn start_in(dir: &Path, config: &str) -> Stevedore {
         check_loopback_only(config);
         std::fs::create_dir_all(dir).unwrap();
         let cfg = dir.join("stevedore.toml");
@@ -104,12 +120,22 @@ impl Stevedore {
                 None => false,
             }
         });
-        Stevedore { daemon, addr, root }
+        Stevedore { daemon, addr, root, config: cfg, _tmp: None }
     }
 
-    /// `http://127.0.0.1:PORT`
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        self.addr.clone()
+    }
+
+    /// The store directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// Every request logged so far, in order.
@@ -145,49 +171,49 @@ impl Stevedore {
     pub fn problems(&self) -> String {
         self.daemon.log_text().lines().filter(|l| !l.contains("\"stevedore::access\"")).collect::<Vec<_>>().join("\n")
     }
+}
 
-    /// Repositories in the store: directories under `repos/` holding `_layers` or
-    /// `_manifests`, relative to `repos/`.
-    pub fn repo_dirs(&self) -> BTreeSet<String> {
-        fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
-            let Ok(rd) = std::fs::read_dir(dir) else {
-                return;
-            };
-            for e in rd.flatten() {
-                if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                    continue;
-                }
-                let name = e.file_name().to_string_lossy().into_owned();
-                if name.starts_with('_') {
-                    out.insert(dir.strip_prefix(base).unwrap().to_string_lossy().into_owned());
-                } else {
-                    walk(base, &e.path(), out);
-                }
-            }
-        }
-        let base = self.root.join("repos");
-        let mut out = BTreeSet::new();
-        walk(&base, &base, &mut out);
-        out
+impl Drop for Stevedore {
+    /// SIGKILL, no graceful shutdown: the store must cope, and no test waits for in-flight
+    /// requests.
+    fn drop(&mut self) {
+        self.daemon.kill();
     }
+}
 
-    /// Every file under `blobs/` as `alg:hex`, with how many times each name occurs.
-    pub fn blob_files(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for alg in std::fs::read_dir(self.root.join("blobs")).into_iter().flatten().flatten() {
-            let alg_name = alg.file_name().to_string_lossy().into_owned();
-            for pre in std::fs::read_dir(alg.path()).into_iter().flatten().flatten() {
-                for f in std::fs::read_dir(pre.path()).into_iter().flatten().flatten() {
-                    out.push(format!("{alg_name}:{}", f.file_name().to_string_lossy()));
-                }
-            }
-        }
-        out.sort();
-        out
+/// A config whose upstreams are `(host, endpoint, extra TOML lines)`.
+pub fn config(default: &str, upstreams: &[(&str, &str, &str)]) -> String {
+    let mut s =
+        format!("[proxy]\ndefault_upstream = \"{default}\"\nfill_timeout = \"60s\"\nhead_cache_ttl = \"30s\"\n");
+    for (host, endpoint, extra) in upstreams {
+        s.push_str(&format!(
+            "\n[[upstreams]]\nhost = \"{host}\"\nendpoints = [\"{endpoint}\"]\n\
+             connect_timeout = \"5s\"\nread_timeout = \"20s\"\n{extra}\n"
+        ));
     }
+    s
+}
 
-    /// Files left in `ingest/` (fills spool there).
-    pub fn ingest_leftovers(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.root.join("ingest")).into_iter().flatten().flatten().map(|e| e.path()).collect()
+/// How a client names the upstream.
+#[derive(Clone, Copy, Debug)]
+pub enum Dialect {
+    /// `?ns=<host>` (containerd)
+    Ns,
+    /// `/v2/<host>/<repo>/…` (podman, CRI-O)
+    Prefix,
+    /// `/v2/<repo>/…`, filled from the default upstream (docker `registry-mirrors`)
+    Plain,
+}
+
+pub const DIALECTS: [Dialect; 3] = [Dialect::Ns, Dialect::Prefix, Dialect::Plain];
+
+impl Dialect {
+    /// The request path for `rest` (`manifests/<ref>`, `blobs/<digest>`) of `repo` at `host`.
+    pub fn path(self, host: &str, repo: &str, rest: &str) -> String {
+        match self {
+            Dialect::Ns => format!("/v2/{repo}/{rest}?ns={host}"),
+            Dialect::Prefix => format!("/v2/{host}/{repo}/{rest}"),
+            Dialect::Plain => format!("/v2/{repo}/{rest}"),
+        }
     }
 }

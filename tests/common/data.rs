@@ -90,12 +90,17 @@ pub fn sha256_hex(data: &[u8]) -> String {
 }
 
 /// `sha256:<hex>`.
-pub fn sha256_digest(data: &[u8]) -> String {
+pub fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(data))
 }
 
 pub fn sha512_hex(data: &[u8]) -> String {
     hex(&Sha512::digest(data))
+}
+
+/// `sha512:<hex>`.
+pub fn sha512(data: &[u8]) -> String {
+    format!("sha512:{}", sha512_hex(data))
 }
 
 /// Chunk size used when streaming generated data.

@@ -4,7 +4,9 @@
 
 use reqwest::StatusCode;
 
-use super::{client, hdr, sha256};
+use super::data::sha256;
+use super::http::{client, hdr};
+use super::oci::Image;
 
 pub struct Pusher {
     http: reqwest::Client,
@@ -80,5 +82,14 @@ impl Pusher {
         let body = resp.text().await.unwrap_or_default();
         assert_eq!(st, StatusCode::CREATED, "PUT {repo}:{reference}: {body}");
         assert_eq!(dcd.as_deref(), Some(sha256(data).as_str()), "PUT {repo}:{reference}: Docker-Content-Digest");
+    }
+
+    /// Pushes `img`'s blobs, then its manifest under `tag`, or by digest when `tag` is `None`.
+    pub async fn image(&self, repo: &str, img: &Image, tag: Option<&str>) {
+        for b in img.blobs() {
+            self.blob(repo, &b.data).await;
+        }
+        let reference = tag.unwrap_or(&img.manifest.digest);
+        self.manifest(repo, reference, &img.manifest.media_type, &img.manifest.data).await;
     }
 }

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::sha256;
+use super::data::sha256;
+use super::http::hdr;
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -246,14 +247,10 @@ fn json_error(status: StatusCode, code: &str) -> Response {
     r
 }
 
-fn header(h: &HeaderMap, name: &str) -> Option<String> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
-}
-
 async fn handle(State(st): State<Arc<FakeState>>, method: Method, uri: Uri, headers: HeaderMap) -> Response {
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or("").to_string();
-    let authorization = header(&headers, "authorization");
+    let authorization = hdr(&headers, "authorization");
     let (fail, bearer, stopped) = {
         let mut i = st.inner.lock().unwrap();
         i.requests.push(Req {
@@ -261,7 +258,7 @@ async fn handle(State(st): State<Arc<FakeState>>, method: Method, uri: Uri, head
             path: path.clone(),
             query: query.clone(),
             authorization: authorization.clone(),
-            range: header(&headers, "range"),
+            range: hdr(&headers, "range"),
             at: Instant::now(),
         });
         (i.fail_status, i.bearer.clone(), i.stopped)

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::proc::{self, Daemon, Sandbox};
-use super::tool;
+use super::proc::{self, tool, Daemon, Sandbox};
 
 pub struct Containerd {
     daemon: Daemon,

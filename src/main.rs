@@ -116,11 +116,14 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         default_upstream = app.proxy.default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
         "stevedore started"
     );
+    // The handlers are in place before anyone is told the server is up: a SIGTERM right
+    // after the listening line is a graceful shutdown, not the default death by signal.
+    let shutdown = shutdown_signal()?;
     println!("stevedore listening on {addr}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, stevedore::router(app.clone()))
         .with_graceful_shutdown(async move {
-            shutdown_signal().await;
+            shutdown.await;
             let _ = tx.send(());
         })
         .into_future();
@@ -133,18 +136,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Resolves on SIGTERM or SIGINT; both handlers are installed when this returns.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
-    }
-    tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+    })
 }

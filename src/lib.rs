@@ -7,6 +7,7 @@ pub mod error;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
+pub mod server;
 pub mod storage;
 pub mod upstream;
 

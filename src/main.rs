@@ -1,7 +1,5 @@
 use std::path::PathBuf;
 
-use std::future::IntoFuture;
-
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
@@ -121,14 +119,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let shutdown = shutdown_signal()?;
     println!("stevedore listening on {addr}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = axum::serve(listener, stevedore::router(app.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            let _ = tx.send(());
-        })
-        .into_future();
+    let server = stevedore::server::serve(listener, stevedore::router(app.clone()), async move {
+        shutdown.await;
+        let _ = tx.send(());
+    });
     tokio::select! {
-        r = server => r?,
+        () = server => {}
         _ = async { let _ = rx.await; tokio::time::sleep(grace).await } => {
             tracing::warn!("shutdown grace period over; exiting with requests in flight");
         }

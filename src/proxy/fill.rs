@@ -70,6 +70,8 @@ pub struct Fill {
     /// Received chunks the writer has not yet written, in order, by offset. A chunk leaves
     /// only once it is in the spool, so every received byte is in one place or the other.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
+    /// Spool reads, shared by the clients that move together behind `recent`.
+    spool_reads: read::SharedBlocks,
 }
 
 /// Fills in flight, by digest.
@@ -101,7 +103,12 @@ impl Fills {
         drop(write);
         let read = std::fs::File::open(&path)?;
         let (tx, rx) = watch::channel(Progress { size: None, received: 0, state: FillState::Connecting });
-        let fill = Arc::new(Fill { file: Arc::new(read), progress: rx, recent: Mutex::default() });
+        let fill = Arc::new(Fill {
+            file: Arc::new(read),
+            progress: rx,
+            recent: Mutex::default(),
+            spool_reads: Default::default(),
+        });
         map.insert(req.digest.clone(), fill.clone());
         let (fills, this) = (self.clone(), fill.clone());
         crate::metrics::fill_started();
@@ -280,7 +287,7 @@ impl Fill {
             }
             first.min(hi)
         };
-        read::read_at(&self.file, pos, spool_end.saturating_sub(pos).min(read::READ_CHUNK as u64) as usize).await
+        self.spool_reads.read(&self.file, pos, spool_end).await
     }
 
     /// The bytes `start..end` (to the blob's end when `end` is `None`) as they arrive.
@@ -304,16 +311,21 @@ impl Fill {
                     hi = hi.min(if committed { l } else { l.saturating_sub(1) });
                 }
                 if pos < hi {
-                    return match fill.next_chunk(pos, hi).await {
-                        Ok(b) if b.is_empty() => Some((
-                            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool shorter than announced")),
-                            (fill, rx, pos, true),
-                        )),
+                    let res = match fill.next_chunk(pos, hi).await {
+                        Ok(b) if b.is_empty() => {
+                            Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool shorter than announced"))
+                        }
+                        other => other,
+                    };
+                    return match res {
                         Ok(b) => {
                             let next = pos + b.len() as u64;
                             Some((Ok(b), (fill, rx, next, false)))
                         }
-                        Err(e) => Some((Err(e), (fill, rx, pos, true))),
+                        Err(e) => {
+                            tracing::warn!(offset = pos, error = %e, "reading a fill's spool failed; the client's stream is cut");
+                            Some((Err(e), (fill, rx, pos, true)))
+                        }
                     };
                 }
                 if committed && limit.is_none_or(|l| pos >= l) {

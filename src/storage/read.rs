@@ -5,11 +5,12 @@
 //! the page cache (`preadv2(RWF_NOWAIT)`); only a read that would wait for the disk moves to a
 //! blocking thread. Serving from cache so costs one copy and no thread hand-off per chunk.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
@@ -58,6 +59,52 @@ fn pread(file: &File, buf: &mut BytesMut, pos: u64, flags: libc::c_int) -> io::R
     }
 }
 
+/// Blocks a [`SharedBlocks`] keeps: readers within this many bytes of each other share reads.
+const SHARED_BLOCKS: usize = 4;
+
+/// The blocks of one file read most recently, for readers that move together through it (the
+/// clients of one fill do): one copy out of the page cache serves them all, and they hold
+/// the same memory. Blocks are [`READ_CHUNK`] bytes at multiples of it; at most
+/// [`SHARED_BLOCKS`] are kept.
+#[derive(Default)]
+pub struct SharedBlocks {
+    blocks: Mutex<VecDeque<(u64, Bytes)>>,
+}
+
+impl SharedBlocks {
+    /// Bytes from `pos` on, short of `end` (which must be within the file): a slice of a
+    /// shared block when `end` covers the whole block, else a read of its own. Empty at end
+    /// of file.
+    pub async fn read(&self, file: &Arc<File>, pos: u64, end: u64) -> io::Result<Bytes> {
+        let chunk = READ_CHUNK as u64;
+        let block = pos - pos % chunk;
+        if block + chunk > end {
+            return read_at(file, pos, end.saturating_sub(pos).min(chunk) as usize).await;
+        }
+        let skip = (pos - block) as usize;
+        let hit = self.blocks.lock().unwrap().iter().find(|(at, _)| *at == block).map(|(_, b)| b.clone());
+        if let Some(b) = hit {
+            return Ok(b.slice(skip..));
+        }
+        let b = read_at(file, block, READ_CHUNK).await?;
+        if b.len() < READ_CHUNK {
+            // A short read (end of file; or a cache-only read that stopped at a page not in the
+            // cache, or locked by the writer): not shared. When it stopped short of `pos`, a
+            // read from `pos` itself decides (it waits for the page if need be).
+            if b.len() > skip {
+                return Ok(b.slice(skip..));
+            }
+            return read_at(file, pos, end.saturating_sub(pos).min(chunk) as usize).await;
+        }
+        let mut blocks = self.blocks.lock().unwrap();
+        if blocks.len() >= SHARED_BLOCKS {
+            blocks.pop_front();
+        }
+        blocks.push_back((block, b.clone()));
+        Ok(b.slice(skip..))
+    }
+}
+
 /// The bytes `start..start + len` of `file`, in chunks of at most [`READ_CHUNK`]. A file
 /// shorter than that ends the stream with an error, never with a clean end.
 pub fn stream(file: Arc<File>, start: u64, len: u64) -> impl Stream<Item = io::Result<Bytes>> + Send {
@@ -97,5 +144,92 @@ mod tests {
 
         let err = stream(file, 10, data.len() as u64).try_collect::<Vec<Bytes>>().await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn shared_blocks_serve_followers_from_one_read() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        let data: Vec<u8> = (0..(READ_CHUNK * 6 + 10)).map(|i| (i % 253) as u8).collect();
+        f.write_all(&data).unwrap();
+        let file = Arc::new(File::open(f.path()).unwrap());
+        let shared = SharedBlocks::default();
+        let end = data.len() as u64;
+
+        let a = shared.read(&file, 5, end).await.unwrap();
+        assert_eq!(&a[..], &data[5..READ_CHUNK]);
+        // Another reader of the same block gets the same memory, not a copy.
+        let b = shared.read(&file, 0, end).await.unwrap();
+        assert_eq!(&b[..], &data[..READ_CHUNK]);
+        assert_eq!(b[5..].as_ptr(), a.as_ptr());
+
+        // A block `end` does not cover is read on its own, up to `end`.
+        let c = shared.read(&file, READ_CHUNK as u64 + 1, READ_CHUNK as u64 + 100).await.unwrap();
+        assert_eq!(&c[..], &data[READ_CHUNK + 1..READ_CHUNK + 100]);
+        // The last, partial block, and the end of the file.
+        let d = shared.read(&file, READ_CHUNK as u64 * 6, end).await.unwrap();
+        assert_eq!(&d[..], &data[READ_CHUNK * 6..]);
+        assert!(shared.read(&file, end, end + READ_CHUNK as u64).await.unwrap().is_empty());
+
+        // Only the most recent blocks are kept.
+        for i in 0..6u64 {
+            let got = shared.read(&file, i * READ_CHUNK as u64, end).await.unwrap();
+            assert_eq!(&got[..], &data[i as usize * READ_CHUNK..(i as usize + 1) * READ_CHUNK]);
+        }
+        assert_eq!(shared.blocks.lock().unwrap().len(), SHARED_BLOCKS);
+    }
+
+    /// Readers chasing a file that is being appended to (a fill's clients and its writer):
+    /// every read below the written offset returns the right bytes, never an empty read, even
+    /// when the page a block ends in is still being written into.
+    #[test]
+    fn shared_blocks_chase_a_growing_file() {
+        use std::sync::atomic::AtomicU64;
+        const TOTAL: usize = 48 << 20;
+        let byte = |i: usize| (i % 251) as u8 ^ (i >> 16) as u8;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool");
+        let mut w = File::create(&path).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        let written = Arc::new(AtomicU64::new(0));
+        let writer = {
+            let written = written.clone();
+            std::thread::spawn(move || {
+                let mut at = 0;
+                while at < TOTAL {
+                    let n = 100_003.min(TOTAL - at);
+                    let chunk: Vec<u8> = (at..at + n).map(byte).collect();
+                    w.write_all(&chunk).unwrap();
+                    at += n;
+                    written.store(at as u64, Ordering::Release);
+                }
+            })
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async {
+            let shared = Arc::new(SharedBlocks::default());
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (shared, file, written) = (shared.clone(), file.clone(), written.clone());
+                    tokio::spawn(async move {
+                        let mut pos = 0u64;
+                        while pos < TOTAL as u64 {
+                            let end = written.load(Ordering::Acquire);
+                            if pos >= end {
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                            let b = shared.read(&file, pos, end).await.unwrap();
+                            assert!(!b.is_empty(), "empty read at {pos} below the written {end}");
+                            assert!(b.iter().enumerate().all(|(i, &v)| v == byte(pos as usize + i)), "bytes at {pos}");
+                            pos += b.len() as u64;
+                        }
+                    })
+                })
+                .collect();
+            for r in readers {
+                r.await.unwrap();
+            }
+        });
+        writer.join().unwrap();
     }
 }

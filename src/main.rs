@@ -57,15 +57,34 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
+/// Logs go to stderr, filtered by `RUST_LOG` (`level` and `target=level` directives, comma
+/// separated; `Targets` rather than `EnvFilter`, which would link a regex engine for span-field
+/// filters we do not use).
+fn init_logs(format: LogFormat) {
+    use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
+    const DEFAULT: &str = "info,tower_http=warn";
+    let (filter, bad) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.trim().is_empty() => match v.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (DEFAULT.parse().expect("default filter"), Some(format!("RUST_LOG={v:?} ignored: {e}"))),
+        },
+        _ => (DEFAULT.parse().expect("default filter"), None),
+    };
+    // Colours only on a terminal: journald and container logs get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi);
+    match format {
+        LogFormat::Text => logs.finish().with(filter).init(),
+        LogFormat::Json => logs.json().finish().with(filter).init(),
+    }
+    if let Some(msg) = bad {
+        tracing::warn!("{msg}");
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,tower_http=warn".into());
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.init(),
-        LogFormat::Json => logs.json().init(),
-    }
+    init_logs(cli.log_format);
     match cli.cmd {
         Cmd::CheckConfig { config } => {
             let cfg = load(Some(&config))?;

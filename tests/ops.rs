@@ -15,7 +15,7 @@ fn bin() -> Command {
 #[tokio::test]
 async fn health_readiness_and_metrics() {
     let s = Server::start();
-    let c = reqwest::Client::new();
+    let c = common::http::client();
     let r = c.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let r = c.get(s.url("/readyz")).send().await.unwrap();
@@ -93,7 +93,7 @@ async fn access_log_names_the_request_and_its_outcome() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
     let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
-    let r = reqwest::get(format!("http://{addr}/v2/acc/tags/list?n=5")).await.unwrap();
+    let r = common::http::client().get(format!("http://{addr}/v2/acc/tags/list?n=5")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let deadline = Instant::now() + Duration::from_secs(10);
     let found = loop {
@@ -112,6 +112,43 @@ async fn access_log_names_the_request_and_its_outcome() {
     assert_eq!(v["fields"]["status"], 404);
     assert_eq!(v["fields"]["method"], "GET");
     assert!(v["fields"]["ms"].is_number());
+}
+
+/// `RUST_LOG` takes `level` and `target=level` directives; a malformed one is reported and the
+/// defaults apply, and text logs carry no colour codes when stderr is not a terminal.
+#[tokio::test]
+async fn rust_log_directives_and_plain_text_logs() {
+    let run = |filter: &'static str| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        let mut child = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "none", "--root"])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", filter)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
+        let r = common::http::client().get(format!("http://{addr}/v2/logs/tags/list")).send().await.unwrap();
+        assert_eq!(r.status(), 404);
+        // The access line is written when the response head goes out; give it a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = child.kill();
+        let _ = child.wait();
+        std::fs::read_to_string(&log).unwrap()
+    };
+
+    let text = run("warn,stevedore::access=info").await;
+    assert!(!text.contains('\x1b'), "colour codes in a log file: {text:?}");
+    assert!(text.contains("/v2/logs/tags/list"), "access line missing: {text}");
+    assert!(!text.contains("stevedore started"), "info line outside stevedore::access: {text}");
+
+    let text = run("stevedore=loud").await;
+    assert!(text.contains("RUST_LOG=\"stevedore=loud\" ignored"), "{text}");
+    assert!(text.contains("stevedore started"), "defaults (info) not applied: {text}");
 }
 
 #[test]

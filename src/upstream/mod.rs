@@ -120,6 +120,9 @@ impl Upstream {
             _ => None,
         };
         let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default()));
+        // reqwest is built without a crypto provider (rustls-no-provider): use ring. Installing
+        // twice (several upstreams, tests) is fine: the first one wins.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)

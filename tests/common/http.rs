@@ -18,6 +18,8 @@ pub fn client() -> Client {
 
 /// [`client`] with another bound on each whole request.
 pub fn client_with_timeout(timeout: Duration) -> Client {
+    // Stevedore builds reqwest without a crypto provider and installs ring (src/upstream).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     Client::builder()
         .no_proxy()
         .connect_timeout(Duration::from_secs(5))

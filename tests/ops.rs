@@ -78,6 +78,32 @@ fn check_config_accepts_the_shipped_configs_and_names_the_bad_key() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("stevedore "));
 }
 
+/// The JSON access line of the `nth` (0-based) request for `method uri`, waiting up to 10 s for
+/// it: lines are written when the response body is done.
+async fn access_line(log: &std::path::Path, method: &str, uri: &str, nth: usize) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap();
+        let hit = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| {
+                v["target"] == "stevedore::access"
+                    && v["fields"]["uri"].as_str() == Some(uri)
+                    && v["fields"]["method"].as_str() == Some(method)
+            })
+            .nth(nth);
+        if let Some(v) = hit {
+            return v["fields"].clone();
+        }
+        assert!(Instant::now() < deadline, "no access line for {method} {uri} #{nth}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// One line per request once its body is done: the bytes actually sent, the time to the end
+/// and to the head, and whether the body went out whole (a client that hangs up mid-blob
+/// shows as `complete: false`).
 #[tokio::test]
 async fn access_log_names_the_request_and_its_outcome() {
     let dir = tempfile::tempdir().unwrap();
@@ -93,25 +119,54 @@ async fn access_log_names_the_request_and_its_outcome() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
     let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
-    let r = common::http::client().get(format!("http://{addr}/v2/acc/tags/list?n=5")).send().await.unwrap();
+    let c = common::http::client();
+
+    let r = c.get(format!("http://{addr}/v2/acc/tags/list?n=5")).send().await.unwrap();
     assert_eq!(r.status(), 404);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let found = loop {
-        let text = std::fs::read_to_string(&log).unwrap();
-        let hit = text.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).find(|v| {
-            v["target"] == "stevedore::access" && v["fields"]["uri"].as_str() == Some("/v2/acc/tags/list?n=5")
-        });
-        if hit.is_some() || Instant::now() > deadline {
-            break hit;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let body = r.bytes().await.unwrap();
+    let v = access_line(&log, "GET", "/v2/acc/tags/list?n=5", 0).await;
+    assert_eq!(v["status"], 404);
+    assert_eq!(v["bytes"], body.len() as u64);
+    assert_eq!(v["complete"], true);
+    assert!(v["ms"].as_f64().unwrap() >= v["head_ms"].as_f64().unwrap());
+
+    // A blob larger than the loopback socket buffers can hold, so a client that stops
+    // reading really cuts the body short.
+    let blob = data::bytes(7, 64 << 20);
+    let d = data::sha256(&blob);
+    let r = c.post(format!("http://{addr}/v2/acc/blobs/uploads/?digest={d}")).body(blob.clone()).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let uri = format!("/v2/acc/blobs/{d}");
+
+    let got = c.get(format!("http://{addr}{uri}")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(got.len(), blob.len());
+    let v = access_line(&log, "GET", &uri, 0).await;
+    assert_eq!(
+        (v["status"].as_u64(), v["bytes"].as_u64(), v["complete"].as_bool()),
+        (Some(200), Some(blob.len() as u64), Some(true))
+    );
+
+    let r = c.head(format!("http://{addr}{uri}")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v = access_line(&log, "HEAD", &uri, 0).await;
+    assert_eq!((v["bytes"].as_u64(), v["complete"].as_bool()), (Some(0), Some(true)));
+
+    // Read the head and a little of the body, then hang up.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {uri} HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut buf = vec![0u8; 64 << 10];
+        let n = s.read(&mut buf).unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    }
+    let v = access_line(&log, "GET", &uri, 1).await;
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["complete"], false, "{v}");
+    assert!(v["bytes"].as_u64().unwrap() < blob.len() as u64, "{v}");
+
     let _ = child.kill();
     let _ = child.wait();
-    let v = found.expect("no JSON access log line for the request");
-    assert_eq!(v["fields"]["status"], 404);
-    assert_eq!(v["fields"]["method"], "GET");
-    assert!(v["fields"]["ms"].is_number());
 }
 
 /// `RUST_LOG` takes `level` and `target=level` directives; a malformed one is reported and the
@@ -134,7 +189,7 @@ async fn rust_log_directives_and_plain_text_logs() {
         let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
         let r = common::http::client().get(format!("http://{addr}/v2/logs/tags/list")).send().await.unwrap();
         assert_eq!(r.status(), 404);
-        // The access line is written when the response head goes out; give it a moment.
+        // The access line is written once the body is done; give it a moment.
         tokio::time::sleep(Duration::from_millis(300)).await;
         let _ = child.kill();
         let _ = child.wait();

@@ -1,11 +1,15 @@
 //! Operator endpoints (`/healthz`, `/readyz`, `/metrics`) and the access log.
 
-use std::time::Instant;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use axum::body::{Body, Bytes, HttpBody};
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body::{Frame, SizeHint};
 
 use super::{headers, AppState, RouteKind};
 
@@ -25,31 +29,120 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     }
 }
 
-/// One log line per request: method, path and query, status, bytes, duration, cache outcome.
+/// One log line per request, written when the response body has been sent (or given up on):
+/// method, path and query, status, body bytes actually sent, time to the response head and to
+/// the end, whether the body went out whole, cache outcome.
 pub async fn access_log(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
     let resp = next.run(req).await;
-    let took = start.elapsed();
+    let head = start.elapsed();
     let status = resp.status().as_u16();
-    let bytes =
-        resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).unwrap_or(0);
-    let cache = resp.headers().get(headers::CACHE_OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("-");
     let route = resp.extensions().get::<RouteKind>().map_or("other", |k| k.0);
-    if method == axum::http::Method::GET && resp.status().is_success() {
-        crate::metrics::served_bytes(bytes);
-    }
-    crate::metrics::request(route, method.as_str(), status, took);
-    tracing::info!(
-        target: "stevedore::access",
-        method = %method,
-        uri = %uri,
+    crate::metrics::request(route, method.as_str(), status, head);
+    let line = AccessLine {
+        start,
+        head,
+        cache: resp.headers().get(headers::CACHE_OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string(),
+        counts_as_served: method == Method::GET && resp.status().is_success(),
+        // A HEAD response, or one announced empty, is whole without a body.
+        whole_without_body: method == Method::HEAD || resp.body().is_end_stream(),
+        announced: resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
+        method,
+        uri,
         status,
-        bytes,
-        ms = took.as_secs_f64() * 1000.0,
-        cache,
-        "request"
-    );
-    resp
+    };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Body::new(LoggedBody { inner: body, sent: 0, line: Some(line) }))
+}
+
+/// What the access log says about a request, kept until its body is done.
+struct AccessLine {
+    start: Instant,
+    head: Duration,
+    method: Method,
+    uri: axum::http::Uri,
+    status: u16,
+    cache: String,
+    counts_as_served: bool,
+    whole_without_body: bool,
+    /// The Content-Length announced, if any.
+    announced: Option<u64>,
+}
+
+impl AccessLine {
+    /// `complete`: the body reached its end (false: the client went away or the stream broke).
+    fn write(self, sent: u64, complete: bool) {
+        if self.counts_as_served {
+            crate::metrics::served_bytes(sent);
+        }
+        tracing::info!(
+            target: "stevedore::access",
+            method = %self.method,
+            uri = %self.uri,
+            status = self.status,
+            bytes = sent,
+            ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            head_ms = self.head.as_secs_f64() * 1000.0,
+            complete,
+            cache = %self.cache,
+            "request"
+        );
+    }
+}
+
+/// A response body that counts what it yields and writes the access line at its end, on an
+/// error, or when dropped before the end.
+struct LoggedBody {
+    inner: Body,
+    sent: u64,
+    line: Option<AccessLine>,
+}
+
+impl HttpBody for LoggedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                self.sent += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if self.inner.is_end_stream() {
+                    self.finish(true);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(false),
+            Poll::Ready(None) => self.finish(true),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl LoggedBody {
+    fn finish(&mut self, complete: bool) {
+        if let Some(line) = self.line.take() {
+            line.write(self.sent, complete);
+        }
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(line) = self.line.take() {
+            // hyper may stop polling once the announced length is out.
+            let complete = line.whole_without_body || line.announced == Some(self.sent);
+            line.write(self.sent, complete);
+        }
+    }
 }

@@ -142,6 +142,20 @@ def settle(servers, uplog):
 
 # ---- measurements ---------------------------------------------------------------------
 
+def run_phase(name, main, others, uplog, fn):
+    """Runs `fn` as phase `name` once the servers are idle. Its result gains the phase's
+    figures, how long the servers took to go idle after it, and the upstream requests it
+    caused; also returns the upstream log mark taken before it."""
+    settle([main] + others, uplog)
+    mark = uplog.mark()
+    with Phase(name, main, others) as ph:
+        r = fn()
+    r["phase"] = ph.result
+    r["settle_s"] = settle([main] + others, uplog)
+    r["upstream_requests"] = uplog.count(mark)
+    return r, mark
+
+
 def measure_pulls(ctx, t, upstream, uplog, images, direct=False, repeat=None):
     """Cold then warm pull of `big`, each repetition on a fresh (empty) proxy."""
     out = {"cold": [], "warm": []}
@@ -151,26 +165,15 @@ def measure_pulls(ctx, t, upstream, uplog, images, direct=False, repeat=None):
             break
         if not direct:
             t.fresh()
-        main = t.server
         others = [] if direct else [upstream.server]
-        settle([main] + others, uplog)
-        mark = uplog.mark()
-        with Phase("cold", main, others) as ph:
-            r = client.pull(t.hostport, repo("big"), "1", big["manifest"]["digest"])
-        r["phase"] = ph.result
-        r["settle_s"] = settle([main] + others, uplog)
-        r["upstream_requests"] = uplog.count(mark)
+        pull = lambda: client.pull(t.hostport, repo("big"), "1", big["manifest"]["digest"])  # noqa: E731
+        r, _ = run_phase("cold", t.server, others, uplog, pull)
         out["cold"].append(r)
         log("   %s cold pull %d: %.0f MB/s %s (settled %.1f s, %d upstream requests)" %
             (t.name, i + 1, r["mb_s"], r["outcomes"], r["settle_s"], r["upstream_requests"]))
         if direct:
             continue
-        mark = uplog.mark()
-        with Phase("warm", main, others) as ph:
-            r = client.pull(t.hostport, repo("big"), "1", big["manifest"]["digest"])
-        r["phase"] = ph.result
-        settle([main] + others, uplog)
-        r["upstream_requests"] = uplog.count(mark)
+        r, _ = run_phase("warm", t.server, others, uplog, pull)
         out["warm"].append(r)
         log("   %s warm pull %d: %.0f MB/s %s (%d upstream requests)" %
             (t.name, i + 1, r["mb_s"], r["outcomes"], r["upstream_requests"]))
@@ -186,21 +189,14 @@ def measure_loads(ctx, t, upstream, uplog, images, direct=False):
         "head_blob": lambda: tools.hey(base + "/blobs/" + layer["digest"], "HEAD", P["load_secs"], P["conns"]),
         "get_manifest": lambda: tools.wrk(base + "/manifests/1", P["load_secs"], P["conns"]),
     }
-    main = t.server
     others = [] if direct else [upstream.server]
     out = {}
-    settle([main] + others, uplog)
     for name, fn in loads.items():
         out[name] = []
         for i in range(P["load_repeat"]):
             if not ctx.allow("%s %s rep %d" % (t.name, name, i + 1), P["load_secs"] + 20):
                 break
-            mark = uplog.mark()
-            with Phase(name, main, others) as ph:
-                r = fn()
-            r["phase"] = ph.result
-            settle([main] + others, uplog)
-            r["upstream_requests"] = uplog.count(mark)
+            r, _ = run_phase(name, t.server, others, uplog, fn)
             out[name].append(r)
             log("   %s %s %d: %s rps p50 %s ms p99 %s ms, %d upstream requests%s" %
                 (t.name, name, i + 1, r["rps"], r["p50_ms"], r["p99_ms"], r["upstream_requests"],
@@ -218,17 +214,11 @@ def measure_concurrent(ctx, t, upstream, uplog, images, direct=False):
             break
         if not direct:
             t.fresh()
-        main = t.server
         others = [] if direct else [upstream.server]
-        settle([main] + others, uplog)
-        mark = uplog.mark()
-        with Phase("concurrent", main, others) as ph:
-            r = client.concurrent_get(t.hostport, repo("big"), layer, P["concurrent"])
-        r["phase"] = ph.result
-        r["settle_s"] = settle([main] + others, uplog)
+        r, mark = run_phase("concurrent", t.server, others, uplog,
+                            lambda: client.concurrent_get(t.hostport, repo("big"), layer, P["concurrent"]))
         r["upstream_gets"] = uplog.count(mark, "GET", path)
         r["upstream_heads"] = uplog.count(mark, "HEAD", path)
-        r["upstream_requests"] = uplog.count(mark)
         out.append(r)
         log("   %s %d concurrent GETs %d: %.2f s, all match %s, %s, upstream GETs %d (settled %.1f s)%s" %
             (t.name, P["concurrent"], i + 1, r["wall_s"], r["all_match"], r["outcomes"], r["upstream_gets"],
@@ -245,19 +235,15 @@ def measure_skopeo(ctx, t, upstream, uplog, images, workdir, direct=False):
             break
         if not direct:
             t.fresh()
-        main = t.server
         others = [] if direct else [upstream.server]
         for kind in ("cold", "warm"):
             if direct and kind == "warm":
                 break
-            settle([main] + others, uplog)
             sk = tools.Skopeo(workdir)
             dest = tempfile.mkdtemp(prefix="many-", dir=workdir)
-            mark = uplog.mark()
-            with Phase("skopeo_" + kind, main, others) as ph:
-                secs = sk.copy(src, "dir:" + dest)
-            settle([main] + others, uplog)
-            r = {"secs": secs, "phase": ph.result, "upstream_requests": uplog.count(mark)}
+            r, _ = run_phase("skopeo_" + kind, t.server, others, uplog,
+                             lambda: {"secs": sk.copy(src, "dir:" + dest)})  # noqa: B023 - called at once
+            secs = r["secs"]
             out[kind].append(r)
             sk.cleanup()
             shutil.rmtree(dest, ignore_errors=True)

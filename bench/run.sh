@@ -12,35 +12,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-packages=(docker-registry skopeo hey wrk curl python3)
-declare -A provides=([docker-registry]=docker-registry [skopeo]=skopeo [hey]=hey [wrk]=wrk [curl]=curl [python3]=python3)
-missing=()
-for p in "${packages[@]}"; do
-    command -v "${provides[$p]}" >/dev/null 2>&1 || missing+=("$p")
-done
-if ((${#missing[@]})); then
-    echo "bench: installing ${missing[*]}" >&2
-    sudo=()
-    if [[ "$(id -u)" != 0 ]]; then sudo=(sudo -n); fi
-    export DEBIAN_FRONTEND=noninteractive
-    # The packaged docker-registry service must not start: the bench runs its own instances.
-    policy=/usr/sbin/policy-rc.d
-    added_policy=0
-    if [[ ! -e "$policy" ]]; then
-        printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null
-        "${sudo[@]}" chmod 0755 "$policy"
-        added_policy=1
-    fi
-    "${sudo[@]}" apt-get update -q
-    "${sudo[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}" </dev/null
-    if ((added_policy)); then "${sudo[@]}" rm -f "$policy"; fi
-    if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
-        "${sudo[@]}" systemctl disable --now docker-registry >/dev/null 2>&1 || true
-    fi
-    for p in "${packages[@]}"; do
-        command -v "${provides[$p]}" >/dev/null 2>&1 || { echo "bench: $p still missing" >&2; exit 1; }
-    done
-fi
+# The same installer as the tests (policy-rc.d guard, packaged services disabled).
+bash scripts/install-test-deps.sh docker-registry=docker-registry skopeo=skopeo hey=hey wrk=wrk curl=curl \
+    python3=python3
 
 if [[ -z "${BENCH_STEVEDORE:-}" ]]; then
     build_start=$SECONDS

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the system tools the integration tests need (Debian/Ubuntu, apt-get).
-# Idempotent: does nothing when everything is already installed; runs
+# Installs the system tools the integration tests need (Debian/Ubuntu, apt-get), or with
+# `package=command` arguments those packages instead (bench/run.sh). Idempotent: does nothing when everything is already installed; runs
 # `apt-get update` only when something is missing. Fails loudly otherwise.
 #
 #   skopeo           - real OCI client for tests/skopeo.rs
@@ -21,6 +21,14 @@ packages=(skopeo curl docker-registry containerd podman docker.io runc)
 # The command each package must provide; checked after install as well.
 declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry
     [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc)
+# Other callers (bench/run.sh) name their own set as `package=command` arguments.
+if (($#)); then
+    packages=()
+    for arg in "$@"; do
+        packages+=("${arg%%=*}")
+        provides[${arg%%=*}]=${arg#*=}
+    done
+fi
 # systemd units a package ships that must not keep running (disabled only for packages this
 # run installed, so a machine's own docker or containerd service is left alone).
 declare -A units=([docker-registry]="docker-registry" [containerd]="containerd"

@@ -74,6 +74,13 @@ struct SessRec {
     restarts: u32,
 }
 
+impl SessRec {
+    /// The blob this session uploads.
+    fn blob(&self, verified: bool) -> BlobRec {
+        BlobRec { repo: self.repo.clone(), seed: self.seed, len: self.len, digest: self.digest.clone(), verified }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct ManRec {
     repo: String,
@@ -396,7 +403,7 @@ async fn complete_session(reg: &Registry, s: &SessRec, from: u64) -> Result<(), 
         off = stored;
     }
     reg.finish(&loc, &s.digest, None).await.map_err(|e| format!("completing {}: PUT ?digest: {e}", s.loc))?;
-    let b = BlobRec { repo: s.repo.clone(), seed: s.seed, len: s.len, digest: s.digest.clone(), verified: false };
+    let b = s.blob(false);
     check_blob(reg, &b).await.map_err(|e| format!("after completing {}: {e}", s.loc))
 }
 
@@ -501,13 +508,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
                     match complete_session(reg, &s, s.acked).await {
                         Ok(()) => {
                             ledger.stats.sessions_completed_after_restart += 1;
-                            ledger.blobs.push(BlobRec {
-                                repo: s.repo.clone(),
-                                seed: s.seed,
-                                len: s.len,
-                                digest: s.digest.clone(),
-                                verified: true,
-                            });
+                            ledger.blobs.push(s.blob(true));
                         }
                         Err(e) => failures.push(e),
                     }
@@ -557,26 +558,14 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
                 match complete_session(reg, &s, k).await {
                     Ok(()) => {
                         ledger.stats.sessions_completed_after_restart += 1;
-                        ledger.blobs.push(BlobRec {
-                            repo: s.repo.clone(),
-                            seed: s.seed,
-                            len: s.len,
-                            digest: s.digest.clone(),
-                            verified: true,
-                        });
+                        ledger.blobs.push(s.blob(true));
                     }
                     Err(e) => failures.push(format!("cut session resumed at {k}: {e}")),
                 }
             }
             SessState::Finishing => {
                 ledger.stats.cut_finishes_checked += 1;
-                let b = BlobRec {
-                    repo: s.repo.clone(),
-                    seed: s.seed,
-                    len: s.len,
-                    digest: s.digest.clone(),
-                    verified: true,
-                };
+                let b = s.blob(true);
                 match reg.head_blob(&s.repo, &s.digest).await {
                     Ok(st) if st == StatusCode::OK => match check_blob(reg, &b).await {
                         Ok(()) => ledger.blobs.push(b),

@@ -78,6 +78,45 @@ fn check_config_accepts_the_shipped_configs_and_names_the_bad_key() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("stevedore "));
 }
 
+/// `stevedore serve` on an empty store with `RUST_LOG=filter`, its stderr in a file.
+struct LoggedServer {
+    child: std::process::Child,
+    addr: String,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoggedServer {
+    fn start(args: &[&str], filter: &str) -> LoggedServer {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("stderr.log");
+        let mut child = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "none", "--root"])
+            .arg(dir.path().join("data"))
+            .args(args)
+            .env("RUST_LOG", filter)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
+        let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
+        LoggedServer { child, addr, log, _dir: dir }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The JSON access line of the `nth` (0-based) request for `method uri`, waiting up to 10 s for
 /// it: lines are written when the response body is done.
 async fn access_line(log: &std::path::Path, method: &str, uri: &str, nth: usize) -> serde_json::Value {
@@ -106,19 +145,8 @@ async fn access_line(log: &std::path::Path, method: &str, uri: &str, nth: usize)
 /// shows as `complete: false`).
 #[tokio::test]
 async fn access_log_names_the_request_and_its_outcome() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("stderr.log");
-    let mut child = bin()
-        .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "none", "--log-format", "json", "--root"])
-        .arg(dir.path().join("data"))
-        .env("RUST_LOG", "info")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-    let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
+    let mut srv = LoggedServer::start(&["--log-format", "json"], "info");
+    let (addr, log) = (srv.addr.clone(), srv.log.clone());
     let c = common::http::client();
 
     let r = c.get(format!("http://{addr}/v2/acc/tags/list?n=5")).send().await.unwrap();
@@ -164,9 +192,7 @@ async fn access_log_names_the_request_and_its_outcome() {
     assert_eq!(v["status"], 200);
     assert_eq!(v["complete"], false, "{v}");
     assert!(v["bytes"].as_u64().unwrap() < blob.len() as u64, "{v}");
-
-    let _ = child.kill();
-    let _ = child.wait();
+    srv.stop();
 }
 
 /// `RUST_LOG` takes `level` and `target=level` directives; a malformed one is reported and the
@@ -174,26 +200,13 @@ async fn access_log_names_the_request_and_its_outcome() {
 #[tokio::test]
 async fn rust_log_directives_and_plain_text_logs() {
     let run = |filter: &'static str| async move {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("stderr.log");
-        let mut child = bin()
-            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "none", "--root"])
-            .arg(dir.path().join("data"))
-            .env("RUST_LOG", filter)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
-        let r = common::http::client().get(format!("http://{addr}/v2/logs/tags/list")).send().await.unwrap();
+        let mut srv = LoggedServer::start(&[], filter);
+        let r = common::http::client().get(format!("http://{}/v2/logs/tags/list", srv.addr)).send().await.unwrap();
         assert_eq!(r.status(), 404);
         // The access line is written once the body is done; give it a moment.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = child.kill();
-        let _ = child.wait();
-        std::fs::read_to_string(&log).unwrap()
+        srv.stop();
+        std::fs::read_to_string(&srv.log).unwrap()
     };
 
     let text = run("warn,stevedore::access=info").await;

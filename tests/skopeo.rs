@@ -63,14 +63,29 @@ fn assert_layout_has(dir: &Path, tag: &str, expected: &Blob, blobs: &[&Blob]) {
     }
 }
 
+/// What the skopeo round-trip tests start with: a Stevedore, clients for it, a scratch dir.
+struct Setup {
+    server: Server,
+    reg: Registry,
+    rt: tokio::runtime::Runtime,
+    sk: Skopeo,
+    tmp: tempfile::TempDir,
+    /// `127.0.0.1:PORT` of the server.
+    host: String,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        let server = Server::start();
+        let reg = Registry::new(&server.url(""));
+        let host = server.host();
+        Setup { server, reg, rt: rt(), sk: Skopeo::new(), tmp: tempfile::tempdir().unwrap(), host }
+    }
+}
+
 #[test]
 fn skopeo_copies_a_three_layer_image_in_and_out_unchanged() {
-    let server = Server::start();
-    let reg = Registry::new(&server.url(""));
-    let rt = rt();
-    let sk = Skopeo::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let host = server.host();
+    let Setup { server: _server, reg, rt, sk, tmp, host } = Setup::new();
 
     let img = oci::make_image(101, 3, 1_500_000, "amd64", "linux");
     let src = tmp.path().join("src");
@@ -99,12 +114,7 @@ fn skopeo_copies_a_three_layer_image_in_and_out_unchanged() {
 
 #[test]
 fn skopeo_copies_a_multi_arch_index_in_and_out_unchanged() {
-    let server = Server::start();
-    let reg = Registry::new(&server.url(""));
-    let rt = rt();
-    let sk = Skopeo::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let host = server.host();
+    let Setup { server: _server, reg, rt, sk, tmp, host } = Setup::new();
 
     let amd = oci::make_image(201, 2, 700_000, "amd64", "linux");
     let arm = oci::make_image(202, 2, 650_000, "arm64", "linux");
@@ -303,12 +313,7 @@ fn logged_requests(debug: &str) -> Vec<(String, String)> {
 
 #[test]
 fn skopeo_copy_between_repositories_mounts_blobs_instead_of_uploading() {
-    let server = Server::start();
-    let reg = Registry::new(&server.url(""));
-    let rt = rt();
-    let sk = Skopeo::new();
-    let tmp = tempfile::tempdir().unwrap();
-    let host = server.host();
+    let Setup { server: _server, reg, rt, sk, tmp, host } = Setup::new();
 
     let img = oci::make_image(401, 3, 800_000, "amd64", "linux");
     let src = tmp.path().join("src");

@@ -82,7 +82,7 @@ async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u6
             if want.is_some_and(|n| w.size() - start + chunk.len() as u64 > n) {
                 return Err(Code::SizeInvalid.with_detail("body is longer than announced"));
             }
-            w.write(&chunk).await.map_err(ApiError::internal)?;
+            w.write(chunk).await.map_err(ApiError::internal)?;
         }
         if let Some(n) = want.filter(|&n| w.size() - start != n) {
             return Err(Code::SizeInvalid.with_detail(format!("body has {} bytes, expected {n}", w.size() - start)));

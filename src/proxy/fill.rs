@@ -11,7 +11,7 @@
 //! follows the verification; new requests see the blob only once it is committed.
 
 use std::collections::{HashMap, VecDeque};
-use std::io::{self, IoSlice, Write};
+use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,7 +21,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
 use crate::oci::{Algorithm, Digest, Hasher, RepoName};
-use crate::storage::{read, Store, StoreError, Writeback};
+use crate::storage::{read, write_all_vectored, Store, StoreError, Writeback};
 use crate::upstream::{Upstream, UpstreamError};
 
 /// Batches of received bytes queued between the upstream body and the spool writer: with
@@ -242,20 +242,6 @@ fn write_spool(
         }
     }
     Ok((file, hasher.finish(), written))
-}
-
-fn write_all_vectored(file: &mut std::fs::File, chunks: &[Bytes]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
-    let mut slices = &mut slices[..];
-    while !slices.is_empty() {
-        match file.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 impl Fill {

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use moka::future::Cache;
 
-pub use ingest::{hash_file, Ingest};
+pub use ingest::{hash_file, write_all_vectored, Ingest};
 pub use layout::Layout;
 pub use repo::{ManifestPut, StoredManifest};
 pub use uploads::{Upload, UploadId, UploadWriter};
@@ -205,7 +205,7 @@ impl Store {
         if self.blob_size(&digest).await?.is_none() {
             let tmp = self.layout.tmp();
             let mut ingest = Ingest::create(&tmp, alg, false).await?;
-            ingest.write(bytes).await?;
+            ingest.write(bytes::Bytes::copy_from_slice(bytes)).await?;
             self.commit_ingest(ingest, &digest, Some(bytes.len() as u64)).await?;
         }
         Ok(digest)

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use tokio::sync::OwnedMutexGuard;
 use uuid::Uuid;
@@ -218,7 +219,7 @@ impl UploadWriter {
         self.ingest.size()
     }
 
-    pub async fn write(&mut self, chunk: &[u8]) -> std::io::Result<()> {
+    pub async fn write(&mut self, chunk: Bytes) -> std::io::Result<()> {
         self.ingest.write(chunk).await
     }
 
@@ -231,7 +232,9 @@ impl UploadWriter {
 
     /// Abandons the chunk being written: the session goes back to its last checkpoint.
     pub async fn rollback(self, store: &Store) -> StoreResult<()> {
-        let UploadWriter { id, state, ingest, _guard } = self;
+        let UploadWriter { id, state, mut ingest, _guard } = self;
+        // No write of this chunk may land after the cut.
+        let _ = ingest.settle().await;
         drop(ingest);
         let f = tokio::fs::OpenOptions::new().write(true).open(store.layout.upload_data(&id.0)).await?;
         f.set_len(state.offset).await?;

@@ -50,6 +50,9 @@ pub struct UpstreamConfig {
     pub password_file: Option<PathBuf>,
     /// Read the password from this environment variable.
     pub password_env: Option<String>,
+    /// A PEM bundle of CA certificates trusted for this upstream in addition to the system
+    /// roots (a private registry with its own CA).
+    pub ca_file: Option<PathBuf>,
     /// A tag resolved from upstream is served without asking again for this long.
     #[serde(with = "humantime_serde")]
     pub tag_ttl: Duration,
@@ -84,6 +87,7 @@ impl Default for UpstreamConfig {
             password: None,
             password_file: None,
             password_env: None,
+            ca_file: None,
             tag_ttl: Duration::from_secs(300),
             immutable_tags: Vec::new(),
             max_concurrency: 32,
@@ -248,6 +252,9 @@ impl Config {
             if u.password.is_some() as u8 + u.password_file.is_some() as u8 + u.password_env.is_some() as u8 > 1 {
                 return invalid("upstreams.password", "give one of password, password_file, password_env");
             }
+            if let Some(f) = &u.ca_file {
+                check_ca_file(&u.host, f)?;
+            }
         }
         if !self.proxy.default_upstream.is_empty() && !seen.contains(self.proxy.default_upstream.as_str()) {
             return invalid(
@@ -257,6 +264,20 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The CA bundle must be there, readable and hold usable certificates, as at start-up: so
+/// `check-config` finds a broken one too.
+fn check_ca_file(host: &str, f: &std::path::Path) -> Result<(), ConfigError> {
+    let why = if f.as_os_str().is_empty() {
+        "must not be empty".to_string()
+    } else {
+        match crate::upstream::ca::load_ca_file(f) {
+            Ok(_) => return Ok(()),
+            Err(e) => format!("{}: {e}", f.display()),
+        }
+    };
+    Err(ConfigError::Invalid { key: "upstreams.ca_file", why: format!("upstream {host}: {why}") })
 }
 
 #[cfg(test)]
@@ -303,6 +324,26 @@ mod tests {
         c.validate().unwrap();
         let hosts: Vec<&str> = c.upstreams.iter().map(|u| u.host.as_str()).collect();
         assert_eq!(hosts, ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]);
+    }
+
+    #[test]
+    fn ca_file_is_checked_by_validate() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, crate::upstream::ca::tests::ca_pem("private CA")).unwrap();
+        let with_ca = |f: &str| {
+            Config::parse(&format!(
+                "[proxy]\ndefault_upstream = \"\"\n[[upstreams]]\nhost = \"registry.internal\"\nca_file = {f:?}\n"
+            ))
+            .unwrap()
+        };
+        with_ca(good.to_str().unwrap()).validate().unwrap();
+        let missing = dir.path().join("missing.pem");
+        for f in ["", missing.to_str().unwrap()] {
+            let e = with_ca(f).validate().unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { key: "upstreams.ca_file", .. }), "{e}");
+            assert!(e.to_string().contains("registry.internal") && e.to_string().contains(f), "{e}");
+        }
     }
 
     #[test]

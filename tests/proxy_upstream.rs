@@ -2,7 +2,9 @@
 //! installed by `scripts/install-test-deps.sh`; these tests fail with the install hint
 //! without it, they never skip). Images are generated and pushed to Distribution here, then
 //! pulled through Stevedore with `?ns=`, a path prefix, a plain name (default upstream) and
-//! skopeo. Distribution's access log counts what reached the upstream.
+//! skopeo. Distribution's access log counts what reached the upstream. One Distribution
+//! serves HTTPS with a certificate from a CA made in the test (rcgen): trusted through the
+//! upstream's `ca_file`, refused cleanly without it.
 //!
 //! Stevedore names the upstream `upstream.test` (endpoint: Distribution on 127.0.0.1), so the
 //! cache namespace is `upstream.test/<repo>` whichever way a client asks.
@@ -13,12 +15,13 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::distribution::{Distribution, PASSWORD, USER};
-use common::http::{assert_content, client, get_manifest, hdr, read, Read, MANIFEST_ACCEPT};
+use common::http::{assert_content, client, client_trusting, get_manifest, hdr, read, Read, MANIFEST_ACCEPT};
 use common::oci::{self, Blob, Image};
 use common::push::Pusher;
 use common::skopeo_cli::Skopeo;
 use common::stevedore::{config, Dialect, Stevedore, DIALECTS};
 use common::store::{assert_blobs_intact, blob_files, ingest_leftovers, repo_dirs};
+use common::tls::TestPki;
 
 const HOST: &str = "upstream.test";
 
@@ -255,4 +258,138 @@ async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_wit
     let ok_blob_gets =
         log.lines().filter(|l| l.contains("\"GET /v2/private/app/blobs/") && l.contains("HTTP/1.1\" 200 ")).count();
     assert_eq!(ok_blob_gets, img.blobs().len(), "successful upstream blob GETs:\n{log}");
+}
+
+/// Distribution over HTTPS, its certificate (for 127.0.0.1) issued by a CA made here. With
+/// `ca_file` naming that CA, pulls through in every dialect are byte-exact and reach the
+/// upstream; the same upstream without `ca_file` (system roots only) gets a clean 502
+/// registry error naming the certificate problem, nothing reaches Distribution's HTTP layer,
+/// nothing is cached, and Stevedore keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distribution_over_tls_pulls_with_ca_file_and_fails_cleanly_without() {
+    let pki_dir = tempfile::Builder::new().prefix("proxy-tls-pki-").tempdir().unwrap();
+    let pki = TestPki::new(pki_dir.path());
+    let reg = Distribution::start_tls(&pki);
+    assert!(reg.url().starts_with("https://127.0.0.1:"), "{}", reg.url());
+    let pusher = Pusher::with_client(&reg.url(), None, client_trusting(&pki.ca_pem));
+    let img = oci::make_image(7201, 2, 250_000, "amd64", "linux");
+    pusher.image("secure/app", &img, Some("v1")).await;
+
+    let ca_file = format!("ca_file = \"{}\"", pki.ca_file.display());
+    let sd = Stevedore::start(&config(
+        "tls.test",
+        &[("tls.test", &reg.url(), &ca_file), ("untrusted.test", &reg.url(), "")],
+    ));
+    let http = client();
+
+    // Without the CA first, while nothing is cached.
+    let url = |rest: &str| sd.url(&format!("/v2/secure/app/{rest}?ns=untrusted.test"));
+    let layer = &img.layers[0].digest;
+    let requests = [
+        ("manifest", http.get(url("manifests/v1")).header("accept", MANIFEST_ACCEPT)),
+        (
+            "manifest by digest",
+            http.get(url(&format!("manifests/{}", img.manifest.digest))).header("accept", MANIFEST_ACCEPT),
+        ),
+        ("blob", http.get(url(&format!("blobs/{layer}")))),
+    ];
+    for (what, req) in requests {
+        let r = assert_clean_upstream_error(req, &format!("untrusted.test: {what}")).await;
+        assert_eq!(r.status, 502, "untrusted.test: {what}: {}", r.text());
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(v["errors"][0]["code"], "UNAVAILABLE", "untrusted.test: {what}: {v}");
+        let detail = v["errors"][0]["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains("certificate"), "untrusted.test: {what}: detail does not name the certificate: {v}");
+    }
+    let h = tokio::time::timeout(Duration::from_secs(20), read(http.head(url(&format!("blobs/{layer}")))))
+        .await
+        .expect("HEAD hung");
+    assert_eq!(h.status, 502, "untrusted.test: HEAD blob");
+    assert!(blob_files(sd.root()).is_empty(), "content cached from an untrusted upstream");
+    assert!(ingest_leftovers(sd.root()).is_empty());
+    reg.settle();
+    let reached = reg.requests_for("secure/app");
+    assert!(reached.is_empty(), "requests over an untrusted connection reached Distribution:\n{reached}");
+    let alive = read(http.get(sd.url("/v2/"))).await;
+    assert_eq!(alive.status, 200, "Stevedore after the TLS failures: {}", sd.problems());
+    assert!(!sd.problems().contains("panicked"), "{}", sd.problems());
+
+    // With the CA, every dialect (plain names go to the default upstream, tls.test).
+    for dialect in DIALECTS {
+        let what = format!("tls.test {dialect:?}");
+        let url = |rest: &str| sd.url(&dialect.path("tls.test", "secure/app", rest));
+        let r = get_manifest(&http, url("manifests/v1")).await;
+        assert_manifest(&r, &img.manifest, &what);
+        for b in img.blobs() {
+            let r = read(http.get(url(&format!("blobs/{}", b.digest)))).await;
+            assert_content(&r, &b.digest, &b.data, &format!("{what}: blob"));
+        }
+    }
+    assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["tls.test/secure/app".to_string()]);
+    reg.settle();
+    let log = reg.access_log();
+    // HTTP/2 or HTTP/1.1, whatever ALPN settled on.
+    let ok = |prefix: &str| log.lines().filter(|l| l.contains(prefix) && l.contains("\" 200 ")).count();
+    assert_eq!(ok("\"GET /v2/secure/app/blobs/"), img.blobs().len(), "upstream blob GETs over TLS (each once):\n{log}");
+    assert!(ok("\"GET /v2/secure/app/manifests/v1 ") >= 1, "no upstream manifest GET over TLS:\n{log}");
+}
+
+/// A `ca_file` that is missing, empty, holds no certificate or a broken one stops
+/// `check-config` and `serve` with an error naming the key, the upstream and the file.
+#[test]
+fn bad_ca_file_stops_check_config_and_serve_naming_upstream_and_file() {
+    let dir = tempfile::Builder::new().prefix("proxy-bad-ca-").tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let key_only = std::fs::read_to_string(&pki.key_file).unwrap();
+    let cases: [(&str, Option<&str>, &str); 5] = [
+        ("missing.pem", None, "No such file"),
+        ("empty.pem", Some(""), "no PEM certificate"),
+        ("key-only.pem", Some(key_only.as_str()), "no PEM certificate"),
+        ("truncated.pem", Some("-----BEGIN CERTIFICATE-----\nMIIB\n"), "not a valid PEM bundle"),
+        ("garbage.pem", Some("-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n"), "certificate 1"),
+    ];
+    let bin = || std::process::Command::new(env!("CARGO_BIN_EXE_stevedore"));
+    for (name, content, why) in cases {
+        let file = dir.path().join(name);
+        if let Some(c) = content {
+            std::fs::write(&file, c).unwrap();
+        }
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            config(
+                "private.test",
+                &[("private.test", "https://127.0.0.1:9", &format!("ca_file = \"{}\"", file.display()))],
+            ),
+        )
+        .unwrap();
+        let check = bin().args(["check-config", "--config"]).arg(&cfg).output().unwrap();
+        let serve = bin()
+            .args(["serve", "--listen", "127.0.0.1:0", "--root"])
+            .arg(dir.path().join("data"))
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        for (cmd, out) in [("check-config", check), ("serve", serve)] {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{cmd} accepted ca_file {name}: {err}");
+            for needle in ["upstreams.ca_file", "private.test", &file.display().to_string(), why] {
+                assert!(err.contains(needle), "{cmd}, ca_file {name}: error does not say {needle:?}: {err}");
+            }
+        }
+    }
+    // The good CA passes.
+    let cfg = dir.path().join("good.toml");
+    std::fs::write(
+        &cfg,
+        config(
+            "private.test",
+            &[("private.test", "https://127.0.0.1:9", &format!("ca_file = \"{}\"", pki.ca_file.display()))],
+        ),
+    )
+    .unwrap();
+    let out = bin().args(["check-config", "--config"]).arg(&cfg).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

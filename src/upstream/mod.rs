@@ -4,6 +4,7 @@
 //! request.
 
 pub mod auth;
+pub mod ca;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -120,6 +121,11 @@ impl Upstream {
             _ => None,
         };
         let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default()));
+        let extra_roots = match &cfg.ca_file {
+            Some(f) => ca::load_ca_file(f)
+                .map_err(|e| anyhow::anyhow!("upstream {}: ca_file {}: {e}", cfg.host, f.display()))?,
+            None => Vec::new(),
+        };
         // reqwest is built without a crypto provider (rustls-no-provider): use ring. Installing
         // twice (several upstreams, tests) is fine: the first one wins.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -129,7 +135,11 @@ impl Upstream {
             // Blob GETs redirect to CDNs; reqwest drops Authorization on a cross-host redirect.
             .redirect(reqwest::redirect::Policy::limited(5))
             .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+            // Trusted besides the system roots (the platform verifier), not instead of them:
+            // a token realm or a blob redirect may be on a public host.
+            .tls_certs_merge(extra_roots)
+            .build()
+            .map_err(|e| anyhow::anyhow!("upstream {}: HTTP client: {}", cfg.host, error_chain(&e)))?;
         Ok(Upstream {
             host: cfg.host.clone(),
             aliases: cfg.aliases.clone(),
@@ -192,7 +202,7 @@ impl Upstream {
                 let resp = match req.send().await {
                     Ok(r) => r,
                     Err(e) => {
-                        last = UpstreamError::Unreachable(format!("{url}: {e}"));
+                        last = UpstreamError::Unreachable(format!("{url}: {}", error_chain(&e)));
                         break;
                     }
                 };
@@ -305,6 +315,18 @@ impl Upstream {
     }
 }
 
+/// An error with its sources: reqwest's "error sending request" alone does not say what went
+/// wrong (refused, timed out, a certificate not trusted).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(inner) = src {
+        s.push_str(&format!(": {inner}"));
+        src = inner.source();
+    }
+    s
+}
+
 fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
 }
@@ -361,6 +383,27 @@ mod tests {
         assert!(glob_match(b"*", b""));
         assert!(!glob_match(b"v*", b"latest"));
         assert!(!glob_match(b"1.?", b"1.10"));
+    }
+
+    #[test]
+    fn ca_file_is_loaded_and_a_bad_one_names_upstream_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca::tests::ca_pem("private CA")).unwrap();
+        let cfg = |f: &std::path::Path| UpstreamConfig {
+            host: "registry.internal".into(),
+            endpoints: vec!["https://127.0.0.1:9".into()],
+            ca_file: Some(f.to_path_buf()),
+            ..UpstreamConfig::default()
+        };
+        Upstream::new(&cfg(&good)).unwrap();
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        for f in [empty, dir.path().join("missing.pem")] {
+            let e = Upstream::new(&cfg(&f)).err().expect("a bad ca_file accepted").to_string();
+            assert!(e.contains("upstream registry.internal: ca_file"), "{e}");
+            assert!(e.contains(&f.display().to_string()), "{e}");
+        }
     }
 
     #[test]

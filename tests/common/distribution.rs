@@ -1,6 +1,6 @@
 //! A real upstream: CNCF Distribution (`/usr/bin/docker-registry`, Debian package
 //! `docker-registry`) on 127.0.0.1 with filesystem storage, optionally behind htpasswd Basic
-//! auth. Its access log (stdout) is captured to a file so tests can count the requests it
+//! auth, optionally over TLS with a certificate from a test CA ([`TestPki`]). Its access log (stdout) is captured to a file so tests can count the requests it
 //! served; it runs as a [`Daemon`] (own process group, dies with the test process).
 
 use std::path::{Path, PathBuf};
@@ -8,10 +8,12 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::http::{client, client_trusting};
 use super::oci::Image;
 use super::proc::{self, tool, Daemon};
 use super::push::Pusher;
 use super::rt;
+use super::tls::{https_get_status, TestPki};
 
 pub const USER: &str = "tester";
 pub const PASSWORD: &str = "s3cret-pass";
@@ -22,6 +24,8 @@ pub struct Distribution {
     pub port: u16,
     daemon: Daemon,
     sentinels: AtomicUsize,
+    /// The CA's PEM when serving HTTPS.
+    ca_pem: Option<String>,
     /// Set when Distribution runs in a temporary directory of its own.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -51,11 +55,26 @@ impl Distribution {
         d
     }
 
+    /// Starts Distribution over HTTPS (no auth) in a temporary directory of its own, with the
+    /// server certificate and key of `pki`.
+    pub fn start_tls(pki: &TestPki) -> Distribution {
+        let tmp = tempfile::Builder::new().prefix("distribution-tls-").tempdir().expect("tempdir");
+        let mut d = Distribution::start_with(tmp.path(), false, Some(pki));
+        d._tmp = Some(tmp);
+        d
+    }
+
     /// Starts Distribution with filesystem storage (deletes enabled) and logs under `dir`,
     /// with htpasswd Basic auth for [`USER`] when `auth`, and waits for `/v2/` to answer.
     /// Panics with the install hint when the binary is missing.
     pub fn start_in(dir: &Path, auth: bool) -> Distribution {
+        Distribution::start_with(dir, auth, None)
+    }
+
+    /// [`Distribution::start_in`], over HTTPS with `tls`'s server certificate when given.
+    fn start_with(dir: &Path, auth: bool, tls: Option<&TestPki>) -> Distribution {
         let bin = tool("docker-registry");
+        let ca_pem = tls.map(|p| p.ca_pem.clone());
         std::fs::create_dir_all(dir).unwrap();
         let mut last = String::new();
         for attempt in 0..3 {
@@ -67,6 +86,14 @@ impl Distribution {
                  http:\n  addr: 127.0.0.1:{port}\n  secret: stevedore-test-secret\n",
                 dir.join("storage").display()
             );
+            // Under `http:`, which the format string above ends with.
+            if let Some(pki) = tls {
+                cfg.push_str(&format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    pki.cert_file.display(),
+                    pki.key_file.display()
+                ));
+            }
             if auth {
                 let file = dir.join("htpasswd");
                 std::fs::write(&file, format!("{}\n", htpasswd_line())).unwrap();
@@ -90,8 +117,8 @@ impl Distribution {
                     last = format!("exited with {status}: {}", daemon.all_output());
                     break;
                 }
-                if matches!(proc::http_get_status(port, "/v2/"), Some(200 | 401)) {
-                    return Distribution { port, daemon, sentinels: AtomicUsize::new(0), _tmp: None };
+                if matches!(get_status(port, "/v2/", ca_pem.as_deref()), Some(200 | 401)) {
+                    return Distribution { port, daemon, sentinels: AtomicUsize::new(0), ca_pem, _tmp: None };
                 }
                 if Instant::now() > end {
                     last = format!("/v2/ did not answer within 20 s: {}", daemon.all_output());
@@ -106,9 +133,18 @@ impl Distribution {
         panic!("docker-registry did not start: {last}");
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT`, or `https://…` over TLS.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.ca_pem.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A client for pushing to and probing this registry (trusting its test CA over TLS).
+    pub fn client(&self) -> reqwest::Client {
+        match &self.ca_pem {
+            Some(pem) => client_trusting(pem),
+            None => client(),
+        }
     }
 
     /// The access log so far.
@@ -147,7 +183,7 @@ impl Distribution {
     pub fn settle(&self) {
         let n = self.sentinels.fetch_add(1, Ordering::SeqCst);
         let needle = format!("/v2/zz-sentinel-{n}/tags/list");
-        let _ = proc::http_get_status(self.port, &needle);
+        let _ = get_status(self.port, &needle, self.ca_pem.as_deref());
         let end = Instant::now() + Duration::from_secs(10);
         while self.count(&needle) == 0 {
             assert!(Instant::now() < end, "sentinel request never reached the access log");
@@ -158,6 +194,16 @@ impl Distribution {
 
     /// Pushes `img` as `repo:tag` (no credentials), from synchronous code.
     pub fn push(&self, repo: &str, tag: &str, img: &Image) {
-        rt().block_on(async { Pusher::new(&self.url(), None).image(repo, img, Some(tag)).await });
+        rt().block_on(async {
+            Pusher::with_client(&self.url(), None, self.client()).image(repo, img, Some(tag)).await
+        });
+    }
+}
+
+/// A plain `GET path` to 127.0.0.1:`port`, over TLS trusting `ca_pem` when given.
+fn get_status(port: u16, path: &str, ca_pem: Option<&str>) -> Option<u16> {
+    match ca_pem {
+        Some(pem) => https_get_status(port, path, pem),
+        None => proc::http_get_status(port, path),
     }
 }

@@ -29,6 +29,21 @@ pub fn client_with_timeout(timeout: Duration) -> Client {
         .expect("reqwest client")
 }
 
+/// [`client`] for an HTTPS server whose certificate `ca_pem` issued: that CA is the only one
+/// trusted.
+pub fn client_trusting(ca_pem: &str) -> Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("CA PEM");
+    Client::builder()
+        .no_proxy()
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_certs_only(certs)
+        .build()
+        .expect("reqwest client")
+}
+
 /// A header's value (lossily decoded), if present.
 pub fn hdr(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())

@@ -11,6 +11,7 @@
 //! - [`distribution`]: CNCF Distribution (`docker-registry`) as a real upstream.
 //! - [`fake`]: a scripted fake upstream (axum, in process).
 //! - [`store`]: checks on Stevedore's on-disk store.
+//! - [`tls`]: a test CA and a server certificate for 127.0.0.1 (rcgen), an HTTPS probe.
 //! - [`proc`]: daemons, bounded commands, required tools, the engine sandbox.
 //! - [`engines`]: containerd, dockerd and podman; [`skopeo_cli`]: isolated skopeo runs.
 #![allow(dead_code)]
@@ -27,6 +28,7 @@ pub mod server;
 pub mod skopeo_cli;
 pub mod stevedore;
 pub mod store;
+pub mod tls;
 
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};

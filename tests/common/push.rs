@@ -17,8 +17,13 @@ pub struct Pusher {
 
 impl Pusher {
     pub fn new(base: &str, creds: Option<(&str, &str)>) -> Pusher {
+        Pusher::with_client(base, creds, client())
+    }
+
+    /// A pusher sending through `http` (e.g. one trusting a test CA for an https `base`).
+    pub fn with_client(base: &str, creds: Option<(&str, &str)>, http: reqwest::Client) -> Pusher {
         Pusher {
-            http: client(),
+            http,
             base: base.trim_end_matches('/').to_string(),
             creds: creds.map(|(u, p)| (u.to_string(), p.to_string())),
         }

@@ -70,7 +70,10 @@ pub fn check_loopback_only(config: &str) {
             let urls: Vec<&str> = l.split('"').skip(1).step_by(2).collect();
             assert!(!urls.is_empty(), "config line without endpoints: {l}");
             for u in urls {
-                assert!(u.starts_with("http://127.0.0.1:"), "test config names a non-loopback endpoint {u:?}");
+                assert!(
+                    u.starts_with("http://127.0.0.1:") || u.starts_with("https://127.0.0.1:"),
+                    "test config names a non-loopback endpoint {u:?}"
+                );
             }
         }
     }

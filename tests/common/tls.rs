@@ -1,0 +1,97 @@
+//! TLS for test servers: a private CA and a server certificate for `127.0.0.1` (IP SAN), made
+//! with rcgen (ring) and written as PEM files; a synchronous HTTPS probe trusting that CA only.
+//! No OpenSSL, no system trust store.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A CA and a certificate it issued for 127.0.0.1, as PEM files in a directory.
+pub struct TestPki {
+    /// The CA certificate (what a client must trust).
+    pub ca_file: PathBuf,
+    pub ca_pem: String,
+    /// The server certificate, then the key for it.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+impl TestPki {
+    /// A fresh CA ("Stevedore test CA") and a server certificate for `127.0.0.1`, written to
+    /// `dir/ca.pem`, `dir/server.pem` and `dir/server.key`.
+    pub fn new(dir: &Path) -> TestPki {
+        std::fs::create_dir_all(dir).unwrap();
+        let ca = test_ca();
+        let (cert_pem, key_pem) = server_cert(&ca, "127.0.0.1");
+        let pki = TestPki {
+            ca_file: dir.join("ca.pem"),
+            ca_pem: ca.pem(),
+            cert_file: dir.join("server.pem"),
+            key_file: dir.join("server.key"),
+        };
+        std::fs::write(&pki.ca_file, &pki.ca_pem).unwrap();
+        std::fs::write(&pki.cert_file, cert_pem).unwrap();
+        std::fs::write(&pki.key_file, key_pem).unwrap();
+        pki
+    }
+}
+
+/// A self-signed CA that may sign server certificates.
+fn test_ca() -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, "Stevedore test CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().expect("CA key")).expect("CA certificate")
+}
+
+/// A server certificate for `san` (an IP address or a DNS name) issued by `ca`: (cert, key) PEM.
+fn server_cert(ca: &CertifiedIssuer<'static, KeyPair>, san: &str) -> (String, String) {
+    let mut params = CertificateParams::new(vec![san.to_string()]).expect("server params");
+    params.distinguished_name.push(DnType::CommonName, san);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let key = KeyPair::generate().expect("server key");
+    let cert = params.signed_by(&key, ca).expect("server certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+/// A rustls client config trusting `ca_pem` only (ring).
+fn client_config(ca_pem: &str) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    for der in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(der.expect("CA PEM")).expect("CA certificate");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// [`super::proc::http_get_status`] over TLS, trusting `ca_pem` only: the status code of a
+/// plain `GET path` to https://127.0.0.1:`port`, or `None` when nothing (valid) answered
+/// within 5 s, including when the handshake failed.
+pub fn https_get_status(port: u16, path: &str, ca_pem: &str) -> Option<u16> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    tcp.set_write_timeout(Some(Duration::from_secs(5))).ok()?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").ok()?;
+    let conn = rustls::ClientConnection::new(client_config(ca_pem), name).ok()?;
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut resp = Vec::new();
+    let _ = s.read_to_end(&mut resp);
+    let head = String::from_utf8_lossy(&resp[..resp.len().min(64)]).into_owned();
+    head.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()
+}

@@ -15,7 +15,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::distribution::{Distribution, PASSWORD, USER};
-use common::http::{assert_content, client, client_trusting, get_manifest, hdr, read, Read, MANIFEST_ACCEPT};
+use common::http::{assert_content, client, get_manifest, hdr, read, Read, MANIFEST_ACCEPT};
 use common::oci::{self, Blob, Image};
 use common::push::Pusher;
 use common::skopeo_cli::Skopeo;
@@ -41,8 +41,21 @@ async fn pull_image(
     reference: &str,
     img: &Image,
 ) {
-    let what = format!("{dialect:?} {repo}:{reference}");
-    let url = |rest: &str| sd.url(&dialect.path(HOST, repo, rest));
+    pull_image_from(http, sd, HOST, dialect, repo, reference, img).await
+}
+
+/// [`pull_image`] through the upstream `host`.
+async fn pull_image_from(
+    http: &reqwest::Client,
+    sd: &Stevedore,
+    host: &str,
+    dialect: Dialect,
+    repo: &str,
+    reference: &str,
+    img: &Image,
+) {
+    let what = format!("{host} {dialect:?} {repo}:{reference}");
+    let url = |rest: &str| sd.url(&dialect.path(host, repo, rest));
     let r = get_manifest(http, url(&format!("manifests/{reference}"))).await;
     assert_manifest(&r, &img.manifest, &what);
     for b in img.blobs() {
@@ -242,14 +255,7 @@ async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_wit
 
     // With the right credentials, every dialect.
     for dialect in DIALECTS {
-        let what = format!("{dialect:?}");
-        let url = |rest: &str| sd.url(&dialect.path("private.test", "private/app", rest));
-        let r = get_manifest(&http, url("manifests/v1")).await;
-        assert_manifest(&r, &img.manifest, &what);
-        for b in img.blobs() {
-            let r = read(http.get(url(&format!("blobs/{}", b.digest)))).await;
-            assert_content(&r, &b.digest, &b.data, &format!("{what}: blob"));
-        }
+        pull_image_from(&http, &sd, "private.test", dialect, "private/app", "v1", &img).await;
     }
     assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["private.test/private/app".to_string()]);
     // Each blob was downloaded from the upstream once, with credentials that worked.
@@ -271,7 +277,7 @@ async fn distribution_over_tls_pulls_with_ca_file_and_fails_cleanly_without() {
     let pki = TestPki::new(pki_dir.path());
     let reg = Distribution::start_tls(&pki);
     assert!(reg.url().starts_with("https://127.0.0.1:"), "{}", reg.url());
-    let pusher = Pusher::with_client(&reg.url(), None, client_trusting(&pki.ca_pem));
+    let pusher = Pusher::with_client(&reg.url(), None, reg.client());
     let img = oci::make_image(7201, 2, 250_000, "amd64", "linux");
     pusher.image("secure/app", &img, Some("v1")).await;
 
@@ -316,14 +322,7 @@ async fn distribution_over_tls_pulls_with_ca_file_and_fails_cleanly_without() {
 
     // With the CA, every dialect (plain names go to the default upstream, tls.test).
     for dialect in DIALECTS {
-        let what = format!("tls.test {dialect:?}");
-        let url = |rest: &str| sd.url(&dialect.path("tls.test", "secure/app", rest));
-        let r = get_manifest(&http, url("manifests/v1")).await;
-        assert_manifest(&r, &img.manifest, &what);
-        for b in img.blobs() {
-            let r = read(http.get(url(&format!("blobs/{}", b.digest)))).await;
-            assert_content(&r, &b.digest, &b.data, &format!("{what}: blob"));
-        }
+        pull_image_from(&http, &sd, "tls.test", dialect, "secure/app", "v1", &img).await;
     }
     assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["tls.test/secure/app".to_string()]);
     reg.settle();

@@ -191,7 +191,7 @@ pub fn write_all_vectored(file: &mut File, chunks: &[Bytes]) -> std::io::Result<
 /// Hashes a whole file with `alg` on the blocking pool.
 pub async fn hash_file(path: &Path, alg: Algorithm) -> std::io::Result<Digest> {
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    blocking(move || {
         use std::io::Read;
         let mut f = std::fs::File::open(path)?;
         let mut h = Hasher::new(alg);
@@ -205,5 +205,4 @@ pub async fn hash_file(path: &Path, alg: Algorithm) -> std::io::Result<Digest> {
         }
     })
     .await
-    .map_err(std::io::Error::other)?
 }

@@ -18,6 +18,12 @@ pub fn client() -> Client {
 
 /// [`client`] with another bound on each whole request.
 pub fn client_with_timeout(timeout: Duration) -> Client {
+    builder(timeout).build().expect("reqwest client")
+}
+
+/// What every test client shares: loopback only (no proxy from the environment), no
+/// redirects, bounded connects and requests.
+fn builder(timeout: Duration) -> reqwest::ClientBuilder {
     // Stevedore builds reqwest without a crypto provider and installs ring (src/upstream).
     let _ = rustls::crypto::ring::default_provider().install_default();
     Client::builder()
@@ -25,23 +31,13 @@ pub fn client_with_timeout(timeout: Duration) -> Client {
         .connect_timeout(Duration::from_secs(5))
         .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("reqwest client")
 }
 
 /// [`client`] for an HTTPS server whose certificate `ca_pem` issued: that CA is the only one
 /// trusted.
 pub fn client_trusting(ca_pem: &str) -> Client {
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("CA PEM");
-    Client::builder()
-        .no_proxy()
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_certs_only(certs)
-        .build()
-        .expect("reqwest client")
+    builder(Duration::from_secs(30)).tls_certs_only(certs).build().expect("reqwest client")
 }
 
 /// A header's value (lossily decoded), if present.

@@ -49,3 +49,31 @@ impl App {
         });
     }
 }
+
+/// The start-up summary: who may write what. Logged when serving starts.
+pub fn summary(app: &App) -> Vec<String> {
+    let mut out = Vec::new();
+    let mirrors: Vec<String> = app.proxy.upstreams().iter().map(|u| format!("{}/", u.namespace)).collect();
+    match app.proxy.default_upstream() {
+        Some(up) if app.proxy.local_namespaces().is_empty() => out.push(format!(
+            "local namespaces: none; every plain name is a read-only mirror of {}: pushes are refused \
+             until proxy.local_namespaces names the repositories that are local",
+            up.host
+        )),
+        Some(up) => out.push(format!(
+            "local namespaces (pushable): {}; every other plain name is a read-only mirror of {}",
+            app.proxy.local_namespaces().join(", "),
+            up.host
+        )),
+        None => out.push("no default upstream: every plain name is a local, pushable repository".to_string()),
+    }
+    if !mirrors.is_empty() {
+        out.push(format!("upstream namespaces (read-only, by ns=, path prefix or cache name): {}", mirrors.join(", ")));
+    }
+    out.push(
+        "no client authentication is configured: this is an open registry; anyone who can reach it may pull, \
+              and push where names are local"
+            .to_string(),
+    );
+    out
+}

@@ -32,9 +32,16 @@ pub struct ProxyConfig {
     /// How long an upstream answer to a blob or manifest HEAD is reused.
     #[serde(with = "humantime_serde")]
     pub head_cache_ttl: Duration,
+    /// Repository-name globs (`team/*`, `ci/*`) of the plain names that are local repositories
+    /// (pushable) while a default upstream is configured; every other plain name is read-only
+    /// content of the default upstream. `*` matches any run of characters, `/` included
+    /// (`team/*` matches `team/app` and `team/a/b`); `?` matches one character. Without a
+    /// default upstream every plain name is local and this list is not consulted.
+    pub local_namespaces: Vec<String>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+/// `Debug` is written by hand: it never shows the password or user info in endpoint URLs.
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The registry host images are named with (`docker.io`, `ghcr.io`): matched against
@@ -65,6 +72,56 @@ pub struct UpstreamConfig {
     /// Longest silence on an upstream connection (never a limit on a whole transfer).
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
+    /// Token realms (URLs or origins; only scheme, host and port count) besides the
+    /// upstream's own host that may receive its credentials. `https://auth.docker.io` is
+    /// built in for `docker.io`.
+    pub token_realms: Vec<String>,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |set: bool| if set { Some("<redacted>") } else { None };
+        let endpoints: Vec<String> = self.endpoints.iter().map(|e| redact_url(e)).collect();
+        f.debug_struct("UpstreamConfig")
+            .field("host", &self.host)
+            .field("aliases", &self.aliases)
+            .field("endpoints", &endpoints)
+            .field("username", &self.username)
+            .field("password", &redacted(self.password.is_some()))
+            .field("password_file", &self.password_file)
+            .field("password_env", &self.password_env)
+            .field("ca_file", &self.ca_file)
+            .field("tag_ttl", &self.tag_ttl)
+            .field("immutable_tags", &self.immutable_tags)
+            .field("max_concurrency", &self.max_concurrency)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("read_timeout", &self.read_timeout)
+            .field("token_realms", &self.token_realms.iter().map(|r| redact_url(r)).collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// `url` with any user info (`https://user:pw@host`) replaced by `<redacted>@`; text that
+/// does not parse as a URL but contains an `@` before the path is redacted the same way.
+pub fn redact_url(url: &str) -> String {
+    if let Ok(mut u) = reqwest::Url::parse(url) {
+        if u.username().is_empty() && u.password().is_none() {
+            return url.to_string();
+        }
+        let _ = u.set_username("");
+        let _ = u.set_password(None);
+        return u.as_str().replacen("://", "://<redacted>@", 1);
+    }
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let authority_end = rest.find('/').unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+                None => url.to_string(),
+            }
+        }
+        None => url.to_string(),
+    }
 }
 
 impl Default for ProxyConfig {
@@ -73,6 +130,7 @@ impl Default for ProxyConfig {
             default_upstream: "docker.io".into(),
             fill_timeout: Duration::from_secs(30 * 60),
             head_cache_ttl: Duration::from_secs(30),
+            local_namespaces: Vec::new(),
         }
     }
 }
@@ -93,6 +151,7 @@ impl Default for UpstreamConfig {
             max_concurrency: 32,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(60),
+            token_realms: Vec::new(),
         }
     }
 }
@@ -130,6 +189,17 @@ pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// A connection must deliver a complete request head within this long (from its first
+    /// byte, or from the end of the previous request on a kept-alive connection).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest silence inside a request body (an upload that sends nothing) and longest time
+    /// a client may leave a response unread before the connection is cut. Never a limit on a
+    /// whole transfer.
+    #[serde(with = "humantime_serde")]
+    pub body_idle_timeout: Duration,
+    /// Open client connections at most; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -174,7 +244,13 @@ impl Default for Config {
 
 impl Default for ServerConfig {
     fn default() -> ServerConfig {
-        ServerConfig { listen: "0.0.0.0:5000".parse().unwrap(), shutdown_grace: Duration::from_secs(30) }
+        ServerConfig {
+            listen: "0.0.0.0:5000".parse().unwrap(),
+            shutdown_grace: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(30),
+            body_idle_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+        }
     }
 }
 
@@ -230,6 +306,15 @@ impl Config {
         if self.cache.descriptors == 0 {
             return invalid("cache.descriptors", "must be at least 1");
         }
+        if self.server.header_read_timeout.is_zero() {
+            return invalid("server.header_read_timeout", "must be longer than 0s");
+        }
+        if self.server.body_idle_timeout.is_zero() {
+            return invalid("server.body_idle_timeout", "must be longer than 0s");
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1");
+        }
         let mut seen = std::collections::HashSet::new();
         for u in &self.upstreams {
             if u.host.is_empty() || u.host.contains('/') || u.host != u.host.to_ascii_lowercase() {
@@ -243,7 +328,7 @@ impl Config {
             for e in &u.endpoints {
                 match reqwest::Url::parse(e) {
                     Ok(url) if matches!(url.scheme(), "http" | "https") => {}
-                    _ => return invalid("upstreams.endpoints", &format!("{e:?} is not an http(s) URL")),
+                    _ => return invalid("upstreams.endpoints", &format!("{:?} is not an http(s) URL", redact_url(e))),
                 }
             }
             if u.max_concurrency == 0 {
@@ -254,6 +339,34 @@ impl Config {
             }
             if let Some(f) = &u.ca_file {
                 check_ca_file(&u.host, f)?;
+            }
+            for r in &u.token_realms {
+                match reqwest::Url::parse(r) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") && url.host_str().is_some() => {}
+                    _ => {
+                        return invalid(
+                            "upstreams.token_realms",
+                            &format!("upstream {}: {:?} is not an http(s) URL", u.host, redact_url(r)),
+                        )
+                    }
+                }
+            }
+        }
+        for p in &self.proxy.local_namespaces {
+            if p.is_empty() || p.starts_with('/') {
+                return invalid("proxy.local_namespaces", &format!("{p:?} is not a repository-name glob"));
+            }
+            // A pattern inside an upstream's namespace could never take effect: those names
+            // are the upstream's, read-only.
+            let first = p.split('/').next().unwrap_or_default();
+            for u in &self.upstreams {
+                let ns = u.host.replace(':', "-");
+                if std::iter::once(&u.host).chain(&u.aliases).any(|n| n == first) || ns == first {
+                    return invalid(
+                        "proxy.local_namespaces",
+                        &format!("{p:?} lies in the namespace of upstream {}, which is never local", u.host),
+                    );
+                }
             }
         }
         if !self.proxy.default_upstream.is_empty() && !seen.contains(self.proxy.default_upstream.as_str()) {
@@ -292,6 +405,11 @@ mod tests {
         assert_eq!(c.server.listen, d.server.listen);
         assert_eq!(c.storage.root, d.storage.root);
         assert_eq!(c.uploads.session_ttl, d.uploads.session_ttl);
+        assert_eq!(c.server.header_read_timeout, d.server.header_read_timeout);
+        assert_eq!(c.server.body_idle_timeout, d.server.body_idle_timeout);
+        assert_eq!(c.server.max_connections, d.server.max_connections);
+        assert_eq!(c.proxy.local_namespaces, d.proxy.local_namespaces);
+        assert_eq!(c.upstreams[0].token_realms, d.upstreams[0].token_realms);
         c.validate().unwrap();
     }
 
@@ -344,6 +462,68 @@ mod tests {
             assert!(matches!(e, ConfigError::Invalid { key: "upstreams.ca_file", .. }), "{e}");
             assert!(e.to_string().contains("registry.internal") && e.to_string().contains(f), "{e}");
         }
+    }
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let c = Config::parse(
+            r#"
+            [proxy]
+            default_upstream = ""
+            [[upstreams]]
+            host = "registry.internal"
+            endpoints = ["https://bob:hunter2-in-url@registry.internal:8443/"]
+            username = "alice"
+            password = "s3cret-password"
+            token_realms = ["https://carol:realm-pass@auth.internal/token"]
+            "#,
+        )
+        .unwrap();
+        for text in [format!("{c:?}"), format!("{:#?}", c.upstreams[0])] {
+            for secret in ["s3cret-password", "hunter2-in-url", "realm-pass", "bob:", "carol:"] {
+                assert!(!text.contains(secret), "{secret} in {text}");
+            }
+            assert!(
+                text.contains("<redacted>") && text.contains("alice") && text.contains("registry.internal"),
+                "{text}"
+            );
+        }
+        assert_eq!(redact_url("https://u:p@h:1/x"), "https://<redacted>@h:1/x");
+        assert_eq!(redact_url("https://h/x"), "https://h/x");
+        assert_eq!(redact_url("h t t p://u:p@h/x"), "h t t p://<redacted>@h/x");
+        // A bad endpoint is reported without its user info.
+        let bad = Config::parse(
+            "[proxy]\ndefault_upstream = \"\"\n[[upstreams]]\nhost = \"x.io\"\nendpoints = [\"ftp://u:pw@x.io\"]\n",
+        )
+        .unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("upstreams.endpoints") && !e.contains("pw"), "{e}");
+    }
+
+    #[test]
+    fn server_limits_and_local_namespaces() {
+        let d = Config::default();
+        assert_eq!(d.server.header_read_timeout, Duration::from_secs(30));
+        assert_eq!(d.server.body_idle_timeout, Duration::from_secs(60));
+        assert_eq!(d.server.max_connections, 4096);
+        assert!(d.proxy.local_namespaces.is_empty());
+        for (text, key) in [
+            ("[server]\nheader_read_timeout = \"0s\"", "server.header_read_timeout"),
+            ("[server]\nbody_idle_timeout = \"0s\"", "server.body_idle_timeout"),
+            ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[proxy]\nlocal_namespaces = [\"\"]", "proxy.local_namespaces"),
+            ("[proxy]\nlocal_namespaces = [\"docker.io/*\"]", "proxy.local_namespaces"),
+            ("[[upstreams]]\nhost = \"docker.io\"\ntoken_realms = [\"auth\"]", "upstreams.token_realms"),
+        ] {
+            let c = Config::parse(text).unwrap();
+            match c.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let c = Config::parse("[proxy]\nlocal_namespaces = [\"team/*\", \"ci/*\"]").unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.proxy.local_namespaces, ["team/*", "ci/*"]);
     }
 
     #[test]

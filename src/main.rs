@@ -133,12 +133,16 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         default_upstream = app.proxy.default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
         "stevedore started"
     );
+    for line in stevedore::app::summary(&app) {
+        tracing::info!("{line}");
+    }
     // The handlers are in place before anyone is told the server is up: a SIGTERM right
     // after the listening line is a graceful shutdown, not the default death by signal.
     let shutdown = shutdown_signal()?;
     println!("stevedore listening on {addr}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = stevedore::server::serve(listener, stevedore::router(app.clone()), async move {
+    let limits = stevedore::server::Limits::from_config(&app.cfg.server);
+    let server = stevedore::server::serve(listener, stevedore::router(app.clone()), limits, async move {
         shutdown.await;
         let _ = tx.send(());
     });

@@ -13,9 +13,26 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         .install_recorder()?)
 }
 
-/// One answered request.
-pub fn request(route: &'static str, method: &str, status: u16, duration: Duration) {
-    let labels = [("route", route.to_string()), ("method", method.to_string()), ("status", status.to_string())];
+/// A request method as a label value: one of a fixed set, so a client sending made-up methods
+/// cannot grow the number of series.
+pub fn method_label(method: &http::Method) -> &'static str {
+    match method.as_str() {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "PUT" => "PUT",
+        "POST" => "POST",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// One answered request. Every label takes a bounded set of values: `route` is a route kind,
+/// `method` goes through [`method_label`], `status` is a three-digit HTTP status.
+pub fn request(route: &'static str, method: &http::Method, status: u16, duration: Duration) {
+    let labels =
+        [("route", route.to_string()), ("method", method_label(method).to_string()), ("status", status.to_string())];
     counter!("stevedore_requests_total", &labels).increment(1);
     histogram!("stevedore_request_duration_seconds", "route" => route).record(duration.as_secs_f64());
 }
@@ -64,4 +81,19 @@ pub fn ratelimit_remaining(upstream: &str, header: &str) {
 
 pub fn store_bytes(n: u64) {
     gauge!("stevedore_store_bytes").set(n as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_labels_are_bounded() {
+        let mut seen = std::collections::BTreeSet::new();
+        for m in ["GET", "HEAD", "PUT", "POST", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT", "FOO", "get", "X-1"] {
+            seen.insert(method_label(&http::Method::from_bytes(m.as_bytes()).unwrap()));
+        }
+        assert_eq!(seen.len(), 8, "{seen:?}");
+        assert_eq!(method_label(&http::Method::from_bytes(b"BREW").unwrap()), "other");
+    }
 }

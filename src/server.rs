@@ -1,29 +1,82 @@
 //! The HTTP server loop: the router on hyper connections (HTTP/1.1 and h2c), set up for
-//! streaming blobs to many clients with little memory.
+//! streaming blobs to many clients with little memory, and for not being held up by clients
+//! that stall.
+//!
+//! Limits (`[server]`): a connection must deliver a whole request head within
+//! `header_read_timeout` (hyper's timer for every HTTP/1.1 request head; for the first request
+//! of any connection, whatever the protocol, a deadline here, since the protocol sniffing
+//! before hyper has no timeout of its own); a request body that sends nothing for
+//! `body_idle_timeout` ends with an error, and so does a connection whose client leaves our
+//! writes unread that long (silences only: a transfer that keeps moving is never cut); at
+//! most `max_connections` connections are served at once, the next ones wait in the listen
+//! backlog.
 
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use bytes::Bytes;
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tower::ServiceExt;
+
+use crate::config::ServerConfig;
 
 /// What hyper buffers per connection. Its default (~400 KiB) let it queue a second 256 KiB
 /// body chunk behind one the client's socket has no room for yet: with many slow clients, most
 /// of the server's memory. Request heads still fit with room to spare.
 const MAX_BUF_SIZE: usize = 64 << 10;
 
+/// HTTP/2 connections with no frames for this long are pinged; no answer within 20 s (hyper's
+/// default) closes them.
+const H2_KEEP_ALIVE: Duration = Duration::from_secs(60);
+
+/// The connection limits from `[server]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub body_idle_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn from_config(c: &ServerConfig) -> Limits {
+        Limits {
+            header_read_timeout: c.header_read_timeout,
+            body_idle_timeout: c.body_idle_timeout,
+            max_connections: c.max_connections,
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and returns
 /// once every open connection has finished its requests.
-pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<Output = ()>) {
+pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_BUF_SIZE);
+    builder.http1().max_buf_size(MAX_BUF_SIZE).timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_KEEP_ALIVE);
     let graceful = GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     tokio::pin!(shutdown);
     loop {
+        // A free slot first: past the limit, new connections wait in the kernel's backlog and
+        // the established ones carry on undisturbed.
+        let slot = tokio::select! {
+            s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
+            _ = &mut shutdown => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -37,14 +90,207 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: impl Future<
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+        let first_request = Arc::new(Notify::new());
+        let service = {
+            let (router, first_request, idle) = (router.clone(), first_request.clone(), limits.body_idle_timeout);
+            hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                first_request.notify_one();
+                router.clone().oneshot(req.map(|b| Body::new(IdleBody::new(b, idle))))
+            })
+        };
+        let io = TokioIo::new(WriteIdle::new(stream, limits.body_idle_timeout));
+        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
+        let head_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            let _slot = slot;
+            tokio::pin!(conn);
+            tokio::select! {
+                res = conn.as_mut() => return log_end(res),
+                _ = first_request.notified() => {}
+                _ = tokio::time::sleep(head_timeout) => {
+                    tracing::debug!("no complete request head within {head_timeout:?}; closing the connection");
+                    return;
+                }
             }
+            log_end(conn.await)
         });
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+fn log_end(res: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "connection ended with an error");
+    }
+}
+
+/// A request body that fails when the client sends nothing for `idle` while the handler is
+/// waiting for it. Only silence counts: the timer runs while a poll is pending and is reset
+/// by every frame.
+struct IdleBody {
+    inner: Incoming,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl IdleBody {
+    fn new(inner: Incoming, idle: Duration) -> IdleBody {
+        IdleBody { inner, idle, timer: None, armed: false }
+    }
+}
+
+impl http_body::Body for IdleBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.armed = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + this.idle;
+                let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !this.armed {
+                    timer.as_mut().reset(deadline);
+                    this.armed = true;
+                }
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Some(Err(Box::new(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client sent nothing for {:?} (server.body_idle_timeout)", this.idle),
+                )))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A connection whose writes fail once the client has left them unread (the socket buffer
+/// full) for `idle`. Reads pass straight through; only a write that cannot make progress
+/// starts the timer, and any progress resets it.
+struct WriteIdle<T> {
+    io: T,
+    idle: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl<T> WriteIdle<T> {
+    fn new(io: T, idle: Duration) -> WriteIdle<T> {
+        WriteIdle { io, idle, timer: None, armed: false }
+    }
+
+    /// After a write poll: progress disarms the timer; `Pending` arms it and fails the write
+    /// once it fires.
+    fn watch<R>(&mut self, cx: &mut Context<'_>, polled: Poll<io::Result<R>>) -> Poll<io::Result<R>> {
+        match polled {
+            Poll::Ready(r) => {
+                self.armed = false;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let deadline = Instant::now() + self.idle;
+                let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !self.armed {
+                    timer.as_mut().reset(deadline);
+                    self.armed = true;
+                }
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("the client read nothing for {:?} (server.body_idle_timeout)", self.idle),
+                )))
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteIdle<T> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteIdle<T> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.watch(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.watch(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// A write the peer never reads fails after the idle time; one that keeps moving does not.
+    #[tokio::test]
+    async fn stalled_writes_time_out() {
+        let (a, mut b) = tokio::io::duplex(1024);
+        let mut w = WriteIdle::new(a, Duration::from_millis(200));
+        let started = std::time::Instant::now();
+        let chunk = vec![7u8; 512];
+        let mut err = None;
+        for _ in 0..100 {
+            if let Err(e) = w.write_all(&chunk).await {
+                err = Some(e);
+                break;
+            }
+        }
+        let e = err.expect("a stalled write must fail");
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= Duration::from_millis(200) && started.elapsed() < Duration::from_secs(5));
+        // A reader that drains slowly (each read well within the idle time) is never cut.
+        let (a, mut b2) = tokio::io::duplex(1024);
+        let mut w = WriteIdle::new(a, Duration::from_millis(300));
+        let reader = tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = vec![0u8; 512];
+            let mut n = 0;
+            while n < 20 * 512 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                n += b2.read(&mut buf).await.unwrap();
+            }
+            n
+        });
+        for _ in 0..20 {
+            w.write_all(&chunk).await.expect("a moving write is never cut");
+        }
+        assert_eq!(reader.await.unwrap(), 20 * 512);
+        drop(b.shutdown().await);
+    }
 }

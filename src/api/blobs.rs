@@ -17,25 +17,6 @@ pub async fn get(app: &App, target: &Target, d: &Digest, req: &HeaderMap, head: 
     match target {
         Target::Local(name) => get_local(app, name, d, req, head).await,
         Target::Proxy { repo, .. } => get_proxied(app, repo, d, req, head).await,
-        Target::Overlay { local, repo } => {
-            if app.store.repo_blob_size(local, d).await?.is_some() {
-                get_local(app, local, d, req, head).await
-            } else {
-                overlay_fallback(get_proxied(app, repo, d, req, head).await, head, Code::BlobUnknown)
-            }
-        }
-    }
-}
-
-/// In the overlay (no namespace given), the default upstream only fills what the local
-/// repositories lack: when it is in trouble, a HEAD (how pushing clients ask "do you have
-/// this?") gets the local answer, not found, instead of an error that would fail the push.
-pub(crate) fn overlay_fallback(res: ApiResult, head: bool, missing: Code) -> ApiResult {
-    match res {
-        Err(e) if head && matches!(e.code, Code::Unavailable | Code::TooManyRequests) => {
-            Err(ApiError::new(missing).detail("not found locally; the default upstream did not answer"))
-        }
-        other => other,
     }
 }
 

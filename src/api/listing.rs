@@ -47,29 +47,26 @@ fn listing(body: Value, link: Option<String>) -> Response {
     r
 }
 
-pub async fn tags(app: &App, target: &Target, q: &Query) -> ApiResult {
+pub async fn tags(app: &App, asked: &RepoName, target: &Target, q: &Query) -> ApiResult {
     let (shown, tags) = match target {
         Target::Local(name) => (name, local_tags(app, name).await?),
-        Target::Overlay { local, repo } => match local_tags(app, local).await? {
-            Some(t) => (local, Some(t)),
-            None => (local, upstream_tags(app, repo).await?),
-        },
         Target::Proxy { repo, .. } => (&repo.remote, upstream_tags(app, repo).await?),
     };
     let Some(all) = tags else {
         return Err(ApiError::new(Code::NameUnknown).detail(shown.to_string()));
     };
-    let name = target_name(target);
+    let name = target_name(asked, target);
     let (tags, link) = page(all, q, &format!("/v2/{name}/tags/list"))?;
     Ok(listing(json!({ "name": name, "tags": tags }), link))
 }
 
 /// The name the client used.
-fn target_name(t: &Target) -> String {
+fn target_name(asked: &RepoName, t: &Target) -> String {
     match t {
-        Target::Local(n) | Target::Overlay { local: n, .. } => n.to_string(),
-        Target::Proxy { repo, ns_echo: Some(_) } => repo.remote.to_string(),
-        Target::Proxy { repo, ns_echo: None } => format!("{}/{}", repo.upstream.host, repo.remote),
+        Target::Local(n) => n.to_string(),
+        Target::Proxy { plain: true, .. } => asked.to_string(),
+        Target::Proxy { repo, ns_echo: Some(_), .. } => repo.remote.to_string(),
+        Target::Proxy { repo, ns_echo: None, .. } => format!("{}/{}", repo.upstream.host, repo.remote),
     }
 }
 
@@ -100,14 +97,6 @@ pub async fn catalog(app: &App, q: &Query) -> ApiResult {
 pub async fn referrers(app: &App, target: &Target, subject: &Digest, q: &Query) -> ApiResult {
     let mut manifests = match target {
         Target::Local(name) => app.store.referrers(name, subject).await?,
-        Target::Overlay { local, repo } => {
-            let local = app.store.referrers(local, subject).await?;
-            if local.is_empty() {
-                upstream_referrers(app, repo, subject).await?
-            } else {
-                local
-            }
-        }
         Target::Proxy { repo, .. } => upstream_referrers(app, repo, subject).await?,
     };
     let filter = q.get("artifactType");

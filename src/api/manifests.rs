@@ -5,7 +5,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{blobs, headers, upstream_error, Query};
+use super::{headers, upstream_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
@@ -29,12 +29,6 @@ pub async fn get(app: &App, target: &Target, r: &Reference, head: bool) -> ApiRe
     match target {
         Target::Local(name) => get_local(app, name, r, head).await,
         Target::Proxy { repo, .. } => get_proxied(app, repo, r, head).await,
-        Target::Overlay { local, repo } => match get_local(app, local, r, head).await {
-            Err(e) if e.code == Code::ManifestUnknown => {
-                blobs::overlay_fallback(get_proxied(app, repo, r, head).await, head, Code::ManifestUnknown)
-            }
-            other => other,
-        },
     }
 }
 
@@ -119,7 +113,7 @@ pub async fn put(app: &App, repo: &RepoName, r: &Reference, q: &Query, h: &Heade
         tags.push(t.clone());
     }
     for t in q.all("tag") {
-        tags.push(t.parse().map_err(|e: crate::oci::name::TagError| Code::ManifestInvalid.with_detail(e.to_string()))?);
+        tags.push(t.parse().map_err(|e: crate::oci::name::TagError| Code::TagInvalid.with_detail(e.to_string()))?);
     }
     for req in m.required() {
         let present = match &req {

@@ -67,21 +67,35 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
         Some(Target::Proxy { ns_echo: Some(ns), .. }) => Some(ns.clone()),
         _ => None,
     };
-    // Writes go to local repositories only; an upstream's namespace is read-only.
-    let local = || match &target {
-        Some(Target::Local(n)) | Some(Target::Overlay { local: n, .. }) => Ok(n),
-        _ => Err(ApiError::new(Code::Denied).detail("this namespace mirrors an upstream registry and is read-only")),
+    // Writes go to local repositories only; an upstream's namespace is read-only, whichever
+    // way a client names it (`proxy::Proxy::writable`).
+    let name = route.name().cloned();
+    let local = || match (&name, &target) {
+        (Some(name), Some(t)) => app.proxy.writable(name, t).map_err(|why| ApiError::new(Code::Denied).detail(why)),
+        _ => Err(ApiError::new(Code::Unsupported)),
     };
     let t = || target.as_ref().expect("routes with a name have a target");
     let res: ApiResult = async {
         match (route, &parts.method) {
             (Route::Base, &Method::GET | &Method::HEAD) => Ok(headers::json_response("{}".into())),
             (Route::Catalog, &Method::GET) => listing::catalog(app, &q).await,
-            (Route::Tags(_), &Method::GET) => listing::tags(app, t(), &q).await,
+            (Route::Tags(n), &Method::GET) => listing::tags(app, &n, t(), &q).await,
             (Route::Referrers(_, d), &Method::GET) => listing::referrers(app, t(), &d, &q).await,
             (Route::Manifest(_, r), &Method::GET | &Method::HEAD) => manifests::get(app, t(), &r, head).await,
             (Route::Manifest(_, r), &Method::PUT) => manifests::put(app, local()?, &r, &q, h, body).await,
             (Route::Manifest(_, r), &Method::DELETE) => manifests::delete(app, local()?, &r).await,
+            // Not a tag and not a digest: nothing can be stored under it.
+            (Route::ManifestBadTag(_, r), &Method::GET | &Method::HEAD) => {
+                Err(Code::ManifestUnknown.with_detail(format!("{r:?} is not a tag or a digest")))
+            }
+            (Route::ManifestBadTag(_, r), &Method::DELETE) => {
+                local()?;
+                Err(Code::ManifestUnknown.with_detail(format!("{r:?} is not a tag or a digest")))
+            }
+            (Route::ManifestBadTag(_, r), &Method::PUT) => {
+                local()?;
+                Err(Code::TagInvalid.with_detail(format!("{r:?}: {}", crate::oci::name::TagError)))
+            }
             (Route::Blob(_, d), &Method::GET | &Method::HEAD) => blobs::get(app, t(), &d, h, head).await,
             (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, local()?, &d).await,
             (Route::UploadStart(_), &Method::POST) => uploads::start(app, local()?, &q, h, body).await,

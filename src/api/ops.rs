@@ -40,7 +40,7 @@ pub async fn access_log(req: Request, next: Next) -> Response {
     let head = start.elapsed();
     let status = resp.status().as_u16();
     let route = resp.extensions().get::<RouteKind>().map_or("other", |k| k.0);
-    crate::metrics::request(route, method.as_str(), status, head);
+    crate::metrics::request(route, &method, status, head);
     let line = AccessLine {
         start,
         head,

@@ -15,6 +15,10 @@ pub enum Route {
     Tags(RepoName),
     /// `/v2/<name>/manifests/<reference>`
     Manifest(RepoName, Reference),
+    /// `/v2/<name>/manifests/<reference>` where the reference is neither a valid tag nor a
+    /// digest (`.INVALID_MANIFEST_NAME`): no such manifest for GET, HEAD and DELETE (404
+    /// `MANIFEST_UNKNOWN`, as the spec's conformance suite wants), `TAG_INVALID` for PUT.
+    ManifestBadTag(RepoName, String),
     /// `/v2/<name>/blobs/<digest>`
     Blob(RepoName, Digest),
     /// `/v2/<name>/blobs/uploads/`
@@ -31,7 +35,11 @@ impl Route {
         match self {
             Route::Base | Route::Catalog => None,
             Route::Tags(n) | Route::UploadStart(n) => Some(n),
-            Route::Manifest(n, _) | Route::Blob(n, _) | Route::Upload(n, _) | Route::Referrers(n, _) => Some(n),
+            Route::Manifest(n, _)
+            | Route::ManifestBadTag(n, _)
+            | Route::Blob(n, _)
+            | Route::Upload(n, _)
+            | Route::Referrers(n, _) => Some(n),
         }
     }
 
@@ -40,7 +48,7 @@ impl Route {
             Route::Base => "base",
             Route::Catalog => "catalog",
             Route::Tags(_) => "tags",
-            Route::Manifest(..) => "manifest",
+            Route::Manifest(..) | Route::ManifestBadTag(..) => "manifest",
             Route::Blob(..) => "blob",
             Route::UploadStart(_) | Route::Upload(..) => "upload",
             Route::Referrers(..) => "referrers",
@@ -84,11 +92,11 @@ pub fn parse(path: &str) -> Result<Route, ApiError> {
             }
             ("manifests", r) => {
                 let name = name(&segs[..n - 2])?;
-                let reference = r.parse().map_err(|e| match e {
-                    ReferenceError::Digest(e) => Code::DigestInvalid.with_detail(e.to_string()),
-                    ReferenceError::Tag(e) => Code::ManifestInvalid.with_detail(e.to_string()),
-                })?;
-                return Ok(Route::Manifest(name, reference));
+                return match r.parse() {
+                    Ok(reference) => Ok(Route::Manifest(name, reference)),
+                    Err(ReferenceError::Digest(e)) => Err(Code::DigestInvalid.with_detail(e.to_string())),
+                    Err(ReferenceError::Tag(_)) => Ok(Route::ManifestBadTag(name, r.to_string())),
+                };
             }
             ("referrers", d) => {
                 let name = name(&segs[..n - 2])?;
@@ -140,7 +148,11 @@ mod tests {
         assert_eq!(code(&format!("/v2/%2e%2e/blobs/{D}")), "NAME_INVALID");
         assert_eq!(code("/v2/a/blobs/sha256:abc"), "DIGEST_INVALID");
         assert_eq!(code("/v2/a/manifests/sha256:abc"), "DIGEST_INVALID");
-        assert_eq!(code("/v2/a/manifests/-bad"), "MANIFEST_INVALID");
+        assert_eq!(parse("/v2/a/manifests/-bad").unwrap(), Route::ManifestBadTag("a".parse().unwrap(), "-bad".into()));
+        assert_eq!(
+            parse("/v2/a/manifests/.INVALID_MANIFEST_NAME").unwrap(),
+            Route::ManifestBadTag("a".parse().unwrap(), ".INVALID_MANIFEST_NAME".into())
+        );
         assert_eq!(code("/v2/a"), "NAME_UNKNOWN");
         assert_eq!(code("/v3/"), "NAME_UNKNOWN");
         assert_eq!(code("/v2/a/tags"), "NAME_UNKNOWN");

@@ -2,10 +2,16 @@
 //! cache, filling the cache from the upstream on a miss.
 //!
 //! Namespaces: a request names its upstream by `?ns=<host>` (containerd) or a path prefix
-//! `/v2/<host>/…` (podman, CRI-O); with neither, local repositories are looked up first and
-//! the default upstream fills what is missing (docker `registry-mirrors`). Pulled content is
-//! stored under `<host>/<repository>` in every case, so all dialects share one cache. A host
-//! that is not configured is never contacted.
+//! `/v2/<host>/…` (podman, CRI-O; the host, an alias, or the cache namespace `127.0.0.1-5301`
+//! of an upstream with a port); with neither, a plain name is a local repository when it
+//! matches `proxy.local_namespaces` (or when there is no default upstream), else the default
+//! upstream's (docker `registry-mirrors`). Pulled content is stored under
+//! `<namespace>/<repository>` in every case, so all dialects share one cache. A host that is
+//! not configured is never contacted.
+//!
+//! **Invariant:** what is served for an upstream's name is only ever what that upstream
+//! served: every name that resolves to an upstream is read-only ([`Proxy::writable`]), and a
+//! name whose first component is an upstream's host, alias or cache namespace is never local.
 
 pub mod fill;
 pub mod flight;
@@ -40,10 +46,9 @@ pub struct ProxyRepo {
 pub enum Target {
     /// A local repository only.
     Local(RepoName),
-    /// An upstream's namespace, named by `ns` or a path prefix: read-only.
-    Proxy { repo: ProxyRepo, ns_echo: Option<String> },
-    /// No namespace given: the local repository, else the default upstream.
-    Overlay { local: RepoName, repo: ProxyRepo },
+    /// An upstream's namespace, named by `ns`, a path prefix, or (`plain`) a plain name
+    /// outside `proxy.local_namespaces` with a default upstream: read-only.
+    Proxy { repo: ProxyRepo, ns_echo: Option<String>, plain: bool },
 }
 
 /// How a request was answered, for logs and metrics.
@@ -72,7 +77,11 @@ pub type ManifestResult = Result<(Digest, Outcome), Arc<UpstreamError>>;
 
 pub struct Proxy {
     by_host: HashMap<String, Arc<Upstream>>,
+    /// Cache namespaces (`127.0.0.1-5301`), also accepted as path prefixes.
+    by_namespace: HashMap<String, Arc<Upstream>>,
     default: Option<Arc<Upstream>>,
+    /// `proxy.local_namespaces`: plain names that are local while a default upstream is set.
+    local_namespaces: Vec<String>,
     pub fills: Fills,
     fill_timeout: Duration,
     manifest_flights: Flights<(RepoName, String), ManifestResult>,
@@ -83,16 +92,20 @@ pub struct Proxy {
 impl Proxy {
     pub fn new(cfg: &Config, default_upstream: Option<&str>) -> anyhow::Result<Proxy> {
         let mut by_host = HashMap::new();
+        let mut by_namespace = HashMap::new();
         for u in &cfg.upstreams {
             let up = Arc::new(Upstream::new(u)?);
             for name in std::iter::once(&u.host).chain(&u.aliases) {
                 by_host.insert(name.clone(), up.clone());
             }
+            by_namespace.insert(up.namespace.clone(), up.clone());
         }
         let default = default_upstream.filter(|h| !h.is_empty()).and_then(|h| by_host.get(h).cloned());
         Ok(Proxy {
             by_host,
+            by_namespace,
             default,
+            local_namespaces: cfg.proxy.local_namespaces.clone(),
             fills: Fills::default(),
             fill_timeout: cfg.proxy.fill_timeout,
             manifest_flights: Flights::default(),
@@ -127,25 +140,43 @@ impl Proxy {
         Some(ProxyRepo { upstream: up.clone(), remote, cache })
     }
 
+    /// The upstream whose host, alias or cache namespace is `first` (a name's first component).
+    fn upstream_named(&self, first: &str) -> Option<&Arc<Upstream>> {
+        self.by_host.get(first).or_else(|| self.by_namespace.get(first))
+    }
+
+    /// Whether a plain name is a local repository: always without a default upstream, else
+    /// when it matches `proxy.local_namespaces`.
+    pub fn is_local_namespace(&self, name: &RepoName) -> bool {
+        self.default.is_none()
+            || self.local_namespaces.iter().any(|p| crate::upstream::glob_match(p.as_bytes(), name.as_str().as_bytes()))
+    }
+
+    /// The configured local namespaces, for the start-up summary.
+    pub fn local_namespaces(&self) -> &[String] {
+        &self.local_namespaces
+    }
+
     /// Maps a request's repository name and `ns` parameter onto a [`Target`]. Never contacts
     /// anything: an unconfigured `ns` or prefix just leaves the request local.
     pub fn resolve(&self, name: &RepoName, ns: Option<&str>) -> Target {
         let s = name.as_str();
-        // Path prefix: /v2/<host>/<repo>/… (podman, CRI-O, containerd override_path).
+        // Path prefix: /v2/<host>/<repo>/… (podman, CRI-O, containerd override_path), or the
+        // cache namespace the content is stored under.
         if let Some((first, rest)) = s.split_once('/') {
-            if let Some(up) = self.by_host.get(first) {
+            if let Some(up) = self.upstream_named(first) {
                 if let Some(repo) = Proxy::proxy_repo(up, rest) {
                     // containerd with override_path sends the prefix and ns= for the same host.
                     let ns_echo =
                         ns.filter(|n| self.by_host.get(*n).is_some_and(|u| Arc::ptr_eq(u, up))).map(str::to_string);
-                    return Target::Proxy { repo, ns_echo };
+                    return Target::Proxy { repo, ns_echo, plain: false };
                 }
             }
         }
         if let Some(ns) = ns {
             if let Some(up) = self.by_host.get(ns) {
                 if let Some(repo) = Proxy::proxy_repo(up, s) {
-                    return Target::Proxy { repo, ns_echo: Some(ns.to_string()) };
+                    return Target::Proxy { repo, ns_echo: Some(ns.to_string()), plain: false };
                 }
             }
             return Target::Local(name.clone());
@@ -158,9 +189,40 @@ impl Proxy {
                 return Target::Local(name.clone());
             }
         }
+        if self.is_local_namespace(name) {
+            return Target::Local(name.clone());
+        }
         match self.default.as_ref().and_then(|up| Proxy::proxy_repo(up, s)) {
-            Some(repo) => Target::Overlay { local: name.clone(), repo },
+            Some(repo) => Target::Proxy { repo, ns_echo: None, plain: true },
             None => Target::Local(name.clone()),
+        }
+    }
+
+    /// The local repository a write (push, upload, delete) to `target` goes to, or why it is
+    /// refused. Only local repositories are writable, and of those only names outside every
+    /// upstream's namespace and, while a default upstream is set, inside
+    /// `proxy.local_namespaces`: no client can change what is served for an upstream's name.
+    pub fn writable<'a>(&self, name: &RepoName, target: &'a Target) -> Result<&'a RepoName, String> {
+        let mirrors = |host: &str| format!("this namespace mirrors the upstream registry {host} and is read-only");
+        let plain = |name: &str, host: &str| {
+            format!(
+                "{name} is in the namespace that mirrors the default upstream {host} and is read-only; \
+                 an operator can make it a local, pushable repository by listing it in proxy.local_namespaces"
+            )
+        };
+        match target {
+            Target::Proxy { repo, plain: true, .. } => Err(plain(name.as_str(), &repo.upstream.host)),
+            Target::Proxy { repo, .. } => Err(mirrors(&repo.upstream.host)),
+            Target::Local(n) => {
+                let first = n.components().next().unwrap_or_default();
+                if let Some(up) = self.upstream_named(first) {
+                    return Err(mirrors(&up.host));
+                }
+                match &self.default {
+                    Some(up) if !self.is_local_namespace(n) => Err(plain(n.as_str(), &up.host)),
+                    _ => Ok(n),
+                }
+            }
         }
     }
 

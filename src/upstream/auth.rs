@@ -1,11 +1,109 @@
 //! Registry authentication against an upstream: `WWW-Authenticate` challenges, Bearer tokens
 //! from the realm (cached per scope until they expire, concurrent fetches coalesced), Basic.
+//!
+//! **Invariant:** credentials go only where the configuration says. A realm is used only when
+//! it is on the upstream endpoint's host or on an origin listed in `upstreams.token_realms`
+//! ([`realm_allowed`]; Distribution's `realmAllowed`, GHSA-3p65-76g6-3w7r), and never when it
+//! would downgrade https to http: a refused realm gets no request at all. Redirects are
+//! followed by hand ([`send_following`]): `Authorization` goes to the first URL's origin only
+//! and is dropped for good at the first hop that leaves it (reqwest's own policy restores the
+//! original headers on every hop, so a chain CDN → CDN would get them back).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
+use reqwest::header::{ACCEPT, AUTHORIZATION, LOCATION};
+use reqwest::{Method, StatusCode, Url};
+
+use crate::config::redact_url;
+
+/// Redirect hops followed at most.
+const MAX_REDIRECTS: usize = 5;
+
+/// Sends `method url`, following redirects by hand. `auth` (an `Authorization` value) is sent
+/// to `url`'s origin (scheme, host, port) only: a hop to any other origin goes without it, and
+/// so does every hop after that. Errors name the URL without user info.
+pub async fn send_following(
+    http: &reqwest::Client,
+    method: Method,
+    url: Url,
+    accept: Option<&str>,
+    auth: Option<&str>,
+) -> Result<reqwest::Response, String> {
+    let origin = url.origin();
+    let (mut method, mut url, mut auth) = (method, url, auth);
+    for _ in 0..=MAX_REDIRECTS {
+        let mut req = http.request(method.clone(), url.clone());
+        if let Some(a) = accept {
+            req = req.header(ACCEPT, a);
+        }
+        if let Some(a) = auth {
+            let mut v = reqwest::header::HeaderValue::from_str(a).map_err(|_| "invalid credentials".to_string())?;
+            v.set_sensitive(true);
+            req = req.header(AUTHORIZATION, v);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("{}: {}", redact_url(url.as_str()), crate::upstream::error_chain(&e.without_url())))?;
+        let status = resp.status();
+        let redirect = matches!(
+            status,
+            StatusCode::MOVED_PERMANENTLY
+                | StatusCode::FOUND
+                | StatusCode::SEE_OTHER
+                | StatusCode::TEMPORARY_REDIRECT
+                | StatusCode::PERMANENT_REDIRECT
+        );
+        let Some(location) = resp.headers().get(LOCATION).filter(|_| redirect) else {
+            return Ok(resp);
+        };
+        let next = location
+            .to_str()
+            .ok()
+            .and_then(|l| url.join(l).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .ok_or_else(|| format!("{}: HTTP {status} with an unusable Location", redact_url(url.as_str())))?;
+        if next.origin() != origin {
+            auth = None;
+        }
+        if status == StatusCode::SEE_OTHER && method != Method::HEAD {
+            method = Method::GET;
+        }
+        url = next;
+    }
+    Err(format!("{}: more than {MAX_REDIRECTS} redirects", redact_url(url.as_str())))
+}
+
+/// Whether an upstream endpoint's credentials may go to token `realm`: on the endpoint's host,
+/// or on one of the `listed` origins; never https → http, never a realm with user info.
+/// Returns the realm's URL, or why it is refused (naming the realm).
+pub fn realm_allowed(endpoint: &Url, realm: &str, listed: &[Url]) -> Result<Url, String> {
+    let shown = redact_url(realm);
+    let url = Url::parse(realm).map_err(|_| format!("token realm {shown:?} is not a URL"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("token realm {shown} is not an http(s) URL"));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(format!("token realm {shown} carries user info; refused"));
+    }
+    if endpoint.scheme() == "https" && url.scheme() == "http" {
+        return Err(format!("token realm {shown} would downgrade https to http; refused"));
+    }
+    let same_host = match (endpoint.host_str(), url.host_str()) {
+        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+        _ => false,
+    };
+    if same_host || listed.iter().any(|o| o.origin() == url.origin()) {
+        return Ok(url);
+    }
+    Err(format!(
+        "token realm {shown} is neither on the upstream's host {} nor listed in upstreams.token_realms; refused",
+        endpoint.host_str().unwrap_or_default()
+    ))
+}
 
 /// A parsed `WWW-Authenticate` challenge.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,9 +155,9 @@ fn parse_params(s: &str) -> HashMap<String, String> {
     out
 }
 
-/// Where and how to ask for a token.
+/// Where and how to ask for a token (the realm already checked by [`realm_allowed`]).
 pub struct TokenRequest<'a> {
-    pub realm: &'a str,
+    pub realm: &'a Url,
     pub service: Option<&'a str>,
     pub scope: &'a str,
     pub creds: Option<&'a (String, String)>,
@@ -67,10 +165,17 @@ pub struct TokenRequest<'a> {
     pub upstream: &'a str,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Token {
     pub value: String,
     pub expires: Instant,
+}
+
+/// Never prints the token itself.
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Token").field("value", &"<redacted>").field("expires", &self.expires).finish()
+    }
 }
 
 /// Tokens per (realm, service, scope).
@@ -114,15 +219,15 @@ impl TokenCache {
         }
         let TokenRequest { realm, service, scope, creds, upstream } = req;
         let fut = async {
-            let mut q: Vec<(&str, &str)> = vec![("scope", scope)];
+            let mut url = realm.clone();
+            url.query_pairs_mut().append_pair("scope", scope);
             if let Some(s) = service {
-                q.push(("service", s));
+                url.query_pairs_mut().append_pair("service", s);
             }
-            let mut req = http.get(realm).query(&q);
-            if let Some((u, p)) = creds {
-                req = req.basic_auth(u, Some(p));
-            }
-            let resp = req.send().await.map_err(|e| format!("token request to {realm}: {e}"))?;
+            let basic = creds.map(|(u, p)| basic_auth(u, p));
+            let resp = send_following(http, Method::GET, url, None, basic.as_deref())
+                .await
+                .map_err(|e| format!("token request to {realm}: {e}"))?;
             if !resp.status().is_success() {
                 return Err(format!("token request to {realm}: HTTP {}", resp.status()));
             }
@@ -138,9 +243,48 @@ impl TokenCache {
     }
 }
 
+/// An `Authorization: Basic …` value.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn realms() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let https = u("https://registry.example:443");
+        let http = u("http://127.0.0.1:5000");
+        let listed = [u("https://auth.example"), u("http://127.0.0.2:7000")];
+        assert!(realm_allowed(&https, "https://registry.example/token", &[]).is_ok());
+        assert!(realm_allowed(&https, "https://REGISTRY.example:8443/token", &[]).is_ok());
+        assert!(realm_allowed(&http, "http://127.0.0.1:6000/token", &[]).is_ok());
+        assert!(realm_allowed(&https, "https://auth.example/token?x=1", &listed).is_ok());
+        assert!(realm_allowed(&http, "http://127.0.0.2:7000/t", &listed).is_ok());
+        for (endpoint, realm, why) in [
+            (&https, "https://evil.example/token", "neither"),
+            (&http, "http://127.0.0.2:7001/t", "neither"),
+            (&https, "https://auth.example:444/token", "neither"),
+            (&https, "http://registry.example/token", "downgrade"),
+            (&https, "http://auth.example/token", "downgrade"),
+            (&https, "https://u:pw@registry.example/token", "user info"),
+            (&https, "ftp://registry.example/token", "http(s)"),
+            (&https, "/token", "not a URL"),
+        ] {
+            let e = realm_allowed(endpoint, realm, &listed).unwrap_err();
+            assert!(e.contains(why), "{realm}: {e}");
+            assert!(!e.contains("pw@"), "{e}");
+        }
+    }
+
+    #[test]
+    fn token_debug_hides_the_token() {
+        let t = Token { value: "secret-token-value".into(), expires: Instant::now() };
+        assert!(!format!("{t:?}").contains("secret-token-value"));
+    }
 
     #[test]
     fn challenges() {

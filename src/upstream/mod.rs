@@ -12,14 +12,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
 use reqwest::{Method, StatusCode, Url};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::UpstreamConfig;
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, RepoName, Tag};
-use auth::{parse_challenge, Challenge, TokenCache, TokenRequest};
+use auth::{parse_challenge, realm_allowed, send_following, Challenge, TokenCache, TokenRequest};
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -37,6 +37,9 @@ pub enum UpstreamError {
     Unreachable(String),
     #[error("upstream sent an invalid answer: {0}")]
     Invalid(String),
+    /// The upstream asked us to get a token from a realm the configuration does not allow.
+    #[error("upstream's token realm not allowed: {0}")]
+    RealmRefused(String),
 }
 
 impl UpstreamError {
@@ -44,7 +47,10 @@ impl UpstreamError {
     /// cached content may be served stale.
     pub fn is_outage(&self) -> bool {
         match self {
-            UpstreamError::Unreachable(_) | UpstreamError::RateLimited | UpstreamError::Unauthorized(_) => true,
+            UpstreamError::Unreachable(_)
+            | UpstreamError::RateLimited
+            | UpstreamError::Unauthorized(_)
+            | UpstreamError::RealmRefused(_) => true,
             UpstreamError::Status(s) => *s >= 500,
             UpstreamError::NotFound | UpstreamError::Invalid(_) => false,
         }
@@ -59,6 +65,7 @@ impl UpstreamError {
             UpstreamError::Status(_) => "status",
             UpstreamError::Unreachable(_) => "unreachable",
             UpstreamError::Invalid(_) => "invalid",
+            UpstreamError::RealmRefused(_) => "realm_refused",
         }
     }
 }
@@ -88,6 +95,8 @@ pub struct Upstream {
     pub tag_ttl: Duration,
     immutable_tags: Vec<String>,
     endpoints: Vec<Url>,
+    /// Origins besides the endpoints' hosts whose token realms may get the credentials.
+    token_realms: Vec<Url>,
     creds: Option<(String, String)>,
     http: reqwest::Client,
     permits: Arc<Semaphore>,
@@ -100,13 +109,36 @@ impl Upstream {
     pub fn new(cfg: &UpstreamConfig) -> anyhow::Result<Upstream> {
         let endpoints =
             if cfg.endpoints.is_empty() { vec![format!("https://{}", cfg.host)] } else { cfg.endpoints.clone() };
+        // User info in an endpoint (`https://user:pw@host`) becomes the credentials (unless
+        // `username` is set) and leaves the URL, so no URL we print or send carries it.
+        let mut url_creds = None;
         let endpoints = endpoints
             .iter()
             .map(|e| {
-                Url::parse(e.trim_end_matches('/'))
-                    .map_err(|err| anyhow::anyhow!("upstream {}: endpoint {e}: {err}", cfg.host))
+                let mut u = Url::parse(e.trim_end_matches('/')).map_err(|err| {
+                    anyhow::anyhow!("upstream {}: endpoint {}: {err}", cfg.host, crate::config::redact_url(e))
+                })?;
+                if !u.username().is_empty() || u.password().is_some() {
+                    let dec = |s: &str| form_urlencoded_decode(s);
+                    url_creds.get_or_insert((dec(u.username()), dec(u.password().unwrap_or_default())));
+                    let _ = u.set_username("");
+                    let _ = u.set_password(None);
+                }
+                Ok(u)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut token_realms = cfg
+            .token_realms
+            .iter()
+            .map(|r| {
+                Url::parse(r).map_err(|err| {
+                    anyhow::anyhow!("upstream {}: token realm {}: {err}", cfg.host, crate::config::redact_url(r))
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if cfg.host == "docker.io" {
+            token_realms.push(Url::parse("https://auth.docker.io").expect("a URL"));
+        }
         let password = match (&cfg.password, &cfg.password_file, &cfg.password_env) {
             (Some(p), _, _) => Some(p.clone()),
             (_, Some(f), _) => Some(
@@ -120,7 +152,7 @@ impl Upstream {
             ),
             _ => None,
         };
-        let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default()));
+        let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default())).or(url_creds);
         let extra_roots = match &cfg.ca_file {
             Some(f) => ca::load_ca_file(f)
                 .map_err(|e| anyhow::anyhow!("upstream {}: ca_file {}: {e}", cfg.host, f.display()))?,
@@ -132,8 +164,9 @@ impl Upstream {
         let http = reqwest::Client::builder()
             .connect_timeout(cfg.connect_timeout)
             .read_timeout(cfg.read_timeout)
-            // Blob GETs redirect to CDNs; reqwest drops Authorization on a cross-host redirect.
-            .redirect(reqwest::redirect::Policy::limited(5))
+            // Redirects (blob GETs to CDNs) are followed by hand, `auth::send_following`:
+            // reqwest's policy would put Authorization back on a second hop within the CDN.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION")))
             // Trusted besides the system roots (the platform verifier), not instead of them:
             // a token realm or a blob redirect may be on a public host.
@@ -147,6 +180,7 @@ impl Upstream {
             tag_ttl: cfg.tag_ttl,
             immutable_tags: cfg.immutable_tags.clone(),
             endpoints,
+            token_realms,
             creds,
             http,
             permits: Arc::new(Semaphore::new(cfg.max_concurrency)),
@@ -192,17 +226,14 @@ impl Upstream {
                 _ => self.tokens.cached(&self.token_key(base, &scope)).await.map(|t| format!("Bearer {}", t.value)),
             };
             for attempt in 0..2 {
-                let mut req = self.http.request(method.clone(), &url);
-                if let Some(a) = &accept {
-                    req = req.header(ACCEPT, *a);
-                }
-                if let Some(a) = &auth {
-                    req = req.header(AUTHORIZATION, a);
-                }
-                let resp = match req.send().await {
+                let target = match Url::parse(&url) {
+                    Ok(u) => u,
+                    Err(e) => return Err(UpstreamError::Invalid(format!("{url}: {e}"))),
+                };
+                let resp = match send_following(&self.http, method.clone(), target, accept, auth.as_deref()).await {
                     Ok(r) => r,
                     Err(e) => {
-                        last = UpstreamError::Unreachable(format!("{url}: {}", error_chain(&e)));
+                        last = UpstreamError::Unreachable(e);
                         break;
                     }
                 };
@@ -215,6 +246,9 @@ impl Upstream {
                         resp.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok()).and_then(parse_challenge);
                     match challenge {
                         Some(Challenge::Bearer { realm, service, .. }) => {
+                            // Checked before anything is sent there (GHSA-3p65-76g6-3w7r).
+                            let realm =
+                                realm_allowed(base, &realm, &self.token_realms).map_err(UpstreamError::RealmRefused)?;
                             let key = self.token_key(base, &scope);
                             if auth.is_some() {
                                 // The upstream no longer accepts the token we had cached.
@@ -269,9 +303,8 @@ impl Upstream {
     }
 
     fn basic_auth(&self) -> Option<String> {
-        use base64::Engine as _;
         let (u, p) = self.creds.as_ref()?;
-        Some(format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))))
+        Some(auth::basic_auth(u, p))
     }
 
     fn token_key(&self, base: &Url, scope: &str) -> String {
@@ -315,9 +348,30 @@ impl Upstream {
     }
 }
 
+/// Percent-decodes user info taken from a URL.
+fn form_urlencoded_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (bytes[i], bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// An error with its sources: reqwest's "error sending request" alone does not say what went
 /// wrong (refused, timed out, a certificate not trusted).
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(inner) = src {
@@ -361,8 +415,8 @@ async fn read_capped(resp: reqwest::Response, cap: usize) -> UpstreamResult<Byte
     Ok(buf.freeze())
 }
 
-/// `*` matches any run, `?` one character.
-fn glob_match(p: &[u8], s: &[u8]) -> bool {
+/// `*` matches any run (`/` included), `?` one character.
+pub(crate) fn glob_match(p: &[u8], s: &[u8]) -> bool {
     match (p.first(), s.first()) {
         (None, None) => true,
         (Some(b'*'), _) => glob_match(&p[1..], s) || (!s.is_empty() && glob_match(p, &s[1..])),

@@ -50,7 +50,8 @@ impl App {
     }
 }
 
-/// The start-up summary: who may write what. Logged when serving starts.
+/// The start-up summary: who may write what. Logged when serving starts; the last line (the
+/// registry is open to anyone) as a warning.
 pub fn summary(app: &App) -> Vec<String> {
     let mut out = Vec::new();
     let mirrors: Vec<String> = app.proxy.upstreams().iter().map(|u| format!("{}/", u.namespace)).collect();

@@ -133,8 +133,13 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         default_upstream = app.proxy.default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
         "stevedore started"
     );
-    for line in stevedore::app::summary(&app) {
+    let mut summary = stevedore::app::summary(&app);
+    let open = summary.pop();
+    for line in summary {
         tracing::info!("{line}");
+    }
+    if let Some(open) = open {
+        tracing::warn!("{open}");
     }
     // The handlers are in place before anyone is told the server is up: a SIGTERM right
     // after the listening line is a graceful shutdown, not the default death by signal.

@@ -446,15 +446,18 @@ async fn names_containing_route_keywords() {
     }
 }
 
+/// A reference that is neither a tag nor a digest names no manifest: GET and HEAD answer 404
+/// `MANIFEST_UNKNOWN` (the conformance suite's `.INVALID_MANIFEST_NAME`); a PUT under it is
+/// 400 `TAG_INVALID`.
 #[tokio::test]
-async fn invalid_tags_are_rejected_with_manifest_invalid() {
+async fn invalid_tags_are_unknown_to_get_and_invalid_to_put() {
     let reg = Reg::start();
     let (_, m) = reg.push_image("repo", "ok", 1).await;
     let long = "t".repeat(129);
-    for tag in [".hidden", "-dash", "tag!", "tag%20space", long.as_str()] {
-        expect_error(reg.put_manifest("repo", tag, OCI_MANIFEST, &m).await, 400, "MANIFEST_INVALID").await;
-        expect_error(reg.get(&format!("/v2/repo/manifests/{tag}")).await, 400, "MANIFEST_INVALID").await;
-        expect(reg.head(&format!("/v2/repo/manifests/{tag}")).await, 400).await;
+    for tag in [".INVALID_MANIFEST_NAME", ".hidden", "-dash", "tag!", "tag%20space", long.as_str()] {
+        expect_error(reg.put_manifest("repo", tag, OCI_MANIFEST, &m).await, 400, "TAG_INVALID").await;
+        expect_error(reg.get(&format!("/v2/repo/manifests/{tag}")).await, 404, "MANIFEST_UNKNOWN").await;
+        expect(reg.head(&format!("/v2/repo/manifests/{tag}")).await, 404).await;
     }
     // Boundary: 128 characters and the full alphabet are fine.
     let max = format!("_{}", "A.b-9".repeat(25)) + "xx"; // 1 + 125 + 2 = 128
@@ -474,7 +477,7 @@ async fn invalid_tags_are_rejected_with_manifest_invalid() {
                     .body(m.clone()),
             )
             .await;
-        expect_error(r, 400, "MANIFEST_INVALID").await;
+        expect_error(r, 400, "TAG_INVALID").await;
     }
     // A reference containing ':' is parsed as a digest.
     expect_error(reg.get("/v2/repo/manifests/foo:bar").await, 400, "DIGEST_INVALID").await;
@@ -2418,11 +2421,15 @@ async fn upload_sessions_created_at_startup_survive() {
 }
 
 /// With a default upstream that does not answer (port 1 on loopback is closed), pushes to
-/// plain local names still work: the existence checks pushing clients make with HEAD get the
-/// local "not found", not an upstream error. A GET for something nobody has reports the outage.
+/// plain names in `proxy.local_namespaces` still work: the existence checks pushing clients
+/// make with HEAD get the local "not found", not an upstream error. A GET for a name outside
+/// the local namespaces goes to the upstream and reports the outage.
 #[tokio::test]
 async fn pushes_work_while_the_default_upstream_is_down() {
-    let reg = Reg::start_with(&["--upstream", "http://127.0.0.1:1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("stevedore.toml");
+    std::fs::write(&cfg, "[proxy]\nlocal_namespaces = [\"team/app\"]\n").unwrap();
+    let reg = Reg::start_with(&["--config", cfg.to_str().unwrap(), "--upstream", "http://127.0.0.1:1"]);
     let config = b"{}".to_vec();
     let layer = bytes(7, 4096);
     let (dc, dl) = (sha256(&config), sha256(&layer));

@@ -376,3 +376,86 @@ pub fn tags_from_upstream(body: &Bytes) -> Option<Vec<String>> {
     tags.sort();
     Some(tags)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamConfig;
+
+    fn proxy(default: &str, local: &[&str]) -> Proxy {
+        let mut cfg = Config::default();
+        cfg.upstreams = vec![
+            UpstreamConfig::docker_hub(),
+            UpstreamConfig {
+                host: "127.0.0.1:5301".into(),
+                aliases: vec!["up.test".into()],
+                ..UpstreamConfig::default()
+            },
+        ];
+        cfg.proxy.local_namespaces = local.iter().map(|s| s.to_string()).collect();
+        Proxy::new(&cfg, Some(default)).unwrap()
+    }
+
+    fn n(s: &str) -> RepoName {
+        s.parse().unwrap()
+    }
+
+    /// What a write to `name` (with `ns`) gets: Ok(local name) or Err(why).
+    fn write(p: &Proxy, name: &str, ns: Option<&str>) -> Result<String, String> {
+        let name = n(name);
+        let t = p.resolve(&name, ns);
+        p.writable(&name, &t).map(|n| n.to_string())
+    }
+
+    #[test]
+    fn plain_names_are_local_only_inside_local_namespaces() {
+        let p = proxy("docker.io", &["team/*", "ci/*"]);
+        assert!(matches!(p.resolve(&n("team/app"), None), Target::Local(_)));
+        assert!(matches!(p.resolve(&n("team/a/b"), None), Target::Local(_)));
+        assert!(matches!(p.resolve(&n("nginx"), None), Target::Proxy { plain: true, .. }));
+        assert!(matches!(p.resolve(&n("team"), None), Target::Proxy { plain: true, .. }));
+        assert_eq!(write(&p, "team/app", None).unwrap(), "team/app");
+        assert_eq!(write(&p, "ci/x/y", None).unwrap(), "ci/x/y");
+        let e = write(&p, "nginx", None).unwrap_err();
+        assert!(e.contains("proxy.local_namespaces") && e.contains("docker.io"), "{e}");
+        // An unknown ns or registry-like prefix stays local, but writable only inside the list.
+        assert!(write(&p, "nginx", Some("quay.io")).is_err());
+        assert!(write(&p, "ghcr.io/x/y", None).is_err());
+        assert!(write(&p, "team/app", Some("quay.io")).is_ok());
+    }
+
+    #[test]
+    fn upstream_names_are_never_writable_in_any_dialect() {
+        for local in [&[][..], &["*"][..]] {
+            let p = proxy("127.0.0.1:5301", local);
+            for (name, ns) in [
+                ("small", Some("127.0.0.1:5301")),
+                ("small", Some("up.test")),
+                ("up.test/small", None),
+                ("127.0.0.1-5301/small", None),
+                ("127.0.0.1-5301/small", Some("docker.io")),
+                ("docker.io/library/nginx", None),
+                ("index.docker.io/x", None),
+                ("nginx", Some("docker.io")),
+            ] {
+                assert!(write(&p, name, ns).is_err(), "{name} ns={ns:?} with local {local:?}");
+                assert!(
+                    matches!(p.resolve(&n(name), ns), Target::Proxy { .. }),
+                    "{name} ns={ns:?} should read from the upstream"
+                );
+            }
+        }
+        // The cache name reads the same cache as the other dialects.
+        let p = proxy("127.0.0.1:5301", &[]);
+        let Target::Proxy { repo, .. } = p.resolve(&n("127.0.0.1-5301/small"), None) else { unreachable!() };
+        assert_eq!((repo.remote.as_str(), repo.cache.as_str()), ("small", "127.0.0.1-5301/small"));
+    }
+
+    #[test]
+    fn without_a_default_upstream_every_plain_name_is_local() {
+        let p = proxy("", &[]);
+        assert_eq!(write(&p, "anything/at/all", None).unwrap(), "anything/at/all");
+        assert!(write(&p, "docker.io/library/nginx", None).is_err());
+        assert!(write(&p, "x", Some("docker.io")).is_err());
+    }
+}

@@ -29,6 +29,9 @@ use common::stevedore::{config, Stevedore};
 
 const ALIAS: &str = "upstream.test";
 
+/// The request path for `rest` (`manifests/latest`, `blobs/<digest>`) in one dialect.
+type PathFor = Box<dyn Fn(&str) -> String>;
+
 /// `config(...)` with `[proxy] local_namespaces` and extra top-level TOML.
 fn with_local(cfg: String, local: &[&str], extra: &str) -> String {
     let list = local.iter().map(|l| format!("{l:?}")).collect::<Vec<_>>().join(", ");
@@ -64,7 +67,7 @@ async fn no_dialect_can_write_an_upstream_name_and_mirrors_keep_the_upstream_dig
     .unwrap();
     let md = sha256(&manifest);
     let uuid = "0b9e9c5e-1e4a-4a7c-9f0e-2d0c7a1d3b11";
-    let dialects: Vec<(String, Box<dyn Fn(&str) -> String>)> = vec![
+    let dialects: Vec<(String, PathFor)> = vec![
         ("plain".into(), Box::new(|rest: &str| format!("/v2/small/{rest}"))),
         ("ns=host:port".into(), {
             let up = up.clone();

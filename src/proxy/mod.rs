@@ -383,15 +383,17 @@ mod tests {
     use crate::config::UpstreamConfig;
 
     fn proxy(default: &str, local: &[&str]) -> Proxy {
-        let mut cfg = Config::default();
-        cfg.upstreams = vec![
-            UpstreamConfig::docker_hub(),
-            UpstreamConfig {
-                host: "127.0.0.1:5301".into(),
-                aliases: vec!["up.test".into()],
-                ..UpstreamConfig::default()
-            },
-        ];
+        let mut cfg = Config {
+            upstreams: vec![
+                UpstreamConfig::docker_hub(),
+                UpstreamConfig {
+                    host: "127.0.0.1:5301".into(),
+                    aliases: vec!["up.test".into()],
+                    ..UpstreamConfig::default()
+                },
+            ],
+            ..Config::default()
+        };
         cfg.proxy.local_namespaces = local.iter().map(|s| s.to_string()).collect();
         Proxy::new(&cfg, Some(default)).unwrap()
     }

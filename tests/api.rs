@@ -2078,7 +2078,7 @@ async fn hostile_paths_never_5xx() {
     // No repository was created by any of this.
     let (_, body) = expect(reg.get("/v2/_catalog").await, 200).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
-    assert!(v["repositories"] == json!([]) || v["repositories"] == json!(["b"]), "{v}");
+    assert_eq!(v["repositories"], json!(["b"]), "only the repository the blob was pushed to: {v}");
 }
 
 #[tokio::test]
@@ -2110,14 +2110,22 @@ async fn hostile_content_range_and_range_headers() {
         let st = r.status().as_u16();
         let body = r.bytes().await.unwrap_or_default();
         assert!(st == 400 || st == 416, "Content-Range {cr:?}: expected 400 or 416, got {st}: {}", body_text(&body));
+        // A rejected chunk leaves the session where it was.
+        let (h, _) = expect(reg.get(&loc).await, 204).await;
+        assert_eq!(upload_range(&h), "0-9", "session offset after the rejected Content-Range {cr:?}");
     }
-    // Content-Range that disagrees with the body length.
+    // Content-Range that disagrees with the body length: rejected, so rolled back.
     let r = reg.send(reg.req(Method::PATCH, &loc).header("content-range", "10-19").body(b"abcd".to_vec())).await;
     expect_4xx(r).await;
-    // The session is still usable. (The mismatched-length chunk may or may not have been kept,
-    // so only check that the server still answers.)
     let (h, _) = expect(reg.get(&loc).await, 204).await;
-    must_hdr(&h, "range");
+    assert_eq!(upload_range(&h), "0-9", "session offset after a chunk shorter than its Content-Range");
+    // The session goes on from there, and none of the rejected bytes are in the blob.
+    let (h, _) = expect(reg.patch_chunk(&loc, 10, b"ABCDEF").await, 202).await;
+    assert_eq!(upload_range(&h), "0-15");
+    let loc = must_hdr(&h, "location");
+    let whole = b"0123456789ABCDEF";
+    expect(reg.finish_upload(&loc, &sha256(whole), vec![]).await, 201).await;
+    reg.assert_blob("repo", &sha256(whole), whole).await;
 
     // Range headers on a blob.
     let content = bytes(90, 64);
@@ -2254,11 +2262,71 @@ async fn concurrent_pushes_of_the_same_content() {
     assert_eq!(reg.tags("repo").await, expected);
 }
 
-/// Upload sessions created while the server has just started (when its background upload
-/// sweep runs for the first time) must not vanish or fail.
+/// Idle upload sessions are removed after `uploads.session_ttl`, counted from their last chunk
+/// (not from their creation), and never while a chunk is being received; sessions created
+/// while the server has just started (its first sweep runs then) are no exception. With a 3 s
+/// TTL swept every 100 ms, a wrong sweep would remove the busy sessions here, and a sweep that
+/// does nothing would keep the idle one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upload_sessions_created_at_startup_survive() {
-    let (_sd, reg) = start();
+    use futures::StreamExt;
+    use std::time::Instant;
+    const TTL: Duration = Duration::from_secs(3);
+    let sd = Stevedore::builder()
+        .config("[proxy]\ndefault_upstream = \"\"\n\n[uploads]\nsession_ttl = \"3s\"\nsweep_interval = \"100ms\"\n")
+        .start();
+    let reg = sd.registry();
+
+    // Left idle from the start: swept once the TTL has passed, not before.
+    let idle_opened = Instant::now();
+    let idle = reg.start_upload("repo").await;
+
+    // Busy: a chunk every 750 ms for 7.5 s, more than twice the TTL after its creation.
+    let busy = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let content = bytes(300, 10 * 1000);
+            let mut loc = reg.start_upload("repo").await;
+            for (i, chunk) in content.chunks(1000).enumerate() {
+                tokio::time::sleep(Duration::from_millis(750)).await;
+                let (h, _) = expect(reg.patch_chunk(&loc, i * 1000, chunk).await, 202).await;
+                assert_eq!(upload_range(&h), format!("0-{}", (i + 1) * 1000 - 1), "busy session, chunk {i}");
+                loc = must_hdr(&h, "location");
+            }
+            expect(reg.finish_upload(&loc, &sha256(&content), vec![]).await, 201).await;
+            reg.assert_blob("repo", &sha256(&content), &content).await;
+        })
+    };
+
+    // One chunk that takes longer than the TTL to arrive (16 pieces, 250 ms apart).
+    let slow = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let content = bytes(301, 16 * 1024);
+            let loc = reg.start_upload("repo").await;
+            let pieces: Vec<Vec<u8>> = content.chunks(1024).map(<[u8]>::to_vec).collect();
+            let body = futures::stream::iter(pieces).then(|p| async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                Ok::<_, std::io::Error>(p)
+            });
+            let started = Instant::now();
+            let r = reg
+                .send(
+                    reg.req(Method::PATCH, &loc)
+                        .header("content-type", "application/octet-stream")
+                        .body(reqwest::Body::wrap_stream(body)),
+                )
+                .await;
+            assert!(started.elapsed() > TTL, "the slow chunk took only {:?}", started.elapsed());
+            let (h, _) = expect(r, 202).await;
+            assert_eq!(upload_range(&h), format!("0-{}", content.len() - 1), "slow chunk");
+            let loc = must_hdr(&h, "location");
+            expect(reg.finish_upload(&loc, &sha256(&content), vec![]).await, 201).await;
+            reg.assert_blob("repo", &sha256(&content), &content).await;
+        })
+    };
+
+    // Many short uploads while the server has just started.
     let mut tasks = Vec::new();
     for i in 0..48u64 {
         let reg = reg.clone();
@@ -2277,6 +2345,27 @@ async fn upload_sessions_created_at_startup_survive() {
         }
     }
     assert!(failures.is_empty(), "{} of 48 uploads failed: {:?}", failures.len(), failures.first());
+
+    // The idle session answers until the TTL has passed, then is gone (bounded wait).
+    let gone_after = loop {
+        let r = reg.get(&idle).await;
+        let (st, age) = (r.status().as_u16(), idle_opened.elapsed());
+        let _ = r.bytes().await;
+        match st {
+            204 => {}
+            404 => break age,
+            other => panic!("idle session {idle}: GET answered {other} after {age:?}"),
+        }
+        assert!(age < TTL + Duration::from_secs(10), "idle session {idle} still there {age:?} after its creation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // (File times may lag the clock by a tick.)
+    assert!(gone_after + Duration::from_millis(50) >= TTL, "idle session swept after {gone_after:?}, before the TTL");
+    let r = reg.finish_upload(&idle, &sha256(b""), vec![]).await;
+    expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
+
+    busy.await.expect("busy session");
+    slow.await.expect("slow session");
 }
 
 /// With a default upstream that does not answer (port 1 on loopback is closed), pushes to

@@ -1,20 +1,21 @@
 //! Black-box HTTP conformance tests for Stevedore's OCI distribution-spec v1.1 API.
 //!
-//! Every test starts its own `stevedore serve` on a fresh temporary store (see
-//! `tests/common/server.rs`) and talks to it over HTTP only.
+//! Every test starts its own `stevedore serve` on a fresh temporary store
+//! ([`common::stevedore::Stevedore::local`]) and talks to it over HTTP only, through the
+//! shared client [`common::http::Registry`].
 
 mod common;
 
 use common::data::{bytes, sha256, sha512};
-use common::http::hdr;
+use common::http::{hdr, Registry};
 use common::oci::{
     MT_CONFIG as OCI_CONFIG, MT_DOCKER_CONFIG as DOCKER_CONFIG, MT_DOCKER_LAYER as DOCKER_LAYER,
     MT_DOCKER_MANIFEST as DOCKER_MANIFEST, MT_INDEX as OCI_INDEX, MT_LAYER_GZIP as OCI_LAYER,
     MT_MANIFEST as OCI_MANIFEST,
 };
-use common::Server;
+use common::Stevedore;
 use reqwest::header::HeaderMap;
-use reqwest::{Client, Method, Response};
+use reqwest::{Method, Response};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -124,178 +125,39 @@ fn link_target(link: &str) -> String {
     link[start..end].to_string()
 }
 
-struct Reg {
-    server: Server,
-    c: Client,
+/// A plain local registry on a fresh store, and the client for it.
+fn start() -> (Stevedore, Registry) {
+    let sd = Stevedore::local();
+    let reg = sd.registry();
+    (sd, reg)
 }
 
-impl Reg {
-    fn start() -> Reg {
-        Reg::start_with(&[])
-    }
-
-    fn start_with(args: &[&str]) -> Reg {
-        let server = Server::start_with(args);
-        let c = common::http::client();
-        Reg { server, c }
-    }
-
-    fn url(&self, path: &str) -> String {
-        self.server.url(path)
-    }
-
-    fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.c.request(method, self.url(path))
-    }
-
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Response {
-        rb.send().await.expect("request failed")
-    }
-
-    async fn get(&self, path: &str) -> Response {
-        self.send(self.req(Method::GET, path)).await
-    }
-
-    async fn head(&self, path: &str) -> Response {
-        self.send(self.req(Method::HEAD, path)).await
-    }
-
-    async fn delete(&self, path: &str) -> Response {
-        self.send(self.req(Method::DELETE, path)).await
-    }
-
-    async fn post(&self, path: &str, body: Vec<u8>) -> Response {
-        self.send(self.req(Method::POST, path).body(body)).await
-    }
-
-    /// Monolithic `POST ?digest=` push with an explicit digest; asserts 201.
-    async fn push_blob_as(&self, repo: &str, content: &[u8], digest: &str) -> String {
-        let r = self.post(&format!("/v2/{repo}/blobs/uploads/?digest={digest}"), content.to_vec()).await;
-        let (h, _) = expect(r, 201).await;
-        assert_eq!(must_hdr(&h, "location"), format!("/v2/{repo}/blobs/{digest}"));
-        assert_eq!(must_hdr(&h, "docker-content-digest"), digest);
-        digest.to_string()
-    }
-
-    /// Monolithic sha256 push; asserts 201 and returns the digest.
-    async fn push_blob(&self, repo: &str, content: &[u8]) -> String {
-        self.push_blob_as(repo, content, &sha256(content)).await
-    }
-
-    async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Response {
-        self.send(
-            self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}"))
-                .header("content-type", media_type)
-                .body(body.to_vec()),
-        )
-        .await
-    }
-
-    /// PUTs a manifest, asserts 201 + Location + Docker-Content-Digest, returns the digest.
-    async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
-        let d = sha256(body);
-        let r = self.put_manifest(repo, reference, media_type, body).await;
-        let (h, _) = expect(r, 201).await;
-        assert_eq!(must_hdr(&h, "location"), format!("/v2/{repo}/manifests/{d}"));
-        assert_eq!(must_hdr(&h, "docker-content-digest"), d);
-        d
-    }
-
-    /// Pushes a config blob and one layer and an OCI image manifest referencing them.
-    /// `reference` is a tag, or "" to push by digest. Returns (digest, manifest bytes).
-    async fn push_image(&self, repo: &str, reference: &str, seed: u64) -> (String, Vec<u8>) {
-        let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "seed": seed})).unwrap();
-        let layer = bytes(seed, 128);
-        self.push_blob(repo, &config).await;
-        self.push_blob(repo, &layer).await;
-        let m = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": OCI_MANIFEST,
-            "config": desc(OCI_CONFIG, &config),
-            "layers": [desc(OCI_LAYER, &layer)],
-        }))
-        .unwrap();
-        let d = sha256(&m);
-        let reference = if reference.is_empty() { d.clone() } else { reference.to_string() };
-        self.push_manifest(repo, &reference, OCI_MANIFEST, &m).await;
-        (d, m)
-    }
-
-    /// Starts an upload session; asserts the 202 answer and returns its Location.
-    async fn start_upload(&self, repo: &str) -> String {
-        let r = self.post(&format!("/v2/{repo}/blobs/uploads/"), Vec::new()).await;
-        let (h, _) = expect(r, 202).await;
-        let loc = must_hdr(&h, "location");
-        let uuid = must_hdr(&h, "docker-upload-uuid");
-        assert_eq!(loc, format!("/v2/{repo}/blobs/uploads/{uuid}"), "upload Location");
-        assert_eq!(upload_range(&h), "0-0");
-        loc
-    }
-
-    /// PATCHes a chunk with `Content-Range: start-end`.
-    async fn patch_chunk(&self, location: &str, start: usize, chunk: &[u8]) -> Response {
-        let end = start + chunk.len() - 1;
-        self.send(
-            self.req(Method::PATCH, location)
-                .header("content-type", "application/octet-stream")
-                .header("content-range", format!("{start}-{end}"))
-                .body(chunk.to_vec()),
-        )
-        .await
-    }
-
-    /// `PUT <location>?digest=<d>` (location may already carry a query).
-    async fn finish_upload(&self, location: &str, digest: &str, body: Vec<u8>) -> Response {
-        let sep = if location.contains('?') { '&' } else { '?' };
-        self.send(
-            self.req(Method::PUT, &format!("{location}{sep}digest={digest}"))
-                .header("content-type", "application/octet-stream")
-                .body(body),
-        )
-        .await
-    }
-
-    /// GETs a blob and asserts it is byte-identical to `content`.
-    async fn assert_blob(&self, repo: &str, digest: &str, content: &[u8]) {
-        let (h, body) = expect(self.get(&format!("/v2/{repo}/blobs/{digest}")).await, 200).await;
-        assert_eq!(body.len(), content.len(), "blob {digest} length");
-        assert!(body[..] == content[..], "blob {digest} content differs");
-        assert_eq!(must_hdr(&h, "docker-content-digest"), digest);
-    }
-
-    async fn tags(&self, repo: &str) -> Vec<String> {
-        let (_, body) = expect(self.get(&format!("/v2/{repo}/tags/list")).await, 200).await;
-        let v: Value = serde_json::from_slice(&body).unwrap();
-        v["tags"]
-            .as_array()
-            .unwrap_or_else(|| panic!("tags is not an array: {v}"))
-            .iter()
-            .map(|t| t.as_str().unwrap().to_string())
-            .collect()
-    }
-
-    async fn referrers(&self, repo: &str, subject: &str, artifact_type: Option<&str>) -> (HeaderMap, Value) {
-        let mut rb = self.req(Method::GET, &format!("/v2/{repo}/referrers/{subject}"));
-        if let Some(t) = artifact_type {
-            rb = rb.query(&[("artifactType", t)]);
-        }
-        let (h, body) = expect(self.send(rb).await, 200).await;
-        let ct = must_hdr(&h, "content-type");
-        assert!(ct.starts_with(OCI_INDEX), "referrers Content-Type: {ct}");
-        let v: Value = serde_json::from_slice(&body).expect("referrers body is JSON");
-        assert_eq!(v["schemaVersion"], 2, "referrers: {v}");
-        assert_eq!(v["mediaType"], OCI_INDEX, "referrers: {v}");
-        assert!(v["manifests"].is_array(), "referrers manifests must be an array: {v}");
-        (h, v)
-    }
+/// Pushes a config blob and one layer and an OCI image manifest referencing them.
+/// `reference` is a tag, or "" to push by digest. Returns (digest, manifest bytes).
+async fn push_seed_image(reg: &Registry, repo: &str, reference: &str, seed: u64) -> (String, Vec<u8>) {
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "seed": seed})).unwrap();
+    let layer = bytes(seed, 128);
+    reg.push_blob(repo, &config).await;
+    reg.push_blob(repo, &layer).await;
+    let m = serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": desc(OCI_CONFIG, &config),
+        "layers": [desc(OCI_LAYER, &layer)],
+    }))
+    .unwrap();
+    let d = sha256(&m);
+    let reference = if reference.is_empty() { d.clone() } else { reference.to_string() };
+    reg.push_manifest(repo, &reference, OCI_MANIFEST, &m).await;
+    (d, m)
 }
 
 /// Sends raw bytes on a fresh TCP connection (no client-side URL normalisation) and returns
 /// the response status code.
-async fn raw_status(reg: &Reg, request: &str) -> u16 {
+async fn raw_status(reg: &Registry, request: &str) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
-        let mut s = tokio::net::TcpStream::connect(reg.server.addr).await.expect("connect");
+        let mut s = tokio::net::TcpStream::connect(reg.host()).await.expect("connect");
         s.write_all(request.as_bytes()).await.expect("write");
         let mut buf = Vec::new();
         let mut tmp = [0u8; 4096];
@@ -319,8 +181,8 @@ async fn raw_status(reg: &Reg, request: &str) -> u16 {
     tokio::time::timeout(Duration::from_secs(15), fut).await.expect("raw request timed out")
 }
 
-fn raw_get(reg: &Reg, method: &str, path: &str) -> String {
-    format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", reg.server.host())
+fn raw_get(reg: &Registry, method: &str, path: &str) -> String {
+    format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", reg.host())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -329,7 +191,7 @@ fn raw_get(reg: &Reg, method: &str, path: &str) -> String {
 
 #[tokio::test]
 async fn base_endpoint_returns_200_with_api_version() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let (h, _) = expect(reg.get("/v2/").await, 200).await;
     assert_eq!(must_hdr(&h, "docker-distribution-api-version"), "registry/2.0");
     let (h, _) = expect(reg.head("/v2/").await, 200).await;
@@ -338,7 +200,7 @@ async fn base_endpoint_returns_200_with_api_version() {
 
 #[tokio::test]
 async fn errors_are_json_with_code_and_message() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     reg.push_blob("some/repo", b"present").await;
     let d = sha256(b"nothing here");
     let r = reg.get(&format!("/v2/some/repo/blobs/{d}")).await;
@@ -359,7 +221,7 @@ async fn errors_are_json_with_code_and_message() {
 
 #[tokio::test]
 async fn invalid_repository_names_are_rejected() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let d = sha256(b"x");
     let long = "a".repeat(256);
     let long_multi = format!("{}/{}", "a".repeat(127), "b".repeat(128)); // 256 chars
@@ -397,7 +259,7 @@ async fn invalid_repository_names_are_rejected() {
 
 #[tokio::test]
 async fn valid_repository_names_are_accepted() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let d = sha256(b"x");
     let long = "a".repeat(255);
     let long_multi = format!("{}/{}", "a".repeat(127), "b".repeat(127)); // 255 chars
@@ -430,12 +292,12 @@ async fn valid_repository_names_are_accepted() {
 #[tokio::test]
 async fn names_containing_route_keywords() {
     // `blobs`, `manifests`, `tags`, `uploads` and `referrers` are valid name components.
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     for repo in ["a/blobs/b", "x/manifests/y", "t/tags/list", "r/referrers/s"] {
         let content = format!("blob in {repo}").into_bytes();
         let d = reg.push_blob(repo, &content).await;
         reg.assert_blob(repo, &d, &content).await;
-        let (md, m) = reg.push_image(repo, "v1", 7).await;
+        let (md, m) = push_seed_image(&reg, repo, "v1", 7).await;
         let (_, body) = expect(reg.get(&format!("/v2/{repo}/manifests/v1")).await, 200).await;
         assert_eq!(&body[..], &m[..]);
         assert_eq!(reg.tags(repo).await, vec!["v1"]);
@@ -451,8 +313,8 @@ async fn names_containing_route_keywords() {
 /// 400 `TAG_INVALID`.
 #[tokio::test]
 async fn invalid_tags_are_unknown_to_get_and_invalid_to_put() {
-    let reg = Reg::start();
-    let (_, m) = reg.push_image("repo", "ok", 1).await;
+    let (_sd, reg) = start();
+    let (_, m) = push_seed_image(&reg, "repo", "ok", 1).await;
     let long = "t".repeat(129);
     for tag in [".INVALID_MANIFEST_NAME", ".hidden", "-dash", "tag!", "tag%20space", long.as_str()] {
         expect_error(reg.put_manifest("repo", tag, OCI_MANIFEST, &m).await, 400, "TAG_INVALID").await;
@@ -486,7 +348,7 @@ async fn invalid_tags_are_unknown_to_get_and_invalid_to_put() {
 
 #[tokio::test]
 async fn invalid_digests_are_rejected() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let hex64 = "a".repeat(64);
     let bad = vec![
         "notadigest".to_string(),
@@ -533,7 +395,7 @@ async fn invalid_digests_are_rejected() {
 
 #[tokio::test]
 async fn blob_get_and_head() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(1, 1000);
     let d = reg.push_blob("repo", &content).await;
 
@@ -556,7 +418,7 @@ async fn blob_get_and_head() {
 
 #[tokio::test]
 async fn blob_range_requests() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(2, 100);
     let d = reg.push_blob("repo", &content).await;
     let path = format!("/v2/repo/blobs/{d}");
@@ -589,7 +451,7 @@ async fn blob_range_requests() {
 
 #[tokio::test]
 async fn blob_unknown_is_404() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     reg.push_blob("repo", b"something").await;
     let d = sha256(b"unknown");
     expect_error(reg.get(&format!("/v2/repo/blobs/{d}")).await, 404, "BLOB_UNKNOWN").await;
@@ -603,7 +465,7 @@ async fn blob_unknown_is_404() {
 
 #[tokio::test]
 async fn blob_is_scoped_to_its_repository() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(3, 50);
     let d = reg.push_blob("a", &content).await;
     reg.push_blob("b", b"other").await;
@@ -616,7 +478,7 @@ async fn blob_is_scoped_to_its_repository() {
 
 #[tokio::test]
 async fn blob_delete() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(4, 300);
     let d = reg.push_blob("repo", &content).await;
     reg.push_blob("other", &content).await;
@@ -646,7 +508,7 @@ async fn blob_delete() {
 #[tokio::test]
 async fn large_blobs_monolithic_and_chunked() {
     // Well over common default request-body limits (axum: 2 MiB).
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(5, 5 * 1024 * 1024 + 17);
     let d = reg.push_blob("big", &content).await;
     reg.assert_blob("big", &d, &content).await;
@@ -678,7 +540,7 @@ async fn large_blobs_monolithic_and_chunked() {
 
 #[tokio::test]
 async fn upload_post_opens_session() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let r = reg.post("/v2/repo/blobs/uploads/", vec![]).await;
     let (h, _) = expect(r, 202).await;
     let loc = must_hdr(&h, "location");
@@ -703,7 +565,7 @@ async fn upload_post_opens_session() {
 
 #[tokio::test]
 async fn upload_monolithic_post_with_digest() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(10, 4096);
     let d = sha256(&content);
     let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await;
@@ -718,7 +580,7 @@ async fn upload_monolithic_post_with_digest() {
 
 #[tokio::test]
 async fn upload_monolithic_post_wrong_digest_stores_nothing() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(11, 500);
     let claimed = sha256(b"something else");
     let real = sha256(&content);
@@ -735,7 +597,7 @@ async fn upload_monolithic_post_wrong_digest_stores_nothing() {
 
 #[tokio::test]
 async fn upload_post_then_single_put() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(12, 2048);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
@@ -749,7 +611,7 @@ async fn upload_post_then_single_put() {
 
 #[tokio::test]
 async fn upload_chunked() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(13, 3000);
     let d = sha256(&content);
     let loc0 = reg.start_upload("repo").await;
@@ -776,7 +638,7 @@ async fn upload_chunked() {
 
 #[tokio::test]
 async fn upload_chunked_with_final_chunk_in_put() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(14, 1500);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
@@ -808,7 +670,7 @@ async fn upload_chunked_with_final_chunk_in_put() {
 
 #[tokio::test]
 async fn upload_patch_streamed_without_content_range() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(15, 10_000);
     let d = sha256(&content);
     let mut loc = reg.start_upload("repo").await;
@@ -841,7 +703,7 @@ async fn upload_patch_streamed_without_content_range() {
 
 #[tokio::test]
 async fn upload_out_of_order_chunk_is_416_and_session_unchanged() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(16, 30);
     let d = sha256(&content);
     let loc = reg.start_upload("repo").await;
@@ -872,7 +734,7 @@ async fn upload_out_of_order_chunk_is_416_and_session_unchanged() {
 
 #[tokio::test]
 async fn upload_put_with_wrong_or_missing_digest() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(17, 256);
     let wrong = sha256(b"wrong");
 
@@ -899,7 +761,7 @@ async fn upload_put_with_wrong_or_missing_digest() {
 
 #[tokio::test]
 async fn upload_cancel_with_delete() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(18, 100);
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, &content).await, 202).await;
@@ -915,7 +777,7 @@ async fn upload_cancel_with_delete() {
 
 #[tokio::test]
 async fn upload_unknown_session() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     reg.start_upload("repo").await;
     let d = sha256(b"x");
     for id in ["garbage", "00000000-0000-4000-8000-000000000000", "a1b2c3", "0"] {
@@ -929,7 +791,7 @@ async fn upload_unknown_session() {
 
 #[tokio::test]
 async fn upload_session_is_scoped_to_its_repository() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(19, 64);
     let d = sha256(&content);
     let loc = reg.start_upload("a").await;
@@ -953,7 +815,7 @@ async fn upload_session_is_scoped_to_its_repository() {
 
 #[tokio::test]
 async fn zero_byte_blob() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     assert_eq!(sha256(b""), EMPTY_SHA256);
     let d = reg.push_blob("repo", b"").await;
     assert_eq!(d, EMPTY_SHA256);
@@ -981,7 +843,7 @@ async fn zero_byte_blob() {
 
 #[tokio::test]
 async fn sha512_blobs_monolithic_and_chunked() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(20, 5000);
     let d = sha512(&content);
     let r = reg.post(&format!("/v2/repo/blobs/uploads/?digest={d}"), content.clone()).await;
@@ -1018,7 +880,7 @@ async fn sha512_blobs_monolithic_and_chunked() {
 
 #[tokio::test]
 async fn mount_from_repository() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(22, 777);
     let d = reg.push_blob("src", &content).await;
     let r = reg.post(&format!("/v2/dst/blobs/uploads/?mount={d}&from=src"), vec![]).await;
@@ -1047,7 +909,7 @@ async fn mount_from_repository() {
 
 #[tokio::test]
 async fn mount_of_blob_not_in_from_opens_session() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(24, 100);
     let d = reg.push_blob("has", &content).await;
     reg.push_blob("empty", b"unrelated").await;
@@ -1078,7 +940,7 @@ async fn mount_of_blob_not_in_from_opens_session() {
 
 #[tokio::test]
 async fn mount_without_from() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = bytes(25, 321);
     let d = reg.push_blob("somewhere", &content).await;
     let r = reg.post(&format!("/v2/elsewhere/blobs/uploads/?mount={d}"), vec![]).await;
@@ -1090,7 +952,7 @@ async fn mount_without_from() {
 
 #[tokio::test]
 async fn mount_with_invalid_arguments() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let r = reg.post("/v2/dst/blobs/uploads/?mount=sha256:nothex&from=src", vec![]).await;
     expect_error(r, 400, "DIGEST_INVALID").await;
 }
@@ -1101,7 +963,7 @@ async fn mount_with_invalid_arguments() {
 
 /// Pushes a config and layer in `repo` and returns a hand-formatted (non-canonical) OCI
 /// image manifest referencing them.
-async fn odd_image_manifest(reg: &Reg, repo: &str, seed: u64) -> Vec<u8> {
+async fn odd_image_manifest(reg: &Registry, repo: &str, seed: u64) -> Vec<u8> {
     let config = format!("{{\"architecture\":\"arm64\",\"os\":\"linux\",\"n\":{seed}}}").into_bytes();
     let layer = bytes(seed, 333);
     reg.push_blob(repo, &config).await;
@@ -1116,7 +978,7 @@ async fn odd_image_manifest(reg: &Reg, repo: &str, seed: u64) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn assert_manifest(reg: &Reg, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) {
+async fn assert_manifest(reg: &Registry, repo: &str, reference: &str, media_type: &str, bytes: &[u8]) {
     let d = sha256(bytes);
     let path = format!("/v2/{repo}/manifests/{reference}");
     let (h, body) = expect(reg.get(&path).await, 200).await;
@@ -1135,7 +997,7 @@ async fn assert_manifest(reg: &Reg, repo: &str, reference: &str, media_type: &st
 
 #[tokio::test]
 async fn manifest_put_and_get_by_tag_and_digest() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let m = odd_image_manifest(&reg, "repo", 30).await;
     let d = sha256(&m);
     let r = reg.put_manifest("repo", "v1", OCI_MANIFEST, &m).await;
@@ -1161,7 +1023,7 @@ async fn manifest_put_and_get_by_tag_and_digest() {
 
 #[tokio::test]
 async fn manifest_put_by_digest_with_tag_parameters() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let m = odd_image_manifest(&reg, "repo", 32).await;
     let d = sha256(&m);
     let r = reg
@@ -1182,9 +1044,9 @@ async fn manifest_put_by_digest_with_tag_parameters() {
 
 #[tokio::test]
 async fn manifest_index_and_nested_index() {
-    let reg = Reg::start();
-    let (d1, m1) = reg.push_image("repo", "", 33).await;
-    let (d2, m2) = reg.push_image("repo", "", 34).await;
+    let (_sd, reg) = start();
+    let (d1, m1) = push_seed_image(&reg, "repo", "", 33).await;
+    let (d2, m2) = push_seed_image(&reg, "repo", "", 34).await;
     let index = serde_json::to_vec_pretty(&json!({
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
@@ -1220,7 +1082,7 @@ async fn manifest_index_and_nested_index() {
 
 #[tokio::test]
 async fn manifest_docker_schema2_and_manifest_list() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"architecture":"amd64","os":"linux","config":{}}"#.to_vec();
     let layer = bytes(35, 200);
     reg.push_blob("docker", &config).await;
@@ -1266,7 +1128,7 @@ async fn manifest_docker_schema2_and_manifest_list() {
 
 #[tokio::test]
 async fn manifest_artifact_with_empty_config() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     assert_eq!(sha256(b"{}"), EMPTY_JSON_SHA256);
     reg.push_blob("art", b"{}").await;
     let payload = b"an sbom document".to_vec();
@@ -1305,7 +1167,7 @@ async fn manifest_artifact_with_empty_config() {
 
 #[tokio::test]
 async fn manifest_with_unknown_fields_is_served_byte_for_byte() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"architecture":"amd64","os":"linux","x-unknown":{"deep":[1,2,3]}}"#.to_vec();
     reg.push_blob("repo", &config).await;
     let m = format!(
@@ -1322,7 +1184,7 @@ async fn manifest_with_unknown_fields_is_served_byte_for_byte() {
 
 #[tokio::test]
 async fn manifest_image_without_layers() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"linux"}"#.to_vec();
     reg.push_blob("repo", &config).await;
     let m = serde_json::to_vec(&json!({
@@ -1350,7 +1212,7 @@ async fn manifest_image_without_layers() {
 
 #[tokio::test]
 async fn manifest_referencing_missing_blobs_is_rejected() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"linux","missing":"test"}"#.to_vec();
     let layer = bytes(36, 100);
     let missing = bytes(37, 100);
@@ -1400,8 +1262,8 @@ async fn manifest_referencing_missing_blobs_is_rejected() {
     expect_error(reg.put_manifest("repo", "t", DOCKER_MANIFEST, &m).await, 400, "MANIFEST_BLOB_UNKNOWN").await;
 
     // Index whose child is missing, or only present in another repository.
-    let (dother, mother) = reg.push_image("other", "x", 39).await;
-    let (dhere, mhere) = reg.push_image("repo", "", 40).await;
+    let (dother, mother) = push_seed_image(&reg, "other", "x", 39).await;
+    let (dhere, mhere) = push_seed_image(&reg, "repo", "", 40).await;
     for (what, child_d, child_len) in [
         ("missing child", sha256(b"no such manifest"), 100usize),
         ("child in other repo", dother.clone(), mother.len()),
@@ -1427,7 +1289,7 @@ async fn manifest_referencing_missing_blobs_is_rejected() {
 
 #[tokio::test]
 async fn manifest_with_nondistributable_layers_never_pushed() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"windows"}"#.to_vec();
     reg.push_blob("win", &config).await;
     let m = serde_json::to_vec(&json!({
@@ -1447,7 +1309,7 @@ async fn manifest_with_nondistributable_layers_never_pushed() {
 
 #[tokio::test]
 async fn manifest_with_subject_returns_oci_subject() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     reg.push_blob("repo", b"{}").await;
     // Subject that does not exist (yet).
     let ghost = sha256(b"ghost subject manifest");
@@ -1468,7 +1330,7 @@ async fn manifest_with_subject_returns_oci_subject() {
     assert_manifest(&reg, "repo", &d, OCI_MANIFEST, &m).await;
 
     // Existing subject, pushed by tag.
-    let (sd, sm) = reg.push_image("repo", "base", 41).await;
+    let (sd, sm) = push_seed_image(&reg, "repo", "base", 41).await;
     let m2 = serde_json::to_vec(&json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
@@ -1495,14 +1357,14 @@ async fn manifest_with_subject_returns_oci_subject() {
     assert_manifest(&reg, "repo", "bundle", OCI_INDEX, &idx).await;
 
     // No subject, no OCI-Subject header.
-    let (_, plain) = reg.push_image("repo", "", 42).await;
+    let (_, plain) = push_seed_image(&reg, "repo", "", 42).await;
     let (h, _) = expect(reg.put_manifest("repo", "plain", OCI_MANIFEST, &plain).await, 201).await;
     assert!(hdr(&h, "oci-subject").is_none());
 }
 
 #[tokio::test]
 async fn manifest_invalid_is_rejected() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"linux"}"#.to_vec();
     reg.push_blob("repo", &config).await;
     let cfg = desc(OCI_CONFIG, &config);
@@ -1535,7 +1397,7 @@ async fn manifest_invalid_is_rejected() {
 
 #[tokio::test]
 async fn manifest_size_limit() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"linux"}"#.to_vec();
     reg.push_blob("repo", &config).await;
     const LIMIT: usize = 4 * 1024 * 1024;
@@ -1575,8 +1437,8 @@ async fn manifest_size_limit() {
 
 #[tokio::test]
 async fn manifest_put_by_digest_mismatch() {
-    let reg = Reg::start();
-    let (_, m) = reg.push_image("repo", "", 43).await;
+    let (_sd, reg) = start();
+    let (_, m) = push_seed_image(&reg, "repo", "", 43).await;
     let wrong = sha256(b"not the manifest");
     expect_error(reg.put_manifest("repo", &wrong, OCI_MANIFEST, &m).await, 400, "DIGEST_INVALID").await;
     expect_error(reg.get(&format!("/v2/repo/manifests/{wrong}")).await, 404, "MANIFEST_UNKNOWN").await;
@@ -1587,7 +1449,7 @@ async fn manifest_put_by_digest_mismatch() {
 
 #[tokio::test]
 async fn manifest_sha512() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"linux","sha":512}"#.to_vec();
     let layer = bytes(44, 64);
     let cd = reg.push_blob_as("repo", &config, &sha512(&config)).await;
@@ -1641,9 +1503,9 @@ async fn manifest_sha512() {
 
 #[tokio::test]
 async fn manifest_unknown_is_404() {
-    let reg = Reg::start();
-    reg.push_image("repo", "exists", 45).await;
-    reg.push_image("other", "only-in-other", 46).await;
+    let (_sd, reg) = start();
+    push_seed_image(&reg, "repo", "exists", 45).await;
+    push_seed_image(&reg, "other", "only-in-other", 46).await;
     let d = sha256(b"no manifest");
     expect_error(reg.get("/v2/repo/manifests/nope").await, 404, "MANIFEST_UNKNOWN").await;
     expect_error(reg.get(&format!("/v2/repo/manifests/{d}")).await, 404, "MANIFEST_UNKNOWN").await;
@@ -1652,7 +1514,7 @@ async fn manifest_unknown_is_404() {
     expect(reg.head(&format!("/v2/repo/manifests/{d}")).await, 404).await;
     // Tags and manifests are per repository.
     expect_error(reg.get("/v2/repo/manifests/only-in-other").await, 404, "MANIFEST_UNKNOWN").await;
-    let (od, _) = reg.push_image("other", "", 47).await;
+    let (od, _) = push_seed_image(&reg, "other", "", 47).await;
     expect_error(reg.get(&format!("/v2/repo/manifests/{od}")).await, 404, "MANIFEST_UNKNOWN").await;
     // A repository that does not exist.
     expect_error_one_of(reg.get("/v2/ghost/manifests/latest").await, 404, &["MANIFEST_UNKNOWN", "NAME_UNKNOWN"]).await;
@@ -1660,8 +1522,8 @@ async fn manifest_unknown_is_404() {
 
 #[tokio::test]
 async fn manifest_delete_by_digest_removes_all_its_tags() {
-    let reg = Reg::start();
-    let (d, m) = reg.push_image("repo", "t1", 48).await;
+    let (_sd, reg) = start();
+    let (d, m) = push_seed_image(&reg, "repo", "t1", 48).await;
     let r = reg
         .send(
             reg.req(Method::PUT, &format!("/v2/repo/manifests/{d}?tag=t2"))
@@ -1670,7 +1532,7 @@ async fn manifest_delete_by_digest_removes_all_its_tags() {
         )
         .await;
     expect(r, 201).await;
-    let (keep, keep_m) = reg.push_image("repo", "keep", 49).await;
+    let (keep, keep_m) = push_seed_image(&reg, "repo", "keep", 49).await;
     assert_eq!(reg.tags("repo").await, vec!["keep", "t1", "t2"]);
 
     expect(reg.delete(&format!("/v2/repo/manifests/{d}")).await, 202).await;
@@ -1690,8 +1552,8 @@ async fn manifest_delete_by_digest_removes_all_its_tags() {
 
 #[tokio::test]
 async fn manifest_delete_by_tag_removes_only_the_tag() {
-    let reg = Reg::start();
-    let (d, m) = reg.push_image("repo", "t1", 50).await;
+    let (_sd, reg) = start();
+    let (d, m) = push_seed_image(&reg, "repo", "t1", 50).await;
     reg.push_manifest("repo", "t2", OCI_MANIFEST, &m).await;
     expect(reg.delete("/v2/repo/manifests/t1").await, 202).await;
     expect_error(reg.get("/v2/repo/manifests/t1").await, 404, "MANIFEST_UNKNOWN").await;
@@ -1712,8 +1574,8 @@ async fn manifest_delete_by_tag_removes_only_the_tag() {
 
 #[tokio::test]
 async fn tags_list_is_sorted() {
-    let reg = Reg::start();
-    let (_, m) = reg.push_image("library/app", "zeta", 60).await;
+    let (_sd, reg) = start();
+    let (_, m) = push_seed_image(&reg, "library/app", "zeta", 60).await;
     // Only tags whose order is the same byte-wise and case-insensitively (the spec says
     // "lexical order (i.e. case-insensitive alphanumeric order)").
     for t in ["b", "a", "1.0", "10", "9", "a_b", "a-b", "a.b", "b0", "0"] {
@@ -1733,8 +1595,8 @@ async fn tags_list_is_sorted() {
 
 #[tokio::test]
 async fn tags_list_pagination() {
-    let reg = Reg::start();
-    let (_, m) = reg.push_image("repo", "e", 61).await;
+    let (_sd, reg) = start();
+    let (_, m) = push_seed_image(&reg, "repo", "e", 61).await;
     for t in ["c", "a", "d", "b"] {
         reg.push_manifest("repo", t, OCI_MANIFEST, &m).await;
     }
@@ -1804,16 +1666,16 @@ async fn tags_list_pagination() {
 
 #[tokio::test]
 async fn tags_list_unknown_repository() {
-    let reg = Reg::start();
-    reg.push_image("known", "v1", 62).await;
+    let (_sd, reg) = start();
+    push_seed_image(&reg, "known", "v1", 62).await;
     expect_error(reg.get("/v2/unknown/tags/list").await, 404, "NAME_UNKNOWN").await;
     expect_error(reg.get("/v2/known/sub/tags/list").await, 404, "NAME_UNKNOWN").await;
 }
 
 #[tokio::test]
 async fn tags_list_empty_when_all_tags_deleted() {
-    let reg = Reg::start();
-    let (d, _) = reg.push_image("repo", "only", 63).await;
+    let (_sd, reg) = start();
+    let (d, _) = push_seed_image(&reg, "repo", "only", 63).await;
     expect(reg.delete("/v2/repo/manifests/only").await, 202).await;
     let (_, body) = expect(reg.get("/v2/repo/tags/list").await, 200).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
@@ -1826,7 +1688,7 @@ async fn tags_list_empty_when_all_tags_deleted() {
     assert_eq!(v["tags"], json!([]), "{v}");
 
     // A repository with only untagged manifests.
-    reg.push_image("untagged", "", 64).await;
+    push_seed_image(&reg, "untagged", "", 64).await;
     let (_, body) = expect(reg.get("/v2/untagged/tags/list").await, 200).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["tags"], json!([]), "{v}");
@@ -1846,7 +1708,7 @@ struct Referrer {
 
 /// An artifact manifest (empty config) with `subject`; pushed by `reference` ("" = digest).
 async fn push_artifact(
-    reg: &Reg,
+    reg: &Registry,
     repo: &str,
     reference: &str,
     subject: &str,
@@ -1901,8 +1763,8 @@ fn check_referrers(v: &Value, expected: &[&Referrer]) {
 
 #[tokio::test]
 async fn referrers_list() {
-    let reg = Reg::start();
-    let (subject, _) = reg.push_image("repo", "base", 70).await;
+    let (_sd, reg) = start();
+    let (subject, _) = push_seed_image(&reg, "repo", "base", 70).await;
 
     let sig = push_artifact(
         &reg,
@@ -1959,8 +1821,8 @@ async fn referrers_list() {
 
     // Noise: a manifest without subject, a referrer of another subject, and a referrer of
     // the same digest in another repository.
-    reg.push_image("repo", "plain", 71).await;
-    let (other_subject, _) = reg.push_image("repo", "other", 72).await;
+    push_seed_image(&reg, "repo", "plain", 71).await;
+    let (other_subject, _) = push_seed_image(&reg, "repo", "other", 72).await;
     let other_ref = push_artifact(&reg, "repo", "", &other_subject, "application/vnd.example.signature", None).await;
     let elsewhere = push_artifact(&reg, "elsewhere", "", &subject, "application/vnd.example.signature", None).await;
 
@@ -1978,8 +1840,8 @@ async fn referrers_list() {
 
 #[tokio::test]
 async fn referrers_filter_by_artifact_type() {
-    let reg = Reg::start();
-    let (subject, _) = reg.push_image("repo", "base", 73).await;
+    let (_sd, reg) = start();
+    let (subject, _) = push_seed_image(&reg, "repo", "base", 73).await;
     let a = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.a", Some(json!({"n": "1"}))).await;
     let b1 = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.b", Some(json!({"n": "2"}))).await;
     let b2 = push_artifact(&reg, "repo", "", &subject, "application/vnd.example.b", Some(json!({"n": "3"}))).await;
@@ -2008,8 +1870,8 @@ async fn referrers_filter_by_artifact_type() {
 
 #[tokio::test]
 async fn referrers_of_unknown_subject_is_empty() {
-    let reg = Reg::start();
-    reg.push_image("repo", "x", 74).await;
+    let (_sd, reg) = start();
+    push_seed_image(&reg, "repo", "x", 74).await;
     let (_, v) = reg.referrers("repo", &sha256(b"nothing refers to me"), None).await;
     assert_eq!(v["manifests"], json!([]));
     let (_, v) = reg.referrers("repo", &sha512(b"nothing refers to me"), None).await;
@@ -2021,7 +1883,7 @@ async fn referrers_of_unknown_subject_is_empty() {
 
 #[tokio::test]
 async fn referrers_before_subject_exists_and_after_delete() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     // Compute the subject's digest first, push the referrers, then the subject.
     let config = br#"{"os":"linux","late":true}"#.to_vec();
     let m = serde_json::to_vec(&json!({
@@ -2055,7 +1917,7 @@ async fn referrers_before_subject_exists_and_after_delete() {
 
 #[tokio::test]
 async fn referrers_sha512() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let config = br#"{"os":"linux","s":"512"}"#.to_vec();
     let cd = reg.push_blob_as("repo", &config, &sha512(&config)).await;
     let m = serde_json::to_vec(&json!({
@@ -2084,14 +1946,14 @@ async fn referrers_sha512() {
 
 #[tokio::test]
 async fn catalog_lists_sorted_repositories_with_pagination() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let (_, body) = expect(reg.get("/v2/_catalog").await, 200).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["repositories"], json!([]));
 
     let names = ["zeta", "beta", "alpha/one", "alpha", "alpha-x", "gamma/a/b"];
     for (i, n) in names.iter().enumerate() {
-        reg.push_image(n, "latest", 80 + i as u64).await;
+        push_seed_image(&reg, n, "latest", 80 + i as u64).await;
     }
     let mut sorted = names.to_vec();
     sorted.sort();
@@ -2141,7 +2003,7 @@ async fn catalog_lists_sorted_repositories_with_pagination() {
 
 #[tokio::test]
 async fn wrong_method_is_405_unsupported() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let d = reg.push_blob("repo", b"abc").await;
     let loc = reg.start_upload("repo").await;
     let cases: Vec<(Method, String)> = vec![
@@ -2171,7 +2033,7 @@ async fn wrong_method_is_405_unsupported() {
 
 #[tokio::test]
 async fn hostile_paths_never_5xx() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let content = b"secret".to_vec();
     let d = reg.push_blob("b", &content).await;
     let hexpart = &d["sha256:".len()..];
@@ -2219,12 +2081,12 @@ async fn hostile_paths_never_5xx() {
     // No repository was created by any of this.
     let (_, body) = expect(reg.get("/v2/_catalog").await, 200).await;
     let v: Value = serde_json::from_slice(&body).unwrap();
-    assert!(v["repositories"] == json!([]) || v["repositories"] == json!(["b"]), "{v}");
+    assert_eq!(v["repositories"], json!(["b"]), "only the repository the blob was pushed to: {v}");
 }
 
 #[tokio::test]
 async fn hostile_content_range_and_range_headers() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     let loc = reg.start_upload("repo").await;
     let (h, _) = expect(reg.patch_chunk(&loc, 0, b"0123456789").await, 202).await;
     let loc = must_hdr(&h, "location");
@@ -2251,14 +2113,22 @@ async fn hostile_content_range_and_range_headers() {
         let st = r.status().as_u16();
         let body = r.bytes().await.unwrap_or_default();
         assert!(st == 400 || st == 416, "Content-Range {cr:?}: expected 400 or 416, got {st}: {}", body_text(&body));
+        // A rejected chunk leaves the session where it was.
+        let (h, _) = expect(reg.get(&loc).await, 204).await;
+        assert_eq!(upload_range(&h), "0-9", "session offset after the rejected Content-Range {cr:?}");
     }
-    // Content-Range that disagrees with the body length.
+    // Content-Range that disagrees with the body length: rejected, so rolled back.
     let r = reg.send(reg.req(Method::PATCH, &loc).header("content-range", "10-19").body(b"abcd".to_vec())).await;
     expect_4xx(r).await;
-    // The session is still usable. (The mismatched-length chunk may or may not have been kept,
-    // so only check that the server still answers.)
     let (h, _) = expect(reg.get(&loc).await, 204).await;
-    must_hdr(&h, "range");
+    assert_eq!(upload_range(&h), "0-9", "session offset after a chunk shorter than its Content-Range");
+    // The session goes on from there, and none of the rejected bytes are in the blob.
+    let (h, _) = expect(reg.patch_chunk(&loc, 10, b"ABCDEF").await, 202).await;
+    assert_eq!(upload_range(&h), "0-15");
+    let loc = must_hdr(&h, "location");
+    let whole = b"0123456789ABCDEF";
+    expect(reg.finish_upload(&loc, &sha256(whole), vec![]).await, 201).await;
+    reg.assert_blob("repo", &sha256(whole), whole).await;
 
     // Range headers on a blob.
     let content = bytes(90, 64);
@@ -2296,7 +2166,7 @@ async fn hostile_content_range_and_range_headers() {
 
 #[tokio::test]
 async fn hostile_manifest_bodies() {
-    let reg = Reg::start();
+    let (_sd, reg) = start();
     // Deeply nested JSON.
     let deep = format!("{}{}", "[".repeat(200_000), "]".repeat(200_000)).into_bytes();
     expect_error(reg.put_manifest("repo", "deep", OCI_MANIFEST, &deep).await, 400, "MANIFEST_INVALID").await;
@@ -2345,7 +2215,7 @@ async fn hostile_manifest_bodies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_pushes_of_the_same_content() {
-    let reg = std::sync::Arc::new(Reg::start());
+    let (_sd, reg) = start();
     let content = std::sync::Arc::new(bytes(95, 256 * 1024));
     let d = sha256(&content);
     let mut tasks = Vec::new();
@@ -2374,7 +2244,7 @@ async fn concurrent_pushes_of_the_same_content() {
     reg.assert_blob("repo", &d, &content).await;
 
     // Concurrent manifest pushes to distinct tags of one repository, and to one tag.
-    let (_, m) = reg.push_image("repo", "base", 96).await;
+    let (_, m) = push_seed_image(&reg, "repo", "base", 96).await;
     let m = std::sync::Arc::new(m);
     let mut tasks = Vec::new();
     for i in 0..16 {
@@ -2395,11 +2265,71 @@ async fn concurrent_pushes_of_the_same_content() {
     assert_eq!(reg.tags("repo").await, expected);
 }
 
-/// Upload sessions created while the server has just started (when its background upload
-/// sweep runs for the first time) must not vanish or fail.
+/// Idle upload sessions are removed after `uploads.session_ttl`, counted from their last chunk
+/// (not from their creation), and never while a chunk is being received; sessions created
+/// while the server has just started (its first sweep runs then) are no exception. With a 3 s
+/// TTL swept every 100 ms, a wrong sweep would remove the busy sessions here, and a sweep that
+/// does nothing would keep the idle one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn upload_sessions_created_at_startup_survive() {
-    let reg = std::sync::Arc::new(Reg::start());
+    use futures::StreamExt;
+    use std::time::Instant;
+    const TTL: Duration = Duration::from_secs(3);
+    let sd = Stevedore::builder()
+        .config("[proxy]\ndefault_upstream = \"\"\n\n[uploads]\nsession_ttl = \"3s\"\nsweep_interval = \"100ms\"\n")
+        .start();
+    let reg = sd.registry();
+
+    // Left idle from the start: swept once the TTL has passed, not before.
+    let idle_opened = Instant::now();
+    let idle = reg.start_upload("repo").await;
+
+    // Busy: a chunk every 750 ms for 7.5 s, more than twice the TTL after its creation.
+    let busy = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let content = bytes(300, 10 * 1000);
+            let mut loc = reg.start_upload("repo").await;
+            for (i, chunk) in content.chunks(1000).enumerate() {
+                tokio::time::sleep(Duration::from_millis(750)).await;
+                let (h, _) = expect(reg.patch_chunk(&loc, i * 1000, chunk).await, 202).await;
+                assert_eq!(upload_range(&h), format!("0-{}", (i + 1) * 1000 - 1), "busy session, chunk {i}");
+                loc = must_hdr(&h, "location");
+            }
+            expect(reg.finish_upload(&loc, &sha256(&content), vec![]).await, 201).await;
+            reg.assert_blob("repo", &sha256(&content), &content).await;
+        })
+    };
+
+    // One chunk that takes longer than the TTL to arrive (16 pieces, 250 ms apart).
+    let slow = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let content = bytes(301, 16 * 1024);
+            let loc = reg.start_upload("repo").await;
+            let pieces: Vec<Vec<u8>> = content.chunks(1024).map(<[u8]>::to_vec).collect();
+            let body = futures::stream::iter(pieces).then(|p| async move {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                Ok::<_, std::io::Error>(p)
+            });
+            let started = Instant::now();
+            let r = reg
+                .send(
+                    reg.req(Method::PATCH, &loc)
+                        .header("content-type", "application/octet-stream")
+                        .body(reqwest::Body::wrap_stream(body)),
+                )
+                .await;
+            assert!(started.elapsed() > TTL, "the slow chunk took only {:?}", started.elapsed());
+            let (h, _) = expect(r, 202).await;
+            assert_eq!(upload_range(&h), format!("0-{}", content.len() - 1), "slow chunk");
+            let loc = must_hdr(&h, "location");
+            expect(reg.finish_upload(&loc, &sha256(&content), vec![]).await, 201).await;
+            reg.assert_blob("repo", &sha256(&content), &content).await;
+        })
+    };
+
+    // Many short uploads while the server has just started.
     let mut tasks = Vec::new();
     for i in 0..48u64 {
         let reg = reg.clone();
@@ -2418,6 +2348,27 @@ async fn upload_sessions_created_at_startup_survive() {
         }
     }
     assert!(failures.is_empty(), "{} of 48 uploads failed: {:?}", failures.len(), failures.first());
+
+    // The idle session answers until the TTL has passed, then is gone (bounded wait).
+    let gone_after = loop {
+        let r = reg.get(&idle).await;
+        let (st, age) = (r.status().as_u16(), idle_opened.elapsed());
+        let _ = r.bytes().await;
+        match st {
+            204 => {}
+            404 => break age,
+            other => panic!("idle session {idle}: GET answered {other} after {age:?}"),
+        }
+        assert!(age < TTL + Duration::from_secs(10), "idle session {idle} still there {age:?} after its creation");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // (File times may lag the clock by a tick.)
+    assert!(gone_after + Duration::from_millis(50) >= TTL, "idle session swept after {gone_after:?}, before the TTL");
+    let r = reg.finish_upload(&idle, &sha256(b""), vec![]).await;
+    expect_error(r, 404, "BLOB_UPLOAD_UNKNOWN").await;
+
+    busy.await.expect("busy session");
+    slow.await.expect("slow session");
 }
 
 /// With a default upstream that does not answer (port 1 on loopback is closed), pushes to
@@ -2426,10 +2377,11 @@ async fn upload_sessions_created_at_startup_survive() {
 /// the local namespaces goes to the upstream and reports the outage.
 #[tokio::test]
 async fn pushes_work_while_the_default_upstream_is_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("stevedore.toml");
-    std::fs::write(&cfg, "[proxy]\nlocal_namespaces = [\"team/app\"]\n").unwrap();
-    let reg = Reg::start_with(&["--config", cfg.to_str().unwrap(), "--upstream", "http://127.0.0.1:1"]);
+    let sd = Stevedore::builder()
+        .config("[proxy]\ndefault_upstream = \"\"\nlocal_namespaces = [\"team/app\"]\n")
+        .args(&["--upstream", "http://127.0.0.1:1"])
+        .start();
+    let reg = sd.registry();
     let config = b"{}".to_vec();
     let layer = bytes(7, 4096);
     let (dc, dl) = (sha256(&config), sha256(&layer));

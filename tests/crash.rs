@@ -21,7 +21,7 @@ use common::data::{self, Rng};
 use common::http::{HttpErr, Registry};
 use common::oci;
 use common::store::assert_blobs_intact;
-use common::Server;
+use common::Stevedore;
 use reqwest::{Body, StatusCode};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -191,7 +191,7 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
         // A parker sends 1..=3 chunks, always leaving some bytes unsent.
         let park_after = if park { rng.range(1, 3) } else { u64::MAX };
 
-        let loc = match ctx.reg.start_upload(&repo).await {
+        let loc = match ctx.reg.try_start_upload(&repo).await {
             Ok(l) => Registry::path_of(&l),
             Err(e) => return ctx.error("POST upload", e),
         };
@@ -224,7 +224,7 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
             }
             ctx.lock().sessions.get_mut(&sid).unwrap().state = SessState::Patching { len: clen };
             let body = Body::from(data::bytes_at(seed, off, clen as usize));
-            match ctx.reg.patch(&loc, off, clen, body).await {
+            match ctx.reg.try_patch(&loc, off, clen, body).await {
                 Ok((new_loc, stored)) => {
                     off = stored;
                     loc = Registry::path_of(&new_loc);
@@ -249,7 +249,7 @@ async fn chunked_writer(ctx: Ctx, round: usize, worker: usize, park: bool) {
             continue;
         }
         ctx.lock().sessions.get_mut(&sid).unwrap().state = SessState::Finishing;
-        match ctx.reg.finish(&loc, &digest, None).await {
+        match ctx.reg.try_finish(&loc, &digest, None).await {
             Ok(()) => {
                 let mut l = ctx.lock();
                 l.sessions.remove(&sid);
@@ -269,7 +269,7 @@ async fn push_whole_blob(ctx: &Ctx, repo: &str, seed: u64, bytes: Vec<u8>, singl
     let loc = if single_post {
         None
     } else {
-        match ctx.reg.start_upload(repo).await {
+        match ctx.reg.try_start_upload(repo).await {
             Ok(l) => Some(Registry::path_of(&l)),
             Err(e) => {
                 ctx.error("POST upload", e);
@@ -284,8 +284,8 @@ async fn push_whole_blob(ctx: &Ctx, repo: &str, seed: u64, bytes: Vec<u8>, singl
         id
     };
     let res = match &loc {
-        None => ctx.reg.post_monolithic(repo, &digest, bytes).await,
-        Some(loc) => ctx.reg.finish(loc, &digest, Some((len, Body::from(bytes)))).await,
+        None => ctx.reg.try_post_monolithic(repo, &digest, bytes).await,
+        Some(loc) => ctx.reg.try_finish(loc, &digest, Some((len, Body::from(bytes)))).await,
     };
     match res {
         Ok(()) => {
@@ -363,8 +363,8 @@ async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
             l.pending_manifests.insert(id, rec.clone());
             id
         };
-        match ctx.reg.put_manifest(&repo, &rec.tag, oci::MT_MANIFEST, bytes).await {
-            Ok(()) => {
+        match ctx.reg.try_put_manifest(&repo, &rec.tag, oci::MT_MANIFEST, bytes).await {
+            Ok(_) => {
                 let mut l = ctx.lock();
                 l.pending_manifests.remove(&id);
                 l.manifests.push(rec);
@@ -379,7 +379,7 @@ async fn manifest_writer(ctx: Ctx, round: usize, worker: usize) {
 
 /// GETs a blob and checks length and digest; returns a failure message if wrong.
 async fn check_blob(reg: &Registry, b: &BlobRec) -> Result<(), String> {
-    match reg.get_blob_hashed(&b.repo, &b.digest).await {
+    match reg.try_get_blob_hashed(&b.repo, &b.digest).await {
         Ok((st, _, n, d)) if st == StatusCode::OK && n == b.len && d == b.digest => Ok(()),
         Ok((st, _, n, d)) => Err(format!(
             "GET /v2/{}/blobs/{}: expected 200 with {} bytes (data seed {}), got {st} with {n} bytes hashing to {d}",
@@ -397,12 +397,14 @@ async fn complete_session(reg: &Registry, s: &SessRec, from: u64) -> Result<(), 
     while off < s.len {
         let clen = half.min(s.len - off);
         let body = Body::from(data::bytes_at(s.seed, off, clen as usize));
-        let (nl, stored) =
-            reg.patch(&loc, off, clen, body).await.map_err(|e| format!("completing {}: PATCH at {off}: {e}", s.loc))?;
+        let (nl, stored) = reg
+            .try_patch(&loc, off, clen, body)
+            .await
+            .map_err(|e| format!("completing {}: PATCH at {off}: {e}", s.loc))?;
         loc = Registry::path_of(&nl);
         off = stored;
     }
-    reg.finish(&loc, &s.digest, None).await.map_err(|e| format!("completing {}: PUT ?digest: {e}", s.loc))?;
+    reg.try_finish(&loc, &s.digest, None).await.map_err(|e| format!("completing {}: PUT ?digest: {e}", s.loc))?;
     let b = s.blob(false);
     check_blob(reg, &b).await.map_err(|e| format!("after completing {}: {e}", s.loc))
 }
@@ -421,7 +423,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
                 Err(e) => failures.push(format!("acknowledged blob lost or changed: {e}")),
             }
         } else {
-            match reg.head_blob(&b.repo, &b.digest).await {
+            match reg.try_head_blob(&b.repo, &b.digest).await {
                 Ok(st) if st == StatusCode::OK => {}
                 other => failures.push(format!("HEAD /v2/{}/blobs/{}: {other:?}", b.repo, b.digest)),
             }
@@ -430,7 +432,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
 
     // Whole-blob pushes cut by the kill: absent, or present and intact.
     for (_, b) in std::mem::take(&mut ledger.pending_blobs) {
-        match reg.head_blob(&b.repo, &b.digest).await {
+        match reg.try_head_blob(&b.repo, &b.digest).await {
             Ok(st) if st == StatusCode::NOT_FOUND => ledger.stats.cut_blobs_absent += 1,
             Ok(st) if st == StatusCode::OK => match check_blob(reg, &b).await {
                 Ok(()) => {
@@ -446,7 +448,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
     // Manifests acknowledged with 201: by tag and by digest, byte-identical.
     for m in &ledger.manifests {
         for reference in [&m.tag, &m.digest] {
-            match reg.get_manifest(&m.repo, reference).await {
+            match reg.try_get_manifest(&m.repo, reference).await {
                 Ok((st, dcd, _, body)) if st == StatusCode::OK && body == m.bytes => {
                     if dcd.as_deref() != Some(m.digest.as_str()) {
                         failures.push(format!(
@@ -466,7 +468,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
         }
     }
     for (_, m) in std::mem::take(&mut ledger.pending_manifests) {
-        match reg.get_manifest(&m.repo, &m.tag).await {
+        match reg.try_get_manifest(&m.repo, &m.tag).await {
             Ok((st, _, _, _)) if st == StatusCode::NOT_FOUND => {}
             Ok((st, _, _, body)) if st == StatusCode::OK && body == m.bytes => ledger.manifests.push(m),
             Ok((st, _, _, body)) => failures.push(format!(
@@ -482,7 +484,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
     // Upload sessions.
     let sessions = std::mem::take(&mut ledger.sessions);
     for (i, (sid, mut s)) in sessions.into_iter().enumerate() {
-        let status = reg.session_status(&s.loc).await;
+        let status = reg.try_session_status(&s.loc).await;
         match s.state.clone() {
             SessState::Idle => {
                 ledger.stats.idle_sessions_checked += 1;
@@ -566,7 +568,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
             SessState::Finishing => {
                 ledger.stats.cut_finishes_checked += 1;
                 let b = s.blob(true);
-                match reg.head_blob(&s.repo, &s.digest).await {
+                match reg.try_head_blob(&s.repo, &s.digest).await {
                     Ok(st) if st == StatusCode::OK => match check_blob(reg, &b).await {
                         Ok(()) => ledger.blobs.push(b),
                         Err(e) => failures.push(format!("blob of a PUT cut by the kill: {e}")),
@@ -577,7 +579,7 @@ async fn verify(reg: &Registry, root: &Path, ledger: &mut Ledger, complete_all: 
                     Ok(st) if st == StatusCode::NOT_FOUND => match status {
                         Ok((st, _)) if st == StatusCode::NOT_FOUND => ledger.stats.cut_sessions_dropped += 1,
                         Ok((st, range)) if st == StatusCode::NO_CONTENT && range == Some(s.len) => {
-                            match reg.finish(&s.loc, &s.digest, None).await {
+                            match reg.try_finish(&s.loc, &s.digest, None).await {
                                 Ok(()) => match check_blob(reg, &b).await {
                                     Ok(()) => {
                                         ledger.stats.sessions_completed_after_restart += 1;
@@ -673,8 +675,8 @@ fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
     let ledger = Arc::new(Mutex::new(Ledger::default()));
 
     for (round, &kill_after_ms) in KILL_AFTER_MS.iter().enumerate() {
-        let mut server = Server::start_at(&root, &[]);
-        let reg = Registry::new(&server.url(""));
+        let mut server = Stevedore::builder().root(&root).start();
+        let reg = Registry::with_timeout(&server.url(""), Duration::from_secs(180));
         {
             let mut l = ledger.lock().unwrap();
             rt.block_on(verify(&reg, &root, &mut l, false));
@@ -723,8 +725,8 @@ fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
     }
 
     // Final restart: everything is checked in full and every session is completed.
-    let server = Server::start_at(&root, &[]);
-    let reg = Registry::new(&server.url(""));
+    let server = Stevedore::builder().root(&root).start();
+    let reg = Registry::with_timeout(&server.url(""), Duration::from_secs(180));
     let mut l = ledger.lock().unwrap();
     rt.block_on(verify(&reg, &root, &mut l, true));
     fail_if_any(&l, "after the final restart");

@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{data, Server};
+use common::{data, Stevedore};
 
 fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_stevedore"))
@@ -14,7 +14,7 @@ fn bin() -> Command {
 
 #[tokio::test]
 async fn health_readiness_and_metrics() {
-    let s = Server::start();
+    let s = Stevedore::local();
     let c = common::http::client();
     let r = c.get(s.url("/healthz")).send().await.unwrap();
     assert_eq!(r.status(), 200);
@@ -78,65 +78,21 @@ fn check_config_accepts_the_shipped_configs_and_names_the_bad_key() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("stevedore "));
 }
 
-/// `stevedore serve` on an empty store with `RUST_LOG=filter`, its stderr in a file.
-struct LoggedServer {
-    child: std::process::Child,
-    addr: String,
-    log: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl LoggedServer {
-    fn start(args: &[&str], filter: &str) -> LoggedServer {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("stderr.log");
-        let mut child = bin()
-            .args(["serve", "--listen", "127.0.0.1:0", "--upstream", "none", "--root"])
-            .arg(dir.path().join("data"))
-            .args(args)
-            .env("RUST_LOG", filter)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().unwrap()), &mut line).unwrap();
-        let addr = line.trim().strip_prefix("stevedore listening on ").expect("listen line").to_string();
-        LoggedServer { child, addr, log, _dir: dir }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for LoggedServer {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
 /// The JSON access line of the `nth` (0-based) request for `method uri`, waiting up to 10 s for
 /// it: lines are written when the response body is done.
-async fn access_line(log: &std::path::Path, method: &str, uri: &str, nth: usize) -> serde_json::Value {
+async fn access_line(sd: &Stevedore, method: &str, uri: &str, nth: usize) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = std::fs::read_to_string(log).unwrap();
-        let hit = text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| {
-                v["target"] == "stevedore::access"
-                    && v["fields"]["uri"].as_str() == Some(uri)
-                    && v["fields"]["method"].as_str() == Some(method)
-            })
+        let hit = sd
+            .access_lines()
+            .into_iter()
+            .filter(|f| f["uri"].as_str() == Some(uri) && f["method"].as_str() == Some(method))
             .nth(nth);
         if let Some(v) = hit {
-            return v["fields"].clone();
+            return v;
         }
-        assert!(Instant::now() < deadline, "no access line for {method} {uri} #{nth}:\n{text}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(Instant::now() < deadline, "no access line for {method} {uri} #{nth}:\n{}", sd.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -145,14 +101,14 @@ async fn access_line(log: &std::path::Path, method: &str, uri: &str, nth: usize)
 /// shows as `complete: false`).
 #[tokio::test]
 async fn access_log_names_the_request_and_its_outcome() {
-    let mut srv = LoggedServer::start(&["--log-format", "json"], "info");
-    let (addr, log) = (srv.addr.clone(), srv.log.clone());
+    let sd = Stevedore::builder().rust_log("info").start();
+    let addr = sd.addr.clone();
     let c = common::http::client();
 
     let r = c.get(format!("http://{addr}/v2/acc/tags/list?n=5")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let body = r.bytes().await.unwrap();
-    let v = access_line(&log, "GET", "/v2/acc/tags/list?n=5", 0).await;
+    let v = access_line(&sd, "GET", "/v2/acc/tags/list?n=5", 0).await;
     assert_eq!(v["status"], 404);
     assert_eq!(v["bytes"], body.len() as u64);
     assert_eq!(v["complete"], true);
@@ -168,7 +124,7 @@ async fn access_log_names_the_request_and_its_outcome() {
 
     let got = c.get(format!("http://{addr}{uri}")).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(got.len(), blob.len());
-    let v = access_line(&log, "GET", &uri, 0).await;
+    let v = access_line(&sd, "GET", &uri, 0).await;
     assert_eq!(
         (v["status"].as_u64(), v["bytes"].as_u64(), v["complete"].as_bool()),
         (Some(200), Some(blob.len() as u64), Some(true))
@@ -176,7 +132,7 @@ async fn access_log_names_the_request_and_its_outcome() {
 
     let r = c.head(format!("http://{addr}{uri}")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let v = access_line(&log, "HEAD", &uri, 0).await;
+    let v = access_line(&sd, "HEAD", &uri, 0).await;
     assert_eq!((v["bytes"].as_u64(), v["complete"].as_bool()), (Some(0), Some(true)));
 
     // Read the head and a little of the body, then hang up.
@@ -188,11 +144,10 @@ async fn access_log_names_the_request_and_its_outcome() {
         let n = s.read(&mut buf).unwrap();
         assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
     }
-    let v = access_line(&log, "GET", &uri, 1).await;
+    let v = access_line(&sd, "GET", &uri, 1).await;
     assert_eq!(v["status"], 200);
     assert_eq!(v["complete"], false, "{v}");
     assert!(v["bytes"].as_u64().unwrap() < blob.len() as u64, "{v}");
-    srv.stop();
 }
 
 /// `RUST_LOG` takes `level` and `target=level` directives; a malformed one is reported and the
@@ -200,13 +155,16 @@ async fn access_log_names_the_request_and_its_outcome() {
 #[tokio::test]
 async fn rust_log_directives_and_plain_text_logs() {
     let run = |filter: &'static str| async move {
-        let mut srv = LoggedServer::start(&[], filter);
-        let r = common::http::client().get(format!("http://{}/v2/logs/tags/list", srv.addr)).send().await.unwrap();
+        let mut sd = Stevedore::builder().rust_log(filter).text_logs().start();
+        let r = common::http::client().get(sd.url("/v2/logs/tags/list")).send().await.unwrap();
         assert_eq!(r.status(), 404);
-        // The access line is written once the body is done; give it a moment.
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        srv.stop();
-        std::fs::read_to_string(&srv.log).unwrap()
+        r.bytes().await.unwrap();
+        // The access line is written once the body is done: wait for it.
+        let logged = common::wait_until(Duration::from_secs(10), || sd.log_text().contains("/v2/logs/tags/list")).await;
+        sd.kill();
+        let text = sd.log_text();
+        assert!(logged, "{filter}: no access line within 10 s: {text}");
+        text
     };
 
     let text = run("warn,stevedore::access=info").await;
@@ -221,17 +179,7 @@ async fn rust_log_directives_and_plain_text_logs() {
 
 #[test]
 fn sigterm_stops_the_server_cleanly() {
-    let mut s = Server::start();
-    let pid = s.pid();
-    let started = Instant::now();
-    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(ok.success());
-    let status = loop {
-        if let Some(st) = s.child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "still running 10 s after SIGTERM");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let mut s = Stevedore::local();
+    let status = s.terminate(Duration::from_secs(10)).expect("still running 10 s after SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }

@@ -71,6 +71,27 @@ async fn assert_committed(sd: &Stevedore, digest: &str, what: &str) {
     assert_eq!(sha256(&data), digest, "{what}: committed file hash");
 }
 
+/// Waits until a HEAD of the blob at `url` answers from the cache (`x-stevedore-cache: hit`).
+/// A fill commits after its last byte went out, and a request before the commit joins the
+/// fill (`joined`) instead of hitting the cache: a test that asserts `hit` waits for this
+/// first. (Before the commit, a HEAD is answered with an upstream HEAD, never a GET.)
+async fn wait_cached(http: &reqwest::Client, url: &str, what: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let h = read(http.head(url)).await;
+        if h.status == 200 && h.cache() == "hit" {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "{what}: {url} not served from the cache within 20 s (last HEAD: {} {:?})",
+            h.status,
+            h.cache()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// An upstream that sends wrong bytes for a digest: the client never gets a complete body,
 /// nothing is committed, and the next request starts a fresh fill that succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,8 +412,11 @@ async fn upstream_outage_serves_cached_tags_stale_and_digests_without_contact() 
     assert_content(&r, &img.digest, &img.manifest, "first pull");
     assert_eq!(r.cache(), "miss");
     for (d, b) in &img.blobs {
-        let r = read(http.get(sd.url(&Dialect::Ns.path("up.test", "team/app", &format!("blobs/{d}"))))).await;
+        let url = sd.url(&Dialect::Ns.path("up.test", "team/app", &format!("blobs/{d}")));
+        let r = read(http.get(&url)).await;
         assert_content(&r, d, b, "first pull blob");
+        // The outage below must find the blob committed, not a fill finishing.
+        wait_cached(&http, &url, "first pull blob").await;
     }
 
     for phase in ["503", "stopped"] {
@@ -457,9 +481,11 @@ async fn cached_content_by_digest_never_contacts_the_upstream() {
     let r = get_manifest(&http, sd.url(&Dialect::Prefix.path("up.test", "team/app", "manifests/latest"))).await;
     assert_content(&r, &img.digest, &img.manifest, "first pull");
     for (d, b) in &img.blobs {
-        let r = read(http.get(sd.url(&Dialect::Prefix.path("up.test", "team/app", &format!("blobs/{d}"))))).await;
+        let url = sd.url(&Dialect::Prefix.path("up.test", "team/app", &format!("blobs/{d}")));
+        let r = read(http.get(&url)).await;
         assert_content(&r, d, b, "first pull blob");
         assert_eq!(r.cache(), "miss");
+        wait_cached(&http, &url, "first pull blob").await;
     }
     let before = fake.total();
     for round in 0..2 {

@@ -15,9 +15,9 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use common::distribution::{Distribution, PASSWORD, USER};
+use common::http::Registry;
 use common::http::{assert_content, client, get_manifest, hdr, read, Read, MANIFEST_ACCEPT};
 use common::oci::{self, Blob, Image};
-use common::push::Pusher;
 use common::skopeo_cli::Skopeo;
 use common::stevedore::{config, Dialect, Stevedore, DIALECTS};
 use common::store::{assert_blobs_intact, blob_files, ingest_leftovers, repo_dirs};
@@ -103,15 +103,15 @@ fn assert_layout(dir: &std::path::Path, tag: &str, root: &Blob, blobs: &[&Blob])
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn distribution_pull_through_every_dialect_and_skopeo_share_one_cache() {
     let reg = Distribution::start(false);
-    let pusher = Pusher::new(&reg.url(), None);
+    let pusher = reg.registry();
     let app = oci::make_image(7001, 3, 1_200_000, "amd64", "linux");
-    pusher.image("team/app", &app, Some("1.0")).await;
+    pusher.push_image("team/app", &app, Some("1.0")).await;
     let amd = oci::make_image(7002, 2, 400_000, "amd64", "linux");
     let arm = oci::make_image(7003, 2, 380_000, "arm64", "linux");
     let index = oci::make_index(&[(&amd, "amd64", None), (&arm, "arm64", Some("v8"))]);
-    pusher.image("multi", &amd, None).await;
-    pusher.image("multi", &arm, None).await;
-    pusher.manifest("multi", "latest", oci::MT_INDEX, &index.data).await;
+    pusher.push_image("multi", &amd, None).await;
+    pusher.push_image("multi", &arm, None).await;
+    pusher.push_manifest("multi", "latest", oci::MT_INDEX, &index.data).await;
 
     let sd = Stevedore::start(&config(HOST, &[(HOST, &reg.url(), "tag_ttl = \"5m\"")]));
     let http = client();
@@ -221,9 +221,9 @@ async fn distribution_with_htpasswd_pulls_with_credentials_and_fails_cleanly_wit
     let reg = Distribution::start(true);
     let anon = client().get(format!("{}/v2/", reg.url())).send().await.unwrap();
     assert_eq!(anon.status().as_u16(), 401, "the upstream must require auth");
-    let pusher = Pusher::new(&reg.url(), Some((USER, PASSWORD)));
+    let pusher = Registry::new(&reg.url()).basic_auth(USER, PASSWORD);
     let img = oci::make_image(7101, 2, 300_000, "amd64", "linux");
-    pusher.image("private/app", &img, Some("v1")).await;
+    pusher.push_image("private/app", &img, Some("v1")).await;
 
     let sd = Stevedore::start(&config(
         "private.test",
@@ -277,9 +277,9 @@ async fn distribution_over_tls_pulls_with_ca_file_and_fails_cleanly_without() {
     let pki = TestPki::new(pki_dir.path());
     let reg = Distribution::start_tls(&pki);
     assert!(reg.url().starts_with("https://127.0.0.1:"), "{}", reg.url());
-    let pusher = Pusher::with_client(&reg.url(), None, reg.client());
+    let pusher = reg.registry();
     let img = oci::make_image(7201, 2, 250_000, "amd64", "linux");
-    pusher.image("secure/app", &img, Some("v1")).await;
+    pusher.push_image("secure/app", &img, Some("v1")).await;
 
     let ca_file = format!("ca_file = \"{}\"", pki.ca_file.display());
     let sd = Stevedore::start(&config(

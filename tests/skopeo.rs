@@ -14,7 +14,7 @@ use common::data;
 use common::http::Registry;
 use common::oci::{self, Blob, Image};
 use common::skopeo_cli::Skopeo;
-use common::Server;
+use common::Stevedore;
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -28,7 +28,7 @@ fn rt() -> Runtime {
 /// The manifest at `repo:reference` is served with exactly `expected`'s bytes, its digest in
 /// `Docker-Content-Digest`, and its media type in `Content-Type`.
 fn assert_manifest_served(rt: &Runtime, reg: &Registry, repo: &str, reference: &str, expected: &Blob) {
-    let (st, dcd, ct, body) = rt.block_on(reg.get_manifest(repo, reference)).expect("GET manifest");
+    let (st, dcd, ct, body) = rt.block_on(reg.try_get_manifest(repo, reference)).expect("GET manifest");
     assert_eq!(st.as_u16(), 200, "GET /v2/{repo}/manifests/{reference}");
     assert_eq!(data::sha256(&body), expected.digest, "{repo}:{reference}: served manifest digest");
     assert!(body == expected.data, "{repo}:{reference}: served manifest bytes differ");
@@ -40,7 +40,7 @@ fn assert_manifest_served(rt: &Runtime, reg: &Registry, repo: &str, reference: &
 /// Every blob is served under `repo` with identical bytes.
 fn assert_blobs_served(rt: &Runtime, reg: &Registry, repo: &str, blobs: &[&Blob]) {
     for b in blobs {
-        let (st, body) = rt.block_on(reg.get_blob(repo, &b.digest)).expect("GET blob");
+        let (st, body) = rt.block_on(reg.try_get_blob(repo, &b.digest)).expect("GET blob");
         assert_eq!(st.as_u16(), 200, "GET /v2/{repo}/blobs/{}", b.digest);
         assert_eq!(data::sha256(&body), b.digest, "{repo}: blob {} bytes differ", b.digest);
     }
@@ -65,7 +65,7 @@ fn assert_layout_has(dir: &Path, tag: &str, expected: &Blob, blobs: &[&Blob]) {
 
 /// What the skopeo round-trip tests start with: a Stevedore, clients for it, a scratch dir.
 struct Setup {
-    server: Server,
+    server: Stevedore,
     reg: Registry,
     rt: tokio::runtime::Runtime,
     sk: Skopeo,
@@ -76,8 +76,8 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
-        let server = Server::start();
-        let reg = Registry::new(&server.url(""));
+        let server = Stevedore::local();
+        let reg = server.registry();
         let host = server.host();
         Setup { server, reg, rt: rt(), sk: Skopeo::new(), tmp: tempfile::tempdir().unwrap(), host }
     }
@@ -196,7 +196,7 @@ fn curl(dir: &Path, args: &[&str], url: &str) -> CurlResponse {
 
 #[test]
 fn curl_chunked_push_then_pull_with_curl_and_skopeo() {
-    let server = Server::start();
+    let server = Stevedore::local();
     let sk = Skopeo::new();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -366,6 +366,6 @@ fn skopeo_copy_between_repositories_mounts_blobs_instead_of_uploading() {
     let resp = rt.block_on(async { reg.client.post(url).header("content-length", "0").send().await }).unwrap();
     assert_eq!(resp.status().as_u16(), 202, "mount of an unknown blob must fall back to a new session");
     assert!(resp.headers().get("location").is_some(), "202 without Location");
-    let st = rt.block_on(reg.head_blob("mnt/d", &missing)).unwrap();
+    let st = rt.block_on(reg.try_head_blob("mnt/d", &missing)).unwrap();
     assert_eq!(st.as_u16(), 404);
 }

@@ -6,14 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use super::http::Registry;
 use super::http::{client, client_trusting};
 use super::oci::Image;
 use super::proc::{self, tool, Daemon};
-use super::push::Pusher;
 use super::rt;
 use super::tls::{https_get_status, TestPki};
+use super::{wait_log_settled, wait_until_blocking};
 
 pub const USER: &str = "tester";
 pub const PASSWORD: &str = "s3cret-pass";
@@ -111,20 +112,17 @@ impl Distribution {
             let access_log = dir.join(format!("access-{attempt}.log"));
             let err_log = dir.join(format!("registry-{attempt}.err"));
             let mut daemon = Daemon::spawn_logs("docker-registry", cmd, &access_log, Some(&err_log));
-            let end = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Some(status) = daemon.exit_status() {
-                    last = format!("exited with {status}: {}", daemon.all_output());
-                    break;
-                }
-                if matches!(get_status(port, "/v2/", ca_pem.as_deref()), Some(200 | 401)) {
+            let mut exited = None;
+            let up = wait_until_blocking(Duration::from_secs(20), || {
+                exited = daemon.exit_status();
+                exited.is_some() || matches!(get_status(port, "/v2/", ca_pem.as_deref()), Some(200 | 401))
+            });
+            match exited {
+                Some(status) => last = format!("exited with {status}: {}", daemon.all_output()),
+                None if up => {
                     return Distribution { port, daemon, sentinels: AtomicUsize::new(0), ca_pem, _tmp: None };
                 }
-                if Instant::now() > end {
-                    last = format!("/v2/ did not answer within 20 s: {}", daemon.all_output());
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                None => last = format!("/v2/ did not answer within 20 s: {}", daemon.all_output()),
             }
             if !last.contains("address already in use") {
                 break;
@@ -177,26 +175,29 @@ impl Distribution {
             .join("\n")
     }
 
-    /// Waits until every request answered so far is in the access log: sends a sentinel
-    /// request and waits for its line (the log is written after each response), then a
-    /// little longer for stragglers.
+    /// Waits until every request answered so far is in the access log. Distribution writes a
+    /// line once the handler returned, which may be after the client has the whole answer:
+    /// so send a sentinel request, then wait for its line and for the log to stop growing
+    /// (the same length for 100 ms). Bounded (10 s).
     pub fn settle(&self) {
         let n = self.sentinels.fetch_add(1, Ordering::SeqCst);
         let needle = format!("/v2/zz-sentinel-{n}/tags/list");
         let _ = get_status(self.port, &needle, self.ca_pem.as_deref());
-        let end = Instant::now() + Duration::from_secs(10);
-        while self.count(&needle) == 0 {
-            assert!(Instant::now() < end, "sentinel request never reached the access log");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(200));
+        let probe = || {
+            let log = self.access_log();
+            (log.contains(&needle), log.len())
+        };
+        wait_log_settled(Duration::from_secs(10), Duration::from_millis(100), probe, "Distribution's access log");
+    }
+
+    /// The distribution client for this registry (trusting its test CA over TLS).
+    pub fn registry(&self) -> Registry {
+        Registry::with_client(&self.url(), self.client())
     }
 
     /// Pushes `img` as `repo:tag` (no credentials), from synchronous code.
     pub fn push(&self, repo: &str, tag: &str, img: &Image) {
-        rt().block_on(async {
-            Pusher::with_client(&self.url(), None, self.client()).image(repo, img, Some(tag)).await
-        });
+        rt().block_on(self.registry().push_image(repo, img, Some(tag)));
     }
 }
 

@@ -1,14 +1,16 @@
 //! HTTP on loopback: the reqwest client every test uses, reading a response to its end (or
-//! as far as it went), checks on distribution-spec answers, and [`Registry`], a small OCI
-//! distribution client strict about status codes and headers.
+//! as far as it went), checks on distribution-spec answers, and [`Registry`], the one OCI
+//! distribution client of the tests (Stevedore and CNCF Distribution alike).
 
 use futures::StreamExt;
 use reqwest::header::{HeaderMap, CONTENT_LENGTH, CONTENT_TYPE};
-use reqwest::{Body, Client, StatusCode};
+use reqwest::{Body, Client, Method, Response, StatusCode};
+use serde_json::Value;
 use std::fmt;
 use std::time::{Duration, Instant};
 
 use super::data::sha256;
+use super::oci::Image;
 
 /// A client for talking to Stevedore and upstreams on loopback: no proxy from the
 /// environment, no redirects, and a 30 s bound on every request so nothing hangs a test.
@@ -198,18 +200,51 @@ pub fn parse_range(headers: &HeaderMap) -> Option<u64> {
     Some(b.parse::<u64>().ok()? + 1)
 }
 
+/// The tests' one distribution-spec client, in three layers over the same requests:
+///
+/// - raw: [`Registry::req`] builds any request (credentials added), [`Registry::send`] and
+///   `get`/`head`/`delete`/`post`/`put_manifest`/`patch_chunk`/`finish_upload` send one and
+///   hand back the response (panicking only when no response came);
+/// - fallible (`try_*`): the spec's flows, strict about statuses and headers, returning
+///   [`HttpErr`] so a caller can tell a lost connection from a wrong answer (crash tests);
+/// - checked: the same flows panicking on any deviation (`start_upload`, `push_blob`,
+///   `upload_blob`, `push_manifest`, `push_image`, `assert_blob`, `tags`, `referrers`).
 #[derive(Clone)]
 pub struct Registry {
     pub client: Client,
     /// `http://127.0.0.1:PORT`
     pub base: String,
+    /// Basic credentials sent pre-emptively with every request.
+    creds: Option<(String, String)>,
 }
 
 impl Registry {
+    /// A client for `base` bounding every request to 60 s.
     pub fn new(base: &str) -> Registry {
-        // Upper bound for any single request (a 1 GiB upload included): nothing hangs forever.
-        let client = client_with_timeout(Duration::from_secs(180));
-        Registry { client, base: base.trim_end_matches('/').to_string() }
+        Registry::with_timeout(base, Duration::from_secs(60))
+    }
+
+    /// A client for `base` with another bound on each whole request (a 1 GiB upload needs
+    /// more than a minute on a busy machine).
+    pub fn with_timeout(base: &str, timeout: Duration) -> Registry {
+        Registry::with_client(base, client_with_timeout(timeout))
+    }
+
+    /// A client for `base` sending through `client` (e.g. one trusting a test CA).
+    pub fn with_client(base: &str, client: Client) -> Registry {
+        Registry { client, base: base.trim_end_matches('/').to_string(), creds: None }
+    }
+
+    /// Sends Basic credentials with every request.
+    pub fn basic_auth(mut self, user: &str, password: &str) -> Registry {
+        self.creds = Some((user.to_string(), password.to_string()));
+        self
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        let rest = self.base.split_once("://").map_or(self.base.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or_default().to_string()
     }
 
     /// Absolute URL for a path or a (possibly relative) Location.
@@ -243,38 +278,143 @@ impl Registry {
         }
     }
 
-    fn location(resp: &reqwest::Response, what: &str) -> Res<String> {
+    fn location(resp: &Response, what: &str) -> Res<String> {
         match hdr(resp.headers(), "location") {
             Some(l) if !l.is_empty() => Ok(l),
             _ => protocol(format!("{what}: {} without Location", resp.status())),
         }
     }
 
-    /// `POST /v2/<repo>/blobs/uploads/` → 202 + Location.
-    pub async fn start_upload(&self, repo: &str) -> Res<String> {
-        let resp = self
-            .client
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/")))
-            .header(CONTENT_LENGTH, "0")
-            .send()
-            .await?;
-        let resp = expect_status(resp, StatusCode::ACCEPTED, &format!("POST uploads for {repo}")).await?;
-        Self::location(&resp, "POST uploads")
+    // -----------------------------------------------------------------------------------------
+    // Requests (every flow below is built from these)
+
+    /// `method` on a path or Location, with the credentials if any.
+    pub fn req(&self, method: Method, loc: &str) -> reqwest::RequestBuilder {
+        let r = self.client.request(method, self.url(loc));
+        match &self.creds {
+            Some((u, p)) => r.basic_auth(u, Some(p)),
+            None => r,
+        }
     }
 
-    /// `PATCH <loc>` with `Content-Range: start-end` → 202; returns (new Location, stored length
-    /// from `Range`), and checks `Range` says `start + len` bytes are stored.
-    pub async fn patch(&self, loc: &str, start: u64, len: u64, body: Body) -> Res<(String, u64)> {
-        let end = start + len - 1;
-        let resp = self
-            .client
-            .patch(self.url(loc))
+    /// `POST /v2/<repo>/blobs/uploads/` opening a session.
+    fn upload_start_req(&self, repo: &str) -> reqwest::RequestBuilder {
+        self.req(Method::POST, &format!("/v2/{repo}/blobs/uploads/")).header(CONTENT_LENGTH, "0")
+    }
+
+    /// Monolithic `POST /v2/<repo>/blobs/uploads/?digest=<d>` with the whole blob.
+    fn monolithic_req(&self, repo: &str, digest: &str, data: Vec<u8>) -> reqwest::RequestBuilder {
+        self.req(Method::POST, &format!("/v2/{repo}/blobs/uploads/?digest={digest}"))
+            .header(CONTENT_TYPE, "application/octet-stream")
+            .body(data)
+    }
+
+    /// `PATCH <loc>` with `Content-Range: start-(start+len-1)`.
+    fn patch_req(&self, loc: &str, start: u64, len: u64, body: Body) -> reqwest::RequestBuilder {
+        self.req(Method::PATCH, loc)
             .header(CONTENT_TYPE, "application/octet-stream")
             .header(CONTENT_LENGTH, len.to_string())
-            .header("content-range", format!("{start}-{end}"))
+            .header("content-range", format!("{start}-{}", start + len - 1))
             .body(body)
-            .send()
-            .await?;
+    }
+
+    /// `PUT <loc>?digest=<d>` closing a session, with the final chunk if any.
+    fn finish_req(&self, loc: &str, digest: &str, body: Option<(u64, Body)>) -> reqwest::RequestBuilder {
+        let req = self.req(Method::PUT, &Self::with_query(loc, &format!("digest={digest}")));
+        match body {
+            Some((len, b)) => {
+                req.header(CONTENT_TYPE, "application/octet-stream").header(CONTENT_LENGTH, len.to_string()).body(b)
+            }
+            None => req.header(CONTENT_LENGTH, "0"),
+        }
+    }
+
+    /// `PUT /v2/<repo>/manifests/<reference>`.
+    fn manifest_put_req(
+        &self,
+        repo: &str,
+        reference: &str,
+        media_type: &str,
+        body: Vec<u8>,
+    ) -> reqwest::RequestBuilder {
+        self.req(Method::PUT, &format!("/v2/{repo}/manifests/{reference}")).header(CONTENT_TYPE, media_type).body(body)
+    }
+
+    /// `GET /v2/<repo>/manifests/<reference>` accepting OCI and Docker types.
+    fn manifest_get_req(&self, repo: &str, reference: &str) -> reqwest::RequestBuilder {
+        self.req(Method::GET, &format!("/v2/{repo}/manifests/{reference}")).header("accept", MANIFEST_ACCEPT)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Raw: the response as it came
+
+    /// Sends `rb`; panics only when no response came.
+    pub async fn send(&self, rb: reqwest::RequestBuilder) -> Response {
+        match rb.send().await {
+            Ok(r) => r,
+            Err(e) => panic!("request to {} failed: {}", self.base, error_chain(&e)),
+        }
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.send(self.req(Method::GET, path)).await
+    }
+
+    pub async fn head(&self, path: &str) -> Response {
+        self.send(self.req(Method::HEAD, path)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        self.send(self.req(Method::DELETE, path)).await
+    }
+
+    pub async fn post(&self, path: &str, body: Vec<u8>) -> Response {
+        self.send(self.req(Method::POST, path).body(body)).await
+    }
+
+    /// `PUT /v2/<repo>/manifests/<reference>`, whatever the answer.
+    pub async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Response {
+        self.send(self.manifest_put_req(repo, reference, media_type, body.to_vec())).await
+    }
+
+    /// `PATCH <loc>` with `chunk` at `start` (`Content-Range`), whatever the answer.
+    pub async fn patch_chunk(&self, loc: &str, start: usize, chunk: &[u8]) -> Response {
+        self.send(self.patch_req(loc, start as u64, chunk.len() as u64, Body::from(chunk.to_vec()))).await
+    }
+
+    /// `PUT <loc>?digest=<d>` with `body` as the final chunk (may be empty), whatever the answer.
+    pub async fn finish_upload(&self, loc: &str, digest: &str, body: Vec<u8>) -> Response {
+        let len = body.len() as u64;
+        self.send(self.finish_req(loc, digest, Some((len, Body::from(body))))).await
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Fallible: strict about the answer, transport errors apart
+
+    /// `POST /v2/<repo>/blobs/uploads/` → 202 with a Location under
+    /// `/v2/<repo>/blobs/uploads/<Docker-Upload-UUID>` and `Range: 0-0`; returns the Location.
+    pub async fn try_start_upload(&self, repo: &str) -> Res<String> {
+        let what = format!("POST /v2/{repo}/blobs/uploads/");
+        let resp = self.upload_start_req(repo).send().await?;
+        let resp = expect_status(resp, StatusCode::ACCEPTED, &what).await?;
+        let loc = Self::location(&resp, &what)?;
+        let uuid = hdr(resp.headers(), "docker-upload-uuid").unwrap_or_default();
+        let path = Self::path_of(&loc);
+        let path = path.split('?').next().unwrap_or_default();
+        if uuid.is_empty() || path != format!("/v2/{repo}/blobs/uploads/{uuid}") {
+            return protocol(format!("{what}: Location {loc:?} does not name session {uuid:?} of {repo}"));
+        }
+        match hdr(resp.headers(), "range").as_deref() {
+            Some("0-0") => Ok(loc),
+            other => protocol(format!("{what}: Range {other:?} on a new session, expected \"0-0\"")),
+        }
+    }
+
+    /// `PATCH <loc>` with `Content-Range: start-end` → 202; returns (new Location, stored
+    /// length from `Range`), and checks `Range` says `start + len` bytes are stored.
+    pub async fn try_patch(&self, loc: &str, start: u64, len: u64, body: Body) -> Res<(String, u64)> {
+        let end = start + len - 1;
+        let resp = self.patch_req(loc, start, len, body).send().await?;
         let resp = expect_status(resp, StatusCode::ACCEPTED, &format!("PATCH {loc} bytes {start}-{end}")).await?;
         let new_loc = Self::location(&resp, "PATCH")?;
         match parse_range(resp.headers()) {
@@ -286,41 +426,37 @@ impl Registry {
         }
     }
 
-    /// `PUT <loc>?digest=<d>` with an optional final chunk → 201 + Location + digest header.
-    pub async fn finish(&self, loc: &str, digest: &str, body: Option<(u64, Body)>) -> Res<()> {
-        let mut req = self.client.put(self.url(&Self::with_query(loc, &format!("digest={digest}"))));
-        req = match body {
-            Some((len, b)) => {
-                req.header(CONTENT_TYPE, "application/octet-stream").header(CONTENT_LENGTH, len.to_string()).body(b)
-            }
-            None => req.header(CONTENT_LENGTH, "0"),
-        };
-        let resp = req.send().await?;
-        let resp = expect_status(resp, StatusCode::CREATED, &format!("PUT {loc}?digest={digest}")).await?;
-        if let Some(d) = hdr(resp.headers(), "docker-content-digest") {
-            if d != digest {
-                return protocol(format!("PUT {loc}: Docker-Content-Digest {d}, expected {digest}"));
-            }
+    /// `PUT <loc>?digest=<d>` with an optional final chunk → 201 with `digest` in
+    /// `Docker-Content-Digest`.
+    pub async fn try_finish(&self, loc: &str, digest: &str, body: Option<(u64, Body)>) -> Res<()> {
+        let what = format!("PUT {loc}?digest={digest}");
+        let resp = self.finish_req(loc, digest, body).send().await?;
+        let resp = expect_status(resp, StatusCode::CREATED, &what).await?;
+        match hdr(resp.headers(), "docker-content-digest") {
+            Some(d) if d == digest => Ok(()),
+            other => protocol(format!("{what}: Docker-Content-Digest {other:?}, expected {digest}")),
         }
-        Ok(())
     }
 
-    /// Monolithic `POST /v2/<repo>/blobs/uploads/?digest=<d>` with the whole blob → 201.
-    pub async fn post_monolithic(&self, repo: &str, digest: &str, data: Vec<u8>) -> Res<()> {
-        let resp = self
-            .client
-            .post(self.url(&format!("/v2/{repo}/blobs/uploads/?digest={digest}")))
-            .header(CONTENT_TYPE, "application/octet-stream")
-            .body(data)
-            .send()
-            .await?;
-        expect_status(resp, StatusCode::CREATED, &format!("monolithic POST {repo} {digest}")).await?;
-        Ok(())
+    /// Monolithic `POST /v2/<repo>/blobs/uploads/?digest=<d>` with the whole blob → 201 with
+    /// Location `/v2/<repo>/blobs/<d>` and `digest` in `Docker-Content-Digest`.
+    pub async fn try_post_monolithic(&self, repo: &str, digest: &str, data: Vec<u8>) -> Res<()> {
+        let what = format!("monolithic POST {repo} {digest}");
+        let resp = self.monolithic_req(repo, digest, data).send().await?;
+        let resp = expect_status(resp, StatusCode::CREATED, &what).await?;
+        let loc = Self::location(&resp, &what)?;
+        if Self::path_of(&loc) != format!("/v2/{repo}/blobs/{digest}") {
+            return protocol(format!("{what}: Location {loc:?}"));
+        }
+        match hdr(resp.headers(), "docker-content-digest") {
+            Some(d) if d == digest => Ok(()),
+            other => protocol(format!("{what}: Docker-Content-Digest {other:?}")),
+        }
     }
 
-    /// `GET <loc>` on an upload session: (status, stored length from Range if 204).
-    pub async fn session_status(&self, loc: &str) -> Res<(StatusCode, Option<u64>)> {
-        let resp = self.client.get(self.url(loc)).send().await?;
+    /// `GET <loc>` on an upload session: (status, stored length from Range).
+    pub async fn try_session_status(&self, loc: &str) -> Res<(StatusCode, Option<u64>)> {
+        let resp = self.req(Method::GET, loc).send().await?;
         let st = resp.status();
         let n = parse_range(resp.headers());
         let _ = resp.bytes().await;
@@ -328,8 +464,8 @@ impl Registry {
     }
 
     /// `GET /v2/<repo>/blobs/<digest>`: (status, body).
-    pub async fn get_blob(&self, repo: &str, digest: &str) -> Res<(StatusCode, Vec<u8>)> {
-        let resp = self.client.get(self.url(&format!("/v2/{repo}/blobs/{digest}"))).send().await?;
+    pub async fn try_get_blob(&self, repo: &str, digest: &str) -> Res<(StatusCode, Vec<u8>)> {
+        let resp = self.req(Method::GET, &format!("/v2/{repo}/blobs/{digest}")).send().await?;
         let st = resp.status();
         let body = resp.bytes().await?;
         Ok((st, body.to_vec()))
@@ -337,9 +473,9 @@ impl Registry {
 
     /// Streams `GET /v2/<repo>/blobs/<digest>` through SHA-256 without buffering the body:
     /// (status, Content-Length header, bytes received, `sha256:<hex>` of the body).
-    pub async fn get_blob_hashed(&self, repo: &str, digest: &str) -> Res<(StatusCode, Option<u64>, u64, String)> {
+    pub async fn try_get_blob_hashed(&self, repo: &str, digest: &str) -> Res<(StatusCode, Option<u64>, u64, String)> {
         use sha2::{Digest, Sha256};
-        let resp = self.client.get(self.url(&format!("/v2/{repo}/blobs/{digest}"))).send().await?;
+        let resp = self.req(Method::GET, &format!("/v2/{repo}/blobs/{digest}")).send().await?;
         let st = resp.status();
         let cl = resp.content_length();
         let mut h = Sha256::new();
@@ -353,49 +489,127 @@ impl Registry {
         Ok((st, cl, n, format!("sha256:{}", super::data::hex(&h.finalize()))))
     }
 
-    pub async fn head_blob(&self, repo: &str, digest: &str) -> Res<StatusCode> {
-        let resp = self.client.head(self.url(&format!("/v2/{repo}/blobs/{digest}"))).send().await?;
+    pub async fn try_head_blob(&self, repo: &str, digest: &str) -> Res<StatusCode> {
+        let resp = self.req(Method::HEAD, &format!("/v2/{repo}/blobs/{digest}")).send().await?;
         Ok(resp.status())
     }
 
-    /// `PUT /v2/<repo>/manifests/<reference>` → 201; checks Docker-Content-Digest if present.
-    pub async fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, data: Vec<u8>) -> Res<()> {
+    /// `PUT /v2/<repo>/manifests/<reference>` → 201 with Location
+    /// `/v2/<repo>/manifests/<digest>` and the digest of `data` in `Docker-Content-Digest`.
+    pub async fn try_put_manifest(&self, repo: &str, reference: &str, media_type: &str, data: Vec<u8>) -> Res<String> {
         let digest = sha256(&data);
-        let resp = self
-            .client
-            .put(self.url(&format!("/v2/{repo}/manifests/{reference}")))
-            .header(CONTENT_TYPE, media_type)
-            .body(data)
-            .send()
-            .await?;
-        let resp = expect_status(resp, StatusCode::CREATED, &format!("PUT manifest {repo}:{reference}")).await?;
-        if let Some(d) = hdr(resp.headers(), "docker-content-digest") {
-            if d != digest {
-                return protocol(format!(
-                    "PUT manifest {repo}:{reference}: Docker-Content-Digest {d}, expected {digest}"
-                ));
-            }
+        let what = format!("PUT manifest {repo}:{reference}");
+        let resp = self.manifest_put_req(repo, reference, media_type, data).send().await?;
+        let resp = expect_status(resp, StatusCode::CREATED, &what).await?;
+        let loc = Self::location(&resp, &what)?;
+        if Self::path_of(&loc) != format!("/v2/{repo}/manifests/{digest}") {
+            return protocol(format!("{what}: Location {loc:?}, expected /v2/{repo}/manifests/{digest}"));
         }
-        Ok(())
+        match hdr(resp.headers(), "docker-content-digest") {
+            Some(d) if d == digest => Ok(digest),
+            other => protocol(format!("{what}: Docker-Content-Digest {other:?}, expected {digest}")),
+        }
     }
 
     /// `GET /v2/<repo>/manifests/<reference>` accepting OCI and Docker types:
     /// (status, Docker-Content-Digest, Content-Type, body).
-    pub async fn get_manifest(
+    pub async fn try_get_manifest(
         &self,
         repo: &str,
         reference: &str,
     ) -> Res<(StatusCode, Option<String>, Option<String>, Vec<u8>)> {
-        let resp = self
-            .client
-            .get(self.url(&format!("/v2/{repo}/manifests/{reference}")))
-            .header("accept", MANIFEST_ACCEPT)
-            .send()
-            .await?;
+        let resp = self.manifest_get_req(repo, reference).send().await?;
         let st = resp.status();
         let dcd = hdr(resp.headers(), "docker-content-digest");
         let ct = hdr(resp.headers(), "content-type");
         let body = resp.bytes().await?.to_vec();
         Ok((st, dcd, ct, body))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Checked: the flows above, panicking on any deviation
+
+    /// Opens an upload session ([`Registry::try_start_upload`]); returns its Location.
+    pub async fn start_upload(&self, repo: &str) -> String {
+        self.try_start_upload(repo).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Monolithic sha256 push ([`Registry::try_post_monolithic`]); returns the digest.
+    pub async fn push_blob(&self, repo: &str, content: &[u8]) -> String {
+        self.push_blob_as(repo, content, &sha256(content)).await
+    }
+
+    /// Monolithic push under an explicit `digest` (any algorithm); returns it.
+    pub async fn push_blob_as(&self, repo: &str, content: &[u8], digest: &str) -> String {
+        self.try_post_monolithic(repo, digest, content.to_vec()).await.unwrap_or_else(|e| panic!("{e}"));
+        digest.to_string()
+    }
+
+    /// `POST` a session, then one `PUT ?digest=` with the whole blob: the push every
+    /// registry takes (CNCF Distribution has no monolithic `POST`). Returns the digest.
+    pub async fn upload_blob(&self, repo: &str, content: &[u8]) -> String {
+        let digest = sha256(content);
+        let loc = self.start_upload(repo).await;
+        let body = Some((content.len() as u64, Body::from(content.to_vec())));
+        self.try_finish(&loc, &digest, body).await.unwrap_or_else(|e| panic!("{e}"));
+        digest
+    }
+
+    /// Puts a manifest under `reference` (tag or digest) ([`Registry::try_put_manifest`]);
+    /// returns its digest.
+    pub async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
+        self.try_put_manifest(repo, reference, media_type, body.to_vec()).await.unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Pushes `img`'s blobs ([`Registry::upload_blob`]), then its manifest under `tag`, or by
+    /// digest when `tag` is `None`.
+    pub async fn push_image(&self, repo: &str, img: &Image, tag: Option<&str>) {
+        for b in img.blobs() {
+            self.upload_blob(repo, &b.data).await;
+        }
+        let reference = tag.unwrap_or(&img.manifest.digest);
+        self.push_manifest(repo, reference, &img.manifest.media_type, &img.manifest.data).await;
+    }
+
+    /// GETs a blob and asserts 200, exactly `content`, and `digest` in Docker-Content-Digest.
+    pub async fn assert_blob(&self, repo: &str, digest: &str, content: &[u8]) {
+        let r = read(self.req(Method::GET, &format!("/v2/{repo}/blobs/{digest}"))).await;
+        assert_eq!(r.status, 200, "GET /v2/{repo}/blobs/{digest}: {}", r.text());
+        assert!(r.error.is_none(), "GET /v2/{repo}/blobs/{digest}: body broke: {:?}", r.error);
+        assert_eq!(r.body.len(), content.len(), "blob {digest} length");
+        assert!(r.body == content, "blob {digest} content differs");
+        assert_eq!(hdr(&r.headers, "docker-content-digest").as_deref(), Some(digest), "blob {digest}");
+    }
+
+    /// `GET /v2/<repo>/tags/list` → 200; the `tags` array.
+    pub async fn tags(&self, repo: &str) -> Vec<String> {
+        let r = read(self.req(Method::GET, &format!("/v2/{repo}/tags/list"))).await;
+        assert_eq!(r.status, 200, "GET /v2/{repo}/tags/list: {}", r.text());
+        let v: Value = serde_json::from_slice(&r.body).expect("tags list is JSON");
+        v["tags"]
+            .as_array()
+            .unwrap_or_else(|| panic!("tags is not an array: {v}"))
+            .iter()
+            .map(|t| t.as_str().expect("tag is a string").to_string())
+            .collect()
+    }
+
+    /// `GET /v2/<repo>/referrers/<subject>[?artifactType=]` → 200, an OCI image index
+    /// (Content-Type, schemaVersion, mediaType, a `manifests` array); (headers, body).
+    pub async fn referrers(&self, repo: &str, subject: &str, artifact_type: Option<&str>) -> (HeaderMap, Value) {
+        const INDEX: &str = "application/vnd.oci.image.index.v1+json";
+        let mut rb = self.req(Method::GET, &format!("/v2/{repo}/referrers/{subject}"));
+        if let Some(t) = artifact_type {
+            rb = rb.query(&[("artifactType", t)]);
+        }
+        let r = read(rb).await;
+        assert_eq!(r.status, 200, "referrers of {subject} in {repo}: {}", r.text());
+        let ct = hdr(&r.headers, "content-type").unwrap_or_default();
+        assert!(ct.starts_with(INDEX), "referrers Content-Type: {ct}");
+        let v: Value = serde_json::from_slice(&r.body).expect("referrers body is JSON");
+        assert_eq!(v["schemaVersion"], 2, "referrers: {v}");
+        assert_eq!(v["mediaType"], INDEX, "referrers: {v}");
+        assert!(v["manifests"].is_array(), "referrers manifests must be an array: {v}");
+        (r.headers, v)
     }
 }

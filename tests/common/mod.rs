@@ -1,13 +1,13 @@
 //! Shared support for every integration test (not a test target itself). Each test file
 //! compiles this module on its own (`mod common;`), so most files use only part of it.
 //!
-//! - [`server`]: the `stevedore` binary on a temporary store, command-line arguments only.
-//! - [`stevedore`]: the binary on a config file, its JSON access log captured; config helpers.
+//! - [`stevedore`]: the one launcher ([`stevedore::Stevedore`]): the real binary on a config
+//!   file or on command-line arguments only, a given store root, its logs captured; config
+//!   helpers.
 //! - [`data`]: deterministic bytes, digests, a small PRNG.
-//! - [`http`]: the loopback reqwest client, response reading and checks, and a strict
-//!   distribution-spec client ([`http::Registry`]).
+//! - [`http`]: the loopback reqwest client, response reading and checks, and the one
+//!   distribution-spec client ([`http::Registry`]: raw requests, strict flows, pushes).
 //! - [`oci`]: images (gzip ustar layers, config, manifest, index) and OCI image layouts.
-//! - [`push`]: pushing blobs, manifests and images to a registry.
 //! - [`distribution`]: CNCF Distribution (`docker-registry`) as a real upstream.
 //! - [`fake`]: a scripted fake upstream (axum, in process).
 //! - [`store`]: checks on Stevedore's on-disk store.
@@ -23,8 +23,6 @@ pub mod fake;
 pub mod http;
 pub mod oci;
 pub mod proc;
-pub mod push;
-pub mod server;
 pub mod skopeo_cli;
 pub mod stevedore;
 pub mod store;
@@ -34,7 +32,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)]
-pub use server::Server;
+pub use stevedore::Stevedore;
 
 /// A small runtime for async helpers called from synchronous tests (pushing, probes).
 pub fn rt() -> &'static tokio::runtime::Runtime {
@@ -55,5 +53,38 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_until`] for synchronous code: polls `cond` every 10 ms until it holds or `limit`
+/// passes; returns whether it held.
+pub fn wait_until_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Waits for a log to settle: until `probe` reports `(ready, length)` with `ready` true and
+/// the same `length` for `quiet` (a log still being written keeps growing). Polls every
+/// 10 ms; panics after `limit`.
+pub fn wait_log_settled(limit: Duration, quiet: Duration, mut probe: impl FnMut() -> (bool, usize), what: &str) {
+    let end = Instant::now() + limit;
+    let (mut last, mut since) = (None, Instant::now());
+    loop {
+        let (ready, len) = probe();
+        if last != Some(len) {
+            (last, since) = (Some(len), Instant::now());
+        } else if ready && since.elapsed() >= quiet {
+            return;
+        }
+        assert!(Instant::now() < end, "{what} did not settle within {limit:?} (ready: {ready}, length {len})");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -212,6 +212,32 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM to the leader only; waits up to `limit` for it to exit and returns its exit
+    /// status, or `None` if it still runs then (drop or [`Daemon::kill`] ends it).
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        if self.stopped {
+            return self.child.try_wait().ok().flatten();
+        }
+        let _ = Command::new("kill")
+            .args(["-s", "TERM", &self.pid().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let end = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.stopped = true;
+                signal_group(self.pid(), "KILL");
+                return Some(status);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// SIGTERM to the group, up to 10 s for the leader to exit, then SIGKILL to the group.
     pub fn stop(&mut self) {
         if self.stopped {

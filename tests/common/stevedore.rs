@@ -1,12 +1,22 @@
-//! Stevedore under test on a config file: the real binary on 127.0.0.1:0, JSON logs and the
-//! access log (`stevedore::access`, one line per request with its query and cache outcome)
-//! captured to a file, so tests can see exactly what each client sent. Plus the pull-through
-//! config and request-path helpers. (For a server on command-line arguments only, see
-//! [`super::server::Server`].)
+//! Stevedore under test: the one launcher. The real binary on 127.0.0.1:0 in a directory of
+//! its own, stdout and stderr (JSON logs by default, the access log `stevedore::access` at
+//! info: one line per request with its query and cache outcome) captured to a file, so tests
+//! can see exactly what each client sent. Ready once it printed `stevedore listening on`.
+//!
+//! - [`Stevedore::start`] / [`Stevedore::start_in`]: on a config file (pull-through tests);
+//! - [`Stevedore::local`]: a plain local registry, command-line arguments only
+//!   (`--upstream none`);
+//! - [`Stevedore::builder`]: a given store root (restarts on one root), extra arguments,
+//!   `RUST_LOG`, text logs.
+//!
+//! Plus the pull-through config and request-path helpers.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use super::http::Registry;
 use super::proc::{self, Daemon};
 
 /// One request as Stevedore logged it.
@@ -42,13 +52,159 @@ pub fn show(reqs: &[Access]) -> String {
     reqs.iter().map(|a| format!("  {a}")).collect::<Vec<_>>().join("\n")
 }
 
+/// How the binary writes its logs (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// What to start: see [`Stevedore::builder`].
+pub struct Builder {
+    dir: Option<PathBuf>,
+    config: Option<String>,
+    root: Option<PathBuf>,
+    args: Vec<String>,
+    rust_log: String,
+    log_format: LogFormat,
+}
+
+impl Builder {
+    /// Config file, logs and (unless [`Builder::root`]) the store go under `dir` instead of a
+    /// temporary directory of the server's own.
+    pub fn dir(mut self, dir: &Path) -> Builder {
+        self.dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Runs on this config (TOML), written to `<dir>/stevedore.toml`. It must set `[proxy]
+    /// default_upstream` and name loopback endpoints only (checked at start).
+    pub fn config(mut self, toml: &str) -> Builder {
+        self.config = Some(toml.to_string());
+        self
+    }
+
+    /// The store root (`--root`), e.g. to restart on the store a killed server left.
+    pub fn root(mut self, root: &Path) -> Builder {
+        self.root = Some(root.to_path_buf());
+        self
+    }
+
+    /// Extra arguments to `serve`. Without a config and without `--upstream`, the server
+    /// gets `--upstream none`; an `--upstream` URL must be on loopback.
+    pub fn args(mut self, args: &[&str]) -> Builder {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// The `RUST_LOG` filter (default `warn,stevedore::access=info`).
+    pub fn rust_log(mut self, filter: &str) -> Builder {
+        self.rust_log = filter.to_string();
+        self
+    }
+
+    /// Plain text logs (`--log-format text`) instead of JSON; [`Stevedore::requests`] reads
+    /// JSON only.
+    pub fn text_logs(mut self) -> Builder {
+        self.log_format = LogFormat::Text;
+        self
+    }
+
+    /// Starts the server and waits (bounded) for its listening line. From async tests on the
+    /// multi-thread runtime the wait runs in `block_in_place`.
+    pub fn start(self) -> Stevedore {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| self.spawn())
+            }
+            _ => self.spawn(),
+        }
+    }
+
+    fn spawn(self) -> Stevedore {
+        let tmp = match &self.dir {
+            Some(_) => None,
+            None => Some(tempfile::Builder::new().prefix("stevedore-").tempdir().expect("tempdir")),
+        };
+        let dir = self.dir.clone().unwrap_or_else(|| tmp.as_ref().unwrap().path().to_path_buf());
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = self.root.clone().unwrap_or_else(|| dir.join("data"));
+        let mut cmd = proc::with_pdeathsig(env!("CARGO_BIN_EXE_stevedore"));
+        cmd.arg("--log-format").arg(match self.log_format {
+            LogFormat::Json => "json",
+            LogFormat::Text => "text",
+        });
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--root").arg(&root);
+        let config = self.config.as_ref().map(|text| {
+            check_loopback_only(text);
+            let cfg = dir.join("stevedore.toml");
+            std::fs::write(&cfg, text).unwrap();
+            cfg
+        });
+        if let Some(cfg) = &config {
+            cmd.arg("--config").arg(cfg);
+        }
+        let upstream = self.args.iter().position(|a| a == "--upstream").map(|i| self.args.get(i + 1));
+        match upstream {
+            Some(Some(u)) => assert!(
+                u == "none" || u.starts_with("http://127.0.0.1:") || u.starts_with("https://127.0.0.1:"),
+                "test server given a non-loopback --upstream {u:?}"
+            ),
+            Some(None) => panic!("--upstream without a value"),
+            None if config.is_none() => {
+                cmd.arg("--upstream").arg("none");
+            }
+            None => {}
+        }
+        cmd.args(&self.args);
+        cmd.env("RUST_LOG", &self.rust_log);
+        for v in ["STEVEDORE_LOG_FORMAT", "STEVEDORE_CONFIG"] {
+            cmd.env_remove(v);
+        }
+        // A fresh log file per start, so a restart in the same directory reads its own.
+        let log = (0..)
+            .map(|n| if n == 0 { dir.join("stevedore.log") } else { dir.join(format!("stevedore-{n}.log")) })
+            .find(|p| !p.exists())
+            .unwrap();
+        let mut daemon = Daemon::spawn("stevedore", cmd, &log);
+        let addr = wait_for_listen_line(&mut daemon, Duration::from_secs(30));
+        Stevedore { daemon, addr, root, config, log_format: self.log_format, sentinels: AtomicUsize::new(0), _tmp: tmp }
+    }
+}
+
+/// Polls the log for `stevedore listening on <addr>` every 10 ms; panics with the log if the
+/// process exits first or `limit` passes.
+fn wait_for_listen_line(daemon: &mut Daemon, limit: Duration) -> String {
+    let end = Instant::now() + limit;
+    loop {
+        let log = daemon.log_text();
+        if let Some(a) = log.lines().find_map(|l| l.strip_prefix("stevedore listening on ")) {
+            return a.trim().to_string();
+        }
+        if let Some(status) = daemon.exit_status() {
+            panic!("stevedore exited during start-up ({status}); its log:\n{}", proc::tail(&log, 6000));
+        }
+        assert!(
+            Instant::now() < end,
+            "stevedore did not print its listening line within {limit:?}; its log:\n{}",
+            proc::tail(&log, 6000)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Path of the requests [`Stevedore::settle`] sends; left out of [`Stevedore::requests`].
+const SENTINEL: &str = "/healthz?settle=";
+
 pub struct Stevedore {
     daemon: Daemon,
     /// `127.0.0.1:PORT`
     pub addr: String,
     root: PathBuf,
-    /// The config file it runs on.
-    pub config: PathBuf,
+    /// The config file it runs on, if any.
+    pub config: Option<PathBuf>,
+    log_format: LogFormat,
+    sentinels: AtomicUsize,
     /// Set when Stevedore runs in a temporary directory of its own.
     _tmp: Option<tempfile::TempDir>,
 }
@@ -81,13 +237,28 @@ pub fn check_loopback_only(config: &str) {
 }
 
 impl Stevedore {
+    /// What to start: by default a plain local registry (`--upstream none`) on a fresh
+    /// temporary store, JSON logs, `RUST_LOG=warn,stevedore::access=info`.
+    pub fn builder() -> Builder {
+        Builder {
+            dir: None,
+            config: None,
+            root: None,
+            args: Vec::new(),
+            rust_log: "warn,stevedore::access=info".into(),
+            log_format: LogFormat::Json,
+        }
+    }
+
+    /// A plain local registry (no upstream) on a fresh temporary store.
+    pub fn local() -> Stevedore {
+        Stevedore::builder().start()
+    }
+
     /// Starts Stevedore on `config` in a temporary directory of its own (see
-    /// [`Stevedore::start_in`]). From async tests: needs the multi-thread runtime.
+    /// [`Stevedore::start_in`]).
     pub fn start(config: &str) -> Stevedore {
-        let tmp = tempfile::Builder::new().prefix("stevedore-proxy-").tempdir().expect("tempdir");
-        let mut sd = tokio::task::block_in_place(|| Stevedore::start_in(tmp.path(), config));
-        sd._tmp = Some(tmp);
-        sd
+        Stevedore::builder().config(config).start()
     }
 
     /// Writes `config` (TOML) to `dir/stevedore.toml` and starts the server with its store in
@@ -95,35 +266,7 @@ impl Stevedore {
     /// default_upstream` and name loopback endpoints only; this is checked here so no test can
     /// reach outside.
     pub fn start_in(dir: &Path, config: &str) -> Stevedore {
-        check_loopback_only(config);
-        std::fs::create_dir_all(dir).unwrap();
-        let cfg = dir.join("stevedore.toml");
-        std::fs::write(&cfg, config).unwrap();
-        let root = dir.join("data");
-        let mut cmd = proc::with_pdeathsig(env!("CARGO_BIN_EXE_stevedore"));
-        cmd.arg("--log-format")
-            .arg("json")
-            .arg("serve")
-            .arg("--config")
-            .arg(&cfg)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--root")
-            .arg(&root)
-            .env("RUST_LOG", "warn,stevedore::access=info");
-        let mut daemon = Daemon::spawn("stevedore", cmd, &dir.join("stevedore.log"));
-        let mut addr = String::new();
-        daemon.wait_ready(Duration::from_secs(30), || {
-            let log = std::fs::read_to_string(dir.join("stevedore.log")).unwrap_or_default();
-            match log.lines().find_map(|l| l.strip_prefix("stevedore listening on ")) {
-                Some(a) => {
-                    addr = a.trim().to_string();
-                    true
-                }
-                None => false,
-            }
-        });
-        Stevedore { daemon, addr, root, config: cfg, _tmp: None }
+        Stevedore::builder().dir(dir).config(config).start()
     }
 
     /// `http://127.0.0.1:PORT` + `path`.
@@ -136,38 +279,118 @@ impl Stevedore {
         self.addr.clone()
     }
 
+    /// The listening port.
+    pub fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port in the listen address")
+    }
+
     /// The store directory.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
+    /// The distribution client for this server.
+    pub fn registry(&self) -> Registry {
+        Registry::new(&self.url(""))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.pid()
+    }
+
+    /// Peak resident set size of the server process (VmHWM), in bytes.
+    pub fn vm_hwm(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("VmHWM");
+        let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
+    }
+
+    /// SIGKILL, no chance to clean up; waits for the process to be gone.
+    pub fn kill(&mut self) {
+        self.daemon.kill();
+    }
+
+    /// SIGTERM (a graceful shutdown); waits up to `limit` for the exit. `None` if it is still
+    /// running then (it gets SIGKILL on drop).
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.daemon.terminate(limit)
+    }
+
+    /// The file stdout and stderr go to.
+    pub fn log_path(&self) -> &Path {
+        &self.daemon.log
+    }
+
+    /// Everything the server printed so far.
+    pub fn log_text(&self) -> String {
+        self.daemon.log_text()
+    }
+
+    /// The `fields` of every JSON access line so far, in order, sentinels left out.
+    pub fn access_lines(&self) -> Vec<serde_json::Value> {
+        assert_eq!(self.log_format, LogFormat::Json, "access lines are read from JSON logs");
+        self.daemon
+            .log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "stevedore::access")
+            .map(|v| v["fields"].clone())
+            .filter(|f| !f["uri"].as_str().unwrap_or_default().starts_with(SENTINEL))
+            .collect()
+    }
+
     /// Every request logged so far, in order.
     pub fn requests(&self) -> Vec<Access> {
-        let mut out = Vec::new();
-        for line in self.daemon.log_text().lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                continue;
-            };
-            if v["target"] != "stevedore::access" {
-                continue;
-            }
-            let f = &v["fields"];
-            out.push(Access {
+        self.access_lines()
+            .iter()
+            .map(|f| Access {
                 method: f["method"].as_str().unwrap_or_default().to_string(),
                 uri: f["uri"].as_str().unwrap_or_default().to_string(),
                 status: f["status"].as_u64().unwrap_or(0) as u16,
                 cache: f["cache"].as_str().unwrap_or_default().to_string(),
-            });
-        }
-        out
+            })
+            .collect()
     }
 
-    /// Requests logged after the first `mark` (a previous `requests().len()`); waits briefly
-    /// for log lines still being written.
+    /// Requests logged after the first `mark` (a previous `requests().len()`), once the log
+    /// has settled ([`Stevedore::settle`]).
     pub fn requests_since(&self, mark: usize) -> Vec<Access> {
-        std::thread::sleep(Duration::from_millis(100));
+        self.settle();
         let mut all = self.requests();
         all.split_off(mark.min(all.len()))
+    }
+
+    /// Requests logged after `mark` once `done` holds for them; panics (with what was logged)
+    /// if it does not within `limit`. For a test that knows what it waits for.
+    pub fn wait_requests(&self, mark: usize, limit: Duration, done: impl Fn(&[Access]) -> bool) -> Vec<Access> {
+        let end = Instant::now() + limit;
+        loop {
+            let mut all = self.requests();
+            let since = all.split_off(mark.min(all.len()));
+            if done(&since) {
+                return since;
+            }
+            assert!(Instant::now() < end, "the expected requests were not logged within {limit:?}:\n{}", show(&since));
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until every request answered so far is in the access log. A line is written
+    /// when its response body ends (or is dropped): a body the client read to its end is
+    /// logged before the client sees the end, but one a client gave up on is logged when the
+    /// server notices. So: send a sentinel request and wait for its line, then until the
+    /// number of access lines stays the same for 100 ms. Bounded (10 s).
+    pub fn settle(&self) {
+        let n = self.sentinels.fetch_add(1, Ordering::SeqCst);
+        let sentinel = format!("{SENTINEL}{n}");
+        assert_eq!(proc::http_get_status(self.port(), &sentinel), Some(200), "sentinel request {sentinel}");
+        let quoted = format!("\"{sentinel}\"");
+        let probe = || {
+            let text = self.daemon.log_text();
+            (text.contains(&quoted), text.lines().filter(|l| l.contains("\"stevedore::access\"")).count())
+        };
+        super::wait_log_settled(Duration::from_secs(10), Duration::from_millis(100), probe, "Stevedore's access log");
     }
 
     /// Warnings and errors Stevedore logged (not access lines), for failure messages.

@@ -72,7 +72,9 @@ def resolve():
         log("baseline %s (%s): building into %s (target dir %s)" % (rev, sha[:10], binary, target))
         _seed(target)
         archive = subprocess.Popen(["git", "-C", REPO, "archive", "--format=tar", sha], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", src], stdin=archive.stdout, check=True, timeout=300)
+        # -m: the files get the current time, not the commit's, so cargo never takes the
+        # seeded (newer) artifacts of the workspace crate for this commit's.
+        subprocess.run(["tar", "-x", "-m", "-C", src], stdin=archive.stdout, check=True, timeout=300)
         archive.stdout.close()
         if archive.wait(timeout=60) != 0:
             raise RuntimeError("git archive %s failed" % sha)

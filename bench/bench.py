@@ -291,9 +291,10 @@ def measure_skopeo(ctx, t, upstream, uplog, images, workdir, direct=False):
 
 def measure_push(ctx, targets, images, layout, others=()):
     """skopeo copy of `big` from the OCI layout, each repetition into an empty registry, the
-    targets (key, registry, repetitions) interleaved run by run (A B C A B C ...) so that a slow spell of the machine or
-    the disk hits them alike. Timed: the copy; then, off the clock, the pushed image is pulled
-    back and every body hashed (verified). Returns {target key: [runs]}."""
+    `targets` ((key, registry, repetitions), ...) interleaved run by run (A B C A B C ...) so
+    that a slow spell of the machine or the disk hits them alike. Timed: the copy; then, off
+    the clock, the pushed image is pulled back and every body hashed (verified). Returns
+    {key: [runs]}."""
     out = {key: [] for key, _, _ in targets}
     total = image_bytes(images["big"])
     digest = images["big"]["manifest"]["digest"]
@@ -345,8 +346,8 @@ class Direct:
 
 
 def run_target(ctx, t, upstream, uplog, images, workdir, repeat=None, conc_repeat=None, skopeo=True):
-    """Every pull-side phase of one target. `repeat` (the baseline's) overrides the pull and
-    concurrent repetitions; the baseline skips skopeo."""
+    """Every pull-side phase of one target. `repeat` and `conc_repeat` (the baseline's)
+    override the pull and concurrent repetitions; the baseline skips skopeo."""
     direct = isinstance(t, Direct)
     res = {}
     with ctx.step("%s: pulls" % t.name):

@@ -8,7 +8,9 @@
 # Distribution on 127.0.0.1 with generated images, measured directly, through Distribution
 # in proxy mode and through Stevedore. Prints one table and writes the raw figures to
 # bench/results/<timestamp>.json. Loopback only; every loop is bounded; every server it
-# starts is stopped on exit. Knobs (environment): see bench/README.md.
+# starts is stopped on exit. Knobs (environment): see bench/README.md; e.g.
+#   BENCH_BASELINE=<git rev> bash bench/run.sh
+# also builds that commit's Stevedore (cached in bench/.baseline/) and measures it beside.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

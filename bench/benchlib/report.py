@@ -1,5 +1,6 @@
 """The summary table: each metric for upstream-direct, Distribution (proxy), Stevedore, the
-Stevedore/Distribution ratio, and the issue's target next to it."""
+Stevedore/Distribution ratio, the baseline Stevedore and the new/baseline ratio when one ran,
+and the issue's target next to it."""
 
 import statistics
 
@@ -33,44 +34,67 @@ def _phases(runs):
     return [r.get("phase", {}) for r in runs or []]
 
 
+def _cost(runs, key="cpu_s_per_gb"):
+    return _med([p.get(key) for p in _phases(runs)])
+
+
+def _verified(runs, key="verified"):
+    runs = runs or []
+    return all(r.get(key) for r in runs) if runs else None
+
+
 def summarize(res):
-    """Rows of (key, label, {col: value}, ratio, target text, verdict)."""
+    """Rows of {key, label, values {col: value}, ratio (S/D), bratio (S/B), target, met}."""
     rows = []
+    cols = COLS + (("baseline",) if res.get("baseline") or _get(res, "push", "baseline") else ())
 
     def add(key, label, vals, target=None, check=None, ratio=True, fmt="%.1f"):
-        d, s = vals.get("distribution"), vals.get("stevedore")
+        d, s, b = vals.get("distribution"), vals.get("stevedore"), vals.get("baseline")
         r = round(s / d, 2) if ratio and d and s is not None else None
+        br = round(s / b, 2) if ratio and b and s is not None else None
         verdict = None
         if check is not None and s is not None:
             try:
                 verdict = bool(check(vals, r))
             except TypeError:
                 verdict = None
-        rows.append({"key": key, "label": label, "values": vals, "ratio": r, "target": target,
+        rows.append({"key": key, "label": label, "values": vals, "ratio": r, "bratio": br, "target": target,
                      "met": verdict, "fmt": fmt})
 
     def per(fn):
-        return {c: fn(res.get(c) or {}) for c in COLS}
+        return {c: fn(res.get(c) or {}) for c in cols}
 
-    # Pulls of `big` (one client, manifest by tag + every blob, each body hashed).
-    direct_pull = _med([r["mb_s"] for r in _get(res, "direct", "pull", "cold") or []])
+    # Pulls of `big` (one client, manifest by tag + every blob; bodies read without hashing,
+    # verified after the clock stopped).
+    direct_cold = _get(res, "direct", "pull", "cold")
     cold = per(lambda t: _med([r["mb_s"] for r in _get(t, "pull", "cold") or []]))
-    cold["direct"] = direct_pull
     add("pull_cold_mb_s", "pull big cold, MB/s", cold, "S >= 0.6 x direct",
         lambda v, r: v["stevedore"] >= 0.6 * v["direct"])
+    add("pull_cold_cpu_gb", "  server CPU s/GB", per(lambda t: _cost(_get(t, "pull", "cold"))), fmt="%.2f")
     warm = per(lambda t: _med([r["mb_s"] for r in _get(t, "pull", "warm") or []]))
-    warm["direct"] = direct_pull
-    add("pull_warm_mb_s", "pull big warm, MB/s", warm, "S >= 1.2 x D", lambda v, r: r >= 1.2)
+    warm["direct"] = cold["direct"]
+    add("pull_warm_mb_s", "pull big warm, MB/s [direct: its only pull]", warm, "S >= 1.2 x D", lambda v, r: r >= 1.2)
+    wc = per(lambda t: _cost(_get(t, "pull", "warm")))
+    wc["direct"] = _cost(direct_cold)
+    add("pull_warm_cpu_gb", "  server CPU s/GB", wc, fmt="%.2f")
+    add("pull_verified", "  every body's sha256 and size (checked off the clock)",
+        per(lambda t: _verified((_get(t, "pull", "cold") or []) + (_get(t, "pull", "warm") or []))),
+        "all", lambda v, r: v["stevedore"] is True, ratio=False, fmt="%s")
 
     # Concurrent cold GETs of the big layer.
     add("conc_wall_s", "concurrent cold GETs of big layer: wall s",
         per(lambda t: _med([r["wall_s"] for r in t.get("concurrent") or []])), "S <= 0.5 x D",
         lambda v, r: r <= 0.5, fmt="%.2f")
+    add("conc_mb_s", "  MB/s (all clients' bytes / wall)",
+        per(lambda t: _med([r["bytes"] / r["wall_s"] / 1e6 for r in t.get("concurrent") or [] if r.get("wall_s")])),
+        fmt="%.0f")
+    add("conc_cpu_gb", "  server CPU s/GB (of all clients' bytes)", per(lambda t: _cost(t.get("concurrent"))),
+        fmt="%.2f")
     add("conc_upstream_gets", "  upstream GETs of that blob (max)",
         per(lambda t: _max([r["upstream_gets"] for r in t.get("concurrent") or []])), "S == 1",
         lambda v, r: v["stevedore"] == 1, ratio=False, fmt="%d")
-    add("conc_all_match", "  every response's sha256 matches",
-        per(lambda t: (all(r["all_match"] for r in t["concurrent"]) if t.get("concurrent") else None)),
+    add("conc_all_match", "  every client's sha256 and size (checked off the clock)",
+        per(lambda t: _verified(t.get("concurrent"), "all_match")),
         "all", lambda v, r: v["stevedore"] is True, ratio=False, fmt="%s")
 
     # Loads.
@@ -79,31 +103,45 @@ def summarize(res):
         ("head_blob", "HEAD blob (hey)", "S >= 1.2 x D", lambda v, r: r >= 1.2),
         ("get_manifest", "GET manifest by tag (wrk)", None, None),
     ):
-        add(key + "_rps", label + ": rps", per(lambda t: _med([r["rps"] for r in _get(t, "loads", key) or []])),
-            target, check, fmt="%.0f")
-        add(key + "_p50", "  p50 ms", per(lambda t: _med([r["p50_ms"] for r in _get(t, "loads", key) or []])),
-            fmt="%.2f")
-        add(key + "_p99", "  p99 ms", per(lambda t: _med([r["p99_ms"] for r in _get(t, "loads", key) or []])),
-            fmt="%.2f")
-        up = per(lambda t: _sum([r["upstream_requests"] for r in _get(t, "loads", key) or []]))
+        runs = lambda t: _get(t, "loads", key) or []  # noqa: E731
+        add(key + "_rps", label + ": rps", per(lambda t: _med([r["rps"] for r in runs(t)])), target, check, fmt="%.0f")
+        add(key + "_cpu_req", "  server CPU us/request", per(lambda t: _cost(runs(t), "cpu_us_per_req")), fmt="%.0f")
+        add(key + "_p50", "  p50 ms", per(lambda t: _med([r["p50_ms"] for r in runs(t)])), fmt="%.2f")
+        add(key + "_p99", "  p99 ms", per(lambda t: _med([r["p99_ms"] for r in runs(t)])), fmt="%.2f")
+        up = per(lambda t: _sum([r["upstream_requests"] for r in runs(t)]))
         up["direct"] = None  # every request is an upstream request there
         add(key + "_upstream", "  upstream requests (all runs)", up,
             "S == 0" if key == "head_manifest" else None,
             (lambda v, r: v["stevedore"] == 0) if key == "head_manifest" else None, ratio=False, fmt="%d")
-        add(key + "_errors", "  non-2xx / errors (all runs)", per(lambda t: _sum([_errors(r) for r in _get(t, "loads", key) or []])),
+        add(key + "_errors", "  non-2xx / errors (all runs)", per(lambda t: _sum([_errors(r) for r in runs(t)])),
             ratio=False, fmt="%d")
 
-    # skopeo copy of `many`.
-    add("skopeo_cold_s", "skopeo copy many cold, s",
-        per(lambda t: _med([r["secs"] for r in _get(t, "skopeo", "cold") or []])), fmt="%.2f")
-    add("skopeo_warm_s", "skopeo copy many warm, s",
-        per(lambda t: _med([r["secs"] for r in _get(t, "skopeo", "warm") or []])), fmt="%.2f")
+    # skopeo copy of `many` (skopeo itself verifies every digest, inside the timing).
+    for kind in ("cold", "warm"):
+        add("skopeo_%s_s" % kind, "skopeo copy many %s, s" % kind,
+            per(lambda t: _med([r["secs"] for r in _get(t, "skopeo", kind) or []])), fmt="%.2f")
+        add("skopeo_%s_cpu_gb" % kind, "  server CPU s/GB", per(lambda t: _cost(_get(t, "skopeo", kind))), fmt="%.2f")
 
-    # Push of `big` (Distribution column: a plain, non-proxy Distribution).
-    push = {"direct": None,
-            "distribution": _med([r["mb_s"] for r in _get(res, "push", "distribution") or []]),
-            "stevedore": _med([r["mb_s"] for r in _get(res, "push", "stevedore") or []])}
-    add("push_mb_s", "push big (skopeo), MB/s [D = plain registry]", push, "S >= 1.2 x D", lambda v, r: r >= 1.2)
+    # Push of `big` into empty registries, at equal durability first.
+    push = res.get("push") or {}
+
+    def pvals(skey, bkey, fn):
+        return {"direct": None, "distribution": fn(push.get("distribution")), "stevedore": fn(push.get(skey)),
+                "baseline": fn(push.get(bkey)) if "baseline" in cols else None}
+
+    mbs = lambda runs: _med([r["mb_s"] for r in runs or []])  # noqa: E731
+    add("push_mb_s", "push big, MB/s, no fsync [D = plain Distribution; S, B: fsync = false]",
+        pvals("stevedore_nofsync", "baseline_nofsync", mbs), "S >= 1.2 x D", lambda v, r: r >= 1.2)
+    add("push_cpu_gb", "  server CPU s/GB", pvals("stevedore_nofsync", "baseline_nofsync", _cost), fmt="%.2f")
+    add("push_fsync_mb_s", "push big, MB/s, S and B with fsync = true (default) [D: no fsync]",
+        pvals("stevedore", "baseline", mbs))
+    add("push_fsync_cpu_gb", "  server CPU s/GB", pvals("stevedore", "baseline", _cost), fmt="%.2f")
+    add("push_verified", "  pushed image pulled back, every sha256 (off the clock)",
+        {"direct": None, "distribution": _verified(push.get("distribution")),
+         "stevedore": _verified((push.get("stevedore") or []) + (push.get("stevedore_nofsync") or [])),
+         "baseline": (_verified((push.get("baseline") or []) + (push.get("baseline_nofsync") or []))
+                      if "baseline" in cols else None)},
+        "all", lambda v, r: v["stevedore"] is True, ratio=False, fmt="%s")
 
     # Peak RSS and CPU of the process under test, per phase (direct: the upstream itself).
     def phase_runs(t, which):
@@ -118,26 +156,27 @@ def summarize(res):
             "skopeo warm": _get(t, "skopeo", "warm"),
         }[which]
 
+    def push_runs(fn, default_key="stevedore"):
+        return {"direct": None, "distribution": fn(_phases(push.get("distribution"))),
+                "stevedore": fn(_phases(push.get(default_key))),
+                "baseline": fn(_phases(push.get("baseline"))) if "baseline" in cols else None}
+
     phases = ("cold pull", "warm pull", "concurrent", "HEAD manifest", "HEAD blob", "GET manifest", "skopeo cold",
               "skopeo warm")
+    mib = lambda v: {k: (x / 1024 if x else None) for k, x in v.items()}  # noqa: E731
     for ph in phases:
-        vals = per(lambda t: _max([p.get("peak_rss_kib") for p in _phases(phase_runs(t, ph))]))
-        vals = {k: (v / 1024 if v else None) for k, v in vals.items()}
+        vals = mib(per(lambda t: _max([p.get("peak_rss_kib") for p in _phases(phase_runs(t, ph))])))
         tgt = chk = None
         if ph in ("cold pull", "concurrent"):
             tgt, chk = "S <= 20 MiB", (lambda v, r: v["stevedore"] <= 20)
         add("rss_" + ph, "peak RSS MiB, %s" % ph, vals, tgt, chk)
-    push_rss = {"direct": None,
-                "distribution": _max([p.get("peak_rss_kib") for p in _phases(_get(res, "push", "distribution"))]),
-                "stevedore": _max([p.get("peak_rss_kib") for p in _phases(_get(res, "push", "stevedore"))])}
-    add("rss_push", "peak RSS MiB, push", {k: (v / 1024 if v else None) for k, v in push_rss.items()})
+    add("rss_push", "peak RSS MiB, push (fsync on)",
+        mib(push_runs(lambda ps: _max([p.get("peak_rss_kib") for p in ps]))))
     for ph in phases:
         add("cpu_" + ph, "CPU s (median run), %s" % ph,
             per(lambda t: _med([p.get("cpu_s") for p in _phases(phase_runs(t, ph))])), fmt="%.2f")
-    add("cpu_push", "CPU s (median run), push",
-        {"direct": None,
-         "distribution": _med([p.get("cpu_s") for p in _phases(_get(res, "push", "distribution"))]),
-         "stevedore": _med([p.get("cpu_s") for p in _phases(_get(res, "push", "stevedore"))])}, fmt="%.2f")
+    add("cpu_push", "CPU s (median run), push (fsync on)", push_runs(lambda ps: _med([p.get("cpu_s") for p in ps])),
+        fmt="%.2f")
 
     # Noise: CPU used by processes that are not ours, as % of all CPUs, worst run.
     for ph in phases:
@@ -145,17 +184,21 @@ def summarize(res):
             per(lambda t: _max([p.get("foreign_pct") for p in _phases(phase_runs(t, ph))])), ratio=False)
     add("noise_push", "foreign CPU % (worst run), push",
         {"direct": None,
-         "distribution": _max([p.get("foreign_pct") for p in _phases(_get(res, "push", "distribution"))]),
-         "stevedore": _max([p.get("foreign_pct") for p in _phases(_get(res, "push", "stevedore"))])}, ratio=False)
+         "distribution": _max([p.get("foreign_pct") for p in _phases(push.get("distribution"))]),
+         "stevedore": _max([p.get("foreign_pct") for k in ("stevedore", "stevedore_nofsync")
+                            for p in _phases(push.get(k))]),
+         "baseline": (_max([p.get("foreign_pct") for k in ("baseline", "baseline_nofsync")
+                            for p in _phases(push.get(k))]) if "baseline" in cols else None)}, ratio=False)
 
-    extra = {}
+    extra = {"cols": list(cols)}
     nofs = res.get("stevedore_fsync_off")
     if nofs:
         extra["fsync_off"] = {
             "pull_cold_mb_s": _med([r["mb_s"] for r in _get(nofs, "pull", "cold") or []]),
+            "pull_cold_cpu_gb": _cost(_get(nofs, "pull", "cold")),
             "pull_warm_mb_s": _med([r["mb_s"] for r in _get(nofs, "pull", "warm") or []]),
-            "push_mb_s": _med([r["mb_s"] for r in nofs.get("push") or []]),
             "peak_rss_cold_mib": (_max([p.get("peak_rss_kib") for p in _phases(_get(nofs, "pull", "cold"))]) or 0) / 1024,
+            "verified": _verified((_get(nofs, "pull", "cold") or []) + (_get(nofs, "pull", "warm") or [])),
         }
     return {"rows": rows, "extra": extra}
 
@@ -183,14 +226,20 @@ def _fmt(v, fmt):
 def render(res):
     s = res["summary"]
     m = res["meta"]
+    base = "baseline" in s["extra"].get("cols", [])
     lines = []
-    head = ("metric", "direct", "Distribution", "Stevedore", "S/D", "target", "met")
+    head = ["metric", "direct", "Distribution", "Stevedore", "S/D"] + (["Baseline", "S/B"] if base else []) + \
+        ["target", "met"]
+    nright = len(head) - 2  # numeric columns are right-aligned
     rows = [head]
     for r in s["rows"]:
         v = r["values"]
-        rows.append((r["label"], _fmt(v.get("direct"), r["fmt"]), _fmt(v.get("distribution"), r["fmt"]),
-                     _fmt(v.get("stevedore"), r["fmt"]), _fmt(r["ratio"], "%.2f"), r["target"] or "",
-                     "" if r["met"] is None else ("yes" if r["met"] else "NO")))
+        row = [r["label"], _fmt(v.get("direct"), r["fmt"]), _fmt(v.get("distribution"), r["fmt"]),
+               _fmt(v.get("stevedore"), r["fmt"]), _fmt(r["ratio"], "%.2f")]
+        if base:
+            row += [_fmt(v.get("baseline"), r["fmt"]), _fmt(r["bratio"], "%.2f")]
+        row += [r["target"] or "", "" if r["met"] is None else ("yes" if r["met"] else "NO")]
+        rows.append(row)
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     p = m["params"]
     lines.append("Stevedore benchmark  %s  (%s)" % (m.get("started"), m["versions"].get("stevedore_git")))
@@ -199,26 +248,40 @@ def render(res):
                  % (p["big_mib"], p["repeat"], p["conc_repeat"], p["concurrent"], p["load_repeat"], p["load_secs"],
                     p["conns"]))
     lines.append("direct = the upstream Distribution itself; Distribution = Distribution in proxy mode "
-                 "(push row: a plain Distribution); MB = 10^6 bytes")
+                 "(push rows: a plain Distribution); MB = 10^6 bytes, GB = 10^9 bytes")
+    b = m["versions"].get("baseline")
+    if base and b:
+        what = ("built from %s (%s: %s)" % (b["rev"], b["commit"][:10], b.get("subject", "")) if b.get("rev")
+                else "binary %s" % b["binary"])
+        lines.append("Baseline = Stevedore %s, same config; medians of %d runs of pulls, concurrent and push; "
+                     "S/B = new / baseline (lower is better for s, ms, CPU)" % (what, min(p["repeat"], p["baseline_repeat"])))
     lines.append("")
     for i, row in enumerate(rows):
-        lines.append("  ".join(str(c).ljust(widths[j]) if j == 0 else str(c).rjust(widths[j]) if j < 5
+        lines.append("  ".join(str(c).ljust(widths[j]) if j == 0 else str(c).rjust(widths[j]) if j < nright
                                else str(c).ljust(widths[j]) for j, c in enumerate(row)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append("")
-    lines.append("peak RSS = VmHWM of the process under test, reset at the start of each phase (clear_refs 5); "
-                 "CPU = its utime+stime during the phase; direct column = the upstream process.")
+    lines.append("Timed clients do not hash: bodies go straight into pre-allocated buffers (or are dropped when those "
+                 "would not fit in memory, then GET again); sha256 and sizes are checked after the clock stops.")
+    lines.append("server CPU s/GB = utime+stime of the process under test during the phase / GB of bodies it served "
+                 "(pushes: received); us/request likewise for the loads. peak RSS = VmHWM, reset at the start of each "
+                 "phase (clear_refs 5); direct column = the upstream process.")
     lines.append("foreign CPU = machine CPU (/proc/stat) minus the servers we run and this benchmark with its tools, "
                  "as %% of %d CPUs." % m["versions"].get("cpus", 0))
     fo = s["extra"].get("fsync_off")
     if fo:
         rows_by = {r["key"]: r for r in s["rows"]}
-        lines.append("for information, Stevedore with storage.fsync = false: cold pull %s MB/s (fsync on: %s), warm %s MB/s,"
-                     " push %s MB/s (fsync on: %s), peak RSS cold %s MiB"
-                     % (_fmt(fo["pull_cold_mb_s"], "%.0f"), _fmt(rows_by["pull_cold_mb_s"]["values"]["stevedore"], "%.0f"),
-                        _fmt(fo["pull_warm_mb_s"], "%.0f"), _fmt(fo["push_mb_s"], "%.0f"),
-                        _fmt(rows_by["push_mb_s"]["values"]["stevedore"], "%.0f"), _fmt(fo["peak_rss_cold_mib"], "%.1f")))
+        lines.append("for information, Stevedore pull with storage.fsync = false: cold %s MB/s, %s CPU s/GB (fsync on: "
+                     "%s MB/s), warm %s MB/s, peak RSS cold %s MiB, verified %s"
+                     % (_fmt(fo["pull_cold_mb_s"], "%.0f"), _fmt(fo["pull_cold_cpu_gb"], "%.2f"),
+                        _fmt(rows_by["pull_cold_mb_s"]["values"]["stevedore"], "%.0f"),
+                        _fmt(fo["pull_warm_mb_s"], "%.0f"), _fmt(fo["peak_rss_cold_mib"], "%.1f"),
+                        _fmt(fo["verified"], "%s")))
+    ck = m.get("config_keys") or {}
+    if any(not v.get("local_namespaces") for v in ck.values()):
+        lines.append("config: [proxy] local_namespaces left out for %s (the binary refuses the key)"
+                     % ", ".join(k for k, v in ck.items() if not v.get("local_namespaces")))
     wr = m.get("whole_run")
     if wr:
         lines.append("noise over the whole run: other processes used %.1f%% of the machine's CPU (machine busy %.1f%%);"

@@ -4,6 +4,8 @@ with an empty store."""
 
 import os
 import shutil
+import subprocess
+import tempfile
 
 from .procs import Server, free_port, wait_http, wait_line
 
@@ -37,7 +39,7 @@ fsync = {fsync}
 
 [proxy]
 default_upstream = "{up_host}"
-
+{local_ns}
 [[upstreams]]
 host = "{up_host}"
 endpoints = ["http://{up_host}"]
@@ -94,6 +96,48 @@ class Distribution(Registry):
         wait_http("http://%s/v2/" % self.hostport, self.server)
 
 
+# Pushes go to 127.0.0.1:PORT/local/big:1. Newer binaries refuse pushes to plain names while a
+# default upstream is configured unless the name matches `[proxy] local_namespaces`; older ones
+# refuse that key (unknown keys are errors). `config_keys` finds out which, per binary.
+LOCAL_NS = 'local_namespaces = ["local/*"]\n'
+_KEYS = {}
+
+
+def _stevedore_config(port, root, fsync, up_host, local_ns):
+    return STEVEDORE_CONFIG.format(root=root, port=port, fsync="true" if fsync else "false", up_host=up_host,
+                                   local_ns=LOCAL_NS if local_ns else "")
+
+
+def config_keys(binary, workdir):
+    """{"local_namespaces": bool}: whether `binary check-config` accepts the key. Raises if
+    the binary accepts neither config (then the benchmark's config itself is wrong)."""
+    if binary in _KEYS:
+        return _KEYS[binary]
+    d = tempfile.mkdtemp(prefix="config-probe-", dir=workdir)
+    verdicts = {}
+    try:
+        for local_ns in (True, False):
+            cfg = os.path.join(d, "probe.toml")
+            with open(cfg, "w") as f:
+                f.write(_stevedore_config(free_port(), os.path.join(d, "store"), True, "127.0.0.1:1", local_ns))
+            env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
+            p = subprocess.run([binary, "check-config", "--config", cfg], capture_output=True, text=True, timeout=30,
+                               env=env)
+            verdicts[local_ns] = (p.returncode == 0, (p.stdout + p.stderr).strip()[:2000])
+            if p.returncode == 0:
+                break
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    if verdicts[True][0]:
+        keys = {"local_namespaces": True}
+    elif verdicts.get(False, (False,))[0] and "local_namespaces" in verdicts[True][1]:
+        keys = {"local_namespaces": False, "local_namespaces_refused": verdicts[True][1][:300]}
+    else:
+        raise RuntimeError("%s check-config refuses the benchmark's config: %s" % (binary, verdicts))
+    _KEYS[binary] = keys
+    return keys
+
+
 class Stevedore(Registry):
     kind = "stevedore"
 
@@ -104,12 +148,12 @@ class Stevedore(Registry):
         self.fsync = fsync
         self.port = free_port()
         self.hostport = "127.0.0.1:%d" % self.port
+        self.keys = config_keys(binary, workdir)
 
     def _start(self, root):
         cfg = os.path.join(self.dir, "stevedore.toml")
         with open(cfg, "w") as f:
-            f.write(STEVEDORE_CONFIG.format(root=root, port=self.port, fsync="true" if self.fsync else "false",
-                                            up_host=self.up))
+            f.write(_stevedore_config(self.port, root, self.fsync, self.up, self.keys["local_namespaces"]))
         # Fresh log per start: wait_line looks for the listen line in the whole file.
         for ext in (".out", ".err"):
             p = os.path.join(self.dir, self.name + ext)

@@ -24,7 +24,6 @@ use common::data::sha256;
 use common::distribution::Distribution;
 use common::http::{assert_content, assert_json_error, client, get_manifest, hdr, read, MANIFEST_ACCEPT};
 use common::oci;
-use common::push::Pusher;
 use common::stevedore::{config, Stevedore};
 
 const ALIAS: &str = "upstream.test";
@@ -49,7 +48,7 @@ async fn no_dialect_can_write_an_upstream_name_and_mirrors_keep_the_upstream_dig
     let up = reg.url().trim_start_matches("http://").to_string(); // 127.0.0.1:PORT
     let cache_ns = up.replace(':', "-");
     let small = oci::make_image(9101, 2, 50_000, "amd64", "linux");
-    Pusher::new(&reg.url(), None).image("small", &small, Some("latest")).await;
+    reg.registry().push_image("small", &small, Some("latest")).await;
     let cfg = config(&up, &[(&up, &reg.url(), &format!("aliases = [\"{ALIAS}\"]"))]);
     let sd = Stevedore::start(&with_local(cfg, &["team/*"], ""));
     let http = client();
@@ -143,9 +142,9 @@ async fn no_dialect_can_write_an_upstream_name_and_mirrors_keep_the_upstream_dig
 
     // A name in local_namespaces: pushable (also deeper names), pullable, never upstream.
     let mine = oci::make_image(9102, 1, 20_000, "amd64", "linux");
-    let pusher = Pusher::new(&sd.url(""), None);
+    let pusher = sd.registry();
     for repo in ["team/app", "team/a/b"] {
-        pusher.image(repo, &mine, Some("v1")).await;
+        pusher.push_image(repo, &mine, Some("v1")).await;
         let r = get_manifest(&http, sd.url(&format!("/v2/{repo}/manifests/v1"))).await;
         assert_content(&r, &mine.manifest.digest, &mine.manifest.data, &format!("local {repo}"));
     }

@@ -9,7 +9,8 @@ use super::{headers, upstream_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::OCI_INDEX;
-use crate::oci::{Digest, RepoName};
+use crate::oci::Digest;
+use crate::storage::Repo;
 use crate::proxy::{tags_from_upstream, ProxyRepo, Target};
 use crate::upstream::UpstreamError;
 
@@ -49,8 +50,8 @@ fn listing(body: Value, link: Option<String>) -> Response {
 
 pub async fn tags(app: &App, target: &Target, q: &Query) -> ApiResult {
     let (shown, tags) = match target {
-        Target::Local(name) => (name, local_tags(app, name).await?),
-        Target::Overlay { local, repo } => match local_tags(app, local).await? {
+        Target::Local(name) => (name, local_tags(app, &Repo::Local(name.clone())).await?),
+        Target::Overlay { local, repo } => match local_tags(app, &Repo::Local(local.clone())).await? {
             Some(t) => (local, Some(t)),
             None => (local, upstream_tags(app, repo).await?),
         },
@@ -73,7 +74,7 @@ fn target_name(t: &Target) -> String {
     }
 }
 
-async fn local_tags(app: &App, repo: &RepoName) -> Result<Option<Vec<String>>, ApiError> {
+async fn local_tags(app: &App, repo: &Repo) -> Result<Option<Vec<String>>, ApiError> {
     Ok(app.store.list_tags(repo).await?.map(|t| t.into_iter().map(|t| t.as_str().to_string()).collect()))
 }
 
@@ -92,16 +93,33 @@ async fn upstream_tags(app: &App, p: &ProxyRepo) -> Result<Option<Vec<String>>, 
     }
 }
 
+/// Repositories in one catalog page when the client gives no `n` (a `Link` leads on).
+const CATALOG_PAGE: usize = 1000;
+
 pub async fn catalog(app: &App, q: &Query) -> ApiResult {
-    let (repos, link) = page(app.store.catalog().await?, q, "/v2/_catalog")?;
+    let n = match q.get("n") {
+        None => CATALOG_PAGE,
+        Some(s) => s
+            .parse::<usize>()
+            .map_err(|_| Code::PaginationNumberInvalid.with_detail("n must be a non-negative integer"))?
+            .min(CATALOG_PAGE * 10),
+    };
+    let (repos, more) = app.store.catalog(q.get("last"), n).await?;
+    let link = match repos.last() {
+        Some(last) if more => {
+            let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
+            Some(format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\""))
+        }
+        _ => None,
+    };
     Ok(listing(json!({ "repositories": repos }), link))
 }
 
 pub async fn referrers(app: &App, target: &Target, subject: &Digest, q: &Query) -> ApiResult {
     let mut manifests = match target {
-        Target::Local(name) => app.store.referrers(name, subject).await?,
+        Target::Local(name) => app.store.referrers(&Repo::Local(name.clone()), subject).await?,
         Target::Overlay { local, repo } => {
-            let local = app.store.referrers(local, subject).await?;
+            let local = app.store.referrers(&Repo::Local(local.clone()), subject).await?;
             if local.is_empty() {
                 upstream_referrers(app, repo, subject).await?
             } else {

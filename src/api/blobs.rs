@@ -8,14 +8,14 @@ use super::{headers, upstream_error};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::range::{parse_range, RangeRequest};
-use crate::oci::{Digest, RepoName};
+use crate::oci::Digest;
 use crate::proxy::fill::FillError;
 use crate::proxy::{Outcome, ProxyRepo, Target};
-use crate::storage::read;
+use crate::storage::Repo;
 
 pub async fn get(app: &App, target: &Target, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
     match target {
-        Target::Local(name) => get_local(app, name, d, req, head).await,
+        Target::Local(name) => get_local(app, &Repo::Local(name.clone()), d, req, head).await,
         Target::Proxy { repo, .. } => get_proxied(app, repo, d, req, head).await,
     }
 }
@@ -53,7 +53,7 @@ fn blob_response(
     resp
 }
 
-async fn get_local(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
+async fn get_local(app: &App, repo: &Repo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
     let Some(size) = app.store.repo_blob_size(repo, d).await? else {
         return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
     };
@@ -65,10 +65,10 @@ async fn get_local(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head
     let body = if head {
         Body::empty()
     } else {
-        let Some((file, _)) = app.store.open_blob(d).await? else {
+        let Some(stream) = app.store.read_blob(d, start, len).await? else {
             return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
         };
-        Body::from_stream(read::stream(file, start, len))
+        Body::from_stream(stream)
     };
     Ok(blob_response(d, status, start, Some(len), Some(size), body))
 }
@@ -77,8 +77,9 @@ async fn get_local(app: &App, repo: &RepoName, d: &Digest, req: &HeaderMap, head
 async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
     let outcome = if app.store.repo_blob_size(&p.cache, d).await?.is_some() {
         Some(Outcome::Hit)
-    } else if app.store.blob_size(d).await?.is_some() {
-        // Content-addressed: the same bytes arrived through another repository.
+    } else if app.store.blob_size(d).await?.is_some() && upstream_has(app, p, d).await? {
+        // Content-addressed: the same bytes arrived through another repository, and the
+        // upstream serves them in this one.
         app.store.link_blob(&p.cache, d).await?;
         Some(Outcome::Hit)
     } else {
@@ -96,7 +97,7 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
         headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Miss);
         return Ok(resp);
     }
-    let (fill, leader) = app.proxy.fill(&app.store, p, d).map_err(ApiError::internal)?;
+    let (fill, leader) = app.proxy.fill(&app.store, p, d);
     let size = fill.started().await.map_err(|e| match e {
         FillError::Upstream(u) => upstream_error(&u, Code::BlobUnknown),
         e => ApiError::new(Code::Unavailable).status(StatusCode::BAD_GATEWAY).detail(e.to_string()),
@@ -114,7 +115,15 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
     Ok(resp)
 }
 
-pub async fn delete(app: &App, repo: &RepoName, d: &Digest) -> ApiResult {
+/// Whether the upstream has `d` in `p`'s repository (its answer to a HEAD, cached briefly):
+/// content already in the store from elsewhere is served under an upstream's name only if
+/// that upstream serves it there.
+async fn upstream_has(app: &App, p: &ProxyRepo, d: &Digest) -> Result<bool, ApiError> {
+    let size = app.proxy.blob_head(p, d).await.map_err(|e| upstream_error(&e, Code::BlobUnknown))?;
+    Ok(size.is_some())
+}
+
+pub async fn delete(app: &App, repo: &Repo, d: &Digest) -> ApiResult {
     if !app.store.unlink_blob(repo, d).await? {
         return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
     }
@@ -123,12 +132,12 @@ pub async fn delete(app: &App, repo: &RepoName, d: &Digest) -> ApiResult {
     Ok(r)
 }
 
-pub fn location(repo: &RepoName, d: &Digest) -> String {
+pub fn location(repo: &Repo, d: &Digest) -> String {
     format!("/v2/{repo}/blobs/{d}")
 }
 
 /// 201 for a blob that is now in `repo`.
-pub fn created(repo: &RepoName, d: &Digest) -> Response {
+pub fn created(repo: &Repo, d: &Digest) -> Response {
     let mut r = headers::located(StatusCode::CREATED, &location(repo, d));
     headers::set(r.headers_mut(), headers::DOCKER_CONTENT_DIGEST, d);
     r

@@ -11,6 +11,7 @@ use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, RepoName};
 use crate::proxy::{tags_from_upstream, ProxyRepo, Target};
+use crate::storage::Repo;
 use crate::upstream::UpstreamError;
 
 /// One page of a sorted list after `last`, at most `n` long, and the `Link` to the next page.
@@ -49,7 +50,7 @@ fn listing(body: Value, link: Option<String>) -> Response {
 
 pub async fn tags(app: &App, asked: &RepoName, target: &Target, q: &Query) -> ApiResult {
     let (shown, tags) = match target {
-        Target::Local(name) => (name, local_tags(app, name).await?),
+        Target::Local(name) => (name, local_tags(app, &Repo::Local(name.clone())).await?),
         Target::Proxy { repo, .. } => (&repo.remote, upstream_tags(app, repo).await?),
     };
     let Some(all) = tags else {
@@ -70,7 +71,7 @@ fn target_name(asked: &RepoName, t: &Target) -> String {
     }
 }
 
-async fn local_tags(app: &App, repo: &RepoName) -> Result<Option<Vec<String>>, ApiError> {
+async fn local_tags(app: &App, repo: &Repo) -> Result<Option<Vec<String>>, ApiError> {
     Ok(app.store.list_tags(repo).await?.map(|t| t.into_iter().map(|t| t.as_str().to_string()).collect()))
 }
 
@@ -89,14 +90,31 @@ async fn upstream_tags(app: &App, p: &ProxyRepo) -> Result<Option<Vec<String>>, 
     }
 }
 
+/// Repositories in one catalog page when the client gives no `n` (a `Link` leads on).
+const CATALOG_PAGE: usize = 1000;
+
 pub async fn catalog(app: &App, q: &Query) -> ApiResult {
-    let (repos, link) = page(app.store.catalog().await?, q, "/v2/_catalog")?;
+    let n = match q.get("n") {
+        None => CATALOG_PAGE,
+        Some(s) => s
+            .parse::<usize>()
+            .map_err(|_| Code::PaginationNumberInvalid.with_detail("n must be a non-negative integer"))?
+            .min(CATALOG_PAGE * 10),
+    };
+    let (repos, more) = app.store.catalog(q.get("last"), n).await?;
+    let link = match repos.last() {
+        Some(last) if more => {
+            let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
+            Some(format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\""))
+        }
+        _ => None,
+    };
     Ok(listing(json!({ "repositories": repos }), link))
 }
 
 pub async fn referrers(app: &App, target: &Target, subject: &Digest, q: &Query) -> ApiResult {
     let mut manifests = match target {
-        Target::Local(name) => app.store.referrers(name, subject).await?,
+        Target::Local(name) => app.store.referrers(&Repo::Local(name.clone()), subject).await?,
         Target::Proxy { repo, .. } => upstream_referrers(app, repo, subject).await?,
     };
     let filter = q.get("artifactType");

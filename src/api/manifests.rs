@@ -5,20 +5,20 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use super::{headers, upstream_error, Query};
+use super::{headers, proxy_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
-use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
+use crate::oci::{Algorithm, Digest, Reference, Tag};
 use crate::proxy::{Outcome, ProxyRepo, Target};
-use crate::storage::ManifestPut;
+use crate::storage::{ManifestPut, Repo};
 
 fn unknown(r: &Reference) -> ApiError {
     ApiError::new(Code::ManifestUnknown).detail(r.to_string())
 }
 
 /// The digest a reference names in `repo`.
-async fn resolve(app: &App, repo: &RepoName, r: &Reference) -> Result<Digest, ApiError> {
+async fn resolve(app: &App, repo: &Repo, r: &Reference) -> Result<Digest, ApiError> {
     match r {
         Reference::Digest(d) => Ok(d.clone()),
         Reference::Tag(t) => app.store.resolve_tag(repo, t).await?.ok_or_else(|| unknown(r)),
@@ -27,12 +27,12 @@ async fn resolve(app: &App, repo: &RepoName, r: &Reference) -> Result<Digest, Ap
 
 pub async fn get(app: &App, target: &Target, r: &Reference, head: bool) -> ApiResult {
     match target {
-        Target::Local(name) => get_local(app, name, r, head).await,
+        Target::Local(name) => get_local(app, &Repo::Local(name.clone()), r, head).await,
         Target::Proxy { repo, .. } => get_proxied(app, repo, r, head).await,
     }
 }
 
-async fn get_local(app: &App, repo: &RepoName, r: &Reference, head: bool) -> ApiResult {
+async fn get_local(app: &App, repo: &Repo, r: &Reference, head: bool) -> ApiResult {
     let d = resolve(app, repo, r).await?;
     let (info, body) = if head {
         (app.store.manifest_info(repo, &d).await?.ok_or_else(|| unknown(r))?, Body::empty())
@@ -48,7 +48,7 @@ async fn get_local(app: &App, repo: &RepoName, r: &Reference, head: bool) -> Api
 /// Fills the cache from the upstream when needed, then serves from the cache.
 async fn get_proxied(app: &App, p: &ProxyRepo, r: &Reference, head: bool) -> ApiResult {
     let (d, outcome) =
-        app.proxy.manifest(&app.store, p, r).await.map_err(|e| upstream_error(&e, Code::ManifestUnknown))?;
+        app.proxy.manifest(&app.store, p, r).await.map_err(|e| proxy_error(&e, Code::ManifestUnknown))?;
     let mut resp = get_local(app, &p.cache, &Reference::Digest(d), head).await?;
     headers::outcome(&mut resp, &p.upstream.host, "manifest", outcome);
     if outcome == Outcome::Stale {
@@ -94,7 +94,7 @@ async fn read_capped(h: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     Ok(buf.freeze())
 }
 
-pub async fn put(app: &App, repo: &RepoName, r: &Reference, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+pub async fn put(app: &App, repo: &Repo, r: &Reference, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
     let bytes = read_capped(h, body).await?;
     let content_type = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
     let m = manifest::parse(&bytes, content_type).map_err(|e| Code::ManifestInvalid.with_detail(e.0))?;
@@ -143,7 +143,7 @@ pub async fn put(app: &App, repo: &RepoName, r: &Reference, q: &Query, h: &Heade
     Ok(resp)
 }
 
-pub async fn delete(app: &App, repo: &RepoName, r: &Reference) -> ApiResult {
+pub async fn delete(app: &App, repo: &Repo, r: &Reference) -> ApiResult {
     match r {
         Reference::Tag(t) => {
             if !app.store.delete_tag(repo, t).await? {

@@ -20,7 +20,8 @@ use axum::Router;
 
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
-use crate::proxy::Target;
+use crate::proxy::{ProxyError, Target};
+use crate::storage::Repo;
 use routes::Route;
 
 pub type AppState = Arc<App>;
@@ -71,7 +72,11 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     // way a client names it (`proxy::Proxy::writable`).
     let name = route.name().cloned();
     let local = || match (&name, &target) {
-        (Some(name), Some(t)) => app.proxy.writable(name, t).map_err(|why| ApiError::new(Code::Denied).detail(why)),
+        (Some(name), Some(t)) => app
+            .proxy
+            .writable(name, t)
+            .map(|n| Repo::Local(n.clone()))
+            .map_err(|why| ApiError::new(Code::Denied).detail(why)),
         _ => Err(ApiError::new(Code::Unsupported)),
     };
     let t = || target.as_ref().expect("routes with a name have a target");
@@ -82,8 +87,8 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
             (Route::Tags(n), &Method::GET) => listing::tags(app, &n, t(), &q).await,
             (Route::Referrers(_, d), &Method::GET) => listing::referrers(app, t(), &d, &q).await,
             (Route::Manifest(_, r), &Method::GET | &Method::HEAD) => manifests::get(app, t(), &r, head).await,
-            (Route::Manifest(_, r), &Method::PUT) => manifests::put(app, local()?, &r, &q, h, body).await,
-            (Route::Manifest(_, r), &Method::DELETE) => manifests::delete(app, local()?, &r).await,
+            (Route::Manifest(_, r), &Method::PUT) => manifests::put(app, &local()?, &r, &q, h, body).await,
+            (Route::Manifest(_, r), &Method::DELETE) => manifests::delete(app, &local()?, &r).await,
             // Not a tag and not a digest: nothing can be stored under it.
             (Route::ManifestBadTag(_, r), &Method::GET | &Method::HEAD) => {
                 Err(Code::ManifestUnknown.with_detail(format!("{r:?} is not a tag or a digest")))
@@ -97,12 +102,12 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
                 Err(Code::TagInvalid.with_detail(format!("{r:?}: {}", crate::oci::name::TagError)))
             }
             (Route::Blob(_, d), &Method::GET | &Method::HEAD) => blobs::get(app, t(), &d, h, head).await,
-            (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, local()?, &d).await,
-            (Route::UploadStart(_), &Method::POST) => uploads::start(app, local()?, &q, h, body).await,
-            (Route::Upload(_, id), &Method::GET) => uploads::status(app, local()?, &id).await,
-            (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, local()?, &id, h, body).await,
-            (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, local()?, &id, &q, h, body).await,
-            (Route::Upload(_, id), &Method::DELETE) => uploads::cancel(app, local()?, &id).await,
+            (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, &local()?, &d).await,
+            (Route::UploadStart(_), &Method::POST) => uploads::start(app, &local()?, &q, h, body).await,
+            (Route::Upload(_, id), &Method::GET) => uploads::status(app, &local()?, &id).await,
+            (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, &local()?, &id, h, body).await,
+            (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, &local()?, &id, &q, h, body).await,
+            (Route::Upload(_, id), &Method::DELETE) => uploads::cancel(app, &local()?, &id).await,
             (route, method) => Err(ApiError::new(Code::Unsupported)
                 .detail(format!("{method} is not supported on the {} endpoint", route.kind()))),
         }
@@ -122,6 +127,16 @@ pub(crate) fn upstream_error(e: &crate::upstream::UpstreamError, missing: Code) 
         U::NotFound => ApiError::new(missing).detail("not found locally or upstream"),
         U::RateLimited => ApiError::new(Code::TooManyRequests).detail("the upstream registry is rate limiting"),
         e => ApiError::new(Code::Unavailable).status(axum::http::StatusCode::BAD_GATEWAY).detail(e.to_string()),
+    }
+}
+
+/// Pull-through trouble as the client sees it: the upstream's (see [`upstream_error`]), or
+/// the local store's (a server error, never blamed on the upstream).
+pub(crate) fn proxy_error(e: &ProxyError, missing: Code) -> ApiError {
+    match e {
+        ProxyError::Upstream(u) => upstream_error(u, missing),
+        ProxyError::Store(s) => ApiError::internal(s),
+        ProxyError::Panicked => ApiError::internal(e),
     }
 }
 

@@ -11,9 +11,10 @@ use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, RepoName};
-use crate::storage::{StoreError, Upload, UploadId, UploadWriter};
+use crate::proxy::Target;
+use crate::storage::{Repo, StoreError, Upload, UploadId, UploadWriter};
 
-fn upload_location(repo: &RepoName, id: UploadId) -> String {
+fn upload_location(repo: &Repo, id: UploadId) -> String {
     format!("/v2/{repo}/blobs/uploads/{id}")
 }
 
@@ -23,7 +24,7 @@ fn range_value(size: u64) -> String {
 }
 
 /// 202 (or 204 for a status query) describing a session.
-fn session_response(status: StatusCode, repo: &RepoName, up: Upload) -> Response {
+fn session_response(status: StatusCode, repo: &Repo, up: Upload) -> Response {
     let mut r = headers::located(status, &upload_location(repo, up.id));
     headers::set(r.headers_mut(), "range", range_value(up.offset));
     headers::set(r.headers_mut(), headers::DOCKER_UPLOAD_UUID, up.id);
@@ -73,7 +74,7 @@ fn expected_chunk_len(h: &HeaderMap, offset: u64) -> Result<Option<u64>, ApiErro
 
 /// Appends a request body to the session. On any failure the chunk is rolled back, so the
 /// session stays at its last checkpoint.
-async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u64>) -> Result<UploadWriter, ApiError> {
+async fn write_chunk(mut w: UploadWriter, body: Body, want: Option<u64>) -> Result<UploadWriter, ApiError> {
     let start = w.size();
     let mut stream = body.into_data_stream();
     let outcome: Result<(), ApiError> = async {
@@ -82,7 +83,7 @@ async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u6
             if want.is_some_and(|n| w.size() - start + chunk.len() as u64 > n) {
                 return Err(Code::SizeInvalid.with_detail("body is longer than announced"));
             }
-            w.write(chunk).await.map_err(ApiError::internal)?;
+            w.write(chunk).await?;
         }
         if let Some(n) = want.filter(|&n| w.size() - start != n) {
             return Err(Code::SizeInvalid.with_detail(format!("body has {} bytes, expected {n}", w.size() - start)));
@@ -93,13 +94,13 @@ async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u6
     match outcome {
         Ok(()) => Ok(w),
         Err(e) => {
-            w.rollback(&app.store).await?;
+            w.rollback().await?;
             Err(e)
         }
     }
 }
 
-pub async fn start(app: &App, repo: &RepoName, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+pub async fn start(app: &App, repo: &Repo, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
     if let Some(mount) = digest_param(q, "mount")? {
         if let Some(r) = try_mount(app, repo, &mount, q.get("from")).await? {
             return Ok(r);
@@ -109,7 +110,7 @@ pub async fn start(app: &App, repo: &RepoName, q: &Query, h: &HeaderMap, body: B
         // Monolithic upload: the whole blob in the POST body.
         let id = app.store.create_upload(repo, d.algorithm()).await?;
         let w = app.store.open_upload(repo, &id).await?;
-        let w = match write_chunk(app, w, body, content_length(h)?).await {
+        let w = match write_chunk(w, body, content_length(h)?).await {
             Ok(w) => w,
             Err(e) => {
                 app.store.cancel_upload(repo, &id).await?;
@@ -123,37 +124,37 @@ pub async fn start(app: &App, repo: &RepoName, q: &Query, h: &HeaderMap, body: B
     Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id, offset: 0 }))
 }
 
-/// Cross-repository mount: links a blob already in `from` (or, without `from`, anywhere in the
-/// store) into `repo`. `None` when it cannot, and a session should be started instead.
-async fn try_mount(app: &App, repo: &RepoName, d: &Digest, from: Option<&str>) -> Result<Option<Response>, ApiError> {
-    let present = match from {
-        Some(from) => {
-            let Ok(from) = from.parse::<RepoName>() else { return Ok(None) };
-            app.store.repo_blob_size(&from, d).await?.is_some()
-        }
-        None => app.store.blob_size(d).await?.is_some(),
+/// Cross-repository mount: links a blob already in `from` (named as a client names a
+/// repository: a local one, or an upstream's) into `repo`. `None` when it cannot, and a
+/// session should be started instead; always so without `from` (a blob is mounted only from
+/// a repository the client names, so deleted blobs stay deleted).
+async fn try_mount(app: &App, repo: &Repo, d: &Digest, from: Option<&str>) -> Result<Option<Response>, ApiError> {
+    let Some(Ok(from)) = from.map(str::parse::<RepoName>) else { return Ok(None) };
+    let from = match app.proxy.resolve(&from, None) {
+        Target::Local(n) => Repo::Local(n),
+        Target::Proxy { repo, .. } => repo.cache,
     };
-    if !present {
+    if app.store.repo_blob_size(&from, d).await?.is_none() {
         return Ok(None);
     }
     app.store.link_blob(repo, d).await?;
     Ok(Some(blobs::created(repo, d)))
 }
 
-pub async fn status(app: &App, repo: &RepoName, id: &str) -> ApiResult {
+pub async fn status(app: &App, repo: &Repo, id: &str) -> ApiResult {
     let up = app.store.upload_status(repo, &parse_id(id)?).await?;
     Ok(session_response(StatusCode::NO_CONTENT, repo, up))
 }
 
-pub async fn patch(app: &App, repo: &RepoName, id: &str, h: &HeaderMap, body: Body) -> ApiResult {
+pub async fn patch(app: &App, repo: &Repo, id: &str, h: &HeaderMap, body: Body) -> ApiResult {
     let w = app.store.open_upload(repo, &parse_id(id)?).await?;
     let want = expected_chunk_len(h, w.offset())?;
-    let mut w = write_chunk(app, w, body, want).await?;
-    w.checkpoint(&app.store).await?;
+    let mut w = write_chunk(w, body, want).await?;
+    w.checkpoint().await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id: w.id(), offset: w.size() }))
 }
 
-pub async fn finish(app: &App, repo: &RepoName, id: &str, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+pub async fn finish(app: &App, repo: &Repo, id: &str, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
     let id = parse_id(id)?;
     let Some(d) = digest_param(q, "digest")? else {
         return Err(Code::DigestInvalid.with_detail("the digest query parameter is required"));
@@ -166,12 +167,12 @@ pub async fn finish(app: &App, repo: &RepoName, id: &str, q: &Query, h: &HeaderM
         Err(e) => return Err(e.into()),
     };
     let want = expected_chunk_len(h, w.offset())?;
-    let w = write_chunk(app, w, body, want).await?;
+    let w = write_chunk(w, body, want).await?;
     w.commit(&app.store, repo, &d).await?;
     Ok(blobs::created(repo, &d))
 }
 
-pub async fn cancel(app: &App, repo: &RepoName, id: &str) -> ApiResult {
+pub async fn cancel(app: &App, repo: &Repo, id: &str) -> ApiResult {
     app.store.cancel_upload(repo, &parse_id(id)?).await?;
     Ok(headers::response(StatusCode::NO_CONTENT, Body::empty()))
 }

@@ -26,7 +26,7 @@ use moka::future::Cache;
 use crate::config::Config;
 use crate::oci::manifest;
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
-use crate::storage::{ManifestPut, Store};
+use crate::storage::{ManifestPut, Repo, Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResult};
 use fill::{FillRequest, Fills};
 use flight::Flights;
@@ -37,8 +37,8 @@ pub struct ProxyRepo {
     pub upstream: Arc<Upstream>,
     /// The repository's name at the upstream (`library/nginx`).
     pub remote: RepoName,
-    /// Where it is cached locally (`docker.io/library/nginx`).
-    pub cache: RepoName,
+    /// Where it is cached locally (shown as `docker.io/library/nginx`; a tree of its own).
+    pub cache: Repo,
 }
 
 /// Where a request's repository lives.
@@ -73,7 +73,25 @@ impl Outcome {
     }
 }
 
-pub type ManifestResult = Result<(Digest, Outcome), Arc<UpstreamError>>;
+/// Why pull-through failed: the upstream, or the local store (never disguised as each other).
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("local store: {0}")]
+    Store(#[from] StoreError),
+    #[error("pull-through task ended unexpectedly")]
+    Panicked,
+}
+
+impl ProxyError {
+    /// The upstream is down or refusing: cached content may be served stale.
+    pub fn is_outage(&self) -> bool {
+        matches!(self, ProxyError::Upstream(e) if e.is_outage())
+    }
+}
+
+pub type ManifestResult = Result<(Digest, Outcome), Arc<ProxyError>>;
 
 pub struct Proxy {
     by_host: HashMap<String, Arc<Upstream>>,
@@ -84,9 +102,9 @@ pub struct Proxy {
     local_namespaces: Vec<String>,
     pub fills: Fills,
     fill_timeout: Duration,
-    manifest_flights: Flights<(RepoName, String), ManifestResult>,
+    manifest_flights: Flights<(Repo, String), ManifestResult>,
     /// Upstream answers to blob HEADs on a miss: (cache repo, digest) → size (None: absent).
-    blob_heads: Cache<(RepoName, Digest), Option<u64>>,
+    blob_heads: Cache<(Repo, Digest), Option<u64>>,
 }
 
 impl Proxy {
@@ -108,7 +126,7 @@ impl Proxy {
             local_namespaces: cfg.proxy.local_namespaces.clone(),
             fills: Fills::default(),
             fill_timeout: cfg.proxy.fill_timeout,
-            manifest_flights: Flights::default(),
+            manifest_flights: Flights::new(|| Err(Arc::new(ProxyError::Panicked))),
             blob_heads: Cache::builder().max_capacity(100_000).time_to_live(cfg.proxy.head_cache_ttl).build(),
         })
     }
@@ -136,7 +154,7 @@ impl Proxy {
             remote.to_string()
         };
         let remote: RepoName = remote.parse().ok()?;
-        let cache: RepoName = format!("{}/{remote}", up.namespace).parse().ok()?;
+        let cache = Repo::cache(&up.host, remote.clone());
         Some(ProxyRepo { upstream: up.clone(), remote, cache })
     }
 
@@ -233,7 +251,7 @@ impl Proxy {
     pub async fn manifest(&self, store: &Arc<Store>, p: &ProxyRepo, reference: &Reference) -> ManifestResult {
         match reference {
             Reference::Digest(d) => {
-                if store.manifest_info(&p.cache, d).await.map_err(io_upstream)?.is_some() {
+                if store.manifest_info(&p.cache, d).await.map_err(store_err)?.is_some() {
                     return Ok((d.clone(), Outcome::Hit));
                 }
                 let key = (p.cache.clone(), d.to_string());
@@ -248,10 +266,10 @@ impl Proxy {
                     .await
             }
             Reference::Tag(t) => {
-                let cached = store.tag_with_age(&p.cache, t).await.map_err(io_upstream)?;
+                let cached = store.tag_with_age(&p.cache, t).await.map_err(store_err)?;
                 if let Some((d, age)) = &cached {
                     let fresh = *age < p.upstream.tag_ttl || p.upstream.is_immutable(t);
-                    if fresh && store.manifest_info(&p.cache, d).await.map_err(io_upstream)?.is_some() {
+                    if fresh && store.manifest_info(&p.cache, d).await.map_err(store_err)?.is_some() {
                         return Ok((d.clone(), Outcome::Hit));
                     }
                 }
@@ -290,7 +308,7 @@ impl Proxy {
     }
 
     /// Joins (or starts) the fill of a missing blob.
-    pub fn fill(&self, store: &Arc<Store>, p: &ProxyRepo, d: &Digest) -> std::io::Result<(Arc<fill::Fill>, bool)> {
+    pub fn fill(&self, store: &Arc<Store>, p: &ProxyRepo, d: &Digest) -> (Arc<fill::Fill>, bool) {
         self.fills.join_or_start(FillRequest {
             store: store.clone(),
             upstream: p.upstream.clone(),
@@ -302,8 +320,8 @@ impl Proxy {
     }
 }
 
-fn io_upstream(e: crate::storage::StoreError) -> Arc<UpstreamError> {
-    Arc::new(UpstreamError::Invalid(format!("local store: {e}")))
+fn store_err(e: StoreError) -> Arc<ProxyError> {
+    Arc::new(ProxyError::Store(e))
 }
 
 /// HEAD the tag upstream; if it still names the cached digest, refresh the tag's age, else
@@ -313,20 +331,19 @@ async fn revalidate(
     p: &ProxyRepo,
     tag: &Tag,
     known: Option<Digest>,
-) -> Result<(Digest, Outcome), UpstreamError> {
+) -> Result<(Digest, Outcome), ProxyError> {
     if let Some(known) = known {
         let head = p.upstream.manifest_head(&p.remote, tag.as_str()).await?;
-        if head.digest.as_ref() == Some(&known) && store.manifest_info(&p.cache, &known).await.ok().flatten().is_some()
-        {
-            store.touch_tag(&p.cache, tag, &known).await.map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        if head.digest.as_ref() == Some(&known) && store.manifest_info(&p.cache, &known).await?.is_some() {
+            store.touch_tag(&p.cache, tag, &known).await?;
             return Ok((known, Outcome::Revalidated));
         }
         if let Some(d) = head.digest {
             // Changed upstream: a GET by the new digest (or a cache hit if another tag has it).
-            if store.manifest_info(&p.cache, &d).await.ok().flatten().is_none() {
+            if store.manifest_info(&p.cache, &d).await?.is_none() {
                 fetch_manifest(store, p, &d.to_string(), None, Some(&d)).await?;
             }
-            store.touch_tag(&p.cache, tag, &d).await.map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+            store.touch_tag(&p.cache, tag, &d).await?;
             return Ok((d, Outcome::Revalidated));
         }
     }
@@ -341,7 +358,7 @@ async fn fetch_manifest(
     reference: &str,
     tag: Option<&Tag>,
     want: Option<&Digest>,
-) -> Result<Digest, UpstreamError> {
+) -> Result<Digest, ProxyError> {
     let (head, bytes) = p.upstream.manifest_get(&p.remote, reference).await?;
     let alg = want.map(Digest::algorithm).or(head.digest.as_ref().map(Digest::algorithm)).unwrap_or(Algorithm::Sha256);
     let digest = Digest::of(alg, &bytes);
@@ -349,7 +366,8 @@ async fn fetch_manifest(
         if &digest != expected {
             return Err(UpstreamError::Invalid(format!(
                 "manifest {reference} hashes to {digest}, expected {expected}"
-            )));
+            ))
+            .into());
         }
     }
     let content_type = (!head.media_type.is_empty()).then_some(head.media_type.as_str());
@@ -363,8 +381,7 @@ async fn fetch_manifest(
             &p.cache,
             ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer },
         )
-        .await
-        .map_err(|e| UpstreamError::Invalid(format!("storing manifest: {e}")))?;
+        .await?;
     Ok(digest)
 }
 
@@ -450,7 +467,7 @@ mod tests {
         // The cache name reads the same cache as the other dialects.
         let p = proxy("127.0.0.1:5301", &[]);
         let Target::Proxy { repo, .. } = p.resolve(&n("127.0.0.1-5301/small"), None) else { unreachable!() };
-        assert_eq!((repo.remote.as_str(), repo.cache.as_str()), ("small", "127.0.0.1-5301/small"));
+        assert_eq!((repo.remote.as_str(), repo.cache.to_string().as_str()), ("small", "127.0.0.1:5301/small"));
     }
 
     #[test]

@@ -1,108 +1,121 @@
-//! The one place that turns validated names and digests into paths. Nothing else in the
-//! crate formats a store path.
+//! The one place that turns validated names and digests into storage keys. Nothing else in
+//! the crate formats a key or a path. Keys are relative, `/`-separated; the filesystem
+//! backend puts them under its root, an object-storage backend under its prefix.
 //!
 //! ```text
-//! <root>/
-//!   blobs/<alg>/<hex[0..2]>/<hex>            committed content (blobs and manifest bytes),
-//!                                            only ever created by rename after verification
-//!   ingest/<upload-uuid>/data                an upload session's bytes so far
-//!   ingest/<upload-uuid>/state.json          {repo, started_at, offset, hash state} at the
-//!                                            last chunk boundary (written tmp + rename)
-//!   ingest/tmp-<uuid>                        small atomic writes in flight (manifests, links)
-//!   repos/<name>/_layers/<alg>/<hex>         link: the blob is visible in <name>
-//!   repos/<name>/_manifests/revisions/<alg>/<hex>
-//!                                            link: the manifest is in <name>; holds its media type
-//!   repos/<name>/_manifests/tags/<tag>       holds the tagged manifest's digest
-//!   repos/<name>/_referrers/<alg>/<subject-hex>/<alg>-<hex>
+//! blobs/<alg>/<hex[0..2]>/<hex>              committed content (blobs and manifest bytes),
+//!                                            only ever created by a writer's commit after
+//!                                            its digest and size were verified
+//! ingest/<uuid>/data                         an ingest's bytes so far (upload session or fill)
+//! ingest/<uuid>/state.json                   {kind, started_at, offset, hash state} at the
+//!                                            last checkpoint (written tmp + rename)
+//! ingest/tmp-<uuid>                          small atomic writes in flight
+//! repos/<name>/                              a local (pushed) repository
+//! cache/<upstream host>/<name>/              an upstream's repository as cached: a tree no
+//!                                            client-writable name can reach
+//!   …/_layers/<alg>/<hex>                    link: the blob is visible in the repository
+//!   …/_manifests/revisions/<alg>/<hex>       link: the manifest is in the repository; holds
+//!                                            its media type
+//!   …/_manifests/tags/<tag>                  holds the tagged manifest's digest
+//!   …/_referrers/<alg>/<subject-hex>/<alg>-<hex>
 //!                                            the referrer's descriptor (JSON) for the subject
 //! ```
 //!
-//! `ingest/` and `blobs/` share one filesystem, so the commit rename is atomic. Name
-//! components never start with `_` (see [`RepoName`]), so they cannot collide with the
-//! `_layers`, `_manifests` and `_referrers` directories.
+//! Name components never start with `_` (see [`RepoName`]), so they cannot collide with the
+//! `_layers`, `_manifests` and `_referrers` directories; local and cached repositories live in
+//! separate trees, so no push can ever land in an upstream's cache.
 
-use std::path::{Path, PathBuf};
+use std::fmt;
 
-use uuid::Uuid;
+use super::backend::IngestId;
+use super::Repo;
+use crate::oci::{Digest, Tag};
 
-use crate::oci::{Digest, RepoName, Tag};
+/// A storage key: a relative, `/`-separated path of validated components.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(String);
 
-#[derive(Clone, Debug)]
-pub struct Layout {
-    root: PathBuf,
+impl Key {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    fn join(&self, part: impl fmt::Display) -> Key {
+        Key(format!("{}/{part}", self.0))
+    }
 }
 
-impl Layout {
-    pub fn new(root: impl Into<PathBuf>) -> Layout {
-        Layout { root: root.into() }
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
     }
+}
 
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
+pub const BLOBS: &str = "blobs";
+pub const INGEST: &str = "ingest";
+pub const LOCAL_REPOS: &str = "repos";
+pub const CACHE_REPOS: &str = "cache";
 
-    pub fn blobs_root(&self) -> PathBuf {
-        self.root.join("blobs")
-    }
+pub fn blob(d: &Digest) -> Key {
+    Key(format!("{BLOBS}/{}/{}/{}", d.algorithm().as_str(), &d.hex()[..2], d.hex()))
+}
 
-    pub fn blob(&self, d: &Digest) -> PathBuf {
-        self.blobs_root().join(d.algorithm().as_str()).join(&d.hex()[..2]).join(d.hex())
-    }
+pub fn ingest_dir(id: &IngestId) -> Key {
+    Key(format!("{INGEST}/{id}"))
+}
 
-    pub fn ingest_root(&self) -> PathBuf {
-        self.root.join("ingest")
-    }
+pub fn ingest_data(id: &IngestId) -> Key {
+    ingest_dir(id).join("data")
+}
 
-    pub fn upload_dir(&self, id: &Uuid) -> PathBuf {
-        self.ingest_root().join(id.hyphenated().to_string())
-    }
+pub fn ingest_state(id: &IngestId) -> Key {
+    ingest_dir(id).join("state.json")
+}
 
-    pub fn upload_data(&self, id: &Uuid) -> PathBuf {
-        self.upload_dir(id).join("data")
-    }
+/// A fresh temporary key beside the ingests.
+pub fn tmp() -> Key {
+    Key(format!("{INGEST}/tmp-{}", uuid::Uuid::new_v4().simple()))
+}
 
-    pub fn upload_state(&self, id: &Uuid) -> PathBuf {
-        self.upload_dir(id).join("state.json")
-    }
+pub fn root(name: &str) -> Key {
+    Key(name.to_string())
+}
 
-    /// A fresh temporary file name on the store's filesystem.
-    pub fn tmp(&self) -> PathBuf {
-        self.ingest_root().join(format!("tmp-{}", Uuid::new_v4().simple()))
+/// The root of a repository's tree.
+pub fn repo(r: &Repo) -> Key {
+    match r {
+        Repo::Local(name) => Key(format!("{LOCAL_REPOS}/{name}")),
+        Repo::Cache { host, name } => Key(format!("{CACHE_REPOS}/{host}/{name}")),
     }
+}
 
-    pub fn repos_root(&self) -> PathBuf {
-        self.root.join("repos")
-    }
+pub fn layer_link(r: &Repo, d: &Digest) -> Key {
+    repo(r).join("_layers").join(d.algorithm().as_str()).join(d.hex())
+}
 
-    pub fn repo(&self, repo: &RepoName) -> PathBuf {
-        let mut p = self.repos_root();
-        p.extend(repo.components());
-        p
-    }
+pub fn revision(r: &Repo, d: &Digest) -> Key {
+    repo(r).join("_manifests/revisions").join(d.algorithm().as_str()).join(d.hex())
+}
 
-    pub fn layer_link(&self, repo: &RepoName, d: &Digest) -> PathBuf {
-        self.repo(repo).join("_layers").join(d.algorithm().as_str()).join(d.hex())
-    }
+pub fn tags_dir(r: &Repo) -> Key {
+    repo(r).join("_manifests/tags")
+}
 
-    pub fn revision(&self, repo: &RepoName, d: &Digest) -> PathBuf {
-        self.repo(repo).join("_manifests").join("revisions").join(d.algorithm().as_str()).join(d.hex())
-    }
+pub fn tag(r: &Repo, t: &Tag) -> Key {
+    tags_dir(r).join(t.as_str())
+}
 
-    pub fn tags_dir(&self, repo: &RepoName) -> PathBuf {
-        self.repo(repo).join("_manifests").join("tags")
-    }
+pub fn referrers_dir(r: &Repo, subject: &Digest) -> Key {
+    repo(r).join("_referrers").join(subject.algorithm().as_str()).join(subject.hex())
+}
 
-    pub fn tag(&self, repo: &RepoName, tag: &Tag) -> PathBuf {
-        self.tags_dir(repo).join(tag.as_str())
-    }
+pub fn referrer(r: &Repo, subject: &Digest, referrer: &Digest) -> Key {
+    referrers_dir(r, subject).join(format!("{}-{}", referrer.algorithm().as_str(), referrer.hex()))
+}
 
-    pub fn referrers_dir(&self, repo: &RepoName, subject: &Digest) -> PathBuf {
-        self.repo(repo).join("_referrers").join(subject.algorithm().as_str()).join(subject.hex())
-    }
-
-    pub fn referrer(&self, repo: &RepoName, subject: &Digest, referrer: &Digest) -> PathBuf {
-        self.referrers_dir(repo, subject).join(format!("{}-{}", referrer.algorithm().as_str(), referrer.hex()))
-    }
+/// A key below `base` named by a listing of `base` (a name [`super::Backend::list`] returned).
+pub fn child(base: &Key, name: &str) -> Key {
+    base.join(name)
 }
 
 #[cfg(test)]
@@ -110,15 +123,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn paths() {
-        let l = Layout::new("/s");
+    fn keys() {
         let d = Digest::sha256(b"");
-        let r: RepoName = "docker.io/library/nginx".parse().unwrap();
+        let local = Repo::Local("team/app".parse().unwrap());
+        let cached = Repo::cache("127.0.0.1:5301", "library/nginx".parse().unwrap());
         assert_eq!(
-            l.blob(&d),
-            Path::new("/s/blobs/sha256/e3/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+            blob(&d).as_str(),
+            "blobs/sha256/e3/e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
-        assert_eq!(l.layer_link(&r, &d), Path::new("/s/repos/docker.io/library/nginx/_layers/sha256").join(d.hex()));
-        assert_eq!(l.tag(&r, &"v1".parse().unwrap()), Path::new("/s/repos/docker.io/library/nginx/_manifests/tags/v1"));
+        assert_eq!(layer_link(&local, &d).as_str(), format!("repos/team/app/_layers/sha256/{}", d.hex()));
+        assert_eq!(
+            tag(&cached, &"v1".parse().unwrap()).as_str(),
+            "cache/127.0.0.1:5301/library/nginx/_manifests/tags/v1"
+        );
+        // A local name that spells an upstream's host stays in the local tree.
+        let spoof = Repo::Local("127.0.0.1-5301/library/nginx".parse().unwrap());
+        assert!(repo(&spoof).as_str().starts_with("repos/"));
     }
 }

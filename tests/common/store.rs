@@ -28,13 +28,13 @@ pub fn blob_path(root: &Path, digest: &str) -> PathBuf {
     root.join("blobs").join(alg).join(&hex[..2]).join(hex)
 }
 
-/// Files left under `<root>/ingest` (fills spool to `ingest/tmp-*`).
+/// Entries left under `<root>/ingest` (upload sessions and fills: `ingest/<uuid>/`).
 pub fn ingest_leftovers(root: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(root.join("ingest")).into_iter().flatten().flatten().map(|e| e.path()).collect()
 }
 
-/// Repositories in the store: directories under `repos/` that hold `_layers` or
-/// `_manifests`, relative to `repos/`.
+/// Repositories in the store: directories under `repos/` (local) and `cache/` (upstreams'
+/// caches, as `<host>/<name>`) that hold `_layers` or `_manifests`, relative to those trees.
 pub fn repo_dirs(root: &Path) -> BTreeSet<String> {
     fn walk(base: &Path, dir: &Path, out: &mut BTreeSet<String>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
@@ -52,9 +52,11 @@ pub fn repo_dirs(root: &Path) -> BTreeSet<String> {
             }
         }
     }
-    let base = root.join("repos");
     let mut out = BTreeSet::new();
-    walk(&base, &base, &mut out);
+    for tree in ["repos", "cache"] {
+        let base = root.join(tree);
+        walk(&base, &base, &mut out);
+    }
     out
 }
 

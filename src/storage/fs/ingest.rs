@@ -1,0 +1,418 @@
+//! The filesystem's [`Writer`]: bytes are hashed on the way into `ingest/<id>/data`, the
+//! offset and hash state are saved in `ingest/<id>/state.json` at every checkpoint, and only
+//! [`Writer::verify`] → [`Verified::commit`] moves a verified file into `blobs/` by rename.
+//!
+//! Writes are pipelined: while one batch is hashed and written on the blocking pool, the next
+//! one is collected from the network. At most one batch is in flight. The batch in flight
+//! owns the file, the running hash and the writer's [`Hold`] (an upload's session lock): a
+//! writer dropped mid-batch (a client that reset its stream) keeps its session locked until
+//! that batch has landed, so no write can land after the next request on the session cut the
+//! file back to its checkpoint.
+
+use std::fs::File;
+use std::io::{IoSlice, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+
+use super::read::SharedBlocks;
+use super::writeback::Writeback;
+use super::{blocking, sync_dir, Fs};
+use crate::oci::{Digest, Hasher};
+use crate::storage::backend::{Hold, IngestId, IngestState, TailReader, Verified, Writer, WriterOptions};
+use crate::storage::layout;
+use crate::storage::{StoreError, StoreResult};
+
+/// The file and the running hash, owned by whoever works on them: the writer itself, or the
+/// blocking-pool job hashing and writing the batch in flight.
+struct Sink {
+    file: File,
+    hasher: Hasher,
+    /// Released only when both the writer and the batch in flight are done with it.
+    _hold: Arc<Hold>,
+}
+
+pub struct FsWriter {
+    fs: Arc<Fs>,
+    id: IngestId,
+    state: IngestState,
+    data: PathBuf,
+    /// `None` while a batch is in flight.
+    sink: Option<Sink>,
+    in_flight: Option<JoinHandle<(Sink, std::io::Result<()>)>>,
+    batch: Vec<Bytes>,
+    batch_bytes: usize,
+    batch_limit: usize,
+    /// Bytes accepted, including the batch being collected and the one in flight.
+    size: u64,
+    /// Bytes handed to the file (the batches sent).
+    sent: u64,
+    /// Bytes in the file for certain (the batches that landed).
+    landed: u64,
+    /// Set when the file will be fsynced: its writeback starts as it grows.
+    writeback: Option<Writeback>,
+    tail: Arc<FsTail>,
+}
+
+/// Reads a growing ingest file (fill followers), sharing reads between readers that move
+/// together.
+pub struct FsTail {
+    file: Arc<File>,
+    shared: SharedBlocks,
+}
+
+#[async_trait]
+impl TailReader for FsTail {
+    async fn read(&self, pos: u64, end: u64) -> std::io::Result<Bytes> {
+        self.shared.read(&self.file, pos, end).await
+    }
+}
+
+impl FsWriter {
+    pub(super) async fn create(fs: Arc<Fs>, id: IngestId, opts: WriterOptions, hold: Hold) -> StoreResult<FsWriter> {
+        let dir = fs.path(&layout::ingest_dir(&id));
+        let data = fs.path(&layout::ingest_data(&id));
+        let path = data.clone();
+        let file = blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            std::fs::OpenOptions::new().create_new(true).write(true).open(path)
+        })
+        .await?;
+        let mut state = IngestState::new(opts.kind, opts.alg);
+        let hasher = Hasher::new(opts.alg);
+        state.set_hash(0, &hasher);
+        let w = FsWriter::wrap(fs, id, state, data, file, hasher, opts.batch_bytes, hold)?;
+        w.fs.put_atomic(&layout::ingest_state(&id), &w.state.encode()).await?;
+        Ok(w)
+    }
+
+    pub(super) async fn resume(fs: Arc<Fs>, id: IngestId, batch_bytes: usize, hold: Hold) -> StoreResult<FsWriter> {
+        let raw = match tokio::fs::read(fs.path(&layout::ingest_state(&id))).await {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(StoreError::UploadUnknown),
+            Err(e) => return Err(e.into()),
+        };
+        let state = IngestState::decode(&raw).ok_or(StoreError::UploadUnknown)?;
+        let hasher = state.hasher().ok_or(StoreError::UploadUnknown)?;
+        let data = fs.path(&layout::ingest_data(&id));
+        let (path, offset) = (data.clone(), state.offset);
+        let file = blocking(move || {
+            let mut file = std::fs::OpenOptions::new().write(true).open(path)?;
+            let len = file.metadata()?.len();
+            if len < offset {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("ingest data has {len} bytes, its state says {offset}"),
+                ));
+            }
+            if len > offset {
+                // A chunk that was being written when the process died or the request ended.
+                file.set_len(offset)?;
+            }
+            file.seek(SeekFrom::Start(offset))?;
+            Ok(file)
+        })
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::UploadUnknown
+            } else {
+                e.into()
+            }
+        })?;
+        FsWriter::wrap(fs, id, state, data, file, hasher, batch_bytes, hold)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn wrap(
+        fs: Arc<Fs>,
+        id: IngestId,
+        state: IngestState,
+        data: PathBuf,
+        file: File,
+        hasher: Hasher,
+        batch_limit: usize,
+        hold: Hold,
+    ) -> StoreResult<FsWriter> {
+        let writeback = if fs.fsync { Some(Writeback::new(file.try_clone()?)) } else { None };
+        let read = Arc::new(File::open(&data)?);
+        let offset = state.offset;
+        Ok(FsWriter {
+            fs,
+            id,
+            state,
+            data,
+            sink: Some(Sink { file, hasher, _hold: Arc::new(hold) }),
+            in_flight: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_limit: batch_limit.max(1),
+            size: offset,
+            sent: offset,
+            landed: offset,
+            writeback,
+            tail: Arc::new(FsTail { file: read, shared: SharedBlocks::default() }),
+        })
+    }
+
+    /// Waits for the batch in flight, then starts the collected one.
+    async fn send_batch(&mut self) -> std::io::Result<()> {
+        self.settle().await?;
+        let batch = std::mem::take(&mut self.batch);
+        let len = std::mem::take(&mut self.batch_bytes) as u64;
+        let mut sink = self.sink.take().expect("settled");
+        let delay = test_write_delay();
+        self.in_flight = Some(tokio::task::spawn_blocking(move || {
+            for chunk in &batch {
+                sink.hasher.update(chunk);
+            }
+            if let Some(d) = delay {
+                std::thread::sleep(d);
+            }
+            let res = write_all_vectored(&mut sink.file, &batch);
+            (sink, res)
+        }));
+        self.sent += len;
+        Ok(())
+    }
+
+    /// Waits for the batch in flight, if any.
+    async fn settle(&mut self) -> std::io::Result<()> {
+        let Some(job) = self.in_flight.take() else { return Ok(()) };
+        let (sink, res) = job.await.map_err(std::io::Error::other)?;
+        self.sink = Some(sink);
+        res?;
+        self.landed = self.sent;
+        if let Some(wb) = &mut self.writeback {
+            wb.written(self.landed);
+        }
+        Ok(())
+    }
+
+    /// Writes every byte accepted to the file and, with `fsync`, to the disk.
+    async fn flush(&mut self, fsync: bool) -> std::io::Result<()> {
+        if !self.batch.is_empty() {
+            self.send_batch().await?;
+        }
+        self.settle().await?;
+        if fsync {
+            let file = self.sink.as_ref().expect("settled").file.try_clone()?;
+            blocking(move || file.sync_data()).await?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self) -> StoreResult<()> {
+        let dir = self.fs.path(&layout::ingest_dir(&self.id));
+        match tokio::fs::remove_dir_all(dir).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+#[async_trait]
+impl Writer for FsWriter {
+    fn id(&self) -> IngestId {
+        self.id
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn offset(&self) -> u64 {
+        self.state.offset
+    }
+
+    fn readable(&self) -> u64 {
+        self.landed
+    }
+
+    fn tail(&self) -> Arc<dyn TailReader> {
+        self.tail.clone()
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.size += chunk.len() as u64;
+        self.batch_bytes += chunk.len();
+        self.batch.push(chunk);
+        if self.batch_bytes >= self.batch_limit {
+            self.send_batch().await?;
+        } else if self.in_flight.as_ref().is_some_and(|j| j.is_finished()) {
+            // Let readers of the tail see the landed batch as soon as possible.
+            self.settle().await?;
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self) -> StoreResult<()> {
+        self.flush(self.fs.fsync).await?;
+        let hasher = &self.sink.as_ref().expect("settled").hasher;
+        self.state.set_hash(self.size, hasher);
+        self.fs.put_atomic(&layout::ingest_state(&self.id), &self.state.encode()).await
+    }
+
+    async fn rollback(&mut self) -> StoreResult<()> {
+        // No write of the abandoned chunk may land after the cut.
+        let _ = self.settle().await;
+        self.batch.clear();
+        self.batch_bytes = 0;
+        let offset = self.state.offset;
+        let hasher = self.state.hasher().ok_or(StoreError::UploadUnknown)?;
+        let mut sink = self.sink.take().expect("settled");
+        let (sink, res) = blocking_keep(move || {
+            let res = sink.file.set_len(offset).and_then(|()| sink.file.seek(SeekFrom::Start(offset)).map(drop));
+            sink.hasher = hasher;
+            (sink, res)
+        })
+        .await;
+        self.sink = Some(sink);
+        res?;
+        (self.size, self.sent, self.landed) = (offset, offset, offset);
+        Ok(())
+    }
+
+    async fn verify(mut self: Box<Self>, expected: &Digest, size: Option<u64>) -> StoreResult<Box<dyn Verified>> {
+        if let Err(e) = self.flush(false).await {
+            let _ = self.remove().await;
+            return Err(e.into());
+        }
+        let sink = self.sink.take().expect("settled");
+        let written = self.size;
+        let actual = if sink.hasher.algorithm() == expected.algorithm() {
+            sink.hasher.clone().finish()
+        } else {
+            match hash_file(self.data.clone(), expected.algorithm()).await {
+                Ok(d) => d,
+                Err(e) => {
+                    let _ = self.remove().await;
+                    return Err(e.into());
+                }
+            }
+        };
+        let checked = if &actual != expected {
+            Err(StoreError::DigestMismatch { expected: expected.clone(), actual })
+        } else if let Some(want) = size.filter(|&s| s != written) {
+            Err(StoreError::SizeMismatch { expected: want, actual: written })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = checked {
+            drop(sink);
+            let _ = self.remove().await;
+            return Err(e);
+        }
+        Ok(Box::new(FsVerified { writer: self, sink, digest: expected.clone(), size: written }))
+    }
+
+    async fn abort(mut self: Box<Self>) -> StoreResult<()> {
+        let _ = self.settle().await;
+        self.remove().await
+    }
+}
+
+/// A verified ingest file, ready to be renamed into `blobs/`.
+struct FsVerified {
+    writer: Box<FsWriter>,
+    /// Keeps the file (for the fsync) and the hold until the commit is done.
+    sink: Sink,
+    digest: Digest,
+    size: u64,
+}
+
+#[async_trait]
+impl Verified for FsVerified {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    async fn commit(self: Box<Self>) -> StoreResult<u64> {
+        let FsVerified { writer, sink, digest, size } = *self;
+        let fs = writer.fs.clone();
+        let res = async {
+            if fs.fsync {
+                let file = sink.file.try_clone()?;
+                blocking(move || file.sync_data()).await?;
+            }
+            let to = fs.path(&layout::blob(&digest));
+            let dir = to.parent().expect("blob paths have a parent").to_path_buf();
+            tokio::fs::create_dir_all(&dir).await?;
+            // Same digest, same bytes: renaming over an existing blob is harmless and atomic.
+            tokio::fs::rename(&writer.data, &to).await?;
+            if fs.fsync {
+                sync_dir(dir).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        // Whatever the outcome, the ingest is done: the data is either in `blobs/` or not
+        // wanted. (A crash before this line leaves the state without data: an upload's
+        // finish recognises it, the sweep removes it.)
+        let removed = writer.remove().await;
+        drop(sink);
+        res?;
+        removed?;
+        Ok(size)
+    }
+}
+
+/// How long each batch write waits before it lands, for tests that must hit a write landing
+/// late (`STEVEDORE_TEST_DELAY_WRITE_MS`); never set in production.
+fn test_write_delay() -> Option<std::time::Duration> {
+    static DELAY: OnceLock<Option<std::time::Duration>> = OnceLock::new();
+    *DELAY.get_or_init(|| {
+        std::env::var("STEVEDORE_TEST_DELAY_WRITE_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::time::Duration::from_millis)
+    })
+}
+
+/// Runs `f` on the blocking pool; the value comes back even if `f` reports an error.
+async fn blocking_keep<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(v) => v,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
+}
+
+/// Writes every chunk, in order, with as few `writev` calls as the kernel allows.
+pub fn write_all_vectored(file: &mut File, chunks: &[Bytes]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = chunks.iter().map(|c| IoSlice::new(c)).collect();
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        match file.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut slices, n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Hashes a whole file with `alg` on the blocking pool.
+pub async fn hash_file(path: PathBuf, alg: crate::oci::Algorithm) -> std::io::Result<Digest> {
+    blocking(move || {
+        use std::io::Read;
+        let mut f = File::open(path)?;
+        let mut h = Hasher::new(alg);
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                return Ok(h.finish());
+            }
+            h.update(&buf[..n]);
+        }
+    })
+    .await
+}

@@ -1,0 +1,222 @@
+//! The filesystem backend: the default, embedded store. Keys (see [`super::layout`]) are
+//! paths under the store root; `ingest/` and `blobs/` share one filesystem, so a commit is an
+//! atomic rename; metadata objects are replaced by tmp file + rename; with `fsync` (default)
+//! data and directories are synced around every rename.
+
+mod ingest;
+pub mod read;
+mod writeback;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::backend::{Backend, ByteStream, Hold, IngestId, IngestState, IngestStatus, Writer, WriterOptions};
+use super::layout::{self, Key};
+use super::{StoreResult, UploadId};
+use crate::oci::{Algorithm, Digest};
+
+pub(super) struct Fs {
+    root: PathBuf,
+    fsync: bool,
+}
+
+/// The filesystem store under `root`.
+pub struct FsBackend(Arc<Fs>);
+
+impl FsBackend {
+    pub async fn open(root: &Path, fsync: bool) -> std::io::Result<FsBackend> {
+        for dir in [layout::BLOBS, layout::INGEST, layout::LOCAL_REPOS, layout::CACHE_REPOS] {
+            tokio::fs::create_dir_all(root.join(dir)).await?;
+        }
+        Ok(FsBackend(Arc::new(Fs { root: root.to_path_buf(), fsync })))
+    }
+}
+
+impl Fs {
+    fn path(&self, key: &Key) -> PathBuf {
+        self.root.join(key.as_str())
+    }
+
+    /// Replaces `key` with `bytes` atomically (tmp file + rename).
+    async fn put_atomic(&self, key: &Key, bytes: &[u8]) -> StoreResult<()> {
+        let tmp = self.path(&layout::tmp());
+        let path = self.path(key);
+        let res = async {
+            let mut f = tokio::fs::File::create(&tmp).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut f, bytes).await?;
+            if self.fsync {
+                f.sync_data().await?;
+            }
+            let dir = path.parent().expect("store paths have parents").to_path_buf();
+            tokio::fs::create_dir_all(&dir).await?;
+            tokio::fs::rename(&tmp, &path).await?;
+            if self.fsync {
+                sync_dir(dir).await?;
+            }
+            Ok::<_, std::io::Error>(())
+        }
+        .await;
+        if res.is_err() {
+            let _ = tokio::fs::remove_file(&tmp).await;
+        }
+        Ok(res?)
+    }
+}
+
+fn not_found<T>(r: std::io::Result<T>) -> std::io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+#[async_trait]
+impl Backend for FsBackend {
+    async fn stat(&self, d: &Digest) -> StoreResult<Option<u64>> {
+        Ok(not_found(tokio::fs::metadata(self.0.path(&layout::blob(d))).await)?.map(|m| m.len()))
+    }
+
+    async fn read(&self, d: &Digest, start: u64, len: u64) -> StoreResult<Option<ByteStream>> {
+        let path = self.0.path(&layout::blob(d));
+        let Some(file) = not_found(blocking(move || std::fs::File::open(path)).await)? else { return Ok(None) };
+        Ok(Some(Box::pin(read::stream(Arc::new(file), start, len))))
+    }
+
+    async fn read_small(&self, d: &Digest) -> StoreResult<Option<Bytes>> {
+        Ok(not_found(tokio::fs::read(self.0.path(&layout::blob(d))).await)?.map(Bytes::from))
+    }
+
+    async fn delete(&self, d: &Digest) -> StoreResult<bool> {
+        Ok(not_found(tokio::fs::remove_file(self.0.path(&layout::blob(d))).await)?.is_some())
+    }
+
+    async fn walk(&self) -> StoreResult<Vec<(Digest, u64)>> {
+        let root = self.0.path(&layout::root(layout::BLOBS));
+        Ok(blocking(move || {
+            let mut out = Vec::new();
+            for alg in [Algorithm::Sha256, Algorithm::Sha512] {
+                let Some(prefixes) = not_found(std::fs::read_dir(root.join(alg.as_str())))? else { continue };
+                for p in prefixes.flatten() {
+                    for e in std::fs::read_dir(p.path())?.flatten() {
+                        let name = e.file_name();
+                        let Ok(d) = format!("{}:{}", alg.as_str(), name.to_string_lossy()).parse::<Digest>() else {
+                            continue;
+                        };
+                        out.push((d, e.metadata()?.len()));
+                    }
+                }
+            }
+            Ok(out)
+        })
+        .await?)
+    }
+
+    async fn create_writer(&self, id: IngestId, opts: WriterOptions, hold: Hold) -> StoreResult<Box<dyn Writer>> {
+        Ok(Box::new(ingest::FsWriter::create(self.0.clone(), id, opts, hold).await?))
+    }
+
+    async fn resume_writer(&self, id: IngestId, batch_bytes: usize, hold: Hold) -> StoreResult<Box<dyn Writer>> {
+        Ok(Box::new(ingest::FsWriter::resume(self.0.clone(), id, batch_bytes, hold).await?))
+    }
+
+    async fn ingest_status(&self, id: IngestId) -> StoreResult<Option<IngestStatus>> {
+        let state_path = self.0.path(&layout::ingest_state(&id));
+        let Some(raw) = not_found(tokio::fs::read(&state_path).await)? else { return Ok(None) };
+        let Some(state) = IngestState::decode(&raw) else { return Ok(None) };
+        let mut updated = not_found(tokio::fs::metadata(&state_path).await)?.and_then(|m| m.modified().ok());
+        let data = not_found(tokio::fs::metadata(self.0.path(&layout::ingest_data(&id))).await)?;
+        if let Some(t) = data.as_ref().and_then(|m| m.modified().ok()) {
+            updated = updated.max(Some(t));
+        }
+        Ok(Some(IngestStatus {
+            id,
+            started_at: state.started(),
+            offset: state.offset,
+            updated_at: updated.unwrap_or(SystemTime::UNIX_EPOCH),
+            has_data: data.is_some(),
+            kind: state.kind,
+        }))
+    }
+
+    async fn ingests(&self) -> StoreResult<Vec<IngestId>> {
+        let names = self.list(&layout::root(layout::INGEST)).await?;
+        Ok(names.iter().filter_map(|n| n.parse::<UploadId>().ok()).collect())
+    }
+
+    async fn remove_ingest(&self, id: IngestId) -> StoreResult<()> {
+        Ok(not_found(tokio::fs::remove_dir_all(self.0.path(&layout::ingest_dir(&id))).await).map(drop)?)
+    }
+
+    async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {
+        let path = self.0.path(key);
+        let Some(raw) = not_found(tokio::fs::read(&path).await)? else { return Ok(None) };
+        let modified = not_found(tokio::fs::metadata(&path).await)?
+            .and_then(|m| m.modified().ok())
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        Ok(Some((Bytes::from(raw), modified)))
+    }
+
+    async fn put(&self, key: &Key, value: &[u8]) -> StoreResult<()> {
+        self.0.put_atomic(key, value).await
+    }
+
+    async fn remove(&self, key: &Key) -> StoreResult<bool> {
+        Ok(not_found(tokio::fs::remove_file(self.0.path(key)).await)?.is_some())
+    }
+
+    async fn exists(&self, key: &Key) -> StoreResult<bool> {
+        Ok(not_found(tokio::fs::metadata(self.0.path(key)).await)?.is_some())
+    }
+
+    async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>> {
+        let Some(mut rd) = not_found(tokio::fs::read_dir(self.0.path(prefix)).await)? else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        while let Some(e) = rd.next_entry().await? {
+            if let Some(n) = e.file_name().to_str() {
+                out.push(n.to_string());
+            }
+        }
+        Ok(out)
+    }
+
+    async fn writable(&self) -> bool {
+        let probe = self.0.path(&layout::tmp());
+        let ok = tokio::fs::write(&probe, b"ready").await.is_ok();
+        let _ = tokio::fs::remove_file(&probe).await;
+        ok
+    }
+
+    async fn sweep_temporaries(&self, age: Duration) {
+        let Ok(mut rd) = tokio::fs::read_dir(self.0.path(&layout::root(layout::INGEST))).await else { return };
+        while let Ok(Some(e)) = rd.next_entry().await {
+            if !e.file_name().to_string_lossy().starts_with("tmp-") {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() >= age)
+                .unwrap_or(false);
+            if old {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
+    }
+}
+
+/// Runs `f` on the blocking pool.
+pub(super) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)?
+}
+
+async fn sync_dir(dir: PathBuf) -> std::io::Result<()> {
+    blocking(move || std::fs::File::open(dir)?.sync_all()).await
+}

@@ -296,11 +296,7 @@ struct Catalog {
 
 impl Catalog {
     fn add(&self, repo: &Repo) {
-        let name = repo.to_string();
-        let mut names = self.names.lock().unwrap();
-        if !names.contains(&name) {
-            names.insert(name);
-        }
+        self.names.lock().unwrap().insert(repo.to_string());
     }
 }
 

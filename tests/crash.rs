@@ -743,3 +743,154 @@ fn sigkill_during_concurrent_pushes_loses_nothing_acknowledged() {
     assert!(l.stats.idle_sessions_checked >= ROUNDS, "too few idle sessions checked: {:?}", l.stats);
     assert!(l.stats.idle_sessions_multi_restart >= 1, "no session was checked across two restarts: {:?}", l.stats);
 }
+
+/// The `state.json` of every ingest under `<root>/ingest`, as (ingest dir, state).
+fn ingest_states(root: &Path) -> Vec<(std::path::PathBuf, serde_json::Value)> {
+    let mut out = Vec::new();
+    for dir in common::store::ingest_leftovers(root) {
+        let Ok(raw) = std::fs::read(dir.join("state.json")) else { continue };
+        if let Ok(v) = serde_json::from_slice(&raw) {
+            out.push((dir, v));
+        }
+    }
+    out
+}
+
+/// An HTTP/2 client resets its stream mid-PATCH while a batch of that PATCH is still being
+/// written (held back by the test hook `STEVEDORE_TEST_DELAY_WRITE_MS`), and the next request
+/// on the session (the final PUT) sends other bytes. The late write must not land over the next chunk: the
+/// committed blob holds exactly the bytes of its digest, on disk and when served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_reset_mid_patch_never_lets_a_late_write_corrupt_the_next_chunk() {
+    const HOLD_MS: u64 = 1500;
+    let sd = Stevedore::builder().env("STEVEDORE_TEST_DELAY_WRITE_MS", &HOLD_MS.to_string()).start();
+    let reg = sd.registry();
+    let repo = "h2/reset";
+    let loc = reg.start_upload(repo).await;
+
+    // PATCH over HTTP/2 (prior knowledge on the plain listener): 3 MiB, so that a full batch
+    // is on its way to the file when the stream is reset.
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", sd.port())).await.unwrap();
+    let (h2c, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut h2c = h2c.ready().await.expect("h2 ready");
+    let req = http::Request::builder()
+        .method("PATCH")
+        .uri(reg.url(&loc))
+        .header("content-type", "application/octet-stream")
+        .body(())
+        .unwrap();
+    let (resp, mut stream) = h2c.send_request(req, false).expect("h2 request");
+    stream.send_data(bytes::Bytes::from(data::bytes(7001, 3 << 20)), false).expect("h2 data");
+    let held =
+        common::wait_until(Duration::from_secs(30), || sd.log_text().contains("test hook: batch write held back"))
+            .await;
+    assert!(held, "no batch write was held back by the test hook:\n{}", sd.log_text());
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(resp);
+
+    // The session as the server reports it now, then other bytes from that offset.
+    let r = reg.send(reg.req(reqwest::Method::GET, &loc)).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT, "GET of the session after the reset");
+    let range = common::http::hdr(r.headers(), "range");
+    assert_eq!(range.as_deref(), Some("0-0"), "a PATCH that was reset must not be acknowledged");
+    let second = data::bytes(7002, 512 << 10);
+    let digest = data::sha256(&second);
+    // The final PUT carries the bytes: no reopening of the session between them and the
+    // commit could cut a late write off.
+    let body = Some((second.len() as u64, Body::from(second.clone())));
+    reg.try_finish(&loc, &digest, body).await.unwrap_or_else(|e| panic!("PUT after the reset: {e}"));
+
+    // Every held-back write has landed (a late one included), then check.
+    let landed = common::wait_until(Duration::from_secs(30), || {
+        let log = sd.log_text();
+        log.matches("test hook: held-back batch landed").count()
+            == log.matches("test hook: batch write held back").count()
+    })
+    .await;
+    assert!(landed, "held-back writes did not land:\n{}", sd.log_text());
+    reg.assert_blob(repo, &digest, &second).await;
+    let path = common::store::blob_path(sd.root(), &digest);
+    let on_disk = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(on_disk.len(), second.len(), "blob file size on disk");
+    assert!(on_disk == second, "the blob file on disk is not the bytes of its digest");
+    assert!(assert_blobs_intact(sd.root()) >= 1);
+}
+
+/// A proxy fill writes through the same writer as an upload: both leave the same kind of
+/// resumable ingest (`ingest/<id>/{data,state.json}`), and a SIGKILL mid-fill leaves nothing
+/// under `blobs/` that does not hash to its name. After the restart the upload resumes where
+/// it was acknowledged and the blob fills again from the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fill_and_upload_share_the_ingest_writer_and_a_kill_mid_fill_commits_nothing() {
+    use common::fake::{Fake, Plan};
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let fake = Fake::start().await;
+    let blob = data::bytes(7101, 6 << 20);
+    let d = fake.add_blob(&blob);
+    // The first GET trickles (about 5 s for the whole blob); later ones are plain.
+    fake.plan(&d, Plan::new(blob.clone()).slow(256 << 10, Duration::from_millis(200)));
+    let cfg = common::stevedore::config("up.test", &[("up.test", &fake.url(), "")]).replacen(
+        "[proxy]\n",
+        "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
+        1,
+    );
+    let mut sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let reg = sd.registry();
+
+    // An upload session with 1.5 MiB acknowledged, left idle.
+    let part = data::bytes(7102, 3 << 19);
+    let loc = reg.start_upload("local/app").await;
+    let (loc, acked) =
+        reg.try_patch(&loc, 0, part.len() as u64, Body::from(part.clone())).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(acked, part.len() as u64);
+
+    // A fill, caught mid-way.
+    let url = sd.url(&format!("/v2/library/base/blobs/{d}"));
+    let getter = tokio::spawn(common::http::read(common::http::client().get(url)));
+    let mid_fill = common::wait_until(Duration::from_secs(30), || {
+        ingest_states(&root).iter().any(|(dir, s)| {
+            s["kind"] == "fill" && std::fs::metadata(dir.join("data")).map(|m| m.len() >= 1 << 20).unwrap_or(false)
+        })
+    })
+    .await;
+    assert!(mid_fill, "no fill ingest with 1 MiB of data appeared: {:?}", ingest_states(&root));
+
+    let states = ingest_states(&root);
+    let fill = states.iter().find(|(_, s)| s["kind"] == "fill").expect("fill ingest");
+    let upload = states.iter().find(|(_, s)| s["kind"] == "upload").expect("upload ingest");
+    let keys = |v: &serde_json::Value| -> Vec<String> {
+        v.as_object().unwrap().keys().filter(|k| !["repo", "digest"].contains(&k.as_str())).cloned().collect()
+    };
+    assert_eq!(keys(&fill.1), keys(&upload.1), "fill and upload states differ in shape: {fill:?} / {upload:?}");
+    assert_eq!(fill.1["digest"], d.as_str(), "the fill's state names its digest");
+    assert!(upload.1["repo"].as_str().unwrap_or_default().ends_with("local/app"), "{upload:?}");
+    assert_eq!(upload.1["offset"], part.len() as u64, "the upload's checkpoint");
+    for (dir, s) in [fill, upload] {
+        assert_eq!(s["alg"], "sha256", "{s}");
+        assert!(dir.join("data").is_file(), "{} has no data file", dir.display());
+    }
+
+    sd.kill();
+    let r = getter.await.unwrap();
+    assert!(r.error.is_some() || r.body.len() < blob.len(), "a whole body was served although the fill was killed");
+    assert!(!common::store::blob_path(&root, &d).exists(), "a blob killed mid-fill is under blobs/");
+    assert_blobs_intact(&root);
+
+    // Restart: the blob fills again, the upload resumes at its checkpoint.
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let reg = sd.registry();
+    reg.assert_blob("library/base", &d, &blob).await;
+    assert_eq!(fake.count("GET", &format!("/v2/library/base/blobs/{d}")), 2, "upstream GETs");
+    let (status, offset) = reg.try_session_status(&Registry::path_of(&loc)).await.expect("session status");
+    assert_eq!((status, offset), (StatusCode::NO_CONTENT, Some(part.len() as u64)), "upload after the restart");
+    let rest = data::bytes(7103, 1 << 20);
+    let whole = [part.clone(), rest.clone()].concat();
+    let body = Some((rest.len() as u64, Body::from(rest)));
+    reg.try_finish(&Registry::path_of(&loc), &data::sha256(&whole), body).await.unwrap_or_else(|e| panic!("{e}"));
+    reg.assert_blob("local/app", &data::sha256(&whole), &whole).await;
+    assert!(assert_blobs_intact(&root) >= 2);
+}

@@ -67,6 +67,7 @@ pub struct Builder {
     args: Vec<String>,
     rust_log: String,
     log_format: LogFormat,
+    env: Vec<(String, String)>,
 }
 
 impl Builder {
@@ -100,6 +101,13 @@ impl Builder {
     /// The `RUST_LOG` filter (default `warn,stevedore::access=info`).
     pub fn rust_log(mut self, filter: &str) -> Builder {
         self.rust_log = filter.to_string();
+        self
+    }
+
+    /// An environment variable for the server (e.g. a test hook such as
+    /// `STEVEDORE_TEST_DELAY_WRITE_MS`).
+    pub fn env(mut self, key: &str, value: &str) -> Builder {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -158,6 +166,7 @@ impl Builder {
         }
         cmd.args(&self.args);
         cmd.env("RUST_LOG", &self.rust_log);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         for v in ["STEVEDORE_LOG_FORMAT", "STEVEDORE_CONFIG"] {
             cmd.env_remove(v);
         }
@@ -247,6 +256,7 @@ impl Stevedore {
             args: Vec::new(),
             rust_log: "warn,stevedore::access=info".into(),
             log_format: LogFormat::Json,
+            env: Vec::new(),
         }
     }
 

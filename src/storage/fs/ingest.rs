@@ -170,9 +170,13 @@ impl FsWriter {
                 sink.hasher.update(chunk);
             }
             if let Some(d) = delay {
+                tracing::warn!(bytes = len, delay_ms = d.as_millis() as u64, "test hook: batch write held back");
                 std::thread::sleep(d);
             }
             let res = write_all_vectored(&mut sink.file, &batch);
+            if delay.is_some() {
+                tracing::warn!(bytes = len, "test hook: held-back batch landed");
+            }
             (sink, res)
         }));
         self.sent += len;

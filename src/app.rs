@@ -12,6 +12,9 @@ pub struct App {
     pub proxy: Proxy,
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Requests per client address; `None` when off.
+    pub rate_limiter: Option<crate::limits::RateLimiter>,
+    pub upload_quota: crate::limits::UploadQuota,
 }
 
 impl App {
@@ -26,7 +29,9 @@ impl App {
         })
         .await?;
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?;
-        Ok(Arc::new(App { cfg, store, proxy, metrics }))
+        let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
+        let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
+        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota }))
     }
 
     /// Background work: the idle upload session sweep. Runs until the runtime stops.
@@ -41,6 +46,7 @@ impl App {
                 if n > 0 {
                     tracing::info!(removed = n, "swept idle upload sessions");
                 }
+                app.upload_quota.prune(&app.store).await;
                 if let Some(metrics) = &app.metrics {
                     crate::metrics::store_bytes(app.store.blob_bytes().await);
                     metrics.run_upkeep();

@@ -200,6 +200,29 @@ pub struct ServerConfig {
     pub body_idle_timeout: Duration,
     /// Open client connections at most; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Requests per client address (`[server.rate_limit]`); off unless configured.
+    pub rate_limit: RateLimitConfig,
+}
+
+/// A token bucket per client address: `requests_per_second` on average, bursts of up to
+/// `burst` requests. Past it, `429 TOOMANYREQUESTS` with `Retry-After`. Off when
+/// `requests_per_second` is 0 (the default).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    pub requests_per_second: f64,
+    /// Requests a client may send at once after being quiet; default two seconds' worth.
+    pub burst: Option<u32>,
+}
+
+impl RateLimitConfig {
+    pub fn enabled(&self) -> bool {
+        self.requests_per_second > 0.0
+    }
+
+    pub fn burst(&self) -> u32 {
+        self.burst.unwrap_or_else(|| (self.requests_per_second * 2.0).ceil().max(1.0) as u32)
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -220,6 +243,12 @@ pub struct UploadsConfig {
     /// How often idle sessions are looked for.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Open upload sessions at most, in all; past it a new session gets `429`.
+    pub max_sessions: usize,
+    /// Open upload sessions at most per client address.
+    pub max_sessions_per_client: usize,
+    /// The largest blob a client may upload (`"100GiB"`, or a number of bytes).
+    pub max_size: ByteSize,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -250,6 +279,7 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             body_idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            rate_limit: RateLimitConfig::default(),
         }
     }
 }
@@ -262,7 +292,13 @@ impl Default for StorageConfig {
 
 impl Default for UploadsConfig {
     fn default() -> UploadsConfig {
-        UploadsConfig { session_ttl: Duration::from_secs(24 * 3600), sweep_interval: Duration::from_secs(600) }
+        UploadsConfig {
+            session_ttl: Duration::from_secs(24 * 3600),
+            sweep_interval: Duration::from_secs(600),
+            max_sessions: 10_000,
+            max_sessions_per_client: 1_000,
+            max_size: ByteSize(100 << 30),
+        }
     }
 }
 
@@ -314,6 +350,19 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1");
+        }
+        let rl = &self.server.rate_limit;
+        if !rl.requests_per_second.is_finite() || rl.requests_per_second < 0.0 {
+            return invalid("server.rate_limit.requests_per_second", "must be a number of requests, 0 for no limit");
+        }
+        if rl.enabled() && rl.burst() == 0 {
+            return invalid("server.rate_limit.burst", "must be at least 1");
+        }
+        if self.uploads.max_sessions == 0 || self.uploads.max_sessions_per_client == 0 {
+            return invalid("uploads.max_sessions", "must be at least 1 (and so must max_sessions_per_client)");
+        }
+        if self.uploads.max_size.0 == 0 {
+            return invalid("uploads.max_size", "must be at least 1 byte");
         }
         let mut seen = std::collections::HashSet::new();
         for u in &self.upstreams {
@@ -410,7 +459,38 @@ mod tests {
         assert_eq!(c.server.max_connections, d.server.max_connections);
         assert_eq!(c.proxy.local_namespaces, d.proxy.local_namespaces);
         assert_eq!(c.upstreams[0].token_realms, d.upstreams[0].token_realms);
+        assert_eq!(c.uploads.max_sessions, d.uploads.max_sessions);
+        assert_eq!(c.uploads.max_sessions_per_client, d.uploads.max_sessions_per_client);
+        assert_eq!(c.uploads.max_size, d.uploads.max_size);
+        assert_eq!(c.server.rate_limit.requests_per_second, d.server.rate_limit.requests_per_second);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn byte_sizes() {
+        for (text, want) in [
+            ("0", 0u64),
+            ("512", 512),
+            ("512B", 512),
+            ("1KB", 1000),
+            ("1KiB", 1024),
+            ("1.5 GiB", 3 << 29),
+            ("200GiB", 200 << 30),
+            ("2TB", 2_000_000_000_000),
+            ("1Ti", 1 << 40),
+        ] {
+            assert_eq!(text.parse::<ByteSize>(), Ok(ByteSize(want)), "{text}");
+        }
+        for bad in ["", "GiB", "12 parsecs", "-1GiB", "1e400", "99999999999TiB", "1.2.3MiB"] {
+            assert!(bad.parse::<ByteSize>().is_err(), "{bad:?} parsed");
+        }
+        assert_eq!(ByteSize(100 << 30).to_string(), "100GiB");
+        assert_eq!(ByteSize(1001).to_string(), "1001 bytes");
+        let c = Config::parse("[uploads]\nmax_size = \"1MiB\"\n").unwrap();
+        assert_eq!(c.uploads.max_size, ByteSize(1 << 20));
+        let c = Config::parse("[uploads]\nmax_size = 4096\n").unwrap();
+        assert_eq!(c.uploads.max_size, ByteSize(4096));
+        assert!(Config::parse("[uploads]\nmax_size = \"lots\"\n").is_err());
     }
 
     #[test]
@@ -534,5 +614,73 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "uploads.session_ttl", .. })));
         let c = Config::parse("[uploads]\nsession_ttl = \"90m\"").unwrap();
         assert_eq!(c.uploads.session_ttl, Duration::from_secs(5400));
+    }
+}
+
+/// A number of bytes, written in the config as an integer or with a unit: `"512MiB"`,
+/// `"200GiB"`, `"1.5TB"` (`K`/`M`/`G`/`T` are powers of 1000, `Ki`/`Mi`/`Gi`/`Ti` of 1024; a
+/// trailing `B` is optional).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ByteSize, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = (t[..split].trim(), t[split..].trim());
+        let scale: u64 = match unit.strip_suffix(['B', 'b']).unwrap_or(unit) {
+            "" => 1,
+            "K" | "k" => 1_000,
+            "M" => 1_000_000,
+            "G" => 1_000_000_000,
+            "T" => 1_000_000_000_000,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            "Ti" => 1 << 40,
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB)")),
+        };
+        let bad = || format!("{s:?} is not a size (e.g. \"512MiB\", \"200GiB\" or a number of bytes)");
+        if num.is_empty() {
+            return Err(bad());
+        }
+        if let Ok(n) = num.parse::<u64>() {
+            return n.checked_mul(scale).map(ByteSize).ok_or_else(|| format!("{s:?} is too large"));
+        }
+        let f: f64 = num.parse().map_err(|_| bad())?;
+        let v = f * scale as f64;
+        if !v.is_finite() || v < 0.0 || v >= u64::MAX as f64 {
+            return Err(format!("{s:?} is too large"));
+        }
+        Ok(ByteSize(v.round() as u64))
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0;
+        for (unit, scale) in [("TiB", 1u64 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= scale && n.is_multiple_of(scale) {
+                return write!(f, "{}{unit}", n / scale);
+            }
+        }
+        write!(f, "{n} bytes")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
     }
 }

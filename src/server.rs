@@ -77,9 +77,9 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
             s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
             _ = &mut shutdown => break,
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -93,8 +93,10 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
         let first_request = Arc::new(Notify::new());
         let service = {
             let (router, first_request, idle) = (router.clone(), first_request.clone(), limits.body_idle_timeout);
-            hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+            let client = crate::limits::ClientAddr::new(peer.ip());
+            hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 first_request.notify_one();
+                req.extensions_mut().insert(client);
                 router.clone().oneshot(req.map(|b| Body::new(IdleBody::new(b, idle))))
             })
         };

@@ -515,3 +515,150 @@ async fn made_up_methods_do_not_grow_metrics_and_invalid_references_are_unknown(
     assert_json_error(&r, 403, "DENIED", "PUT of a bad tag into an upstream namespace");
     assert_eq!(fake.total(), 0, "requests reached the upstream:\n  {}", fake.dump());
 }
+
+/// `POST /v2/<repo>/blobs/uploads/` from `reg`: the Location on 202, the answer otherwise.
+async fn open_session(reg: &common::http::Registry, repo: &str) -> Result<String, common::http::Read> {
+    let r = read(reg.req(reqwest::Method::POST, &format!("/v2/{repo}/blobs/uploads/"))).await;
+    match (r.status, hdr(&r.headers, "location")) {
+        (202, Some(loc)) => Ok(loc),
+        _ => Err(r),
+    }
+}
+
+fn assert_too_many(r: &common::http::Read, what: &str) {
+    assert_json_error(r, 429, "TOOMANYREQUESTS", what);
+    let after: u64 = hdr(&r.headers, "retry-after").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(after >= 1, "{what}: Retry-After {:?}", hdr(&r.headers, "retry-after"));
+}
+
+/// Upload session caps: one address opening sessions by the thousand hits its own cap, all
+/// addresses together hit the global one (also across a restart: sessions live in the store),
+/// finished or cancelled sessions stop counting, and pulls carry on throughout. Blobs larger
+/// than `uploads.max_size` get 413 SIZE_INVALID, announced or streamed, and the session keeps
+/// what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_session_caps_and_the_size_cap_refuse_with_the_spec_errors() {
+    const PER_CLIENT: usize = 1000;
+    const TOTAL: usize = 1500;
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let cfg = format!(
+        "[proxy]\ndefault_upstream = \"\"\n[storage]\nfsync = false\n\
+         [uploads]\nmax_sessions = {TOTAL}\nmax_sessions_per_client = {PER_CLIENT}\nmax_size = \"1MiB\"\n"
+    );
+    let mut sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let base = sd.url("");
+    let a = common::http::Registry::with_client(&base, common::http::client_from("127.0.0.1"));
+    let b = common::http::Registry::with_client(&base, common::http::client_from("127.0.0.2"));
+    let c = common::http::Registry::with_client(&base, common::http::client_from("127.0.0.3"));
+    let small = common::data::bytes(9001, 4096);
+    let small_digest = c.push_blob("pulls/here", &small).await;
+
+    let t0 = Instant::now();
+    let mut a_sessions = Vec::new();
+    for i in 0..PER_CLIENT {
+        let loc = open_session(&a, "caps/a").await.unwrap_or_else(|r| panic!("session {i} from A: {}", r.status));
+        a_sessions.push(loc);
+        if i % 250 == 0 {
+            // Other clients are served while one opens sessions by the thousand.
+            c.assert_blob("pulls/here", &small_digest, &small).await;
+        }
+    }
+    let r = open_session(&a, "caps/a").await.expect_err("session past the per-client cap");
+    assert_too_many(&r, "session past uploads.max_sessions_per_client");
+    assert!(r.text().contains("max_sessions_per_client"), "the refusal names the key: {}", r.text());
+    let mut b_sessions = Vec::new();
+    for i in 0..TOTAL - PER_CLIENT - 1 {
+        b_sessions
+            .push(open_session(&b, "caps/b").await.unwrap_or_else(|r| panic!("session {i} from B: {}", r.status)));
+    }
+    eprintln!("{} sessions opened in {:.1} s", TOTAL - 1, t0.elapsed().as_secs_f64());
+    // One session left in all (the pushed blob's session has ended): C takes it, then the
+    // global cap holds for everyone.
+    let c_loc = open_session(&c, "caps/c").await.unwrap_or_else(|r| panic!("C's session: {} {}", r.status, r.text()));
+    let r = open_session(&c, "caps/c").await.expect_err("session past the global cap");
+    assert_too_many(&r, "session past uploads.max_sessions");
+    assert!(r.text().contains("uploads.max_sessions"), "{}", r.text());
+    c.assert_blob("pulls/here", &small_digest, &small).await;
+
+    // Finishing or cancelling frees a place.
+    let r = a.send(a.req(reqwest::Method::DELETE, &a_sessions.pop().unwrap())).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let loc = open_session(&a, "caps/a").await.unwrap_or_else(|r| panic!("after a cancel: {}", r.status));
+    assert_eq!(open_session(&b, "caps/b").await.expect_err("still full").status, 429);
+    let data = common::data::bytes(9002, 1000);
+    a.try_finish(&loc, &sha256(&data), Some((data.len() as u64, data.clone().into()))).await.unwrap();
+    open_session(&b, "caps/b").await.unwrap_or_else(|r| panic!("after a finish: {}", r.status));
+
+    // Sessions live in the store: after a restart the global cap still holds.
+    sd.kill();
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let base = sd.url("");
+    let c = common::http::Registry::with_client(&base, common::http::client_from("127.0.0.3"));
+    let r = open_session(&c, "caps/c").await.expect_err("the cap after a restart");
+    assert_too_many(&r, "session past uploads.max_sessions after a restart");
+    c.assert_blob("pulls/here", &small_digest, &small).await;
+    let r = c.send(c.req(reqwest::Method::DELETE, &common::http::Registry::path_of(&c_loc))).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+
+    // The size cap: exactly 1 MiB is fine; one byte more is refused, announced or streamed.
+    let one_mib = common::data::bytes(9003, 1 << 20);
+    c.push_blob("caps/c", &one_mib).await;
+    let over = common::data::bytes(9004, (1 << 20) + 1);
+    let r = read(
+        c.req(reqwest::Method::POST, &format!("/v2/caps/c/blobs/uploads/?digest={}", sha256(&over)))
+            .header("content-type", "application/octet-stream")
+            .body(over.clone()),
+    )
+    .await;
+    assert_json_error(&r, 413, "SIZE_INVALID", "monolithic push over uploads.max_size");
+    assert!(r.text().contains("uploads.max_size"), "{}", r.text());
+    let loc = open_session(&c, "caps/c").await.unwrap_or_else(|r| panic!("{}", r.status));
+    let (loc, _) = c.try_patch(&loc, 0, 1000, over[..1000].to_vec().into()).await.unwrap();
+    // Streamed (no length announced): cut at the cap, the chunk rolled back.
+    let stream = futures::stream::iter(
+        over[1000..].chunks(64 << 10).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>(),
+    );
+    let r = read(
+        c.req(reqwest::Method::PATCH, &loc)
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(stream)),
+    )
+    .await;
+    assert_json_error(&r, 413, "SIZE_INVALID", "streamed PATCH past uploads.max_size");
+    let (st, stored) = c.try_session_status(&loc).await.unwrap();
+    assert_eq!((st, stored), (StatusCode::NO_CONTENT, Some(1000)), "the session keeps its acknowledged bytes");
+    let assert_refused = read(c.req(reqwest::Method::GET, &format!("/v2/caps/c/blobs/{}", sha256(&over)))).await;
+    assert_eq!(assert_refused.status, 404, "an over-size blob was stored");
+}
+
+/// `[server.rate_limit]`: a client past its burst gets 429 TOOMANYREQUESTS with Retry-After
+/// while another address and health checks are served; after Retry-After it is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_over_its_request_rate_gets_429_and_the_others_do_not() {
+    let cfg = "[proxy]\ndefault_upstream = \"\"\n[server.rate_limit]\nrequests_per_second = 2\nburst = 20\n";
+    let sd = Stevedore::builder().config(cfg).start();
+    let a = common::http::client_from("127.0.0.1");
+    let b = common::http::client_from("127.0.0.2");
+    let mut served = 0;
+    let refused = loop {
+        let r = read(a.get(sd.url("/v2/"))).await;
+        if r.status == 429 {
+            break r;
+        }
+        assert_eq!(r.status, 200, "GET /v2/ before the limit");
+        served += 1;
+        assert!(served <= 25, "no 429 after {served} requests with a burst of 20");
+    };
+    assert!((19..=21).contains(&served), "{served} requests before the first 429 (burst 20)");
+    assert_too_many(&refused, "a client over its rate");
+    assert!(refused.text().contains("server.rate_limit"), "{}", refused.text());
+    assert_eq!(read(a.get(sd.url("/healthz"))).await.status, 200, "health checks are never limited");
+    for _ in 0..5 {
+        assert_eq!(read(b.get(sd.url("/v2/"))).await.status, 200, "another address is served");
+    }
+    let after: u64 = hdr(&refused.headers, "retry-after").unwrap().parse().unwrap();
+    assert!(after <= 1, "Retry-After {after} s for a rate of 2/s");
+    tokio::time::sleep(Duration::from_secs(after)).await;
+    assert_eq!(read(a.get(sd.url("/v2/"))).await.status, 200, "served again after Retry-After");
+}

@@ -35,7 +35,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .with_state(state)
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit))
         .layer(axum::middleware::from_fn(ops::access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
@@ -103,7 +104,10 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
             }
             (Route::Blob(_, d), &Method::GET | &Method::HEAD) => blobs::get(app, t(), &d, h, head).await,
             (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, &local()?, &d).await,
-            (Route::UploadStart(_), &Method::POST) => uploads::start(app, &local()?, &q, h, body).await,
+            (Route::UploadStart(_), &Method::POST) => {
+                let client = parts.extensions.get::<crate::limits::ClientAddr>().copied();
+                uploads::start(app, &local()?, client, &q, h, body).await
+            }
             (Route::Upload(_, id), &Method::GET) => uploads::status(app, &local()?, &id).await,
             (Route::Upload(_, id), &Method::PATCH) => uploads::patch(app, &local()?, &id, h, body).await,
             (Route::Upload(_, id), &Method::PUT) => uploads::finish(app, &local()?, &id, &q, h, body).await,

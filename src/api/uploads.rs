@@ -9,6 +9,7 @@ use futures::StreamExt;
 use super::{blobs, headers, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
+use crate::limits::ClientAddr;
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, RepoName};
 use crate::proxy::Target;
@@ -72,16 +73,30 @@ fn expected_chunk_len(h: &HeaderMap, offset: u64) -> Result<Option<u64>, ApiErro
     Ok(Some(want))
 }
 
+/// `413 SIZE_INVALID`: the blob would be larger than `uploads.max_size`.
+fn too_large(app: &App) -> ApiError {
+    ApiError::new(Code::SizeInvalid)
+        .status(StatusCode::PAYLOAD_TOO_LARGE)
+        .detail(format!("blobs larger than {} are not accepted (uploads.max_size)", app.cfg.uploads.max_size))
+}
+
 /// Appends a request body to the session. On any failure the chunk is rolled back, so the
 /// session stays at its last checkpoint.
-async fn write_chunk(mut w: UploadWriter, body: Body, want: Option<u64>) -> Result<UploadWriter, ApiError> {
+async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u64>) -> Result<UploadWriter, ApiError> {
     let start = w.size();
+    let max = app.cfg.uploads.max_size.0;
+    if want.is_some_and(|n| start.saturating_add(n) > max) {
+        return Err(too_large(app));
+    }
     let mut stream = body.into_data_stream();
     let outcome: Result<(), ApiError> = async {
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| Code::BlobUploadInvalid.with_detail(format!("reading the body: {e}")))?;
             if want.is_some_and(|n| w.size() - start + chunk.len() as u64 > n) {
                 return Err(Code::SizeInvalid.with_detail("body is longer than announced"));
+            }
+            if w.size() + chunk.len() as u64 > max {
+                return Err(too_large(app));
             }
             w.write(chunk).await?;
         }
@@ -100,28 +115,50 @@ async fn write_chunk(mut w: UploadWriter, body: Body, want: Option<u64>) -> Resu
     }
 }
 
-pub async fn start(app: &App, repo: &Repo, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+pub async fn start(
+    app: &App,
+    repo: &Repo,
+    client: Option<ClientAddr>,
+    q: &Query,
+    h: &HeaderMap,
+    body: Body,
+) -> ApiResult {
     if let Some(mount) = digest_param(q, "mount")? {
         if let Some(r) = try_mount(app, repo, &mount, q.get("from")).await? {
             return Ok(r);
         }
     }
+    app.upload_quota.admit(&app.store, client).await.map_err(|why| {
+        ApiError::new(Code::TooManyRequests).detail(why).header(header::RETRY_AFTER, RETRY_SESSION_SECS)
+    })?;
     if let Some(d) = digest_param(q, "digest")? {
         // Monolithic upload: the whole blob in the POST body.
         let id = app.store.create_upload(repo, d.algorithm()).await?;
-        let w = app.store.open_upload(repo, &id).await?;
-        let w = match write_chunk(w, body, content_length(h)?).await {
-            Ok(w) => w,
-            Err(e) => {
-                app.store.cancel_upload(repo, &id).await?;
-                return Err(e);
-            }
-        };
-        w.commit(&app.store, repo, &d).await?;
-        return Ok(blobs::created(repo, &d));
+        app.upload_quota.opened(client, id);
+        let res = monolithic(app, repo, id, &d, h, body).await;
+        app.upload_quota.closed(&id);
+        return res;
     }
     let id = app.store.create_upload(repo, Algorithm::Sha256).await?;
+    app.upload_quota.opened(client, id);
     Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id, offset: 0 }))
+}
+
+/// A client refused a session for the session caps may retry after this many seconds.
+const RETRY_SESSION_SECS: u64 = 10;
+
+/// The whole blob in the `POST` body, through a session of its own.
+async fn monolithic(app: &App, repo: &Repo, id: UploadId, d: &Digest, h: &HeaderMap, body: Body) -> ApiResult {
+    let w = app.store.open_upload(repo, &id).await?;
+    let w = match write_chunk(app, w, body, content_length(h)?).await {
+        Ok(w) => w,
+        Err(e) => {
+            app.store.cancel_upload(repo, &id).await?;
+            return Err(e);
+        }
+    };
+    w.commit(&app.store, repo, d).await?;
+    Ok(blobs::created(repo, d))
 }
 
 /// Cross-repository mount: links a blob already in `from` (named as a client names a
@@ -149,7 +186,7 @@ pub async fn status(app: &App, repo: &Repo, id: &str) -> ApiResult {
 pub async fn patch(app: &App, repo: &Repo, id: &str, h: &HeaderMap, body: Body) -> ApiResult {
     let w = app.store.open_upload(repo, &parse_id(id)?).await?;
     let want = expected_chunk_len(h, w.offset())?;
-    let mut w = write_chunk(w, body, want).await?;
+    let mut w = write_chunk(app, w, body, want).await?;
     w.checkpoint().await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id: w.id(), offset: w.size() }))
 }
@@ -167,12 +204,17 @@ pub async fn finish(app: &App, repo: &Repo, id: &str, q: &Query, h: &HeaderMap, 
         Err(e) => return Err(e.into()),
     };
     let want = expected_chunk_len(h, w.offset())?;
-    let w = write_chunk(w, body, want).await?;
-    w.commit(&app.store, repo, &d).await?;
+    let w = write_chunk(app, w, body, want).await?;
+    // The commit ends the session whatever its outcome.
+    let res = w.commit(&app.store, repo, &d).await;
+    app.upload_quota.closed(&id);
+    res?;
     Ok(blobs::created(repo, &d))
 }
 
 pub async fn cancel(app: &App, repo: &Repo, id: &str) -> ApiResult {
-    app.store.cancel_upload(repo, &parse_id(id)?).await?;
+    let id = parse_id(id)?;
+    app.store.cancel_upload(repo, &id).await?;
+    app.upload_quota.closed(&id);
     Ok(headers::response(StatusCode::NO_CONTENT, Body::empty()))
 }

@@ -110,6 +110,11 @@ impl Store {
         self.backend.remove_ingest(*id).await
     }
 
+    /// Every ingest in the store (upload sessions, and fills in progress or abandoned).
+    pub async fn ingest_ids(&self) -> StoreResult<Vec<UploadId>> {
+        self.backend.ingests().await
+    }
+
     /// Removes ingests (upload sessions and abandoned fills) idle for longer than `ttl` and
     /// stray temporary objects. Ingests some writer of this process holds are left alone.
     /// Returns how many ingests were removed.

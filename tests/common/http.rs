@@ -35,6 +35,13 @@ fn builder(timeout: Duration) -> reqwest::ClientBuilder {
         .redirect(reqwest::redirect::Policy::none())
 }
 
+/// [`client`] connecting from another loopback address (`127.0.0.2`, …): another client
+/// address as the server sees it.
+pub fn client_from(ip: &str) -> Client {
+    let ip: std::net::IpAddr = ip.parse().expect("an IP address");
+    builder(Duration::from_secs(30)).local_address(ip).build().expect("reqwest client")
+}
+
 /// [`client`] for an HTTPS server whose certificate `ca_pem` issued: that CA is the only one
 /// trusted.
 pub fn client_trusting(ca_pem: &str) -> Client {

@@ -47,6 +47,11 @@ impl App {
                     tracing::info!(removed = n, "swept idle upload sessions");
                 }
                 app.upload_quota.prune(&app.store).await;
+                let writable = app.store.writable().await;
+                if !writable {
+                    tracing::warn!("the store does not accept writes (full?): cache hits are still served");
+                }
+                crate::metrics::store_writable(writable);
                 if let Some(metrics) = &app.metrics {
                     crate::metrics::store_bytes(app.store.blob_bytes().await);
                     metrics.run_upkeep();

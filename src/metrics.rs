@@ -83,6 +83,16 @@ pub fn store_bytes(n: u64) {
     gauge!("stevedore_store_bytes").set(n as f64);
 }
 
+/// 1 while the store accepts writes, 0 while it does not (a full disk): cache hits go on.
+pub fn store_writable(ok: bool) {
+    gauge!("stevedore_store_writable").set(if ok { 1.0 } else { 0.0 });
+}
+
+/// A write the store refused for lack of space (a push or fill refused, a tag served stale).
+pub fn store_write_failed() {
+    counter!("stevedore_store_write_failures_total").increment(1);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,48 +10,15 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::data::{bytes, sha256};
-use common::fake::{Bearer, Fake, Plan};
+use common::fake::{Bearer, Fake, FakeImage, Plan};
 use common::http::{
     assert_content, assert_json_error, client, content_length_header, get_manifest, hdr, read, Read, MANIFEST_ACCEPT,
 };
-use common::oci::{MT_CONFIG, MT_LAYER_GZIP as MT_LAYER, MT_MANIFEST};
+use common::oci::{MT_CONFIG, MT_MANIFEST};
 use common::stevedore::{config, Dialect, Stevedore, DIALECTS};
 use common::store::{blob_files, blob_path, ingest_leftovers, repo_dirs};
 use common::wait_until;
 use serde_json::json;
-
-/// An image the fake serves: manifest, config and layers.
-struct Img {
-    manifest: Vec<u8>,
-    digest: String,
-    /// (digest, bytes) of the config and every layer.
-    blobs: Vec<(String, Vec<u8>)>,
-}
-
-/// Adds an image with layers of `sizes` bytes to the fake and tags it `repo:tag`.
-fn add_image(fake: &Fake, repo: &str, tag: &str, seed: u64, sizes: &[usize]) -> Img {
-    let config = serde_json::to_vec(&json!({
-        "architecture": "amd64", "os": "linux", "config": {"Env": [format!("SEED={seed}")]},
-        "rootfs": {"type": "layers", "diff_ids": []},
-    }))
-    .unwrap();
-    let layers: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, n)| bytes(seed * 1000 + i as u64, *n)).collect();
-    let desc = |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": sha256(b), "size": b.len()});
-    let manifest = serde_json::to_vec(&json!({
-        "schemaVersion": 2,
-        "mediaType": MT_MANIFEST,
-        "config": desc(MT_CONFIG, &config),
-        "layers": layers.iter().map(|l| desc(MT_LAYER, l)).collect::<Vec<_>>(),
-    }))
-    .unwrap();
-    let digest = fake.add_manifest(MT_MANIFEST, &manifest);
-    fake.set_tag(repo, tag, &digest);
-    let mut blobs = vec![(fake.add_blob(&config), config)];
-    for l in layers {
-        blobs.push((fake.add_blob(&l), l));
-    }
-    Img { manifest, digest, blobs }
-}
 
 /// Waits for the fill's spool files to be gone, then checks `digest` was not committed.
 async fn assert_not_committed(sd: &Stevedore, digest: &str, what: &str) {
@@ -155,8 +122,8 @@ async fn wrong_manifest_bytes_are_refused_and_not_cached() {
     let fake = Fake::start().await;
     let sd = Stevedore::start(&config("up.test", &[("up.test", &fake.url(), "")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 111, &[1000]);
-    let other = add_image(&fake, "team/scratch", "latest", 112, &[1000]);
+    let img = fake.add_image("team/app", "latest", 111, &[1000]);
+    let other = fake.add_image("team/scratch", "latest", 112, &[1000]);
     fake.add_manifest_as(&img.digest, MT_MANIFEST, &other.manifest);
     let by_digest = sd.url(&Dialect::Ns.path("up.test", "team/app", &format!("manifests/{}", img.digest)));
     let by_tag = sd.url(&Dialect::Ns.path("up.test", "team/app", "manifests/latest"));
@@ -407,7 +374,7 @@ async fn upstream_outage_serves_cached_tags_stale_and_digests_without_contact() 
     let mut fake = Fake::start().await;
     let sd = Stevedore::start(&config("up.test", &[("up.test", &fake.url(), "tag_ttl = \"0s\"")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 7, &[300_000, 100_000]);
+    let img = fake.add_image("team/app", "latest", 7, &[300_000, 100_000]);
     let r = get_manifest(&http, sd.url(&Dialect::Ns.path("up.test", "team/app", "manifests/latest"))).await;
     assert_content(&r, &img.digest, &img.manifest, "first pull");
     assert_eq!(r.cache(), "miss");
@@ -477,7 +444,7 @@ async fn cached_content_by_digest_never_contacts_the_upstream() {
     let fake = Fake::start().await;
     let sd = Stevedore::start(&config("up.test", &[("up.test", &fake.url(), "tag_ttl = \"1h\"")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 8, &[200_000, 50_000]);
+    let img = fake.add_image("team/app", "latest", 8, &[200_000, 50_000]);
     let r = get_manifest(&http, sd.url(&Dialect::Prefix.path("up.test", "team/app", "manifests/latest"))).await;
     assert_content(&r, &img.digest, &img.manifest, "first pull");
     for (d, b) in &img.blobs {
@@ -525,7 +492,7 @@ async fn cached_content_by_digest_never_contacts_the_upstream() {
 async fn unconfigured_requests(
     sd: &Stevedore,
     http: &reqwest::Client,
-    img: &Img,
+    img: &FakeImage,
     prefix: bool,
 ) -> Vec<(String, &'static str, Read)> {
     let host = "unconfigured.example";
@@ -581,7 +548,7 @@ async fn ns_naming_an_unconfigured_host_makes_no_outbound_request() {
     let sd = Stevedore::start(&config("configured.test", &[("configured.test", &fake.url(), "")]));
     let http = client();
     // The default upstream has the image, under both names: any leak would be served.
-    let img = add_image(&fake, "team/app", "latest", 9, &[1000]);
+    let img = fake.add_image("team/app", "latest", 9, &[1000]);
     fake.set_tag("unconfigured.example/team/app", "latest", &img.digest);
     let results = unconfigured_requests(&sd, &http, &img, false).await;
     check_unconfigured(&fake, &results);
@@ -594,7 +561,7 @@ async fn path_prefix_naming_an_unconfigured_host_makes_no_outbound_request() {
     let fake = Fake::start().await;
     let sd = Stevedore::start(&config("configured.test", &[("configured.test", &fake.url(), "")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 10, &[1000]);
+    let img = fake.add_image("team/app", "latest", 10, &[1000]);
     fake.set_tag("unconfigured.example/team/app", "latest", &img.digest);
     let results = unconfigured_requests(&sd, &http, &img, true).await;
     check_unconfigured(&fake, &results);
@@ -609,7 +576,7 @@ async fn ns_pulls_repositories_whose_first_component_has_a_dot() {
     let fake = Fake::start().await;
     let sd = Stevedore::start(&config("up.test", &[("up.test", &fake.url(), "")]));
     let http = client();
-    let img = add_image(&fake, "group.name/project", "latest", 13, &[1000]);
+    let img = fake.add_image("group.name/project", "latest", 13, &[1000]);
     for dialect in [Dialect::Ns, Dialect::Prefix] {
         let what = format!("group.name/project via {dialect:?}");
         let r = get_manifest(&http, sd.url(&dialect.path("up.test", "group.name/project", "manifests/latest"))).await;
@@ -682,7 +649,7 @@ async fn oci_namespace_is_echoed_on_every_answer_to_an_honoured_ns() {
     let fake = Fake::start().await;
     let sd = Stevedore::start(&config("up.test", &[("up.test", &fake.url(), "")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 12, &[1000]);
+    let img = fake.add_image("team/app", "latest", 12, &[1000]);
     let (d, _) = &img.blobs[1];
     let ns = |rest: &str| sd.url(&Dialect::Ns.path("up.test", "team/app", rest));
     let cases = vec![
@@ -724,7 +691,7 @@ async fn tags_are_revalidated_with_head_and_follow_upstream_changes() {
     let http = client();
     let tag_path = "/v2/rv/app/manifests/latest";
     let url = sd.url(&Dialect::Ns.path("mut.test", "rv/app", "manifests/latest"));
-    let one = add_image(&fake, "rv/app", "latest", 31, &[1000]);
+    let one = fake.add_image("rv/app", "latest", 31, &[1000]);
     let r = get_manifest(&http, url.clone()).await;
     assert_content(&r, &one.digest, &one.manifest, "first GET");
     assert_eq!(r.cache(), "miss");
@@ -743,7 +710,7 @@ async fn tags_are_revalidated_with_head_and_follow_upstream_changes() {
     assert_eq!(fake.count_where(|r| r.method == "GET"), 1, "{}", fake.dump());
 
     // The tag moves upstream.
-    let two = add_image(&fake, "rv/app", "latest", 32, &[1000]);
+    let two = fake.add_image("rv/app", "latest", 32, &[1000]);
     let r = get_manifest(&http, url.clone()).await;
     assert_content(&r, &two.digest, &two.manifest, "after the tag moved");
     assert_eq!(r.cache(), "revalidated");
@@ -774,7 +741,7 @@ async fn immutable_tags_are_never_revalidated() {
         &[("imm.test", &fake.url(), "tag_ttl = \"0s\"\nimmutable_tags = [\"v*\"]")],
     ));
     let http = client();
-    let one = add_image(&fake, "im/app", "v1", 41, &[1000]);
+    let one = fake.add_image("im/app", "v1", 41, &[1000]);
     fake.set_tag("im/app", "latest", &one.digest);
     let v1 = "/v2/im/app/manifests/v1";
     for (i, dialect) in [Dialect::Ns, Dialect::Prefix, Dialect::Plain, Dialect::Ns].into_iter().enumerate() {
@@ -783,7 +750,7 @@ async fn immutable_tags_are_never_revalidated() {
         assert_eq!(r.cache(), if i == 0 { "miss" } else { "hit" }, "v1 GET {i}");
     }
     // Upstream moves v1 (it should not, but if it does, the cache keeps what it has).
-    let two = add_image(&fake, "im/app", "v1", 42, &[1000]);
+    let two = fake.add_image("im/app", "v1", 42, &[1000]);
     let r = get_manifest(&http, sd.url(&Dialect::Ns.path("imm.test", "im/app", "manifests/v1"))).await;
     assert_content(&r, &one.digest, &one.manifest, "v1 after the upstream moved it");
     assert_eq!(r.cache(), "hit");
@@ -807,7 +774,7 @@ async fn bearer_token_is_fetched_once_for_concurrent_pulls_with_pull_scope() {
     fake.require_bearer(Bearer { token: "tok-7f3a".into(), delay: Duration::from_millis(300) });
     let sd = Stevedore::start(&config("", &[("auth.test", &fake.url(), "")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 51, &[400_000, 300_000, 200_000, 100_000]);
+    let img = fake.add_image("team/app", "latest", 51, &[400_000, 300_000, 200_000, 100_000]);
     // Cold: five blob fills at once, none with a token yet.
     let mut tasks = Vec::new();
     for (d, b) in img.blobs.clone() {
@@ -841,7 +808,7 @@ async fn bearer_token_is_fetched_once_for_concurrent_pulls_with_pull_scope() {
     assert_content(&r, &img.digest, &img.manifest, "manifest behind Bearer auth");
     assert_eq!(fake.token_queries().len(), 1, "token refetched");
     // Another repository needs its own scope.
-    let other = add_image(&fake, "team/other", "latest", 52, &[1000]);
+    let other = fake.add_image("team/other", "latest", 52, &[1000]);
     let r = get_manifest(&http, sd.url(&Dialect::Ns.path("auth.test", "team/other", "manifests/latest"))).await;
     assert_content(&r, &other.digest, &other.manifest, "second repository");
     let queries = fake.token_queries();
@@ -862,7 +829,7 @@ async fn a_cached_token_the_upstream_rejects_is_fetched_again() {
     fake.require_bearer(Bearer { token: "tok-one".into(), delay: Duration::ZERO });
     let sd = Stevedore::start(&config("", &[("auth.test", &fake.url(), "")]));
     let http = client();
-    let img = add_image(&fake, "team/app", "latest", 53, &[20_000, 10_000]);
+    let img = fake.add_image("team/app", "latest", 53, &[20_000, 10_000]);
     let url = |rest: &str| sd.url(&Dialect::Ns.path("auth.test", "team/app", rest));
     let r = get_manifest(&http, url("manifests/latest")).await;
     assert_content(&r, &img.digest, &img.manifest, "manifest");
@@ -894,9 +861,9 @@ async fn library_prefix_is_added_only_for_docker_io_single_component_names() {
     let fake = Fake::start().await;
     let sd = Stevedore::start(&config("docker.io", &[("docker.io", &fake.url(), ""), ("other.test", &fake.url(), "")]));
     let http = client();
-    let official = add_image(&fake, "library/alpine", "latest", 61, &[1000]);
-    let bare = add_image(&fake, "alpine", "latest", 62, &[1000]);
-    let team = add_image(&fake, "team/app", "latest", 63, &[1000]);
+    let official = fake.add_image("library/alpine", "latest", 61, &[1000]);
+    let bare = fake.add_image("alpine", "latest", 62, &[1000]);
+    let team = fake.add_image("team/app", "latest", 63, &[1000]);
 
     let r = get_manifest(&http, sd.url("/v2/alpine/manifests/latest")).await;
     assert_content(&r, &official.digest, &official.manifest, "plain alpine");

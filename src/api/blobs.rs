@@ -100,6 +100,9 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
     let (fill, leader) = app.proxy.fill(&app.store, p, d);
     let size = fill.started().await.map_err(|e| match e {
         FillError::Upstream(u) => upstream_error(&u, Code::BlobUnknown),
+        // The local store's trouble is never blamed on the upstream.
+        FillError::Store(s) if s.is_full() => super::store_full(&s),
+        FillError::Store(s) => ApiError::internal(s),
         e => ApiError::new(Code::Unavailable).status(StatusCode::BAD_GATEWAY).detail(e.to_string()),
     })?;
     let (status, start, end) = match size.map(|s| (s, range_of(req, s))) {

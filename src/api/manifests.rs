@@ -51,7 +51,7 @@ async fn get_proxied(app: &App, p: &ProxyRepo, r: &Reference, head: bool) -> Api
         app.proxy.manifest(&app.store, p, r).await.map_err(|e| proxy_error(&e, Code::ManifestUnknown))?;
     let mut resp = get_local(app, &p.cache, &Reference::Digest(d), head).await?;
     headers::outcome(&mut resp, &p.upstream.host, "manifest", outcome);
-    if outcome == Outcome::Stale {
+    if matches!(outcome, Outcome::Stale | Outcome::StaleWriteFailed) {
         headers::set(resp.headers_mut(), "warning", headers::STALE_WARNING);
     }
     Ok(resp)

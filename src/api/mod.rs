@@ -139,6 +139,7 @@ pub(crate) fn upstream_error(e: &crate::upstream::UpstreamError, missing: Code) 
 pub(crate) fn proxy_error(e: &ProxyError, missing: Code) -> ApiError {
     match e {
         ProxyError::Upstream(u) => upstream_error(u, missing),
+        ProxyError::Store(s) if s.is_full() => store_full(s),
         ProxyError::Store(s) => ApiError::internal(s),
         ProxyError::Panicked => ApiError::internal(e),
     }
@@ -175,7 +176,17 @@ impl From<crate::storage::StoreError> for ApiError {
             SizeMismatch { expected, actual } => {
                 Code::SizeInvalid.with_detail(format!("content size is {actual}, expected {expected}"))
             }
+            e if e.is_full() => store_full(&e),
             Io(e) => ApiError::internal(e),
         }
     }
+}
+
+/// `507 UNAVAILABLE`: nothing can be written (content already stored is still served).
+pub(crate) fn store_full(e: &crate::storage::StoreError) -> ApiError {
+    tracing::warn!(error = %e, "the store is full: a write was refused");
+    crate::metrics::store_write_failed();
+    ApiError::new(Code::Unavailable)
+        .status(axum::http::StatusCode::INSUFFICIENT_STORAGE)
+        .detail("the registry's storage is full; content already stored is still served")
 }

@@ -13,12 +13,19 @@ use http_body::{Frame, SizeHint};
 
 use super::{headers, AppState, RouteKind};
 
-/// 200 when the store accepts writes, else 503.
+/// 200 while the store can serve what it holds, else 503. A store that cannot be written
+/// (a full disk) still serves cache hits: that is a metric (`stevedore_store_writable`) and a
+/// note in the answer, not an outage.
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    if app.store.writable().await {
+    if !app.store.readable().await {
+        return (StatusCode::SERVICE_UNAVAILABLE, "store is not readable\n").into_response();
+    }
+    let writable = app.store.writable().await;
+    crate::metrics::store_writable(writable);
+    if writable {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "store is not writable\n").into_response()
+        (StatusCode::OK, "ready (store is not writable: serving what it holds)\n").into_response()
     }
 }
 

@@ -58,6 +58,9 @@ pub enum Outcome {
     Miss,
     Joined,
     Stale,
+    /// Served from the cache because the store could not record the upstream's answer
+    /// (a full disk).
+    StaleWriteFailed,
     Revalidated,
 }
 
@@ -68,6 +71,7 @@ impl Outcome {
             Outcome::Miss => "miss",
             Outcome::Joined => "joined",
             Outcome::Stale => "stale",
+            Outcome::StaleWriteFailed => "stale-write-failed",
             Outcome::Revalidated => "revalidated",
         }
     }
@@ -284,6 +288,11 @@ impl Proxy {
                     (Err(e), Some((d, _))) if e.is_outage() => {
                         tracing::warn!(upstream = %p.upstream.host, repo = %p.remote, tag = %t, error = %e, "upstream trouble; serving the cached tag stale");
                         Ok((d, Outcome::Stale))
+                    }
+                    (Err(e), Some((d, _))) if matches!(*e, ProxyError::Store(_)) => {
+                        tracing::warn!(upstream = %p.upstream.host, repo = %p.remote, tag = %t, error = %e, "the store cannot record the revalidation; serving the cached tag stale");
+                        crate::metrics::store_write_failed();
+                        Ok((d, Outcome::StaleWriteFailed))
                     }
                     (r, _) => r,
                 }

@@ -159,8 +159,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The names directly below `prefix` (objects and sub-prefixes), unsorted.
     async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>>;
 
-    /// Whether the backend accepts writes (readiness).
+    /// Whether the backend accepts writes (a metric and a log line when not).
     async fn writable(&self) -> bool;
+    /// Whether the backend can serve what it holds (readiness: a full store still serves).
+    async fn readable(&self) -> bool {
+        self.ingests().await.is_ok()
+    }
     /// Removes temporary objects older than `age` left by crashes (never another process's
     /// live ones: only by age).
     async fn sweep_temporaries(&self, age: std::time::Duration);

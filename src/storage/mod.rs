@@ -44,6 +44,20 @@ pub enum StoreError {
     Io(#[from] std::io::Error),
 }
 
+impl StoreError {
+    /// The store is out of space (or quota): nothing can be written until some is freed.
+    pub fn is_full(&self) -> bool {
+        match self {
+            StoreError::Io(e) => {
+                e.kind() == std::io::ErrorKind::StorageFull
+                    || e.kind() == std::io::ErrorKind::QuotaExceeded
+                    || matches!(e.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
+            }
+            _ => false,
+        }
+    }
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 #[derive(Clone, Debug)]
@@ -240,9 +254,14 @@ impl Store {
         self.backend.walk().await.map(|v| v.iter().map(|(_, s)| s).sum()).unwrap_or(0)
     }
 
-    /// Whether the store accepts writes (for readiness).
+    /// Whether the store accepts writes (reported as `stevedore_store_writable`).
     pub async fn writable(&self) -> bool {
         self.backend.writable().await
+    }
+
+    /// Whether the store can serve what it holds (readiness).
+    pub async fn readable(&self) -> bool {
+        self.backend.readable().await
     }
 }
 

@@ -17,8 +17,10 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::data::sha256;
+use super::data::{bytes, sha256};
 use super::http::hdr;
+use super::oci::{MT_CONFIG, MT_LAYER_GZIP as MT_LAYER, MT_MANIFEST};
+use serde_json::json;
 
 /// One request as the fake saw it.
 #[derive(Clone, Debug)]
@@ -95,6 +97,14 @@ struct Inner {
     stopped: bool,
 }
 
+/// An image the fake serves: manifest, config and layers.
+pub struct FakeImage {
+    pub manifest: Vec<u8>,
+    pub digest: String,
+    /// (digest, bytes) of the config and every layer.
+    pub blobs: Vec<(String, Vec<u8>)>,
+}
+
 pub struct FakeState {
     inner: Mutex<Inner>,
     addr: SocketAddr,
@@ -155,6 +165,31 @@ impl Fake {
         let d = sha256(bytes);
         self.with(|i| i.blobs.insert(d.clone(), Bytes::copy_from_slice(bytes)));
         d
+    }
+
+    /// Adds an image with layers of `sizes` bytes to the fake and tags it `repo:tag`.
+    pub fn add_image(&self, repo: &str, tag: &str, seed: u64, sizes: &[usize]) -> FakeImage {
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64", "os": "linux", "config": {"Env": [format!("SEED={seed}")]},
+            "rootfs": {"type": "layers", "diff_ids": []},
+        }))
+        .unwrap();
+        let layers: Vec<Vec<u8>> = sizes.iter().enumerate().map(|(i, n)| bytes(seed * 1000 + i as u64, *n)).collect();
+        let desc = |mt: &str, b: &[u8]| json!({"mediaType": mt, "digest": sha256(b), "size": b.len()});
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MT_MANIFEST,
+            "config": desc(MT_CONFIG, &config),
+            "layers": layers.iter().map(|l| desc(MT_LAYER, l)).collect::<Vec<_>>(),
+        }))
+        .unwrap();
+        let digest = self.add_manifest(MT_MANIFEST, &manifest);
+        self.set_tag(repo, tag, &digest);
+        let mut blobs = vec![(self.add_blob(&config), config)];
+        for l in layers {
+            blobs.push((self.add_blob(&l), l));
+        }
+        FakeImage { manifest, digest, blobs }
     }
 
     /// Queues how the next GET of `digest` is answered.

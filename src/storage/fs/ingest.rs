@@ -78,14 +78,20 @@ impl FsWriter {
         let path = data.clone();
         let file = blocking(move || {
             std::fs::create_dir_all(&dir)?;
-            std::fs::OpenOptions::new().create_new(true).write(true).open(path)
+            std::fs::OpenOptions::new().create_new(true).write(true).open(path).inspect_err(|_| {
+                let _ = std::fs::remove_dir(&dir);
+            })
         })
         .await?;
         let mut state = IngestState::new(opts.kind, opts.alg);
         let hasher = Hasher::new(opts.alg);
         state.set_hash(0, &hasher);
         let w = FsWriter::wrap(fs, id, state, data, file, hasher, opts.batch_bytes, hold)?;
-        w.fs.put_atomic(&layout::ingest_state(&id), &w.state.encode()).await?;
+        if let Err(e) = w.fs.put_atomic(&layout::ingest_state(&id), &w.state.encode()).await {
+            // No state, no session: leave nothing behind (a full disk, typically).
+            let _ = w.remove().await;
+            return Err(e);
+        }
         Ok(w)
     }
 

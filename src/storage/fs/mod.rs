@@ -45,24 +45,33 @@ impl Fs {
     async fn put_atomic(&self, key: &Key, bytes: &[u8]) -> StoreResult<()> {
         let tmp = self.path(&layout::tmp());
         let path = self.path(key);
-        let res = async {
-            let mut f = tokio::fs::File::create(&tmp).await?;
-            tokio::io::AsyncWriteExt::write_all(&mut f, bytes).await?;
-            if self.fsync {
-                f.sync_data().await?;
+        // Plain blocking I/O: tokio's `File` reports a failed write (ENOSPC) only at the next
+        // operation on the file, so `write_all` + rename could put an empty file in place of
+        // the old value.
+        let (fsync, bytes) = (self.fsync, bytes.to_vec());
+        let res = blocking(move || {
+            let write = || {
+                use std::io::Write as _;
+                let mut f = std::fs::File::create(&tmp)?;
+                f.write_all(&bytes)?;
+                if fsync {
+                    f.sync_data()?;
+                }
+                let dir = path.parent().expect("store paths have parents");
+                std::fs::create_dir_all(dir)?;
+                std::fs::rename(&tmp, &path)?;
+                if fsync {
+                    std::fs::File::open(dir)?.sync_all()?;
+                }
+                Ok::<_, std::io::Error>(())
+            };
+            let res = write();
+            if res.is_err() {
+                let _ = std::fs::remove_file(&tmp);
             }
-            let dir = path.parent().expect("store paths have parents").to_path_buf();
-            tokio::fs::create_dir_all(&dir).await?;
-            tokio::fs::rename(&tmp, &path).await?;
-            if self.fsync {
-                sync_dir(dir).await?;
-            }
-            Ok::<_, std::io::Error>(())
-        }
+            res
+        })
         .await;
-        if res.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
-        }
         Ok(res?)
     }
 }
@@ -189,6 +198,12 @@ impl Backend for FsBackend {
         let ok = tokio::fs::write(&probe, b"ready").await.is_ok();
         let _ = tokio::fs::remove_file(&probe).await;
         ok
+    }
+
+    async fn readable(&self) -> bool {
+        let root = self.0.path(&layout::root(layout::BLOBS));
+        let root = root.parent().map(std::path::Path::to_path_buf).unwrap_or(root);
+        tokio::fs::metadata(root).await.is_ok_and(|m| m.is_dir())
     }
 
     async fn sweep_temporaries(&self, age: Duration) {

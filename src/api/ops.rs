@@ -13,10 +13,11 @@ use http_body::{Frame, SizeHint};
 
 use super::{headers, AppState, RouteKind};
 
-/// 200 when the store accepts writes, else 503.
+/// 200 when the store accepts writes, else 503. Says so when the registry is offline.
 pub async fn readyz(State(app): State<AppState>) -> Response {
     if app.store.writable().await {
-        (StatusCode::OK, "ready\n").into_response()
+        let body = if app.proxy.is_offline() { "ready (offline: serving from the store only)\n" } else { "ready\n" };
+        (StatusCode::OK, body).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store is not writable\n").into_response()
     }

@@ -108,8 +108,10 @@ fn skopeo_layouts_import_into_a_running_server_and_are_served_as_the_upstreams_c
     let root = server.root().to_path_buf();
     let config = server.config.clone().unwrap();
     let repo = format!("{host}/small");
+    // How clients name it: the cache namespace as a path prefix (a ':' is not in names).
+    let served = format!("{}/small", host.replace(':', "-"));
     // Asked before the import: a miss, the upstream is unreachable.
-    let (st, _) = get(&rt, &reg, &format!("/v2/{repo}/manifests/v1"));
+    let (st, _) = get(&rt, &reg, &format!("/v2/{served}/manifests/v1"));
     assert_ne!(st, 200, "nothing is cached yet");
 
     // A tag-only name needs --repository.
@@ -122,9 +124,10 @@ fn skopeo_layouts_import_into_a_running_server_and_are_served_as_the_upstreams_c
     // The running server serves it at once (its caches fall through to the store), by tag and
     // by digest, as that upstream's cached content, without contacting it.
     let mark = server.requests().len();
-    assert_image_served(&rt, &reg, &repo, "v1", &img);
-    let ns = host.replace(':', "-");
-    assert_manifest(&rt, &reg, &format!("{ns}/small"), "v1", &img.manifest);
+    assert_image_served(&rt, &reg, &served, "v1", &img);
+    let ns_path = format!("/v2/small/manifests/v1?ns={host}");
+    let (st, body) = get(&rt, &reg, &ns_path);
+    assert!(st == 200 && body.as_bytes() == img.manifest.data, "{ns_path}: {st}");
     let reqs = server.requests_since(mark);
     assert!(reqs.iter().all(|a| a.status == 200 && a.cache == "hit"), "{}", launcher::show(&reqs));
     assert!(store::repo_dirs(&root).contains(&format!("{host}/small")), "{:?}", store::repo_dirs(&root));
@@ -167,7 +170,11 @@ fn corrupt_incomplete_and_truncated_archives_are_rejected_naming_the_entry_and_c
     entry.1[100] ^= 0xff;
     let out = import(&write("tampered.tar", &oci::tar_of(&tampered)));
     assert!(!out.status.success(), "{}", out.describe());
-    assert!(out.stderr.contains(&format!("blobs/sha256/{}", layer.hex())) && out.stderr.contains("corrupt"), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("blobs/sha256/{}", layer.hex())) && out.stderr.contains("corrupt"),
+        "{}",
+        out.describe()
+    );
     assert_store_empty(&root, "tampered blob");
 
     // A manifest whose blob is missing.
@@ -229,7 +236,12 @@ fn index_json(dir: &Path) -> Value {
 }
 
 fn ref_names(index: &Value) -> Vec<String> {
-    index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"][oci::REF_NAME].as_str().unwrap().to_string()).collect()
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["annotations"][oci::REF_NAME].as_str().unwrap().to_string())
+        .collect()
 }
 
 #[test]
@@ -287,7 +299,7 @@ fn exports_are_read_by_skopeo_keep_the_upstream_host_and_import_back() {
     assert_eq!(store::blob_files(&fresh), store::blob_files(&root));
     let server = Stevedore::builder().config(&cfg_text).root(&fresh).args(&["--offline"]).start();
     let reg = server.registry();
-    let repo = format!("{host}/multi");
+    let repo = format!("{}/multi", host.replace(':', "-"));
     assert_manifest(&rt, &reg, &repo, "v1", &m.index);
     assert_image_served(&rt, &reg, &repo, &m.arm.manifest.digest, &m.arm);
     let (_, refs) = rt.block_on(reg.referrers(&repo, &m.amd.manifest.digest, None));
@@ -328,7 +340,8 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     std::fs::write(&cfg, &cfg_text).unwrap();
     let root = tmp.path().join("store");
     let list = tmp.path().join("images.txt");
-    std::fs::write(&list, format!("# what the site needs\n{dhost}/multi:v1\n\n{dhost}/small:1.*  # a pattern\n")).unwrap();
+    std::fs::write(&list, format!("# what the site needs\n{dhost}/multi:v1\n\n{dhost}/small:1.*  # a pattern\n"))
+        .unwrap();
     let prefetch = |extra: &[&str]| {
         let mut args = vec!["prefetch", "--config", s(&cfg), "--root", s(&root), "--platform", "linux/amd64"];
         args.extend_from_slice(extra);
@@ -338,7 +351,9 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     assert!(out.status.success(), "{}", out.describe());
     assert!(out.stdout.contains("prefetch: 3 ok, 0 failed"), "{}", out.describe());
     let blobs = store::blob_files(&root);
-    for d in [&m.index.digest, &m.amd.manifest.digest, &m.sig.digest, &small[0].manifest.digest, &small[1].manifest.digest] {
+    for d in
+        [&m.index.digest, &m.amd.manifest.digest, &m.sig.digest, &small[0].manifest.digest, &small[1].manifest.digest]
+    {
         assert!(blobs.contains(d), "{d} was not prefetched:\n{}", out.stdout);
     }
     for b in m.amd.blobs().iter().chain(m.sig_blobs.iter().collect::<Vec<_>>().iter()) {
@@ -358,29 +373,33 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     // What is not there fails, by name, and the exit status says so.
     let out = prefetch(&[&format!("{dhost}/nope:v1"), &format!("{dhost}/small:1.0")]);
     assert!(!out.status.success(), "{}", out.describe());
-    assert!(out.stderr.contains(&format!("{dhost}/nope:v1")) && out.stdout.contains("1 ok, 1 failed"), "{}", out.describe());
+    assert!(
+        out.stderr.contains(&format!("{dhost}/nope:v1")) && out.stdout.contains("1 ok, 1 failed"),
+        "{}",
+        out.describe()
+    );
 
     // The upstream goes away; the registry serves offline.
     drop(dist);
     let server = Stevedore::builder().config(&cfg_text).root(&root).args(&["--offline"]).start();
     let reg = server.registry();
-    let repo = format!("{dhost}/multi");
+    let ns = dhost.replace(':', "-");
+    let repo = format!("{ns}/multi");
     assert_manifest(&rt, &reg, &repo, "v1", &m.index);
     assert_image_served(&rt, &reg, &repo, &m.amd.manifest.digest, &m.amd);
-    assert_image_served(&rt, &reg, &format!("{dhost}/small"), "1.1", &small[1]);
+    assert_image_served(&rt, &reg, &format!("{ns}/small"), "1.1", &small[1]);
     let (st, body) = get(&rt, &reg, &format!("/v2/{repo}/manifests/{}", m.arm.manifest.digest));
     assert_eq!(st, 404, "{body}");
     assert!(body.contains("MANIFEST_UNKNOWN") && body.contains("offline"), "{body}");
     let (st, body) = get(&rt, &reg, &format!("/v2/{repo}/blobs/{}", m.arm.layers[0].digest));
     assert!(st == 404 && body.contains("BLOB_UNKNOWN") && body.contains("offline"), "{st} {body}");
-    let (st, body) = get(&rt, &reg, &format!("/v2/{dhost}/small/manifests/2.0"));
+    let (st, body) = get(&rt, &reg, &format!("/v2/{ns}/small/manifests/2.0"));
     assert!(st == 404 && body.contains("offline"), "{st} {body}");
     let (st, body) = get(&rt, &reg, "/readyz");
     assert!(st == 200 && body.contains("offline"), "{st} {body}");
     assert!(server.log_text().contains("offline"), "the start-up summary says offline");
 
     // skopeo pulls by tag and by digest with identical digests (the cache namespace as prefix).
-    let ns = dhost.replace(':', "-");
     let by_tag = tmp.path().join("by-tag");
     sk.copy(&[], &format!("docker://{}/{ns}/small:1.0", server.host()), &format!("oci:{}:x", by_tag.display()));
     assert_eq!(oci::layout_ref(&by_tag, "x").1, small[0].manifest.digest);

@@ -327,26 +327,6 @@ pub fn layout_blob(dir: &Path, digest: &str) -> Vec<u8> {
     bytes
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc32_known_value() {
-        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
-    }
-
-    #[test]
-    fn tar_header_checksum_is_valid() {
-        let t = tar_one_file("a.txt", b"hello");
-        assert_eq!(t.len() % 512, 0);
-        let mut h = t[..512].to_vec();
-        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
-        h[148..156].copy_from_slice(b"        ");
-        assert_eq!(stored, h.iter().map(|&b| b as u32).sum::<u32>());
-    }
-}
-
 /// The files of an OCI image layout (like [`write_layout`]): `(path, bytes)` with every blob
 /// under `blobs/sha256/`, `oci-layout` and `index.json` naming each `(ref name, root blob)`.
 /// Blobs come first and `index.json` last, as a tar written in walk order may have them.
@@ -395,4 +375,24 @@ pub fn make_referrer(subject: &Blob, artifact_type: &str, payload: &[u8]) -> (Bl
         "annotations": {"org.example.signed": "yes"},
     });
     (Blob::new(MT_MANIFEST, serde_json::to_vec(&manifest).unwrap()), vec![config, layer])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32_known_value() {
+        assert_eq!(crc32(b"123456789"), 0xcbf4_3926);
+    }
+
+    #[test]
+    fn tar_header_checksum_is_valid() {
+        let t = tar_one_file("a.txt", b"hello");
+        assert_eq!(t.len() % 512, 0);
+        let mut h = t[..512].to_vec();
+        let stored = u32::from_str_radix(std::str::from_utf8(&h[148..154]).unwrap(), 8).unwrap();
+        h[148..156].copy_from_slice(b"        ");
+        assert_eq!(stored, h.iter().map(|&b| b as u32).sum::<u32>());
+    }
 }

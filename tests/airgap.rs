@@ -398,6 +398,8 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     let (st, body) = get(&rt, &reg, "/readyz");
     assert!(st == 200 && body.contains("offline"), "{st} {body}");
     assert!(server.log_text().contains("offline"), "the start-up summary says offline");
+    let (st, body) = get(&rt, &reg, "/metrics");
+    assert!(st == 200 && body.contains("stevedore_offline 1"), "{st} {body}");
 
     // skopeo pulls by tag and by digest with identical digests (the cache namespace as prefix).
     let by_tag = tmp.path().join("by-tag");

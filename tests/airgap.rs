@@ -12,6 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::distribution::Distribution;
+use common::engines::{Containerd, Podman};
 use common::http::Registry;
 use common::oci::{self, Blob, Image};
 use common::proc;
@@ -409,4 +410,31 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     let src = format!("docker://{}/{ns}/multi@{}", server.host(), m.amd.manifest.digest);
     sk.copy(&[], &src, &format!("oci:{}:x", by_digest.display()));
     assert_eq!(oci::layout_ref(&by_digest, "x").1, m.amd.manifest.digest);
+
+    // containerd and podman too, by tag and by digest.
+    proc::require_root();
+    let by_tag = format!("{}/{ns}/small:1.0", server.host());
+    let by_digest = format!("{}/{ns}/small@{}", server.host(), small[1].manifest.digest);
+    let ctd = Containerd::start(&tmp.path().join("containerd"));
+    for (reference, want) in [(&by_tag, &small[0]), (&by_digest, &small[1])] {
+        let pull = ["images", "pull", "--plain-http", "--snapshotter", "native", reference.as_str()];
+        proc::run_ok(&format!("ctr images pull {reference}"), ctd.ctr("airgap", &pull), LIMIT);
+        let ls = proc::run_ok("ctr images ls", ctd.ctr("airgap", &["images", "ls"]), LIMIT);
+        let digest = ls
+            .stdout
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(reference.as_str()))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or_else(|| panic!("{reference} not in `ctr images ls`:\n{}", ls.stdout));
+        assert_eq!(digest, want.manifest.digest, "containerd pulled {reference}");
+    }
+    let podman = Podman::new(&tmp.path().join("podman"), &server.host());
+    let policy = podman.policy();
+    for (reference, want) in [(&by_tag, &small[0]), (&by_digest, &small[1])] {
+        let pull = ["pull", "--tls-verify=false", "--signature-policy", s(&policy), reference.as_str()];
+        proc::run_ok(&format!("podman pull {reference}"), podman.podman(&pull), LIMIT);
+        let inspect = ["image", "inspect", "--format", "{{.Digest}}", reference.as_str()];
+        let out = proc::run_ok("podman image inspect", podman.podman(&inspect), LIMIT);
+        assert_eq!(out.stdout.trim(), want.manifest.digest, "podman pulled {reference}");
+    }
 }

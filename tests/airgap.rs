@@ -312,7 +312,7 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     let rt = rt();
     let sk = Skopeo::new();
     let tmp = tempfile::tempdir().unwrap();
-    let dist = Distribution::start(false);
+    let dist = Distribution::start_in(&tmp.path().join("distribution"), false);
     let up = dist.registry();
     let dhost = format!("127.0.0.1:{}", dist.port);
     let m = Multi::new(400);
@@ -380,6 +380,32 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
         out.describe()
     );
 
+    // A prefetch cut short (a layer the upstream fails to serve) and run again: it completes,
+    // fetching only what it did not have.
+    let layer = &small[2].layers[0];
+    let data_file = tmp.path().join(format!(
+        "distribution/storage/docker/registry/v2/blobs/sha256/{}/{}/data",
+        &layer.hex()[..2],
+        layer.hex()
+    ));
+    std::fs::remove_file(&data_file).unwrap_or_else(|e| panic!("{}: {e}", data_file.display()));
+    let two = format!("{dhost}/small:2.0");
+    let out = prefetch(&[&two]);
+    assert!(
+        !out.status.success() && out.stderr.contains(&two) && out.stdout.contains(&layer.digest),
+        "{}",
+        out.describe()
+    );
+    assert!(store::ingest_leftovers(&root).is_empty(), "a failed fill left its ingest");
+    rt.block_on(up.upload_blob("small", &layer.data));
+    dist.settle();
+    let before = dist.blob_gets("small");
+    let out = prefetch(&[&two]);
+    assert!(out.status.success(), "{}", out.describe());
+    dist.settle();
+    assert_eq!(dist.blob_gets("small") - before, 1, "only the missing layer is fetched again:\n{}", out.stdout);
+    assert!(store::blob_files(&root).contains(&layer.digest));
+
     // The upstream goes away; the registry serves offline.
     drop(dist);
     let server = Stevedore::builder().config(&cfg_text).root(&root).args(&["--offline"]).start();
@@ -394,7 +420,7 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
     assert!(body.contains("MANIFEST_UNKNOWN") && body.contains("offline"), "{body}");
     let (st, body) = get(&rt, &reg, &format!("/v2/{repo}/blobs/{}", m.arm.layers[0].digest));
     assert!(st == 404 && body.contains("BLOB_UNKNOWN") && body.contains("offline"), "{st} {body}");
-    let (st, body) = get(&rt, &reg, &format!("/v2/{ns}/small/manifests/2.0"));
+    let (st, body) = get(&rt, &reg, &format!("/v2/{ns}/small/manifests/9.9"));
     assert!(st == 404 && body.contains("offline"), "{st} {body}");
     let (st, body) = get(&rt, &reg, "/readyz");
     assert!(st == 200 && body.contains("offline"), "{st} {body}");

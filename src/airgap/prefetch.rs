@@ -6,8 +6,10 @@
 //! proxy's single-flight verified fill. What the store already has is not fetched again, so an
 //! interrupted prefetch completes when run again.
 
-use std::io::Write;
-use std::sync::Arc;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::Value;
@@ -16,6 +18,7 @@ use super::human_bytes;
 use super::reference::{wanted, ImageRef, Platform, Selector};
 use crate::oci::manifest::{self, Kind};
 use crate::oci::{Digest, Reference, Tag};
+use crate::proxy::fill::Fill;
 use crate::proxy::{tags_from_upstream, Outcome, Proxy, ProxyRepo, Target};
 use crate::storage::Store;
 use crate::upstream::UpstreamError;
@@ -153,9 +156,11 @@ async fn one(
                     .filter(|b| !b.embedded && !b.is_non_distributable())
                     .map(|b| (b.digest.clone(), b.size))
                     .collect();
-                let mut results = futures::stream::iter(
-                    blobs.into_iter().map(|(b, _)| async move { (b.clone(), blob(store, proxy, p, &b).await) }),
-                )
+                let live = Live::start(&d, blobs.len());
+                let mut results = futures::stream::iter(blobs.into_iter().map(|(b, _)| {
+                    let live = live.clone();
+                    async move { (b.clone(), blob(store, proxy, p, &b, &live).await) }
+                }))
                 .buffer_unordered(PARALLEL_BLOBS);
                 let mut failed = None;
                 while let Some((b, res)) = results.next().await {
@@ -175,6 +180,7 @@ async fn one(
                         }
                     }
                 }
+                live.stop();
                 if let Some(f) = failed {
                     return Err(f);
                 }
@@ -207,20 +213,101 @@ enum Fetched {
 
 /// Makes sure the blob is in `p`'s cache: already linked, linked because the same bytes are
 /// in the store and the upstream serves them there, or filled (joining a fill in flight).
-async fn blob(store: &Arc<Store>, proxy: &Proxy, p: &ProxyRepo, d: &Digest) -> Result<Fetched, String> {
+async fn blob(store: &Arc<Store>, proxy: &Proxy, p: &ProxyRepo, d: &Digest, live: &Live) -> Result<Fetched, String> {
     if store.repo_blob_size(&p.cache, d).await.map_err(|e| e.to_string())?.is_some() {
+        live.done(0);
         return Ok(Fetched::Cached);
     }
     if store.blob_size(d).await.map_err(|e| e.to_string())?.is_some()
         && proxy.blob_head(p, d).await.map_err(|e| e.to_string())?.is_some()
     {
         store.link_blob(&p.cache, d).await.map_err(|e| e.to_string())?;
+        live.done(0);
         return Ok(Fetched::Cached);
     }
     let (fill, _) = proxy.fill(store, p, d);
-    fill.finished().await.map_err(|e| e.to_string())?;
+    live.watch(&fill);
+    let res = fill.finished().await;
+    live.unwatch(&fill);
+    res.map_err(|e| e.to_string())?;
     let size = store.blob_size(d).await.map_err(|e| e.to_string())?.unwrap_or(0);
+    live.done(size);
     Ok(Fetched::Bytes(size))
+}
+
+/// A status line for one image's blobs (blobs done, bytes received), redrawn on stderr while
+/// it is a terminal; nothing otherwise (the plain lines on stdout say it all).
+#[derive(Clone)]
+struct Live(Option<Arc<LiveState>>);
+
+struct LiveState {
+    label: String,
+    total: usize,
+    blobs: AtomicUsize,
+    bytes: AtomicU64,
+    fills: Mutex<Vec<Arc<Fill>>>,
+    stop: tokio::sync::Notify,
+}
+
+impl Live {
+    fn start(manifest: &Digest, total: usize) -> Live {
+        if !std::io::stderr().is_terminal() {
+            return Live(None);
+        }
+        let state = Arc::new(LiveState {
+            label: format!("{}…", &manifest.to_string()[..19]),
+            total,
+            blobs: AtomicUsize::new(0),
+            bytes: AtomicU64::new(0),
+            fills: Mutex::new(Vec::new()),
+            stop: tokio::sync::Notify::new(),
+        });
+        let s = state.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = s.stop.notified() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                let partial: u64 = s.fills.lock().unwrap().iter().map(|f| f.progress().0).sum();
+                let bytes = s.bytes.load(Ordering::Relaxed) + partial;
+                eprint!(
+                    "\r\x1b[K  {} {}/{} blobs, {}",
+                    s.label,
+                    s.blobs.load(Ordering::Relaxed),
+                    s.total,
+                    human_bytes(bytes)
+                );
+            }
+            eprint!("\r\x1b[K");
+        });
+        Live(Some(state))
+    }
+
+    fn watch(&self, f: &Arc<Fill>) {
+        if let Some(s) = &self.0 {
+            s.fills.lock().unwrap().push(f.clone());
+        }
+    }
+
+    fn unwatch(&self, f: &Arc<Fill>) {
+        if let Some(s) = &self.0 {
+            s.fills.lock().unwrap().retain(|x| !Arc::ptr_eq(x, f));
+        }
+    }
+
+    fn done(&self, bytes: u64) {
+        if let Some(s) = &self.0 {
+            s.blobs.fetch_add(1, Ordering::Relaxed);
+            s.bytes.fetch_add(bytes, Ordering::Relaxed);
+        }
+    }
+
+    fn stop(&self) {
+        if let Some(s) = &self.0 {
+            s.stop.notify_one();
+        }
+    }
 }
 
 /// The referrers of `d` upstream: the referrers API, else the tag schema (`sha256-<hex>`, an

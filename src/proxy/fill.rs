@@ -235,6 +235,12 @@ impl Fill {
         }
     }
 
+    /// Bytes received so far and the size, if the upstream announced it (progress display).
+    pub fn progress(&self) -> (u64, Option<u64>) {
+        let p = self.progress.borrow();
+        (p.received, p.size)
+    }
+
     /// Waits until the fill is over: the blob committed and linked, or the fill failed.
     pub async fn finished(&self) -> Result<(), FillError> {
         let mut rx = self.progress.clone();

@@ -65,6 +65,12 @@ impl App {
 /// registry is open to anyone) as a warning.
 pub fn summary(app: &App) -> Vec<String> {
     let mut out = Vec::new();
+    if app.proxy.is_offline() {
+        out.push(
+            "offline (proxy.offline): serving from the store only; no upstream is contacted, misses are 404s"
+                .to_string(),
+        );
+    }
     let mirrors: Vec<String> = app.proxy.upstreams().iter().map(|u| format!("{}/", u.namespace)).collect();
     match app.proxy.default_upstream() {
         Some(up) if app.proxy.local_namespaces().is_empty() => out.push(format!(

@@ -38,6 +38,9 @@ pub struct ProxyConfig {
     /// (`team/*` matches `team/app` and `team/a/b`); `?` matches one character. Without a
     /// default upstream every plain name is local and this list is not consulted.
     pub local_namespaces: Vec<String>,
+    /// Serve strictly from the store and never contact an upstream (air-gapped sites): tags
+    /// resolve from the cache, misses are 404s that say the registry is offline.
+    pub offline: bool,
 }
 
 /// `Debug` is written by hand: it never shows the password or user info in endpoint URLs.
@@ -131,6 +134,7 @@ impl Default for ProxyConfig {
             fill_timeout: Duration::from_secs(30 * 60),
             head_cache_ttl: Duration::from_secs(30),
             local_namespaces: Vec::new(),
+            offline: false,
         }
     }
 }

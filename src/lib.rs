@@ -1,5 +1,6 @@
 //! Stevedore: a pull-through caching OCI registry. See ARCHITECTURE.md for the map.
 
+pub mod airgap;
 pub mod api;
 pub mod app;
 pub mod config;

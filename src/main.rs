@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use stevedore::airgap;
 use stevedore::app::App;
 use stevedore::config::Config;
 
@@ -31,6 +32,75 @@ enum Cmd {
         #[arg(long, env = "STEVEDORE_CONFIG")]
         config: PathBuf,
     },
+    /// Fill the cache from the upstreams with a list of references (tags, digests, tag
+    /// patterns such as `docker.io/library/nginx:1.27*`), with their referrers.
+    Prefetch(PrefetchArgs),
+    /// Write references from the store (none: everything) as an OCI image layout: a directory,
+    /// or an archive when --output ends in `.tar` or `.tar.zst`.
+    Export(ExportArgs),
+    /// Load an OCI image layout (directory, `.tar` or `.tar.zst`) into the store, verifying
+    /// every blob before anything becomes visible.
+    Import(ImportArgs),
+}
+
+/// The store and configuration an offline command works on, as `serve` takes them.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// TOML config file (defaults apply without one).
+    #[arg(long, env = "STEVEDORE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Store root directory (overrides storage.root).
+    #[arg(long)]
+    root: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct PrefetchArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Default upstream registry URL (as for `serve`).
+    #[arg(long)]
+    upstream: Option<String>,
+    /// Only these platforms of multi-platform images: `linux/amd64,linux/arm64[/v8]`.
+    #[arg(long)]
+    platform: Option<String>,
+    /// A file with one reference per line (`#` starts a comment).
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Leave referrers (signatures, SBOMs, attestations) out.
+    #[arg(long)]
+    no_referrers: bool,
+    /// References: `docker.io/library/nginx:1.27`, `127.0.0.1:5001/small@sha256:…`, `nginx:1.27*`.
+    refs: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Only these platforms of multi-platform images: `linux/amd64,linux/arm64[/v8]`.
+    #[arg(long)]
+    platform: Option<String>,
+    /// A directory, or an archive: `PATH.tar`, `PATH.tar.zst`.
+    #[arg(long)]
+    output: PathBuf,
+    /// Leave referrers (signatures, SBOMs, attestations) out.
+    #[arg(long)]
+    no_referrers: bool,
+    /// References (tags, digests, tag patterns); none: every tag in the store.
+    refs: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// The repository of entries named by a tag only (`v1`, as skopeo writes them) or not
+    /// named: `docker.io/library/nginx`, `127.0.0.1:5001/small`, `team/app`.
+    #[arg(long)]
+    repository: Option<String>,
+    /// An OCI image layout directory, `.tar` or `.tar.zst`.
+    path: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -47,6 +117,9 @@ struct ServeArgs {
     /// Default upstream registry URL, or `none` for a plain local registry.
     #[arg(long)]
     upstream: Option<String>,
+    /// Serve from the store only; never contact an upstream (proxy.offline = true).
+    #[arg(long)]
+    offline: bool,
 }
 
 fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -100,20 +173,140 @@ fn main() -> anyhow::Result<()> {
             if let Some(r) = args.root {
                 cfg.storage.root = r;
             }
-            match args.upstream.as_deref() {
-                None => {}
-                Some("none") => cfg.proxy.default_upstream.clear(),
-                Some(url) => {
-                    let up = stevedore::config::UpstreamConfig::from_url(url)?;
-                    cfg.proxy.default_upstream = up.host.clone();
-                    cfg.upstreams.retain(|u| u.host != up.host);
-                    cfg.upstreams.push(up);
-                }
+            set_upstream(&mut cfg, args.upstream.as_deref())?;
+            if args.offline {
+                cfg.proxy.offline = true;
             }
             cfg.validate()?;
             tokio::runtime::Runtime::new()?.block_on(serve(cfg))
         }
+        Cmd::Prefetch(args) => {
+            let mut cfg = store_config(&args.store)?;
+            set_upstream(&mut cfg, args.upstream.as_deref())?;
+            cfg.proxy.offline = false;
+            cfg.validate()?;
+            let mut refs = args.refs;
+            if let Some(f) = &args.file {
+                let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+                refs.extend(
+                    text.lines()
+                        .map(|l| l.split('#').next().unwrap_or_default().trim())
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_string),
+                );
+            }
+            anyhow::ensure!(!refs.is_empty(), "nothing to prefetch: give references or --file");
+            let platforms = platforms(args.platform.as_deref())?;
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let app = App::new(cfg, None).await.context("opening the store")?;
+                let opts = airgap::prefetch::PrefetchOptions {
+                    refs: &refs,
+                    platforms: &platforms,
+                    referrers: !args.no_referrers,
+                };
+                let mut out = std::io::stdout();
+                let r = airgap::prefetch::prefetch(&app.store, &app.proxy, &opts, &mut out).await;
+                println!(
+                    "prefetch: {} ok, {} failed; {} manifests, {} blobs fetched ({}), {} blobs already cached",
+                    r.ok.len(),
+                    r.failed.len(),
+                    r.manifests,
+                    r.blobs_fetched,
+                    airgap::human_bytes(r.bytes_fetched),
+                    r.blobs_cached
+                );
+                if r.failed.is_empty() {
+                    return Ok(());
+                }
+                let failed: Vec<String> = r.failed.iter().map(|(r, why)| format!("{r} ({why})")).collect();
+                anyhow::bail!("prefetch failed for {}", failed.join(", "))
+            })
+        }
+        Cmd::Export(args) => {
+            let cfg = store_config(&args.store)?;
+            let platforms = platforms(args.platform.as_deref())?;
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let app = App::new(cfg, None).await.context("opening the store")?;
+                let opts = airgap::export::ExportOptions {
+                    refs: &args.refs,
+                    platforms: &platforms,
+                    referrers: !args.no_referrers,
+                    output: &args.output,
+                };
+                let r = airgap::export::export(&app.store, &app.proxy, &opts).await?;
+                for name in &r.refs {
+                    println!("{name}");
+                }
+                println!(
+                    "exported {} references: {} manifests, {} blobs, {} to {}",
+                    r.refs.len(),
+                    r.manifests,
+                    r.blobs,
+                    airgap::human_bytes(r.bytes),
+                    args.output.display()
+                );
+                Ok(())
+            })
+        }
+        Cmd::Import(args) => {
+            let cfg = store_config(&args.store)?;
+            tokio::runtime::Runtime::new()?.block_on(async {
+                let app = App::new(cfg, None).await.context("opening the store")?;
+                let r = airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
+                    .await
+                    .with_context(|| format!("importing {} (nothing was imported)", args.path.display()))?;
+                for (name, d) in &r.refs {
+                    println!("{name} {d}");
+                }
+                println!(
+                    "imported {} references: {} manifests, {} blobs ({} new, {}){}",
+                    r.refs.len(),
+                    r.manifests,
+                    r.blobs,
+                    r.new_blobs,
+                    airgap::human_bytes(r.new_bytes),
+                    if r.absent_children > 0 {
+                        format!("; {} child manifests of other platforms were not in the layout", r.absent_children)
+                    } else {
+                        String::new()
+                    }
+                );
+                Ok(())
+            })
+        }
     }
+}
+
+/// The config an offline command (`prefetch`, `export`, `import`) works on.
+fn store_config(args: &StoreArgs) -> anyhow::Result<Config> {
+    let mut cfg = load(args.config.as_ref())?;
+    if let Some(r) = &args.root {
+        cfg.storage.root = r.clone();
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// `--upstream URL|none`: the default upstream.
+fn set_upstream(cfg: &mut Config, upstream: Option<&str>) -> anyhow::Result<()> {
+    match upstream {
+        None => {}
+        Some("none") => cfg.proxy.default_upstream.clear(),
+        Some(url) => {
+            let up = stevedore::config::UpstreamConfig::from_url(url)?;
+            cfg.proxy.default_upstream = up.host.clone();
+            cfg.upstreams.retain(|u| u.host != up.host);
+            cfg.upstreams.push(up);
+        }
+    }
+    Ok(())
+}
+
+fn platforms(list: Option<&str>) -> anyhow::Result<Vec<airgap::reference::Platform>> {
+    Ok(match list {
+        Some(l) => airgap::reference::Platform::parse_list(l)?,
+        None => Vec::new(),
+    })
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
@@ -124,6 +317,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let grace = cfg.server.shutdown_grace;
     let metrics = stevedore::metrics::install().context("installing the metrics recorder")?;
     let app = App::new(cfg, Some(metrics)).await.context("opening the store")?;
+    stevedore::metrics::offline(app.proxy.is_offline());
     app.spawn_background();
     let upstreams: Vec<String> = app.proxy.upstreams().iter().map(|u| u.host.clone()).collect();
     tracing::info!(
@@ -131,6 +325,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         root = %app.cfg.storage.root.display(),
         upstreams = ?upstreams,
         default_upstream = app.proxy.default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
+        offline = app.proxy.is_offline(),
         "stevedore started"
     );
     let mut summary = stevedore::app::summary(&app);

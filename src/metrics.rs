@@ -79,6 +79,11 @@ pub fn ratelimit_remaining(upstream: &str, header: &str) {
     }
 }
 
+/// 1 while the registry is offline (`proxy.offline`).
+pub fn offline(on: bool) {
+    gauge!("stevedore_offline").set(if on { 1.0 } else { 0.0 });
+}
+
 pub fn store_bytes(n: u64) {
     gauge!("stevedore_store_bytes").set(n as f64);
 }

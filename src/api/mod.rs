@@ -129,6 +129,7 @@ pub(crate) fn upstream_error(e: &crate::upstream::UpstreamError, missing: Code) 
     use crate::upstream::UpstreamError as U;
     match e {
         U::NotFound => ApiError::new(missing).detail("not found locally or upstream"),
+        U::Offline => ApiError::new(missing).detail(e.to_string()),
         U::RateLimited => ApiError::new(Code::TooManyRequests).detail("the upstream registry is rate limiting"),
         e => ApiError::new(Code::Unavailable).status(axum::http::StatusCode::BAD_GATEWAY).detail(e.to_string()),
     }

@@ -15,18 +15,22 @@ use super::{headers, AppState, RouteKind};
 
 /// 200 while the store can serve what it holds, else 503. A store that cannot be written
 /// (a full disk) still serves cache hits: that is a metric (`stevedore_store_writable`) and a
-/// note in the answer, not an outage.
+/// note in the answer, not an outage. Says so when the registry is offline.
 pub async fn readyz(State(app): State<AppState>) -> Response {
     if !app.store.readable().await {
         return (StatusCode::SERVICE_UNAVAILABLE, "store is not readable\n").into_response();
     }
     let writable = app.store.writable().await;
     crate::metrics::store_writable(writable);
-    if writable {
-        (StatusCode::OK, "ready\n").into_response()
-    } else {
-        (StatusCode::OK, "ready (store is not writable: serving what it holds)\n").into_response()
+    let mut body = String::from("ready");
+    if app.proxy.is_offline() {
+        body.push_str(" (offline: serving from the store only)");
     }
+    if !writable {
+        body.push_str(" (store is not writable: serving what it holds)");
+    }
+    body.push('\n');
+    (StatusCode::OK, body).into_response()
 }
 
 pub async fn metrics(State(app): State<AppState>) -> Response {

@@ -161,6 +161,9 @@ impl Fills {
 /// Opens the writer, streams the upstream body through it (bounded by the fill timeout),
 /// verifies, tells the readers, commits and links.
 async fn run(req: &FillRequest, ending: &Ending) -> Result<u64, FillError> {
+    if req.upstream.offline {
+        return Err(UpstreamError::Offline.into());
+    }
     let mut writer = req.store.begin_fill(&req.digest).await?;
     let _ = ending.fill.tail.set(writer.tail());
     let streamed = match tokio::time::timeout(req.timeout, stream(req, ending, writer.as_mut())).await {
@@ -229,6 +232,26 @@ impl Fill {
         match p.state {
             FillState::Failed(e) => Err(e),
             _ => Ok(p.size),
+        }
+    }
+
+    /// Bytes received so far and the size, if the upstream announced it (progress display).
+    pub fn progress(&self) -> (u64, Option<u64>) {
+        let p = self.progress.borrow();
+        (p.received, p.size)
+    }
+
+    /// Waits until the fill is over: the blob committed and linked, or the fill failed.
+    pub async fn finished(&self) -> Result<(), FillError> {
+        let mut rx = self.progress.clone();
+        let p = rx
+            .wait_for(|p| matches!(p.state, FillState::Committed | FillState::Failed(_)))
+            .await
+            .map_err(|_| FillError::Vanished)?
+            .clone();
+        match p.state {
+            FillState::Failed(e) => Err(e),
+            _ => Ok(()),
         }
     }
 

@@ -109,6 +109,8 @@ pub struct Proxy {
     manifest_flights: Flights<(Repo, String), ManifestResult>,
     /// Upstream answers to blob HEADs on a miss: (cache repo, digest) → size (None: absent).
     blob_heads: Cache<(Repo, Digest), Option<u64>>,
+    /// `proxy.offline`: serve strictly from the store; no upstream is ever contacted.
+    offline: bool,
 }
 
 impl Proxy {
@@ -116,7 +118,9 @@ impl Proxy {
         let mut by_host = HashMap::new();
         let mut by_namespace = HashMap::new();
         for u in &cfg.upstreams {
-            let up = Arc::new(Upstream::new(u)?);
+            let mut up = Upstream::new(u)?;
+            up.offline = cfg.proxy.offline;
+            let up = Arc::new(up);
             for name in std::iter::once(&u.host).chain(&u.aliases) {
                 by_host.insert(name.clone(), up.clone());
             }
@@ -132,7 +136,28 @@ impl Proxy {
             fill_timeout: cfg.proxy.fill_timeout,
             manifest_flights: Flights::new(|| Err(Arc::new(ProxyError::Panicked))),
             blob_heads: Cache::builder().max_capacity(100_000).time_to_live(cfg.proxy.head_cache_ttl).build(),
+            offline: cfg.proxy.offline,
         })
+    }
+
+    /// Whether the registry is offline (`proxy.offline`, `serve --offline`).
+    pub fn is_offline(&self) -> bool {
+        self.offline
+    }
+
+    /// Where a reference's repository lives when it is named in full (import, export,
+    /// prefetch): `host` (a configured upstream's host, alias or cache namespace) names that
+    /// upstream's cache; without a host the name resolves as a request's plain name does
+    /// ([`Proxy::resolve`]). `None` when `host` is not a configured upstream.
+    pub fn named(&self, host: Option<&str>, name: &RepoName) -> Option<Target> {
+        match host {
+            None => Some(self.resolve(name, None)),
+            Some(h) => {
+                let up = self.upstream_named(h)?;
+                let repo = Proxy::proxy_repo(up, name.as_str())?;
+                Some(Target::Proxy { repo, ns_echo: None, plain: false })
+            }
+        }
     }
 
     pub fn default_upstream(&self) -> Option<&Arc<Upstream>> {
@@ -258,6 +283,9 @@ impl Proxy {
                 if store.manifest_info(&p.cache, d).await.map_err(store_err)?.is_some() {
                     return Ok((d.clone(), Outcome::Hit));
                 }
+                if self.offline {
+                    return Err(Arc::new(UpstreamError::Offline.into()));
+                }
                 let key = (p.cache.clone(), d.to_string());
                 let (store, p2, d2) = (store.clone(), p.clone(), d.clone());
                 self.manifest_flights
@@ -272,10 +300,14 @@ impl Proxy {
             Reference::Tag(t) => {
                 let cached = store.tag_with_age(&p.cache, t).await.map_err(store_err)?;
                 if let Some((d, age)) = &cached {
-                    let fresh = *age < p.upstream.tag_ttl || p.upstream.is_immutable(t);
+                    // Offline, a cached tag is never revalidated.
+                    let fresh = *age < p.upstream.tag_ttl || p.upstream.is_immutable(t) || self.offline;
                     if fresh && store.manifest_info(&p.cache, d).await.map_err(store_err)?.is_some() {
                         return Ok((d.clone(), Outcome::Hit));
                     }
+                }
+                if self.offline {
+                    return Err(Arc::new(UpstreamError::Offline.into()));
                 }
                 let key = (p.cache.clone(), format!("tag:{t}"));
                 let (store2, p2, t2, known) =

@@ -117,6 +117,11 @@ pub trait Writer: Send {
 pub trait Verified: Send {
     fn size(&self) -> u64;
     async fn commit(self: Box<Self>) -> StoreResult<u64>;
+    /// Drops verified content that is not wanted after all (an import that failed elsewhere):
+    /// the ingest is removed. By default it is left to the sweep of idle ingests.
+    async fn abort(self: Box<Self>) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 /// A storage backend.

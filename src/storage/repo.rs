@@ -146,6 +146,21 @@ impl Store {
         Ok((page, it.next().is_some()))
     }
 
+    /// Every repository in the store, local and cached (export of everything).
+    pub async fn repositories(&self) -> StoreResult<Vec<Repo>> {
+        let mut out = Vec::new();
+        let mut names = Vec::new();
+        self.walk_tree(&layout::root(layout::LOCAL_REPOS), String::new(), &mut names).await?;
+        out.extend(names.drain(..).filter_map(|n| n.parse().ok()).map(Repo::Local));
+        let cache = layout::root(layout::CACHE_REPOS);
+        for host in self.backend.list(&cache).await? {
+            self.walk_tree(&layout::child(&cache, &host), String::new(), &mut names).await?;
+            out.extend(names.drain(..).filter_map(|n| n.parse().ok()).map(|n| Repo::cache(&host, n)));
+        }
+        out.sort_by_key(|r| r.to_string());
+        Ok(out)
+    }
+
     /// Every repository in the backend: local ones under `repos/`, cached ones under
     /// `cache/<host>/`. A repository is a tree holding `_manifests` or `_layers`.
     async fn walk_repos(&self) -> StoreResult<Vec<String>> {

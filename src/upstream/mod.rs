@@ -40,6 +40,9 @@ pub enum UpstreamError {
     /// The upstream asked us to get a token from a realm the configuration does not allow.
     #[error("upstream's token realm not allowed: {0}")]
     RealmRefused(String),
+    /// The registry is offline (`proxy.offline`): no upstream is contacted.
+    #[error("not in the cache, and this registry is offline: upstreams are never contacted")]
+    Offline,
 }
 
 impl UpstreamError {
@@ -52,7 +55,7 @@ impl UpstreamError {
             | UpstreamError::Unauthorized(_)
             | UpstreamError::RealmRefused(_) => true,
             UpstreamError::Status(s) => *s >= 500,
-            UpstreamError::NotFound | UpstreamError::Invalid(_) => false,
+            UpstreamError::NotFound | UpstreamError::Invalid(_) | UpstreamError::Offline => false,
         }
     }
 
@@ -65,6 +68,7 @@ impl UpstreamError {
             UpstreamError::Status(_) => "status",
             UpstreamError::Unreachable(_) => "unreachable",
             UpstreamError::Invalid(_) => "invalid",
+            UpstreamError::Offline => "offline",
             UpstreamError::RealmRefused(_) => "realm_refused",
         }
     }
@@ -103,6 +107,8 @@ pub struct Upstream {
     tokens: TokenCache,
     /// The upstream asked for Basic auth once: send credentials with every request.
     wants_basic: AtomicBool,
+    /// `proxy.offline`: every request fails with [`UpstreamError::Offline`] before it is sent.
+    pub offline: bool,
 }
 
 impl Upstream {
@@ -186,6 +192,7 @@ impl Upstream {
             permits: Arc::new(Semaphore::new(cfg.max_concurrency)),
             tokens: TokenCache::default(),
             wants_basic: AtomicBool::new(false),
+            offline: false,
         })
     }
 
@@ -197,6 +204,9 @@ impl Upstream {
     /// Sends one request to the first endpoint that answers, authenticating on a 401
     /// challenge. 2xx and 3xx-resolved answers come back; everything else is an error.
     async fn send(&self, method: Method, path: &str, remote: &str, accept: Option<&str>) -> UpstreamResult<Streaming> {
+        if self.offline {
+            return Err(UpstreamError::Offline);
+        }
         let res = self.send_inner(method, path, remote, accept).await;
         if let Err(e) = &res {
             crate::metrics::upstream_error(&self.host, e.kind());
@@ -416,7 +426,7 @@ async fn read_capped(resp: reqwest::Response, cap: usize) -> UpstreamResult<Byte
 }
 
 /// `*` matches any run (`/` included), `?` one character.
-pub(crate) fn glob_match(p: &[u8], s: &[u8]) -> bool {
+pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
     match (p.first(), s.first()) {
         (None, None) => true,
         (Some(b'*'), _) => glob_match(&p[1..], s) || (!s.is_empty() && glob_match(p, &s[1..])),

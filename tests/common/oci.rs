@@ -327,6 +327,56 @@ pub fn layout_blob(dir: &Path, digest: &str) -> Vec<u8> {
     bytes
 }
 
+/// The files of an OCI image layout (like [`write_layout`]): `(path, bytes)` with every blob
+/// under `blobs/sha256/`, `oci-layout` and `index.json` naming each `(ref name, root blob)`.
+/// Blobs come first and `index.json` last, as a tar written in walk order may have them.
+pub fn layout_files(blobs: &[&Blob], refs: &[(&str, &Blob)]) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for b in blobs.iter().copied().chain(refs.iter().map(|(_, b)| *b)) {
+        let path = format!("blobs/sha256/{}", b.hex());
+        if !out.iter().any(|(p, _)| p == &path) {
+            out.push((path, b.data.clone()));
+        }
+    }
+    out.push(("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()));
+    let manifests: Vec<Value> = refs
+        .iter()
+        .map(|(name, b)| {
+            let mut d = b.descriptor();
+            d["annotations"] = json!({ REF_NAME: name });
+            d
+        })
+        .collect();
+    let index = json!({"schemaVersion": 2, "mediaType": MT_INDEX, "manifests": manifests});
+    out.push(("index.json".into(), serde_json::to_vec(&index).unwrap()));
+    out
+}
+
+/// A ustar archive of `files` (with `blobs/` and `blobs/sha256/` directory entries first).
+pub fn tar_of(files: &[(String, Vec<u8>)]) -> Vec<u8> {
+    let mut entries: Vec<(&str, Option<&[u8]>)> = vec![("blobs/", None), ("blobs/sha256/", None)];
+    entries.extend(files.iter().map(|(p, d)| (p.as_str(), Some(d.as_slice()))));
+    tar(&entries)
+}
+
+/// A referrer of `subject` (a signature-like artifact): an OCI image manifest with
+/// `artifactType`, an empty JSON config and one payload layer, `subject` set. Returns the
+/// manifest and its blobs (config, payload).
+pub fn make_referrer(subject: &Blob, artifact_type: &str, payload: &[u8]) -> (Blob, Vec<Blob>) {
+    let config = Blob::new("application/vnd.oci.empty.v1+json", b"{}".to_vec());
+    let layer = Blob::new("application/vnd.example.signature.v1", payload.to_vec());
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "artifactType": artifact_type,
+        "config": config.descriptor(),
+        "layers": [layer.descriptor()],
+        "subject": subject.descriptor(),
+        "annotations": {"org.example.signed": "yes"},
+    });
+    (Blob::new(MT_MANIFEST, serde_json::to_vec(&manifest).unwrap()), vec![config, layer])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -453,3 +453,22 @@ impl Dialect {
         }
     }
 }
+
+/// Runs a one-shot subcommand of the binary (`import`, `export`, `prefetch`, `check-config`)
+/// with `args`, bounded to `limit`; its exit status and output, never panicking on failure.
+pub fn cli(args: &[&str], limit: Duration) -> proc::Out {
+    let mut cmd = proc::with_pdeathsig(env!("CARGO_BIN_EXE_stevedore"));
+    cmd.args(args);
+    cmd.env("RUST_LOG", "warn");
+    for v in ["STEVEDORE_LOG_FORMAT", "STEVEDORE_CONFIG"] {
+        cmd.env_remove(v);
+    }
+    proc::run(&format!("stevedore {}", args.first().copied().unwrap_or_default()), cmd, limit)
+}
+
+/// [`cli`], panicking with the output unless the command succeeded.
+pub fn cli_ok(args: &[&str], limit: Duration) -> proc::Out {
+    let out = cli(args, limit);
+    assert!(out.status.success(), "stevedore {args:?} failed:\n{}", out.describe());
+    out
+}

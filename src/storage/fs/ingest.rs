@@ -372,6 +372,13 @@ impl Verified for FsVerified {
         removed?;
         Ok(size)
     }
+
+    async fn abort(self: Box<Self>) -> StoreResult<()> {
+        let FsVerified { writer, sink, .. } = *self;
+        let removed = writer.remove().await;
+        drop(sink);
+        removed
+    }
 }
 
 /// How long each batch write waits before it lands, for tests that must hit a write landing

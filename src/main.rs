@@ -203,6 +203,7 @@ fn main() -> anyhow::Result<()> {
                     refs: &refs,
                     platforms: &platforms,
                     referrers: !args.no_referrers,
+                    live: true,
                 };
                 let mut out = std::io::stdout();
                 let r = airgap::prefetch::prefetch(&app.store, &app.proxy, &opts, &mut out).await;

@@ -464,3 +464,74 @@ fn prefetch_from_distribution_then_serve_offline_with_the_upstream_stopped() {
         assert_eq!(out.stdout.trim(), want.manifest.digest, "podman pulled {reference}");
     }
 }
+
+#[test]
+fn admin_prefetch_endpoint_fills_the_cache_through_the_running_server() {
+    let rt = rt();
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = Distribution::start_in(&tmp.path().join("distribution"), false);
+    let dhost = format!("127.0.0.1:{}", dist.port);
+    let small: Vec<Image> = (0..3).map(|i| oci::build("admin-prefetch", 700 + i, 8_000, false)).collect();
+    for (img, tag) in small.iter().zip(["1.0", "1.1", "2.0"]) {
+        dist.push("small", tag, img);
+    }
+    let cfg = launcher::config(&dhost, &[(&dhost, &dist.url(), "")]);
+    let server = Stevedore::builder().config(&cfg).start();
+    let reg = server.registry();
+    let post = |body: &str| {
+        let r = rt.block_on(common::http::read(
+            reg.req(reqwest::Method::POST, "/admin/prefetch")
+                .header("content-type", "application/json")
+                .body(body.to_string()),
+        ));
+        (r.status, r.text())
+    };
+
+    // Bad requests get the spec's error body, and nothing is fetched.
+    for bad in ["not json", r#"{"references": []}"#, r#"{"references": ["x"], "platforms": ["linux"]}"#] {
+        let (st, body) = post(bad);
+        assert_eq!(st, 400, "{bad}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{bad}: {e}: {body}"));
+        assert!(v["errors"][0]["code"].is_string(), "{bad}: {body}");
+    }
+    dist.settle();
+    assert_eq!(dist.blob_gets("small"), 0, "a bad request fetched something");
+
+    // A pattern and a reference that is not upstream: 502, the report names what failed,
+    // and what could be fetched was.
+    let req = serde_json::json!({"references": [format!("{dhost}/small:1.*"), format!("{dhost}/nope:v1")]});
+    let (st, body) = post(&req.to_string());
+    assert_eq!(st, 502, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let detail = &v["errors"][0]["detail"];
+    assert_eq!(detail["failed_references"], serde_json::json!([format!("{dhost}/nope:v1")]), "{body}");
+    assert_eq!(detail["report"]["ok"].as_array().map(Vec::len), Some(2), "{body}");
+    let blobs = store::blob_files(server.root());
+    for img in &small[..2] {
+        assert!(blobs.contains(&img.manifest.digest), "{} not prefetched: {body}", img.manifest.digest);
+        for b in img.blobs() {
+            assert!(blobs.contains(&b.digest), "blob {} not prefetched", b.digest);
+        }
+    }
+    assert!(!blobs.contains(&small[2].manifest.digest), "2.0 does not match 1.*");
+
+    // Everything present: 200 with the report, nothing fetched again.
+    dist.settle();
+    let gets = dist.blob_gets("small");
+    let (st, body) = post(&serde_json::json!({"references": [format!("{dhost}/small:1.0")]}).to_string());
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["blobs_fetched"], 0, "{body}");
+    assert_eq!(v["failed"], serde_json::json!([]), "{body}");
+    dist.settle();
+    assert_eq!(dist.blob_gets("small"), gets, "prefetching cached content fetched it again");
+
+    // The prefetched image is served with the upstream gone.
+    drop(dist);
+    let ns = dhost.replace(':', "-");
+    rt.block_on(async {
+        for b in small[1].blobs() {
+            reg.assert_blob(&format!("{ns}/small"), &b.digest, &b.data).await;
+        }
+    });
+}

@@ -28,6 +28,9 @@ pub struct PrefetchOptions<'a> {
     /// Empty: every platform.
     pub platforms: &'a [Platform],
     pub referrers: bool,
+    /// Draw a live status line per image on stderr while it is a terminal (the CLI); off in
+    /// the server, whose stderr is its log.
+    pub live: bool,
 }
 
 /// What a prefetch did, per reference.
@@ -156,7 +159,7 @@ async fn one(
                     .filter(|b| !b.embedded && !b.is_non_distributable())
                     .map(|b| (b.digest.clone(), b.size))
                     .collect();
-                let live = Live::start(&d, blobs.len());
+                let live = Live::start(&d, blobs.len(), opts.live);
                 let mut results = futures::stream::iter(blobs.into_iter().map(|(b, _)| {
                     let live = live.clone();
                     async move { (b.clone(), blob(store, proxy, p, &b, &live).await) }
@@ -250,8 +253,8 @@ struct LiveState {
 }
 
 impl Live {
-    fn start(manifest: &Digest, total: usize) -> Live {
-        if !std::io::stderr().is_terminal() {
+    fn start(manifest: &Digest, total: usize, wanted: bool) -> Live {
+        if !wanted || !std::io::stderr().is_terminal() {
             return Live(None);
         }
         let state = Arc::new(LiveState {

@@ -2,6 +2,7 @@
 //! (route, method) to the handler modules. Handlers return `ApiResult`; errors are rendered by
 //! [`crate::error::ApiError`] only.
 
+mod admin;
 pub mod blobs;
 mod headers;
 pub mod listing;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get};
+use axum::routing::{any, get, post};
 use axum::Router;
 
 use crate::app::App;
@@ -35,11 +36,18 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/admin/prefetch", post(admin_prefetch))
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit))
         .layer(axum::middleware::from_fn(ops::access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))
+}
+
+async fn admin_prefetch(State(app): State<AppState>, req: Request) -> Response {
+    let mut resp = admin::respond(admin::prefetch(&app, req.into_body()).await);
+    resp.extensions_mut().insert(RouteKind("admin"));
+    resp
 }
 
 /// The route kind a response answered, for logs and metrics.

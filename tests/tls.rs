@@ -1,0 +1,358 @@
+//! TLS on the serving side (`[server.tls]`), against the real binary on 127.0.0.1 with a test CA
+//! made here (rcgen): pushes and pulls over TLS, HTTP/2 by ALPN, clients that do not trust
+//! the CA, certificates reloaded from disk (polled and on SIGHUP) without a restart and without
+//! cutting open connections, a bad replacement that keeps the old pair, stalled handshakes,
+//! client certificates (mTLS), the plain listener beside TLS, start-up failures on bad files.
+//! The real clients over TLS (skopeo, containerd, podman, docker) are at the end.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::data::sha256;
+use common::http::{client_trusting, client_with_identity, error_chain, Registry};
+use common::oci;
+use common::stevedore::{cli, Stevedore};
+use common::tls::{pem_der, served_cert, TestPki};
+
+/// `[server.tls]` for `pki`'s files, plus `extra` lines in that section.
+fn tls_config(pki: &TestPki, server_extra: &str, tls_extra: &str) -> String {
+    format!(
+        "[storage]\nfsync = false\n\n[proxy]\ndefault_upstream = \"\"\n\n[server]\n{server_extra}\n\n\
+         [server.tls]\ncert = {:?}\nkey = {:?}\n{tls_extra}\n",
+        pki.cert_file, pki.key_file
+    )
+}
+
+fn start(dir: &Path, pki: &TestPki, server_extra: &str, tls_extra: &str) -> Stevedore {
+    Stevedore::builder()
+        .dir(&dir.join("stevedore"))
+        .config(&tls_config(pki, server_extra, tls_extra))
+        .https(&pki.ca_pem)
+        .rust_log("warn,stevedore=info,stevedore::server=debug")
+        .start()
+}
+
+/// Writes a new certificate and key over `pki`'s files (in place, key last).
+fn swap_files(pki: &TestPki, cert: &str, key: &str) {
+    std::fs::write(&pki.cert_file, cert).unwrap();
+    std::fs::write(&pki.key_file, key).unwrap();
+}
+
+/// Waits (bounded) until a new connection is served `want` (DER), trusting `ca_pem`.
+fn wait_served(sd: &Stevedore, ca_pem: &str, want: &[u8], what: &str) {
+    let ok = common::wait_until_blocking(Duration::from_secs(20), || {
+        served_cert(sd.port(), ca_pem).ok().as_deref() == Some(want)
+    });
+    assert!(ok, "{what}: the new certificate was not served within 20 s; log:\n{}", sd.problems());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn push_and_pull_over_tls_with_http2_by_alpn() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let sd = start(dir.path(), &pki, "", "");
+    assert!(sd.log_text().contains("TLS: serving \\\"127.0.0.1\\\""), "start-up summary: {}", sd.log_text());
+    let reg = sd.registry();
+    let img = oci::build("tls", 7, 256 * 1024, false);
+    reg.push_image("team/app", &img, Some("v1")).await;
+    let (st, dcd, _, body) = reg.try_get_manifest("team/app", "v1").await.unwrap();
+    assert_eq!((st.as_u16(), dcd.as_deref()), (200, Some(img.manifest.digest.as_str())));
+    assert_eq!(sha256(&body), img.manifest.digest);
+    for b in img.blobs() {
+        reg.assert_blob("team/app", &b.digest, &b.data).await;
+    }
+    // ALPN chose HTTP/2 for a client that offers it, HTTP/1.1 for one that does not.
+    let resp = reg.get("/v2/").await;
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, reqwest::Version::HTTP_2));
+    let h1 = reqwest::Client::builder()
+        .no_proxy()
+        .http1_only()
+        .tls_certs_only(reqwest::Certificate::from_pem_bundle(pki.ca_pem.as_bytes()).unwrap())
+        .build()
+        .unwrap();
+    let resp = h1.get(sd.url("/v2/")).send().await.unwrap();
+    assert_eq!((resp.status().as_u16(), resp.version()), (200, reqwest::Version::HTTP_11));
+    assert_eq!(common::tls::https_get_status(sd.port(), "/v2/", &pki.ca_pem), Some(200), "TLS without ALPN");
+    // The listener speaks TLS only.
+    assert_eq!(common::proc::http_get_status(sd.port(), "/v2/"), None, "plain HTTP on the TLS listener");
+    // A client that does not trust the CA gets no answer: the handshake fails.
+    let other = TestPki::new(&dir.path().join("other-ca"));
+    let e = client_trusting(&other.ca_pem).get(sd.url("/v2/")).send().await.unwrap_err();
+    let chain = error_chain(&e);
+    assert!(chain.contains("certificate") || chain.contains("Unknown"), "untrusted CA: {chain}");
+    assert!(served_cert(sd.port(), &other.ca_pem).is_err());
+    // Every request above was served over TLS and logged.
+    let reqs = sd.requests_since(0);
+    assert!(reqs.iter().any(|a| a.method == "PUT" && a.path() == "/v2/team/app/manifests/v1" && a.status == 201));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_listener_beside_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let sd = start(dir.path(), &pki, "plain_listen = \"127.0.0.1:0\"", "");
+    let plain_addr = sd.plain_addr.clone().expect("the plain listener's address line");
+    assert_ne!(plain_addr, sd.addr);
+    let img = oci::build("plain", 8, 64 * 1024, false);
+    sd.registry().push_image("team/app", &img, Some("v1")).await;
+    // The same content on the plain listener, and a push there is seen over TLS.
+    let plain = Registry::new(&sd.plain_url(""));
+    let (st, dcd, _, _) = plain.try_get_manifest("team/app", "v1").await.unwrap();
+    assert_eq!((st.as_u16(), dcd.as_deref()), (200, Some(img.manifest.digest.as_str())));
+    let other = oci::build("plain2", 9, 32 * 1024, false);
+    plain.push_image("team/other", &other, Some("v2")).await;
+    let (st, dcd, _, _) = sd.registry().try_get_manifest("team/other", "v2").await.unwrap();
+    assert_eq!((st.as_u16(), dcd.as_deref()), (200, Some(other.manifest.digest.as_str())));
+    // The plain listener does not speak TLS, the TLS one does not speak plain HTTP.
+    let port: u16 = plain_addr.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(served_cert(port, &pki.ca_pem).is_err(), "TLS on the plain listener");
+    assert_eq!(common::proc::http_get_status(sd.port(), "/v2/"), None);
+    assert_eq!(common::proc::http_get_status(port, "/v2/"), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_swapped_on_disk_reaches_new_connections_and_open_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let sd = start(dir.path(), &pki, "", "reload_interval = \"200ms\"");
+    let old = pem_der(&std::fs::read_to_string(&pki.cert_file).unwrap());
+    assert_eq!(served_cert(sd.port(), &pki.ca_pem).unwrap(), old);
+    // An open connection of a client that trusts the first CA only.
+    let before = sd.registry();
+    assert_eq!(before.get("/v2/").await.status(), 200);
+    // A certificate from another CA, so the first client could not open a new connection.
+    let ca2 = TestPki::new(&dir.path().join("ca2"));
+    let (cert2, key2) = ca2.server_pem();
+    swap_files(&pki, &cert2, &key2);
+    wait_served(&sd, &ca2.ca_pem, &pem_der(&cert2), "after the swap");
+    assert!(sd.log_text().contains("TLS certificate reloaded"), "{}", sd.problems());
+    // New connections get the new certificate; the open connection was not cut.
+    let fresh = Registry::https(&sd.url(""), &ca2.ca_pem);
+    let img = oci::build("swap", 10, 64 * 1024, false);
+    fresh.push_image("team/app", &img, Some("v1")).await;
+    let (st, dcd, _, _) = before.try_get_manifest("team/app", "v1").await.expect("the open connection still serves");
+    assert_eq!((st.as_u16(), dcd.as_deref()), (200, Some(img.manifest.digest.as_str())));
+    assert!(served_cert(sd.port(), &pki.ca_pem).is_err(), "a new connection trusting only the old CA");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_replacement_keeps_the_old_certificate_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let sd = start(dir.path(), &pki, "", "reload_interval = \"200ms\"");
+    let old_cert = std::fs::read_to_string(&pki.cert_file).unwrap();
+    let old_key = std::fs::read_to_string(&pki.key_file).unwrap();
+    let old = pem_der(&old_cert);
+    let (new_cert, new_key) = pki.server_pem();
+    let failures = |sd: &Stevedore| sd.log_text().matches("TLS files did not load").count();
+    // A key that does not match, then a certificate file that is not PEM, then a missing key.
+    let steps: [(&str, &str, &str); 3] = [
+        ("a key that does not match", &old_cert, &new_key),
+        ("a certificate that is not PEM", "not a certificate\n", &old_key),
+        ("a missing key", &new_cert, ""),
+    ];
+    for (i, (what, cert, key)) in steps.into_iter().enumerate() {
+        std::fs::write(&pki.cert_file, cert).unwrap();
+        if key.is_empty() {
+            std::fs::remove_file(&pki.key_file).unwrap();
+        } else {
+            std::fs::write(&pki.key_file, key).unwrap();
+        }
+        let ok = common::wait_until_blocking(Duration::from_secs(20), || failures(&sd) > i);
+        assert!(ok, "{what}: no reload failure logged; log:\n{}", sd.problems());
+        assert_eq!(served_cert(sd.port(), &pki.ca_pem).unwrap(), old, "{what}: the old certificate is served");
+        let img = oci::build(&format!("bad{i}"), 20 + i as u64, 32 * 1024, false);
+        sd.registry().push_image("team/app", &img, Some("v1")).await;
+    }
+    let log = sd.log_text();
+    for secret in [&old_key, &new_key] {
+        assert!(!log.contains(secret.lines().nth(1).unwrap()), "key material in the log");
+    }
+    // The good pair is taken as soon as it is complete.
+    swap_files(&pki, &new_cert, &new_key);
+    wait_served(&sd, &pki.ca_pem, &pem_der(&new_cert), "after the fix");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    // No polling: only SIGHUP reloads.
+    let sd = start(dir.path(), &pki, "", "reload_interval = \"0s\"");
+    let old = pem_der(&std::fs::read_to_string(&pki.cert_file).unwrap());
+    let (cert2, key2) = pki.server_pem();
+    swap_files(&pki, &cert2, &key2);
+    // Without the signal nothing changes (a request in between shows the server is serving).
+    assert_eq!(sd.registry().get("/v2/").await.status(), 200);
+    assert_eq!(served_cert(sd.port(), &pki.ca_pem).unwrap(), old);
+    sd.hup();
+    wait_served(&sd, &pki.ca_pem, &pem_der(&cert2), "after SIGHUP");
+    assert_eq!(sd.registry().get("/v2/").await.status(), 200, "still running after SIGHUP");
+    // A bad pair on SIGHUP: logged, the current one kept.
+    std::fs::write(&pki.key_file, "garbage\n").unwrap();
+    sd.hup();
+    let ok = common::wait_until_blocking(Duration::from_secs(20), || sd.log_text().contains("TLS files did not load"));
+    assert!(ok, "no reload failure logged:\n{}", sd.problems());
+    assert_eq!(served_cert(sd.port(), &pki.ca_pem).unwrap(), pem_der(&cert2));
+}
+
+/// Whether the peer closed `s` (EOF or reset); `false` while it is open and silent.
+fn closed(s: &mut TcpStream) -> bool {
+    s.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 512];
+    let r = match s.read(&mut buf) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+        Err(_) => true,
+    };
+    s.set_nonblocking(false).unwrap();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_tls_handshakes_are_cut_while_other_clients_are_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let sd = start(dir.path(), &pki, "header_read_timeout = \"5s\"", "");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], sd.port()));
+    // Silent after connecting; half a ClientHello record; a whole handshake but no request.
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let mut partial = TcpStream::connect(addr).unwrap();
+    partial.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00]).unwrap();
+    let opened = Instant::now();
+    // Meanwhile other clients are served at once.
+    let img = oci::build("stall", 11, 64 * 1024, false);
+    sd.registry().push_image("team/app", &img, Some("v1")).await;
+    let (st, _, _, _) = sd.registry().try_get_manifest("team/app", "v1").await.unwrap();
+    assert_eq!(st.as_u16(), 200);
+    assert!(
+        opened.elapsed() < Duration::from_secs(4) && !closed(&mut silent) && !closed(&mut partial),
+        "served while the stalled handshakes were still open"
+    );
+    // Then the stalled ones are cut (the first-request deadline covers the handshake).
+    for (what, s) in [("silent", &mut silent), ("partial ClientHello", &mut partial)] {
+        let ok = common::wait_until_blocking(Duration::from_secs(20), || closed(s));
+        assert!(ok, "{what}: the stalled handshake was not cut");
+    }
+    assert!(opened.elapsed() >= Duration::from_secs(5), "cut before server.header_read_timeout");
+    assert_eq!(sd.registry().get("/v2/").await.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_hold_connection_slots_only_until_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let sd = start(dir.path(), &pki, "header_read_timeout = \"2s\"\nmax_connections = 2", "");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], sd.port()));
+    let mut stalled: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    // Both slots are held: this client waits in the backlog until the deadline frees them.
+    let resp = client_trusting(&pki.ca_pem).get(sd.url("/v2/")).send().await.expect("served once a slot is free");
+    assert_eq!(resp.status(), 200);
+    for s in &mut stalled {
+        assert!(common::wait_until_blocking(Duration::from_secs(20), || closed(s)), "a stalled handshake was not cut");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let clients = TestPki::new(&dir.path().join("client-ca"));
+    let extra = format!("client_ca = {:?}\nclient_auth = \"required\"", clients.ca_file);
+    let sd = start(dir.path(), &pki, "plain_listen = \"127.0.0.1:0\"", &extra);
+    assert!(sd.log_text().contains("client certificates required"), "{}", sd.log_text());
+    // No certificate: the handshake fails, no request is served.
+    let e = client_trusting(&pki.ca_pem).get(sd.url("/v2/")).send().await.unwrap_err();
+    let chain = error_chain(&e);
+    assert!(chain.to_lowercase().contains("certificate") || chain.contains("alert"), "{chain}");
+    // A certificate from a CA other than client_ca (here: the server's CA) is refused too.
+    let (wrong, _, _) = pki.client_pem("mallory");
+    assert!(client_with_identity(&pki.ca_pem, &wrong).get(sd.url("/v2/")).send().await.is_err());
+    // One from client_ca is accepted; its subject reaches the request.
+    let (alice, _, _) = clients.client_pem("alice.ci");
+    let reg = Registry::with_client(&sd.url(""), client_with_identity(&pki.ca_pem, &alice));
+    let img = oci::build("mtls", 12, 64 * 1024, false);
+    reg.push_image("team/app", &img, Some("v1")).await;
+    let (st, dcd, _, _) = reg.try_get_manifest("team/app", "v1").await.unwrap();
+    assert_eq!((st.as_u16(), dcd.as_deref()), (200, Some(img.manifest.digest.as_str())));
+    let log = sd.log_text();
+    assert!(log.contains("client_cert=\\\"alice.ci\\\"") || log.contains("\"client_cert\":\"alice.ci\""), "{log}");
+    assert!(!log.contains("mallory\""), "a refused certificate's subject was taken: {log}");
+    let reqs = sd.requests_since(0);
+    assert!(reqs.iter().any(|a| a.method == "PUT" && a.status == 201), "{}", common::stevedore::show(&reqs));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_certificates_optional() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let clients = TestPki::new(&dir.path().join("client-ca"));
+    let extra = format!("client_ca = {:?}", clients.ca_file);
+    let sd = start(dir.path(), &pki, "", &extra);
+    assert!(sd.log_text().contains("client certificates optional"), "{}", sd.log_text());
+    assert_eq!(client_trusting(&pki.ca_pem).get(sd.url("/v2/")).send().await.unwrap().status(), 200);
+    let (bob, _, _) = clients.client_pem("bob");
+    let with = client_with_identity(&pki.ca_pem, &bob);
+    assert_eq!(with.get(sd.url("/v2/")).send().await.unwrap().status(), 200);
+    let ok = common::wait_until_blocking(Duration::from_secs(10), || sd.log_text().contains("bob"));
+    assert!(ok, "the client certificate's subject was not seen:\n{}", sd.log_text());
+    // A certificate that does not verify is refused, not ignored.
+    let (wrong, _, _) = pki.client_pem("mallory");
+    assert!(client_with_identity(&pki.ca_pem, &wrong).get(sd.url("/v2/")).send().await.is_err());
+}
+
+#[test]
+fn check_config_and_serve_fail_clearly_on_bad_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, tls_config(&pki, "", "")).unwrap();
+    common::stevedore::cli_ok(&["check-config", "--config", good.to_str().unwrap()], Duration::from_secs(20));
+    let (_, other_key) = pki.server_pem();
+    let other = dir.path().join("other.key");
+    std::fs::write(&other, &other_key).unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "garbage\n").unwrap();
+    let missing = dir.path().join("missing.pem");
+    let key_pem = std::fs::read_to_string(&pki.key_file).unwrap();
+    let cases = [
+        (missing.clone(), pki.key_file.clone(), "server.tls.cert", "missing.pem"),
+        (garbage.clone(), pki.key_file.clone(), "server.tls.cert", "no PEM certificate"),
+        (pki.cert_file.clone(), garbage.clone(), "server.tls.key", "no PEM private key"),
+        (pki.cert_file.clone(), other.clone(), "server.tls.key", "does not match"),
+    ];
+    for (cert, key, config_key, why) in cases {
+        let cfg = dir.path().join("bad.toml");
+        std::fs::write(
+            &cfg,
+            format!("[proxy]\ndefault_upstream = \"\"\n[server.tls]\ncert = {cert:?}\nkey = {key:?}\n"),
+        )
+        .unwrap();
+        let root = dir.path().join("data");
+        for args in [
+            vec!["check-config", "--config", cfg.to_str().unwrap()],
+            vec![
+                "serve",
+                "--config",
+                cfg.to_str().unwrap(),
+                "--listen",
+                "127.0.0.1:0",
+                "--root",
+                root.to_str().unwrap(),
+            ],
+        ] {
+            let out = cli(&args, Duration::from_secs(20));
+            let text = format!("{}{}", out.stdout, out.stderr);
+            assert!(!out.status.success(), "{args:?} with {why}: succeeded:\n{text}");
+            assert!(text.contains(config_key) && text.contains(why), "{args:?}: {text}");
+            for k in [&key_pem, &other_key] {
+                assert!(!text.contains(k.lines().nth(1).unwrap()), "key material in the output: {text}");
+            }
+        }
+    }
+}

@@ -356,3 +356,184 @@ fn check_config_and_serve_fail_clearly_on_bad_files() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Real clients over TLS, trusting the test CA the way their users configure it.
+
+/// Bound on any one client command.
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// Stevedore over TLS with `img` pushed as `team/base:v1`.
+fn client_world(dir: &Path, img: &oci::Image) -> (TestPki, Stevedore) {
+    let pki = TestPki::new(&dir.join("pki"));
+    let sd = start(dir, &pki, "", "");
+    common::rt().block_on(sd.registry().push_image("team/base", img, Some("v1")));
+    (pki, sd)
+}
+
+/// Asserts `repo:tag` on `sd` is `img`: the same manifest digest when `same_manifest`, else
+/// (a client that writes its own manifest) the same config and every layer served intact.
+fn assert_pushed(sd: &Stevedore, repo: &str, tag: &str, img: &oci::Image, same_manifest: bool, client: &str) {
+    common::rt().block_on(async {
+        let reg = sd.registry();
+        let (st, dcd, _, body) = reg.try_get_manifest(repo, tag).await.unwrap();
+        assert_eq!(st.as_u16(), 200, "{client}: {repo}:{tag} was not pushed");
+        assert_eq!(dcd.as_deref(), Some(sha256(&body).as_str()), "{client}: digest header");
+        if same_manifest {
+            assert_eq!(dcd.as_deref(), Some(img.manifest.digest.as_str()), "{client}: pushed manifest digest");
+        }
+        let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(m["config"]["digest"].as_str(), Some(img.config.digest.as_str()), "{client}: config digest in {m}");
+        let layers = m["layers"].as_array().expect("layers");
+        assert_eq!(layers.len(), img.layers.len(), "{client}: layers in {m}");
+        for l in layers {
+            let d = l["digest"].as_str().unwrap();
+            let (st, _, n, got) = reg.try_get_blob_hashed(repo, d).await.unwrap();
+            assert_eq!((st.as_u16(), got.as_str()), (200, d), "{client}: layer {d}");
+            assert_eq!(Some(n), l["size"].as_u64(), "{client}: layer {d} size");
+        }
+    });
+    let reqs = sd.requests_since(0);
+    assert!(
+        reqs.iter().any(|a| a.method == "PUT" && a.path() == format!("/v2/{repo}/manifests/{tag}") && a.status == 201),
+        "{client}: no manifest PUT for {repo}:{tag}:\n{}",
+        common::stevedore::show(&reqs)
+    );
+}
+
+#[test]
+fn skopeo_pushes_and_pulls_over_tls_with_a_cert_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = oci::build("skopeo-tls", 31, 64 * 1024, false);
+    let (pki, sd) = client_world(dir.path(), &img);
+    let certs = pki.cert_dir(&dir.path().join("certs"));
+    let certs = certs.to_str().unwrap();
+    let layout = dir.path().join("layout");
+    oci::write_image_layout(&layout, &img, "v1");
+    let sk = common::skopeo_cli::Skopeo::new();
+    let dest = format!("docker://{}/team/skopeo:v1", sd.addr);
+    sk.run(&["copy", "--retry-times=0", "--dest-cert-dir", certs, &format!("oci:{}:v1", layout.display()), &dest]);
+    assert_pushed(&sd, "team/skopeo", "v1", &img, true, "skopeo");
+    let out = dir.path().join("out");
+    sk.run(&["copy", "--retry-times=0", "--src-cert-dir", certs, &dest, &format!("oci:{}:v1", out.display())]);
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"].as_str(), Some(img.manifest.digest.as_str()), "skopeo: pulled digest");
+    // Without the CA, skopeo refuses the certificate (verification is on).
+    let refused = sk.run_unchecked(&["inspect", "--raw", "--retry-times=0", &dest]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && (err.contains("x509") || err.contains("certificate")),
+        "skopeo without the CA: {err}"
+    );
+}
+
+#[test]
+fn containerd_pulls_and_pushes_over_tls_with_hosts_toml_ca() {
+    common::proc::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = oci::build("ctr-tls", 32, 64 * 1024, false);
+    let (pki, sd) = client_world(dir.path(), &img);
+    let ctd = common::engines::Containerd::start(&dir.path().join("containerd"));
+    let hosts = |name: &str, ca: bool| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(d.join(&sd.addr)).unwrap();
+        let ca_line = if ca { format!("  ca = {:?}\n", pki.ca_file) } else { String::new() };
+        std::fs::write(
+            d.join(&sd.addr).join("hosts.toml"),
+            format!(
+                "server = \"https://{a}\"\n\n[host.\"https://{a}\"]\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n{ca_line}",
+                a = sd.addr
+            ),
+        )
+        .unwrap();
+        d
+    };
+    let with_ca = hosts("certs.d", true);
+    let base = format!("{}/team/base:v1", sd.addr);
+    let pull = |ns: &str, hosts: &Path| {
+        ctd.ctr(ns, &["images", "pull", "--hosts-dir", hosts.to_str().unwrap(), "--snapshotter", "native", &base])
+    };
+    common::proc::run_ok("containerd: ctr images pull over TLS", pull("tls", &with_ca), LIMIT);
+    let ls = common::proc::run_ok("ctr images ls", ctd.ctr("tls", &["images", "ls"]), LIMIT);
+    assert!(
+        ls.stdout.lines().any(|l| l.starts_with(&base) && l.contains(&img.manifest.digest)),
+        "containerd: {base} with {} not in:\n{}",
+        img.manifest.digest,
+        ls.stdout
+    );
+    let pushed = format!("{}/team/ctr:v2", sd.addr);
+    common::proc::run_ok("ctr images tag", ctd.ctr("tls", &["images", "tag", &base, &pushed]), LIMIT);
+    common::proc::run_ok(
+        "containerd: ctr images push over TLS",
+        ctd.ctr("tls", &["images", "push", "--hosts-dir", with_ca.to_str().unwrap(), &pushed]),
+        LIMIT,
+    );
+    assert_pushed(&sd, "team/ctr", "v2", &img, true, "containerd");
+    // Without `ca`, containerd refuses the certificate.
+    let no_ca = hosts("certs-no-ca.d", false);
+    let refused = common::proc::run("containerd without the CA", pull("no-ca", &no_ca), LIMIT);
+    assert!(
+        !refused.status.success() && (refused.stderr.contains("x509") || refused.stderr.contains("certificate")),
+        "containerd without the CA:\n{}",
+        refused.describe()
+    );
+}
+
+#[test]
+fn podman_pulls_and_pushes_over_tls_with_certs_d() {
+    common::proc::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = oci::build("podman-tls", 33, 64 * 1024, false);
+    let (pki, sd) = client_world(dir.path(), &img);
+    let p = common::engines::Podman::new(&dir.path().join("podman"), &sd.addr);
+    let base = format!("{}/team/base:v1", sd.addr);
+    let pushed = format!("{}/team/podman:v3", sd.addr);
+    // /etc/containers/certs.d/<host:port>/ca.crt, on the sandbox's overlay of /etc.
+    let script = format!(
+        "set -e\nmkdir -p /etc/containers/certs.d/{a}\ncp {ca:?} /etc/containers/certs.d/{a}/ca.crt\n\
+         $PODMAN pull --signature-policy {policy:?} {base}\n\
+         $PODMAN image inspect --format '{{{{.Digest}}}}' {base}\n\
+         $PODMAN tag {base} {pushed}\n$PODMAN push {pushed}\n",
+        a = sd.addr,
+        ca = pki.ca_file,
+        policy = p.policy(),
+    );
+    let out = common::proc::run_ok("podman: pull and push over TLS", p.shell(&script), LIMIT);
+    assert!(out.stdout.contains(&img.manifest.digest), "podman: pulled digest:\n{}", out.describe());
+    assert_pushed(&sd, "team/podman", "v3", &img, false, "podman");
+    // Without certs.d, podman refuses the certificate.
+    let refused = common::proc::run(
+        "podman without the CA",
+        p.podman(&["pull", "--signature-policy", p.policy().to_str().unwrap(), &pushed]),
+        LIMIT,
+    );
+    assert!(
+        !refused.status.success() && (refused.stderr.contains("x509") || refused.stderr.contains("certificate")),
+        "podman without the CA:\n{}",
+        refused.describe()
+    );
+}
+
+#[test]
+fn docker_pulls_and_pushes_over_tls_with_certs_d() {
+    common::proc::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let img = oci::build("docker-tls", 34, 64 * 1024, false);
+    let (pki, sd) = client_world(dir.path(), &img);
+    // /etc/docker/certs.d/<host:port>/ca.crt in the daemon's sandbox. (dockerd counts
+    // 127.0.0.0/8 as an insecure registry and skips verification there; TLS is still all the
+    // listener speaks, so a pull or push that works went over TLS.)
+    let ca_path = format!("docker/certs.d/{}/ca.crt", sd.addr);
+    let d = common::engines::Dockerd::start_with_etc(
+        &dir.path().join("docker"),
+        &sd.url(""),
+        &[(ca_path.as_str(), pki.ca_pem.as_str())],
+    );
+    let base = format!("{}/team/base:v1", sd.addr);
+    let pull = common::proc::run_ok("docker: pull over TLS", d.docker(&["pull", &base]), LIMIT);
+    assert!(pull.stdout.contains(&format!("Digest: {}", img.manifest.digest)), "docker pull:\n{}", pull.describe());
+    let pushed = format!("{}/team/docker:v4", sd.addr);
+    common::proc::run_ok("docker tag", d.docker(&["tag", &base, &pushed]), LIMIT);
+    common::proc::run_ok("docker: push over TLS", d.docker(&["push", &pushed]), LIMIT);
+    assert_pushed(&sd, "team/docker", "v4", &img, false, "docker");
+}

@@ -387,6 +387,66 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// Requests of a TLS connection carry the verified client certificate's subject (and the
+    /// client's address); a connection without one carries none.
+    #[tokio::test]
+    async fn tls_requests_carry_the_client_certificate() {
+        use crate::tls::tests::{ca, leaf};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let (server_ca, client_ca) = (ca("server CA"), ca("client CA"));
+        let (cert, key) = leaf(&server_ca, Some("127.0.0.1"), &["127.0.0.1"]);
+        let (ccert, ckey) = leaf(&client_ca, Some("alice.ci"), &[]);
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let cfg = crate::config::TlsConfig {
+            cert: write("s.pem", &cert),
+            key: write("s.key", &key),
+            client_ca: Some(write("ca.pem", &client_ca.pem())),
+            client_auth: None,
+            reload_interval: Duration::ZERO,
+        };
+        let tls = crate::tls::Tls::new(&cfg).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let router = Router::new().route(
+            "/who",
+            axum::routing::get(|req: axum::extract::Request| async move {
+                let cert = req.extensions().get::<ClientCert>().map(|c| c.subject.clone());
+                let addr = req.extensions().get::<crate::limits::ClientAddr>().map(|a| a.0.to_string());
+                format!("{} from {}", cert.unwrap_or_else(|| "nobody".into()), addr.unwrap_or_default())
+            }),
+        );
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(5),
+            body_idle_timeout: Duration::from_secs(5),
+            max_connections: 16,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_all(vec![Listener::tls(tcp, tls)], router, limits, async {
+            let _ = stopped.await;
+        }));
+        let roots = reqwest::Certificate::from_pem_bundle(server_ca.pem().as_bytes()).unwrap();
+        let url = format!("https://127.0.0.1:{port}/who");
+        let with = reqwest::Client::builder()
+            .no_proxy()
+            .tls_certs_only(roots.clone())
+            .identity(reqwest::Identity::from_pem(format!("{ccert}{ckey}").as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let resp = with.get(&url).send().await.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.text().await.unwrap(), "alice.ci from 127.0.0.1");
+        let without = reqwest::Client::builder().no_proxy().tls_certs_only(roots).build().unwrap();
+        assert_eq!(without.get(&url).send().await.unwrap().text().await.unwrap(), "nobody from 127.0.0.1");
+        let _ = stop.send(());
+        drop((with, without));
+        tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+    }
+
     /// A write the peer never reads fails after the idle time; one that keeps moving does not.
     #[tokio::test]
     async fn stalled_writes_time_out() {

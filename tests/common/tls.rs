@@ -96,6 +96,21 @@ pub fn served_cert(port: u16, ca_pem: &str) -> Result<Vec<u8>, String> {
     Ok(certs[0].to_vec())
 }
 
+/// A TLS connection (HTTP/1.1: no ALPN) to 127.0.0.1:`port` trusting `ca_pem` only, its
+/// handshake done; reads and writes time out after 10 s.
+pub fn tls_stream(port: u16, ca_pem: &str) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = rustls::ClientConnection::new(client_config(ca_pem), name).expect("TLS client");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("TLS handshake");
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 /// A self-signed CA that may sign server certificates.
 pub fn test_ca() -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");

@@ -357,6 +357,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::warn!(certificate = %tls.leaf(), "the TLS certificate has expired");
         }
         tls.spawn_reloader().context("installing the SIGHUP handler")?;
+    } else {
+        tracing::info!("TLS: off ([server.tls] not set); server.listen speaks plain HTTP");
     }
     // The handlers are in place before anyone is told the server is up: a SIGTERM right
     // after the listening line is a graceful shutdown, not the default death by signal.

@@ -206,6 +206,52 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Requests per client address (`[server.rate_limit]`); off unless configured.
     pub rate_limit: RateLimitConfig,
+    /// TLS on `listen` (`[server.tls]`): with it, `listen` speaks TLS only.
+    pub tls: Option<TlsConfig>,
+    /// A second listener speaking plain HTTP beside the TLS one (loopback, or behind a
+    /// TLS-terminating proxy). Only with `[server.tls]`.
+    pub plain_listen: Option<SocketAddr>,
+}
+
+/// `[server.tls]`: the certificate chain and key served on `server.listen`, re-read when the
+/// files change (and on SIGHUP), and optional client certificates. Only paths here: no key
+/// material is ever held in the config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain: the server's certificate first, then intermediates.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 RSA or SEC1 EC) for the first certificate of `cert`.
+    pub key: PathBuf,
+    /// PEM bundle of the CAs whose client certificates are accepted (mTLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// `optional` (default with `client_ca`): a client may present a certificate;
+    /// `required`: a client without a valid certificate fails the handshake.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuth>,
+    /// How often the files are checked for changes (mtime, size, inode); `0s`: only on SIGHUP.
+    #[serde(default = "TlsConfig::default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+impl TlsConfig {
+    fn default_reload_interval() -> Duration {
+        Duration::from_secs(5)
+    }
+
+    /// Whether client certificates are asked for, and whether one is required.
+    pub fn client_auth(&self) -> Option<ClientAuth> {
+        self.client_ca.as_ref().map(|_| self.client_auth.unwrap_or(ClientAuth::Optional))
+    }
+}
+
+/// `server.tls.client_auth`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    Optional,
+    Required,
 }
 
 /// A token bucket per client address: `requests_per_second` on average, bursts of up to
@@ -284,6 +330,8 @@ impl Default for ServerConfig {
             body_idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
             rate_limit: RateLimitConfig::default(),
+            tls: None,
+            plain_listen: None,
         }
     }
 }
@@ -367,6 +415,25 @@ impl Config {
         }
         if self.uploads.max_size.0 == 0 {
             return invalid("uploads.max_size", "must be at least 1 byte");
+        }
+        match &self.server.tls {
+            Some(t) => {
+                if t.client_auth.is_some() && t.client_ca.is_none() {
+                    return invalid("server.tls.client_auth", "needs server.tls.client_ca (the CAs to verify against)");
+                }
+                if self.server.plain_listen == Some(self.server.listen) && self.server.listen.port() != 0 {
+                    return invalid("server.plain_listen", "must differ from server.listen");
+                }
+                // Read and checked as at start-up, so `check-config` finds a broken pair too.
+                crate::tls::TlsFiles::load(t).map_err(|e| ConfigError::Invalid { key: e.key(), why: e.to_string() })?;
+            }
+            None if self.server.plain_listen.is_some() => {
+                return invalid(
+                    "server.plain_listen",
+                    "only with [server.tls] (without TLS, server.listen speaks plain HTTP already)",
+                );
+            }
+            None => {}
         }
         let mut seen = std::collections::HashSet::new();
         for u in &self.upstreams {
@@ -608,6 +675,57 @@ mod tests {
         let c = Config::parse("[proxy]\nlocal_namespaces = [\"team/*\", \"ci/*\"]").unwrap();
         c.validate().unwrap();
         assert_eq!(c.proxy.local_namespaces, ["team/*", "ci/*"]);
+    }
+
+    #[test]
+    fn server_tls_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = crate::tls::tests::ca("config CA");
+        let (cert, key) = crate::tls::tests::leaf(&ca, Some("127.0.0.1"), &["127.0.0.1"]);
+        let (c, k, cap) = (dir.path().join("s.pem"), dir.path().join("s.key"), dir.path().join("ca.pem"));
+        std::fs::write(&c, cert).unwrap();
+        std::fs::write(&k, key).unwrap();
+        std::fs::write(&cap, ca.pem()).unwrap();
+        let tls = |extra: &str| {
+            Config::parse(&format!("[server]\n{extra}\n[server.tls]\ncert = {c:?}\nkey = {k:?}\n")).unwrap()
+        };
+        let ok = tls("plain_listen = \"127.0.0.1:5001\"");
+        ok.validate().unwrap();
+        let t = ok.server.tls.as_ref().unwrap();
+        assert_eq!((t.reload_interval, t.client_auth()), (Duration::from_secs(5), None));
+        assert_eq!(ok.server.plain_listen, Some("127.0.0.1:5001".parse().unwrap()));
+        let with_ca = Config::parse(&format!(
+            "[server.tls]\ncert = {c:?}\nkey = {k:?}\nclient_ca = {cap:?}\nreload_interval = \"0s\"\n"
+        ))
+        .unwrap();
+        with_ca.validate().unwrap();
+        assert_eq!(with_ca.server.tls.as_ref().unwrap().client_auth(), Some(ClientAuth::Optional));
+        let with_ca = Config::parse(&format!(
+            "[server.tls]\ncert = {c:?}\nkey = {k:?}\nclient_ca = {cap:?}\nclient_auth = \"required\"\n"
+        ))
+        .unwrap();
+        assert_eq!(with_ca.server.tls.as_ref().unwrap().client_auth(), Some(ClientAuth::Required));
+        assert!(Config::parse("[server.tls]\ncert = \"a\"\nkey = \"b\"\nclient_auth = \"sometimes\"").is_err());
+        assert!(Config::parse("[server.tls]\ncert = \"a\"").is_err(), "key is required");
+        for (bad, key) in [
+            (Config::parse("[server]\nplain_listen = \"127.0.0.1:5001\"").unwrap(), "server.plain_listen"),
+            (tls("listen = \"127.0.0.1:5001\"\nplain_listen = \"127.0.0.1:5001\""), "server.plain_listen"),
+            (
+                Config::parse(&format!("[server.tls]\ncert = {c:?}\nkey = {k:?}\nclient_auth = \"required\"\n"))
+                    .unwrap(),
+                "server.tls.client_auth",
+            ),
+            (Config::parse(&format!("[server.tls]\ncert = {c:?}\nkey = {c:?}\n")).unwrap(), "server.tls.key"),
+            (
+                Config::parse(&format!("[server.tls]\ncert = \"/nonexistent.pem\"\nkey = {k:?}\n")).unwrap(),
+                "server.tls.cert",
+            ),
+        ] {
+            match bad.validate() {
+                Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
+                other => panic!("{key}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod oci;
 pub mod proxy;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod upstream;
 
 pub use api::router;

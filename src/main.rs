@@ -145,7 +145,11 @@ fn init_logs(format: LogFormat) {
     };
     // Colours only on a terminal: journald and container logs get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let logs = tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(ansi);
+    // The fmt subscriber would cap levels at INFO on its own; `RUST_LOG` alone decides.
+    let logs = tracing_subscriber::fmt()
+        .with_max_level(tracing::level_filters::LevelFilter::TRACE)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     match format {
         LogFormat::Text => logs.finish().with(filter).init(),
         LogFormat::Json => logs.json().finish().with(filter).init(),
@@ -311,10 +315,21 @@ fn platforms(list: Option<&str>) -> anyhow::Result<Vec<airgap::reference::Platfo
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {
+    // TLS files are read before anything else starts: a bad pair fails here, clearly.
+    let tls = match &cfg.server.tls {
+        Some(t) => Some(stevedore::tls::Tls::new(t).map_err(|e| anyhow::anyhow!("{}: {e}", e.key()))?),
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(cfg.server.listen)
         .await
         .with_context(|| format!("binding {}", cfg.server.listen))?;
     let addr = listener.local_addr()?;
+    let plain = match cfg.server.plain_listen {
+        Some(a) => {
+            Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding {a} (server.plain_listen)"))?)
+        }
+        None => None,
+    };
     let grace = cfg.server.shutdown_grace;
     let metrics = stevedore::metrics::install().context("installing the metrics recorder")?;
     let app = App::new(cfg, Some(metrics)).await.context("opening the store")?;
@@ -337,13 +352,35 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     if let Some(open) = open {
         tracing::warn!("{open}");
     }
+    if let Some(tls) = &tls {
+        tracing::info!("{}", tls.summary());
+        if tls.leaf().expired() {
+            tracing::warn!(certificate = %tls.leaf(), "the TLS certificate has expired");
+        }
+        tls.spawn_reloader().context("installing the SIGHUP handler")?;
+    } else {
+        tracing::info!("TLS: off ([server.tls] not set); server.listen speaks plain HTTP");
+    }
     // The handlers are in place before anyone is told the server is up: a SIGTERM right
     // after the listening line is a graceful shutdown, not the default death by signal.
     let shutdown = shutdown_signal()?;
+    let mut listeners = Vec::new();
+    if let Some(plain) = plain {
+        // Before the main line, which says the server is up.
+        println!("stevedore plain HTTP listening on {}", plain.local_addr()?);
+        listeners.push(stevedore::server::Listener::plain(plain));
+    }
+    listeners.insert(
+        0,
+        match tls {
+            Some(tls) => stevedore::server::Listener::tls(listener, tls),
+            None => stevedore::server::Listener::plain(listener),
+        },
+    );
     println!("stevedore listening on {addr}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let limits = stevedore::server::Limits::from_config(&app.cfg.server);
-    let server = stevedore::server::serve(listener, stevedore::router(app.clone()), limits, async move {
+    let server = stevedore::server::serve_all(listeners, stevedore::router(app.clone()), limits, async move {
         shutdown.await;
         let _ = tx.send(());
     });

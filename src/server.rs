@@ -10,6 +10,12 @@
 //! writes unread that long (silences only: a transfer that keeps moving is never cut); at
 //! most `max_connections` connections are served at once, the next ones wait in the listen
 //! backlog.
+//!
+//! TLS (`[server.tls]`, [`crate::tls`]): a TLS listener hands each accepted socket to its own
+//! task, which runs the handshake (bounded by the same first-request deadline) and then serves
+//! HTTP/1.1 or HTTP/2 (ALPN) on the TLS stream exactly as on a plain one; the socket under TLS
+//! keeps the write idle limit. A verified client certificate goes on every request of its
+//! connection as [`ClientCert`]. A plain listener (`server.plain_listen`) can run beside it.
 
 use std::future::Future;
 use std::io;
@@ -61,14 +67,50 @@ impl Limits {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves, then stops accepting and returns
-/// once every open connection has finished its requests.
+/// A verified client certificate (mTLS, `server.tls.client_ca`): the server puts it on every
+/// request of a TLS connection whose client presented one, beside [`crate::limits::ClientAddr`].
+/// The certificate chained to a configured client CA and is valid now; `subject` is its common
+/// name, else its first DNS (or URI) subject alternative name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    pub subject: String,
+}
+
+/// A socket to accept connections on: plain HTTP, or TLS with the configuration
+/// [`crate::tls::Tls`] holds (taken per connection, so a reload reaches new connections only).
+pub struct Listener {
+    pub tcp: TcpListener,
+    pub tls: Option<Arc<crate::tls::Tls>>,
+}
+
+impl Listener {
+    pub fn plain(tcp: TcpListener) -> Listener {
+        Listener { tcp, tls: None }
+    }
+
+    pub fn tls(tcp: TcpListener, tls: Arc<crate::tls::Tls>) -> Listener {
+        Listener { tcp, tls: Some(tls) }
+    }
+}
+
+/// Serves `router` on `listener` (plain HTTP) until `shutdown` resolves; see [`serve_all`].
 pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdown: impl Future<Output = ()>) {
+    serve_all(vec![Listener::plain(listener)], router, limits, shutdown).await
+}
+
+/// Serves `router` on every listener until `shutdown` resolves, then stops accepting and
+/// returns once every open connection has finished its requests. `max_connections` counts the
+/// connections of all listeners together. A TLS handshake runs in the connection's own task,
+/// inside the first-request deadline (`header_read_timeout`): a client that connects and never
+/// completes its handshake holds one slot until then, and never the accept loop.
+pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_BUF_SIZE).timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
     builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_KEEP_ALIVE);
+    let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut next = 0usize;
     tokio::pin!(shutdown);
     loop {
         // A free slot first: past the limit, new connections wait in the kernel's backlog and
@@ -77,48 +119,134 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
             s = slots.clone().acquire_owned() => s.expect("the semaphore is never closed"),
             _ = &mut shutdown => break,
         };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+        let (i, accepted) = tokio::select! {
+            a = accept_any(&listeners, next) => a,
             _ = &mut shutdown => break,
         };
+        // The next accept polls the listener after this one first: none starves the others.
+        next = i + 1;
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
+        let conn = Conn {
+            builder: builder.clone(),
+            router: router.clone(),
+            watcher: graceful.watcher(),
+            client: crate::limits::ClientAddr::new(peer.ip()),
+            limits,
+            // The first request's deadline runs from the accept: the handshake is inside it.
+            deadline: Instant::now() + limits.header_read_timeout,
+        };
+        let io = WriteIdle::new(stream, limits.body_idle_timeout);
+        match &listeners[i].tls {
+            None => {
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    conn.serve(io, None).await
+                });
+            }
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let stream = match tokio::time::timeout_at(conn.deadline, acceptor.accept(io)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(e)) => {
+                            tracing::debug!(client = %peer.ip(), error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(
+                                client = %peer.ip(),
+                                "no TLS handshake within {:?} (server.header_read_timeout); closing the connection",
+                                limits.header_read_timeout
+                            );
+                            return;
+                        }
+                    };
+                    let cert = crate::tls::peer_subject(stream.get_ref().1).map(|subject| ClientCert { subject });
+                    if let Some(c) = &cert {
+                        tracing::debug!(client = %peer.ip(), client_cert = %c.subject, "TLS client certificate verified");
+                    }
+                    conn.serve(stream, cert).await
+                });
+            }
+        }
+    }
+    drop(listeners);
+    graceful.shutdown().await;
+}
+
+/// The next connection of any listener, polling from `first` on: (listener index, result).
+fn accept_any(
+    listeners: &[Listener],
+    first: usize,
+) -> impl Future<Output = (usize, io::Result<(tokio::net::TcpStream, std::net::SocketAddr)>)> + '_ {
+    std::future::poll_fn(move |cx| {
+        let n = listeners.len();
+        for k in 0..n {
+            let i = (first + k) % n;
+            if let Poll::Ready(r) = listeners[i].tcp.poll_accept(cx) {
+                return Poll::Ready((i, r));
+            }
+        }
+        Poll::Pending
+    })
+}
+
+/// One accepted connection, before its protocol is known.
+struct Conn {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    router: Router,
+    watcher: hyper_util::server::graceful::Watcher,
+    client: crate::limits::ClientAddr,
+    limits: Limits,
+    deadline: Instant,
+}
+
+impl Conn {
+    /// Serves HTTP/1.1 or HTTP/2 on `io` (plain, or TLS after its handshake); every request
+    /// carries the client's address and, when it presented one, its certificate. Closed if no
+    /// complete request head arrived by the deadline.
+    async fn serve<I>(self, io: I, cert: Option<ClientCert>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let first_request = Arc::new(Notify::new());
         let service = {
-            let (router, first_request, idle) = (router.clone(), first_request.clone(), limits.body_idle_timeout);
-            let client = crate::limits::ClientAddr::new(peer.ip());
+            let (router, first_request, idle) = (self.router, first_request.clone(), self.limits.body_idle_timeout);
+            let client = self.client;
             hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 first_request.notify_one();
                 req.extensions_mut().insert(client);
+                if let Some(cert) = &cert {
+                    req.extensions_mut().insert(cert.clone());
+                }
                 router.clone().oneshot(req.map(|b| Body::new(IdleBody::new(b, idle))))
             })
         };
-        let io = TokioIo::new(WriteIdle::new(stream, limits.body_idle_timeout));
-        let conn = graceful.watch(builder.serve_connection(io, service).into_owned());
-        let head_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => return log_end(res),
-                _ = first_request.notified() => {}
-                _ = tokio::time::sleep(head_timeout) => {
-                    tracing::debug!("no complete request head within {head_timeout:?}; closing the connection");
-                    return;
-                }
+        let conn = self.watcher.watch(self.builder.serve_connection(TokioIo::new(io), service).into_owned());
+        tokio::pin!(conn);
+        tokio::select! {
+            res = conn.as_mut() => return log_end(res),
+            _ = first_request.notified() => {}
+            _ = tokio::time::sleep_until(self.deadline) => {
+                tracing::debug!(
+                    "no complete request head within {:?}; closing the connection",
+                    self.limits.header_read_timeout
+                );
+                return;
             }
-            log_end(conn.await)
-        });
+        }
+        log_end(conn.await)
     }
-    drop(listener);
-    graceful.shutdown().await;
 }
 
 fn log_end(res: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
@@ -258,6 +386,66 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for WriteIdle<T> {
 mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
+
+    /// Requests of a TLS connection carry the verified client certificate's subject (and the
+    /// client's address); a connection without one carries none.
+    #[tokio::test]
+    async fn tls_requests_carry_the_client_certificate() {
+        use crate::tls::tests::{ca, leaf};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let dir = tempfile::tempdir().unwrap();
+        let (server_ca, client_ca) = (ca("server CA"), ca("client CA"));
+        let (cert, key) = leaf(&server_ca, Some("127.0.0.1"), &["127.0.0.1"]);
+        let (ccert, ckey) = leaf(&client_ca, Some("alice.ci"), &[]);
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let cfg = crate::config::TlsConfig {
+            cert: write("s.pem", &cert),
+            key: write("s.key", &key),
+            client_ca: Some(write("ca.pem", &client_ca.pem())),
+            client_auth: None,
+            reload_interval: Duration::ZERO,
+        };
+        let tls = crate::tls::Tls::new(&cfg).unwrap();
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        let router = Router::new().route(
+            "/who",
+            axum::routing::get(|req: axum::extract::Request| async move {
+                let cert = req.extensions().get::<ClientCert>().map(|c| c.subject.clone());
+                let addr = req.extensions().get::<crate::limits::ClientAddr>().map(|a| a.0.to_string());
+                format!("{} from {}", cert.unwrap_or_else(|| "nobody".into()), addr.unwrap_or_default())
+            }),
+        );
+        let limits = Limits {
+            header_read_timeout: Duration::from_secs(5),
+            body_idle_timeout: Duration::from_secs(5),
+            max_connections: 16,
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_all(vec![Listener::tls(tcp, tls)], router, limits, async {
+            let _ = stopped.await;
+        }));
+        let roots = reqwest::Certificate::from_pem_bundle(server_ca.pem().as_bytes()).unwrap();
+        let url = format!("https://127.0.0.1:{port}/who");
+        let with = reqwest::Client::builder()
+            .no_proxy()
+            .tls_certs_only(roots.clone())
+            .identity(reqwest::Identity::from_pem(format!("{ccert}{ckey}").as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let resp = with.get(&url).send().await.unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.text().await.unwrap(), "alice.ci from 127.0.0.1");
+        let without = reqwest::Client::builder().no_proxy().tls_certs_only(roots).build().unwrap();
+        assert_eq!(without.get(&url).send().await.unwrap().text().await.unwrap(), "nobody from 127.0.0.1");
+        let _ = stop.send(());
+        drop((with, without));
+        tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap();
+    }
 
     /// A write the peer never reads fails after the idle time; one that keeps moving does not.
     #[tokio::test]

@@ -103,6 +103,12 @@ pub struct Dockerd {
 
 impl Dockerd {
     pub fn start(dir: &Path, mirror: &str) -> Dockerd {
+        Dockerd::start_with_etc(dir, mirror, &[])
+    }
+
+    /// [`Dockerd::start`] with files under the daemon's `/etc` (`(path below /etc, contents)`,
+    /// e.g. `docker/certs.d/127.0.0.1:5000/ca.crt`), in its sandbox only.
+    pub fn start_with_etc(dir: &Path, mirror: &str, etc: &[(&str, &str)]) -> Dockerd {
         let dockerd = tool("dockerd");
         tool("docker");
         std::fs::create_dir_all(dir).unwrap();
@@ -111,6 +117,9 @@ impl Dockerd {
         let cfg = dir.join("daemon.json");
         std::fs::write(&cfg, serde_json::json!({"deprecated-key-path": dir.join("key.json")}).to_string()).unwrap();
         let sandbox = Sandbox::new(&dir.join("sandbox"));
+        for (rel, contents) in etc {
+            sandbox.etc_file(rel, contents);
+        }
         let mut cmd = sandbox.command(dockerd);
         cmd.arg("--config-file")
             .arg(&cfg)

@@ -49,6 +49,14 @@ pub fn client_trusting(ca_pem: &str) -> Client {
     builder(Duration::from_secs(30)).tls_certs_only(certs).build().expect("reqwest client")
 }
 
+/// [`client_trusting`] that presents a client certificate: `identity_pem` holds the
+/// certificate (chain) and its private key, PEM.
+pub fn client_with_identity(ca_pem: &str, identity_pem: &str) -> Client {
+    let certs = reqwest::Certificate::from_pem_bundle(ca_pem.as_bytes()).expect("CA PEM");
+    let id = reqwest::Identity::from_pem(identity_pem.as_bytes()).expect("client certificate and key PEM");
+    builder(Duration::from_secs(30)).tls_certs_only(certs).identity(id).build().expect("reqwest client")
+}
+
 /// A header's value (lossily decoded), if present.
 pub fn hdr(h: &HeaderMap, name: &str) -> Option<String> {
     h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
@@ -240,6 +248,12 @@ impl Registry {
     /// A client for `base` sending through `client` (e.g. one trusting a test CA).
     pub fn with_client(base: &str, client: Client) -> Registry {
         Registry { client, base: base.trim_end_matches('/').to_string(), creds: None }
+    }
+
+    /// A client for an HTTPS `base` whose certificate `ca_pem` issued (the only CA trusted);
+    /// HTTP/2 when the server offers it by ALPN.
+    pub fn https(base: &str, ca_pem: &str) -> Registry {
+        Registry::with_client(base, client_trusting(ca_pem))
     }
 
     /// Sends Basic credentials with every request.

@@ -11,7 +11,8 @@
 //! - [`distribution`]: CNCF Distribution (`docker-registry`) as a real upstream.
 //! - [`fake`]: a scripted fake upstream (axum, in process).
 //! - [`store`]: checks on Stevedore's on-disk store.
-//! - [`tls`]: a test CA and a server certificate for 127.0.0.1 (rcgen), an HTTPS probe.
+//! - [`tls`]: a test CA and server and client certificates for 127.0.0.1 (rcgen), an HTTPS
+//!   probe, the certificate a new connection is served, a cert-dir (`ca.crt`) for clients.
 //! - [`proc`]: daemons, bounded commands, required tools, the engine sandbox.
 //! - [`engines`]: containerd, dockerd and podman; [`skopeo_cli`]: isolated skopeo runs.
 #![allow(dead_code)]

@@ -340,6 +340,7 @@ for p in /etc /var/lib /opt; do
   mount -t overlay overlay -o "lowerdir=$p,upperdir=$n/up,workdir=$n/work" "$p"
 done
 mount -t tmpfs -o mode=0755 sandbox /run
+[ ! -d "$d/etc" ] || cp -a "$d/etc/." /etc/
 cat "$d/hosts" > /etc/hosts
 cat "$d/resolv.conf" > /etc/resolv.conf
 exec "$@"
@@ -362,6 +363,14 @@ impl Sandbox {
             .unwrap();
         std::fs::write(dir.join("resolv.conf"), "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n").unwrap();
         Sandbox { dir: dir.to_path_buf() }
+    }
+
+    /// A file every command of this sandbox finds at `/etc/<rel>` (on the overlay: the
+    /// host's `/etc` is not touched), e.g. `docker/certs.d/127.0.0.1:5000/ca.crt`.
+    pub fn etc_file(&self, rel: &str, contents: &str) {
+        let p = self.dir.join("etc").join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, contents).unwrap();
     }
 
     /// `program` run inside the sandbox (its arguments are added by the caller). It gets

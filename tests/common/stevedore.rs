@@ -68,9 +68,18 @@ pub struct Builder {
     rust_log: String,
     log_format: LogFormat,
     env: Vec<(String, String)>,
+    tls_ca: Option<String>,
 }
 
 impl Builder {
+    /// The server speaks TLS (its config has `[server.tls]`) with a certificate `ca_pem`
+    /// issued: [`Stevedore::url`] is https, [`Stevedore::registry`] trusts that CA only, and
+    /// [`Stevedore::settle`] probes over TLS (or over `server.plain_listen` when set).
+    pub fn https(mut self, ca_pem: &str) -> Builder {
+        self.tls_ca = Some(ca_pem.to_string());
+        self
+    }
+
     /// Config file, logs and (unless [`Builder::root`]) the store go under `dir` instead of a
     /// temporary directory of the server's own.
     pub fn dir(mut self, dir: &Path) -> Builder {
@@ -177,7 +186,23 @@ impl Builder {
             .unwrap();
         let mut daemon = Daemon::spawn("stevedore", cmd, &log);
         let addr = wait_for_listen_line(&mut daemon, Duration::from_secs(30));
-        Stevedore { daemon, addr, root, config, log_format: self.log_format, sentinels: AtomicUsize::new(0), _tmp: tmp }
+        // Printed before the main line, so it is there by now.
+        let plain_addr = daemon
+            .log_text()
+            .lines()
+            .find_map(|l| l.strip_prefix("stevedore plain HTTP listening on "))
+            .map(|a| a.trim().to_string());
+        Stevedore {
+            daemon,
+            addr,
+            plain_addr,
+            tls_ca: self.tls_ca,
+            root,
+            config,
+            log_format: self.log_format,
+            sentinels: AtomicUsize::new(0),
+            _tmp: tmp,
+        }
     }
 }
 
@@ -202,6 +227,14 @@ fn wait_for_listen_line(daemon: &mut Daemon, limit: Duration) -> String {
     }
 }
 
+/// `uri` without a leading `scheme://authority`.
+fn origin_form(uri: &str) -> String {
+    match uri.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/".to_string(), |i| rest[i..].to_string()),
+        None => uri.to_string(),
+    }
+}
+
 /// Path of the requests [`Stevedore::settle`] sends; left out of [`Stevedore::requests`].
 const SENTINEL: &str = "/healthz?settle=";
 
@@ -209,6 +242,10 @@ pub struct Stevedore {
     daemon: Daemon,
     /// `127.0.0.1:PORT`
     pub addr: String,
+    /// `127.0.0.1:PORT` of the plain HTTP listener beside TLS (`server.plain_listen`), if any.
+    pub plain_addr: Option<String>,
+    /// The CA that issued the server's certificate, when it speaks TLS.
+    pub tls_ca: Option<String>,
     root: PathBuf,
     /// The config file it runs on, if any.
     pub config: Option<PathBuf>,
@@ -257,6 +294,7 @@ impl Stevedore {
             rust_log: "warn,stevedore::access=info".into(),
             log_format: LogFormat::Json,
             env: Vec::new(),
+            tls_ca: None,
         }
     }
 
@@ -279,9 +317,21 @@ impl Stevedore {
         Stevedore::builder().dir(dir).config(config).start()
     }
 
-    /// `http://127.0.0.1:PORT` + `path`.
+    /// `http://127.0.0.1:PORT` + `path` (`https://` when the server speaks TLS).
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        let scheme = if self.tls_ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.addr)
+    }
+
+    /// `http://` + the plain listener beside TLS (`server.plain_listen`) + `path`.
+    pub fn plain_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.plain_addr.as_ref().expect("no server.plain_listen"))
+    }
+
+    /// Sends SIGHUP (TLS files are re-read).
+    pub fn hup(&self) {
+        let st = std::process::Command::new("kill").args(["-s", "HUP", &self.pid().to_string()]).status().unwrap();
+        assert!(st.success(), "kill -HUP {}", self.pid());
     }
 
     /// `127.0.0.1:PORT`
@@ -299,9 +349,12 @@ impl Stevedore {
         &self.root
     }
 
-    /// The distribution client for this server.
+    /// The distribution client for this server (over TLS trusting its CA, when it speaks TLS).
     pub fn registry(&self) -> Registry {
-        Registry::new(&self.url(""))
+        match &self.tls_ca {
+            Some(ca) => Registry::https(&self.url(""), ca),
+            None => Registry::new(&self.url("")),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -345,7 +398,15 @@ impl Stevedore {
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .filter(|v| v["target"] == "stevedore::access")
-            .map(|v| v["fields"].clone())
+            .map(|v| {
+                // HTTP/2 requests carry an absolute URI (`https://host:port/v2/…`): keep the
+                // path and query, as HTTP/1.1 logs them.
+                let mut f = v["fields"].clone();
+                if let Some(u) = f["uri"].as_str().map(origin_form) {
+                    f["uri"] = serde_json::Value::String(u);
+                }
+                f
+            })
             .filter(|f| !f["uri"].as_str().unwrap_or_default().starts_with(SENTINEL))
             .collect()
     }
@@ -394,7 +455,12 @@ impl Stevedore {
     pub fn settle(&self) {
         let n = self.sentinels.fetch_add(1, Ordering::SeqCst);
         let sentinel = format!("{SENTINEL}{n}");
-        assert_eq!(proc::http_get_status(self.port(), &sentinel), Some(200), "sentinel request {sentinel}");
+        let status = match (&self.plain_addr, &self.tls_ca) {
+            (Some(plain), _) => proc::http_get_status(plain.rsplit(':').next().unwrap().parse().unwrap(), &sentinel),
+            (None, Some(ca)) => super::tls::https_get_status(self.port(), &sentinel, ca),
+            (None, None) => proc::http_get_status(self.port(), &sentinel),
+        };
+        assert_eq!(status, Some(200), "sentinel request {sentinel}");
         let quoted = format!("\"{sentinel}\"");
         let probe = || {
             let text = self.daemon.log_text();

@@ -20,6 +20,9 @@ pub struct TestPki {
     /// The server certificate, then the key for it.
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
+    /// The CA itself, to issue more certificates ([`TestPki::server_pem`],
+    /// [`TestPki::client_pem`]).
+    pub ca: CertifiedIssuer<'static, KeyPair>,
 }
 
 impl TestPki {
@@ -34,6 +37,7 @@ impl TestPki {
             ca_pem: ca.pem(),
             cert_file: dir.join("server.pem"),
             key_file: dir.join("server.key"),
+            ca,
         };
         std::fs::write(&pki.ca_file, &pki.ca_pem).unwrap();
         std::fs::write(&pki.cert_file, cert_pem).unwrap();
@@ -42,8 +46,73 @@ impl TestPki {
     }
 }
 
+impl TestPki {
+    /// Another server certificate for `127.0.0.1` from this CA: (cert, key) PEM.
+    pub fn server_pem(&self) -> (String, String) {
+        server_cert(&self.ca, "127.0.0.1")
+    }
+
+    /// A client certificate (TLS client auth) with common name `cn` from this CA: the
+    /// certificate and its key in one PEM text, as `reqwest::Identity::from_pem` takes it, and
+    /// the two apart: (identity, cert, key).
+    pub fn client_pem(&self, cn: &str) -> (String, String, String) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("client params");
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("client key");
+        let cert = params.signed_by(&key, &self.ca).expect("client certificate");
+        let (cert, key) = (cert.pem(), key.serialize_pem());
+        (format!("{cert}{key}"), cert, key)
+    }
+
+    /// Writes `ca.crt` (this CA) into `dir`, the cert-dir layout skopeo, podman and docker read.
+    pub fn cert_dir(&self, dir: &Path) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join("ca.crt"), &self.ca_pem).unwrap();
+        dir.to_path_buf()
+    }
+}
+
+/// The DER bytes of the first certificate in `pem`.
+pub fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    CertificateDer::from_pem_slice(pem.as_bytes()).expect("certificate PEM").to_vec()
+}
+
+/// The certificate a new TLS connection to 127.0.0.1:`port` is served (DER), trusting
+/// `ca_pem` only; the handshake error otherwise.
+pub fn served_cert(port: u16, ca_pem: &str) -> Result<Vec<u8>, String> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| e.to_string())?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    tcp.set_write_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = rustls::ClientConnection::new(client_config(ca_pem), name).map_err(|e| e.to_string())?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).map_err(|e| e.to_string())?;
+    }
+    let certs = conn.peer_certificates().ok_or("no certificate served")?;
+    Ok(certs[0].to_vec())
+}
+
+/// A TLS connection (HTTP/1.1: no ALPN) to 127.0.0.1:`port` trusting `ca_pem` only, its
+/// handshake done; reads and writes time out after 10 s.
+pub fn tls_stream(port: u16, ca_pem: &str) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    tcp.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut conn = rustls::ClientConnection::new(client_config(ca_pem), name).expect("TLS client");
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp).expect("TLS handshake");
+    }
+    rustls::StreamOwned::new(conn, tcp)
+}
+
 /// A self-signed CA that may sign server certificates.
-fn test_ca() -> CertifiedIssuer<'static, KeyPair> {
+pub fn test_ca() -> CertifiedIssuer<'static, KeyPair> {
     let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.distinguished_name.push(DnType::CommonName, "Stevedore test CA");
@@ -52,7 +121,7 @@ fn test_ca() -> CertifiedIssuer<'static, KeyPair> {
 }
 
 /// A server certificate for `san` (an IP address or a DNS name) issued by `ca`: (cert, key) PEM.
-fn server_cert(ca: &CertifiedIssuer<'static, KeyPair>, san: &str) -> (String, String) {
+pub fn server_cert(ca: &CertifiedIssuer<'static, KeyPair>, san: &str) -> (String, String) {
     let mut params = CertificateParams::new(vec![san.to_string()]).expect("server params");
     params.distinguished_name.push(DnType::CommonName, san);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -656,7 +656,52 @@ mod tests {
         assert_eq!(c.uploads.max_sessions_per_client, d.uploads.max_sessions_per_client);
         assert_eq!(c.uploads.max_size, d.uploads.max_size);
         assert_eq!(c.server.rate_limit.requests_per_second, d.server.rate_limit.requests_per_second);
+        assert_eq!(c.auth.htpasswd, d.auth.htpasswd);
+        assert_eq!(c.auth.anonymous, d.auth.anonymous);
+        assert_eq!(c.auth.token_ttl, d.auth.token_ttl);
+        assert_eq!(c.auth.service, d.auth.service);
+        assert_eq!(c.auth.metrics, d.auth.metrics);
+        assert!(c.auth.rules.is_empty() && c.auth.groups.is_empty() && c.auth.token_key_file.is_none());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn auth_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("htpasswd");
+        std::fs::write(&f, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
+        let with = |extra: &str| {
+            Config::parse(&format!("[auth]\nhtpasswd = {:?}\n{extra}", f.display().to_string())).unwrap().validate()
+        };
+        with("").unwrap();
+        with("anonymous = \"none\"\nmetrics = \"authenticated\"\ntoken_ttl = \"30s\"").unwrap();
+        with("metrics = \"admin\"\n[[auth.rules]]\nrepositories = [\"*\"]\nusers = [\"alice\"]\nactions = [\"admin\"]")
+            .unwrap();
+        for (extra, key) in [
+            ("token_ttl = \"0s\"", "auth.token_ttl"),
+            ("service = \"a b\"", "auth.service"),
+            ("realm = \"ftp://x/token\"", "auth.realm"),
+            ("metrics = \"admin\"", "auth.metrics"),
+            ("[[auth.rules]]\nrepositories = [\"*\"]\nusers = [\"alice\"]", "auth.rules"),
+            ("[[auth.rules]]\nrepositories = [\"*\"]\nactions = [\"pull\"]", "auth.rules"),
+            ("[[auth.rules]]\nrepositories = [\"*\"]\ngroups = [\"nope\"]\nactions = [\"pull\"]", "auth.rules"),
+        ] {
+            match with(extra) {
+                Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        assert!(Config::parse("[auth]\nanonymous = \"maybe\"").is_err());
+        assert!(Config::parse("[[auth.rules]]\nactions = [\"fly\"]").is_err());
+        // [auth] keys without htpasswd: auth would silently stay off.
+        let c = Config::parse("[auth]\nanonymous = \"none\"").unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "auth.htpasswd", .. })));
+        // A missing or non-bcrypt htpasswd file fails at start-up (and in check-config).
+        std::fs::write(&f, "alice:$apr1$x$y\n").unwrap();
+        let e = with("").unwrap_err().to_string();
+        assert!(e.contains("auth.htpasswd") && e.contains("bcrypt") && !e.contains("apr1"), "{e}");
+        std::fs::remove_file(&f).unwrap();
+        assert!(matches!(with(""), Err(ConfigError::Invalid { key: "auth.htpasswd", .. })));
     }
 
     #[test]

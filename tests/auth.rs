@@ -37,6 +37,7 @@ fn local(dir: &Path, extra: &str) -> Stevedore {
 
 /// `[auth]` with the four users' htpasswd file in `dir`, then `extra`.
 fn auth_section(dir: &Path, extra: &str) -> String {
+    std::fs::create_dir_all(dir).unwrap();
     let f = write_htpasswd(&dir.join("htpasswd"), &[ALICE, BOB, ROOT, CAROL]);
     // `extra` may open sub-tables ([auth.groups], [[auth.rules]]): plain keys go first.
     let (keys, tables) = match extra.find("\n[") {
@@ -553,4 +554,154 @@ fn write_lines(reg: &Distribution) -> usize {
         .lines()
         .filter(|l| ["\"PUT ", "\"POST ", "\"PATCH ", "\"DELETE "].iter().any(|m| l.contains(m)))
         .count()
+}
+
+/// Bound on one engine command.
+const ENGINE_LIMIT: Duration = Duration::from_secs(120);
+
+/// A registry that needs a login for everything (`anonymous = "none"`), holding `team/app:v1`
+/// (a real image: gzip tar layers an engine can unpack), pushed by alice.
+fn engine_setup(dir: &Path) -> (Stevedore, oci::Image) {
+    common::proc::require_root();
+    let sd = local(&dir.join("stevedore"), "anonymous = \"none\"");
+    let img = oci::build("authapp", 7701, 48 * 1024, true);
+    common::rt().block_on(sd.registry().basic_auth(ALICE.0, ALICE.1).push_image("team/app", &img, Some("v1")));
+    (sd, img)
+}
+
+/// The config digest of the manifest stored at `repo:tag` (engines may rewrite manifests, the
+/// config stays the image's).
+fn config_digest(sd: &Stevedore, repo: &str, tag: &str) -> String {
+    let reg = sd.registry().basic_auth(ALICE.0, ALICE.1);
+    let (st, _, _, body) = common::rt().block_on(reg.try_get_manifest(repo, tag)).expect("GET manifest");
+    assert_eq!(st.as_u16(), 200, "{repo}:{tag}");
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    v["config"]["digest"].as_str().unwrap_or_default().to_string()
+}
+
+/// podman login over plain HTTP on loopback (an insecure registry), then pull, push and pull
+/// again, all through the token flow; a wrong password does not log in.
+#[test]
+fn podman_logs_in_pushes_and_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sd, img) = engine_setup(dir.path());
+    let host = sd.host();
+    let p = common::engines::Podman::new(&dir.path().join("podman"), &host);
+    let policy = p.policy().display().to_string();
+    let run = |what: &str, args: &[&str]| common::proc::run_ok(what, p.podman(args), ENGINE_LIMIT);
+    let out = common::proc::run(
+        "podman login (wrong)",
+        p.podman(&["login", "--tls-verify=false", "-u", "alice", "-p", "wrong-pw-Kk2", &host]),
+        ENGINE_LIMIT,
+    );
+    assert!(!out.status.success(), "podman logged in with a wrong password:\n{}", out.describe());
+    let out = common::proc::run(
+        "podman pull (no login)",
+        p.podman(&["pull", "--tls-verify=false", "--signature-policy", &policy, &format!("{host}/team/app:v1")]),
+        ENGINE_LIMIT,
+    );
+    assert!(!out.status.success(), "podman pulled without logging in:\n{}", out.describe());
+
+    let mark = sd.requests().len();
+    run("podman login", &["login", "--tls-verify=false", "-u", ALICE.0, "-p", ALICE.1, &host]);
+    run("podman pull", &["pull", "--tls-verify=false", "--signature-policy", &policy, &format!("{host}/team/app:v1")]);
+    run(
+        "podman push",
+        &[
+            "push",
+            "--tls-verify=false",
+            "--signature-policy",
+            &policy,
+            &format!("{host}/team/app:v1"),
+            &format!("docker://{host}/team/podman:v1"),
+        ],
+    );
+    run("podman rmi", &["rmi", "-a", "-f"]);
+    run(
+        "podman pull again",
+        &["pull", "--tls-verify=false", "--signature-policy", &policy, &format!("{host}/team/podman:v1")],
+    );
+    let inspect =
+        run("podman inspect", &["image", "inspect", "--format", "{{.Id}}", &format!("{host}/team/podman:v1")]);
+    assert_eq!(format!("sha256:{}", inspect.stdout.trim()), img.config.digest, "image id (config digest)");
+    assert_eq!(config_digest(&sd, "team/podman", "v1"), img.config.digest, "what podman pushed");
+    let reqs = sd.requests_since(mark);
+    assert!(
+        reqs.iter().any(|a| a.path() == "/token" && a.status == 200),
+        "podman used no token:\n{}",
+        common::stevedore::show(&reqs)
+    );
+    assert!(reqs.iter().any(|a| a.method == "PUT" && a.path() == "/v2/team/podman/manifests/v1" && a.status == 201));
+    assert_log_clean(&sd, &[ALICE.1]);
+}
+
+/// `docker login` over plain HTTP on loopback (docker trusts 127.0.0.0/8 as insecure), then
+/// pull, tag, push; a wrong password does not log in.
+#[test]
+fn docker_logs_in_pushes_and_pulls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sd, img) = engine_setup(dir.path());
+    let host = sd.host();
+    let d = common::engines::Dockerd::start(&dir.path().join("docker"), &sd.url(""));
+    let run = |what: &str, args: &[&str]| common::proc::run_ok(what, d.docker(args), ENGINE_LIMIT);
+    let out = common::proc::run(
+        "docker login (wrong)",
+        d.docker(&["login", "-u", "alice", "-p", "wrong-pw-Kk2", &host]),
+        ENGINE_LIMIT,
+    );
+    assert!(!out.status.success(), "docker logged in with a wrong password:\n{}", out.describe());
+
+    let mark = sd.requests().len();
+    let login = run("docker login", &["login", "-u", ALICE.0, "-p", ALICE.1, &host]);
+    assert!(login.stdout.contains("Login Succeeded"), "{}", login.describe());
+    run("docker pull", &["pull", &format!("{host}/team/app:v1")]);
+    run("docker tag", &["tag", &format!("{host}/team/app:v1"), &format!("{host}/team/docker:v1")]);
+    run("docker push", &["push", &format!("{host}/team/docker:v1")]);
+    let inspect = run("docker inspect", &["image", "inspect", "--format", "{{.Id}}", &format!("{host}/team/app:v1")]);
+    assert_eq!(inspect.stdout.trim(), img.config.digest, "image id (config digest)");
+    assert_eq!(config_digest(&sd, "team/docker", "v1"), img.config.digest, "what docker pushed");
+    let reqs = sd.requests_since(mark);
+    assert!(
+        reqs.iter().any(|a| a.path() == "/v2/" && a.status == 401),
+        "docker login did not follow the challenge:\n{}",
+        common::stevedore::show(&reqs)
+    );
+    assert!(
+        reqs.iter().any(|a| a.path() == "/token" && a.status == 200),
+        "docker used no token:\n{}",
+        common::stevedore::show(&reqs)
+    );
+    assert_log_clean(&sd, &[ALICE.1]);
+}
+
+/// containerd (`ctr --user`, plain HTTP) pulls with a login and is refused without one.
+#[test]
+fn containerd_pulls_with_a_login() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sd, img) = engine_setup(dir.path());
+    let host = sd.host();
+    let c = common::engines::Containerd::start(&dir.path().join("containerd"));
+    let reference = format!("{host}/team/app:v1");
+    let out = common::proc::run(
+        "ctr pull (no login)",
+        c.ctr("anon", &["images", "pull", "--plain-http", &reference]),
+        ENGINE_LIMIT,
+    );
+    assert!(!out.status.success(), "ctr pulled without logging in:\n{}", out.describe());
+    let mark = sd.requests().len();
+    let user = format!("{}:{}", ALICE.0, ALICE.1);
+    common::proc::run_ok(
+        "ctr pull",
+        c.ctr("authed", &["images", "pull", "--plain-http", "--user", &user, &reference]),
+        ENGINE_LIMIT,
+    );
+    let ls = common::proc::run_ok("ctr images ls", c.ctr("authed", &["images", "ls"]), ENGINE_LIMIT);
+    assert!(ls.stdout.contains(&img.manifest.digest), "ctr images ls:\n{}", ls.stdout);
+    let reqs = sd.requests_since(mark);
+    assert!(
+        reqs.iter().any(|a| a.path() == "/token" && a.status == 200),
+        "containerd used no token:\n{}",
+        common::stevedore::show(&reqs)
+    );
+    assert!(reqs.iter().any(|a| a.path() == format!("/v2/team/app/blobs/{}", img.layers[0].digest) && a.status == 200));
 }

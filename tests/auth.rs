@@ -484,7 +484,7 @@ async fn poisoning_an_upstream_name_while_logged_in_is_denied() {
     }))
     .unwrap();
     // (dialect, the name in the path, path for `rest`)
-    let paths: Vec<(&str, String, Box<dyn Fn(&str) -> String>)> = vec![
+    let paths: Vec<(&str, String, PathFor)> = vec![
         ("plain", "small".into(), Box::new(|rest: &str| format!("/v2/small/{rest}"))),
         ("ns=", "small".into(), {
             let up = up.clone();
@@ -547,6 +547,9 @@ async fn poisoning_an_upstream_name_while_logged_in_is_denied() {
     let r = read(http.post(sd.url("/v2/team/app/blobs/uploads/"))).await;
     assert_challenge(&r, &sd, Some("repository:team/app:pull,push"), "an anonymous push to a local name");
 }
+
+/// The request path for `rest` (`manifests/latest`, `blobs/uploads/`) in one dialect.
+type PathFor = Box<dyn Fn(&str) -> String>;
 
 /// Access-log lines of writes Distribution answered.
 fn write_lines(reg: &Distribution) -> usize {

@@ -389,6 +389,19 @@ actions = ["pull", "push", "delete", "admin"]
     let r = read(sd.registry().bearer_auth(&repo_token).req(Method::GET, "/v2/_catalog")).await;
     assert_challenge(&r, &sd, Some("registry:catalog:*"), "a repository token on the catalog");
 
+    // A cross-repository mount needs pull on `from`: alice (no pull on other/*) gets an upload
+    // session instead, root gets the blob mounted.
+    let secret = b"a blob only other/* may read".to_vec();
+    let sd_digest = root.push_blob("other/b", &secret).await;
+    let mount = format!("/v2/team/a/blobs/uploads/?mount={sd_digest}&from=other/b");
+    let alice = sd.registry().basic_auth(ALICE.0, ALICE.1);
+    let r = read(alice.req(Method::POST, &mount).header("content-length", "0")).await;
+    assert_eq!(r.status, 202, "alice's mount from other/b: {}", r.text());
+    let r = read(alice.req(Method::GET, &format!("/v2/team/a/blobs/{sd_digest}"))).await;
+    assert_eq!(r.status, 404, "the blob reached team/a: {}", r.text());
+    let r = read(root.req(Method::POST, &mount).header("content-length", "0")).await;
+    assert_eq!(r.status, 201, "root's mount from other/b: {}", r.text());
+
     // /metrics: administrators only; health checks stay open.
     let r = read(http.get(sd.url("/metrics"))).await;
     assert_json_error(&r, 401, "UNAUTHORIZED", "anonymous /metrics");

@@ -15,6 +15,8 @@ pub struct App {
     /// Requests per client address; `None` when off.
     pub rate_limiter: Option<crate::limits::RateLimiter>,
     pub upload_quota: crate::limits::UploadQuota,
+    /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl App {
@@ -31,7 +33,8 @@ impl App {
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?;
         let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
-        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota }))
+        let auth = crate::auth::Auth::from_config(&cfg.auth)?;
+        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth }))
     }
 
     /// Background work: the idle upload session sweep. Runs until the runtime stops.
@@ -61,8 +64,8 @@ impl App {
     }
 }
 
-/// The start-up summary: who may write what. Logged when serving starts; the last line (the
-/// registry is open to anyone) as a warning.
+/// The start-up summary: who may write what. Logged when serving starts; without auth the
+/// last line (the registry is open to anyone) as a warning.
 pub fn summary(app: &App) -> Vec<String> {
     let mut out = Vec::new();
     if app.proxy.is_offline() {
@@ -88,10 +91,13 @@ pub fn summary(app: &App) -> Vec<String> {
     if !mirrors.is_empty() {
         out.push(format!("upstream namespaces (read-only, by ns=, path prefix or cache name): {}", mirrors.join(", ")));
     }
-    out.push(
-        "no client authentication is configured: this is an open registry; anyone who can reach it may pull, \
-              and push where names are local"
-            .to_string(),
-    );
+    match &app.auth {
+        Some(auth) => out.extend(auth.describe()),
+        None => out.push(
+            "no client authentication is configured ([auth] htpasswd): this is an open registry; anyone who can \
+             reach it may pull, and push where names are local"
+                .to_string(),
+        ),
+    }
     out
 }

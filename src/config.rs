@@ -18,6 +18,194 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Registries Stevedore pulls through from. Only these are ever contacted.
     pub upstreams: Vec<UpstreamConfig>,
+    /// Client authentication and access rules; off (an open registry) without `htpasswd`.
+    pub auth: AuthConfig,
+}
+
+/// `[auth]`: who may pull, push, delete. Authentication is on when `htpasswd` is set; then
+/// clients log in with HTTP Basic or the Docker token flow (`GET /token`, ES256 JWTs).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Users: a file as `htpasswd -B` writes it (`user:$2y$…`, bcrypt only). Re-read when it
+    /// changes.
+    pub htpasswd: Option<PathBuf>,
+    /// What clients that do not log in may do: `pull` (every repository) or `none`.
+    pub anonymous: AnonymousAccess,
+    /// Lifetime of the tokens `/token` issues.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// The token signing key (PKCS#8 PEM, ECDSA P-256). Generated and written here when the
+    /// file does not exist; without it, a key is generated in memory at each start (tokens do
+    /// not survive a restart and replicas cannot share them).
+    pub token_key_file: Option<PathBuf>,
+    /// The token endpoint's public URL, sent as the challenge's `realm` (a registry behind a
+    /// TLS-terminating proxy: `https://registry.example/token`). Default: `/token` on the
+    /// scheme and host the client used.
+    pub realm: Option<String>,
+    /// The service name in challenges and tokens (`aud` and `iss`).
+    pub service: String,
+    /// Who may read `/metrics`: `open`, `authenticated` (any user), `admin` (a user granted
+    /// `admin` on every repository, `*`).
+    pub metrics: MetricsAccess,
+    /// Groups of users: `ci = ["builder", "bot"]`.
+    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    /// Access rules; none: every user may pull, push and delete everywhere.
+    pub rules: Vec<AccessRule>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AnonymousAccess {
+    Pull,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MetricsAccess {
+    Open,
+    Authenticated,
+    Admin,
+}
+
+/// What a client may do to a repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Pull,
+    Push,
+    Delete,
+    /// Administrative endpoints (prefetch and the like); on `*`, also `auth.metrics = "admin"`.
+    Admin,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Pull => "pull",
+            Action::Push => "push",
+            Action::Delete => "delete",
+            Action::Admin => "admin",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Action> {
+        match s {
+            "pull" => Some(Action::Pull),
+            "push" => Some(Action::Push),
+            "delete" => Some(Action::Delete),
+            "admin" => Some(Action::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// `[[auth.rules]]`: the `users` (`"*"`: every user) and members of `groups` may do `actions`
+/// on repositories matching one of `repositories` (globs as in `proxy.local_namespaces`,
+/// matched against the full name: `team/app`, or `docker.io/library/nginx` for an upstream's,
+/// whichever way a client names it). A caller's rights are the union of every rule that
+/// names it, plus anonymous pull when `anonymous = "pull"`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessRule {
+    pub repositories: Vec<String>,
+    pub users: Vec<String>,
+    pub groups: Vec<String>,
+    pub actions: Vec<Action>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> AuthConfig {
+        AuthConfig {
+            htpasswd: None,
+            anonymous: AnonymousAccess::Pull,
+            token_ttl: Duration::from_secs(300),
+            token_key_file: None,
+            realm: None,
+            service: "stevedore".into(),
+            metrics: MetricsAccess::Open,
+            groups: Default::default(),
+            rules: Vec::new(),
+        }
+    }
+}
+
+impl AuthConfig {
+    pub fn enabled(&self) -> bool {
+        self.htpasswd.is_some()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if !self.enabled() {
+            let d = AuthConfig::default();
+            if !self.rules.is_empty()
+                || !self.groups.is_empty()
+                || self.anonymous != d.anonymous
+                || self.metrics != d.metrics
+                || self.token_key_file.is_some()
+                || self.realm.is_some()
+            {
+                return invalid("auth.htpasswd", "[auth] keys are set but authentication is off: set htpasswd".into());
+            }
+            return Ok(());
+        }
+        if let Some(f) = &self.htpasswd {
+            if let Err(e) = crate::auth::htpasswd::Users::load(f) {
+                return invalid("auth.htpasswd", e.to_string());
+            }
+        }
+        if self.token_ttl < Duration::from_secs(1) || self.token_ttl > Duration::from_secs(24 * 3600) {
+            return invalid("auth.token_ttl", "must be between 1s and 24h".into());
+        }
+        if self.service.is_empty() || !self.service.chars().all(|c| c.is_ascii_graphic() && c != '"' && c != '\\') {
+            return invalid(
+                "auth.service",
+                format!("{:?} must be a non-empty name without quotes or spaces", self.service),
+            );
+        }
+        if let Some(r) = &self.realm {
+            match reqwest::Url::parse(r) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host_str().is_some() && !r.contains('"') => {}
+                _ => return invalid("auth.realm", format!("{r:?} is not an http(s) URL")),
+            }
+        }
+        if let Some(f) = &self.token_key_file {
+            if f.as_os_str().is_empty() {
+                return invalid("auth.token_key_file", "must not be empty".into());
+            }
+        }
+        for (g, members) in &self.groups {
+            if g.is_empty() || members.iter().any(|m| m.is_empty()) {
+                return invalid("auth.groups", format!("group {g:?}: names must not be empty"));
+            }
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let at = format!("rule {}", i + 1);
+            if r.repositories.is_empty() || r.repositories.iter().any(|p| p.is_empty() || p.starts_with('/')) {
+                return invalid("auth.rules", format!("{at}: repositories must list repository-name globs"));
+            }
+            if r.actions.is_empty() {
+                return invalid("auth.rules", format!("{at}: actions must list pull, push, delete or admin"));
+            }
+            if r.users.is_empty() && r.groups.is_empty() {
+                return invalid("auth.rules", format!("{at}: names no users and no groups"));
+            }
+            if let Some(g) = r.groups.iter().find(|g| !self.groups.contains_key(*g)) {
+                return invalid("auth.rules", format!("{at}: group {g:?} is not defined in [auth.groups]"));
+            }
+        }
+        if self.metrics == MetricsAccess::Admin
+            && !self.rules.iter().any(|r| r.actions.contains(&Action::Admin) && r.repositories.iter().any(|p| p == "*"))
+        {
+            return invalid(
+                "auth.metrics",
+                "\"admin\" needs a rule granting admin on repositories = [\"*\"]; nobody could read /metrics".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -317,6 +505,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             proxy: ProxyConfig::default(),
             upstreams: vec![UpstreamConfig::docker_hub()],
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -495,7 +684,7 @@ impl Config {
                 &format!("{} is not a configured upstream", self.proxy.default_upstream),
             );
         }
-        Ok(())
+        self.auth.validate()
     }
 }
 
@@ -534,7 +723,52 @@ mod tests {
         assert_eq!(c.uploads.max_sessions_per_client, d.uploads.max_sessions_per_client);
         assert_eq!(c.uploads.max_size, d.uploads.max_size);
         assert_eq!(c.server.rate_limit.requests_per_second, d.server.rate_limit.requests_per_second);
+        assert_eq!(c.auth.htpasswd, d.auth.htpasswd);
+        assert_eq!(c.auth.anonymous, d.auth.anonymous);
+        assert_eq!(c.auth.token_ttl, d.auth.token_ttl);
+        assert_eq!(c.auth.service, d.auth.service);
+        assert_eq!(c.auth.metrics, d.auth.metrics);
+        assert!(c.auth.rules.is_empty() && c.auth.groups.is_empty() && c.auth.token_key_file.is_none());
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn auth_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("htpasswd");
+        std::fs::write(&f, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
+        let with = |extra: &str| {
+            Config::parse(&format!("[auth]\nhtpasswd = {:?}\n{extra}", f.display().to_string())).unwrap().validate()
+        };
+        with("").unwrap();
+        with("anonymous = \"none\"\nmetrics = \"authenticated\"\ntoken_ttl = \"30s\"").unwrap();
+        with("metrics = \"admin\"\n[[auth.rules]]\nrepositories = [\"*\"]\nusers = [\"alice\"]\nactions = [\"admin\"]")
+            .unwrap();
+        for (extra, key) in [
+            ("token_ttl = \"0s\"", "auth.token_ttl"),
+            ("service = \"a b\"", "auth.service"),
+            ("realm = \"ftp://x/token\"", "auth.realm"),
+            ("metrics = \"admin\"", "auth.metrics"),
+            ("[[auth.rules]]\nrepositories = [\"*\"]\nusers = [\"alice\"]", "auth.rules"),
+            ("[[auth.rules]]\nrepositories = [\"*\"]\nactions = [\"pull\"]", "auth.rules"),
+            ("[[auth.rules]]\nrepositories = [\"*\"]\ngroups = [\"nope\"]\nactions = [\"pull\"]", "auth.rules"),
+        ] {
+            match with(extra) {
+                Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        assert!(Config::parse("[auth]\nanonymous = \"maybe\"").is_err());
+        assert!(Config::parse("[[auth.rules]]\nactions = [\"fly\"]").is_err());
+        // [auth] keys without htpasswd: auth would silently stay off.
+        let c = Config::parse("[auth]\nanonymous = \"none\"").unwrap();
+        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "auth.htpasswd", .. })));
+        // A missing or non-bcrypt htpasswd file fails at start-up (and in check-config).
+        std::fs::write(&f, "alice:$apr1$x$y\n").unwrap();
+        let e = with("").unwrap_err().to_string();
+        assert!(e.contains("auth.htpasswd") && e.contains("bcrypt") && !e.contains("apr1"), "{e}");
+        std::fs::remove_file(&f).unwrap();
+        assert!(matches!(with(""), Err(ConfigError::Invalid { key: "auth.htpasswd", .. })));
     }
 
     #[test]

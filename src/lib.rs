@@ -3,6 +3,7 @@
 pub mod airgap;
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod limits;

@@ -345,7 +345,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         "stevedore started"
     );
     let mut summary = stevedore::app::summary(&app);
-    let open = summary.pop();
+    let open = if app.auth.is_none() { summary.pop() } else { None };
     for line in summary {
         tracing::info!("{line}");
     }

@@ -149,7 +149,7 @@ pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits,
             None => {
                 tokio::spawn(async move {
                     let _slot = slot;
-                    conn.serve(io, None).await
+                    conn.serve(io, None, false).await
                 });
             }
             Some(tls) => {
@@ -175,7 +175,7 @@ pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits,
                     if let Some(c) = &cert {
                         tracing::debug!(client = %peer.ip(), client_cert = %c.subject, "TLS client certificate verified");
                     }
-                    conn.serve(stream, cert).await
+                    conn.serve(stream, cert, true).await
                 });
             }
         }
@@ -215,7 +215,7 @@ impl Conn {
     /// Serves HTTP/1.1 or HTTP/2 on `io` (plain, or TLS after its handshake); every request
     /// carries the client's address and, when it presented one, its certificate. Closed if no
     /// complete request head arrived by the deadline.
-    async fn serve<I>(self, io: I, cert: Option<ClientCert>)
+    async fn serve<I>(self, io: I, cert: Option<ClientCert>, secure: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -226,6 +226,9 @@ impl Conn {
             hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 first_request.notify_one();
                 req.extensions_mut().insert(client);
+                if secure {
+                    req.extensions_mut().insert(crate::auth::Secure);
+                }
                 if let Some(cert) = &cert {
                     req.extensions_mut().insert(cert.clone());
                 }

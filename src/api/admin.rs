@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::airgap::prefetch::{prefetch as run_prefetch, PrefetchOptions, PrefetchReport};
-use crate::airgap::reference::Platform;
+use crate::airgap::reference::{ImageRef, Platform, RefError};
 use crate::error::{ApiError, ApiResult, Code};
 
 /// A prefetch request is a list of references, not content.
@@ -39,7 +39,9 @@ fn bad_request(detail: impl Into<Value>) -> ApiError {
     ApiError::new(Code::Unsupported).status(StatusCode::BAD_REQUEST).detail(detail)
 }
 
-pub async fn prefetch(app: &AppState, body: Body) -> ApiResult {
+pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: Body) -> ApiResult {
+    // With client authentication on, the caller needs `admin` on every repository it names
+    // (before the body is looked at further than to learn those names).
     let raw = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|_| bad_request(format!("the request body must be JSON of at most {MAX_BODY} bytes")))?;
@@ -47,6 +49,18 @@ pub async fn prefetch(app: &AppState, body: Body) -> ApiResult {
         serde_json::from_slice(&raw).map_err(|e| bad_request(format!("the request body: {e}")))?;
     if req.references.is_empty() {
         return Err(bad_request("`references` is empty: nothing to prefetch"));
+    }
+    if let Some(auth) = &app.auth {
+        let mut fulls = Vec::new();
+        for r in &req.references {
+            let parsed: ImageRef =
+                r.parse().map_err(|e: RefError| bad_request(format!("reference {r:?}: {}", e.why)))?;
+            // A host that is not a configured upstream: the prefetch reports it as failed.
+            if let Some(t) = app.proxy.named(parsed.host.as_deref(), &parsed.name) {
+                fulls.push(crate::auth::full_name(&t));
+            }
+        }
+        auth.admin_allowed(parts, &fulls).await?;
     }
     let mut platforms = Vec::new();
     for p in &req.platforms {

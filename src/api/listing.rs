@@ -93,7 +93,9 @@ async fn upstream_tags(app: &App, p: &ProxyRepo) -> Result<Option<Vec<String>>, 
 /// Repositories in one catalog page when the client gives no `n` (a `Link` leads on).
 const CATALOG_PAGE: usize = 1000;
 
-pub async fn catalog(app: &App, q: &Query) -> ApiResult {
+/// One page of the repositories the caller may pull (with auth on, the others are left out;
+/// a page may then be shorter than `n` and still have a `Link` to the next).
+pub async fn catalog(app: &App, q: &Query, caller: &crate::auth::Caller) -> ApiResult {
     let n = match q.get("n") {
         None => CATALOG_PAGE,
         Some(s) => s
@@ -101,8 +103,11 @@ pub async fn catalog(app: &App, q: &Query) -> ApiResult {
             .map_err(|_| Code::PaginationNumberInvalid.with_detail("n must be a non-negative integer"))?
             .min(CATALOG_PAGE * 10),
     };
-    let (repos, more) = app.store.catalog(q.get("last"), n).await?;
-    let link = match repos.last() {
+    let (mut repos, more) = app.store.catalog(q.get("last"), n).await?;
+    // Where the next page starts: after the last name looked at, shown or not.
+    let scanned = repos.last().cloned();
+    repos.retain(|r| caller.may_list(r));
+    let link = match scanned {
         Some(last) if more => {
             let last: String = form_urlencoded::byte_serialize(last.as_bytes()).collect();
             Some(format!("</v2/_catalog?n={n}&last={last}>; rel=\"next\""))

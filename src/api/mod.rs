@@ -37,6 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/admin/prefetch", post(admin_prefetch))
+        .route("/token", get(crate::auth::token_endpoint).post(crate::auth::token_endpoint))
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit))
         .layer(axum::middleware::from_fn(ops::access_log))
@@ -45,7 +46,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn admin_prefetch(State(app): State<AppState>, req: Request) -> Response {
-    let mut resp = admin::respond(admin::prefetch(&app, req.into_body()).await);
+    let (parts, body) = req.into_parts();
+    let mut resp = admin::respond(admin::prefetch(&app, &parts, body).await);
     resp.extensions_mut().insert(RouteKind("admin"));
     resp
 }
@@ -79,6 +81,14 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     };
     // Writes go to local repositories only; an upstream's namespace is read-only, whichever
     // way a client names it (`proxy::Proxy::writable`).
+    // Who is asking and whether it may (`auth`); the namespace rule below still applies.
+    let caller = match &app.auth {
+        None => crate::auth::Caller::open(),
+        Some(auth) => match auth.authorize(&parts, &crate::auth::need(&route, &parts.method, target.as_ref())).await {
+            Ok(c) => c,
+            Err(e) => return e.into_response(),
+        },
+    };
     let name = route.name().cloned();
     let local = || match (&name, &target) {
         (Some(name), Some(t)) => app
@@ -92,7 +102,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     let res: ApiResult = async {
         match (route, &parts.method) {
             (Route::Base, &Method::GET | &Method::HEAD) => Ok(headers::json_response("{}".into())),
-            (Route::Catalog, &Method::GET) => listing::catalog(app, &q).await,
+            (Route::Catalog, &Method::GET) => listing::catalog(app, &q, &caller).await,
             (Route::Tags(n), &Method::GET) => listing::tags(app, &n, t(), &q).await,
             (Route::Referrers(_, d), &Method::GET) => listing::referrers(app, t(), &d, &q).await,
             (Route::Manifest(_, r), &Method::GET | &Method::HEAD) => manifests::get(app, t(), &r, head).await,
@@ -114,6 +124,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
             (Route::Blob(_, d), &Method::DELETE) => blobs::delete(app, &local()?, &d).await,
             (Route::UploadStart(_), &Method::POST) => {
                 let client = parts.extensions.get::<crate::limits::ClientAddr>().copied();
+                let q = mountable(app, q, &caller);
                 uploads::start(app, &local()?, client, &q, h, body).await
             }
             (Route::Upload(_, id), &Method::GET) => uploads::status(app, &local()?, &id).await,
@@ -130,6 +141,17 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
         headers::set(resp.headers_mut(), headers::OCI_NAMESPACE, ns);
     }
     resp
+}
+
+/// A mount (`?mount=&from=`) only from a repository the caller may pull; else the query
+/// without `mount`, so a plain upload session starts.
+fn mountable(app: &App, q: Query, caller: &crate::auth::Caller) -> Query {
+    let Some(from) = q.get("from").and_then(|f| f.parse::<crate::oci::RepoName>().ok()) else { return q };
+    let full = crate::auth::full_name(&app.proxy.resolve(&from, None));
+    if q.get("mount").is_none() || caller.may(from.as_str(), &full, crate::config::Action::Pull) {
+        return q;
+    }
+    Query(q.0.into_iter().filter(|(k, _)| k != "mount").collect())
 }
 
 /// An upstream's trouble as the client sees it. `missing` is the code for "not there".

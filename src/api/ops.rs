@@ -33,7 +33,11 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
     (StatusCode::OK, body).into_response()
 }
 
-pub async fn metrics(State(app): State<AppState>) -> Response {
+pub async fn metrics(State(app): State<AppState>, req: Request) -> Response {
+    let (parts, _) = req.into_parts();
+    if let Err(e) = crate::auth::metrics_gate(&app, &parts).await {
+        return e.into_response();
+    }
     match &app.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),

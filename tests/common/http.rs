@@ -159,6 +159,44 @@ pub fn assert_content(r: &Read, digest: &str, body: &[u8], what: &str) {
     assert!(r.body == body, "{what}: served bytes differ");
 }
 
+/// A `WWW-Authenticate: Bearer realm="…",service="…"[,scope="…"][,error="…"]` challenge.
+#[derive(Clone, Debug)]
+pub struct Challenge {
+    pub realm: String,
+    pub service: String,
+    pub scope: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Challenge {
+    /// The Bearer challenge in `h`, if there is one.
+    pub fn of(h: &HeaderMap) -> Option<Challenge> {
+        let v = hdr(h, "www-authenticate")?;
+        let rest = v.strip_prefix("Bearer ")?;
+        let mut params = std::collections::BTreeMap::new();
+        let mut s = rest;
+        while let Some((key, after)) = s.split_once("=\"") {
+            let (val, tail) = after.split_once('"')?;
+            params.insert(key.trim_start_matches(',').trim().to_string(), val.to_string());
+            s = tail;
+        }
+        Some(Challenge {
+            realm: params.remove("realm")?,
+            service: params.remove("service")?,
+            scope: params.remove("scope"),
+            error: params.remove("error"),
+        })
+    }
+}
+
+/// The claims of a JWT (its middle part), unverified: what a token says it grants.
+pub fn jwt_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let part = token.split('.').nth(1).expect("a JWT has three parts");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(part).expect("JWT claims are base64url");
+    serde_json::from_slice(&raw).expect("JWT claims are JSON")
+}
+
 /// `Transport`: no (complete) response — expected while the server is being killed.
 /// `Protocol`: the server answered, but not as the spec says — always a finding.
 #[derive(Debug, Clone)]
@@ -229,8 +267,15 @@ pub struct Registry {
     pub client: Client,
     /// `http://127.0.0.1:PORT`
     pub base: String,
-    /// Basic credentials sent pre-emptively with every request.
-    creds: Option<(String, String)>,
+    /// Credentials sent pre-emptively with every request.
+    creds: Option<Creds>,
+}
+
+/// What a [`Registry`] sends in `Authorization`.
+#[derive(Clone)]
+enum Creds {
+    Basic(String, String),
+    Bearer(String),
 }
 
 impl Registry {
@@ -258,8 +303,55 @@ impl Registry {
 
     /// Sends Basic credentials with every request.
     pub fn basic_auth(mut self, user: &str, password: &str) -> Registry {
-        self.creds = Some((user.to_string(), password.to_string()));
+        self.creds = Some(Creds::Basic(user.to_string(), password.to_string()));
         self
+    }
+
+    /// Sends `Authorization: Bearer <token>` with every request.
+    pub fn bearer_auth(mut self, token: &str) -> Registry {
+        self.creds = Some(Creds::Bearer(token.to_string()));
+        self
+    }
+
+    /// This client without credentials.
+    pub fn anonymous(mut self) -> Registry {
+        self.creds = None;
+        self
+    }
+
+    /// The Docker token flow as clients run it: `method path` without credentials must be
+    /// answered `401` with a `Bearer` challenge; the token is then fetched from the
+    /// challenge's realm for its service and scope, with Basic `login` (none: anonymous).
+    /// Returns the challenge and the token endpoint's answer.
+    pub async fn token_flow(&self, method: Method, path: &str, login: Option<(&str, &str)>) -> (Challenge, Read) {
+        let r = read(self.client.request(method.clone(), self.url(path)).header(CONTENT_LENGTH, "0")).await;
+        assert_eq!(r.status, 401, "{method} {path} without credentials: {}", r.text());
+        let c = Challenge::of(&r.headers).unwrap_or_else(|| panic!("{method} {path}: no Bearer challenge"));
+        (c.clone(), self.fetch_token(&c, login).await)
+    }
+
+    /// `GET <realm>?service=…&scope=…` with Basic `login` (none: anonymous), read to the end.
+    pub async fn fetch_token(&self, c: &Challenge, login: Option<(&str, &str)>) -> Read {
+        let mut q: Vec<(&str, &str)> = vec![("service", c.service.as_str())];
+        if let Some(s) = &c.scope {
+            q.push(("scope", s.as_str()));
+        }
+        if let Some((u, _)) = login {
+            q.push(("account", u));
+        }
+        let mut rb = self.client.get(&c.realm).query(&q);
+        if let Some((u, p)) = login {
+            rb = rb.basic_auth(u, Some(p));
+        }
+        read(rb).await
+    }
+
+    /// [`Registry::token_flow`] that must succeed: the token.
+    pub async fn login_token(&self, method: Method, path: &str, login: Option<(&str, &str)>) -> String {
+        let (c, r) = self.token_flow(method, path, login).await;
+        assert_eq!(r.status, 200, "token from {} for {:?}: {}", c.realm, c.scope, r.text());
+        let v: Value = serde_json::from_slice(&r.body).expect("token answer is JSON");
+        v["token"].as_str().expect("token in the answer").to_string()
     }
 
     /// `127.0.0.1:PORT`
@@ -313,7 +405,8 @@ impl Registry {
     pub fn req(&self, method: Method, loc: &str) -> reqwest::RequestBuilder {
         let r = self.client.request(method, self.url(loc));
         match &self.creds {
-            Some((u, p)) => r.basic_auth(u, Some(p)),
+            Some(Creds::Basic(u, p)) => r.basic_auth(u, Some(p)),
+            Some(Creds::Bearer(t)) => r.bearer_auth(t),
             None => r,
         }
     }

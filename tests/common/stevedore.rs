@@ -496,6 +496,17 @@ pub fn config(default: &str, upstreams: &[(&str, &str, &str)]) -> String {
     s
 }
 
+/// Writes an htpasswd file for `users` (`(name, password)`), bcrypt as `htpasswd -B` writes
+/// it (cost 4, the cheapest, to keep tests fast); returns its path.
+pub fn write_htpasswd(path: &Path, users: &[(&str, &str)]) -> PathBuf {
+    let lines: Vec<String> = users
+        .iter()
+        .map(|(u, p)| format!("{u}:{}", bcrypt::hash(p, 4).expect("bcrypt").replacen("$2b$", "$2y$", 1)))
+        .collect();
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+    path.to_path_buf()
+}
+
 /// How a client names the upstream.
 #[derive(Clone, Copy, Debug)]
 pub enum Dialect {

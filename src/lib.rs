@@ -5,6 +5,7 @@ pub mod api;
 pub mod app;
 pub mod config;
 pub mod error;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod oci;

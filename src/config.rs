@@ -543,6 +543,14 @@ mod tests {
         assert_eq!(c.uploads.max_sessions_per_client, d.uploads.max_sessions_per_client);
         assert_eq!(c.uploads.max_size, d.uploads.max_size);
         assert_eq!(c.server.rate_limit.requests_per_second, d.server.rate_limit.requests_per_second);
+        assert_eq!(c.cache.max_size, d.cache.max_size);
+        assert_eq!(c.cache.high_watermark, d.cache.high_watermark);
+        assert_eq!(c.cache.low_watermark, d.cache.low_watermark);
+        assert_eq!(c.cache.max_unused, d.cache.max_unused);
+        assert_eq!(c.cache.check_interval, d.cache.check_interval);
+        assert_eq!(c.cache.access_flush_interval, d.cache.access_flush_interval);
+        assert_eq!(c.cache.gc_interval, d.cache.gc_interval);
+        assert_eq!(c.cache.gc_grace, d.cache.gc_grace);
         c.validate().unwrap();
     }
 
@@ -571,6 +579,25 @@ mod tests {
         let c = Config::parse("[uploads]\nmax_size = 4096\n").unwrap();
         assert_eq!(c.uploads.max_size, ByteSize(4096));
         assert!(Config::parse("[uploads]\nmax_size = \"lots\"\n").is_err());
+    }
+
+    #[test]
+    fn cache_cap_and_watermarks() {
+        let c = Config::parse(
+            "[cache]\nmax_size = \"200GiB\"\nhigh_watermark = \"190GiB\"\nlow_watermark = 0.5\nmax_unused = \"30d\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let max = c.cache.max_size.unwrap().0;
+        assert_eq!(max, 200 << 30);
+        assert_eq!(c.cache.high_watermark.bytes(max), 190 << 30);
+        assert_eq!(c.cache.low_watermark.bytes(max), 100 << 30);
+        assert_eq!(c.cache.max_unused, Some(Duration::from_secs(30 * 86400)));
+        let d = Config::default();
+        assert_eq!((d.cache.high_watermark.bytes(1000), d.cache.low_watermark.bytes(1000)), (950, 850));
+        assert!(Config::parse("[cache]\nhigh_watermark = 1.5").is_err());
+        let bad = Config::parse("[cache]\nmax_size = \"1GiB\"\nhigh_watermark = 0.5\nlow_watermark = 0.6").unwrap();
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "cache.low_watermark", .. })));
     }
 
     #[test]

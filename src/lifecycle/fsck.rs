@@ -6,7 +6,8 @@
 //! - leftover ingests (upload sessions, abandoned fills) idle longer than the safe age and
 //!   stray temporary objects are removed;
 //! - links: a blob link or manifest revision whose content is absent, a tag pointing at a
-//!   manifest the repository does not hold, a manifest that needs content that is absent;
+//!   manifest the repository does not hold, a pushed manifest that needs content that is
+//!   absent (a cached one fetches its blobs on demand);
 //!   `--repair` removes them (the broken manifest with its tags: it could only fail to pull),
 //!   and links a local manifest's content that is present but not linked;
 //! - `--rebuild-index` rewrites the reference records of every manifest and gives content
@@ -118,8 +119,10 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
                 problem(&mut r, format!("broken manifest {repo}@{m}: {why}"), fixed);
                 continue;
             };
+            // A cached manifest whose blobs were never pulled is normal: they are fetched on
+            // demand. A pushed one must be whole.
             let missing: Vec<&Digest> = refs.needs.iter().filter(|d| !present.contains(*d)).collect();
-            if !missing.is_empty() {
+            if local && !missing.is_empty() {
                 let fixed = opts.repair && store.delete_manifest(&repo, &m, refs.subject.as_ref()).await.is_ok();
                 problem(&mut r, format!("manifest {repo}@{m} needs absent content {}", join(&missing)), fixed);
                 continue;

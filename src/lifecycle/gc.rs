@@ -63,8 +63,10 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                 }
                 doomed.push(b.clone());
             }
+            // No manifest is stored or blob linked meanwhile; one pushed since the mark keeps
+            // what it needs.
+            let _removal = if doomed.is_empty() { None } else { Some(store.removal().await) };
             if !doomed.is_empty() {
-                // A manifest pushed since the mark keeps what it needs.
                 keep = marked(store, repo).await?;
             }
             for b in &doomed {
@@ -85,11 +87,17 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
         }
         referenced.extend(keep);
     }
+    // Repositories created since the mark count too.
+    let repos = store.repositories().await?;
     for (d, size) in store.contents().await? {
         if referenced.contains(&d) || recent(store, &d, since).await? {
             continue;
         }
         if !dry_run {
+            let _removal = store.removal().await;
+            if recent(store, &d, since).await? {
+                continue;
+            }
             // Linked or stored as a manifest since the walk: kept.
             let mut relinked = false;
             for repo in &repos {

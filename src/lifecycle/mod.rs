@@ -137,16 +137,18 @@ impl Lifecycle {
         let _g = self.lock.lock().await;
         let scan = self.scan().await?;
         let proxied = scan.usage.proxied;
-        let mut target = match self.marks() {
+        let cap = match self.marks() {
             Some((high, low)) if proxied > high => Some(low),
             _ => None,
         };
-        if pressure {
+        // A full store: a tenth of the proxied content (at least down to the low mark), but
+        // never what was used within the last check interval (the working set stays served).
+        let full = pressure.then(|| {
             let (_, low) = self.marks().unwrap_or((u64::MAX, u64::MAX));
-            let freed = proxied.saturating_sub((proxied / 10).max(1));
-            target = Some(target.unwrap_or(u64::MAX).min(low).min(freed));
-        }
-        let out = self.evict(scan, target).await?;
+            let target = proxied.saturating_sub((proxied / 10).max(1)).min(low);
+            (target, scan.start.checked_sub(self.cfg.check_interval).unwrap_or(SystemTime::UNIX_EPOCH))
+        });
+        let out = self.evict(scan, cap, full).await?;
         crate::metrics::usage(&out.before, out.after_proxied);
         if out.items > 0 {
             crate::metrics::evicted(out.bytes, out.items);
@@ -273,8 +275,9 @@ impl Lifecycle {
     }
 
     /// Evicts units, least recently used first, until proxied usage is at `target` (if
-    /// given), and every unit unused for longer than `cache.max_unused`.
-    async fn evict(&self, mut s: Scan, target: Option<u64>) -> StoreResult<Evicted> {
+    /// given), or at `full.0` among units unused since `full.1`, and every unit unused for
+    /// longer than `cache.max_unused`.
+    async fn evict(&self, mut s: Scan, target: Option<u64>, full: Option<(u64, SystemTime)>) -> StoreResult<Evicted> {
         let store = &self.store;
         let mut out = Evicted { before: s.usage.clone(), ..Evicted::default() };
         let mut proxied = s.usage.proxied;
@@ -282,12 +285,10 @@ impl Lifecycle {
         let grace_before = s.start.checked_sub(self.cfg.gc_grace);
         let units = std::mem::take(&mut s.units);
         for u in units {
-            let over = target.is_some_and(|t| proxied > t);
+            let over = target.is_some_and(|t| proxied > t)
+                || full.is_some_and(|(t, unused_since)| proxied > t && u.last < unused_since);
             let expired = expired_before.is_some_and(|e| u.last < e);
             if !over && !expired {
-                if expired_before.is_none() {
-                    break;
-                }
                 continue;
             }
             // Orphans are collected only past the grace period (an upload being linked).
@@ -295,6 +296,9 @@ impl Lifecycle {
                 continue;
             }
             let digests: Vec<Digest> = u.manifest.iter().chain(u.blobs.iter()).cloned().collect();
+            // No manifest is stored or blob linked while the unit goes: a pull that stores
+            // the manifest again does so after, and fetches what is gone.
+            let _removal = store.removal().await;
             if digests.iter().any(|d| store.in_use(d)) {
                 continue;
             }
@@ -379,12 +383,12 @@ impl Lifecycle {
             let mut tick = tokio::time::interval(lc.cfg.check_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let pressure = tokio::select! {
-                    _ = tick.tick() => false,
-                    _ = lc.store.records().pressure.notified() => true,
-                };
-                let pressure = pressure && !lc.over_cap_estimate();
-                if let Err(e) = lc.check(pressure).await {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = lc.store.records().pressure.notified() => {}
+                }
+                let full = lc.store.records().full.swap(false, Ordering::AcqRel);
+                if let Err(e) = lc.check(full).await {
                     tracing::warn!(error = %e, "cache usage check failed");
                 }
             }
@@ -419,14 +423,6 @@ impl Lifecycle {
                 }
             });
         }
-    }
-
-    /// Whether the commits since the last scan may have passed the high mark (a cap check,
-    /// not a full disk).
-    fn over_cap_estimate(&self) -> bool {
-        let r = self.store.records();
-        let high = r.high_mark.load(Ordering::Acquire);
-        high > 0 && r.proxied_at_scan.load(Ordering::Acquire) + r.committed_since_scan.load(Ordering::Acquire) > high
     }
 }
 

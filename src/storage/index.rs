@@ -63,8 +63,13 @@ pub struct Records {
     in_use: Mutex<HashMap<Digest, usize>>,
     /// Bytes committed since the last usage scan (an estimate between scans).
     pub(crate) committed_since_scan: AtomicU64,
-    /// Raised when space is needed now (a write hit ENOSPC, or the estimate passed the cap).
+    /// Raised when usage must be checked now (a write hit ENOSPC, or the estimate passed the cap).
     pub(crate) pressure: tokio::sync::Notify,
+    /// Held (shared) while a manifest is stored or a blob linked; held exclusively while
+    /// eviction or GC removes one unit, so no manifest is stored in the middle of it.
+    pub(crate) removing: tokio::sync::RwLock<()>,
+    /// Set with [`Records::pressure`] when a write found the store full.
+    pub(crate) full: std::sync::atomic::AtomicBool,
     /// Proxied bytes at the last scan, and the high watermark (0: no cap).
     pub(crate) proxied_at_scan: AtomicU64,
     pub(crate) high_mark: AtomicU64,
@@ -301,10 +306,16 @@ impl Store {
 
     /// Asks the lifecycle task to free space now (a write hit ENOSPC).
     pub fn space_needed(&self) {
+        self.records.full.store(true, Ordering::Release);
         self.records.pressure.notify_one();
     }
 
     pub fn records(&self) -> &Records {
         &self.records
+    }
+
+    /// Excludes manifest puts and blob links while content is removed (eviction, GC).
+    pub async fn removal(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.records.removing.write().await
     }
 }

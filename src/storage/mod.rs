@@ -201,6 +201,8 @@ impl Store {
 
     /// Makes a committed blob visible in `repo`.
     pub async fn link_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<()> {
+        let _no_removal = self.records.removing.read().await;
+        self.touch(d);
         let key = layout::layer_link(repo, d);
         if !self.backend.exists(&key).await? {
             self.backend.put(&key, b"").await?;
@@ -248,9 +250,12 @@ impl Store {
 
     /// Commits verified content and records it.
     pub async fn publish(&self, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
+        // Used now, recorded before it is visible: a collection that sees the content sees
+        // that it is new.
+        self.touch(d);
+        self.record_access_now(d).await;
         let size = v.commit().await?;
         self.sizes.insert(d.clone(), size);
-        self.record_access_now(d).await;
         self.note_committed(size);
         Ok(size)
     }

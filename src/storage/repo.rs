@@ -31,6 +31,7 @@ pub struct ManifestPut<'a> {
 impl Store {
     /// Stores a manifest's exact bytes and records it (and its tags and referrer entry) in `repo`.
     pub async fn put_manifest(&self, repo: &Repo, m: ManifestPut<'_>) -> StoreResult<()> {
+        let _no_removal = self.records.removing.read().await;
         let stored = self.put_bytes(m.digest.algorithm(), m.bytes).await?;
         debug_assert_eq!(&stored, m.digest);
         // What it references is recorded before the manifest is visible in `repo`, and the

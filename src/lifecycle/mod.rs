@@ -292,7 +292,7 @@ impl Lifecycle {
                 continue;
             }
             // Orphans are collected only past the grace period (an upload being linked).
-            if u.repo.is_none() && !grace_before.is_some_and(|g| u.last < g) {
+            if u.repo.is_none() && grace_before.is_none_or(|g| u.last >= g) {
                 continue;
             }
             let digests: Vec<Digest> = u.manifest.iter().chain(u.blobs.iter()).cloned().collect();

@@ -37,8 +37,10 @@ impl App {
         Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth }))
     }
 
-    /// Background work: the idle upload session sweep. Runs until the runtime stops.
+    /// Background work: the idle upload session sweep, the cache lifecycle (usage checks,
+    /// eviction, access flushes, GC). Runs until the runtime stops.
     pub fn spawn_background(self: &Arc<App>) {
+        crate::lifecycle::Lifecycle::new(self.store.clone(), &self.cfg.cache).spawn();
         let app = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(app.cfg.uploads.sweep_interval);
@@ -53,6 +55,7 @@ impl App {
                 let writable = app.store.writable().await;
                 if !writable {
                     tracing::warn!("the store does not accept writes (full?): cache hits are still served");
+                    app.store.space_needed();
                 }
                 crate::metrics::store_writable(writable);
                 if let Some(metrics) = &app.metrics {

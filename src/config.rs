@@ -494,6 +494,63 @@ pub struct UploadsConfig {
 pub struct CacheConfig {
     /// Entries in the in-memory descriptor cache (digest → size, repository links).
     pub descriptors: u64,
+    /// The most bytes of proxied content kept (`"200GiB"`); unset: no cap. Pushed and
+    /// imported content is reported beside it and never evicted by it.
+    pub max_size: Option<ByteSize>,
+    /// Past this much proxied content (a fraction of `max_size` or a size), least recently
+    /// used proxied content is evicted ...
+    pub high_watermark: Watermark,
+    /// ... until it is under this much.
+    pub low_watermark: Watermark,
+    /// Evict proxied content nobody used for this long (unset: no age limit).
+    #[serde(with = "humantime_serde")]
+    pub max_unused: Option<Duration>,
+    /// How often usage is measured (and the cap and age limit applied).
+    #[serde(with = "humantime_serde")]
+    pub check_interval: Duration,
+    /// Accesses are batched in memory and recorded in the store this often (and at shutdown).
+    #[serde(with = "humantime_serde")]
+    pub access_flush_interval: Duration,
+    /// How often the online garbage collection of pushed repositories runs (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// Content and links younger than this (or used since) are never collected: a blob
+    /// uploaded for a manifest not pushed yet stays this long.
+    #[serde(with = "humantime_serde")]
+    pub gc_grace: Duration,
+}
+
+/// A watermark: a fraction of `cache.max_size` (`0.95`) or a size (`"190GiB"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Watermark {
+    Fraction(f64),
+    Size(ByteSize),
+}
+
+impl Watermark {
+    /// The watermark in bytes for a cap of `max` bytes.
+    pub fn bytes(&self, max: u64) -> u64 {
+        match self {
+            Watermark::Fraction(f) => (max as f64 * f) as u64,
+            Watermark::Size(s) => s.0.min(max),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Watermark {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Watermark, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Float(f) if f > 0.0 && f <= 1.0 => Ok(Watermark::Fraction(f)),
+            Raw::Float(f) => Err(serde::de::Error::custom(format!("{f} is not a fraction in (0, 1] (or give a size)"))),
+            Raw::Text(s) => s.parse().map(Watermark::Size).map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl Default for Config {
@@ -545,7 +602,17 @@ impl Default for UploadsConfig {
 
 impl Default for CacheConfig {
     fn default() -> CacheConfig {
-        CacheConfig { descriptors: 100_000 }
+        CacheConfig {
+            descriptors: 100_000,
+            max_size: None,
+            high_watermark: Watermark::Fraction(0.95),
+            low_watermark: Watermark::Fraction(0.85),
+            max_unused: None,
+            check_interval: Duration::from_secs(60),
+            access_flush_interval: Duration::from_secs(30),
+            gc_interval: Duration::from_secs(3600),
+            gc_grace: Duration::from_secs(3600),
+        }
     }
 }
 
@@ -582,6 +649,15 @@ impl Config {
         }
         if self.cache.descriptors == 0 {
             return invalid("cache.descriptors", "must be at least 1");
+        }
+        if let Some(max) = self.cache.max_size {
+            let (hi, lo) = (self.cache.high_watermark.bytes(max.0), self.cache.low_watermark.bytes(max.0));
+            if lo >= hi {
+                return invalid("cache.low_watermark", "must be below cache.high_watermark");
+            }
+        }
+        if self.cache.check_interval.is_zero() || self.cache.access_flush_interval.is_zero() {
+            return invalid("cache.check_interval", "must be longer than 0s (and so must access_flush_interval)");
         }
         if self.server.header_read_timeout.is_zero() {
             return invalid("server.header_read_timeout", "must be longer than 0s");
@@ -729,6 +805,14 @@ mod tests {
         assert_eq!(c.auth.service, d.auth.service);
         assert_eq!(c.auth.metrics, d.auth.metrics);
         assert!(c.auth.rules.is_empty() && c.auth.groups.is_empty() && c.auth.token_key_file.is_none());
+        assert_eq!(c.cache.max_size, d.cache.max_size);
+        assert_eq!(c.cache.high_watermark, d.cache.high_watermark);
+        assert_eq!(c.cache.low_watermark, d.cache.low_watermark);
+        assert_eq!(c.cache.max_unused, d.cache.max_unused);
+        assert_eq!(c.cache.check_interval, d.cache.check_interval);
+        assert_eq!(c.cache.access_flush_interval, d.cache.access_flush_interval);
+        assert_eq!(c.cache.gc_interval, d.cache.gc_interval);
+        assert_eq!(c.cache.gc_grace, d.cache.gc_grace);
         c.validate().unwrap();
     }
 
@@ -796,6 +880,25 @@ mod tests {
         let c = Config::parse("[uploads]\nmax_size = 4096\n").unwrap();
         assert_eq!(c.uploads.max_size, ByteSize(4096));
         assert!(Config::parse("[uploads]\nmax_size = \"lots\"\n").is_err());
+    }
+
+    #[test]
+    fn cache_cap_and_watermarks() {
+        let c = Config::parse(
+            "[cache]\nmax_size = \"200GiB\"\nhigh_watermark = \"190GiB\"\nlow_watermark = 0.5\nmax_unused = \"30d\"\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        let max = c.cache.max_size.unwrap().0;
+        assert_eq!(max, 200 << 30);
+        assert_eq!(c.cache.high_watermark.bytes(max), 190 << 30);
+        assert_eq!(c.cache.low_watermark.bytes(max), 100 << 30);
+        assert_eq!(c.cache.max_unused, Some(Duration::from_secs(30 * 86400)));
+        let d = Config::default();
+        assert_eq!((d.cache.high_watermark.bytes(1000), d.cache.low_watermark.bytes(1000)), (950, 850));
+        assert!(Config::parse("[cache]\nhigh_watermark = 1.5").is_err());
+        let bad = Config::parse("[cache]\nmax_size = \"1GiB\"\nhigh_watermark = 0.5\nlow_watermark = 0.6").unwrap();
+        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "cache.low_watermark", .. })));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod app;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod oci;

@@ -41,6 +41,33 @@ enum Cmd {
     /// Load an OCI image layout (directory, `.tar` or `.tar.zst`) into the store, verifying
     /// every blob before anything becomes visible.
     Import(ImportArgs),
+    /// Reclaim content no manifest references (after manifest and tag deletes in pushed
+    /// repositories), keeping anything younger than cache.gc_grace.
+    Gc(GcArgs),
+    /// Check the store: re-hash every blob, look for dangling links and references, remove
+    /// leftover ingests; exits non-zero when problems were found (and not all repaired).
+    Fsck(FsckArgs),
+}
+
+#[derive(clap::Args)]
+struct GcArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Report what would be removed, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(clap::Args)]
+struct FsckArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Remove corrupt content and dangling links, tags and manifests.
+    #[arg(long)]
+    repair: bool,
+    /// Rewrite the lifecycle records (references, access times) from the store.
+    #[arg(long)]
+    rebuild_index: bool,
 }
 
 /// The store and configuration an offline command works on, as `serve` takes them.
@@ -253,6 +280,8 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             })
         }
+        Cmd::Gc(args) => gc(args),
+        Cmd::Fsck(args) => fsck(args),
         Cmd::Import(args) => {
             let cfg = store_config(&args.store)?;
             tokio::runtime::Runtime::new()?.block_on(async {
@@ -280,6 +309,57 @@ fn main() -> anyhow::Result<()> {
             })
         }
     }
+}
+
+fn gc(args: GcArgs) -> anyhow::Result<()> {
+    let cfg = store_config(&args.store)?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let app = App::new(cfg, None).await.context("opening the store")?;
+        let lc = stevedore::lifecycle::Lifecycle::new(app.store.clone(), &app.cfg.cache);
+        let r = lc.gc(args.dry_run).await.context("garbage collection")?;
+        for line in &r.removed {
+            println!("{} {line}", if r.dry_run { "would remove" } else { "removed" });
+        }
+        println!(
+            "gc{}: {} links, {} blobs, {}",
+            if r.dry_run { " (dry run)" } else { "" },
+            r.unlinked,
+            r.deleted,
+            airgap::human_bytes(r.bytes)
+        );
+        Ok(())
+    })
+}
+
+fn fsck(args: FsckArgs) -> anyhow::Result<()> {
+    let cfg = store_config(&args.store)?;
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let app = App::new(cfg, None).await.context("opening the store")?;
+        let opts = stevedore::lifecycle::fsck::FsckOptions {
+            repair: args.repair,
+            rebuild_index: args.rebuild_index,
+            ingest_age: app.cfg.uploads.session_ttl,
+        };
+        let r = stevedore::lifecycle::fsck::fsck(&app.store, &opts).await.context("checking the store")?;
+        for p in &r.problems {
+            println!("problem: {p}");
+        }
+        println!(
+            "fsck: {} blobs ({}) checked, {} problems, {} repaired, {} leftover ingests removed{}",
+            r.blobs_checked,
+            airgap::human_bytes(r.bytes_checked),
+            r.problems.len(),
+            r.repaired,
+            r.ingests_removed,
+            if args.rebuild_index {
+                format!(", {} reference records rebuilt", r.records_rebuilt)
+            } else {
+                String::new()
+            }
+        );
+        anyhow::ensure!(r.ok(), "{} problems not repaired", r.problems.len() - r.repaired);
+        Ok(())
+    })
 }
 
 /// The config an offline command (`prefetch`, `export`, `import`) works on.
@@ -390,6 +470,8 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::warn!("shutdown grace period over; exiting with requests in flight");
         }
     }
+    // The batched access records survive the restart.
+    app.store.flush_access().await;
     Ok(())
 }
 

@@ -98,6 +98,28 @@ pub fn store_write_failed() {
     counter!("stevedore_store_write_failures_total").increment(1);
 }
 
+/// Bytes of content by kind (pushed, proxied, imported) as of the last usage check, and the
+/// age of the least recently used proxied content.
+pub fn usage(u: &crate::lifecycle::Usage, proxied_now: u64) {
+    gauge!("stevedore_store_used_bytes", "kind" => "pushed").set(u.pushed as f64);
+    gauge!("stevedore_store_used_bytes", "kind" => "imported").set(u.imported as f64);
+    gauge!("stevedore_store_used_bytes", "kind" => "proxied").set(proxied_now as f64);
+    let oldest = u.oldest_access.map(|t| crate::lifecycle::age(t).as_secs_f64()).unwrap_or(0.0);
+    gauge!("stevedore_cache_oldest_access_seconds").set(oldest);
+}
+
+/// Proxied content evicted (by the cap, the age limit or a full store).
+pub fn evicted(bytes: u64, items: usize) {
+    counter!("stevedore_cache_evicted_bytes_total").increment(bytes);
+    counter!("stevedore_cache_evicted_items_total").increment(items as u64);
+}
+
+/// One garbage collection run and the bytes it reclaimed.
+pub fn gc_run(ok: bool, bytes: u64) {
+    counter!("stevedore_gc_runs_total", "result" => if ok { "ok" } else { "failed" }).increment(1);
+    counter!("stevedore_gc_reclaimed_bytes_total").increment(bytes);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

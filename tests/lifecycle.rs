@@ -1,6 +1,9 @@
-//! Cache lifecycle: a store that cannot be written (a full disk) keeps serving what it holds.
-//! Real parts on loopback: the `stevedore` binary on a small tmpfs mounted by the test (root
-//! needed, as for tests/clients.rs), a scripted fake upstream.
+//! Cache lifecycle: the size cap and LRU eviction (real Distribution upstream), eviction
+//! while pulls and fills are in progress, GC under concurrent pushes, fsck, and a store that
+//! cannot be written (a full disk: a small tmpfs mounted by the test, root needed, as for
+//! tests/clients.rs) that keeps serving what it holds. Real parts on loopback: the
+//! `stevedore` binary, Distribution, a scripted fake upstream. Images of a few hundred KiB
+//! against caps of a few hundred KiB.
 
 mod common;
 
@@ -10,10 +13,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::data::bytes;
+use common::distribution::Distribution;
 use common::fake::Fake;
+use common::fake::Plan;
 use common::http::{assert_content, assert_json_error, client, get_manifest, hdr, read};
+use common::oci::{self, Image};
+use common::stevedore::cli;
 use common::stevedore::{config, Dialect, Stevedore};
-use common::store::{assert_blobs_intact, blob_path, ingest_leftovers};
+use common::store::{assert_blobs_intact, blob_path, dangling, ingest_leftovers, revisions};
 use common::wait_until;
 
 /// A tmpfs of `size` mounted on `dir` for the test; unmounted when dropped.
@@ -178,4 +185,382 @@ async fn a_full_store_serves_hits_and_stale_tags_refuses_writes_cleanly_and_reco
     assert_eq!(r.cache(), "stale");
     hits_are_served("full, upstream gone").await;
     assert_blobs_intact(&root);
+}
+
+const HOST: &str = "upstream.test";
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+async fn metrics_text(sd: &Stevedore) -> String {
+    read(client().get(sd.url("/metrics"))).await.text()
+}
+
+/// Polls `/metrics` until `cond` holds on it (bounded by `limit`); the last text.
+async fn wait_metrics(sd: &Stevedore, limit: Duration, cond: impl Fn(&str) -> bool) -> (bool, String) {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        let text = metrics_text(sd).await;
+        if cond(&text) {
+            return (true, text);
+        }
+        if std::time::Instant::now() >= end {
+            return (false, text);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn used(text: &str, kind: &str) -> f64 {
+    metric(text, &format!("stevedore_store_used_bytes{{kind=\"{kind}\"}}")).unwrap_or(-1.0)
+}
+
+/// Pulls `img` (manifest by tag, then every blob) from `repo` of the upstream through
+/// Stevedore and checks every digest and byte.
+async fn pull(sd: &Stevedore, repo: &str, tag: &str, img: &Image, what: &str) {
+    let http = client();
+    let r = get_manifest(&http, sd.url(&Dialect::Ns.path(HOST, repo, &format!("manifests/{tag}")))).await;
+    assert_content(&r, &img.manifest.digest, &img.manifest.data, &format!("{what}: manifest"));
+    for b in img.blobs() {
+        let r = read(http.get(sd.url(&Dialect::Ns.path(HOST, repo, &format!("blobs/{}", b.digest))))).await;
+        assert_content(&r, &b.digest, &b.data, &format!("{what}: blob"));
+    }
+}
+
+fn image_bytes(img: &Image) -> usize {
+    img.blobs().iter().map(|b| b.size()).sum::<usize>() + img.manifest.size()
+}
+
+/// With a real upstream and a cap of 700 KiB: pulling seven images of ~200 KiB brings the
+/// proxied content under the low mark; the most recently used images stay complete and pull
+/// with the upstream stopped; evicted images are gone with their tags and blobs; no manifest
+/// left references a missing blob; pushed and imported content is untouched and reported
+/// beside the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_pushed_and_imported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let dist = Distribution::start(false);
+    let imgs: Vec<Image> = (0..7).map(|i| oci::make_image(1500 + i, 2, 100_000, "amd64", "linux")).collect();
+    for (i, img) in imgs.iter().enumerate() {
+        dist.registry().push_image(&format!("lib/img{i}"), img, Some("v1")).await;
+    }
+    let (max, high, low) = (700u64 << 10, (700u64 << 10) as f64 * 0.95, (700u64 << 10) as f64 * 0.85);
+    let cfg = config(HOST, &[(HOST, &dist.url(), "tag_ttl = \"1h\"")]).replacen(
+        "[proxy]\n",
+        "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
+        1,
+    ) + &format!("\n[cache]\nmax_size = {max}\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n");
+    let cfg_path = tmp.path().join("stevedore.toml");
+    std::fs::write(&cfg_path, &cfg).unwrap();
+    // Imported before the server starts: an image in the upstream's cache, bigger than the cap's slack.
+    let imported = oci::make_image(1600, 2, 150_000, "amd64", "linux");
+    let layout = tmp.path().join("layout");
+    oci::write_image_layout(&layout, &imported, "v1");
+    let out = cli(
+        &[
+            "import",
+            "--config",
+            s(&cfg_path),
+            "--root",
+            s(&root),
+            "--repository",
+            &format!("{HOST}/lib/imported"),
+            s(&layout),
+        ],
+        LIMIT,
+    );
+    assert!(out.status.success(), "import: {}", out.describe());
+
+    let sd = Stevedore::builder()
+        .config(&cfg)
+        .root(&root)
+        .rust_log("warn,stevedore::access=info,stevedore::lifecycle=info")
+        .start();
+    let reg = sd.registry();
+    let pushed = oci::make_image(1700, 2, 200_000, "amd64", "linux");
+    reg.push_image("local/app", &pushed, Some("v1")).await;
+    for (i, img) in imgs.iter().enumerate() {
+        pull(&sd, &format!("lib/img{i}"), "v1", img, &format!("img{i}")).await;
+    }
+    let total: usize = imgs.iter().map(image_bytes).sum();
+    assert!(total as f64 > 2.0 * high, "the test pulls more than the cap ({total} bytes)");
+    // Every eviction past the high mark went under the low mark; at rest the cap holds.
+    let (ok, text) = wait_metrics(&sd, Duration::from_secs(30), |t| (0.0..=high).contains(&used(t, "proxied"))).await;
+    assert!(ok, "proxied usage did not come under the high mark {high}:\n{text}");
+    let evictions: Vec<f64> = sd
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("evicted least recently used proxied content"))
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["fields"]["proxied_after"].as_f64())
+        .collect();
+    assert!(!evictions.is_empty(), "no eviction logged");
+    assert!(evictions.iter().all(|p| *p <= low), "an eviction stopped above the low mark {low}: {evictions:?}");
+    assert!(metric(&text, "stevedore_cache_evicted_bytes_total").unwrap_or(0.0) > 0.0, "{text}");
+    assert!(metric(&text, "stevedore_cache_evicted_items_total").unwrap_or(0.0) >= 3.0, "{text}");
+    assert!(used(&text, "pushed") >= image_bytes(&pushed) as f64, "pushed usage: {text}");
+    assert!(used(&text, "imported") >= image_bytes(&imported) as f64, "imported usage: {text}");
+    assert!(metric(&text, "stevedore_cache_oldest_access_seconds").is_some(), "{text}");
+
+    // On disk: what is left is coherent; the oldest images are gone whole, tags included.
+    let left = dangling(&root);
+    assert!(left.is_empty(), "present content references absent content: {left:#?}");
+    let revs = revisions(&root);
+    let has = |repo: &str, d: &str| revs.iter().any(|(r, x)| r == &format!("{HOST}/{repo}") && x == d);
+    for (i, img) in imgs.iter().enumerate().take(2) {
+        assert!(!has(&format!("lib/img{i}"), &img.manifest.digest), "img{i} (least recently used) was kept");
+        for b in img.blobs() {
+            assert!(!blob_path(&root, &b.digest).exists(), "img{i}: blob {} of an evicted image left", b.digest);
+        }
+        let tag = root.join("cache").join(HOST).join(format!("lib/img{i}")).join("_manifests/tags/v1");
+        assert!(!tag.exists(), "img{i}: the tag of an evicted manifest is left");
+    }
+    assert!(has("lib/imported", &imported.manifest.digest), "the imported image was evicted");
+
+    // The upstream gone: the most recently used images, the pushed and the imported one pull whole.
+    drop(dist);
+    for i in [6usize, 5] {
+        pull(&sd, &format!("lib/img{i}"), "v1", &imgs[i], &format!("img{i}, upstream gone")).await;
+    }
+    pull(&sd, "lib/imported", "v1", &imported, "imported, upstream gone").await;
+    let r = get_manifest(&client(), reg.url("/v2/local/app/manifests/v1")).await;
+    assert_content(&r, &pushed.manifest.digest, &pushed.manifest.data, "pushed manifest");
+    for b in pushed.blobs() {
+        reg.assert_blob("local/app", &b.digest, &b.data).await;
+    }
+    let r = get_manifest(&client(), sd.url(&Dialect::Ns.path(HOST, "lib/img0", "manifests/v1"))).await;
+    assert_ne!(r.status, 200, "an evicted image was served with the upstream gone");
+    assert_blobs_intact(&root);
+}
+
+/// Eviction running while an image is being pulled (a layer still filling from a slow
+/// upstream) leaves that image alone: the pull completes with correct digests; other,
+/// older content is evicted meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_being_pulled_and_a_fill_in_progress_survive_eviction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let fake = Fake::start().await;
+    let a = fake.add_image("team/a", "v1", 61, &[200_000, 200_000]);
+    let b = fake.add_image("team/b", "v1", 62, &[200_000]);
+    let c = fake.add_image("team/c", "v1", 63, &[200_000]);
+    let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")])
+        + "\n[cache]\nmax_size = \"600KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n";
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let http = client();
+    let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
+    // A: the manifest, the config and the first layer, then the second layer slowly.
+    let r = get_manifest(&http, url("team/a", "manifests/v1")).await;
+    assert_content(&r, &a.digest, &a.manifest, "a: manifest");
+    for (d, body) in &a.blobs[..2] {
+        assert_content(&read(http.get(url("team/a", &format!("blobs/{d}")))).await, d, body, "a: blob");
+    }
+    let (slow_d, slow_body) = a.blobs[2].clone();
+    fake.plan(&slow_d, Plan::new(slow_body.clone()).slow(8 << 10, Duration::from_millis(100)));
+    let slow = tokio::spawn({
+        let (http, u) = (http.clone(), url("team/a", &format!("blobs/{slow_d}")));
+        async move { read(http.get(u)).await }
+    });
+    // B then C push the cache over its cap while A's layer is still filling.
+    for (repo, img) in [("team/b", &b), ("team/c", &c)] {
+        let r = get_manifest(&http, url(repo, "manifests/v1")).await;
+        assert_content(&r, &img.digest, &img.manifest, repo);
+        for (d, body) in &img.blobs {
+            assert_content(&read(http.get(url(repo, &format!("blobs/{d}")))).await, d, body, repo);
+        }
+    }
+    let (evicted, text) = wait_metrics(&sd, Duration::from_secs(20), |t| {
+        metric(t, "stevedore_cache_evicted_items_total").unwrap_or(0.0) > 0.0
+    })
+    .await;
+    assert!(evicted, "nothing was evicted past the cap:\n{text}");
+    assert!(!slow.is_finished(), "the slow fill ended before eviction ran: the test proves nothing");
+    let r = slow.await.unwrap();
+    assert_content(&r, &slow_d, &slow_body, "a: the layer filling while eviction ran");
+    // A is whole: every blob (hits, or fetched again) and its manifest.
+    let r = get_manifest(&http, url("team/a", "manifests/v1")).await;
+    assert_content(&r, &a.digest, &a.manifest, "a: manifest after eviction");
+    for (d, body) in &a.blobs {
+        assert_content(&read(http.get(url("team/a", &format!("blobs/{d}")))).await, d, body, "a: after eviction");
+    }
+    // Settled under the cap (A and at most one more image fit under the low mark).
+    let low = (600u64 << 10) as f64 * 0.85;
+    let (ok, text) = wait_metrics(&sd, Duration::from_secs(20), |t| (0.0..=low).contains(&used(t, "proxied"))).await;
+    assert!(ok, "proxied usage did not come under the low mark {low}:\n{text}");
+    let revs = revisions(&root);
+    assert!(revs.iter().any(|(_, d)| d == &a.digest), "the image being pulled was evicted: {revs:?}");
+    assert!(!revs.iter().any(|(_, d)| d == &b.digest), "b, the least recently used, was kept: {revs:?}");
+    let left = dangling(&root);
+    assert!(left.is_empty(), "present content references absent content: {left:#?}");
+    assert_blobs_intact(&root);
+}
+
+fn local_config(extra: &str) -> String {
+    format!("[proxy]\ndefault_upstream = \"\"\n\n[cache]\n{extra}\n")
+}
+
+/// Online GC of pushed repositories while pushes go on: blobs of deleted manifests are
+/// reclaimed; every manifest pushed during the runs keeps every blob (including one it
+/// shares with the deleted manifest, found by HEAD and not uploaded again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_under_concurrent_pushes_reclaims_garbage_and_loses_no_blob_of_a_pushed_manifest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let cfg = local_config("gc_interval = \"1s\"\ngc_grace = \"3s\"\naccess_flush_interval = \"1s\"");
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let reg = sd.registry();
+    let garbage = oci::make_image(2100, 2, 50_000, "amd64", "linux");
+    reg.push_image("team/app", &garbage, Some("old")).await;
+    let kept = oci::make_image(2101, 1, 50_000, "amd64", "linux");
+    reg.push_image("team/kept", &kept, Some("v1")).await;
+    let r = reg.delete(&format!("/v2/team/app/manifests/{}", garbage.manifest.digest)).await;
+    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
+    let shared = &garbage.layers[0];
+    // Pushes while GC runs every second: each new image shares the deleted image's first
+    // layer (pushed only when the registry does not have it any more).
+    let mut pushed = Vec::new();
+    let mut refused = 0;
+    let started = std::time::Instant::now();
+    let mut i = 0u64;
+    while started.elapsed() < Duration::from_secs(8) && i < 40 {
+        let mut img = oci::make_image(2200 + i, 1, 20_000, "amd64", "linux");
+        img.layers.push(shared.clone());
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": oci::MT_MANIFEST,
+            "config": img.config.descriptor(),
+            "layers": img.layers.iter().map(oci::Blob::descriptor).collect::<Vec<_>>(),
+        });
+        img.manifest = oci::Blob::new(oci::MT_MANIFEST, serde_json::to_vec(&manifest).unwrap());
+        reg.upload_blob("team/app", &img.config.data).await;
+        reg.upload_blob("team/app", &img.layers[0].data).await;
+        let head = reg.head(&format!("/v2/team/app/blobs/{}", shared.digest)).await;
+        if head.status().as_u16() != 200 {
+            reg.upload_blob("team/app", &shared.data).await;
+        }
+        let put = reg.try_put_manifest("team/app", &format!("p{i}"), oci::MT_MANIFEST, img.manifest.data.clone()).await;
+        match put {
+            Ok(_) => pushed.push((i, img)),
+            // A push slower than the grace period may find its blobs collected: refused,
+            // never accepted with a blob missing.
+            Err(e) if e.to_string().contains("MANIFEST_BLOB_UNKNOWN") => refused += 1,
+            Err(e) => panic!("pushing p{i} while GC runs: {e}"),
+        }
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The deleted image's own blobs go once past the grace period.
+    let unique: Vec<&oci::Blob> = vec![&garbage.layers[1], &garbage.config];
+    let reclaimed =
+        wait_until(Duration::from_secs(30), || unique.iter().all(|b| !blob_path(&root, &b.digest).exists())).await;
+    assert!(reclaimed, "the deleted manifest's blobs were not reclaimed");
+    let text = metrics_text(&sd).await;
+    assert!(metric(&text, "stevedore_gc_runs_total{result=\"ok\"}").unwrap_or(0.0) >= 2.0, "{text}");
+    assert!(metric(&text, "stevedore_gc_reclaimed_bytes_total").unwrap_or(0.0) > 0.0, "{text}");
+    assert!(pushed.len() >= 5 && pushed.len() > refused, "{} pushes accepted, {refused} refused", pushed.len());
+    for (i, img) in &pushed {
+        let r = get_manifest(&client(), reg.url(&format!("/v2/team/app/manifests/p{i}"))).await;
+        assert_content(&r, &img.manifest.digest, &img.manifest.data, "a manifest pushed during GC");
+        for b in img.blobs() {
+            reg.assert_blob("team/app", &b.digest, &b.data).await;
+        }
+    }
+    for b in kept.blobs() {
+        reg.assert_blob("team/kept", &b.digest, &b.data).await;
+    }
+    let left = dangling(&root);
+    assert!(left.is_empty(), "{left:#?}");
+
+    // `stevedore gc`: a dry run names what would go and removes nothing; the run removes it.
+    // (The server runs without online GC for this part.)
+    let mut sd = sd;
+    sd.terminate(Duration::from_secs(20));
+    let mut sd = Stevedore::builder().config(&local_config("gc_interval = \"0s\"")).root(&root).start();
+    let r = sd.registry().delete(&format!("/v2/team/kept/manifests/{}", kept.manifest.digest)).await;
+    assert_eq!(r.status().as_u16(), 202);
+    sd.terminate(Duration::from_secs(20));
+    let gc_cfg = tmp.path().join("gc.toml");
+    std::fs::write(&gc_cfg, local_config("gc_grace = \"0s\"")).unwrap();
+    let out = cli(&["gc", "--config", s(&gc_cfg), "--root", s(&root), "--dry-run"], LIMIT);
+    assert!(out.status.success(), "{}", out.describe());
+    for b in kept.blobs() {
+        assert!(out.stdout.contains(&b.digest), "dry run does not name {}: {}", b.digest, out.stdout);
+        assert!(blob_path(&root, &b.digest).exists(), "a dry run removed {}", b.digest);
+    }
+    let out = cli(&["gc", "--config", s(&gc_cfg), "--root", s(&root)], LIMIT);
+    assert!(out.status.success(), "{}", out.describe());
+    for b in kept.blobs() {
+        assert!(!blob_path(&root, &b.digest).exists(), "gc left {}: {}", b.digest, out.stdout);
+    }
+    for (_, img) in &pushed {
+        for b in img.blobs() {
+            assert!(blob_path(&root, &b.digest).exists(), "gc removed {} of a kept manifest", b.digest);
+        }
+    }
+}
+
+/// fsck finds content whose bytes were altered on disk, a dangling link, a dangling tag and
+/// a leftover upload; exits non-zero; `--repair` fixes all of it and exits zero; a second
+/// run finds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsck_finds_corrupt_blobs_and_dangling_links_and_repair_fixes_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let cfg = local_config("");
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let reg = sd.registry();
+    let good = oci::make_image(2300, 2, 30_000, "amd64", "linux");
+    reg.push_image("team/good", &good, Some("v1")).await;
+    let bad = oci::make_image(2301, 2, 30_000, "amd64", "linux");
+    reg.push_image("team/bad", &bad, Some("v1")).await;
+    let lone = bytes(2302, 10_000);
+    let lone_digest = reg.push_blob("team/lone", &lone).await;
+    let _session = reg.start_upload("team/lone").await;
+    let mut sd = sd;
+    sd.terminate(Duration::from_secs(20));
+
+    // Altered bytes (same length), a blob gone from under its link.
+    let corrupt = &bad.layers[1].digest;
+    let path = blob_path(&root, corrupt);
+    let mut data = std::fs::read(&path).unwrap();
+    data[100] ^= 0xff;
+    std::fs::write(&path, &data).unwrap();
+    std::fs::remove_file(blob_path(&root, &lone_digest)).unwrap();
+    let fsck_cfg = tmp.path().join("fsck.toml");
+    // Any idle upload is a leftover for this run.
+    std::fs::write(&fsck_cfg, format!("[uploads]\nsession_ttl = \"1ms\"\n{}", local_config(""))).unwrap();
+    assert!(!ingest_leftovers(&root).is_empty(), "the upload session is not in the store");
+
+    let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root)], LIMIT);
+    assert!(!out.status.success(), "fsck found nothing: {}", out.describe());
+    assert!(out.stdout.contains(&format!("corrupt content {corrupt}")), "{}", out.stdout);
+    assert!(out.stdout.contains(&format!("dangling link team/lone@{lone_digest}")), "{}", out.stdout);
+    assert!(path.exists(), "fsck without --repair removed a blob");
+    assert!(ingest_leftovers(&root).is_empty(), "the leftover upload was not removed: {:?}", ingest_leftovers(&root));
+
+    let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root), "--repair", "--rebuild-index"], LIMIT);
+    assert!(out.status.success(), "fsck --repair: {}", out.describe());
+    assert!(!path.exists(), "the corrupt blob is still there");
+    assert!(
+        out.stdout.contains(&format!("manifest team/bad@{} needs absent content", bad.manifest.digest)),
+        "{}",
+        out.stdout
+    );
+    let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root)], LIMIT);
+    assert!(out.status.success() && !out.stdout.contains("problem:"), "after repair: {}", out.describe());
+    assert!(dangling(&root).is_empty(), "{:#?}", dangling(&root));
+    assert_blobs_intact(&root);
+
+    // The store serves what is sound; the broken image is gone, not half there.
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let reg = sd.registry();
+    for b in good.blobs() {
+        reg.assert_blob("team/good", &b.digest, &b.data).await;
+    }
+    let r = get_manifest(&client(), reg.url("/v2/team/bad/manifests/v1")).await;
+    assert_eq!(r.status, 404, "a manifest whose layer was corrupt is still served");
+    let r = read(client().get(reg.url(&format!("/v2/team/lone/blobs/{lone_digest}")))).await;
+    assert_eq!(r.status, 404);
 }

@@ -438,6 +438,12 @@ async fn commit(store: &Arc<Store>, mut loader: Loader, plan: Plan) -> Result<Im
             continue;
         }
         let existed = store.blob_size(&d).await?.is_some();
+        // Marked before it is visible: imported content is never evicted by the cache cap.
+        if let Err(e) = store.mark_imported(&d).await {
+            res = Err(e);
+            unwanted.insert(d, h);
+            continue;
+        }
         match store.publish(h.verified, &d).await {
             Ok(size) => {
                 report.blobs += 1;

@@ -164,7 +164,13 @@ async fn run(req: &FillRequest, ending: &Ending) -> Result<u64, FillError> {
     if req.upstream.offline {
         return Err(UpstreamError::Offline.into());
     }
-    let mut writer = req.store.begin_fill(&req.digest).await?;
+    // In use until committed and linked: eviction never takes content being filled.
+    let _in_use = req.store.hold(&req.digest);
+    let mut writer = req.store.begin_fill(&req.digest).await.inspect_err(|e| {
+        if e.is_full() {
+            req.store.space_needed();
+        }
+    })?;
     let _ = ending.fill.tail.set(writer.tail());
     let streamed = match tokio::time::timeout(req.timeout, stream(req, ending, writer.as_mut())).await {
         Ok(r) => r,
@@ -173,6 +179,9 @@ async fn run(req: &FillRequest, ending: &Ending) -> Result<u64, FillError> {
     let size = match streamed {
         Ok(size) => size,
         Err(e) => {
+            if matches!(&e, FillError::Store(s) if s.is_full()) {
+                req.store.space_needed();
+            }
             if let Err(a) = writer.abort().await {
                 tracing::warn!(digest = %req.digest, error = %a, "removing a failed fill's ingest");
             }

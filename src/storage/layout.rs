@@ -19,6 +19,12 @@
 //!   …/_manifests/tags/<tag>                  holds the tagged manifest's digest
 //!   …/_referrers/<alg>/<subject-hex>/<alg>-<hex>
 //!                                            the referrer's descriptor (JSON) for the subject
+//! meta/access/<alg>/<hex>                    when the content was last used (unix millis;
+//!                                            batched in memory, written periodically)
+//! meta/refs/<alg>/<hex>                      what a manifest references (JSON: needs,
+//!                                            children, subject); rebuilt from the manifest
+//! meta/imported/<alg>/<hex>                  the content was imported (air gap): never
+//!                                            evicted by the cache cap
 //! ```
 //!
 //! Name components never start with `_` (see [`RepoName`]), so they cannot collide with the
@@ -55,6 +61,32 @@ pub const BLOBS: &str = "blobs";
 pub const INGEST: &str = "ingest";
 pub const LOCAL_REPOS: &str = "repos";
 pub const CACHE_REPOS: &str = "cache";
+pub const META: &str = "meta";
+
+/// When content was last used.
+pub fn access(d: &Digest) -> Key {
+    Key(format!("{META}/access/{}/{}", d.algorithm().as_str(), d.hex()))
+}
+
+/// What a manifest references.
+pub fn refs(d: &Digest) -> Key {
+    Key(format!("{META}/refs/{}/{}", d.algorithm().as_str(), d.hex()))
+}
+
+/// The content was imported.
+pub fn imported(d: &Digest) -> Key {
+    Key(format!("{META}/imported/{}/{}", d.algorithm().as_str(), d.hex()))
+}
+
+/// A repository's blob links (`<alg>/<hex>` below).
+pub fn layers_dir(r: &Repo) -> Key {
+    repo(r).join("_layers")
+}
+
+/// A repository's manifest revisions (`<alg>/<hex>` below).
+pub fn revisions_dir(r: &Repo) -> Key {
+    repo(r).join("_manifests/revisions")
+}
 
 pub fn blob(d: &Digest) -> Key {
     Key(format!("{BLOBS}/{}/{}/{}", d.algorithm().as_str(), &d.hex()[..2], d.hex()))

@@ -10,6 +10,7 @@
 
 pub mod backend;
 mod fs;
+pub mod index;
 pub mod layout;
 mod repo;
 mod uploads;
@@ -24,6 +25,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
+pub use index::{InUse, Refs};
 pub use repo::{ManifestPut, StoredManifest};
 pub use uploads::{Upload, UploadId, UploadWriter};
 
@@ -118,6 +120,8 @@ pub struct Store {
     link_lock: Mutex<()>,
     sessions: Locks,
     catalog: Catalog,
+    /// Access batch, content in use, space pressure (`index.rs`).
+    records: Arc<index::Records>,
 }
 
 impl Store {
@@ -136,6 +140,7 @@ impl Store {
             link_lock: Mutex::new(()),
             sessions: Locks::default(),
             catalog: Catalog::default(),
+            records: Arc::default(),
         })
     }
 
@@ -154,10 +159,16 @@ impl Store {
     /// `len` bytes of committed content from `start`, streamed; `None` when it is gone.
     pub async fn read_blob(&self, d: &Digest, start: u64, len: u64) -> StoreResult<Option<ByteStream>> {
         let r = self.backend.read(d, start, len).await?;
-        if r.is_none() {
-            self.sizes.invalidate(d);
+        match r {
+            None => {
+                self.sizes.invalidate(d);
+                Ok(None)
+            }
+            Some(s) => {
+                self.touch(d);
+                Ok(Some(self.held_stream(d, s)))
+            }
         }
-        Ok(r)
     }
 
     /// Size of a blob if it is committed *and* linked into `repo`.
@@ -165,7 +176,11 @@ impl Store {
         if !self.is_linked(repo, d).await? {
             return Ok(None);
         }
-        self.blob_size(d).await
+        let size = self.blob_size(d).await?;
+        if size.is_some() {
+            self.touch(d);
+        }
+        Ok(size)
     }
 
     async fn is_linked(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
@@ -186,6 +201,8 @@ impl Store {
 
     /// Makes a committed blob visible in `repo`.
     pub async fn link_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<()> {
+        let _no_removal = self.records.removing.read().await;
+        self.touch(d);
         let key = layout::layer_link(repo, d);
         if !self.backend.exists(&key).await? {
             self.backend.put(&key, b"").await?;
@@ -233,8 +250,13 @@ impl Store {
 
     /// Commits verified content and records it.
     pub async fn publish(&self, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
+        // Used now, recorded before it is visible: a collection that sees the content sees
+        // that it is new.
+        self.touch(d);
+        self.record_access_now(d).await;
         let size = v.commit().await?;
         self.sizes.insert(d.clone(), size);
+        self.note_committed(size);
         Ok(size)
     }
 

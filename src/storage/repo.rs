@@ -31,8 +31,19 @@ pub struct ManifestPut<'a> {
 impl Store {
     /// Stores a manifest's exact bytes and records it (and its tags and referrer entry) in `repo`.
     pub async fn put_manifest(&self, repo: &Repo, m: ManifestPut<'_>) -> StoreResult<()> {
+        let _no_removal = self.records.removing.read().await;
         let stored = self.put_bytes(m.digest.algorithm(), m.bytes).await?;
         debug_assert_eq!(&stored, m.digest);
+        // What it references is recorded before the manifest is visible in `repo`, and the
+        // manifest and its blobs count as used now (a collection running meanwhile keeps them).
+        if let Ok(parsed) = crate::oci::manifest::parse(m.bytes, Some(m.media_type)) {
+            let refs = super::Refs::of(&parsed);
+            self.touch(m.digest);
+            for d in &refs.needs {
+                self.touch(d);
+            }
+            self.record_refs(m.digest, &refs).await?;
+        }
         if let Some((subject, desc)) = &m.referrer {
             self.backend.put(&layout::referrer(repo, subject, m.digest), desc.to_string().as_bytes()).await?;
         }
@@ -66,6 +77,7 @@ impl Store {
     pub async fn manifest_info(&self, repo: &Repo, d: &Digest) -> StoreResult<Option<StoredManifest>> {
         let Some((media_type, _)) = self.backend.get(&layout::revision(repo, d)).await? else { return Ok(None) };
         let Some(size) = self.blob_size(d).await? else { return Ok(None) };
+        self.touch(d);
         Ok(Some(StoredManifest {
             digest: d.clone(),
             media_type: String::from_utf8_lossy(&media_type).into_owned(),

@@ -123,3 +123,59 @@ pub fn assert_blobs_intact(root: &Path) -> usize {
     }
     checked
 }
+
+/// Every manifest revision in the store as `(repo, digest)` (`repo` relative to `repos/` or
+/// `cache/`, as in [`repo_dirs`]).
+pub fn revisions(root: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for repo in repo_dirs(root) {
+        for tree in ["repos", "cache"] {
+            let dir = root.join(tree).join(&repo).join("_manifests/revisions");
+            for alg in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let alg_name = alg.file_name().to_string_lossy().into_owned();
+                for f in std::fs::read_dir(alg.path()).into_iter().flatten().flatten() {
+                    out.push((repo.clone(), format!("{alg_name}:{}", f.file_name().to_string_lossy())));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What is present but references something absent that it needs: a manifest revision
+/// whose bytes, config or layers are missing from `blobs/`, a tag pointing at a manifest
+/// the repository does not hold. Empty for a coherent store.
+pub fn dangling(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let revs = revisions(root);
+    for (repo, d) in &revs {
+        let path = blob_path(root, d);
+        let Ok(bytes) = std::fs::read(&path) else {
+            out.push(format!("{repo}@{d}: manifest bytes absent"));
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let needs = v["config"]["digest"]
+            .as_str()
+            .into_iter()
+            .chain(v["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str()));
+        for n in needs {
+            if !blob_path(root, n).exists() {
+                out.push(format!("{repo}@{d}: needs absent {n}"));
+            }
+        }
+    }
+    for repo in repo_dirs(root) {
+        for tree in ["repos", "cache"] {
+            let dir = root.join(tree).join(&repo).join("_manifests/tags");
+            for t in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let target = std::fs::read_to_string(t.path()).unwrap_or_default();
+                if !revs.iter().any(|(r, d)| r == &repo && d == target.trim()) {
+                    out.push(format!("{repo}:{} → {target}: no such manifest", t.file_name().to_string_lossy()));
+                }
+            }
+        }
+    }
+    out
+}

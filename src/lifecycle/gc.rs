@@ -1,0 +1,118 @@
+//! Garbage collection: after manifest and tag deletes, the blobs no manifest references are
+//! reclaimed.
+//!
+//! 1. In every local repository, a blob link that no manifest of the repository needs is
+//!    removed, unless the link or a use of the blob is younger than the grace period (a blob
+//!    uploaded for a manifest not pushed yet, or checked by a push under way).
+//! 2. Content no repository links and no manifest needs (and not in use, and unused for the
+//!    grace period) is deleted.
+//!
+//! Safe against concurrent pushes: a push links its blobs on upload and checks them
+//! (a recorded use) before its manifest is stored, and every manifest's references are read
+//! again just before a repository's links are removed; the grace period covers the rest.
+//! A `stevedore gc` in another process sees another process's uses only once they were
+//! flushed (`cache.access_flush_interval`, far below the default `cache.gc_grace`).
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use crate::oci::Digest;
+use crate::storage::{Repo, Store, StoreResult};
+
+#[derive(Clone, Debug, Default)]
+pub struct GcReport {
+    pub dry_run: bool,
+    /// Blob links removed from local repositories.
+    pub unlinked: usize,
+    /// Pieces of content deleted, and their bytes.
+    pub deleted: usize,
+    pub bytes: u64,
+    /// What was (or, in a dry run, would be) removed: `repo@digest` links, then digests.
+    pub removed: Vec<String>,
+}
+
+/// Manifests of `repo` and everything they need.
+async fn marked(store: &Store, repo: &Repo) -> StoreResult<HashSet<Digest>> {
+    let mut out = HashSet::new();
+    for (m, _) in store.repo_manifests(repo).await? {
+        if let Some(refs) = store.references(repo, &m).await? {
+            out.extend(refs.needs);
+        }
+        out.insert(m);
+    }
+    Ok(out)
+}
+
+async fn recent(store: &Store, d: &Digest, since: SystemTime) -> StoreResult<bool> {
+    Ok(store.in_use(d) || store.last_access(d).await?.is_some_and(|t| t >= since))
+}
+
+pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResult<GcReport> {
+    let mut r = GcReport { dry_run, ..GcReport::default() };
+    let since = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+    let repos = store.repositories().await?;
+    let mut referenced: HashSet<Digest> = HashSet::new();
+    for repo in &repos {
+        let links = store.repo_links(repo).await?;
+        let mut keep = marked(store, repo).await?;
+        if let Repo::Local(_) = repo {
+            let mut doomed = Vec::new();
+            for (b, linked_at) in &links {
+                if keep.contains(b) || *linked_at >= since || recent(store, b, since).await? {
+                    continue;
+                }
+                doomed.push(b.clone());
+            }
+            // No manifest is stored or blob linked meanwhile; one pushed since the mark keeps
+            // what it needs.
+            let _removal = if doomed.is_empty() { None } else { Some(store.removal().await) };
+            if !doomed.is_empty() {
+                keep = marked(store, repo).await?;
+            }
+            for b in &doomed {
+                if keep.contains(b) || recent(store, b, since).await? {
+                    continue;
+                }
+                if !dry_run {
+                    store.unlink_blob(repo, b).await?;
+                }
+                r.unlinked += 1;
+                r.removed.push(format!("{repo}@{b}"));
+            }
+            let doomed: HashSet<&Digest> = doomed.iter().collect();
+            referenced
+                .extend(links.iter().map(|(d, _)| d).filter(|d| !doomed.contains(d) || keep.contains(*d)).cloned());
+        } else {
+            referenced.extend(links.into_iter().map(|(d, _)| d));
+        }
+        referenced.extend(keep);
+    }
+    // Repositories created since the mark count too.
+    let repos = store.repositories().await?;
+    for (d, size) in store.contents().await? {
+        if referenced.contains(&d) || recent(store, &d, since).await? {
+            continue;
+        }
+        if !dry_run {
+            let _removal = store.removal().await;
+            if recent(store, &d, since).await? {
+                continue;
+            }
+            // Linked or stored as a manifest since the walk: kept.
+            let mut relinked = false;
+            for repo in &repos {
+                if store.linked(repo, &d).await? || store.has_revision(repo, &d).await? {
+                    relinked = true;
+                    break;
+                }
+            }
+            if relinked || !store.delete_content(&d).await? {
+                continue;
+            }
+        }
+        r.deleted += 1;
+        r.bytes += size;
+        r.removed.push(d.to_string());
+    }
+    Ok(r)
+}

@@ -1,0 +1,321 @@
+//! The lifecycle records, kept in the backend as small metadata objects (see [`layout`]):
+//! when content was last used, what each manifest references, which content was imported.
+//!
+//! Why in the backend rather than an embedded database: they then hold on every backend (a
+//! bucket shared by replicas included), and `gc`, `fsck` and `import` can read and write them
+//! while `serve` runs, with no database that only one process may open. Each record is one
+//! object per digest, so there is nothing to merge and nothing a crash can leave half-written
+//! (puts are atomic). All of them can be rebuilt from the store: references from the
+//! manifests' bytes, access times as "now" (`stevedore fsck --rebuild-index`, or lazily when a
+//! record is missing).
+//!
+//! Accesses are cheap: a hit records the digest and the time in memory
+//! ([`Records::touch`]); [`Store::flush_access`] writes the batch (one object per digest used
+//! since the last flush), periodically and at shutdown. A commit records its access at once,
+//! so content always has a durable record from the moment it is visible.
+//!
+//! Open reads and fills hold an [`InUse`] guard: eviction and GC never delete content in use.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use super::layout;
+use super::{ByteStream, Repo, Store, StoreResult};
+use crate::oci::{manifest, Digest};
+
+/// What a manifest references.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Refs {
+    /// Content a puller needs: the config and the layers (not embedded, distributable).
+    pub needs: Vec<Digest>,
+    /// Child manifests of an index (absent children are normal: pulled per platform).
+    pub children: Vec<Digest>,
+    pub subject: Option<Digest>,
+}
+
+impl Refs {
+    pub fn of(m: &manifest::Manifest) -> Refs {
+        let mut needs = Vec::new();
+        for r in m.required() {
+            if let manifest::Required::Blob(d) = r {
+                needs.push(d);
+            }
+        }
+        Refs {
+            needs,
+            children: m.manifests.iter().map(|d| d.digest.clone()).collect(),
+            subject: m.subject.as_ref().map(|s| s.digest.clone()),
+        }
+    }
+}
+
+/// In-memory state of the records: the access batch and the content in use.
+#[derive(Default)]
+pub struct Records {
+    /// digest → unix milliseconds of its latest use not yet written.
+    pending: Mutex<HashMap<Digest, u64>>,
+    /// digest → open reads and fills.
+    in_use: Mutex<HashMap<Digest, usize>>,
+    /// Bytes committed since the last usage scan (an estimate between scans).
+    pub(crate) committed_since_scan: AtomicU64,
+    /// Raised when usage must be checked now (a write hit ENOSPC, or the estimate passed the cap).
+    pub(crate) pressure: tokio::sync::Notify,
+    /// Held (shared) while a manifest is stored or a blob linked; held exclusively while
+    /// eviction or GC removes one unit, so no manifest is stored in the middle of it.
+    pub(crate) removing: tokio::sync::RwLock<()>,
+    /// Set with [`Records::pressure`] when a write found the store full.
+    pub(crate) full: std::sync::atomic::AtomicBool,
+    /// Proxied bytes at the last scan, and the high watermark (0: no cap).
+    pub(crate) proxied_at_scan: AtomicU64,
+    pub(crate) high_mark: AtomicU64,
+}
+
+/// Milliseconds since the epoch (access records are kept to the millisecond: LRU order).
+pub fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+pub fn from_unix(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl Records {
+    pub fn touch(&self, d: &Digest) {
+        let now = unix_now();
+        let mut p = self.pending.lock().unwrap();
+        match p.get_mut(d) {
+            Some(t) => *t = now,
+            None => {
+                p.insert(d.clone(), now);
+            }
+        }
+    }
+
+    fn pending(&self, d: &Digest) -> Option<u64> {
+        self.pending.lock().unwrap().get(d).copied()
+    }
+}
+
+/// Content held in use (an open read, a fill); released when dropped.
+pub struct InUse {
+    records: Arc<Records>,
+    digest: Digest,
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut m = self.records.in_use.lock().unwrap();
+        if let Some(n) = m.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.digest);
+            }
+        }
+    }
+}
+
+impl Store {
+    /// Records a use of `d` (in memory; written by [`Store::flush_access`]).
+    pub fn touch(&self, d: &Digest) {
+        self.records.touch(d);
+    }
+
+    /// Holds `d` in use until the guard is dropped: never evicted or collected meanwhile.
+    pub fn hold(&self, d: &Digest) -> InUse {
+        *self.records.in_use.lock().unwrap().entry(d.clone()).or_insert(0) += 1;
+        InUse { records: self.records.clone(), digest: d.clone() }
+    }
+
+    pub fn in_use(&self, d: &Digest) -> bool {
+        self.records.in_use.lock().unwrap().contains_key(d)
+    }
+
+    /// A content stream that holds `d` in use until it is dropped.
+    pub(crate) fn held_stream(&self, d: &Digest, s: ByteStream) -> ByteStream {
+        let guard = self.hold(d);
+        Box::pin(s.map(move |chunk| {
+            let _ = &guard;
+            chunk
+        }))
+    }
+
+    /// Writes the batched accesses; returns how many records were written. Records that
+    /// could not be written (a full store) stay in the batch.
+    pub async fn flush_access(&self) -> usize {
+        let batch: Vec<(Digest, u64)> = self.records.pending.lock().unwrap().drain().collect();
+        let mut written = 0;
+        let mut failed = Vec::new();
+        for (d, t) in batch {
+            match self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await {
+                Ok(()) => written += 1,
+                Err(_) => failed.push((d, t)),
+            }
+        }
+        if !failed.is_empty() {
+            let mut p = self.records.pending.lock().unwrap();
+            for (d, t) in failed {
+                let e = p.entry(d).or_insert(t);
+                *e = (*e).max(t);
+            }
+        }
+        written
+    }
+
+    /// Records the use of `d` durably now (a commit).
+    pub(crate) async fn record_access_now(&self, d: &Digest) {
+        let _ = self.backend.put(&layout::access(d), unix_now().to_string().as_bytes()).await;
+    }
+
+    /// When `d` was last used: the batch in memory, else the durable record (`None`: no
+    /// record).
+    pub async fn last_access(&self, d: &Digest) -> StoreResult<Option<SystemTime>> {
+        if let Some(t) = self.records.pending(d) {
+            return Ok(Some(from_unix(t)));
+        }
+        let Some((raw, written)) = self.backend.get(&layout::access(d)).await? else { return Ok(None) };
+        let t = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
+        Ok(Some(t.map(from_unix).unwrap_or(written)))
+    }
+
+    /// Writes an access record of "now" for content that has none (a lost index).
+    pub async fn ensure_access(&self, d: &Digest) -> StoreResult<SystemTime> {
+        match self.last_access(d).await? {
+            Some(t) => Ok(t),
+            None => {
+                self.record_access_now(d).await;
+                Ok(SystemTime::now())
+            }
+        }
+    }
+
+    /// Records what a stored manifest references.
+    pub(crate) async fn record_refs(&self, d: &Digest, refs: &Refs) -> StoreResult<()> {
+        self.backend.put(&layout::refs(d), &serde_json::to_vec(refs).expect("refs serialise")).await
+    }
+
+    /// What manifest `d` (in `repo`) references: its record, rebuilt from the manifest's bytes
+    /// when missing. `None` when the manifest is not in `repo` or cannot be read.
+    pub async fn references(&self, repo: &Repo, d: &Digest) -> StoreResult<Option<Refs>> {
+        if let Some((raw, _)) = self.backend.get(&layout::refs(d)).await? {
+            if let Ok(r) = serde_json::from_slice::<Refs>(&raw) {
+                return Ok(Some(r));
+            }
+        }
+        self.rebuild_refs(repo, d).await
+    }
+
+    /// Parses manifest `d` of `repo` and writes its reference record.
+    pub async fn rebuild_refs(&self, repo: &Repo, d: &Digest) -> StoreResult<Option<Refs>> {
+        let Some((media_type, _)) = self.backend.get(&layout::revision(repo, d)).await? else { return Ok(None) };
+        let Some(bytes) = self.backend.read_small(d).await? else { return Ok(None) };
+        let media_type = String::from_utf8_lossy(&media_type).into_owned();
+        let ct = (!media_type.is_empty()).then_some(media_type.as_str());
+        let Ok(m) = manifest::parse(&bytes, ct) else { return Ok(None) };
+        let refs = Refs::of(&m);
+        let _ = self.record_refs(d, &refs).await;
+        Ok(Some(refs))
+    }
+
+    /// Marks content as imported (never evicted by the cache cap). Written before the content
+    /// is made visible.
+    pub async fn mark_imported(&self, d: &Digest) -> StoreResult<()> {
+        self.backend.put(&layout::imported(d), b"").await
+    }
+
+    pub async fn is_imported(&self, d: &Digest) -> StoreResult<bool> {
+        self.backend.exists(&layout::imported(d)).await
+    }
+
+    /// Removes committed content and every record of it (eviction, GC, fsck).
+    pub async fn delete_content(&self, d: &Digest) -> StoreResult<bool> {
+        let removed = self.backend.delete(d).await?;
+        self.sizes.invalidate(d);
+        for key in [layout::access(d), layout::refs(d), layout::imported(d)] {
+            let _ = self.backend.remove(&key).await;
+        }
+        Ok(removed)
+    }
+
+    /// Every piece of committed content with its size.
+    pub async fn contents(&self) -> StoreResult<Vec<(Digest, u64)>> {
+        self.backend.walk().await
+    }
+
+    /// `len` bytes of committed content, not counted as a use (fsck).
+    pub async fn read_raw(&self, d: &Digest) -> StoreResult<Option<ByteStream>> {
+        let Some(size) = self.backend.stat(d).await? else { return Ok(None) };
+        self.backend.read(d, 0, size).await
+    }
+
+    /// The digests linked in `repo` (`_layers`) with when each link was written.
+    pub async fn repo_links(&self, repo: &Repo) -> StoreResult<Vec<(Digest, SystemTime)>> {
+        self.digests_below(&layout::layers_dir(repo)).await
+    }
+
+    /// The manifests in `repo` (revisions) with when each was recorded.
+    pub async fn repo_manifests(&self, repo: &Repo) -> StoreResult<Vec<(Digest, SystemTime)>> {
+        self.digests_below(&layout::revisions_dir(repo)).await
+    }
+
+    async fn digests_below(&self, dir: &layout::Key) -> StoreResult<Vec<(Digest, SystemTime)>> {
+        let mut out = Vec::new();
+        for alg in self.backend.list(dir).await? {
+            let alg_dir = layout::child(dir, &alg);
+            for hex in self.backend.list(&alg_dir).await? {
+                let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() else { continue };
+                let Some((_, t)) = self.backend.get(&layout::child(&alg_dir, &hex)).await? else { continue };
+                out.push((d, t));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether `d` is linked as a blob in `repo` (not counted as a use).
+    pub async fn linked(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
+        self.is_linked(repo, d).await
+    }
+
+    /// Whether `repo` holds a manifest revision for `d`.
+    pub async fn has_revision(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
+        self.backend.exists(&layout::revision(repo, d)).await
+    }
+
+    /// Every tag of `repo` with the digest it points at (unreadable tags as `None`).
+    pub async fn tags_with_targets(&self, repo: &Repo) -> StoreResult<Vec<(crate::oci::Tag, Option<Digest>)>> {
+        let mut out = Vec::new();
+        for t in self.list_tags(repo).await?.unwrap_or_default() {
+            let d = self.resolve_tag(repo, &t).await?;
+            out.push((t, d));
+        }
+        Ok(out)
+    }
+
+    /// Committed bytes since the last scan, and the hint that space is needed.
+    pub(crate) fn note_committed(&self, size: u64) {
+        let since = self.records.committed_since_scan.fetch_add(size, Ordering::AcqRel) + size;
+        let high = self.records.high_mark.load(Ordering::Acquire);
+        if high > 0 && self.records.proxied_at_scan.load(Ordering::Acquire) + since > high {
+            self.records.pressure.notify_one();
+        }
+    }
+
+    /// Asks the lifecycle task to free space now (a write hit ENOSPC).
+    pub fn space_needed(&self) {
+        self.records.full.store(true, Ordering::Release);
+        self.records.pressure.notify_one();
+    }
+
+    pub fn records(&self) -> &Records {
+        &self.records
+    }
+
+    /// Excludes manifest puts and blob links while content is removed (eviction, GC).
+    pub async fn removal(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.records.removing.write().await
+    }
+}

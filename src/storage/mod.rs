@@ -12,6 +12,7 @@ pub mod backend;
 mod fs;
 pub mod layout;
 mod repo;
+mod s3;
 mod uploads;
 
 use std::collections::{BTreeSet, HashMap};
@@ -25,6 +26,7 @@ use moka::sync::Cache;
 
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
 pub use repo::{ManifestPut, StoredManifest};
+pub use s3::S3Backend;
 pub use uploads::{Upload, UploadId, UploadWriter};
 
 use crate::oci::{Algorithm, Digest, RepoName};

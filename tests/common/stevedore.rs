@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::http::Registry;
 use super::proc::{self, Daemon};
+use super::s3::{Backend, Bucket};
 
 /// One request as Stevedore logged it.
 #[derive(Clone, Debug)]
@@ -68,9 +69,18 @@ pub struct Builder {
     rust_log: String,
     log_format: LogFormat,
     env: Vec<(String, String)>,
+    backend: Backend,
 }
 
 impl Builder {
+    /// The storage backend (default: [`super::s3::suite_backend`], S3 in the `*_s3` twin
+    /// binaries). On S3 the server runs on moto, in the bucket of its store root
+    /// ([`Bucket::for_root`]), and its root is local scratch only.
+    pub fn backend(mut self, backend: Backend) -> Builder {
+        self.backend = backend;
+        self
+    }
+
     /// Config file, logs and (unless [`Builder::root`]) the store go under `dir` instead of a
     /// temporary directory of the server's own.
     pub fn dir(mut self, dir: &Path) -> Builder {
@@ -143,7 +153,26 @@ impl Builder {
             LogFormat::Text => "text",
         });
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--root").arg(&root);
-        let config = self.config.as_ref().map(|text| {
+        let bucket = (self.backend == Backend::S3).then(|| Bucket::for_root(&root));
+        let text = match (&self.config, &bucket) {
+            (Some(text), None) => Some(text.clone()),
+            (None, None) => None,
+            // The bucket's settings go into the config (one written for the purpose when the
+            // test gives none).
+            (text, Some(b)) => {
+                let text = text.clone().unwrap_or_else(|| "[proxy]\ndefault_upstream = \"\"\n".into());
+                Some(match text.find("[storage]\n") {
+                    Some(at) => {
+                        let (head, tail) = text.split_at(at + "[storage]\n".len());
+                        let s3 = b.config();
+                        let (backend_line, s3_section) = s3.split_once("\n\n").unwrap();
+                        format!("{head}{backend_line}\n{tail}\n{s3_section}")
+                    }
+                    None => format!("{text}\n[storage]\n{}", b.config()),
+                })
+            }
+        };
+        let config = text.as_ref().map(|text| {
             check_loopback_only(text);
             let cfg = dir.join("stevedore.toml");
             std::fs::write(&cfg, text).unwrap();
@@ -159,7 +188,7 @@ impl Builder {
                 "test server given a non-loopback --upstream {u:?}"
             ),
             Some(None) => panic!("--upstream without a value"),
-            None if config.is_none() => {
+            None if self.config.is_none() => {
                 cmd.arg("--upstream").arg("none");
             }
             None => {}
@@ -177,7 +206,16 @@ impl Builder {
             .unwrap();
         let mut daemon = Daemon::spawn("stevedore", cmd, &log);
         let addr = wait_for_listen_line(&mut daemon, Duration::from_secs(30));
-        Stevedore { daemon, addr, root, config, log_format: self.log_format, sentinels: AtomicUsize::new(0), _tmp: tmp }
+        Stevedore {
+            daemon,
+            addr,
+            root,
+            config,
+            bucket,
+            log_format: self.log_format,
+            sentinels: AtomicUsize::new(0),
+            _tmp: tmp,
+        }
     }
 }
 
@@ -212,6 +250,8 @@ pub struct Stevedore {
     root: PathBuf,
     /// The config file it runs on, if any.
     pub config: Option<PathBuf>,
+    /// Its bucket, when it runs on S3.
+    pub bucket: Option<Bucket>,
     log_format: LogFormat,
     sentinels: AtomicUsize,
     /// Set when Stevedore runs in a temporary directory of its own.
@@ -257,6 +297,7 @@ impl Stevedore {
             rust_log: "warn,stevedore::access=info".into(),
             log_format: LogFormat::Json,
             env: Vec::new(),
+            backend: super::s3::suite_backend(),
         }
     }
 

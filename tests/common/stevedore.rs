@@ -70,6 +70,7 @@ pub struct Builder {
     log_format: LogFormat,
     env: Vec<(String, String)>,
     backend: Backend,
+    s3_settings: Vec<String>,
 }
 
 impl Builder {
@@ -78,6 +79,13 @@ impl Builder {
     /// ([`Bucket::for_root`]), and its root is local scratch only.
     pub fn backend(mut self, backend: Backend) -> Builder {
         self.backend = backend;
+        self
+    }
+
+    /// A `[storage.s3]` line (`buffer_memory = "10MiB"`) for a server on S3; ignored on the
+    /// filesystem.
+    pub fn s3_setting(mut self, line: &str) -> Builder {
+        self.s3_settings.push(line.to_string());
         self
     }
 
@@ -164,11 +172,11 @@ impl Builder {
                 Some(match text.find("[storage]\n") {
                     Some(at) => {
                         let (head, tail) = text.split_at(at + "[storage]\n".len());
-                        let s3 = b.config();
+                        let s3 = b.config() + &self.s3_settings.join("\n");
                         let (backend_line, s3_section) = s3.split_once("\n\n").unwrap();
                         format!("{head}{backend_line}\n{tail}\n{s3_section}")
                     }
-                    None => format!("{text}\n[storage]\n{}", b.config()),
+                    None => format!("{text}\n[storage]\n{}{}\n", b.config(), self.s3_settings.join("\n")),
                 })
             }
         };
@@ -298,6 +306,7 @@ impl Stevedore {
             log_format: LogFormat::Json,
             env: Vec::new(),
             backend: super::s3::suite_backend(),
+            s3_settings: Vec::new(),
         }
     }
 

@@ -340,8 +340,7 @@ impl S3Writer {
             (self.s3.clone(), self.target(), self.state.upload.clone().expect("created"), self.hold.clone());
         self.in_flight = Some(tokio::spawn(async move {
             let _hold = hold;
-            let _slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
-            let payload = read_part(file, len).await?;
+            let payload = read_part(&s3, file, len).await?;
             s3.store.put_part(&path, &upload, idx, payload).await.map_err(io)
         }));
         Ok(())
@@ -421,15 +420,74 @@ fn part_file(dir: &std::path::Path, idx: usize) -> PathBuf {
     dir.join((idx + 1).to_string())
 }
 
-/// The first `len` bytes of a part file, in memory (one part of the budget).
-async fn read_part(file: Arc<File>, len: u64) -> StoreResult<PutPayload> {
+/// A part in memory while it is sent: its own anonymous mapping, unmapped (and its slot of
+/// the budget released) when the last `Bytes` of it is dropped. Not the allocator: glibc raises
+/// its mmap threshold after a large free, and parts freed on one thread's arena would then stay
+/// resident beside new ones allocated on another's.
+struct PartBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+// SAFETY: the mapping is owned by this value alone; it is only read through `as_ref` after
+// being filled, and unmapped once, on drop.
+unsafe impl Send for PartBuf {}
+unsafe impl Sync for PartBuf {}
+
+impl PartBuf {
+    fn new(len: usize, slot: tokio::sync::OwnedSemaphorePermit) -> std::io::Result<PartBuf> {
+        // SAFETY: a fresh private anonymous mapping of `len.max(1)` bytes; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(PartBuf { ptr, len, _slot: slot })
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for PartBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: as in `as_mut`; no mutable borrow outlives the filling.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PartBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, exactly once.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len.max(1));
+        }
+    }
+}
+
+/// The first `len` bytes of a part file, in memory, holding one slot of the budget until the
+/// payload is dropped.
+async fn read_part(s3: &S3, file: Arc<File>, len: u64) -> StoreResult<PutPayload> {
+    let slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
     let buf = super::super::fs::blocking(move || {
-        let mut buf = vec![0u8; len as usize];
-        file.read_exact_at(&mut buf, 0)?;
+        let mut buf = PartBuf::new(len as usize, slot)?;
+        file.read_exact_at(buf.as_mut(), 0)?;
         Ok(buf)
     })
     .await?;
-    Ok(PutPayload::from(buf))
+    Ok(PutPayload::from_bytes(Bytes::from_owner(buf)))
 }
 
 #[async_trait]
@@ -586,9 +644,8 @@ impl S3Verified {
         if w.state.upload.is_none() && !w.completed {
             // It fits in one part: one PUT of the verified spool under the final key.
             let file = w.tail.files.lock().unwrap().get(&0).cloned();
-            let _slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
             let payload = match file {
-                Some(f) => read_part(f, rest).await?,
+                Some(f) => read_part(&s3, f, rest).await?,
                 None => PutPayload::new(),
             };
             s3.store.put(&blob, payload).await.map_err(io)?;

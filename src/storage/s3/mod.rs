@@ -186,7 +186,7 @@ fn absent<T>(r: object_store::Result<T>) -> StoreResult<Option<T>> {
 
 /// The last component of an object path or common prefix.
 fn last_part(p: &Path) -> Option<String> {
-    p.parts().last().map(|part| part.as_ref().to_string())
+    p.parts().next_back().map(|part| part.as_ref().to_string())
 }
 
 #[async_trait]
@@ -206,7 +206,7 @@ impl Backend for S3Backend {
         let opts = GetOptions { range: Some(GetRange::Bounded(start..start + len)), ..GetOptions::default() };
         let Some(r) = absent(self.0.store.get_opts(&path, opts).await)? else { return Ok(None) };
         // The stream must end with an error, never cleanly, when the object is short.
-        let body = r.into_stream().map_err(|e| std::io::Error::other(e));
+        let body = r.into_stream().map_err(std::io::Error::other);
         let checked = futures::stream::unfold((body, 0u64, false), move |(mut body, got, done)| async move {
             if done {
                 return None;

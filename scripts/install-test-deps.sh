@@ -10,6 +10,7 @@
 #   podman           - podman (registries.conf mirrors), tests/clients.rs
 #   docker.io        - dockerd + docker CLI (registry-mirrors), tests/clients.rs
 #   runc             - OCI runtime the three above depend on (checked explicitly)
+#   moto_server      - PyPI moto[server] (pip, in a virtualenv): S3 for the *_s3 test twins
 # The container engines are installed without their services running: a policy-rc.d
 # refuses every service start during the install, and systemd units are disabled after
 # it when systemd runs. The tests start private daemons with state in temporary dirs.
@@ -38,6 +39,42 @@ declare -A units=([docker-registry]="docker-registry" [containerd]="containerd"
 is_installed() {
     [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
 }
+
+# moto_server (PyPI `moto[server]`): S3 for the `*_s3` twins of the suites. Installed with
+# pip into a virtualenv of its own (~/.cache/stevedore-test-venv, where tests/common/s3.rs
+# looks when it is not on PATH), so no system Python is touched. Only for the default set.
+install_moto() {
+    if command -v moto_server >/dev/null 2>&1; then
+        return 0
+    fi
+    local venv="${HOME}/.cache/stevedore-test-venv"
+    if [[ -x "$venv/bin/moto_server" ]]; then
+        return 0
+    fi
+    echo "install-test-deps: installing moto[server] (pip) into $venv"
+    if ! command -v python3 >/dev/null 2>&1; then
+        echo "install-test-deps: ERROR: python3 not found; moto_server (PyPI moto[server]) is needed for the S3 tests" >&2
+        exit 1
+    fi
+    if ! python3 -m venv "$venv" 2>/dev/null; then
+        # Debian's python3 lacks venv without python3-venv.
+        "${sudo[@]}" apt-get install -y -q --no-install-recommends python3-venv python3-pip </dev/null || true
+        python3 -m venv "$venv" || { echo "install-test-deps: ERROR: cannot create a virtualenv at $venv" >&2; exit 1; }
+    fi
+    "$venv/bin/pip" install -q 'moto[server]>=5,<6' || {
+        echo "install-test-deps: ERROR: pip install moto[server] failed" >&2
+        exit 1
+    }
+    [[ -x "$venv/bin/moto_server" ]] || { echo "install-test-deps: ERROR: moto_server missing after install" >&2; exit 1; }
+}
+
+sudo=()
+if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null 2>&1; then
+    sudo=(sudo -n)
+fi
+if ((! $#)); then
+    install_moto
+fi
 
 missing=()
 for p in "${packages[@]}"; do

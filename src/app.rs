@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::proxy::Proxy;
-use crate::storage::{Store, StoreConfig};
+use crate::storage::{S3Backend, Store, StoreConfig};
 
 pub struct App {
     pub cfg: Config,
@@ -24,12 +24,20 @@ impl App {
         cfg: Config,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> anyhow::Result<Arc<App>> {
-        let store = Store::open(&StoreConfig {
-            root: cfg.storage.root.clone(),
-            fsync: cfg.storage.fsync,
-            descriptor_cache_capacity: cfg.cache.descriptors,
-        })
-        .await?;
+        let store = match cfg.storage.backend {
+            BackendKind::Fs => {
+                Store::open(&StoreConfig {
+                    root: cfg.storage.root.clone(),
+                    fsync: cfg.storage.fsync,
+                    descriptor_cache_capacity: cfg.cache.descriptors,
+                })
+                .await?
+            }
+            BackendKind::S3 => {
+                let s3 = S3Backend::open(&cfg.storage.s3, &cfg.storage.root, cfg.storage.fsync).await?;
+                Store::with_backend(Arc::new(s3), cfg.cache.descriptors)
+            }
+        };
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?;
         let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);

@@ -466,10 +466,183 @@ impl RateLimitConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Root directory of the filesystem store.
+    /// Where content lives: `fs` (under `root`) or `s3` (`[storage.s3]`).
+    pub backend: BackendKind,
+    /// Root directory of the filesystem store; with `backend = "s3"`, local scratch space
+    /// (spools of writes in progress), never the content.
     pub root: PathBuf,
     /// fsync content and directories before each rename (off only for throw-away caches).
     pub fsync: bool,
+    /// The object store, with `backend = "s3"`.
+    pub s3: S3Config,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    #[default]
+    Fs,
+    S3,
+}
+
+/// An S3-compatible bucket. `Debug` is written by hand: it never shows the secret key.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    pub region: String,
+    /// The service URL (`https://s3.eu-west-1.amazonaws.com`, `http://127.0.0.1:9000`);
+    /// empty: AWS for `region`. A custom endpoint is addressed path-style.
+    pub endpoint: String,
+    /// Every object's key starts with this (`stevedore/`); empty for the bucket's root.
+    pub prefix: String,
+    /// Credentials; when none are given, the AWS environment (`AWS_ACCESS_KEY_ID`, ...,
+    /// instance metadata) is used.
+    pub access_key_id: Option<String>,
+    pub access_key_id_file: Option<PathBuf>,
+    pub access_key_id_env: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub secret_access_key_file: Option<PathBuf>,
+    pub secret_access_key_env: Option<String>,
+    /// Allow an `http://` endpoint (tests, a store on the same host); off: TLS only.
+    pub allow_http: bool,
+    /// Multipart upload part size (at least 5 MiB, S3's minimum).
+    pub part_size: ByteSize,
+    /// Memory for parts being uploaded, for the whole process (at least one part): writes
+    /// spool to `storage.root` and wait for this budget before a part is sent.
+    pub buffer_memory: ByteSize,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |set: bool| if set { Some("<redacted>") } else { None };
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("endpoint", &redact_url(&self.endpoint))
+            .field("prefix", &self.prefix)
+            .field("access_key_id", &self.access_key_id)
+            .field("access_key_id_file", &self.access_key_id_file)
+            .field("access_key_id_env", &self.access_key_id_env)
+            .field("secret_access_key", &redacted(self.secret_access_key.is_some()))
+            .field("secret_access_key_file", &self.secret_access_key_file)
+            .field("secret_access_key_env", &self.secret_access_key_env)
+            .field("allow_http", &self.allow_http)
+            .field("part_size", &self.part_size)
+            .field("buffer_memory", &self.buffer_memory)
+            .finish()
+    }
+}
+
+impl Default for S3Config {
+    fn default() -> S3Config {
+        S3Config {
+            bucket: String::new(),
+            region: "us-east-1".into(),
+            endpoint: String::new(),
+            prefix: String::new(),
+            access_key_id: None,
+            access_key_id_file: None,
+            access_key_id_env: None,
+            secret_access_key: None,
+            secret_access_key_file: None,
+            secret_access_key_env: None,
+            allow_http: false,
+            part_size: ByteSize(8 << 20),
+            buffer_memory: ByteSize(256 << 20),
+        }
+    }
+}
+
+/// One secret given inline, in a file (trailing newline trimmed) or in an environment
+/// variable; `key` names it in errors.
+pub fn read_secret(
+    key: &str,
+    inline: &Option<String>,
+    file: &Option<PathBuf>,
+    env: &Option<String>,
+) -> Result<Option<String>, String> {
+    match (inline, file, env) {
+        (Some(v), _, _) => Ok(Some(v.clone())),
+        (_, Some(f), _) => std::fs::read_to_string(f)
+            .map(|s| Some(s.trim_end().to_string()))
+            .map_err(|e| format!("{key}_file {}: {e}", f.display())),
+        (_, _, Some(v)) => std::env::var(v).map(Some).map_err(|_| format!("{key}_env {v} is not set")),
+        _ => Ok(None),
+    }
+}
+
+impl S3Config {
+    /// The access key id and secret key, if configured (both or neither).
+    pub fn credentials(&self) -> Result<Option<(String, String)>, String> {
+        let id = read_secret("access_key_id", &self.access_key_id, &self.access_key_id_file, &self.access_key_id_env)?;
+        let secret = read_secret(
+            "secret_access_key",
+            &self.secret_access_key,
+            &self.secret_access_key_file,
+            &self.secret_access_key_env,
+        )?;
+        match (id, secret) {
+            (Some(i), Some(s)) => Ok(Some((i, s))),
+            (None, None) => Ok(None),
+            _ => Err("give both access_key_id and secret_access_key (or neither, for the AWS environment)".into()),
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if self.bucket.is_empty() {
+            return invalid("storage.s3.bucket", "must be set with storage.backend = \"s3\"".into());
+        }
+        if self.region.is_empty() {
+            return invalid("storage.s3.region", "must not be empty".into());
+        }
+        if !self.endpoint.is_empty() {
+            match reqwest::Url::parse(&self.endpoint) {
+                Ok(u) if u.scheme() == "https" || (u.scheme() == "http" && self.allow_http) => {}
+                Ok(u) if u.scheme() == "http" => {
+                    return invalid("storage.s3.endpoint", "is http:// but storage.s3.allow_http is off".into())
+                }
+                _ => {
+                    return invalid(
+                        "storage.s3.endpoint",
+                        format!("{:?} is not an http(s) URL", redact_url(&self.endpoint)),
+                    )
+                }
+            }
+        }
+        if self.prefix.starts_with('/') || self.prefix.split('/').any(|c| c == "." || c == "..") {
+            return invalid("storage.s3.prefix", format!("{:?} must be a relative key prefix", self.prefix));
+        }
+        for (key, n) in [
+            (
+                "storage.s3.access_key_id",
+                self.access_key_id.is_some() as u8
+                    + self.access_key_id_file.is_some() as u8
+                    + self.access_key_id_env.is_some() as u8,
+            ),
+            (
+                "storage.s3.secret_access_key",
+                self.secret_access_key.is_some() as u8
+                    + self.secret_access_key_file.is_some() as u8
+                    + self.secret_access_key_env.is_some() as u8,
+            ),
+        ] {
+            if n > 1 {
+                return invalid(key, "give one of the value, _file and _env".into());
+            }
+        }
+        if let Err(why) = self.credentials() {
+            return invalid("storage.s3.secret_access_key", why);
+        }
+        if self.part_size.0 < 5 << 20 || self.part_size.0 > 5 << 30 {
+            return invalid("storage.s3.part_size", "must be between 5MiB and 5GiB".into());
+        }
+        if self.buffer_memory.0 < self.part_size.0 {
+            return invalid("storage.s3.buffer_memory", "must hold at least one part (storage.s3.part_size)".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -584,7 +757,7 @@ impl Default for ServerConfig {
 
 impl Default for StorageConfig {
     fn default() -> StorageConfig {
-        StorageConfig { root: PathBuf::from("./data"), fsync: true }
+        StorageConfig { backend: BackendKind::Fs, root: PathBuf::from("./data"), fsync: true, s3: S3Config::default() }
     }
 }
 
@@ -640,6 +813,9 @@ impl Config {
         let invalid = |key, why: &str| Err(ConfigError::Invalid { key, why: why.into() });
         if self.storage.root.as_os_str().is_empty() {
             return invalid("storage.root", "must not be empty");
+        }
+        if self.storage.backend == BackendKind::S3 {
+            self.storage.s3.validate()?;
         }
         if self.uploads.session_ttl.is_zero() {
             return invalid("uploads.session_ttl", "must be longer than 0s");
@@ -1063,6 +1239,65 @@ mod tests {
                 other => panic!("{key}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn s3_storage() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, "file-secret-key\n").unwrap();
+        let base = "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\nprefix = \"reg/\"\n";
+        let c = Config::parse(&format!("{base}access_key_id = \"AKID\"\nsecret_access_key = \"inline-secret-key\"\n"))
+            .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.backend, BackendKind::S3);
+        assert_eq!(c.storage.s3.credentials().unwrap(), Some(("AKID".into(), "inline-secret-key".into())));
+        let text = format!("{c:?}");
+        assert!(!text.contains("inline-secret-key") && text.contains("<redacted>") && text.contains("AKID"), "{text}");
+        let c = Config::parse(&format!(
+            "{base}access_key_id = \"AKID\"\nsecret_access_key_file = {:?}\n",
+            secret_file.to_str().unwrap()
+        ))
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.storage.s3.credentials().unwrap().unwrap().1, "file-secret-key");
+        std::env::set_var("STEVEDORE_TEST_S3_SECRET", "env-secret-key");
+        let c = Config::parse(&format!(
+            "{base}access_key_id = \"AKID\"\nsecret_access_key_env = \"STEVEDORE_TEST_S3_SECRET\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.storage.s3.credentials().unwrap().unwrap().1, "env-secret-key");
+        // The default is the filesystem, and [storage.s3] is not looked at then.
+        assert_eq!(Config::default().storage.backend, BackendKind::Fs);
+        Config::parse("[storage.s3]\nbucket = \"\"\n").unwrap().validate().unwrap();
+        for (extra, key) in [
+            ("bucket = \"\"", "storage.s3.bucket"),
+            ("secret_access_key = \"x\"", "storage.s3.secret_access_key"),
+            ("part_size = \"1MiB\"", "storage.s3.part_size"),
+            ("buffer_memory = \"1MiB\"", "storage.s3.buffer_memory"),
+            (
+                "secret_access_key_env = \"STEVEDORE_TEST_UNSET_VAR\"\naccess_key_id = \"a\"",
+                "storage.s3.secret_access_key",
+            ),
+        ] {
+            // Later keys win in this test by replacing the bucket line.
+            let text = if extra.starts_with("bucket") {
+                base.replace("bucket = \"b\"", extra)
+            } else {
+                format!("{base}{extra}\n")
+            };
+            match Config::parse(&text).unwrap().validate() {
+                Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        let no_http = base.replace("allow_http = true\n", "");
+        assert!(matches!(
+            Config::parse(&no_http).unwrap().validate(),
+            Err(ConfigError::Invalid { key: "storage.s3.endpoint", .. })
+        ));
+        assert!(Config::parse("[storage]\nbackend = \"gcs\"\n").is_err());
+        assert!(Config::parse("[storage.s3]\nbuckett = \"b\"\n").is_err());
     }
 
     #[test]

@@ -16,25 +16,24 @@ use common::http::{
 };
 use common::oci::{MT_CONFIG, MT_MANIFEST};
 use common::stevedore::{config, Dialect, Stevedore, DIALECTS};
-use common::store::{blob_files, blob_path, ingest_leftovers, repo_dirs};
+use common::store::{ingests_left, stored_blob, stored_blobs, stored_repos};
 use common::wait_until;
 use serde_json::json;
 
-/// Waits for the fill's spool files to be gone, then checks `digest` was not committed.
+/// Waits for the fill's spool files (and, on S3, its objects and multipart upload) to be gone,
+/// then checks `digest` was not committed.
 async fn assert_not_committed(sd: &Stevedore, digest: &str, what: &str) {
-    let root = sd.root().to_path_buf();
-    let clean = wait_until(Duration::from_secs(5), || ingest_leftovers(&root).is_empty()).await;
-    assert!(clean, "{what}: spool files left in ingest/: {:?}", ingest_leftovers(&root));
-    assert!(!blob_path(&root, digest).exists(), "{what}: {digest} was committed under blobs/");
-    assert!(!blob_files(&root).iter().any(|f| f == digest), "{what}: {digest} listed under blobs/");
+    let clean = wait_until(Duration::from_secs(5), || ingests_left(sd).is_empty()).await;
+    assert!(clean, "{what}: ingest leftovers: {:?}", ingests_left(sd));
+    assert!(stored_blob(sd, digest).is_none(), "{what}: {digest} was committed under blobs/");
+    assert!(!stored_blobs(sd).iter().any(|f| f == digest), "{what}: {digest} listed under blobs/");
 }
 
-/// Waits for `digest` to be committed and checks the file's hash.
+/// Waits for `digest` to be committed and checks the stored bytes' hash.
 async fn assert_committed(sd: &Stevedore, digest: &str, what: &str) {
-    let path = blob_path(sd.root(), digest);
-    let there = wait_until(Duration::from_secs(20), || path.exists()).await;
+    let there = wait_until(Duration::from_secs(20), || stored_blob(sd, digest).is_some()).await;
     assert!(there, "{what}: {digest} never appeared under blobs/");
-    let data = std::fs::read(&path).unwrap();
+    let data = stored_blob(sd, digest).unwrap();
     assert_eq!(sha256(&data), digest, "{what}: committed file hash");
 }
 
@@ -131,8 +130,8 @@ async fn wrong_manifest_bytes_are_refused_and_not_cached() {
         let r = get_manifest(&http, url.clone()).await;
         assert_json_error(&r, 502, "UNAVAILABLE", &format!("wrong manifest bytes {what}"));
     }
-    assert!(blob_files(sd.root()).is_empty(), "wrong manifest bytes were stored");
-    assert!(repo_dirs(sd.root()).is_empty(), "wrong manifest bytes were recorded");
+    assert!(stored_blobs(&sd).is_empty(), "wrong manifest bytes were stored");
+    assert!(stored_repos(&sd).is_empty(), "wrong manifest bytes were recorded");
 
     fake.add_manifest(MT_MANIFEST, &img.manifest);
     let r = get_manifest(&http, by_tag).await;
@@ -358,7 +357,7 @@ async fn head_blob_on_a_miss_asks_upstream_with_head_not_get() {
     assert_eq!(fake.count("GET", &upstream), 0, "HEAD made an upstream GET");
     // The upstream's answer is reused for head_cache_ttl (30 s here).
     assert_eq!(fake.count("HEAD", &upstream), 1, "upstream HEADs:\n  {}", fake.dump());
-    assert!(!blob_path(sd.root(), &d).exists(), "HEAD downloaded the blob");
+    assert!(stored_blob(&sd, &d).is_none(), "HEAD downloaded the blob");
 
     let missing = sha256(b"not upstream");
     let r = read(http.head(sd.url(&format!("/v2/team/app/blobs/{missing}?ns=up.test")))).await;
@@ -485,7 +484,7 @@ async fn cached_content_by_digest_never_contacts_the_upstream() {
         }
     }
     assert_eq!(fake.total(), before, "cached content contacted the upstream:\n  {}", fake.dump());
-    assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["up.test/team/app".to_string()]);
+    assert_eq!(stored_repos(&sd).into_iter().collect::<Vec<_>>(), vec!["up.test/team/app".to_string()]);
 }
 
 /// Requests for a namespace, in `{ns}` and `{prefix}` form, whose host is not configured.
@@ -586,7 +585,7 @@ async fn ns_pulls_repositories_whose_first_component_has_a_dot() {
         assert_content(&r, d, b, &format!("{what}: blob"));
     }
     assert_eq!(fake.count("GET", "/v2/group.name/project/manifests/latest"), 1, "{}", fake.dump());
-    assert_eq!(repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(), vec!["up.test/group.name/project".to_string()]);
+    assert_eq!(stored_repos(&sd).into_iter().collect::<Vec<_>>(), vec!["up.test/group.name/project".to_string()]);
 }
 
 /// An upstream's namespace is read-only: every write is 403 DENIED, nothing reaches the
@@ -638,8 +637,8 @@ async fn pushes_into_an_upstream_namespace_are_denied() {
         }
     }
     assert_eq!(fake.total(), 0, "writes reached the upstream:\n  {}", fake.dump());
-    assert!(blob_files(sd.root()).is_empty(), "a denied write stored content");
-    assert!(repo_dirs(sd.root()).is_empty(), "a denied write created a repository");
+    assert!(stored_blobs(&sd).is_empty(), "a denied write stored content");
+    assert!(stored_repos(&sd).is_empty(), "a denied write created a repository");
 }
 
 /// `?ns=` that names a configured upstream is echoed as `OCI-Namespace` on every answer:
@@ -900,7 +899,7 @@ async fn library_prefix_is_added_only_for_docker_io_single_component_names() {
         fake.dump()
     );
     assert_eq!(
-        repo_dirs(sd.root()).into_iter().collect::<Vec<_>>(),
+        stored_repos(&sd).into_iter().collect::<Vec<_>>(),
         vec!["docker.io/library/alpine".to_string(), "docker.io/team/app".to_string(), "other.test/alpine".to_string(),]
     );
 }

@@ -13,6 +13,7 @@ mod fs;
 pub mod index;
 pub mod layout;
 mod repo;
+mod s3;
 mod uploads;
 
 use std::collections::{BTreeSet, HashMap};
@@ -27,6 +28,7 @@ use moka::sync::Cache;
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
 pub use index::{InUse, Refs};
 pub use repo::{ManifestPut, StoredManifest};
+pub use s3::S3Backend;
 pub use uploads::{Upload, UploadId, UploadWriter};
 
 use crate::oci::{Algorithm, Digest, RepoName};

@@ -11,6 +11,7 @@
 //! - [`distribution`]: CNCF Distribution (`docker-registry`) as a real upstream.
 //! - [`fake`]: a scripted fake upstream (axum, in process).
 //! - [`store`]: checks on Stevedore's on-disk store.
+//! - [`s3`]: moto (S3) for the `*_s3` twin binaries, and checks on a store's bucket.
 //! - [`tls`]: a test CA and server and client certificates for 127.0.0.1 (rcgen), an HTTPS
 //!   probe, the certificate a new connection is served, a cert-dir (`ca.crt`) for clients.
 //! - [`proc`]: daemons, bounded commands, required tools, the engine sandbox.
@@ -24,6 +25,7 @@ pub mod fake;
 pub mod http;
 pub mod oci;
 pub mod proc;
+pub mod s3;
 pub mod skopeo_cli;
 pub mod stevedore;
 pub mod store;

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::http::Registry;
 use super::proc::{self, Daemon};
+use super::s3::{Backend, Bucket};
 
 /// One request as Stevedore logged it.
 #[derive(Clone, Debug)]
@@ -69,6 +70,8 @@ pub struct Builder {
     log_format: LogFormat,
     env: Vec<(String, String)>,
     tls_ca: Option<String>,
+    backend: Backend,
+    s3_settings: Vec<String>,
 }
 
 impl Builder {
@@ -77,6 +80,21 @@ impl Builder {
     /// [`Stevedore::settle`] probes over TLS (or over `server.plain_listen` when set).
     pub fn https(mut self, ca_pem: &str) -> Builder {
         self.tls_ca = Some(ca_pem.to_string());
+        self
+    }
+
+    /// The storage backend (default: [`super::s3::suite_backend`], S3 in the `*_s3` twin
+    /// binaries). On S3 the server runs on moto, in the bucket of its store root
+    /// ([`Bucket::for_root`]), and its root is local scratch only.
+    pub fn backend(mut self, backend: Backend) -> Builder {
+        self.backend = backend;
+        self
+    }
+
+    /// A `[storage.s3]` line (`buffer_memory = "10MiB"`) for a server on S3; ignored on the
+    /// filesystem.
+    pub fn s3_setting(mut self, line: &str) -> Builder {
+        self.s3_settings.push(line.to_string());
         self
     }
 
@@ -152,7 +170,26 @@ impl Builder {
             LogFormat::Text => "text",
         });
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--root").arg(&root);
-        let config = self.config.as_ref().map(|text| {
+        let bucket = (self.backend == Backend::S3).then(|| Bucket::for_root(&root));
+        let text = match (&self.config, &bucket) {
+            (Some(text), None) => Some(text.clone()),
+            (None, None) => None,
+            // The bucket's settings go into the config (one written for the purpose when the
+            // test gives none).
+            (text, Some(b)) => {
+                let text = text.clone().unwrap_or_else(|| "[proxy]\ndefault_upstream = \"\"\n".into());
+                Some(match text.find("[storage]\n") {
+                    Some(at) => {
+                        let (head, tail) = text.split_at(at + "[storage]\n".len());
+                        let s3 = b.config() + &self.s3_settings.join("\n");
+                        let (backend_line, s3_section) = s3.split_once("\n\n").unwrap();
+                        format!("{head}{backend_line}\n{tail}\n{s3_section}")
+                    }
+                    None => format!("{text}\n[storage]\n{}{}\n", b.config(), self.s3_settings.join("\n")),
+                })
+            }
+        };
+        let config = text.as_ref().map(|text| {
             check_loopback_only(text);
             let cfg = dir.join("stevedore.toml");
             std::fs::write(&cfg, text).unwrap();
@@ -168,7 +205,7 @@ impl Builder {
                 "test server given a non-loopback --upstream {u:?}"
             ),
             Some(None) => panic!("--upstream without a value"),
-            None if config.is_none() => {
+            None if self.config.is_none() => {
                 cmd.arg("--upstream").arg("none");
             }
             None => {}
@@ -199,6 +236,7 @@ impl Builder {
             tls_ca: self.tls_ca,
             root,
             config,
+            bucket,
             log_format: self.log_format,
             sentinels: AtomicUsize::new(0),
             _tmp: tmp,
@@ -249,6 +287,8 @@ pub struct Stevedore {
     root: PathBuf,
     /// The config file it runs on, if any.
     pub config: Option<PathBuf>,
+    /// Its bucket, when it runs on S3.
+    pub bucket: Option<Bucket>,
     log_format: LogFormat,
     sentinels: AtomicUsize,
     /// Set when Stevedore runs in a temporary directory of its own.
@@ -295,6 +335,8 @@ impl Stevedore {
             log_format: LogFormat::Json,
             env: Vec::new(),
             tls_ca: None,
+            backend: super::s3::suite_backend(),
+            s3_settings: Vec::new(),
         }
     }
 

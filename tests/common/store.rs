@@ -179,3 +179,61 @@ pub fn dangling(root: &Path) -> Vec<String> {
     }
     out
 }
+
+// --- The same checks on a running server's store, whichever backend it is on (the `*_s3`
+// twin binaries run the suites on S3: see `super::s3`).
+
+use super::stevedore::Stevedore;
+
+/// Committed blobs as `alg:hex`, sorted: files under `blobs/`, or objects in the bucket.
+pub fn stored_blobs(sd: &Stevedore) -> Vec<String> {
+    match &sd.bucket {
+        Some(b) => b.blobs(),
+        None => blob_files(sd.root()),
+    }
+}
+
+/// A committed blob's bytes, `None` when it is not committed.
+pub fn stored_blob(sd: &Stevedore, digest: &str) -> Option<Vec<u8>> {
+    match &sd.bucket {
+        Some(b) => {
+            let (alg, hex) = digest.split_once(':').expect("alg:hex");
+            b.get(&format!("blobs/{alg}/{}/{hex}", &hex[..2]))
+        }
+        None => std::fs::read(blob_path(sd.root(), digest)).ok(),
+    }
+}
+
+/// Repositories in the store (see [`repo_dirs`]).
+pub fn stored_repos(sd: &Stevedore) -> BTreeSet<String> {
+    let Some(b) = &sd.bucket else { return repo_dirs(sd.root()) };
+    let mut out = BTreeSet::new();
+    for tree in ["repos/", "cache/"] {
+        for (key, _) in b.objects(tree) {
+            let rest = &key[tree.len()..];
+            if let Some(at) = rest.find("/_") {
+                out.insert(rest[..at].to_string());
+            }
+        }
+    }
+    out
+}
+
+/// What is left of ingests (upload sessions, fills): entries under `<root>/ingest`, and on S3
+/// also ingest objects and unfinished multipart uploads in the bucket.
+pub fn ingests_left(sd: &Stevedore) -> Vec<String> {
+    let mut out: Vec<String> = ingest_leftovers(sd.root()).iter().map(|p| p.display().to_string()).collect();
+    if let Some(b) = &sd.bucket {
+        out.extend(b.objects("ingest/").into_iter().map(|(k, _)| format!("object {k}")));
+        out.extend(b.multipart_uploads().into_iter().map(|(k, id)| format!("multipart upload {id} of {k}")));
+    }
+    out
+}
+
+/// Every committed blob hashes to its name; how many were checked.
+pub fn assert_stored_blobs_intact(sd: &Stevedore) -> usize {
+    match &sd.bucket {
+        Some(b) => b.assert_blobs_intact(),
+        None => assert_blobs_intact(sd.root()),
+    }
+}

@@ -1,0 +1,357 @@
+//! The S3-compatible object-storage backend (through the `object_store` crate).
+//!
+//! Content and metadata are objects under `prefix`, at the keys [`super::layout`] draws
+//! (`blobs/sha256/ab/ab…`, `repos/…/_layers/…`, `ingest/<id>/state.json`). `storage.root` is
+//! local scratch only: the spool of every write in progress (`<root>/ingest/<id>/<part>`),
+//! never content.
+//!
+//! - **Writers** ([`writer::S3Writer`]) hash on the way in and spool to the scratch disk in
+//!   part files of `part_size`; each full part is sent as one part of a multipart upload
+//!   (one part in flight per writer, each holding a slot of the process-wide part budget, so
+//!   memory is bounded whatever the number of writers). The upload id, the parts' ETags, the
+//!   offset and the hash state are in the ingest's state object in the bucket, written before
+//!   the first part: a writer resumes after a restart, and the sweep can always find and abort
+//!   an abandoned multipart upload.
+//! - **Commit** happens only after the digest verified: a fill (digest known up front)
+//!   completes its multipart upload under the blob's final key; an upload (digest learnt at
+//!   the PUT) completes under its staging key `ingest/<id>/data` and is copied server-side
+//!   (`CopyObject`) to the final key. Content that fits in one part is a single `PUT` of the
+//!   verified spool under the final key. Same digest, same bytes: completing or copying over
+//!   an existing blob is harmless.
+//! - **Reads** stream ranged `GET`s. Fill followers read the spool ([`writer::S3Tail`]): a
+//!   multipart upload is not readable before it completes.
+//! - **Signing:** `object_store` hashes every payload for SigV4 (`x-amz-content-sha256`)
+//!   unless told not to, a second SHA-256 over every byte beside the digest's own. Over TLS
+//!   payloads are sent `UNSIGNED-PAYLOAD` (TLS protects them; the digest verifies them); over
+//!   plain http (tests, `allow_http`) they are signed.
+
+mod writer;
+
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::multipart::MultipartStore;
+use object_store::path::Path;
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use tokio::sync::Semaphore;
+
+use super::backend::{Backend, ByteStream, Hold, IngestId, IngestStatus, Writer, WriterOptions};
+use super::layout::{self, Key};
+use super::{StoreError, StoreResult, UploadId};
+use crate::config::S3Config;
+use crate::oci::Digest;
+
+pub(super) use writer::S3State;
+
+/// What the backend shares with its writers.
+pub(super) struct S3 {
+    store: Arc<AmazonS3>,
+    /// `""` or `"some/prefix/"`.
+    prefix: String,
+    /// Local scratch space (`storage.root`).
+    scratch: PathBuf,
+    part_size: u64,
+    /// Parts in memory at once, process-wide (`buffer_memory / part_size`).
+    budget: Arc<Semaphore>,
+    fsync: bool,
+}
+
+/// The object-storage backend.
+pub struct S3Backend(Arc<S3>);
+
+impl S3Backend {
+    /// Connects to the bucket (`cfg`); `scratch` is local scratch space (`storage.root`).
+    pub async fn open(cfg: &S3Config, scratch: &FsPath, fsync: bool) -> anyhow::Result<S3Backend> {
+        // reqwest is built without a crypto provider: ring, as for the upstream client.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls = cfg.endpoint.is_empty() || cfg.endpoint.starts_with("https://");
+        let client = ClientOptions::new()
+            .with_allow_http(cfg.allow_http)
+            .with_connect_timeout(Duration::from_secs(10))
+            // A blob GET streams for as long as the client reads: no limit on a whole request,
+            // only on silence.
+            .with_timeout_disabled()
+            .with_read_timeout(Duration::from_secs(60));
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&cfg.bucket)
+            .with_region(&cfg.region)
+            .with_client_options(client)
+            .with_allow_http(cfg.allow_http)
+            .with_unsigned_payload(tls);
+        if !cfg.endpoint.is_empty() {
+            b = b.with_endpoint(&cfg.endpoint).with_virtual_hosted_style_request(false);
+        }
+        if let Some((id, secret)) = cfg.credentials().map_err(|e| anyhow::anyhow!("storage.s3: {e}"))? {
+            b = b.with_access_key_id(id).with_secret_access_key(secret);
+        }
+        let store = b.build().map_err(|e| anyhow::anyhow!("storage.s3: {e}"))?;
+        let prefix = cfg.prefix.trim_matches('/');
+        let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
+        tokio::fs::create_dir_all(scratch.join(layout::INGEST)).await?;
+        let part_size = cfg.part_size.0;
+        let slots = (cfg.buffer_memory.0 / part_size).max(1) as usize;
+        let s3 = S3 {
+            store: Arc::new(store),
+            prefix,
+            scratch: scratch.to_path_buf(),
+            part_size,
+            budget: Arc::new(Semaphore::new(slots)),
+            fsync,
+        };
+        // Fail at start-up, not at the first request, when the bucket cannot be reached.
+        s3.store
+            .list_with_delimiter(Some(&s3.path(&layout::root(layout::INGEST))))
+            .await
+            .map_err(|e| anyhow::anyhow!("storage.s3: bucket {:?}: {e}", cfg.bucket))?;
+        Ok(S3Backend(Arc::new(s3)))
+    }
+}
+
+impl S3 {
+    fn path(&self, key: &Key) -> Path {
+        Path::from(format!("{}{}", self.prefix, key.as_str()))
+    }
+
+    /// The local spool directory of an ingest.
+    fn spool_dir(&self, id: &IngestId) -> PathBuf {
+        self.scratch.join(layout::ingest_dir(id).as_str())
+    }
+
+    async fn head(&self, key: &Key) -> StoreResult<Option<object_store::ObjectMeta>> {
+        absent(self.store.head(&self.path(key)).await)
+    }
+
+    async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {
+        let Some(r) = absent(self.store.get(&self.path(key)).await)? else { return Ok(None) };
+        let modified: SystemTime = r.meta.last_modified.into();
+        let Some(bytes) = absent(r.bytes().await)? else { return Ok(None) };
+        Ok(Some((bytes, modified)))
+    }
+
+    async fn put(&self, key: &Key, value: Bytes) -> StoreResult<()> {
+        self.store.put(&self.path(key), PutPayload::from_bytes(value)).await.map_err(io)?;
+        Ok(())
+    }
+
+    async fn delete(&self, key: &Key) -> StoreResult<()> {
+        absent(self.store.delete(&self.path(key)).await)?;
+        Ok(())
+    }
+
+    async fn state(&self, id: &IngestId) -> StoreResult<Option<(S3State, SystemTime)>> {
+        let Some((raw, modified)) = self.get(&layout::ingest_state(id)).await? else { return Ok(None) };
+        Ok(S3State::decode(&raw).map(|s| (s, modified)))
+    }
+
+    /// Removes an ingest: aborts its multipart upload, deletes its objects and its spool.
+    async fn remove_ingest(&self, id: &IngestId) -> StoreResult<()> {
+        if let Some((state, _)) = self.state(id).await? {
+            if let Some(upload) = &state.upload {
+                // Gone already (completed or aborted) is fine.
+                let _ =
+                    self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
+            }
+        }
+        self.delete(&layout::ingest_data(id)).await?;
+        self.delete(&layout::ingest_state(id)).await?;
+        match tokio::fs::remove_dir_all(self.spool_dir(id)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// An `object_store` error as an I/O error of the store.
+fn io(e: object_store::Error) -> StoreError {
+    let kind = match &e {
+        object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
+        _ => std::io::ErrorKind::Other,
+    };
+    StoreError::Io(std::io::Error::new(kind, e))
+}
+
+/// `None` for an object that is not there.
+fn absent<T>(r: object_store::Result<T>) -> StoreResult<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// The last component of an object path or common prefix.
+fn last_part(p: &Path) -> Option<String> {
+    p.parts().next_back().map(|part| part.as_ref().to_string())
+}
+
+#[async_trait]
+impl Backend for S3Backend {
+    async fn stat(&self, d: &Digest) -> StoreResult<Option<u64>> {
+        Ok(self.0.head(&layout::blob(d)).await?.map(|m| m.size))
+    }
+
+    async fn read(&self, d: &Digest, start: u64, len: u64) -> StoreResult<Option<ByteStream>> {
+        let path = self.0.path(&layout::blob(d));
+        if len == 0 {
+            // An empty range is not a valid `Range` header: only the object's existence counts.
+            return Ok(
+                absent(self.0.store.head(&path).await)?.map(|_| Box::pin(futures::stream::empty()) as ByteStream)
+            );
+        }
+        let opts = GetOptions { range: Some(GetRange::Bounded(start..start + len)), ..GetOptions::default() };
+        let Some(r) = absent(self.0.store.get_opts(&path, opts).await)? else { return Ok(None) };
+        // The stream must end with an error, never cleanly, when the object is short.
+        let body = r.into_stream().map_err(std::io::Error::other);
+        let checked = futures::stream::unfold((body, 0u64, false), move |(mut body, got, done)| async move {
+            if done {
+                return None;
+            }
+            match body.next().await {
+                Some(Ok(b)) => {
+                    let got = got + b.len() as u64;
+                    Some((Ok(b), (body, got, false)))
+                }
+                Some(Err(e)) => Some((Err(e), (body, got, true))),
+                None if got < len => Some((
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "object shorter than its recorded size",
+                    )),
+                    (body, got, true),
+                )),
+                None => None,
+            }
+        });
+        Ok(Some(Box::pin(checked)))
+    }
+
+    async fn read_small(&self, d: &Digest) -> StoreResult<Option<Bytes>> {
+        Ok(self.0.get(&layout::blob(d)).await?.map(|(b, _)| b))
+    }
+
+    async fn delete(&self, d: &Digest) -> StoreResult<bool> {
+        let key = layout::blob(d);
+        if self.0.head(&key).await?.is_none() {
+            return Ok(false);
+        }
+        self.0.delete(&key).await?;
+        Ok(true)
+    }
+
+    async fn walk(&self) -> StoreResult<Vec<(Digest, u64)>> {
+        let base = self.0.path(&layout::root(layout::BLOBS));
+        let mut out = Vec::new();
+        let mut list = self.0.store.list(Some(&base));
+        while let Some(meta) = list.try_next().await.map_err(io)? {
+            let parts: Vec<String> = meta.location.parts().map(|p| p.as_ref().to_string()).collect();
+            let [.., alg, _, hex] = parts.as_slice() else { continue };
+            if let Ok(d) = format!("{alg}:{hex}").parse::<Digest>() {
+                out.push((d, meta.size));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn create_writer(&self, id: IngestId, opts: WriterOptions, hold: Hold) -> StoreResult<Box<dyn Writer>> {
+        Ok(Box::new(writer::S3Writer::create(self.0.clone(), id, opts, hold).await?))
+    }
+
+    async fn resume_writer(&self, id: IngestId, batch_bytes: usize, hold: Hold) -> StoreResult<Box<dyn Writer>> {
+        Ok(Box::new(writer::S3Writer::resume(self.0.clone(), id, batch_bytes, hold).await?))
+    }
+
+    async fn ingest_status(&self, id: IngestId) -> StoreResult<Option<IngestStatus>> {
+        let Some((state, mut updated)) = self.0.state(&id).await? else { return Ok(None) };
+        // A chunk being received lands in the spool before the next checkpoint.
+        if let Ok(mut rd) = tokio::fs::read_dir(self.0.spool_dir(&id)).await {
+            while let Ok(Some(e)) = rd.next_entry().await {
+                if let Ok(t) = e.metadata().await.and_then(|m| m.modified()) {
+                    updated = updated.max(t);
+                }
+            }
+        }
+        Ok(Some(IngestStatus {
+            id,
+            started_at: state.base.started(),
+            offset: state.base.offset,
+            updated_at: updated,
+            has_data: !state.committed,
+            kind: state.base.kind,
+        }))
+    }
+
+    async fn ingests(&self) -> StoreResult<Vec<IngestId>> {
+        let names = self.list(&layout::root(layout::INGEST)).await?;
+        Ok(names.iter().filter_map(|n| n.parse::<UploadId>().ok()).collect())
+    }
+
+    async fn remove_ingest(&self, id: IngestId) -> StoreResult<()> {
+        self.0.remove_ingest(&id).await
+    }
+
+    async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {
+        self.0.get(key).await
+    }
+
+    async fn put(&self, key: &Key, value: &[u8]) -> StoreResult<()> {
+        // One PUT replaces an object atomically.
+        self.0.put(key, Bytes::copy_from_slice(value)).await
+    }
+
+    async fn remove(&self, key: &Key) -> StoreResult<bool> {
+        if self.0.head(key).await?.is_none() {
+            return Ok(false);
+        }
+        self.0.delete(key).await?;
+        Ok(true)
+    }
+
+    async fn exists(&self, key: &Key) -> StoreResult<bool> {
+        if self.0.head(key).await?.is_some() {
+            return Ok(true);
+        }
+        let mut below = self.0.store.list(Some(&self.0.path(key)));
+        Ok(below.try_next().await.map_err(io)?.is_some())
+    }
+
+    async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>> {
+        let r = self.0.store.list_with_delimiter(Some(&self.0.path(prefix))).await.map_err(io)?;
+        let mut out: Vec<String> = r.common_prefixes.iter().filter_map(last_part).collect();
+        out.extend(r.objects.iter().filter_map(|m| last_part(&m.location)));
+        Ok(out)
+    }
+
+    async fn writable(&self) -> bool {
+        let probe = layout::tmp();
+        let ok = self.0.put(&probe, Bytes::from_static(b"ready")).await.is_ok();
+        let _ = self.0.delete(&probe).await;
+        ok
+    }
+
+    async fn readable(&self) -> bool {
+        self.0.store.list_with_delimiter(Some(&self.0.path(&layout::root(layout::INGEST)))).await.is_ok()
+    }
+
+    /// Local spools older than `age` whose ingest has no state in the bucket (a fill cut
+    /// short before its first part, a crash mid-removal).
+    async fn sweep_temporaries(&self, age: Duration) {
+        let Ok(mut rd) = tokio::fs::read_dir(self.0.scratch.join(layout::INGEST)).await else { return };
+        while let Ok(Some(e)) = rd.next_entry().await {
+            let Some(id) = e.file_name().to_str().and_then(|n| n.parse::<UploadId>().ok()) else { continue };
+            let old = e
+                .metadata()
+                .await
+                .and_then(|m| m.modified())
+                .map(|t| t.elapsed().unwrap_or_default() >= age)
+                .unwrap_or(false);
+            if old && matches!(self.0.head(&layout::ingest_state(&id)).await, Ok(None)) {
+                let _ = tokio::fs::remove_dir_all(e.path()).await;
+            }
+        }
+    }
+}

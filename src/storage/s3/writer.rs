@@ -1,0 +1,688 @@
+//! The object store's [`Writer`]: bytes are hashed on the way in and spooled to local part
+//! files (`<scratch>/ingest/<id>/<n>`, `part_size` each); every full part goes to the
+//! ingest's multipart upload, one at a time per writer, each holding a slot of the
+//! process-wide part budget while it is in memory.
+//!
+//! The state object (`ingest/<id>/state.json` in the bucket) holds the offset and hash state
+//! of the last checkpoint, the multipart upload's id and key, and the ETags of the parts below
+//! that offset. It is written when an upload session starts, before the first part of any
+//! ingest (so an abandoned multipart upload can always be found and aborted), and at every
+//! checkpoint. The spool keeps every byte from the start of the part holding the last
+//! checkpoint: a rollback or a resume goes back to it without the bucket (parts sent past it
+//! are sent again under the same numbers, which replaces them).
+//!
+//! Every job working for the writer (a batch being hashed and spooled, a part being sent)
+//! holds the writer's [`Hold`], so a writer dropped mid-request keeps its session locked
+//! until its work has landed.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use object_store::multipart::{MultipartStore, PartId};
+use object_store::path::Path;
+use object_store::{ObjectStoreExt, PutPayload};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+
+use super::{io, S3};
+use crate::oci::{Digest, Hasher};
+use crate::storage::backend::{Hold, IngestId, IngestKind, IngestState, TailReader, Verified, Writer, WriterOptions};
+use crate::storage::fs::read::{read_at, READ_CHUNK};
+use crate::storage::layout;
+use crate::storage::{StoreError, StoreResult};
+
+/// The persisted state of an S3 ingest: the common [`IngestState`] plus the multipart upload.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct S3State {
+    #[serde(flatten)]
+    pub base: IngestState,
+    /// The multipart upload's id, once created.
+    #[serde(default)]
+    pub upload: Option<String>,
+    /// The key (below the prefix) the multipart upload completes under.
+    #[serde(default)]
+    pub target: String,
+    /// ETags of parts 1..=n, every one below `offset`.
+    #[serde(default)]
+    pub parts: Vec<String>,
+    /// Set once the content is in place (an upload's copy is done): only cleaning up is left.
+    #[serde(default)]
+    pub committed: bool,
+}
+
+impl S3State {
+    fn encode(&self) -> Bytes {
+        Bytes::from(serde_json::to_vec(self).expect("ingest state serialises"))
+    }
+
+    pub fn decode(raw: &[u8]) -> Option<S3State> {
+        let s: S3State = serde_json::from_slice(raw).ok()?;
+        (s.base.v == IngestState::VERSION).then_some(s)
+    }
+}
+
+/// Reads what a writer has spooled so far (fill followers): the part files, kept open, so a
+/// follower can finish reading after the commit removed them.
+pub struct S3Tail {
+    part_size: u64,
+    files: Mutex<BTreeMap<usize, Arc<File>>>,
+}
+
+#[async_trait]
+impl TailReader for S3Tail {
+    async fn read(&self, pos: u64, end: u64) -> std::io::Result<Bytes> {
+        if pos >= end {
+            return Ok(Bytes::new());
+        }
+        let idx = (pos / self.part_size) as usize;
+        let at = pos % self.part_size;
+        let file = self.files.lock().unwrap().get(&idx).cloned();
+        let Some(file) = file else {
+            return Err(std::io::Error::other(format!("the spool of part {} is gone", idx + 1)));
+        };
+        let n = (end - pos).min(self.part_size - at).min(READ_CHUNK as u64) as usize;
+        read_at(&file, at, n).await
+    }
+}
+
+pub struct S3Writer {
+    s3: Arc<S3>,
+    id: IngestId,
+    state: S3State,
+    /// The state object exists in the bucket.
+    state_saved: bool,
+    /// `None` only while a batch is being hashed and spooled.
+    hasher: Option<Hasher>,
+    /// Parts sent (index = part number - 1).
+    parts: Vec<String>,
+    in_flight: Option<JoinHandle<StoreResult<PartId>>>,
+    batch: Vec<Bytes>,
+    batch_bytes: usize,
+    batch_limit: usize,
+    size: u64,
+    /// Bytes in the spool for certain.
+    landed: u64,
+    /// Fills keep every part file until the commit, for their followers.
+    keep_spool: bool,
+    /// The multipart upload is complete (under its target key).
+    completed: bool,
+    tail: Arc<S3Tail>,
+    hold: Arc<Hold>,
+}
+
+impl S3Writer {
+    pub(super) async fn create(s3: Arc<S3>, id: IngestId, opts: WriterOptions, hold: Hold) -> StoreResult<S3Writer> {
+        let dir = s3.spool_dir(&id);
+        tokio::fs::create_dir_all(&dir).await?;
+        let hasher = Hasher::new(opts.alg);
+        let keep_spool = matches!(opts.kind, IngestKind::Fill { .. });
+        let target = match &opts.kind {
+            IngestKind::Fill { digest } => match digest.parse::<Digest>() {
+                Ok(d) => layout::blob(&d).as_str().to_string(),
+                Err(_) => layout::ingest_data(&id).as_str().to_string(),
+            },
+            IngestKind::Upload { .. } => layout::ingest_data(&id).as_str().to_string(),
+        };
+        let mut base = IngestState::new(opts.kind, opts.alg);
+        base.set_hash(0, &hasher);
+        let state = S3State { base, upload: None, target, parts: Vec::new(), committed: false };
+        let mut w = S3Writer::wrap(s3, id, state, hasher, Vec::new(), opts.batch_bytes, keep_spool, hold);
+        if !keep_spool {
+            // An upload session exists once its state does. (A fill's state is written before
+            // its first part: a fill that never needs one leaves nothing in the bucket.)
+            if let Err(e) = w.save_state().await {
+                let _ = w.remove().await;
+                return Err(e);
+            }
+        }
+        Ok(w)
+    }
+
+    pub(super) async fn resume(s3: Arc<S3>, id: IngestId, batch_bytes: usize, hold: Hold) -> StoreResult<S3Writer> {
+        let Some((state, _)) = s3.state(&id).await? else { return Err(StoreError::UploadUnknown) };
+        if state.committed {
+            return Err(StoreError::UploadUnknown);
+        }
+        let hasher = state.base.hasher().ok_or(StoreError::UploadUnknown)?;
+        let part_size = s3.part_size;
+        let offset = state.base.offset;
+        let idx = state.parts.len();
+        if idx as u64 != offset / part_size {
+            return Err(StoreError::UploadUnknown);
+        }
+        // The spool must hold the checkpoint's part up to the offset; bytes after it go.
+        let dir = s3.spool_dir(&id);
+        let want = offset - idx as u64 * part_size;
+        let (dir2, file) = (dir.clone(), part_file(&dir, idx));
+        let files = super::super::fs::blocking(move || {
+            let mut out = Vec::new();
+            if want > 0 || file.exists() {
+                let f = std::fs::OpenOptions::new().read(true).write(true).create(want == 0).open(&file)?;
+                let len = f.metadata()?.len();
+                if len < want {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("ingest spool has {len} bytes, its state says {want}"),
+                    ));
+                }
+                f.set_len(want)?;
+                out.push((idx, Arc::new(f)));
+            }
+            for e in std::fs::read_dir(&dir2)?.flatten() {
+                let n: Option<usize> = e.file_name().to_str().and_then(|n| n.parse().ok());
+                if n.is_some_and(|n| n != idx + 1) {
+                    std::fs::remove_file(e.path())?;
+                }
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                StoreError::UploadUnknown
+            } else {
+                e.into()
+            }
+        })?;
+        let parts = state.parts.clone();
+        let mut w = S3Writer::wrap(s3, id, state, hasher, parts, batch_bytes, false, hold);
+        w.state_saved = true;
+        w.size = offset;
+        w.landed = offset;
+        w.tail.files.lock().unwrap().extend(files);
+        Ok(w)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn wrap(
+        s3: Arc<S3>,
+        id: IngestId,
+        state: S3State,
+        hasher: Hasher,
+        parts: Vec<String>,
+        batch_limit: usize,
+        keep_spool: bool,
+        hold: Hold,
+    ) -> S3Writer {
+        let tail = Arc::new(S3Tail { part_size: s3.part_size, files: Mutex::new(BTreeMap::new()) });
+        S3Writer {
+            s3,
+            id,
+            state,
+            state_saved: false,
+            hasher: Some(hasher),
+            parts,
+            in_flight: None,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_limit: batch_limit.max(1),
+            size: 0,
+            landed: 0,
+            keep_spool,
+            completed: false,
+            tail,
+            hold: Arc::new(hold),
+        }
+    }
+
+    fn target(&self) -> Path {
+        Path::from(format!("{}{}", self.s3.prefix, self.state.target))
+    }
+
+    async fn save_state(&mut self) -> StoreResult<()> {
+        self.s3.put(&layout::ingest_state(&self.id), self.state.encode()).await?;
+        self.state_saved = true;
+        Ok(())
+    }
+
+    /// Hashes and spools the collected batch (on the blocking pool).
+    async fn spool_batch(&mut self) -> StoreResult<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let len = std::mem::take(&mut self.batch_bytes) as u64;
+        let mut hasher = self.hasher.take().ok_or_else(|| std::io::Error::other("an earlier batch was lost"))?;
+        let (dir, part_size, start) = (self.s3.spool_dir(&self.id), self.s3.part_size, self.landed);
+        let first = (start / part_size) as usize;
+        let current = self.tail.files.lock().unwrap().get(&first).cloned();
+        let hold = self.hold.clone();
+        let (hasher, opened, res) = tokio::task::spawn_blocking(move || {
+            let _hold = hold;
+            for chunk in &batch {
+                hasher.update(chunk);
+            }
+            let mut opened = Vec::new();
+            let res = (|| {
+                let mut pos = start;
+                for chunk in &batch {
+                    let mut rest: &[u8] = chunk;
+                    while !rest.is_empty() {
+                        let idx = (pos / part_size) as usize;
+                        let at = pos % part_size;
+                        let known = if idx == first { current.as_ref() } else { None };
+                        let file = match known.or_else(|| opened.iter().find(|(i, _)| *i == idx).map(|(_, f)| f)) {
+                            Some(f) => f.clone(),
+                            None => {
+                                let f = Arc::new(
+                                    std::fs::OpenOptions::new()
+                                        .read(true)
+                                        .write(true)
+                                        .create(true)
+                                        .truncate(true)
+                                        .open(part_file(&dir, idx))?,
+                                );
+                                opened.push((idx, f.clone()));
+                                f
+                            }
+                        };
+                        let n = rest.len().min((part_size - at) as usize);
+                        file.write_all_at(&rest[..n], at)?;
+                        rest = &rest[n..];
+                        pos += n as u64;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })();
+            (hasher, opened, res)
+        })
+        .await
+        .map_err(std::io::Error::other)?;
+        self.hasher = Some(hasher);
+        self.tail.files.lock().unwrap().extend(opened);
+        res?;
+        self.landed = start + len;
+        Ok(())
+    }
+
+    /// Waits for the part in flight and records it.
+    async fn settle_part(&mut self) -> StoreResult<()> {
+        let Some(job) = self.in_flight.take() else { return Ok(()) };
+        let part = job.await.map_err(std::io::Error::other)??;
+        self.parts.push(part.content_id);
+        Ok(())
+    }
+
+    /// Sends every full part that is spooled and not sent yet; with `wait`, waits for all of
+    /// them, else leaves the last one in flight.
+    async fn send_full_parts(&mut self, wait: bool) -> StoreResult<()> {
+        let full = (self.landed / self.s3.part_size) as usize;
+        loop {
+            let next = self.parts.len() + self.in_flight.is_some() as usize;
+            if next >= full {
+                break;
+            }
+            self.settle_part().await?;
+            self.start_part(self.parts.len(), self.s3.part_size).await?;
+        }
+        if wait {
+            self.settle_part().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts sending part `idx` (`len` bytes of its spool file).
+    async fn start_part(&mut self, idx: usize, len: u64) -> StoreResult<()> {
+        if self.state.upload.is_none() {
+            let upload = self.s3.store.create_multipart(&self.target()).await.map_err(io)?;
+            self.state.upload = Some(upload);
+            // Recorded before the first part: the sweep can always find and abort it.
+            self.save_state().await?;
+        }
+        let file = self.tail.files.lock().unwrap().get(&idx).cloned();
+        let file = file.ok_or_else(|| std::io::Error::other(format!("spool of part {} is missing", idx + 1)))?;
+        let (s3, path, upload, hold) =
+            (self.s3.clone(), self.target(), self.state.upload.clone().expect("created"), self.hold.clone());
+        self.in_flight = Some(tokio::spawn(async move {
+            let _hold = hold;
+            let payload = read_part(&s3, file, len).await?;
+            s3.store.put_part(&path, &upload, idx, payload).await.map_err(io)
+        }));
+        Ok(())
+    }
+
+    /// Sends the last part and completes the multipart upload (under its target key).
+    async fn complete(&mut self) -> StoreResult<()> {
+        let idx = self.parts.len();
+        let rest = self.size - idx as u64 * self.s3.part_size;
+        if rest > 0 {
+            self.start_part(idx, rest).await?;
+            self.settle_part().await?;
+        }
+        let parts = self.parts.iter().map(|e| PartId { content_id: e.clone() }).collect();
+        let upload = self.state.upload.clone().expect("created");
+        self.s3.store.complete_multipart(&self.target(), &upload, parts).await.map_err(io)?;
+        self.state.upload = None;
+        self.completed = true;
+        Ok(())
+    }
+
+    /// The digest in `alg` of everything written: from the spool when it is all there, else
+    /// from the completed staging object (read back once).
+    async fn rehash(&mut self, alg: crate::oci::Algorithm) -> StoreResult<Digest> {
+        let mut h = Hasher::new(alg);
+        if self.state.upload.is_none() && !self.completed {
+            let file = self.tail.files.lock().unwrap().get(&0).cloned();
+            if let Some(f) = file {
+                let mut pos = 0;
+                while pos < self.size {
+                    let b = read_at(&f, pos, (self.size - pos).min(READ_CHUNK as u64) as usize).await?;
+                    if b.is_empty() {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "spool shorter than written",
+                        )
+                        .into());
+                    }
+                    h.update(&b);
+                    pos += b.len() as u64;
+                }
+            }
+            return Ok(h.finish());
+        }
+        if !self.completed {
+            self.complete().await?;
+        }
+        let mut body = self.s3.store.get(&self.target()).await.map_err(io)?.into_stream();
+        while let Some(b) = futures::TryStreamExt::try_next(&mut body).await.map_err(io)? {
+            h.update(&b);
+        }
+        Ok(h.finish())
+    }
+
+    /// Removes the ingest: its multipart upload, its objects, its spool.
+    async fn remove(&mut self) -> StoreResult<()> {
+        if let Some(job) = self.in_flight.take() {
+            let _ = job.await;
+        }
+        if let Some(upload) = &self.state.upload {
+            let _ = self.s3.store.abort_multipart(&self.target(), upload).await;
+        }
+        if self.state_saved {
+            if self.state.target == layout::ingest_data(&self.id).as_str() {
+                self.s3.delete(&layout::ingest_data(&self.id)).await?;
+            }
+            self.s3.delete(&layout::ingest_state(&self.id)).await?;
+        }
+        match tokio::fs::remove_dir_all(self.s3.spool_dir(&self.id)).await {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn part_file(dir: &std::path::Path, idx: usize) -> PathBuf {
+    dir.join((idx + 1).to_string())
+}
+
+/// A part in memory while it is sent: its own anonymous mapping, unmapped (and its slot of
+/// the budget released) when the last `Bytes` of it is dropped. Not the allocator: glibc raises
+/// its mmap threshold after a large free, and parts freed on one thread's arena would then stay
+/// resident beside new ones allocated on another's.
+struct PartBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+// SAFETY: the mapping is owned by this value alone; it is only read through `as_ref` after
+// being filled, and unmapped once, on drop.
+unsafe impl Send for PartBuf {}
+unsafe impl Sync for PartBuf {}
+
+impl PartBuf {
+    fn new(len: usize, slot: tokio::sync::OwnedSemaphorePermit) -> std::io::Result<PartBuf> {
+        // SAFETY: a fresh private anonymous mapping of `len.max(1)` bytes; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ptr = std::ptr::NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("mmap returned null"))?;
+        Ok(PartBuf { ptr, len, _slot: slot })
+    }
+
+    fn as_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable, owned by `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl AsRef<[u8]> for PartBuf {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: as in `as_mut`; no mutable borrow outlives the filling.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PartBuf {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `new`, exactly once.
+        unsafe {
+            libc::munmap(self.ptr.as_ptr().cast(), self.len.max(1));
+        }
+    }
+}
+
+/// The first `len` bytes of a part file, in memory, holding one slot of the budget until the
+/// payload is dropped.
+async fn read_part(s3: &S3, file: Arc<File>, len: u64) -> StoreResult<PutPayload> {
+    let slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
+    let buf = super::super::fs::blocking(move || {
+        let mut buf = PartBuf::new(len as usize, slot)?;
+        file.read_exact_at(buf.as_mut(), 0)?;
+        Ok(buf)
+    })
+    .await?;
+    Ok(PutPayload::from_bytes(Bytes::from_owner(buf)))
+}
+
+#[async_trait]
+impl Writer for S3Writer {
+    fn id(&self) -> IngestId {
+        self.id
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn offset(&self) -> u64 {
+        self.state.base.offset
+    }
+
+    fn readable(&self) -> u64 {
+        self.landed
+    }
+
+    fn tail(&self) -> Arc<dyn TailReader> {
+        self.tail.clone()
+    }
+
+    async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        self.size += chunk.len() as u64;
+        self.batch_bytes += chunk.len();
+        self.batch.push(chunk);
+        if self.batch_bytes >= self.batch_limit {
+            self.spool_batch().await?;
+            self.send_full_parts(false).await?;
+        }
+        Ok(())
+    }
+
+    async fn checkpoint(&mut self) -> StoreResult<()> {
+        self.spool_batch().await?;
+        self.send_full_parts(true).await?;
+        let idx = self.parts.len();
+        if self.s3.fsync {
+            let current = self.tail.files.lock().unwrap().get(&idx).cloned();
+            if let Some(f) = current {
+                super::super::fs::blocking(move || f.sync_data()).await?;
+            }
+        }
+        self.state.parts = self.parts.clone();
+        self.state.base.set_hash(self.size, self.hasher.as_ref().expect("settled"));
+        self.save_state().await?;
+        if !self.keep_spool {
+            // The parts below the checkpoint are in the bucket for good.
+            let sent: Vec<usize> = self.tail.files.lock().unwrap().range(..idx).map(|(i, _)| *i).collect();
+            let dir = self.s3.spool_dir(&self.id);
+            for i in sent {
+                self.tail.files.lock().unwrap().remove(&i);
+                let _ = tokio::fs::remove_file(part_file(&dir, i)).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> StoreResult<()> {
+        // No part of the abandoned chunk may land after this (it would replace a part sent
+        // again later).
+        if let Some(job) = self.in_flight.take() {
+            let _ = job.await;
+        }
+        self.batch.clear();
+        self.batch_bytes = 0;
+        let offset = self.state.base.offset;
+        self.hasher = Some(self.state.base.hasher().ok_or(StoreError::UploadUnknown)?);
+        self.parts = self.state.parts.clone();
+        let idx = self.parts.len();
+        let want = offset - idx as u64 * self.s3.part_size;
+        let later: Vec<(usize, Arc<File>)> = {
+            let mut files = self.tail.files.lock().unwrap();
+            let later: Vec<usize> = files.range(idx + 1..).map(|(i, _)| *i).collect();
+            later.iter().filter_map(|i| files.remove(i).map(|f| (*i, f))).collect()
+        };
+        let current = self.tail.files.lock().unwrap().get(&idx).cloned();
+        let dir = self.s3.spool_dir(&self.id);
+        super::super::fs::blocking(move || {
+            if let Some(f) = current {
+                f.set_len(want)?;
+            }
+            for (i, _) in later {
+                let _ = std::fs::remove_file(part_file(&dir, i));
+            }
+            Ok(())
+        })
+        .await?;
+        (self.size, self.landed) = (offset, offset);
+        Ok(())
+    }
+
+    async fn verify(mut self: Box<Self>, expected: &Digest, size: Option<u64>) -> StoreResult<Box<dyn Verified>> {
+        let res = async {
+            self.spool_batch().await?;
+            self.send_full_parts(true).await
+        }
+        .await;
+        if let Err(e) = res {
+            let _ = self.remove().await;
+            return Err(e);
+        }
+        let hasher = self.hasher.clone().expect("settled");
+        let written = self.size;
+        let actual = if hasher.algorithm() == expected.algorithm() {
+            Ok(hasher.finish())
+        } else {
+            // A session hashed with sha256 finished with another algorithm's digest (rare):
+            // hash its content again, from the spool or from the completed staging object.
+            self.rehash(expected.algorithm()).await
+        };
+        let checked = match actual {
+            Err(e) => Err(e),
+            Ok(actual) => {
+                if &actual != expected {
+                    Err(StoreError::DigestMismatch { expected: expected.clone(), actual })
+                } else if let Some(want) = size.filter(|&s| s != written) {
+                    Err(StoreError::SizeMismatch { expected: want, actual: written })
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        if let Err(e) = checked {
+            let _ = self.remove().await;
+            return Err(e);
+        }
+        Ok(Box::new(S3Verified { writer: self, digest: expected.clone() }))
+    }
+
+    async fn abort(mut self: Box<Self>) -> StoreResult<()> {
+        self.remove().await
+    }
+}
+
+/// Verified content, in the spool and the multipart upload, not yet visible.
+struct S3Verified {
+    writer: Box<S3Writer>,
+    digest: Digest,
+}
+
+impl S3Verified {
+    async fn publish(&mut self) -> StoreResult<()> {
+        let w = &mut self.writer;
+        let s3 = w.s3.clone();
+        let blob = s3.path(&layout::blob(&self.digest));
+        let idx = w.parts.len();
+        let rest = w.size - idx as u64 * s3.part_size;
+        if w.state.upload.is_none() && !w.completed {
+            // It fits in one part: one PUT of the verified spool under the final key.
+            let file = w.tail.files.lock().unwrap().get(&0).cloned();
+            let payload = match file {
+                Some(f) => read_part(&s3, f, rest).await?,
+                None => PutPayload::new(),
+            };
+            s3.store.put(&blob, payload).await.map_err(io)?;
+            return Ok(());
+        }
+        if !w.completed {
+            w.complete().await?;
+        }
+        let target = w.target();
+        if target != blob {
+            // An upload: completed under its staging key, made visible by a server-side copy.
+            w.state.committed = true;
+            w.state.upload = None;
+            s3.store.copy(&target, &blob).await.map_err(io)?;
+            w.save_state().await?;
+        }
+        w.state.upload = None;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Verified for S3Verified {
+    fn size(&self) -> u64 {
+        self.writer.size
+    }
+
+    async fn commit(mut self: Box<Self>) -> StoreResult<u64> {
+        let res = self.publish().await;
+        // Whatever the outcome, the ingest is done: the content is in place or not wanted.
+        let removed = self.writer.remove().await;
+        res?;
+        removed?;
+        Ok(self.writer.size)
+    }
+
+    async fn abort(mut self: Box<Self>) -> StoreResult<()> {
+        self.writer.remove().await
+    }
+}

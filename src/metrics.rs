@@ -101,6 +101,7 @@ pub fn store_write_failed() {
 /// Bytes of content by kind (pushed, proxied, imported) as of the last usage check, and the
 /// age of the least recently used proxied content.
 pub fn usage(u: &crate::lifecycle::Usage, proxied_now: u64) {
+    counter!("stevedore_cache_usage_checks_total").increment(1);
     gauge!("stevedore_store_used_bytes", "kind" => "pushed").set(u.pushed as f64);
     gauge!("stevedore_store_used_bytes", "kind" => "imported").set(u.imported as f64);
     gauge!("stevedore_store_used_bytes", "kind" => "proxied").set(proxied_now as f64);

@@ -4,6 +4,9 @@
 //! tests/clients.rs) that keeps serving what it holds. Real parts on loopback: the
 //! `stevedore` binary, Distribution, a scripted fake upstream. Images of a few hundred KiB
 //! against caps of a few hundred KiB.
+//!
+//! `tests/lifecycle_s3.rs` runs the same tests on S3 (moto), but the full-disk one: it needs
+//! a filesystem that fills up, and moto has no quota.
 
 mod common;
 
@@ -18,9 +21,13 @@ use common::fake::Fake;
 use common::fake::Plan;
 use common::http::{assert_content, assert_json_error, client, get_manifest, hdr, read};
 use common::oci::{self, Image};
+use common::s3::{suite_backend, Backend, Bucket};
 use common::stevedore::cli;
 use common::stevedore::{config, Dialect, Stevedore};
-use common::store::{assert_blobs_intact, blob_path, dangling, ingest_leftovers, revisions};
+use common::store::{
+    assert_blobs_intact, assert_stored_blobs_intact, blob_path, dangling, has_blob, ingest_leftovers, ingests_left,
+    overwrite_blob, remove_blob, revisions, stored_blob, stored_tags,
+};
 use common::wait_until;
 
 /// A tmpfs of `size` mounted on `dir` for the test; unmounted when dropped.
@@ -73,6 +80,13 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// service resumes once space is freed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_serves_hits_and_stale_tags_refuses_writes_cleanly_and_recovers() {
+    // Filesystem only: the test fills the store's filesystem (a tmpfs) to the last byte, and
+    // moto, the S3 of the tests, has no quota to fill. The twin `lifecycle_s3` says so and
+    // runs the rest of this file.
+    if suite_backend() == Backend::S3 {
+        eprintln!("not run on S3: a full disk needs a filesystem store (moto has no quota)");
+        return;
+    }
     let tmp = tempfile::tempdir().unwrap();
     let mnt = tmp.path().join("mnt");
     let _tmpfs = Tmpfs::mount(&mnt, "48m");
@@ -194,6 +208,15 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `text` as the config of a one-shot command (`import`, `gc`, `fsck`) on the store at
+/// `root`, on the suite's backend as the launcher puts servers there (S3: the root's bucket).
+fn cli_config(root: &Path, text: &str) -> String {
+    match suite_backend() {
+        Backend::S3 => format!("{text}\n[storage]\n{}", Bucket::for_root(root).config()),
+        Backend::Fs => text.to_string(),
+    }
+}
+
 async fn metrics_text(sd: &Stevedore) -> String {
     read(client().get(sd.url("/metrics"))).await.text()
 }
@@ -229,6 +252,11 @@ async fn pull(sd: &Stevedore, repo: &str, tag: &str, img: &Image, what: &str) {
     }
 }
 
+/// How many usage checks (measure, apply the cap) the server has done.
+fn usage_checks(text: &str) -> f64 {
+    metric(text, "stevedore_cache_usage_checks_total").unwrap_or(0.0)
+}
+
 fn image_bytes(img: &Image) -> usize {
     img.blobs().iter().map(|b| b.size()).sum::<usize>() + img.manifest.size()
 }
@@ -254,7 +282,7 @@ async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_
         1,
     ) + &format!("\n[cache]\nmax_size = {max}\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n");
     let cfg_path = tmp.path().join("stevedore.toml");
-    std::fs::write(&cfg_path, &cfg).unwrap();
+    std::fs::write(&cfg_path, cli_config(&root, &cfg)).unwrap();
     // Imported before the server starts: an image in the upstream's cache, bigger than the cap's slack.
     let imported = oci::make_image(1600, 2, 150_000, "amd64", "linux");
     let layout = tmp.path().join("layout");
@@ -287,8 +315,15 @@ async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_
     }
     let total: usize = imgs.iter().map(image_bytes).sum();
     assert!(total as f64 > 2.0 * high, "the test pulls more than the cap ({total} bytes)");
-    // Every eviction past the high mark went under the low mark; at rest the cap holds.
-    let (ok, text) = wait_metrics(&sd, Duration::from_secs(30), |t| (0.0..=high).contains(&used(t, "proxied"))).await;
+    // Every eviction past the high mark went under the low mark; at rest the cap holds: once
+    // every fill has ended, a usage check that started after that (not one measured mid-pull).
+    let filled = wait_until(LIMIT, || ingests_left(&sd).is_empty()).await;
+    assert!(filled, "fills did not end: {:?}", ingests_left(&sd));
+    let checks = usage_checks(&metrics_text(&sd).await);
+    let (ok, text) = wait_metrics(&sd, Duration::from_secs(30), |t| {
+        usage_checks(t) >= checks + 2.0 && (0.0..=high).contains(&used(t, "proxied"))
+    })
+    .await;
     assert!(ok, "proxied usage did not come under the high mark {high}:\n{text}");
     let evictions: Vec<f64> = sd
         .log_text()
@@ -296,7 +331,7 @@ async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_
         .filter(|l| l.contains("evicted least recently used proxied content"))
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["fields"]["proxied_after"].as_f64())
         .collect();
-    assert!(!evictions.is_empty(), "no eviction logged");
+    assert!(!evictions.is_empty(), "no eviction logged:\n{text}\n{}", sd.problems());
     assert!(evictions.iter().all(|p| *p <= low), "an eviction stopped above the low mark {low}: {evictions:?}");
     assert!(metric(&text, "stevedore_cache_evicted_bytes_total").unwrap_or(0.0) > 0.0, "{text}");
     assert!(metric(&text, "stevedore_cache_evicted_items_total").unwrap_or(0.0) >= 3.0, "{text}");
@@ -304,18 +339,22 @@ async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_
     assert!(used(&text, "imported") >= image_bytes(&imported) as f64, "imported usage: {text}");
     assert!(metric(&text, "stevedore_cache_oldest_access_seconds").is_some(), "{text}");
 
-    // On disk: what is left is coherent; the oldest images are gone whole, tags included.
-    let left = dangling(&root);
+    // In the store: what is left is coherent; the oldest images are gone whole, tags included.
+    let left = dangling(&sd);
     assert!(left.is_empty(), "present content references absent content: {left:#?}");
-    let revs = revisions(&root);
+    let revs = revisions(&sd);
+    let tags = stored_tags(&sd);
     let has = |repo: &str, d: &str| revs.iter().any(|(r, x)| r == &format!("{HOST}/{repo}") && x == d);
     for (i, img) in imgs.iter().enumerate().take(2) {
         assert!(!has(&format!("lib/img{i}"), &img.manifest.digest), "img{i} (least recently used) was kept");
         for b in img.blobs() {
-            assert!(!blob_path(&root, &b.digest).exists(), "img{i}: blob {} of an evicted image left", b.digest);
+            assert!(!has_blob(&sd, &b.digest), "img{i}: blob {} of an evicted image left", b.digest);
         }
-        let tag = root.join("cache").join(HOST).join(format!("lib/img{i}")).join("_manifests/tags/v1");
-        assert!(!tag.exists(), "img{i}: the tag of an evicted manifest is left");
+        let repo = format!("{HOST}/lib/img{i}");
+        assert!(
+            !tags.iter().any(|(r, t, _)| r == &repo && t == "v1"),
+            "img{i}: the tag of an evicted manifest is left"
+        );
     }
     assert!(has("lib/imported", &imported.manifest.digest), "the imported image was evicted");
 
@@ -332,7 +371,7 @@ async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_
     }
     let r = get_manifest(&client(), sd.url(&Dialect::Ns.path(HOST, "lib/img0", "manifests/v1"))).await;
     assert_ne!(r.status, 200, "an evicted image was served with the upstream gone");
-    assert_blobs_intact(&root);
+    assert_stored_blobs_intact(&sd);
 }
 
 /// Eviction running while an image is being pulled (a layer still filling from a slow
@@ -385,16 +424,23 @@ async fn an_image_being_pulled_and_a_fill_in_progress_survive_eviction() {
     for (d, body) in &a.blobs {
         assert_content(&read(http.get(url("team/a", &format!("blobs/{d}")))).await, d, body, "a: after eviction");
     }
-    // Settled under the cap (A and at most one more image fit under the low mark).
+    // Settled under the cap (A and at most one more image fit under the low mark): measured
+    // by a usage check that started after every fill ended.
     let low = (600u64 << 10) as f64 * 0.85;
-    let (ok, text) = wait_metrics(&sd, Duration::from_secs(20), |t| (0.0..=low).contains(&used(t, "proxied"))).await;
+    let filled = wait_until(LIMIT, || ingests_left(&sd).is_empty()).await;
+    assert!(filled, "fills did not end: {:?}", ingests_left(&sd));
+    let checks = usage_checks(&metrics_text(&sd).await);
+    let (ok, text) = wait_metrics(&sd, Duration::from_secs(20), |t| {
+        usage_checks(t) >= checks + 2.0 && (0.0..=low).contains(&used(t, "proxied"))
+    })
+    .await;
     assert!(ok, "proxied usage did not come under the low mark {low}:\n{text}");
-    let revs = revisions(&root);
+    let revs = revisions(&sd);
     assert!(revs.iter().any(|(_, d)| d == &a.digest), "the image being pulled was evicted: {revs:?}");
     assert!(!revs.iter().any(|(_, d)| d == &b.digest), "b, the least recently used, was kept: {revs:?}");
-    let left = dangling(&root);
+    let left = dangling(&sd);
     assert!(left.is_empty(), "present content references absent content: {left:#?}");
-    assert_blobs_intact(&root);
+    assert_stored_blobs_intact(&sd);
 }
 
 fn local_config(extra: &str) -> String {
@@ -453,8 +499,7 @@ async fn gc_under_concurrent_pushes_reclaims_garbage_and_loses_no_blob_of_a_push
     }
     // The deleted image's own blobs go once past the grace period.
     let unique: Vec<&oci::Blob> = vec![&garbage.layers[1], &garbage.config];
-    let reclaimed =
-        wait_until(Duration::from_secs(30), || unique.iter().all(|b| !blob_path(&root, &b.digest).exists())).await;
+    let reclaimed = wait_until(Duration::from_secs(30), || unique.iter().all(|b| !has_blob(&sd, &b.digest))).await;
     assert!(reclaimed, "the deleted manifest's blobs were not reclaimed");
     let text = metrics_text(&sd).await;
     assert!(metric(&text, "stevedore_gc_runs_total{result=\"ok\"}").unwrap_or(0.0) >= 2.0, "{text}");
@@ -470,7 +515,7 @@ async fn gc_under_concurrent_pushes_reclaims_garbage_and_loses_no_blob_of_a_push
     for b in kept.blobs() {
         reg.assert_blob("team/kept", &b.digest, &b.data).await;
     }
-    let left = dangling(&root);
+    let left = dangling(&sd);
     assert!(left.is_empty(), "{left:#?}");
 
     // `stevedore gc`: a dry run names what would go and removes nothing; the run removes it.
@@ -482,21 +527,21 @@ async fn gc_under_concurrent_pushes_reclaims_garbage_and_loses_no_blob_of_a_push
     assert_eq!(r.status().as_u16(), 202);
     sd.terminate(Duration::from_secs(20));
     let gc_cfg = tmp.path().join("gc.toml");
-    std::fs::write(&gc_cfg, local_config("gc_grace = \"0s\"")).unwrap();
+    std::fs::write(&gc_cfg, cli_config(&root, &local_config("gc_grace = \"0s\""))).unwrap();
     let out = cli(&["gc", "--config", s(&gc_cfg), "--root", s(&root), "--dry-run"], LIMIT);
     assert!(out.status.success(), "{}", out.describe());
     for b in kept.blobs() {
         assert!(out.stdout.contains(&b.digest), "dry run does not name {}: {}", b.digest, out.stdout);
-        assert!(blob_path(&root, &b.digest).exists(), "a dry run removed {}", b.digest);
+        assert!(has_blob(&sd, &b.digest), "a dry run removed {}", b.digest);
     }
     let out = cli(&["gc", "--config", s(&gc_cfg), "--root", s(&root)], LIMIT);
     assert!(out.status.success(), "{}", out.describe());
     for b in kept.blobs() {
-        assert!(!blob_path(&root, &b.digest).exists(), "gc left {}: {}", b.digest, out.stdout);
+        assert!(!has_blob(&sd, &b.digest), "gc left {}: {}", b.digest, out.stdout);
     }
     for (_, img) in &pushed {
         for b in img.blobs() {
-            assert!(blob_path(&root, &b.digest).exists(), "gc removed {} of a kept manifest", b.digest);
+            assert!(has_blob(&sd, &b.digest), "gc removed {} of a kept manifest", b.digest);
         }
     }
 }
@@ -521,28 +566,29 @@ async fn fsck_finds_corrupt_blobs_and_dangling_links_and_repair_fixes_them() {
     let mut sd = sd;
     sd.terminate(Duration::from_secs(20));
 
-    // Altered bytes (same length), a blob gone from under its link.
+    // Altered bytes (same length), a blob gone from under its link: files on the filesystem,
+    // objects in the bucket on S3.
     let corrupt = &bad.layers[1].digest;
-    let path = blob_path(&root, corrupt);
-    let mut data = std::fs::read(&path).unwrap();
+    let mut data = stored_blob(&sd, corrupt).expect("the blob to corrupt is stored");
     data[100] ^= 0xff;
-    std::fs::write(&path, &data).unwrap();
-    std::fs::remove_file(blob_path(&root, &lone_digest)).unwrap();
+    overwrite_blob(&sd, corrupt, &data);
+    remove_blob(&sd, &lone_digest);
     let fsck_cfg = tmp.path().join("fsck.toml");
     // Any idle upload is a leftover for this run.
-    std::fs::write(&fsck_cfg, format!("[uploads]\nsession_ttl = \"1ms\"\n{}", local_config(""))).unwrap();
-    assert!(!ingest_leftovers(&root).is_empty(), "the upload session is not in the store");
+    let text = format!("[uploads]\nsession_ttl = \"1ms\"\n{}", local_config(""));
+    std::fs::write(&fsck_cfg, cli_config(&root, &text)).unwrap();
+    assert!(!ingests_left(&sd).is_empty(), "the upload session is not in the store");
 
     let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root)], LIMIT);
     assert!(!out.status.success(), "fsck found nothing: {}", out.describe());
     assert!(out.stdout.contains(&format!("corrupt content {corrupt}")), "{}", out.stdout);
     assert!(out.stdout.contains(&format!("dangling link team/lone@{lone_digest}")), "{}", out.stdout);
-    assert!(path.exists(), "fsck without --repair removed a blob");
-    assert!(ingest_leftovers(&root).is_empty(), "the leftover upload was not removed: {:?}", ingest_leftovers(&root));
+    assert!(has_blob(&sd, corrupt), "fsck without --repair removed a blob");
+    assert!(ingests_left(&sd).is_empty(), "the leftover upload was not removed: {:?}", ingests_left(&sd));
 
     let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root), "--repair", "--rebuild-index"], LIMIT);
     assert!(out.status.success(), "fsck --repair: {}", out.describe());
-    assert!(!path.exists(), "the corrupt blob is still there");
+    assert!(!has_blob(&sd, corrupt), "the corrupt blob is still there");
     assert!(
         out.stdout.contains(&format!("manifest team/bad@{} needs absent content", bad.manifest.digest)),
         "{}",
@@ -550,8 +596,8 @@ async fn fsck_finds_corrupt_blobs_and_dangling_links_and_repair_fixes_them() {
     );
     let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root)], LIMIT);
     assert!(out.status.success() && !out.stdout.contains("problem:"), "after repair: {}", out.describe());
-    assert!(dangling(&root).is_empty(), "{:#?}", dangling(&root));
-    assert_blobs_intact(&root);
+    assert!(dangling(&sd).is_empty(), "{:#?}", dangling(&sd));
+    assert_stored_blobs_intact(&sd);
 
     // The store serves what is sound; the broken image is gone, not half there.
     let sd = Stevedore::builder().config(&cfg).root(&root).start();

@@ -223,6 +223,36 @@ impl Bucket {
         }
     }
 
+    /// Writes an object (key below the prefix) with `bytes`, signed by curl as [`Bucket::get`].
+    pub fn put(&self, key: &str, bytes: &[u8]) {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), bytes).unwrap();
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "test:test", "-w", "%{http_code}", "-o"])
+            .arg("/dev/null")
+            .arg("-T")
+            .arg(file.path())
+            .arg(format!("http://127.0.0.1:{}/{}/{}{key}", self.port, self.name, self.prefix));
+        let res = proc::run("curl (signed S3 PUT)", cmd, Duration::from_secs(60));
+        assert_eq!(res.stdout.trim(), "200", "PUT {key}");
+    }
+
+    /// Deletes an object (key below the prefix), signed by curl as [`Bucket::get`].
+    pub fn delete(&self, key: &str) {
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "test:test", "-w", "%{http_code}", "-o"])
+            .arg("/dev/null")
+            .args(["-X", "DELETE"])
+            .arg(format!("http://127.0.0.1:{}/{}/{}{key}", self.port, self.name, self.prefix));
+        let res = proc::run("curl (signed S3 DELETE)", cmd, Duration::from_secs(60));
+        assert_eq!(res.stdout.trim(), "204", "DELETE {key}");
+    }
+
+    /// Whether the object `key` (below the prefix) exists.
+    pub fn has(&self, key: &str) -> bool {
+        self.objects(key).iter().any(|(k, _)| k == key)
+    }
+
     /// Unfinished multipart uploads: (key below the prefix, upload id).
     pub fn multipart_uploads(&self) -> Vec<(String, String)> {
         let (status, body) = request(self.port, "GET", &format!("/{}?uploads", self.name), b"");

@@ -124,62 +124,6 @@ pub fn assert_blobs_intact(root: &Path) -> usize {
     checked
 }
 
-/// Every manifest revision in the store as `(repo, digest)` (`repo` relative to `repos/` or
-/// `cache/`, as in [`repo_dirs`]).
-pub fn revisions(root: &Path) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for repo in repo_dirs(root) {
-        for tree in ["repos", "cache"] {
-            let dir = root.join(tree).join(&repo).join("_manifests/revisions");
-            for alg in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let alg_name = alg.file_name().to_string_lossy().into_owned();
-                for f in std::fs::read_dir(alg.path()).into_iter().flatten().flatten() {
-                    out.push((repo.clone(), format!("{alg_name}:{}", f.file_name().to_string_lossy())));
-                }
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-/// What is present but references something absent that it needs: a manifest revision
-/// whose bytes, config or layers are missing from `blobs/`, a tag pointing at a manifest
-/// the repository does not hold. Empty for a coherent store.
-pub fn dangling(root: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let revs = revisions(root);
-    for (repo, d) in &revs {
-        let path = blob_path(root, d);
-        let Ok(bytes) = std::fs::read(&path) else {
-            out.push(format!("{repo}@{d}: manifest bytes absent"));
-            continue;
-        };
-        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-        let needs = v["config"]["digest"]
-            .as_str()
-            .into_iter()
-            .chain(v["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str()));
-        for n in needs {
-            if !blob_path(root, n).exists() {
-                out.push(format!("{repo}@{d}: needs absent {n}"));
-            }
-        }
-    }
-    for repo in repo_dirs(root) {
-        for tree in ["repos", "cache"] {
-            let dir = root.join(tree).join(&repo).join("_manifests/tags");
-            for t in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let target = std::fs::read_to_string(t.path()).unwrap_or_default();
-                if !revs.iter().any(|(r, d)| r == &repo && d == target.trim()) {
-                    out.push(format!("{repo}:{} → {target}: no such manifest", t.file_name().to_string_lossy()));
-                }
-            }
-        }
-    }
-    out
-}
-
 // --- The same checks on a running server's store, whichever backend it is on (the `*_s3`
 // twin binaries run the suites on S3: see `super::s3`).
 
@@ -236,4 +180,136 @@ pub fn assert_stored_blobs_intact(sd: &Stevedore) -> usize {
         Some(b) => b.assert_blobs_intact(),
         None => assert_blobs_intact(sd.root()),
     }
+}
+
+/// Keys (`/`-separated, relative to the store root or the bucket prefix) of the files or
+/// objects whose key starts with `under`, sorted.
+pub fn stored_keys(sd: &Stevedore, under: &str) -> Vec<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            match e.file_type() {
+                Ok(t) if t.is_dir() => walk(root, &e.path(), out),
+                Ok(_) => out.push(e.path().strip_prefix(root).unwrap().to_string_lossy().into_owned()),
+                Err(_) => {}
+            }
+        }
+    }
+    match &sd.bucket {
+        Some(b) => b.objects(under).into_iter().map(|(k, _)| k).collect(),
+        None => {
+            // The deepest directory `under` names, walked and filtered by the whole prefix.
+            let dir = under.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+            let mut out = Vec::new();
+            walk(sd.root(), &sd.root().join(dir), &mut out);
+            out.retain(|k| k.starts_with(under));
+            out.sort();
+            out
+        }
+    }
+}
+
+/// A file's or object's bytes (key as in [`stored_keys`]), `None` when absent.
+pub fn stored_object(sd: &Stevedore, key: &str) -> Option<Vec<u8>> {
+    match &sd.bucket {
+        Some(b) => b.get(key),
+        None => std::fs::read(sd.root().join(key)).ok(),
+    }
+}
+
+fn blob_key(digest: &str) -> String {
+    let (alg, hex) = digest.split_once(':').expect("alg:hex");
+    format!("blobs/{alg}/{}/{hex}", &hex[..2])
+}
+
+/// Whether blob `digest` is committed (a file under `blobs/`, or an object in the bucket).
+pub fn has_blob(sd: &Stevedore, digest: &str) -> bool {
+    match &sd.bucket {
+        Some(b) => b.has(&blob_key(digest)),
+        None => blob_path(sd.root(), digest).exists(),
+    }
+}
+
+/// Replaces the bytes of committed blob `digest` behind the server's back (to corrupt it).
+pub fn overwrite_blob(sd: &Stevedore, digest: &str, bytes: &[u8]) {
+    match &sd.bucket {
+        Some(b) => b.put(&blob_key(digest), bytes),
+        None => std::fs::write(blob_path(sd.root(), digest), bytes).unwrap(),
+    }
+}
+
+/// Removes committed blob `digest` behind the server's back.
+pub fn remove_blob(sd: &Stevedore, digest: &str) {
+    match &sd.bucket {
+        Some(b) => b.delete(&blob_key(digest)),
+        None => std::fs::remove_file(blob_path(sd.root(), digest)).unwrap(),
+    }
+}
+
+/// `(repo, rest)` for a key under `repos/` or `cache/` that has `marker` in it: the
+/// repository (relative to its tree, as in [`repo_dirs`]) and what follows the marker.
+fn repo_entries(sd: &Stevedore, marker: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for tree in ["repos/", "cache/"] {
+        for key in stored_keys(sd, tree) {
+            if let Some(at) = key.find(marker) {
+                out.push((key[tree.len()..at].to_string(), key[at + marker.len()..].to_string(), key.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// Every manifest revision in the store as `(repo, digest)` (`repo` relative to `repos/` or
+/// `cache/`, as in [`repo_dirs`]), sorted.
+pub fn revisions(sd: &Stevedore) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = repo_entries(sd, "/_manifests/revisions/")
+        .into_iter()
+        .filter_map(|(repo, rest, _)| rest.split_once('/').map(|(alg, hex)| (repo, format!("{alg}:{hex}"))))
+        .collect();
+    out.sort();
+    out
+}
+
+/// Every tag in the store as `(repo, tag, the digest it holds)`, sorted.
+pub fn stored_tags(sd: &Stevedore) -> Vec<(String, String, String)> {
+    let mut out: Vec<(String, String, String)> = repo_entries(sd, "/_manifests/tags/")
+        .into_iter()
+        .map(|(repo, tag, key)| {
+            let target = stored_object(sd, &key).unwrap_or_default();
+            (repo, tag, String::from_utf8_lossy(&target).trim().to_string())
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What is present but references something absent that it needs: a manifest revision
+/// whose bytes, config or layers are missing from the committed blobs, a tag pointing at a
+/// manifest the repository does not hold. Empty for a coherent store.
+pub fn dangling(sd: &Stevedore) -> Vec<String> {
+    let mut out = Vec::new();
+    let blobs: BTreeSet<String> = stored_blobs(sd).into_iter().collect();
+    let revs = revisions(sd);
+    for (repo, d) in &revs {
+        let Some(bytes) = stored_blob(sd, d) else {
+            out.push(format!("{repo}@{d}: manifest bytes absent"));
+            continue;
+        };
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        let needs = v["config"]["digest"]
+            .as_str()
+            .into_iter()
+            .chain(v["layers"].as_array().into_iter().flatten().filter_map(|l| l["digest"].as_str()));
+        for n in needs {
+            if !blobs.contains(n) {
+                out.push(format!("{repo}@{d}: needs absent {n}"));
+            }
+        }
+    }
+    for (repo, tag, target) in stored_tags(sd) {
+        if !revs.iter().any(|(r, d)| r == &repo && d == &target) {
+            out.push(format!("{repo}:{tag} → {target}: no such manifest"));
+        }
+    }
+    out
 }

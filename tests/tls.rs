@@ -570,3 +570,67 @@ fn docker_pulls_and_pushes_over_tls_with_certs_d() {
     common::proc::run_ok("docker: push over TLS", d.docker(&["push", &pushed]), LIMIT);
     assert_pushed(&sd, "team/docker", "v4", &img, false, "docker");
 }
+
+/// TLS and users together: podman logs in over TLS (trusting the test CA through certs.d),
+/// the Bearer realm it is sent to is this server's `https://…/token`, and it pushes and pulls
+/// through the token flow; without a login it is refused.
+#[test]
+fn podman_logs_in_over_tls_and_pushes_and_pulls_with_tokens() {
+    common::proc::require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let pki = TestPki::new(&dir.path().join("pki"));
+    let users = common::stevedore::write_htpasswd(&dir.path().join("htpasswd"), &[("alice", "alice-pw-Tl5")]);
+    let cfg = tls_config(&pki, "", "")
+        + &format!("\n[auth]\nhtpasswd = {:?}\nanonymous = \"none\"\n", users.display().to_string());
+    let sd = Stevedore::builder()
+        .dir(&dir.path().join("stevedore"))
+        .config(&cfg)
+        .https(&pki.ca_pem)
+        .rust_log("warn,stevedore=info,stevedore::access=info")
+        .start();
+    let img = oci::build("podman-tls-login", 35, 64 * 1024, false);
+    common::rt().block_on(sd.registry().basic_auth("alice", "alice-pw-Tl5").push_image("team/base", &img, Some("v1")));
+    // The challenge names the https realm of this listener.
+    let r = common::rt().block_on(common::http::read(client_trusting(&pki.ca_pem).get(sd.url("/v2/"))));
+    assert_eq!(r.status, 401, "{}", r.text());
+    let challenge = r.headers.get("www-authenticate").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    assert!(challenge.contains(&format!("realm=\"https://{}/token\"", sd.addr)), "{challenge}");
+
+    let p = common::engines::Podman::new(&dir.path().join("podman"), &sd.addr);
+    let base = format!("{}/team/base:v1", sd.addr);
+    let pushed = format!("{}/team/podman:v4", sd.addr);
+    let certs = format!(
+        "set -e\nmkdir -p /etc/containers/certs.d/{a}\ncp {ca:?} /etc/containers/certs.d/{a}/ca.crt\n",
+        a = sd.addr,
+        ca = pki.ca_file
+    );
+    let policy = p.policy();
+    let refused = common::proc::run(
+        "podman pull without a login",
+        p.shell(&format!("{certs}$PODMAN pull --signature-policy {policy:?} {base}\n")),
+        LIMIT,
+    );
+    assert!(!refused.status.success(), "podman pulled without a login:\n{}", refused.describe());
+    let mark = sd.requests().len();
+    let script = format!(
+        "{certs}$PODMAN login -u alice -p alice-pw-Tl5 {a}\n\
+         $PODMAN pull --signature-policy {policy:?} {base}\n\
+         $PODMAN image inspect --format '{{{{.Digest}}}}' {base}\n\
+         $PODMAN tag {base} {pushed}\n$PODMAN push --signature-policy {policy:?} {pushed}\n",
+        a = sd.addr,
+    );
+    let out = common::proc::run_ok("podman: login, pull and push over TLS", p.shell(&script), LIMIT);
+    assert!(out.stdout.contains(&img.manifest.digest), "podman: pulled digest:\n{}", out.describe());
+    let reqs = sd.requests_since(mark);
+    assert!(
+        reqs.iter().any(|a| a.path() == "/token" && a.status == 200),
+        "podman fetched no token:\n{}",
+        common::stevedore::show(&reqs)
+    );
+    let reg = sd.registry().basic_auth("alice", "alice-pw-Tl5");
+    let (st, _, _, body) = common::rt().block_on(reg.try_get_manifest("team/podman", "v4")).unwrap();
+    assert_eq!(st.as_u16(), 200, "podman's push: {}", String::from_utf8_lossy(&body));
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(m["config"]["digest"].as_str(), Some(img.config.digest.as_str()), "podman pushed {m}");
+    assert!(!sd.log_text().contains("alice-pw-Tl5"), "the password reached the log");
+}

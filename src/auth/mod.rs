@@ -332,25 +332,29 @@ impl Auth {
         }
     }
 
+    /// Who logged in for an operator endpoint (`/metrics`, `/admin/…`): operators and
+    /// scrapers log in with Basic (or a client certificate); tokens are scoped to repositories.
+    /// Anything else is `401` with a Basic challenge saying `why`.
+    async fn operator(&self, parts: &Parts, why: &str) -> Result<Who, ApiError> {
+        let basic = || {
+            ApiError::new(Code::Unauthorized)
+                .detail(why.to_string())
+                .header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{}\"", self.service))
+        };
+        match presented(&parts.headers, &parts.extensions) {
+            Presented::Basic { .. } | Presented::Certificate(_) => {
+                self.identify(parts).await.map(|id| id.who).map_err(|_| basic())
+            }
+            _ => Err(basic()),
+        }
+    }
+
     /// Whether the caller may read `/metrics` (`auth.metrics`).
     pub async fn metrics_allowed(&self, parts: &Parts) -> Result<(), ApiError> {
         if self.metrics == MetricsAccess::Open {
             return Ok(());
         }
-        let basic = || {
-            ApiError::new(Code::Unauthorized)
-                .detail("log in to read the metrics")
-                .header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{}\"", self.service))
-        };
-        // Metrics scrapers log in with Basic (or a client certificate); tokens are scoped to
-        // repositories.
-        let who = match presented(&parts.headers, &parts.extensions) {
-            Presented::Basic { .. } | Presented::Certificate(_) => match self.identify(parts).await {
-                Ok(id) => id.who,
-                Err(_) => return Err(basic()),
-            },
-            _ => return Err(basic()),
-        };
+        let who = self.operator(parts, "log in to read the metrics").await?;
         match self.metrics {
             MetricsAccess::Admin if !self.rules.is_admin(&who) => {
                 Err(ApiError::new(Code::Denied).detail(format!("{who} is not an administrator (admin on \"*\")")))
@@ -360,21 +364,9 @@ impl Auth {
     }
 
     /// Whether the caller may use an admin endpoint (`POST /admin/prefetch`) on these
-    /// repositories (full names): a login (Basic or a client certificate) whose rules grant
-    /// `admin` on every one of them.
+    /// repositories (full names): a login whose rules grant `admin` on every one of them.
     pub async fn admin_allowed(&self, parts: &Parts, fulls: &[String]) -> Result<(), ApiError> {
-        let basic = || {
-            ApiError::new(Code::Unauthorized)
-                .detail("log in to use the admin endpoints")
-                .header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{}\"", self.service))
-        };
-        let who = match presented(&parts.headers, &parts.extensions) {
-            Presented::Basic { .. } | Presented::Certificate(_) => match self.identify(parts).await {
-                Ok(id) => id.who,
-                Err(_) => return Err(basic()),
-            },
-            _ => return Err(basic()),
-        };
+        let who = self.operator(parts, "log in to use the admin endpoints").await?;
         match fulls.iter().find(|f| !self.rules.allows(&who, f, Action::Admin)) {
             Some(f) => Err(ApiError::new(Code::Denied).detail(format!("{who} may not administer {f} (admin)"))),
             None => Ok(()),

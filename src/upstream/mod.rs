@@ -145,19 +145,8 @@ impl Upstream {
         if cfg.host == "docker.io" {
             token_realms.push(Url::parse("https://auth.docker.io").expect("a URL"));
         }
-        let password = match (&cfg.password, &cfg.password_file, &cfg.password_env) {
-            (Some(p), _, _) => Some(p.clone()),
-            (_, Some(f), _) => Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| anyhow::anyhow!("upstream {}: password_file {}: {e}", cfg.host, f.display()))?
-                    .trim_end()
-                    .to_string(),
-            ),
-            (_, _, Some(v)) => Some(
-                std::env::var(v).map_err(|_| anyhow::anyhow!("upstream {}: password_env {v} is not set", cfg.host))?,
-            ),
-            _ => None,
-        };
+        let password = crate::config::read_secret("password", &cfg.password, &cfg.password_file, &cfg.password_env)
+            .map_err(|e| anyhow::anyhow!("upstream {}: {e}", cfg.host))?;
         let creds = cfg.username.clone().map(|u| (u, password.unwrap_or_default())).or(url_creds);
         let extra_roots = match &cfg.ca_file {
             Some(f) => ca::load_ca_file(f)

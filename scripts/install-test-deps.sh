@@ -10,6 +10,7 @@
 #   podman           - podman (registries.conf mirrors), tests/clients.rs
 #   docker.io        - dockerd + docker CLI (registry-mirrors), tests/clients.rs
 #   runc             - OCI runtime the three above depend on (checked explicitly)
+#   redis-server     - Debian's Redis: coordination of several replicas, tests/replicas.rs
 #   moto_server      - PyPI moto[server] (pip, in a virtualenv): S3 for the *_s3 test twins
 # The container engines are installed without their services running: a policy-rc.d
 # refuses every service start during the install, and systemd units are disabled after
@@ -18,10 +19,10 @@ set -euo pipefail
 # dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-packages=(skopeo curl docker-registry containerd podman docker.io runc)
+packages=(skopeo curl docker-registry containerd podman docker.io runc redis-server)
 # The command each package must provide; checked after install as well.
 declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry
-    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc)
+    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc [redis-server]=redis-server)
 # Other callers (bench/run.sh) name their own set as `package=command` arguments.
 if (($#)); then
     packages=()
@@ -34,7 +35,7 @@ fi
 # run installed, so a machine's own docker or containerd service is left alone).
 declare -A units=([docker-registry]="docker-registry" [containerd]="containerd"
     [podman]="podman.socket podman podman-restart podman-auto-update.timer"
-    [docker.io]="docker.socket docker")
+    [docker.io]="docker.socket docker" [redis-server]="redis-server")
 
 is_installed() {
     [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]

@@ -17,6 +17,8 @@ pub struct App {
     pub upload_quota: crate::limits::UploadQuota,
     /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// This replica among others on the store (`[redis]`, `[cluster]`); alone without Redis.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 impl App {
@@ -42,7 +44,8 @@ impl App {
         let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
         let auth = crate::auth::Auth::from_config(&cfg.auth)?;
-        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth }))
+        let cluster = crate::cluster::Cluster::from_config(&cfg)?;
+        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth, cluster }))
     }
 
     /// Background work: the idle upload session sweep, the cache lifecycle (usage checks,

@@ -4,6 +4,7 @@ pub mod airgap;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod lifecycle;

@@ -1,4 +1,5 @@
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -414,6 +415,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let metrics = stevedore::metrics::install().context("installing the metrics recorder")?;
     let app = App::new(cfg, Some(metrics)).await.context("opening the store")?;
     stevedore::metrics::offline(app.proxy.is_offline());
+    // Beside another live replica of this store only with Redis (or when allowed).
+    let registry =
+        Arc::new(stevedore::cluster::replicas::Registry::new(app.cluster.clone(), app.store.clone(), &app.cfg));
+    registry.check_and_register(app.cfg.cluster.allow_without_redis).await?;
+    registry.clone().spawn();
+    app.cluster.spawn_listener();
     app.spawn_background();
     let upstreams: Vec<String> = app.proxy.upstreams().iter().map(|u| u.host.clone()).collect();
     tracing::info!(
@@ -472,6 +479,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     }
     // The batched access records survive the restart.
     app.store.flush_access().await;
+    registry.deregister().await;
     Ok(())
 }
 

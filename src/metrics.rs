@@ -121,6 +121,31 @@ pub fn gc_run(ok: bool, bytes: u64) {
     counter!("stevedore_gc_reclaimed_bytes_total").increment(bytes);
 }
 
+/// 1 while Redis answers (or none is configured: 0 then), per replica.
+pub fn cluster_redis_up(up: bool) {
+    gauge!("stevedore_cluster_redis_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// A Redis command that failed or timed out (the replica acted on its own).
+pub fn cluster_redis_error() {
+    counter!("stevedore_cluster_redis_errors_total").increment(1);
+}
+
+/// A lease taken (`true`) or given up (`false`): the gauge is the leases this replica holds.
+pub fn cluster_lease(taken: bool) {
+    if taken {
+        counter!("stevedore_cluster_leases_taken_total").increment(1);
+        gauge!("stevedore_cluster_leases_held").increment(1.0);
+    } else {
+        gauge!("stevedore_cluster_leases_held").decrement(1.0);
+    }
+}
+
+/// Replicas alive on this store, as of the last heartbeat (this one included).
+pub fn cluster_replicas(n: usize) {
+    gauge!("stevedore_cluster_replicas").set(n as f64);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ mod headers;
 pub mod listing;
 pub mod manifests;
 mod ops;
+mod peer;
 pub mod routes;
 pub mod uploads;
 
@@ -38,6 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/admin/prefetch", post(admin_prefetch))
         .route("/token", get(crate::auth::token_endpoint).post(crate::auth::token_endpoint))
+        .route("/_stevedore/cluster/{*rest}", any(peer::dispatch))
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit))
         .layer(axum::middleware::from_fn(ops::access_log))

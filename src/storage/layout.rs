@@ -25,6 +25,8 @@
 //!                                            children, subject); rebuilt from the manifest
 //! meta/imported/<alg>/<hex>                  the content was imported (air gap): never
 //!                                            evicted by the cache cap
+//! meta/replicas/<uuid>                       a serving replica's heartbeat (JSON: its
+//!                                            advertised URL, host, pid, whether it has Redis)
 //! ```
 //!
 //! Name components never start with `_` (see [`RepoName`]), so they cannot collide with the
@@ -76,6 +78,16 @@ pub fn refs(d: &Digest) -> Key {
 /// The content was imported.
 pub fn imported(d: &Digest) -> Key {
     Key(format!("{META}/imported/{}/{}", d.algorithm().as_str(), d.hex()))
+}
+
+/// The replicas' heartbeats (`<uuid>` below).
+pub fn replicas_dir() -> Key {
+    Key(format!("{META}/replicas"))
+}
+
+/// One replica's heartbeat.
+pub fn replica(id: &uuid::Uuid) -> Key {
+    replicas_dir().join(id)
 }
 
 /// A repository's blob links (`<alg>/<hex>` below).

@@ -12,6 +12,7 @@ pub mod backend;
 mod fs;
 pub mod index;
 pub mod layout;
+mod replicas;
 mod repo;
 mod s3;
 mod uploads;

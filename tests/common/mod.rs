@@ -9,8 +9,10 @@
 //!   distribution-spec client ([`http::Registry`]: raw requests, strict flows, pushes).
 //! - [`oci`]: images (gzip ustar layers, config, manifest, index) and OCI image layouts.
 //! - [`distribution`]: CNCF Distribution (`docker-registry`) as a real upstream.
+//! - [`fleet`]: several replicas on one bucket with Redis, in front of one upstream.
 //! - [`fake`]: a scripted fake upstream (axum, in process).
 //! - [`store`]: checks on Stevedore's on-disk store.
+//! - [`redis`]: Debian's `redis-server` for the replica tests (start, kill, start again).
 //! - [`s3`]: moto (S3) for the `*_s3` twin binaries, and checks on a store's bucket.
 //! - [`tls`]: a test CA and server and client certificates for 127.0.0.1 (rcgen), an HTTPS
 //!   probe, the certificate a new connection is served, a cert-dir (`ca.crt`) for clients.
@@ -22,9 +24,11 @@ pub mod data;
 pub mod distribution;
 pub mod engines;
 pub mod fake;
+pub mod fleet;
 pub mod http;
 pub mod oci;
 pub mod proc;
+pub mod redis;
 pub mod s3;
 pub mod skopeo_cli;
 pub mod stevedore;

@@ -32,6 +32,7 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("docker-registry", "/usr/bin/docker-registry", "docker-registry"),
     ("setpriv", "/usr/bin/setpriv", "util-linux"),
     ("unshare", "/usr/bin/unshare", "util-linux"),
+    ("redis-server", "/usr/bin/redis-server", "redis-server"),
 ];
 
 /// The absolute path of `name`; panics with the install hint when it is missing (these tests

@@ -72,6 +72,8 @@ pub struct Builder {
     tls_ca: Option<String>,
     backend: Backend,
     s3_settings: Vec<String>,
+    bucket_root: Option<PathBuf>,
+    port: u16,
 }
 
 impl Builder {
@@ -95,6 +97,20 @@ impl Builder {
     /// filesystem.
     pub fn s3_setting(mut self, line: &str) -> Builder {
         self.s3_settings.push(line.to_string());
+        self
+    }
+
+    /// Listen on this port of 127.0.0.1 instead of one the server picks (a replica whose
+    /// `cluster.advertise` names its own address).
+    pub fn port(mut self, port: u16) -> Builder {
+        self.port = port;
+        self
+    }
+
+    /// On S3: the bucket of the store rooted at `root` instead of this server's own (several
+    /// replicas on one bucket, each with its own scratch root).
+    pub fn bucket_of(mut self, root: &Path) -> Builder {
+        self.bucket_root = Some(root.to_path_buf());
         self
     }
 
@@ -148,6 +164,12 @@ impl Builder {
     /// Starts the server and waits (bounded) for its listening line. From async tests on the
     /// multi-thread runtime the wait runs in `block_in_place`.
     pub fn start(self) -> Stevedore {
+        self.try_start().unwrap_or_else(|log| panic!("{log}"))
+    }
+
+    /// [`Builder::start`], but a server that exits during start-up (a refused config) is an
+    /// `Err` with its log instead of a panic.
+    pub fn try_start(self) -> Result<Stevedore, String> {
         match tokio::runtime::Handle::try_current() {
             Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
                 tokio::task::block_in_place(|| self.spawn())
@@ -156,7 +178,7 @@ impl Builder {
         }
     }
 
-    fn spawn(self) -> Stevedore {
+    fn spawn(self) -> Result<Stevedore, String> {
         let tmp = match &self.dir {
             Some(_) => None,
             None => Some(tempfile::Builder::new().prefix("stevedore-").tempdir().expect("tempdir")),
@@ -169,8 +191,9 @@ impl Builder {
             LogFormat::Json => "json",
             LogFormat::Text => "text",
         });
-        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--root").arg(&root);
-        let bucket = (self.backend == Backend::S3).then(|| Bucket::for_root(&root));
+        cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{}", self.port)).arg("--root").arg(&root);
+        let bucket =
+            (self.backend == Backend::S3).then(|| Bucket::for_root(self.bucket_root.as_ref().unwrap_or(&root)));
         let text = match (&self.config, &bucket) {
             (Some(text), None) => Some(text.clone()),
             (None, None) => None,
@@ -222,14 +245,14 @@ impl Builder {
             .find(|p| !p.exists())
             .unwrap();
         let mut daemon = Daemon::spawn("stevedore", cmd, &log);
-        let addr = wait_for_listen_line(&mut daemon, Duration::from_secs(30));
+        let addr = wait_for_listen_line(&mut daemon, Duration::from_secs(30))?;
         // Printed before the main line, so it is there by now.
         let plain_addr = daemon
             .log_text()
             .lines()
             .find_map(|l| l.strip_prefix("stevedore plain HTTP listening on "))
             .map(|a| a.trim().to_string());
-        Stevedore {
+        Ok(Stevedore {
             daemon,
             addr,
             plain_addr,
@@ -240,21 +263,21 @@ impl Builder {
             log_format: self.log_format,
             sentinels: AtomicUsize::new(0),
             _tmp: tmp,
-        }
+        })
     }
 }
 
-/// Polls the log for `stevedore listening on <addr>` every 10 ms; panics with the log if the
-/// process exits first or `limit` passes.
-fn wait_for_listen_line(daemon: &mut Daemon, limit: Duration) -> String {
+/// Polls the log for `stevedore listening on <addr>` every 10 ms; `Err` with the log if the
+/// process exits first; panics with the log if `limit` passes.
+fn wait_for_listen_line(daemon: &mut Daemon, limit: Duration) -> Result<String, String> {
     let end = Instant::now() + limit;
     loop {
         let log = daemon.log_text();
         if let Some(a) = log.lines().find_map(|l| l.strip_prefix("stevedore listening on ")) {
-            return a.trim().to_string();
+            return Ok(a.trim().to_string());
         }
         if let Some(status) = daemon.exit_status() {
-            panic!("stevedore exited during start-up ({status}); its log:\n{}", proc::tail(&log, 6000));
+            return Err(format!("stevedore exited during start-up ({status}); its log:\n{}", proc::tail(&log, 6000)));
         }
         assert!(
             Instant::now() < end,
@@ -337,6 +360,8 @@ impl Stevedore {
             tls_ca: None,
             backend: super::s3::suite_backend(),
             s3_settings: Vec::new(),
+            bucket_root: None,
+            port: 0,
         }
     }
 

@@ -1,0 +1,30 @@
+//! The replicas' internal endpoints under [`crate::cluster::PEER_PREFIX`]
+//! (`/_stevedore/cluster/…`), for other replicas of the fleet only: every request must carry
+//! `Authorization: Bearer <cluster.secret>`, else 401. Never part of `/v2`.
+//!
+//! - `GET ping`: this replica's id (a peer checks it reached the replica it meant).
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+use crate::error::{ApiError, Code};
+
+pub async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
+    if !app.cluster.peer_authorized(req.headers()) {
+        return ApiError::new(Code::Unauthorized)
+            .detail("replica endpoints need the fleet's cluster.secret")
+            .into_response();
+    }
+    let path = req.uri().path().strip_prefix(crate::cluster::PEER_PREFIX).unwrap_or("");
+    match (req.method().as_str(), path) {
+        ("GET", "/ping") => {
+            super::headers::json_response(serde_json::json!({ "replica": app.cluster.id() }).to_string())
+                .into_response()
+        }
+        _ => ApiError::new(Code::Unsupported)
+            .status(axum::http::StatusCode::NOT_FOUND)
+            .detail("no such replica endpoint")
+            .into_response(),
+    }
+}

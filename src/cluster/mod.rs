@@ -1,0 +1,488 @@
+//! Several replicas on one store: who this replica is, leases, events and shared values
+//! through Redis (`[redis]`), and the replica registry in the store (`meta/replicas/`).
+//!
+//! Redis is coordination, never the record: everything durable is in the store. While Redis
+//! is unreachable (or not configured) every call here answers "on your own"
+//! ([`Claim::Alone`], `None`, no event): each replica then keeps single flight in its own
+//! process, as a lone replica does, and picks coordination up again once Redis answers (the
+//! connection manager reconnects by itself).
+//!
+//! - **Leases** ([`Cluster::claim`]): `SET key value NX PX ttl`; the value names the holder
+//!   (replica id, advertised URL) and a token of this claim. The holder renews it every third
+//!   of `cluster.lease_ttl` while the [`Lease`] lives and deletes it when released (both by a
+//!   script that checks the token first, so a lease taken over is never renewed or deleted by
+//!   its old holder). A holder that dies stops renewing: after `lease_ttl` one other replica
+//!   claims it (a takeover).
+//! - **Events** ([`Cluster::publish`], [`Cluster::events`]): one pub/sub channel; every
+//!   replica hears every other's (its own are skipped). After a reconnection, events may have
+//!   been missed: [`Event::Resync`] tells listeners to drop what they cache.
+//! - **Values** ([`Cluster::get_value`], [`Cluster::set_value`]): small shared values with an
+//!   expiry (upstream tokens).
+//! - **Peers**: requests between replicas carry `Authorization: Bearer <cluster.secret>`
+//!   ([`Cluster::peer_authorized`], [`Cluster::peer_client`]).
+
+pub mod replicas;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+
+use crate::config::Config;
+
+/// The path prefix of the replicas' internal endpoints (never routed to `/v2`).
+pub const PEER_PREFIX: &str = "/_stevedore/cluster";
+
+/// Who holds a lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    pub replica: String,
+    /// Its `cluster.advertise` URL (no trailing `/`).
+    pub advertise: String,
+}
+
+/// The answer to a claim.
+pub enum Claim {
+    /// This replica holds the lease until the [`Lease`] is released or dropped.
+    Mine(Lease),
+    /// Another claim holds it (possibly another task of this replica: compare
+    /// [`Holder::replica`] with [`Cluster::id`]).
+    Held(Holder),
+    /// No coordination is available (no Redis, or it did not answer): act on your own.
+    Alone,
+}
+
+/// Something that happened on one replica that the others' caches must hear about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// Content was deleted or evicted: forget its size.
+    BlobGone { digest: String },
+    /// A repository link was removed (`repo` as the store names it).
+    LinkGone { repo: String, digest: String },
+    /// A tag was written or removed.
+    TagChanged { repo: String, tag: String },
+    /// A manifest revision was removed.
+    ManifestGone { repo: String, digest: String },
+    /// Events may have been missed (Redis reconnected): drop everything cached.
+    Resync,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    from: String,
+    #[serde(flatten)]
+    event: Event,
+}
+
+struct Redis {
+    conn: ConnectionManager,
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    /// The last command answered (for the gauge and the log: one line per change).
+    up: AtomicBool,
+}
+
+pub struct Cluster {
+    /// This replica's id, new at every start (a UUID v7).
+    id: String,
+    /// `cluster.advertise`, without a trailing `/`.
+    advertise: Option<String>,
+    secret: Option<String>,
+    lease_ttl: Duration,
+    redis: Option<Redis>,
+    events: broadcast::Sender<Event>,
+    peers: reqwest::Client,
+}
+
+const RENEW: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+const RELEASE: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+impl Cluster {
+    /// From `[redis]` and `[cluster]`. Does not wait for Redis: a replica starts while Redis is
+    /// down, on its own until Redis answers.
+    pub fn from_config(cfg: &Config) -> anyhow::Result<Arc<Cluster>> {
+        let secret = cfg.cluster.secret().map_err(anyhow::Error::msg)?;
+        let redis = match cfg.redis.url().map_err(anyhow::Error::msg)? {
+            None => None,
+            Some(url) => {
+                let client = redis::Client::open(url.as_str())?;
+                let mc = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(cfg.redis.timeout))
+                    .set_response_timeout(Some(cfg.redis.timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(1));
+                let conn = ConnectionManager::new_lazy_with_config(client.clone(), mc)?;
+                Some(Redis {
+                    conn,
+                    client,
+                    prefix: cfg.redis.prefix.clone(),
+                    timeout: cfg.redis.timeout,
+                    up: AtomicBool::new(true),
+                })
+            }
+        };
+        let peers = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .read_timeout(cfg.proxy.fill_timeout.min(Duration::from_secs(60)))
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(concat!("stevedore/", env!("CARGO_PKG_VERSION"), " (peer)"))
+            .build()?;
+        let (events, _) = broadcast::channel(1024);
+        let cluster = Arc::new(Cluster {
+            id: uuid::Uuid::now_v7().to_string(),
+            advertise: cfg.cluster.advertise.as_ref().map(|a| a.trim_end_matches('/').to_string()),
+            secret,
+            lease_ttl: cfg.cluster.lease_ttl,
+            redis,
+            events,
+            peers,
+        });
+        crate::metrics::cluster_redis_up(cluster.redis.is_some());
+        Ok(cluster)
+    }
+
+    /// A lone replica (tests, command-line tools): no Redis, no peers.
+    pub fn alone() -> Arc<Cluster> {
+        let (events, _) = broadcast::channel(16);
+        Arc::new(Cluster {
+            id: uuid::Uuid::now_v7().to_string(),
+            advertise: None,
+            secret: None,
+            lease_ttl: Duration::from_secs(10),
+            redis: None,
+            events,
+            peers: reqwest::Client::new(),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn advertise(&self) -> Option<&str> {
+        self.advertise.as_deref()
+    }
+
+    /// Whether Redis is configured (whether or not it answers right now).
+    pub fn coordinated(&self) -> bool {
+        self.redis.is_some()
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    fn key(r: &Redis, name: &str) -> String {
+        format!("{}{name}", r.prefix)
+    }
+
+    /// Runs one command, bounded by `redis.timeout`; records whether Redis answered.
+    async fn call<T>(&self, what: &str, f: impl std::future::Future<Output = redis::RedisResult<T>>) -> Option<T> {
+        let r = self.redis.as_ref()?;
+        let res = match tokio::time::timeout(r.timeout, f).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", r.timeout)),
+        };
+        let ok = res.is_ok();
+        if r.up.swap(ok, Ordering::Relaxed) != ok {
+            if ok {
+                tracing::info!("redis answers again: coordinating with the other replicas");
+            } else {
+                tracing::warn!(error = %res.as_ref().err().map(String::as_str).unwrap_or(""), what, "redis does not answer: single flight within this replica only until it does");
+            }
+            crate::metrics::cluster_redis_up(ok);
+        }
+        if !ok {
+            crate::metrics::cluster_redis_error();
+        }
+        res.ok()
+    }
+
+    /// Claims the lease `name` (`fill:sha256:…`, `tag:docker.io/library/nginx:latest`).
+    pub async fn claim(self: &Arc<Self>, name: &str) -> Claim {
+        let Some(r) = &self.redis else { return Claim::Alone };
+        let key = Cluster::key(r, name);
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        let value = format!("{} {} {token}", self.id, self.advertise.as_deref().unwrap_or("-"));
+        let ttl = self.lease_ttl.as_millis() as u64;
+        let mut conn = r.conn.clone();
+        let set = redis::cmd("SET").arg(&key).arg(&value).arg("NX").arg("PX").arg(ttl).to_owned();
+        let got: Option<Option<String>> = self.call("claim", set.query_async(&mut conn)).await;
+        match got {
+            None => Claim::Alone,
+            Some(Some(_)) => Claim::Mine(Lease::start(self.clone(), key, value)),
+            Some(None) => match self.holder(name).await {
+                Some(h) => Claim::Held(h),
+                // Released between the two calls: try once more, else act alone.
+                None => {
+                    let again: Option<Option<String>> = self.call("claim", set.query_async(&mut conn)).await;
+                    match again {
+                        Some(Some(_)) => Claim::Mine(Lease::start(self.clone(), key, value)),
+                        _ => match self.holder(name).await {
+                            Some(h) => Claim::Held(h),
+                            None => Claim::Alone,
+                        },
+                    }
+                }
+            },
+        }
+    }
+
+    /// Who holds the lease `name`, if anyone (and Redis answers).
+    pub async fn holder(&self, name: &str) -> Option<Holder> {
+        let r = self.redis.as_ref()?;
+        let mut conn = r.conn.clone();
+        let v: Option<String> = self.call("holder", conn.get(Cluster::key(r, name))).await?;
+        parse_holder(&v?)
+    }
+
+    /// Waits until nobody holds `name` (or Redis stops answering), at most `limit`; polls.
+    /// Returns whether it is free.
+    pub async fn wait_free(&self, name: &str, limit: Duration) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            if self.holder(name).await.is_none() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A shared value, if set and Redis answers.
+    pub async fn get_value(&self, name: &str) -> Option<String> {
+        let r = self.redis.as_ref()?;
+        let mut conn = r.conn.clone();
+        self.call("get", conn.get(Cluster::key(r, name))).await?
+    }
+
+    /// Sets a shared value for `ttl` (best effort).
+    pub async fn set_value(&self, name: &str, value: &str, ttl: Duration) {
+        let Some(r) = self.redis.as_ref() else { return };
+        let mut conn = r.conn.clone();
+        let ms = ttl.as_millis().max(1) as u64;
+        let _: Option<()> = self.call("set", conn.pset_ex(Cluster::key(r, name), value, ms)).await;
+    }
+
+    /// Tells the other replicas (best effort, in the background).
+    pub fn publish(&self, event: Event) {
+        let Some(r) = self.redis.as_ref() else { return };
+        let mut conn = r.conn.clone();
+        let channel = Cluster::key(r, "events");
+        let msg = serde_json::to_string(&Envelope { from: self.id.clone(), event }).expect("event serialises");
+        let timeout = r.timeout;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(timeout, conn.publish::<_, _, ()>(channel, msg)).await;
+        });
+    }
+
+    /// The other replicas' events (and [`Event::Resync`] after a reconnection).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Listens to the events channel until the runtime stops, reconnecting as needed.
+    pub fn spawn_listener(self: &Arc<Self>) {
+        let Some(r) = self.redis.as_ref() else { return };
+        let (client, channel, me) = (r.client.clone(), Cluster::key(r, "events"), self.clone());
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let mut first = true;
+            loop {
+                let sub = async {
+                    let mut ps = client.get_async_pubsub().await?;
+                    ps.subscribe(&channel).await?;
+                    redis::RedisResult::Ok(ps)
+                };
+                match tokio::time::timeout(Duration::from_secs(5), sub).await {
+                    Ok(Ok(ps)) => {
+                        if !first {
+                            let _ = me.events.send(Event::Resync);
+                        }
+                        first = false;
+                        let mut stream = ps.into_on_message();
+                        while let Some(msg) = stream.next().await {
+                            let Ok(text) = msg.get_payload::<String>() else { continue };
+                            match serde_json::from_str::<Envelope>(&text) {
+                                Ok(env) if env.from != me.id => {
+                                    let _ = me.events.send(env.event);
+                                }
+                                Ok(_) => {}
+                                Err(e) => tracing::debug!(error = %e, "ignoring an event that does not parse"),
+                            }
+                        }
+                        tracing::warn!("lost the redis events channel; resubscribing");
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "subscribing to redis events"),
+                    Err(_) => tracing::debug!("subscribing to redis events: no answer"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// Whether a request carries this fleet's `cluster.secret` (constant-time comparison).
+    pub fn peer_authorized(&self, headers: &http::HeaderMap) -> bool {
+        let Some(secret) = &self.secret else { return false };
+        let Some(got) = headers.get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+        let Some(got) = got.strip_prefix("Bearer ") else { return false };
+        constant_time_eq(got.as_bytes(), secret.as_bytes())
+    }
+
+    /// A request to another replica (`path` below its advertised URL), authenticated.
+    pub fn peer_request(&self, method: reqwest::Method, peer: &Holder, path: &str) -> reqwest::RequestBuilder {
+        let rb = self.peers.request(method, format!("{}{path}", peer.advertise));
+        match &self.secret {
+            Some(s) => rb.bearer_auth(s),
+            None => rb,
+        }
+    }
+}
+
+fn parse_holder(v: &str) -> Option<Holder> {
+    let mut it = v.split(' ');
+    let replica = it.next()?.to_string();
+    let advertise = it.next()?.to_string();
+    Some(Holder { replica, advertise })
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A lease this replica holds: renewed in the background while it lives; released (deleted,
+/// if still ours) by [`Lease::release`] or on drop.
+pub struct Lease {
+    cluster: Arc<Cluster>,
+    key: String,
+    value: String,
+    renewer: tokio::task::JoinHandle<()>,
+    lost: watch::Receiver<bool>,
+    released: bool,
+}
+
+impl Lease {
+    fn start(cluster: Arc<Cluster>, key: String, value: String) -> Lease {
+        crate::metrics::cluster_lease(true);
+        let (tx, lost) = watch::channel(false);
+        let (c, k, v) = (cluster.clone(), key.clone(), value.clone());
+        let renewer = tokio::spawn(async move {
+            let every = c.lease_ttl / 3;
+            let ms = c.lease_ttl.as_millis() as u64;
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(r) = c.redis.as_ref() else { return };
+                let mut conn = r.conn.clone();
+                let script = redis::Script::new(RENEW);
+                let mut inv = script.key(&k);
+                inv.arg(&v).arg(ms);
+                match c.call("renew", inv.invoke_async::<i64>(&mut conn)).await {
+                    Some(1) => {}
+                    // Expired and possibly taken over: this holder must stop acting on it.
+                    Some(_) => {
+                        tracing::warn!(lease = %k, "a lease expired before its renewal (taken over?)");
+                        let _ = tx.send(true);
+                        return;
+                    }
+                    // Redis does not answer: keep trying; the work goes on (degraded).
+                    None => {}
+                }
+            }
+        });
+        Lease { cluster, key, value, renewer, lost, released: false }
+    }
+
+    /// Whether the lease was found expired at a renewal (another replica may hold it now).
+    pub fn lost(&self) -> bool {
+        *self.lost.borrow()
+    }
+
+    /// Releases the lease now (if it is still ours).
+    pub async fn release(mut self) {
+        self.released = true;
+        self.renewer.abort();
+        release(&self.cluster, &self.key, &self.value).await;
+    }
+}
+
+async fn release(c: &Cluster, key: &str, value: &str) {
+    let Some(r) = c.redis.as_ref() else { return };
+    let mut conn = r.conn.clone();
+    let script = redis::Script::new(RELEASE);
+    let mut inv = script.key(key);
+    inv.arg(value);
+    let _: Option<i64> = c.call("release", inv.invoke_async::<i64>(&mut conn)).await;
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        crate::metrics::cluster_lease(false);
+        self.renewer.abort();
+        if !self.released {
+            let (c, k, v) = (self.cluster.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.value));
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move { release(&c, &k, &v).await });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_parse() {
+        assert_eq!(
+            parse_holder("0190-abc http://10.0.0.5:5000 tok"),
+            Some(Holder { replica: "0190-abc".into(), advertise: "http://10.0.0.5:5000".into() })
+        );
+        assert_eq!(parse_holder("lonely"), None);
+    }
+
+    #[test]
+    fn events_round_trip() {
+        let e = Envelope {
+            from: "r1".into(),
+            event: Event::LinkGone { repo: "repos/a".into(), digest: "sha256:00".into() },
+        };
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.contains("\"event\":\"link_gone\""), "{s}");
+        let back: Envelope = serde_json::from_str(&s).unwrap();
+        assert_eq!(back.event, e.event);
+        assert_eq!(back.from, "r1");
+    }
+
+    #[test]
+    fn secrets_compare() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+
+    #[tokio::test]
+    async fn alone_means_no_coordination() {
+        let c = Cluster::alone();
+        assert!(matches!(c.claim("fill:x").await, Claim::Alone));
+        assert_eq!(c.holder("fill:x").await, None);
+        assert_eq!(c.get_value("k").await, None);
+        let mut h = http::HeaderMap::new();
+        h.insert(http::header::AUTHORIZATION, "Bearer anything".parse().unwrap());
+        assert!(!c.peer_authorized(&h), "no secret: no peer is authorized");
+    }
+}

@@ -129,6 +129,7 @@ impl Cluster {
                 })
             }
         };
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let peers = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .read_timeout(cfg.proxy.fill_timeout.min(Duration::from_secs(60)))
@@ -152,6 +153,7 @@ impl Cluster {
 
     /// A lone replica (tests, command-line tools): no Redis, no peers.
     pub fn alone() -> Arc<Cluster> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let (events, _) = broadcast::channel(16);
         Arc::new(Cluster {
             id: uuid::Uuid::now_v7().to_string(),

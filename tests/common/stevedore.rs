@@ -72,6 +72,7 @@ pub struct Builder {
     tls_ca: Option<String>,
     backend: Backend,
     s3_settings: Vec<String>,
+    bucket: Option<Bucket>,
 }
 
 impl Builder {
@@ -88,6 +89,14 @@ impl Builder {
     /// ([`Bucket::for_root`]), and its root is local scratch only.
     pub fn backend(mut self, backend: Backend) -> Builder {
         self.backend = backend;
+        self
+    }
+
+    /// Runs on S3 in this bucket (shared with other servers: replicas on one bucket, each
+    /// with its own root as scratch) instead of its root's own.
+    pub fn bucket(mut self, bucket: &Bucket) -> Builder {
+        self.backend = Backend::S3;
+        self.bucket = Some(bucket.clone());
         self
     }
 
@@ -170,7 +179,8 @@ impl Builder {
             LogFormat::Text => "text",
         });
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0").arg("--root").arg(&root);
-        let bucket = (self.backend == Backend::S3).then(|| Bucket::for_root(&root));
+        let bucket =
+            (self.backend == Backend::S3).then(|| self.bucket.clone().unwrap_or_else(|| Bucket::for_root(&root)));
         let text = match (&self.config, &bucket) {
             (Some(text), None) => Some(text.clone()),
             (None, None) => None,
@@ -337,6 +347,7 @@ impl Stevedore {
             tls_ca: None,
             backend: super::s3::suite_backend(),
             s3_settings: Vec::new(),
+            bucket: None,
         }
     }
 

@@ -661,7 +661,9 @@ impl S3Config {
             return invalid("storage.s3.max_copy_size", "must be between 5MiB and 5GiB".into());
         }
         // SigV4 presigned URLs are valid for 7 days at most.
-        if self.redirect && (self.redirect_expiry < Duration::from_secs(1) || self.redirect_expiry > Duration::from_secs(7 * 86400)) {
+        if self.redirect
+            && (self.redirect_expiry < Duration::from_secs(1) || self.redirect_expiry > Duration::from_secs(7 * 86400))
+        {
             return invalid("storage.s3.redirect_expiry", "must be between 1s and 7 days".into());
         }
         Ok(())

@@ -167,9 +167,8 @@ impl S3 {
     /// Nothing passes through this process.
     async fn copy_parts(&self, from: &Path, to: &Path, upload: &str, size: u64) -> StoreResult<Vec<PartId>> {
         let part = copy_part_size(self.max_copy_size, size);
-        let ranges: Vec<(usize, u64, u64)> = (0..size.div_ceil(part))
-            .map(|i| (i as usize, i * part, ((i + 1) * part).min(size)))
-            .collect();
+        let ranges: Vec<(usize, u64, u64)> =
+            (0..size.div_ceil(part)).map(|i| (i as usize, i * part, ((i + 1) * part).min(size))).collect();
         futures::stream::iter(ranges)
             .map(|(i, start, end)| async move {
                 Ok(PartId { content_id: self.upload_part_copy(to, upload, i, from, start, end).await? })
@@ -261,10 +260,12 @@ impl S3 {
     async fn remove_ingest_objects(&self, id: &IngestId, state: Option<&S3State>, all: bool) -> StoreResult<()> {
         if let Some(state) = state {
             if let Some(upload) = &state.upload {
-                let _ = self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
+                let _ =
+                    self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
             }
             if let Some(copy) = &state.copy {
-                let _ = self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, copy.key)), &copy.upload).await;
+                let _ =
+                    self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, copy.key)), &copy.upload).await;
             }
         }
         let state_key = self.path(&layout::ingest_state(id));
@@ -422,7 +423,8 @@ impl Backend for S3Backend {
 
     async fn redirect_url(&self, d: &Digest) -> StoreResult<Option<String>> {
         let Some(expiry) = self.0.redirect else { return Ok(None) };
-        let url = self.0.store.signed_url(http::Method::GET, &self.0.path(&layout::blob(d)), expiry).await.map_err(io)?;
+        let url =
+            self.0.store.signed_url(http::Method::GET, &self.0.path(&layout::blob(d)), expiry).await.map_err(io)?;
         Ok(Some(url.to_string()))
     }
 
@@ -528,5 +530,35 @@ impl Backend for S3Backend {
                 let _ = tokio::fs::remove_dir_all(e.path()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_parts_fit_the_limits() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(copy_part_size(5 * MIB, 20 * MIB), 5 * MIB);
+        assert_eq!(copy_part_size(5 << 30, 6 << 30), 256 * MIB);
+        // Never below S3's minimum part, never more than 10,000 parts.
+        assert_eq!(copy_part_size(MIB, 20 * MIB), 5 * MIB);
+        let huge = 5u64 << 40;
+        assert!(huge.div_ceil(copy_part_size(256 * MIB, huge)) <= 10_000);
+    }
+
+    #[test]
+    fn copy_source_keys_are_encoded() {
+        assert_eq!(encode_key("reg/ingest/0190-ab/data"), "reg/ingest/0190-ab/data");
+        assert_eq!(encode_key("a b+c%/d"), "a%20b%2Bc%25/d");
+    }
+
+    #[test]
+    fn part_copy_answers_are_read() {
+        let xml = "<?xml version=\"1.0\"?><CopyPartResult><LastModified>x</LastModified>\
+                   <ETag>&quot;9b2cf535f27731c974343645a3985328&quot;</ETag></CopyPartResult>";
+        assert_eq!(xml_value(xml, "ETag").as_deref(), Some("\"9b2cf535f27731c974343645a3985328\""));
+        assert_eq!(xml_value("<Error><Code>InternalError</Code></Error>", "ETag"), None);
     }
 }

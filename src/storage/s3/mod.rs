@@ -305,7 +305,7 @@ const COPY_ATTEMPTS: u32 = 4;
 /// part copy is one request that must answer within the read timeout), at least S3's 5 MiB,
 /// and large enough for S3's 10,000 parts.
 fn copy_part_size(max_copy_size: u64, size: u64) -> u64 {
-    max_copy_size.min(256 << 20).max(5 << 20).max(size.div_ceil(10_000))
+    max_copy_size.clamp(5 << 20, 256 << 20).max(size.div_ceil(10_000))
 }
 
 /// A key or bucket name as `x-amz-copy-source` wants it: percent-encoded, `/` kept.

@@ -8,6 +8,8 @@ pub mod read;
 mod small;
 mod writeback;
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -43,25 +45,35 @@ impl Fs {
         self.root.join(key.as_str())
     }
 
+    /// [`Fs::path`] as the syscalls take it, built in one allocation (keys never hold NUL).
+    fn cpath(&self, key: &Key) -> std::io::Result<CString> {
+        let root = self.root.as_os_str().as_bytes();
+        let mut v = Vec::with_capacity(root.len() + key.as_str().len() + 2);
+        v.extend_from_slice(root);
+        v.push(b'/');
+        v.extend_from_slice(key.as_str().as_bytes());
+        CString::new(v).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    }
+
     /// A file's size and modification time: on this thread when the kernel has it cached
     /// (see [`small`]), else in one blocking-pool hop.
     async fn stat(&self, key: &Key) -> std::io::Result<Option<small::Stat>> {
-        let path = self.path(key);
+        let path = self.cpath(key)?;
         if let Cached::Ready(r) = small::stat(&path) {
             return not_found(r);
         }
-        let m = not_found(blocking(move || std::fs::metadata(path)).await)?;
+        let m = not_found(blocking(move || std::fs::metadata(small::as_path(&path))).await)?;
         Ok(m.map(|m| small::Stat { len: m.len(), modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH) }))
     }
 
     /// A small file whole, with its modification time: on this thread when cached, else in
     /// one blocking-pool hop (open, stat and read together).
     async fn read_small(&self, key: &Key) -> std::io::Result<Option<(Bytes, SystemTime)>> {
-        let path = self.path(key);
+        let path = self.cpath(key)?;
         if let Cached::Ready(r) = small::read(&path) {
             return not_found(r);
         }
-        not_found(blocking(move || small::read_blocking(&path)).await)
+        not_found(blocking(move || small::read_blocking(small::as_path(&path))).await)
     }
 
     /// Replaces `key` with `bytes` atomically (tmp file + rename).
@@ -114,10 +126,10 @@ impl Backend for FsBackend {
     }
 
     async fn read(&self, d: &Digest, start: u64, len: u64) -> StoreResult<Option<ByteStream>> {
-        let path = self.0.path(&layout::blob(d));
+        let path = self.0.cpath(&layout::blob(d))?;
         let file = match small::open_read(&path) {
             Cached::Ready(r) => r,
-            Cached::WouldBlock => blocking(move || std::fs::File::open(path)).await,
+            Cached::WouldBlock => blocking(move || std::fs::File::open(small::as_path(&path))).await,
         };
         let Some(file) = not_found(file)? else { return Ok(None) };
         Ok(Some(Box::pin(read::stream(Arc::new(file), start, len))))

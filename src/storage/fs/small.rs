@@ -9,7 +9,7 @@
 //! Whatever the answer, it is the file's: a fast path that cannot answer says
 //! [`Cached::WouldBlock`], never a guess.
 
-use std::ffi::CString;
+use std::ffi::{CStr, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -42,14 +42,16 @@ pub struct Stat {
     pub modified: SystemTime,
 }
 
+/// `path` as the blocking fallbacks take it.
+pub fn as_path(path: &CStr) -> &Path {
+    Path::new(OsStr::from_bytes(path.to_bytes()))
+}
+
 /// Opens `path` if every component is in the kernel's lookup cache. `O_PATH` for a stat only.
-fn open(path: &Path, flags: libc::c_int) -> Cached<OwnedFd> {
+fn open(c: &CStr, flags: libc::c_int) -> Cached<OwnedFd> {
     if !FAST.load(Ordering::Relaxed) {
         return Cached::WouldBlock;
     }
-    let Ok(c) = CString::new(path.as_os_str().as_bytes()) else {
-        return Cached::Ready(Err(io::Error::from(io::ErrorKind::InvalidInput)));
-    };
     // SAFETY: `open_how` is plain data; zeroed is a valid value.
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = (flags | libc::O_CLOEXEC) as u64;
@@ -103,7 +105,7 @@ fn system_time(secs: i64, nsecs: i64) -> SystemTime {
 }
 
 /// Size and modification time of `path` (following symlinks, like `metadata`).
-pub fn stat(path: &Path) -> Cached<Stat> {
+pub fn stat(path: &CStr) -> Cached<Stat> {
     match open(path, libc::O_PATH) {
         Cached::Ready(Ok(fd)) => Cached::Ready(fstat(&fd)),
         Cached::Ready(Err(e)) => Cached::Ready(Err(e)),
@@ -113,7 +115,7 @@ pub fn stat(path: &Path) -> Cached<Stat> {
 
 /// The whole of a file of at most [`MAX_CACHED_READ`] bytes, with its modification time.
 /// `WouldBlock` when the path, the inode or any page is not cached, or the file is larger.
-pub fn read(path: &Path) -> Cached<(Bytes, SystemTime)> {
+pub fn read(path: &CStr) -> Cached<(Bytes, SystemTime)> {
     let fd = match open(path, libc::O_RDONLY) {
         Cached::Ready(Ok(fd)) => fd,
         Cached::Ready(Err(e)) => return Cached::Ready(Err(e)),
@@ -158,7 +160,7 @@ pub fn read(path: &Path) -> Cached<(Bytes, SystemTime)> {
 }
 
 /// Opens `path` for reading if that needs no disk access for the lookup.
-pub fn open_read(path: &Path) -> Cached<File> {
+pub fn open_read(path: &CStr) -> Cached<File> {
     match open(path, libc::O_RDONLY) {
         Cached::Ready(r) => Cached::Ready(r.map(File::from)),
         Cached::WouldBlock => Cached::WouldBlock,
@@ -178,6 +180,11 @@ pub fn read_blocking(path: &Path) -> io::Result<(Bytes, SystemTime)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::ffi::CString;
+
+    fn c(p: &Path) -> CString {
+        CString::new(p.as_os_str().as_bytes()).unwrap()
+    }
 
     fn ready<T: std::fmt::Debug>(c: Cached<T>) -> io::Result<T> {
         match c {
@@ -193,34 +200,34 @@ mod tests {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, b"sha256:abc").unwrap();
 
-        let (bytes, t) = ready(read(&p)).unwrap();
+        let (bytes, t) = ready(read(&c(&p))).unwrap();
         assert_eq!(&bytes[..], b"sha256:abc");
         let m = std::fs::metadata(&p).unwrap();
         assert_eq!(t, m.modified().unwrap());
         assert_eq!(read_blocking(&p).unwrap(), (bytes, t));
-        assert_eq!(ready(stat(&p)).unwrap(), Stat { len: 10, modified: m.modified().unwrap() });
+        assert_eq!(ready(stat(&c(&p))).unwrap(), Stat { len: 10, modified: m.modified().unwrap() });
         // Directories exist too (a repository's tree).
-        assert!(ready(stat(p.parent().unwrap())).is_ok());
+        assert!(ready(stat(&c(p.parent().unwrap()))).is_ok());
 
         // Empty files (blob links) read as empty.
         let empty = dir.path().join("link");
         std::fs::write(&empty, b"").unwrap();
-        assert_eq!(&ready(read(&empty)).unwrap().0[..], b"");
+        assert_eq!(&ready(read(&c(&empty))).unwrap().0[..], b"");
 
         // Absent files, and absent directories on the way, are NotFound, as std reports them.
         for missing in [dir.path().join("nope"), dir.path().join("no/such/dir/file")] {
             let _ = std::fs::metadata(&missing);
-            for e in [ready(read(&missing)).unwrap_err(), ready(stat(&missing)).unwrap_err()] {
+            for e in [ready(read(&c(&missing))).unwrap_err(), ready(stat(&c(&missing))).unwrap_err()] {
                 assert_eq!(e.kind(), io::ErrorKind::NotFound, "{missing:?}");
             }
         }
 
         // A replaced file reads as its new content, and an open file keeps the old one.
-        let f = ready(open_read(&p)).unwrap();
+        let f = ready(open_read(&c(&p))).unwrap();
         let tmp = dir.path().join("tmp");
         std::fs::write(&tmp, b"sha256:def").unwrap();
         std::fs::rename(&tmp, &p).unwrap();
-        assert_eq!(&ready(read(&p)).unwrap().0[..], b"sha256:def");
+        assert_eq!(&ready(read(&c(&p))).unwrap().0[..], b"sha256:def");
         let mut old = String::new();
         std::io::Read::read_to_string(&mut &f, &mut old).unwrap();
         assert_eq!(old, "sha256:abc");
@@ -232,10 +239,10 @@ mod tests {
         let p = dir.path().join("big");
         let data = vec![7u8; MAX_CACHED_READ + 1];
         std::fs::write(&p, &data).unwrap();
-        assert!(matches!(read(&p), Cached::WouldBlock));
+        assert!(matches!(read(&c(&p)), Cached::WouldBlock));
         assert_eq!(read_blocking(&p).unwrap().0.len(), data.len());
         let at_max = dir.path().join("max");
         std::fs::write(&at_max, &data[..MAX_CACHED_READ]).unwrap();
-        assert_eq!(ready(read(&at_max)).unwrap().0.len(), MAX_CACHED_READ);
+        assert_eq!(ready(read(&c(&at_max))).unwrap().0.len(), MAX_CACHED_READ);
     }
 }

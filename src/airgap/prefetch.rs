@@ -135,14 +135,14 @@ async fn one(
     out: &mut (dyn Write + Send),
     report: &mut PrefetchReport,
 ) -> Result<Digest, String> {
-    let (root, _) = proxy.manifest(store, p, reference).await.map_err(|e| e.to_string())?;
+    let (root, _, _) = proxy.manifest(store, p, reference).await.map_err(|e| e.to_string())?;
     let mut stack = vec![root.clone()];
     let mut seen = std::collections::HashSet::new();
     while let Some(d) = stack.pop() {
         if !seen.insert(d.clone()) {
             continue;
         }
-        let (_, outcome) =
+        let (_, outcome, _) =
             proxy.manifest(store, p, &Reference::Digest(d.clone())).await.map_err(|e| format!("manifest {d}: {e}"))?;
         report.manifests += 1;
         let Some((info, bytes)) = store.read_manifest(&p.cache, &d).await.map_err(|e| e.to_string())? else {
@@ -336,7 +336,7 @@ async fn referrers(store: &Arc<Store>, proxy: &Proxy, p: &ProxyRepo, d: &Digest)
     }
     let Ok(tag) = format!("{}-{}", d.algorithm().as_str(), d.hex()).parse::<Tag>() else { return Ok(Vec::new()) };
     match proxy.manifest(store, p, &Reference::Tag(tag)).await {
-        Ok((fallback, _)) => {
+        Ok((fallback, _, _)) => {
             let Some((_, bytes)) = store.read_manifest(&p.cache, &fallback).await.map_err(|e| e.to_string())? else {
                 return Ok(Vec::new());
             };

@@ -11,7 +11,7 @@ use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
 use crate::oci::{Algorithm, Digest, Reference, Tag};
 use crate::proxy::{Outcome, ProxyRepo, Target};
-use crate::storage::{ManifestPut, Repo};
+use crate::storage::{ManifestPut, Repo, StoredManifest};
 
 fn unknown(r: &Reference) -> ApiError {
     ApiError::new(Code::ManifestUnknown).detail(r.to_string())
@@ -34,22 +34,32 @@ pub async fn get(app: &App, target: &Target, r: &Reference, head: bool) -> ApiRe
 
 async fn get_local(app: &App, repo: &Repo, r: &Reference, head: bool) -> ApiResult {
     let d = resolve(app, repo, r).await?;
-    let (info, body) = if head {
-        (app.store.manifest_info(repo, &d).await?.ok_or_else(|| unknown(r))?, Body::empty())
+    let info = app.store.manifest_info(repo, &d).await?.ok_or_else(|| unknown(r))?;
+    serve(app, info, r, head).await
+}
+
+/// The response for a manifest found in the store (`r`: how the client named it).
+async fn serve(app: &App, info: StoredManifest, r: &Reference, head: bool) -> ApiResult {
+    let body = if head {
+        Body::empty()
     } else {
-        let (info, bytes) = app.store.read_manifest(repo, &d).await?.ok_or_else(|| unknown(r))?;
-        (info, Body::from(bytes))
+        Body::from(app.store.manifest_bytes(&info).await?.ok_or_else(|| unknown(r))?)
     };
     let mut resp = headers::response(StatusCode::OK, body);
-    headers::content(resp.headers_mut(), &d, &info.media_type, Some(info.size));
+    headers::content(resp.headers_mut(), &info.digest, &info.media_type, Some(info.size));
     Ok(resp)
 }
 
 /// Fills the cache from the upstream when needed, then serves from the cache.
 async fn get_proxied(app: &App, p: &ProxyRepo, r: &Reference, head: bool) -> ApiResult {
-    let (d, outcome) =
+    let (d, outcome, stored) =
         app.proxy.manifest(&app.store, p, r).await.map_err(|e| proxy_error(&e, Code::ManifestUnknown))?;
-    let mut resp = get_local(app, &p.cache, &Reference::Digest(d), head).await?;
+    let by_digest = Reference::Digest(d);
+    let mut resp = match stored {
+        // A hit: the cache's record was just read.
+        Some(info) => serve(app, info, &by_digest, head).await?,
+        None => get_local(app, &p.cache, &by_digest, head).await?,
+    };
     headers::outcome(&mut resp, &p.upstream.host, "manifest", outcome);
     if matches!(outcome, Outcome::Stale | Outcome::StaleWriteFailed) {
         headers::set(resp.headers_mut(), "warning", headers::STALE_WARNING);

@@ -30,7 +30,7 @@ pub type AppState = Arc<App>;
 
 /// The production router; tests and `main` build exactly this.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/v2", any(dispatch))
         .route("/v2/", any(dispatch))
         .route("/v2/{*rest}", any(dispatch))
@@ -40,8 +40,13 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/prefetch", post(admin_prefetch))
         .route("/token", get(crate::auth::token_endpoint).post(crate::auth::token_endpoint))
         .route("/_stevedore/cluster/{*rest}", any(peer::dispatch))
-        .with_state(state.clone())
-        .layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit))
+        .with_state(state.clone());
+    // Only when a limit is configured: a middleware layer costs every request (and every poll
+    // of its future) even when it lets everything through.
+    if state.rate_limiter.is_some() {
+        router = router.layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit));
+    }
+    router
         .layer(axum::middleware::from_fn(ops::access_log))
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer::new([axum::http::header::AUTHORIZATION]))

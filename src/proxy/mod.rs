@@ -26,7 +26,7 @@ use moka::future::Cache;
 use crate::config::Config;
 use crate::oci::manifest;
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
-use crate::storage::{ManifestPut, Repo, Store, StoreError};
+use crate::storage::{ManifestPut, Repo, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResult};
 use fill::{FillRequest, Fills};
 use flight::Flights;
@@ -277,33 +277,45 @@ impl Proxy {
     /// Tags are served from the cache while younger than the upstream's `tag_ttl` (or when
     /// immutable), then revalidated with a HEAD; an upstream outage serves the cached digest
     /// stale. Concurrent calls for one manifest share one upstream exchange.
-    pub async fn manifest(&self, store: &Arc<Store>, p: &ProxyRepo, reference: &Reference) -> ManifestResult {
+    /// Resolves `reference` in `p`'s cache, filling or revalidating it from the upstream when
+    /// needed. On a cache hit the stored manifest's record comes along (no second lookup).
+    pub async fn manifest(
+        &self,
+        store: &Arc<Store>,
+        p: &ProxyRepo,
+        reference: &Reference,
+    ) -> Result<(Digest, Outcome, Option<StoredManifest>), Arc<ProxyError>> {
+        let resolved = |r: ManifestResult| r.map(|(d, o)| (d, o, None));
         match reference {
             Reference::Digest(d) => {
-                if store.manifest_info(&p.cache, d).await.map_err(store_err)?.is_some() {
-                    return Ok((d.clone(), Outcome::Hit));
+                if let Some(info) = store.manifest_info(&p.cache, d).await.map_err(store_err)? {
+                    return Ok((d.clone(), Outcome::Hit, Some(info)));
                 }
                 if self.offline {
                     return Err(Arc::new(UpstreamError::Offline.into()));
                 }
                 let key = (p.cache.clone(), d.to_string());
                 let (store, p2, d2) = (store.clone(), p.clone(), d.clone());
-                self.manifest_flights
-                    .run(key, async move {
-                        fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2))
-                            .await
-                            .map(|d| (d, Outcome::Miss))
-                            .map_err(Arc::new)
-                    })
-                    .await
+                resolved(
+                    self.manifest_flights
+                        .run(key, async move {
+                            fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2))
+                                .await
+                                .map(|d| (d, Outcome::Miss))
+                                .map_err(Arc::new)
+                        })
+                        .await,
+                )
             }
             Reference::Tag(t) => {
                 let cached = store.tag_with_age(&p.cache, t).await.map_err(store_err)?;
                 if let Some((d, age)) = &cached {
                     // Offline, a cached tag is never revalidated.
                     let fresh = *age < p.upstream.tag_ttl || p.upstream.is_immutable(t) || self.offline;
-                    if fresh && store.manifest_info(&p.cache, d).await.map_err(store_err)?.is_some() {
-                        return Ok((d.clone(), Outcome::Hit));
+                    if fresh {
+                        if let Some(info) = store.manifest_info(&p.cache, d).await.map_err(store_err)? {
+                            return Ok((d.clone(), Outcome::Hit, Some(info)));
+                        }
                     }
                 }
                 if self.offline {
@@ -316,7 +328,7 @@ impl Proxy {
                     .manifest_flights
                     .run(key, async move { revalidate(&store2, &p2, &t2, known).await.map_err(Arc::new) })
                     .await;
-                match (res, cached) {
+                resolved(match (res, cached) {
                     (Err(e), Some((d, _))) if e.is_outage() => {
                         tracing::warn!(upstream = %p.upstream.host, repo = %p.remote, tag = %t, error = %e, "upstream trouble; serving the cached tag stale");
                         Ok((d, Outcome::Stale))
@@ -327,7 +339,7 @@ impl Proxy {
                         Ok((d, Outcome::StaleWriteFailed))
                     }
                     (r, _) => r,
-                }
+                })
             }
         }
     }

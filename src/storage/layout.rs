@@ -51,8 +51,24 @@ impl Key {
         &self.0
     }
 
-    fn join(&self, part: impl fmt::Display) -> Key {
-        Key(format!("{}/{part}", self.0))
+    /// `self/part` (appended in place: keys are built on every lookup of the hot paths).
+    fn join(mut self, part: &str) -> Key {
+        self.0.reserve(part.len() + 1);
+        self.0.push('/');
+        self.0.push_str(part);
+        self
+    }
+
+    /// Keys of `parts` joined with `/`, in one allocation.
+    fn of(parts: &[&str]) -> Key {
+        let mut s = String::with_capacity(parts.iter().map(|p| p.len() + 1).sum());
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                s.push('/');
+            }
+            s.push_str(p);
+        }
+        Key(s)
     }
 }
 
@@ -70,17 +86,17 @@ pub const META: &str = "meta";
 
 /// When content was last used.
 pub fn access(d: &Digest) -> Key {
-    Key(format!("{META}/access/{}/{}", d.algorithm().as_str(), d.hex()))
+    Key::of(&[META, "access", d.algorithm().as_str(), d.hex()])
 }
 
 /// What a manifest references.
 pub fn refs(d: &Digest) -> Key {
-    Key(format!("{META}/refs/{}/{}", d.algorithm().as_str(), d.hex()))
+    Key::of(&[META, "refs", d.algorithm().as_str(), d.hex()])
 }
 
 /// The content was imported.
 pub fn imported(d: &Digest) -> Key {
-    Key(format!("{META}/imported/{}/{}", d.algorithm().as_str(), d.hex()))
+    Key::of(&[META, "imported", d.algorithm().as_str(), d.hex()])
 }
 
 /// The replicas' heartbeats (`<uuid>` below).
@@ -104,7 +120,7 @@ pub fn revisions_dir(r: &Repo) -> Key {
 }
 
 pub fn blob(d: &Digest) -> Key {
-    Key(format!("{BLOBS}/{}/{}/{}", d.algorithm().as_str(), &d.hex()[..2], d.hex()))
+    Key::of(&[BLOBS, d.algorithm().as_str(), &d.hex()[..2], d.hex()])
 }
 
 pub fn ingest_dir(id: &IngestId) -> Key {
@@ -135,39 +151,47 @@ pub fn root(name: &str) -> Key {
 
 /// The root of a repository's tree.
 pub fn repo(r: &Repo) -> Key {
+    in_repo(r, &[])
+}
+
+/// A key in a repository's tree: its root, then `parts`.
+fn in_repo(r: &Repo, parts: &[&str]) -> Key {
+    let mut all: Vec<&str> = Vec::with_capacity(parts.len() + 3);
     match r {
-        Repo::Local(name) => Key(format!("{LOCAL_REPOS}/{name}")),
-        Repo::Cache { host, name } => Key(format!("{CACHE_REPOS}/{host}/{name}")),
+        Repo::Local(name) => all.extend([LOCAL_REPOS, name.as_str()]),
+        Repo::Cache { host, name } => all.extend([CACHE_REPOS, host, name.as_str()]),
     }
+    all.extend_from_slice(parts);
+    Key::of(&all)
 }
 
 pub fn layer_link(r: &Repo, d: &Digest) -> Key {
-    repo(r).join("_layers").join(d.algorithm().as_str()).join(d.hex())
+    in_repo(r, &["_layers", d.algorithm().as_str(), d.hex()])
 }
 
 pub fn revision(r: &Repo, d: &Digest) -> Key {
-    repo(r).join("_manifests/revisions").join(d.algorithm().as_str()).join(d.hex())
+    in_repo(r, &["_manifests/revisions", d.algorithm().as_str(), d.hex()])
 }
 
 pub fn tags_dir(r: &Repo) -> Key {
-    repo(r).join("_manifests/tags")
+    in_repo(r, &["_manifests/tags"])
 }
 
 pub fn tag(r: &Repo, t: &Tag) -> Key {
-    tags_dir(r).join(t.as_str())
+    in_repo(r, &["_manifests/tags", t.as_str()])
 }
 
 pub fn referrers_dir(r: &Repo, subject: &Digest) -> Key {
-    repo(r).join("_referrers").join(subject.algorithm().as_str()).join(subject.hex())
+    in_repo(r, &["_referrers", subject.algorithm().as_str(), subject.hex()])
 }
 
 pub fn referrer(r: &Repo, subject: &Digest, referrer: &Digest) -> Key {
-    referrers_dir(r, subject).join(format!("{}-{}", referrer.algorithm().as_str(), referrer.hex()))
+    referrers_dir(r, subject).join(&format!("{}-{}", referrer.algorithm().as_str(), referrer.hex()))
 }
 
 /// A key below `base` named by a listing of `base` (a name [`super::Backend::list`] returned).
 pub fn child(base: &Key, name: &str) -> Key {
-    base.join(name)
+    base.clone().join(name)
 }
 
 #[cfg(test)]

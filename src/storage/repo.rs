@@ -88,8 +88,13 @@ impl Store {
     /// A manifest's bytes, if it is in `repo`.
     pub async fn read_manifest(&self, repo: &Repo, d: &Digest) -> StoreResult<Option<(StoredManifest, Bytes)>> {
         let Some(info) = self.manifest_info(repo, d).await? else { return Ok(None) };
-        let Some(bytes) = self.backend.read_small(d).await? else { return Ok(None) };
+        let Some(bytes) = self.manifest_bytes(&info).await? else { return Ok(None) };
         Ok(Some((info, bytes)))
+    }
+
+    /// The bytes of a manifest found with [`Store::manifest_info`] (`None`: removed since).
+    pub async fn manifest_bytes(&self, m: &StoredManifest) -> StoreResult<Option<Bytes>> {
+        self.backend.read_small(&m.digest).await
     }
 
     /// Removes a manifest from `repo`, with the tags that point at it and its referrer entry.

@@ -5,8 +5,11 @@
 
 mod ingest;
 pub mod read;
+mod small;
 mod writeback;
 
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -18,6 +21,7 @@ use super::backend::{Backend, ByteStream, Hold, IngestId, IngestState, IngestSta
 use super::layout::{self, Key};
 use super::{StoreResult, UploadId};
 use crate::oci::{Algorithm, Digest};
+use small::Cached;
 
 pub(super) struct Fs {
     root: PathBuf,
@@ -39,6 +43,37 @@ impl FsBackend {
 impl Fs {
     fn path(&self, key: &Key) -> PathBuf {
         self.root.join(key.as_str())
+    }
+
+    /// [`Fs::path`] as the syscalls take it, built in one allocation (keys never hold NUL).
+    fn cpath(&self, key: &Key) -> std::io::Result<CString> {
+        let root = self.root.as_os_str().as_bytes();
+        let mut v = Vec::with_capacity(root.len() + key.as_str().len() + 2);
+        v.extend_from_slice(root);
+        v.push(b'/');
+        v.extend_from_slice(key.as_str().as_bytes());
+        CString::new(v).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+    }
+
+    /// A file's size and modification time: on this thread when the kernel has it cached
+    /// (see [`small`]), else in one blocking-pool hop.
+    async fn stat(&self, key: &Key) -> std::io::Result<Option<small::Stat>> {
+        let path = self.cpath(key)?;
+        if let Cached::Ready(r) = small::stat(&path) {
+            return not_found(r);
+        }
+        let m = not_found(blocking(move || std::fs::metadata(small::as_path(&path))).await)?;
+        Ok(m.map(|m| small::Stat { len: m.len(), modified: m.modified().unwrap_or(SystemTime::UNIX_EPOCH) }))
+    }
+
+    /// A small file whole, with its modification time: on this thread when cached, else in
+    /// one blocking-pool hop (open, stat and read together).
+    async fn read_small(&self, key: &Key) -> std::io::Result<Option<(Bytes, SystemTime)>> {
+        let path = self.cpath(key)?;
+        if let Cached::Ready(r) = small::read(&path) {
+            return not_found(r);
+        }
+        not_found(blocking(move || small::read_blocking(small::as_path(&path))).await)
     }
 
     /// Replaces `key` with `bytes` atomically (tmp file + rename).
@@ -87,17 +122,21 @@ fn not_found<T>(r: std::io::Result<T>) -> std::io::Result<Option<T>> {
 #[async_trait]
 impl Backend for FsBackend {
     async fn stat(&self, d: &Digest) -> StoreResult<Option<u64>> {
-        Ok(not_found(tokio::fs::metadata(self.0.path(&layout::blob(d))).await)?.map(|m| m.len()))
+        Ok(self.0.stat(&layout::blob(d)).await?.map(|s| s.len))
     }
 
     async fn read(&self, d: &Digest, start: u64, len: u64) -> StoreResult<Option<ByteStream>> {
-        let path = self.0.path(&layout::blob(d));
-        let Some(file) = not_found(blocking(move || std::fs::File::open(path)).await)? else { return Ok(None) };
+        let path = self.0.cpath(&layout::blob(d))?;
+        let file = match small::open_read(&path) {
+            Cached::Ready(r) => r,
+            Cached::WouldBlock => blocking(move || std::fs::File::open(small::as_path(&path))).await,
+        };
+        let Some(file) = not_found(file)? else { return Ok(None) };
         Ok(Some(Box::pin(read::stream(Arc::new(file), start, len))))
     }
 
     async fn read_small(&self, d: &Digest) -> StoreResult<Option<Bytes>> {
-        Ok(not_found(tokio::fs::read(self.0.path(&layout::blob(d))).await)?.map(Bytes::from))
+        Ok(self.0.read_small(&layout::blob(d)).await?.map(|(b, _)| b))
     }
 
     async fn delete(&self, d: &Digest) -> StoreResult<bool> {
@@ -162,12 +201,7 @@ impl Backend for FsBackend {
     }
 
     async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {
-        let path = self.0.path(key);
-        let Some(raw) = not_found(tokio::fs::read(&path).await)? else { return Ok(None) };
-        let modified = not_found(tokio::fs::metadata(&path).await)?
-            .and_then(|m| m.modified().ok())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        Ok(Some((Bytes::from(raw), modified)))
+        Ok(self.0.read_small(key).await?)
     }
 
     async fn put(&self, key: &Key, value: &[u8]) -> StoreResult<()> {
@@ -179,7 +213,7 @@ impl Backend for FsBackend {
     }
 
     async fn exists(&self, key: &Key) -> StoreResult<bool> {
-        Ok(not_found(tokio::fs::metadata(self.0.path(key)).await)?.is_some())
+        Ok(self.0.stat(key).await?.is_some())
     }
 
     async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>> {

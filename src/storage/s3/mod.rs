@@ -11,14 +11,18 @@
 //!   memory is bounded whatever the number of writers). The upload id, the parts' ETags, the
 //!   offset and the hash state are in the ingest's state object in the bucket, written before
 //!   the first part: a writer resumes after a restart, and the sweep can always find and abort
-//!   an abandoned multipart upload.
+//!   an abandoned multipart upload. The bytes of the part not sent yet are in the bucket too
+//!   (piece objects, written at each checkpoint), so a session resumes on any process that
+//!   shares the bucket, or on this one with its scratch space lost.
 //! - **Commit** happens only after the digest verified: a fill (digest known up front)
 //!   completes its multipart upload under the blob's final key; an upload (digest learnt at
-//!   the PUT) completes under its staging key `ingest/<id>/data` and is copied server-side
-//!   (`CopyObject`) to the final key. Content that fits in one part is a single `PUT` of the
+//!   the PUT) completes under its staging key `ingest/<id>/data` and is copied server-side to
+//!   the final key: `CopyObject`, or past `max_copy_size` a multipart copy (`UploadPartCopy`
+//!   by ranges, signed here with `object_store`'s `AwsAuthorizer`). Content that fits in one part is a single `PUT` of the
 //!   verified spool under the final key. Same digest, same bytes: completing or copying over
 //!   an existing blob is harmless.
-//! - **Reads** stream ranged `GET`s. Fill followers read the spool ([`writer::S3Tail`]): a
+//! - **Reads** stream ranged `GET`s (or, with `redirect`, the client is sent to a presigned
+//!   GET URL). Fill followers read the spool ([`writer::S3Tail`]): a
 //!   multipart upload is not readable before it completes.
 //! - **Signing:** `object_store` hashes every payload for SigV4 (`x-amz-content-sha256`)
 //!   unless told not to, a second SHA-256 over every byte beside the digest's own. Over TLS

@@ -8,8 +8,16 @@
 //! that offset. It is written when an upload session starts, before the first part of any
 //! ingest (so an abandoned multipart upload can always be found and aborted), and at every
 //! checkpoint. The spool keeps every byte from the start of the part holding the last
-//! checkpoint: a rollback or a resume goes back to it without the bucket (parts sent past it
-//! are sent again under the same numbers, which replaces them).
+//! checkpoint: a rollback or a resume goes back to it (parts sent past it are sent again under
+//! the same numbers, which replaces them).
+//!
+//! The bucket is the session's record, so that any process sharing it can take the next
+//! request: at a checkpoint the bytes of the part not sent yet that are not in the bucket yet
+//! become one piece object (`ingest/<id>/piece/<start>`, listed in the state), and pieces of
+//! parts sent since are deleted after the new state is written. Each save gives the state a
+//! new revision, and the spool's `rev` file names the revision it is in step with: a writer
+//! opened where they differ (another process advanced the session) or where the spool is
+//! missing rebuilds the spool from the pieces, and never sends the local bytes.
 //!
 //! Every job working for the writer (a batch being hashed and spooled, a part being sent)
 //! holds the writer's [`Hold`], so a writer dropped mid-request keeps its session locked

@@ -106,7 +106,7 @@ pub fn replicas_dir() -> Key {
 
 /// One replica's heartbeat.
 pub fn replica(id: &uuid::Uuid) -> Key {
-    replicas_dir().join(id)
+    replicas_dir().join(&id.to_string())
 }
 
 /// A repository's blob links (`<alg>/<hex>` below).
@@ -137,7 +137,7 @@ pub fn ingest_state(id: &IngestId) -> Key {
 
 /// (S3) An upload's piece: bytes from `start` of the part not yet sent.
 pub fn ingest_piece(id: &IngestId, start: u64) -> Key {
-    ingest_dir(id).join("piece").join(start)
+    ingest_dir(id).join("piece").join(&start.to_string())
 }
 
 /// A fresh temporary key beside the ingests.

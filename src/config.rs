@@ -641,6 +641,16 @@ pub struct S3Config {
     /// Memory for parts being uploaded, for the whole process (at least one part): writes
     /// spool to `storage.root` and wait for this budget before a part is sent.
     pub buffer_memory: ByteSize,
+    /// The largest object the store copies in one `CopyObject` (S3: 5 GiB; some compatible
+    /// stores allow less). A pushed blob larger than this is made visible by a server-side
+    /// multipart copy (`UploadPartCopy`) in parts of at most this size.
+    pub max_copy_size: ByteSize,
+    /// Blob GETs are answered `307` to a presigned GET URL of the object (valid for
+    /// `redirect_expiry`) instead of streamed through Stevedore; only for requests that
+    /// passed authorization, the client fetches from the bucket's endpoint itself.
+    pub redirect: bool,
+    #[serde(with = "humantime_serde")]
+    pub redirect_expiry: Duration,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -660,6 +670,9 @@ impl std::fmt::Debug for S3Config {
             .field("allow_http", &self.allow_http)
             .field("part_size", &self.part_size)
             .field("buffer_memory", &self.buffer_memory)
+            .field("max_copy_size", &self.max_copy_size)
+            .field("redirect", &self.redirect)
+            .field("redirect_expiry", &self.redirect_expiry)
             .finish()
     }
 }
@@ -680,6 +693,9 @@ impl Default for S3Config {
             allow_http: false,
             part_size: ByteSize(8 << 20),
             buffer_memory: ByteSize(256 << 20),
+            max_copy_size: ByteSize(5 << 30),
+            redirect: false,
+            redirect_expiry: Duration::from_secs(300),
         }
     }
 }
@@ -770,6 +786,13 @@ impl S3Config {
         }
         if self.buffer_memory.0 < self.part_size.0 {
             return invalid("storage.s3.buffer_memory", "must hold at least one part (storage.s3.part_size)".into());
+        }
+        if self.max_copy_size.0 < 5 << 20 || self.max_copy_size.0 > 5 << 30 {
+            return invalid("storage.s3.max_copy_size", "must be between 5MiB and 5GiB".into());
+        }
+        // SigV4 presigned URLs are valid for 7 days at most.
+        if self.redirect && (self.redirect_expiry < Duration::from_secs(1) || self.redirect_expiry > Duration::from_secs(7 * 86400)) {
+            return invalid("storage.s3.redirect_expiry", "must be between 1s and 7 days".into());
         }
         Ok(())
     }
@@ -1408,6 +1431,8 @@ mod tests {
             ("secret_access_key = \"x\"", "storage.s3.secret_access_key"),
             ("part_size = \"1MiB\"", "storage.s3.part_size"),
             ("buffer_memory = \"1MiB\"", "storage.s3.buffer_memory"),
+            ("max_copy_size = \"1MiB\"", "storage.s3.max_copy_size"),
+            ("max_copy_size = \"6GiB\"", "storage.s3.max_copy_size"),
             (
                 "secret_access_key_env = \"STEVEDORE_TEST_UNSET_VAR\"\naccess_key_id = \"a\"",
                 "storage.s3.secret_access_key",

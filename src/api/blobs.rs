@@ -62,6 +62,15 @@ async fn get_local(app: &App, repo: &Repo, d: &Digest, req: &HeaderMap, head: bo
         RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
         RangeRequest::Unsatisfiable => return Err(unsatisfiable(size)),
     };
+    if !head {
+        // (`storage.s3.redirect`) The client reads from the bucket: every request here has
+        // passed authorization. `Range` is the client's to send again.
+        if let Some(url) = app.store.blob_redirect(d).await? {
+            let mut r = headers::located(StatusCode::TEMPORARY_REDIRECT, &url);
+            headers::set(r.headers_mut(), headers::DOCKER_CONTENT_DIGEST, d);
+            return Ok(r);
+        }
+    }
     let body = if head {
         Body::empty()
     } else {

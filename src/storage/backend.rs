@@ -138,6 +138,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn delete(&self, d: &Digest) -> StoreResult<bool>;
     /// Every piece of committed content with its size.
     async fn walk(&self) -> StoreResult<Vec<(Digest, u64)>>;
+    /// A URL the client may GET committed content from directly, if the backend hands them
+    /// out (S3 with `storage.s3.redirect`: presigned, short-lived); `None` otherwise.
+    async fn redirect_url(&self, _d: &Digest) -> StoreResult<Option<String>> {
+        Ok(None)
+    }
 
     // --- ingests ---
     /// Starts a new ingest. Its state is recorded before this returns.

@@ -9,6 +9,9 @@
 //! ingest/<uuid>/data                         an ingest's bytes so far (upload session or fill)
 //! ingest/<uuid>/state.json                   {kind, started_at, offset, hash state} at the
 //!                                            last checkpoint (written tmp + rename)
+//! ingest/<uuid>/piece/<start>                (S3) bytes from <start> of the part not sent
+//!                                            yet, PUT at a checkpoint: any process sharing
+//!                                            the bucket can rebuild the session's spool
 //! ingest/tmp-<uuid>                          small atomic writes in flight
 //! repos/<name>/                              a local (pushed) repository
 //! cache/<upstream host>/<name>/              an upstream's repository as cached: a tree no
@@ -114,6 +117,11 @@ pub fn ingest_data(id: &IngestId) -> Key {
 
 pub fn ingest_state(id: &IngestId) -> Key {
     ingest_dir(id).join("state.json")
+}
+
+/// (S3) An upload's piece: bytes from `start` of the part not yet sent.
+pub fn ingest_piece(id: &IngestId, start: u64) -> Key {
+    ingest_dir(id).join("piece").join(start)
 }
 
 /// A fresh temporary key beside the ingests.

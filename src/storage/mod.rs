@@ -174,6 +174,16 @@ impl Store {
         }
     }
 
+    /// A URL to send a client to for committed content (see [`Backend::redirect_url`]);
+    /// counts as a use.
+    pub async fn blob_redirect(&self, d: &Digest) -> StoreResult<Option<String>> {
+        let url = self.backend.redirect_url(d).await?;
+        if url.is_some() {
+            self.touch(d);
+        }
+        Ok(url)
+    }
+
     /// Size of a blob if it is committed *and* linked into `repo`.
     pub async fn repo_blob_size(&self, repo: &Repo, d: &Digest) -> StoreResult<Option<u64>> {
         if !self.is_linked(repo, d).await? {

@@ -248,6 +248,20 @@ impl Bucket {
         assert_eq!(res.stdout.trim(), "204", "DELETE {key}");
     }
 
+    /// The ETag (as listed, quotes included) of the object `key` (below the prefix).
+    pub fn etag(&self, key: &str) -> Option<String> {
+        let q = format!("/{}?list-type=2&prefix={}{key}", self.name, self.prefix);
+        let (status, body) = request(self.port, "GET", &q, b"");
+        let xml = String::from_utf8_lossy(&body).into_owned();
+        assert_eq!(status, 200, "listing {q}: {xml}");
+        let full = format!("{}{key}", self.prefix);
+        tags(&xml, "Contents")
+            .iter()
+            .find(|c| tags(c, "Key").pop().as_deref() == Some(full.as_str()))
+            .and_then(|c| tags(c, "ETag").pop())
+            .map(|e| e.replace("&quot;", "\"").replace("&#34;", "\""))
+    }
+
     /// Whether the object `key` (below the prefix) exists.
     pub fn has(&self, key: &str) -> bool {
         self.objects(key).iter().any(|(k, _)| k == key)

@@ -74,6 +74,7 @@ pub struct Builder {
     s3_settings: Vec<String>,
     bucket_root: Option<PathBuf>,
     port: u16,
+    bucket: Option<Bucket>,
 }
 
 impl Builder {
@@ -90,6 +91,14 @@ impl Builder {
     /// ([`Bucket::for_root`]), and its root is local scratch only.
     pub fn backend(mut self, backend: Backend) -> Builder {
         self.backend = backend;
+        self
+    }
+
+    /// Runs on S3 in this bucket (shared with other servers: replicas on one bucket, each
+    /// with its own root as scratch) instead of its root's own.
+    pub fn bucket(mut self, bucket: &Bucket) -> Builder {
+        self.backend = Backend::S3;
+        self.bucket = Some(bucket.clone());
         self
     }
 
@@ -192,8 +201,9 @@ impl Builder {
             LogFormat::Text => "text",
         });
         cmd.arg("serve").arg("--listen").arg(format!("127.0.0.1:{}", self.port)).arg("--root").arg(&root);
-        let bucket =
-            (self.backend == Backend::S3).then(|| Bucket::for_root(self.bucket_root.as_ref().unwrap_or(&root)));
+        let bucket = (self.backend == Backend::S3).then(|| {
+            self.bucket.clone().unwrap_or_else(|| Bucket::for_root(self.bucket_root.as_ref().unwrap_or(&root)))
+        });
         let text = match (&self.config, &bucket) {
             (Some(text), None) => Some(text.clone()),
             (None, None) => None,
@@ -362,6 +372,7 @@ impl Stevedore {
             s3_settings: Vec::new(),
             bucket_root: None,
             port: 0,
+            bucket: None,
         }
     }
 

@@ -34,9 +34,11 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
-use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::multipart::MultipartStore;
+use object_store::aws::{AmazonS3, AmazonS3Builder, AwsAuthorizer};
+use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestConnector};
+use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
+use object_store::signer::Signer;
 use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
 use tokio::sync::Semaphore;
 
@@ -59,6 +61,16 @@ pub(super) struct S3 {
     /// Parts in memory at once, process-wide (`buffer_memory / part_size`).
     budget: Arc<Semaphore>,
     fsync: bool,
+    /// Objects larger than this are copied by parts (`storage.s3.max_copy_size`).
+    max_copy_size: u64,
+    /// For the requests `object_store` has no call for (`UploadPartCopy`): the same client
+    /// options (TLS, timeouts) and credentials as the store's own requests.
+    http: HttpClient,
+    bucket: String,
+    region: String,
+    sign_payload: bool,
+    /// `storage.s3.redirect`: presigned GETs valid this long.
+    redirect: Option<Duration>,
 }
 
 /// The object-storage backend.
@@ -80,7 +92,7 @@ impl S3Backend {
         let mut b = AmazonS3Builder::from_env()
             .with_bucket_name(&cfg.bucket)
             .with_region(&cfg.region)
-            .with_client_options(client)
+            .with_client_options(client.clone())
             .with_allow_http(cfg.allow_http)
             .with_unsigned_payload(tls);
         if !cfg.endpoint.is_empty() {
@@ -90,6 +102,7 @@ impl S3Backend {
             b = b.with_access_key_id(id).with_secret_access_key(secret);
         }
         let store = b.build().map_err(|e| anyhow::anyhow!("storage.s3: {e}"))?;
+        let http = ReqwestConnector::default().connect(&client).map_err(|e| anyhow::anyhow!("storage.s3: {e}"))?;
         let prefix = cfg.prefix.trim_matches('/');
         let prefix = if prefix.is_empty() { String::new() } else { format!("{prefix}/") };
         tokio::fs::create_dir_all(scratch.join(layout::INGEST)).await?;
@@ -102,6 +115,12 @@ impl S3Backend {
             part_size,
             budget: Arc::new(Semaphore::new(slots)),
             fsync,
+            max_copy_size: cfg.max_copy_size.0,
+            http,
+            bucket: cfg.bucket.clone(),
+            region: cfg.region.clone(),
+            sign_payload: !tls,
+            redirect: cfg.redirect.then_some(cfg.redirect_expiry),
         };
         // Fail at start-up, not at the first request, when the bucket cannot be reached.
         s3.store
@@ -143,27 +162,171 @@ impl S3 {
         Ok(())
     }
 
+    /// Copies `from` (`size` bytes) into the multipart upload `upload` of `to` server-side,
+    /// by parts (`UploadPartCopy`, a few at a time), and returns the parts to complete it with.
+    /// Nothing passes through this process.
+    async fn copy_parts(&self, from: &Path, to: &Path, upload: &str, size: u64) -> StoreResult<Vec<PartId>> {
+        let part = copy_part_size(self.max_copy_size, size);
+        let ranges: Vec<(usize, u64, u64)> = (0..size.div_ceil(part))
+            .map(|i| (i as usize, i * part, ((i + 1) * part).min(size)))
+            .collect();
+        futures::stream::iter(ranges)
+            .map(|(i, start, end)| async move {
+                Ok(PartId { content_id: self.upload_part_copy(to, upload, i, from, start, end).await? })
+            })
+            .buffered(COPY_PARTS_IN_FLIGHT)
+            .try_collect()
+            .await
+    }
+
+    /// One `UploadPartCopy` (part `idx` + 1 of `upload` on `to`: bytes `start..end` of `from`),
+    /// retried a few times; the part's ETag. `object_store` has no call for it: the request is
+    /// built here, signed (SigV4, the copy headers included) by `object_store`'s
+    /// `AwsAuthorizer` with the store's credentials and sent by a client with the store's
+    /// options.
+    async fn upload_part_copy(
+        &self,
+        to: &Path,
+        upload: &str,
+        idx: usize,
+        from: &Path,
+        start: u64,
+        end: u64,
+    ) -> StoreResult<String> {
+        let failed = |why: String| StoreError::Io(std::io::Error::other(format!("UploadPartCopy {to}: {why}")));
+        // The store's own URL for `to` (path- or virtual-hosted style, encoded as it encodes).
+        let mut url = self.store.signed_url(http::Method::PUT, to, Duration::from_secs(60)).await.map_err(io)?;
+        url.set_query(None);
+        url.query_pairs_mut().append_pair("partNumber", &(idx + 1).to_string()).append_pair("uploadId", upload);
+        let source = format!("{}/{}", encode_key(&self.bucket), encode_key(from.as_ref()));
+        let range = format!("bytes={start}-{}", end - 1);
+        let mut last = String::new();
+        for attempt in 0..COPY_ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
+            }
+            let credential = self.store.credentials().get_credential().await.map_err(io)?;
+            let mut req = http::Request::builder()
+                .method(http::Method::PUT)
+                .uri(url.as_str())
+                .header("x-amz-copy-source", &source)
+                .header("x-amz-copy-source-range", &range)
+                .body(HttpRequestBody::empty())
+                .map_err(|e| failed(e.to_string()))?;
+            AwsAuthorizer::new(&credential, "s3", &self.region)
+                .with_sign_payload(self.sign_payload)
+                .try_authorize(&mut req, None)
+                .map_err(io)?;
+            let res = match self.http.execute(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            let status = res.status();
+            let body = match res.into_body().bytes().await {
+                Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+                Err(e) => {
+                    last = e.to_string();
+                    continue;
+                }
+            };
+            // S3 may answer 200 and report a failure in the body.
+            let etag = xml_value(&body, "ETag");
+            match etag {
+                Some(etag) if status.is_success() && !body.contains("<Error>") => return Ok(etag),
+                _ if status.is_server_error() || status.is_success() || status.as_u16() == 429 => {
+                    last = format!("{status}: {}", body.chars().take(300).collect::<String>());
+                }
+                _ => return Err(failed(format!("{status}: {}", body.chars().take(300).collect::<String>()))),
+            }
+        }
+        Err(failed(last))
+    }
+
     async fn state(&self, id: &IngestId) -> StoreResult<Option<(S3State, SystemTime)>> {
         let Some((raw, modified)) = self.get(&layout::ingest_state(id)).await? else { return Ok(None) };
         Ok(S3State::decode(&raw).map(|s| (s, modified)))
     }
 
-    /// Removes an ingest: aborts its multipart upload, deletes its objects and its spool.
-    async fn remove_ingest(&self, id: &IngestId) -> StoreResult<()> {
-        if let Some((state, _)) = self.state(id).await? {
+    async fn put_payload(&self, key: &Key, payload: PutPayload) -> StoreResult<()> {
+        self.store.put(&self.path(key), payload).await.map_err(io)?;
+        Ok(())
+    }
+
+    /// Aborts an ingest's multipart uploads (gone already is fine) and deletes its objects,
+    /// its state last (so that a removal cut short is found again). With `all`, every object
+    /// under `ingest/<id>/` (the staging object, pieces, any a crash left); else its state only.
+    async fn remove_ingest_objects(&self, id: &IngestId, state: Option<&S3State>, all: bool) -> StoreResult<()> {
+        if let Some(state) = state {
             if let Some(upload) = &state.upload {
-                // Gone already (completed or aborted) is fine.
-                let _ =
-                    self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
+                let _ = self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
+            }
+            if let Some(copy) = &state.copy {
+                let _ = self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, copy.key)), &copy.upload).await;
             }
         }
-        self.delete(&layout::ingest_data(id)).await?;
-        self.delete(&layout::ingest_state(id)).await?;
+        let state_key = self.path(&layout::ingest_state(id));
+        if all {
+            let mut keys = Vec::new();
+            let mut objects = self.store.list(Some(&self.path(&layout::ingest_dir(id))));
+            while let Some(meta) = objects.try_next().await.map_err(io)? {
+                if meta.location != state_key {
+                    keys.push(meta.location);
+                }
+            }
+            for key in keys {
+                absent(self.store.delete(&key).await)?;
+            }
+        }
+        absent(self.store.delete(&state_key).await)?;
+        Ok(())
+    }
+
+    /// Removes an ingest: aborts its multipart uploads, deletes its objects and its spool.
+    async fn remove_ingest(&self, id: &IngestId) -> StoreResult<()> {
+        let state = self.state(id).await?;
+        self.remove_ingest_objects(id, state.as_ref().map(|(s, _)| s), true).await?;
         match tokio::fs::remove_dir_all(self.spool_dir(id)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
     }
+}
+
+/// `UploadPartCopy` requests in flight per copy.
+const COPY_PARTS_IN_FLIGHT: usize = 8;
+/// Tries of one `UploadPartCopy`.
+const COPY_ATTEMPTS: u32 = 4;
+
+/// The part size of a multipart copy of `size` bytes: at most `max_copy_size` and 256 MiB (a
+/// part copy is one request that must answer within the read timeout), at least S3's 5 MiB,
+/// and large enough for S3's 10,000 parts.
+fn copy_part_size(max_copy_size: u64, size: u64) -> u64 {
+    max_copy_size.min(256 << 20).max(5 << 20).max(size.div_ceil(10_000))
+}
+
+/// A key or bucket name as `x-amz-copy-source` wants it: percent-encoded, `/` kept.
+fn encode_key(key: &str) -> String {
+    let mut out = String::with_capacity(key.len());
+    for b in key.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~/".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The text of the first `<tag>` in an S3 XML answer (quotes of an ETag included, as
+/// `object_store` keeps them).
+fn xml_value(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let rest = &xml[xml.find(&open)? + open.len()..];
+    let value = &rest[..rest.find(&format!("</{tag}>"))?];
+    Some(value.replace("&quot;", "\"").replace("&#34;", "\""))
 }
 
 /// An `object_store` error as an I/O error of the store.
@@ -257,6 +420,12 @@ impl Backend for S3Backend {
         Ok(out)
     }
 
+    async fn redirect_url(&self, d: &Digest) -> StoreResult<Option<String>> {
+        let Some(expiry) = self.0.redirect else { return Ok(None) };
+        let url = self.0.store.signed_url(http::Method::GET, &self.0.path(&layout::blob(d)), expiry).await.map_err(io)?;
+        Ok(Some(url.to_string()))
+    }
+
     async fn create_writer(&self, id: IngestId, opts: WriterOptions, hold: Hold) -> StoreResult<Box<dyn Writer>> {
         Ok(Box::new(writer::S3Writer::create(self.0.clone(), id, opts, hold).await?))
     }
@@ -266,7 +435,13 @@ impl Backend for S3Backend {
     }
 
     async fn ingest_status(&self, id: IngestId) -> StoreResult<Option<IngestStatus>> {
-        let Some((state, mut updated)) = self.0.state(&id).await? else { return Ok(None) };
+        let Some((state, modified)) = self.0.state(&id).await? else { return Ok(None) };
+        // Last activity, as the state records it (millis); an older state has only its
+        // Last-Modified, whole seconds rounded down: a second more never sweeps it early.
+        let mut updated = match state.updated_ms {
+            0 => modified + Duration::from_secs(1),
+            ms => SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+        };
         // A chunk being received lands in the spool before the next checkpoint.
         if let Ok(mut rd) = tokio::fs::read_dir(self.0.spool_dir(&id)).await {
             while let Ok(Some(e)) = rd.next_entry().await {

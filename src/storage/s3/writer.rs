@@ -53,6 +53,39 @@ pub struct S3State {
     /// Set once the content is in place (an upload's copy is done): only cleaning up is left.
     #[serde(default)]
     pub committed: bool,
+    /// The bytes of the part not sent yet, `[parts × part_size, offset)`, as piece objects
+    /// (`ingest/<id>/piece/<start>`), in order and contiguous: any process sharing the bucket
+    /// rebuilds the session's spool from them.
+    #[serde(default)]
+    pub pieces: Vec<Piece>,
+    /// A fresh token at every save. A local spool is used only if it was in step with this
+    /// revision (its `rev` file names it); else another process advanced the session (or the
+    /// spool is gone) and it is rebuilt from the pieces.
+    #[serde(default)]
+    pub rev: String,
+    /// Last activity (unix millis): the sweep's idle time (an object's Last-Modified has whole
+    /// seconds only).
+    #[serde(default)]
+    pub updated_ms: u64,
+    /// The multipart copy making a large upload visible (`storage.s3.max_copy_size`), recorded
+    /// before its first part so that the sweep can abort it.
+    #[serde(default)]
+    pub copy: Option<CopyUpload>,
+}
+
+/// Bytes `start..start + len` of an upload, in the object `ingest/<id>/piece/<start>`.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Piece {
+    pub start: u64,
+    pub len: u64,
+}
+
+/// A multipart upload copying a staged upload to its final key.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CopyUpload {
+    /// Below the prefix.
+    pub key: String,
+    pub upload: String,
 }
 
 impl S3State {
@@ -64,6 +97,25 @@ impl S3State {
         let s: S3State = serde_json::from_slice(raw).ok()?;
         (s.base.v == IngestState::VERSION).then_some(s)
     }
+
+    /// Whether the pieces cover `[from, offset)` exactly, in order.
+    fn pieces_cover(&self, from: u64) -> bool {
+        let mut at = from;
+        for p in &self.pieces {
+            if p.start != at || p.len == 0 {
+                return false;
+            }
+            at += p.len;
+        }
+        at == self.base.offset
+    }
+}
+
+/// The name of the file in a local spool naming the state revision it is in step with.
+const REV_FILE: &str = "rev";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Reads what a writer has spooled so far (fill followers): the part files, kept open, so a
@@ -130,7 +182,17 @@ impl S3Writer {
         };
         let mut base = IngestState::new(opts.kind, opts.alg);
         base.set_hash(0, &hasher);
-        let state = S3State { base, upload: None, target, parts: Vec::new(), committed: false };
+        let state = S3State {
+            base,
+            upload: None,
+            target,
+            parts: Vec::new(),
+            committed: false,
+            pieces: Vec::new(),
+            rev: String::new(),
+            updated_ms: 0,
+            copy: None,
+        };
         let mut w = S3Writer::wrap(s3, id, state, hasher, Vec::new(), opts.batch_bytes, keep_spool, hold);
         if !keep_spool {
             // An upload session exists once its state does. (A fill's state is written before
@@ -155,46 +217,35 @@ impl S3Writer {
         if idx as u64 != offset / part_size {
             return Err(StoreError::UploadUnknown);
         }
-        // The spool must hold the checkpoint's part up to the offset; bytes after it go.
+        // The spool must hold the checkpoint's part up to the offset (bytes after it go), and
+        // be in step with the state: else it is rebuilt from the state's pieces.
         let dir = s3.spool_dir(&id);
-        let want = offset - idx as u64 * part_size;
-        let (dir2, file) = (dir.clone(), part_file(&dir, idx));
-        let files = super::super::fs::blocking(move || {
-            let mut out = Vec::new();
-            if want > 0 || file.exists() {
-                let f = std::fs::OpenOptions::new().read(true).write(true).create(want == 0).open(&file)?;
-                let len = f.metadata()?.len();
-                if len < want {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        format!("ingest spool has {len} bytes, its state says {want}"),
-                    ));
+        let part_start = idx as u64 * part_size;
+        let want = offset - part_start;
+        let marker = tokio::fs::read_to_string(dir.join(REV_FILE)).await.ok();
+        // (A state without a revision was written before pieces existed: its spool is all.)
+        let in_step = state.rev.is_empty() || marker.as_deref() == Some(state.rev.as_str());
+        let local = if in_step {
+            open_spool(dir, idx, want).await
+        } else {
+            Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the spool is behind the state"))
+        };
+        let file = match local {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if state.rev.is_empty() || !state.pieces_cover(part_start) {
+                    return Err(StoreError::UploadUnknown);
                 }
-                f.set_len(want)?;
-                out.push((idx, Arc::new(f)));
+                Some(rebuild_spool(&s3, &id, &state, idx).await?)
             }
-            for e in std::fs::read_dir(&dir2)?.flatten() {
-                let n: Option<usize> = e.file_name().to_str().and_then(|n| n.parse().ok());
-                if n.is_some_and(|n| n != idx + 1) {
-                    std::fs::remove_file(e.path())?;
-                }
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                StoreError::UploadUnknown
-            } else {
-                e.into()
-            }
-        })?;
+            Err(e) => return Err(e.into()),
+        };
         let parts = state.parts.clone();
         let mut w = S3Writer::wrap(s3, id, state, hasher, parts, batch_bytes, false, hold);
         w.state_saved = true;
         w.size = offset;
         w.landed = offset;
-        w.tail.files.lock().unwrap().extend(files);
+        w.tail.files.lock().unwrap().extend(file.map(|f| (idx, f)));
         Ok(w)
     }
 
@@ -235,9 +286,25 @@ impl S3Writer {
     }
 
     async fn save_state(&mut self) -> StoreResult<()> {
+        self.state.rev = uuid::Uuid::new_v4().simple().to_string();
+        self.state.updated_ms = now_ms();
         self.s3.put(&layout::ingest_state(&self.id), self.state.encode()).await?;
         self.state_saved = true;
+        if !self.keep_spool {
+            // The spool is in step with this revision (up to the offset). Best effort: a spool
+            // whose mark is older is rebuilt from the pieces, never used.
+            let _ = tokio::fs::write(self.s3.spool_dir(&self.id).join(REV_FILE), &self.state.rev).await;
+        }
         Ok(())
+    }
+
+    /// PUTs bytes `start..start + len` of the spool of part `idx` as a piece object.
+    async fn put_piece(&self, idx: usize, start: u64, len: u64) -> StoreResult<()> {
+        let file = self.tail.files.lock().unwrap().get(&idx).cloned();
+        let file = file.ok_or_else(|| std::io::Error::other(format!("spool of part {} is missing", idx + 1)))?;
+        let at = start - idx as u64 * self.s3.part_size;
+        let payload = read_range(&self.s3, file, at, len).await?;
+        self.s3.put_payload(&layout::ingest_piece(&self.id, start), payload).await
     }
 
     /// Hashes and spools the collected batch (on the blocking pool).
@@ -400,14 +467,12 @@ impl S3Writer {
         if let Some(job) = self.in_flight.take() {
             let _ = job.await;
         }
-        if let Some(upload) = &self.state.upload {
-            let _ = self.s3.store.abort_multipart(&self.target(), upload).await;
-        }
         if self.state_saved {
-            if self.state.target == layout::ingest_data(&self.id).as_str() {
-                self.s3.delete(&layout::ingest_data(&self.id)).await?;
-            }
-            self.s3.delete(&layout::ingest_state(&self.id)).await?;
+            // A fill has its state only; an upload its staging object and pieces too.
+            let all = !self.keep_spool || self.state.target == layout::ingest_data(&self.id).as_str();
+            self.s3.remove_ingest_objects(&self.id, Some(&self.state), all).await?;
+        } else if let Some(upload) = &self.state.upload {
+            let _ = self.s3.store.abort_multipart(&self.target(), upload).await;
         }
         match tokio::fs::remove_dir_all(self.s3.spool_dir(&self.id)).await {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
@@ -418,6 +483,83 @@ impl S3Writer {
 
 fn part_file(dir: &std::path::Path, idx: usize) -> PathBuf {
     dir.join((idx + 1).to_string())
+}
+
+/// The local spool of part `idx`, cut to `want` bytes (`NotFound` when it has fewer); other
+/// part files go. `None` when there is nothing to keep and no file.
+async fn open_spool(dir: PathBuf, idx: usize, want: u64) -> std::io::Result<Option<Arc<File>>> {
+    super::super::fs::blocking(move || {
+        let file = part_file(&dir, idx);
+        let mut out = None;
+        if want > 0 || file.exists() {
+            let f = std::fs::OpenOptions::new().read(true).write(true).create(want == 0).open(&file)?;
+            let len = f.metadata()?.len();
+            if len < want {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("ingest spool has {len} bytes, its state says {want}"),
+                ));
+            }
+            f.set_len(want)?;
+            out = Some(Arc::new(f));
+        }
+        for e in std::fs::read_dir(&dir)?.flatten() {
+            let n: Option<usize> = e.file_name().to_str().and_then(|n| n.parse().ok());
+            if n.is_some_and(|n| n != idx + 1) {
+                std::fs::remove_file(e.path())?;
+            }
+        }
+        Ok(out)
+    })
+    .await
+}
+
+/// Builds the local spool of part `idx` anew from the state's pieces in the bucket (the
+/// session was advanced by another process, or this one lost its spool), and marks it in step
+/// with the state's revision. A missing or short piece makes the session unknown.
+async fn rebuild_spool(s3: &S3, id: &IngestId, state: &S3State, idx: usize) -> StoreResult<Arc<File>> {
+    use futures::TryStreamExt;
+    use tokio::io::AsyncWriteExt;
+    let dir = s3.spool_dir(id);
+    match tokio::fs::remove_dir_all(&dir).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
+        _ => {}
+    }
+    tokio::fs::create_dir_all(&dir).await?;
+    let mut f = tokio::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(part_file(&dir, idx))
+        .await?;
+    for p in &state.pieces {
+        let key = layout::ingest_piece(id, p.start);
+        let Some(r) = super::absent(s3.store.get(&s3.path(&key)).await)? else {
+            tracing::warn!(ingest = %id, piece = p.start, "an upload's piece is missing: the session cannot resume");
+            return Err(StoreError::UploadUnknown);
+        };
+        let mut body = r.into_stream();
+        let mut got = 0u64;
+        while let Some(b) = body.try_next().await.map_err(io)? {
+            got += b.len() as u64;
+            if got > p.len {
+                break;
+            }
+            f.write_all(&b).await?;
+        }
+        if got != p.len {
+            tracing::warn!(ingest = %id, piece = p.start, got, want = p.len, "an upload's piece has the wrong size");
+            return Err(StoreError::UploadUnknown);
+        }
+    }
+    f.flush().await?;
+    if s3.fsync {
+        f.sync_data().await?;
+    }
+    let f = f.into_std().await;
+    tokio::fs::write(dir.join(REV_FILE), &state.rev).await?;
+    Ok(Arc::new(f))
 }
 
 /// A part in memory while it is sent: its own anonymous mapping, unmapped (and its slot of
@@ -480,10 +622,15 @@ impl Drop for PartBuf {
 /// The first `len` bytes of a part file, in memory, holding one slot of the budget until the
 /// payload is dropped.
 async fn read_part(s3: &S3, file: Arc<File>, len: u64) -> StoreResult<PutPayload> {
+    read_range(s3, file, 0, len).await
+}
+
+/// `len` bytes from `at` of a part file, in memory, as [`read_part`].
+async fn read_range(s3: &S3, file: Arc<File>, at: u64, len: u64) -> StoreResult<PutPayload> {
     let slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
     let buf = super::super::fs::blocking(move || {
         let mut buf = PartBuf::new(len as usize, slot)?;
-        file.read_exact_at(buf.as_mut(), 0)?;
+        file.read_exact_at(buf.as_mut(), at)?;
         Ok(buf)
     })
     .await?;
@@ -530,15 +677,35 @@ impl Writer for S3Writer {
         self.spool_batch().await?;
         self.send_full_parts(true).await?;
         let idx = self.parts.len();
+        let part_start = idx as u64 * self.s3.part_size;
         if self.s3.fsync {
             let current = self.tail.files.lock().unwrap().get(&idx).cloned();
             if let Some(f) = current {
                 super::super::fs::blocking(move || f.sync_data()).await?;
             }
         }
+        // The bytes of the part not sent yet go to the bucket as pieces, each byte once: the
+        // state's pieces while their part is still the one being filled, plus one for the
+        // bytes since (from the part's start when earlier parts were sent).
+        let (mut pieces, obsolete) = if self.state.parts.len() == idx {
+            (self.state.pieces.clone(), Vec::new())
+        } else {
+            (Vec::new(), std::mem::take(&mut self.state.pieces))
+        };
+        let from = self.state.base.offset.max(part_start);
+        if self.size > from {
+            self.put_piece(idx, from, self.size - from).await?;
+            pieces.push(Piece { start: from, len: self.size - from });
+        }
         self.state.parts = self.parts.clone();
+        self.state.pieces = pieces;
         self.state.base.set_hash(self.size, self.hasher.as_ref().expect("settled"));
         self.save_state().await?;
+        // Pieces of sent parts: no state names them any more. (One left by a crash here is
+        // removed with the ingest.)
+        for p in obsolete {
+            let _ = self.s3.delete(&layout::ingest_piece(&self.id, p.start)).await;
+        }
         if !self.keep_spool {
             // The parts below the checkpoint are in the bucket for good.
             let sent: Vec<usize> = self.tail.files.lock().unwrap().range(..idx).map(|(i, _)| *i).collect();
@@ -655,14 +822,25 @@ impl S3Verified {
             w.complete().await?;
         }
         let target = w.target();
+        w.state.upload = None;
         if target != blob {
-            // An upload: completed under its staging key, made visible by a server-side copy.
+            // An upload: completed under its staging key, made visible by a server-side copy
+            // (by parts past what one `CopyObject` may copy).
+            if w.size > s3.max_copy_size {
+                let upload = s3.store.create_multipart(&blob).await.map_err(io)?;
+                let key = layout::blob(&self.digest).as_str().to_string();
+                w.state.copy = Some(CopyUpload { key, upload: upload.clone() });
+                // Recorded before the first part: the sweep can always find and abort it.
+                w.save_state().await?;
+                let parts = s3.copy_parts(&target, &blob, &upload, w.size).await?;
+                s3.store.complete_multipart(&blob, &upload, parts).await.map_err(io)?;
+                w.state.copy = None;
+            } else {
+                s3.store.copy(&target, &blob).await.map_err(io)?;
+            }
             w.state.committed = true;
-            w.state.upload = None;
-            s3.store.copy(&target, &blob).await.map_err(io)?;
             w.save_state().await?;
         }
-        w.state.upload = None;
         Ok(())
     }
 }

@@ -78,6 +78,10 @@ pub struct ClusterConfig {
     pub secret_env: Option<String>,
     /// The URL the other replicas reach this one at (`http://10.0.0.5:5000`).
     pub advertise: Option<String>,
+    /// The name of an environment variable holding `advertise` (a pod's IP from the
+    /// Kubernetes downward API: `STEVEDORE_ADVERTISE=http://$(POD_IP):5000`). `advertise`,
+    /// when also set, wins.
+    pub advertise_env: Option<String>,
     /// How long a lease (a fill, a revalidation, an upload session, eviction) outlives its
     /// holder's last renewal: a dead replica's work is taken over after about this long.
     #[serde(with = "humantime_serde")]
@@ -97,6 +101,7 @@ impl Default for ClusterConfig {
             secret_file: None,
             secret_env: None,
             advertise: None,
+            advertise_env: None,
             lease_ttl: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(5),
             allow_without_redis: false,
@@ -109,6 +114,18 @@ impl ClusterConfig {
         read_secret("secret", &self.secret, &self.secret_file, &self.secret_env)
     }
 
+    /// `advertise`, or the value of the variable `advertise_env` names (set and not empty).
+    pub fn advertise(&self) -> Result<Option<String>, String> {
+        if let Some(a) = &self.advertise {
+            return Ok(Some(a.clone()));
+        }
+        let Some(var) = &self.advertise_env else { return Ok(None) };
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+            _ => Err(format!("advertise_env names {var}, which is not set")),
+        }
+    }
+
     fn validate(&self, redis: &RedisConfig) -> Result<(), ConfigError> {
         let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
         if self.lease_ttl < Duration::from_millis(500) {
@@ -117,7 +134,8 @@ impl ClusterConfig {
         if self.heartbeat_interval.is_zero() {
             return invalid("cluster.heartbeat_interval", "must be longer than 0s".into());
         }
-        if let Some(a) = &self.advertise {
+        let advertise = self.advertise().map_err(|why| ConfigError::Invalid { key: "cluster.advertise", why })?;
+        if let Some(a) = &advertise {
             match reqwest::Url::parse(a) {
                 Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
                 _ => return invalid("cluster.advertise", format!("{a:?} is not an http(s) URL")),
@@ -136,7 +154,7 @@ impl ClusterConfig {
                 Ok(None) => {}
                 Err(why) => return invalid("redis.url", why),
             }
-            if self.advertise.is_none() {
+            if advertise.is_none() {
                 return invalid(
                     "cluster.advertise",
                     "must be set with [redis]: the URL the other replicas reach this one at".into(),
@@ -791,7 +809,9 @@ impl S3Config {
             return invalid("storage.s3.max_copy_size", "must be between 5MiB and 5GiB".into());
         }
         // SigV4 presigned URLs are valid for 7 days at most.
-        if self.redirect && (self.redirect_expiry < Duration::from_secs(1) || self.redirect_expiry > Duration::from_secs(7 * 86400)) {
+        if self.redirect
+            && (self.redirect_expiry < Duration::from_secs(1) || self.redirect_expiry > Duration::from_secs(7 * 86400))
+        {
             return invalid("storage.s3.redirect_expiry", "must be between 1s and 7 days".into());
         }
         Ok(())
@@ -1092,7 +1112,17 @@ impl Config {
                 &format!("{} is not a configured upstream", self.proxy.default_upstream),
             );
         }
-        self.auth.validate()
+        self.auth.validate()?;
+        if self.redis.enabled() && self.auth.enabled() && self.auth.token_key_file.is_none() {
+            // A key generated in memory is this replica's alone: a token it issued would be
+            // refused by every other replica behind the same load balancer.
+            return invalid(
+                "auth.token_key_file",
+                "must be set with [redis] and [auth]: every replica signs and checks tokens with one key, a file \
+                 they all read (a Kubernetes Secret, a shared volume)",
+            );
+        }
+        Ok(())
     }
 }
 

@@ -80,10 +80,7 @@ fn assert_push_gone(bucket: &Bucket) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_past_max_copy_size_is_copied_by_parts() {
-    let sd = Stevedore::builder()
-        .backend(common::s3::Backend::S3)
-        .s3_setting("max_copy_size = \"5MiB\"")
-        .start();
+    let sd = Stevedore::builder().backend(common::s3::Backend::S3).s3_setting("max_copy_size = \"5MiB\"").start();
     let bucket = sd.bucket.clone().expect("on S3");
     let reg = sd.registry();
     // ~20 MiB: four 5 MiB copy parts and a short one.
@@ -222,7 +219,8 @@ async fn a_spool_behind_the_session_is_rebuilt_not_used() {
 
     // B advances the session from the same offset with other bytes (2 MiB).
     let second = data::bytes(9303, 2 * MIB);
-    let (loc, acked) = b.registry().try_patch(&loc, MIB as u64, 2 * MIB as u64, Body::from(second.clone())).await.unwrap();
+    let (loc, acked) =
+        b.registry().try_patch(&loc, MIB as u64, 2 * MIB as u64, Body::from(second.clone())).await.unwrap();
     assert_eq!(acked, 3 * MIB as u64);
     assert_pieces(&bucket, &id, 3 * MIB as u64);
     // A comes back on its old spool (long enough, with the cut chunk's bytes in it) and takes
@@ -230,7 +228,8 @@ async fn a_spool_behind_the_session_is_rebuilt_not_used() {
     assert!(std::fs::metadata(&spool).unwrap().len() >= 3 << 20);
     let a = replica(&bucket, &roots[0]);
     let third = data::bytes(9304, 4 * MIB);
-    let (loc, _) = a.registry().try_patch(&loc, 3 * MIB as u64, 4 * MIB as u64, Body::from(third.clone())).await.unwrap();
+    let (loc, _) =
+        a.registry().try_patch(&loc, 3 * MIB as u64, 4 * MIB as u64, Body::from(third.clone())).await.unwrap();
     assert_pieces(&bucket, &id, 7 * MIB as u64);
     let whole = [first, second, third].concat();
     let digest = data::sha256(&whole);

@@ -167,9 +167,8 @@ impl S3 {
     /// Nothing passes through this process.
     async fn copy_parts(&self, from: &Path, to: &Path, upload: &str, size: u64) -> StoreResult<Vec<PartId>> {
         let part = copy_part_size(self.max_copy_size, size);
-        let ranges: Vec<(usize, u64, u64)> = (0..size.div_ceil(part))
-            .map(|i| (i as usize, i * part, ((i + 1) * part).min(size)))
-            .collect();
+        let ranges: Vec<(usize, u64, u64)> =
+            (0..size.div_ceil(part)).map(|i| (i as usize, i * part, ((i + 1) * part).min(size))).collect();
         futures::stream::iter(ranges)
             .map(|(i, start, end)| async move {
                 Ok(PartId { content_id: self.upload_part_copy(to, upload, i, from, start, end).await? })
@@ -261,10 +260,12 @@ impl S3 {
     async fn remove_ingest_objects(&self, id: &IngestId, state: Option<&S3State>, all: bool) -> StoreResult<()> {
         if let Some(state) = state {
             if let Some(upload) = &state.upload {
-                let _ = self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
+                let _ =
+                    self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, state.target)), upload).await;
             }
             if let Some(copy) = &state.copy {
-                let _ = self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, copy.key)), &copy.upload).await;
+                let _ =
+                    self.store.abort_multipart(&Path::from(format!("{}{}", self.prefix, copy.key)), &copy.upload).await;
             }
         }
         let state_key = self.path(&layout::ingest_state(id));
@@ -422,7 +423,8 @@ impl Backend for S3Backend {
 
     async fn redirect_url(&self, d: &Digest) -> StoreResult<Option<String>> {
         let Some(expiry) = self.0.redirect else { return Ok(None) };
-        let url = self.0.store.signed_url(http::Method::GET, &self.0.path(&layout::blob(d)), expiry).await.map_err(io)?;
+        let url =
+            self.0.store.signed_url(http::Method::GET, &self.0.path(&layout::blob(d)), expiry).await.map_err(io)?;
         Ok(Some(url.to_string()))
     }
 

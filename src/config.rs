@@ -1377,6 +1377,40 @@ mod tests {
     }
 
     #[test]
+    fn replicas_with_auth_share_one_token_key_and_may_advertise_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, "").unwrap();
+        let fleet = "[redis]\nurl = \"redis://127.0.0.1:6379/\"\n[cluster]\nsecret = \"0123456789abcdef\"\n";
+        let with = |cluster: &str, auth: &str| {
+            Config::parse(&format!("{fleet}{cluster}\n[auth]\nhtpasswd = {htpasswd:?}\n{auth}\n")).unwrap().validate()
+        };
+        let advertise = "advertise = \"http://10.0.0.5:5000\"";
+        match with(advertise, "") {
+            Err(ConfigError::Invalid { key: "auth.token_key_file", why }) => assert!(why.contains("one key"), "{why}"),
+            other => panic!("[redis] + [auth] without a token key: {other:?}"),
+        }
+        with(advertise, "token_key_file = \"/run/secrets/token-key.pem\"").unwrap();
+        // Without [redis], one replica may keep its key in memory.
+        Config::parse(&format!("[auth]\nhtpasswd = {htpasswd:?}\n")).unwrap().validate().unwrap();
+
+        // cluster.advertise_env: the variable must be set; the URL must be http(s).
+        let var = "STEVEDORE_TEST_ADVERTISE_CONFIG";
+        let key = "token_key_file = \"/k.pem\"";
+        std::env::remove_var(var);
+        let unset = with(&format!("advertise_env = \"{var}\""), key);
+        assert!(matches!(unset, Err(ConfigError::Invalid { key: "cluster.advertise", .. })), "{unset:?}");
+        std::env::set_var(var, "http://10.1.2.3:5000");
+        with(&format!("advertise_env = \"{var}\""), key).unwrap();
+        let c = Config::parse(&format!("[cluster]\nadvertise_env = \"{var}\"\n")).unwrap();
+        assert_eq!(c.cluster.advertise().unwrap().as_deref(), Some("http://10.1.2.3:5000"));
+        std::env::set_var(var, "10.1.2.3:5000");
+        let bad = with(&format!("advertise_env = \"{var}\""), key);
+        assert!(matches!(bad, Err(ConfigError::Invalid { key: "cluster.advertise", .. })), "{bad:?}");
+        std::env::remove_var(var);
+    }
+
+    #[test]
     fn server_tls_keys() {
         let dir = tempfile::tempdir().unwrap();
         let ca = crate::tls::tests::ca("config CA");

@@ -398,8 +398,11 @@ async fn sweeps_leave_another_replicas_live_session_alone() {
         "\n[uploads]\nsession_ttl = \"2s\"\nsweep_interval = \"200ms\"\n",
     );
     let regs: Vec<Registry> = (0..3).map(|i| f.at(i).registry()).collect();
-    let data = bytes(606, 200_000);
+    // Past one 8 MiB part: the session's multipart upload is created and recorded (a sweep
+    // removing the session would abort it, and the push could not complete).
+    let data = bytes(606, (8 << 20) + 100_000);
     let digest = sha256(&data);
+    let cut = (8 << 20) + 50_000;
     let loc = regs[0].start_upload("team/slow").await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
@@ -407,11 +410,22 @@ async fn sweeps_leave_another_replicas_live_session_alone() {
         let (reg, loc, len) = (regs[0].clone(), loc.clone(), data.len() as u64);
         tokio::spawn(async move { reg.try_patch(&loc, 0, len, Body::wrap_stream(stream)).await })
     };
-    tx.send(Ok(Bytes::copy_from_slice(&data[..50_000]))).await.unwrap();
+    for piece in data[..cut].chunks(1 << 20) {
+        tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+    }
+    let bucket = f.at(0).bucket.as_ref().unwrap();
+    let id = loc.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
+    let recorded = wait_until(Duration::from_secs(20), || {
+        bucket
+            .get(&format!("ingest/{id}/state.json"))
+            .is_some_and(|s| String::from_utf8_lossy(&s).contains("\"upload\":\""))
+    })
+    .await;
+    assert!(recorded, "the session's multipart upload was never recorded");
     // Past the session's TTL (the point of the test), the body still streaming: the other
     // replicas sweep every 200 ms meanwhile.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    tx.send(Ok(Bytes::copy_from_slice(&data[50_000..]))).await.unwrap();
+    tx.send(Ok(Bytes::copy_from_slice(&data[cut..]))).await.unwrap();
     drop(tx);
     let (loc, stored) = patch.await.unwrap().unwrap_or_else(|e| panic!("the slow PATCH: {e}"));
     assert_eq!(stored, data.len() as u64);

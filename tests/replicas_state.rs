@@ -328,17 +328,19 @@ async fn eviction_and_gc_run_on_one_replica_at_a_time() {
     let skipped = |m: &str| metric(m, "stevedore_cluster_lifecycle_skipped_total{pass=\"eviction\"}").unwrap_or(0.0);
     let taken = |m: &str| metric(m, "stevedore_cluster_leases_taken_total{kind=\"lifecycle\"}").unwrap_or(0.0);
 
-    // Passes run (each replica takes the lease for its own).
+    // Passes run: every replica either takes the lease for one or finds another's (a pass on
+    // a busy moto may outlast the interval, so one replica may keep finding it held).
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let mut all = true;
         for i in 0..3 {
-            all &= taken(&metrics_of(&f, i).await) >= 1.0;
+            let m = metrics_of(&f, i).await;
+            all &= taken(&m) + skipped(&m) >= 1.0;
         }
         if all {
             break;
         }
-        assert!(Instant::now() < end, "not every replica ran a lifecycle pass");
+        assert!(Instant::now() < end, "not every replica tried a lifecycle pass");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
@@ -373,14 +375,20 @@ async fn eviction_and_gc_run_on_one_replica_at_a_time() {
         assert_eq!(taken(&metrics_of(&f, i).await), *t0, "replica {i} took the lifecycle lease while it was held");
     }
 
-    // Free again: passes run again.
+    // Free again: passes run again (on one replica or another).
     redis.command(&["DEL", "stevedore:lifecycle"]);
-    for (i, (_, t0)) in before.iter().enumerate() {
-        let end = Instant::now() + Duration::from_secs(10);
-        while taken(&metrics_of(&f, i).await) <= *t0 {
-            assert!(Instant::now() < end, "replica {i} runs no pass once the lease is free");
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    let t0: f64 = before.iter().map(|(_, t)| t).sum();
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut t = 0.0;
+        for i in 0..3 {
+            t += taken(&metrics_of(&f, i).await);
         }
+        if t > t0 {
+            break;
+        }
+        assert!(Instant::now() < end, "no replica runs a pass once the lease is free");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

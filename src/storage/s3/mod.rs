@@ -11,14 +11,18 @@
 //!   memory is bounded whatever the number of writers). The upload id, the parts' ETags, the
 //!   offset and the hash state are in the ingest's state object in the bucket, written before
 //!   the first part: a writer resumes after a restart, and the sweep can always find and abort
-//!   an abandoned multipart upload.
+//!   an abandoned multipart upload. The bytes of the part not sent yet are in the bucket too
+//!   (piece objects, written at each checkpoint), so a session resumes on any process that
+//!   shares the bucket, or on this one with its scratch space lost.
 //! - **Commit** happens only after the digest verified: a fill (digest known up front)
 //!   completes its multipart upload under the blob's final key; an upload (digest learnt at
-//!   the PUT) completes under its staging key `ingest/<id>/data` and is copied server-side
-//!   (`CopyObject`) to the final key. Content that fits in one part is a single `PUT` of the
+//!   the PUT) completes under its staging key `ingest/<id>/data` and is copied server-side to
+//!   the final key: `CopyObject`, or past `max_copy_size` a multipart copy (`UploadPartCopy`
+//!   by ranges, signed here with `object_store`'s `AwsAuthorizer`). Content that fits in one part is a single `PUT` of the
 //!   verified spool under the final key. Same digest, same bytes: completing or copying over
 //!   an existing blob is harmless.
-//! - **Reads** stream ranged `GET`s. Fill followers read the spool ([`writer::S3Tail`]): a
+//! - **Reads** stream ranged `GET`s (or, with `redirect`, the client is sent to a presigned
+//!   GET URL). Fill followers read the spool ([`writer::S3Tail`]): a
 //!   multipart upload is not readable before it completes.
 //! - **Signing:** `object_store` hashes every payload for SigV4 (`x-amz-content-sha256`)
 //!   unless told not to, a second SHA-256 over every byte beside the digest's own. Over TLS
@@ -305,7 +309,7 @@ const COPY_ATTEMPTS: u32 = 4;
 /// part copy is one request that must answer within the read timeout), at least S3's 5 MiB,
 /// and large enough for S3's 10,000 parts.
 fn copy_part_size(max_copy_size: u64, size: u64) -> u64 {
-    max_copy_size.min(256 << 20).max(5 << 20).max(size.div_ceil(10_000))
+    max_copy_size.clamp(5 << 20, 256 << 20).max(size.div_ceil(10_000))
 }
 
 /// A key or bucket name as `x-amz-copy-source` wants it: percent-encoded, `/` kept.
@@ -530,5 +534,35 @@ impl Backend for S3Backend {
                 let _ = tokio::fs::remove_dir_all(e.path()).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_parts_fit_the_limits() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(copy_part_size(5 * MIB, 20 * MIB), 5 * MIB);
+        assert_eq!(copy_part_size(5 << 30, 6 << 30), 256 * MIB);
+        // Never below S3's minimum part, never more than 10,000 parts.
+        assert_eq!(copy_part_size(MIB, 20 * MIB), 5 * MIB);
+        let huge = 5u64 << 40;
+        assert!(huge.div_ceil(copy_part_size(256 * MIB, huge)) <= 10_000);
+    }
+
+    #[test]
+    fn copy_source_keys_are_encoded() {
+        assert_eq!(encode_key("reg/ingest/0190-ab/data"), "reg/ingest/0190-ab/data");
+        assert_eq!(encode_key("a b+c%/d"), "a%20b%2Bc%25/d");
+    }
+
+    #[test]
+    fn part_copy_answers_are_read() {
+        let xml = "<?xml version=\"1.0\"?><CopyPartResult><LastModified>x</LastModified>\
+                   <ETag>&quot;9b2cf535f27731c974343645a3985328&quot;</ETag></CopyPartResult>";
+        assert_eq!(xml_value(xml, "ETag").as_deref(), Some("\"9b2cf535f27731c974343645a3985328\""));
+        assert_eq!(xml_value("<Error><Code>InternalError</Code></Error>", "ETag"), None);
     }
 }

@@ -8,8 +8,16 @@
 //! that offset. It is written when an upload session starts, before the first part of any
 //! ingest (so an abandoned multipart upload can always be found and aborted), and at every
 //! checkpoint. The spool keeps every byte from the start of the part holding the last
-//! checkpoint: a rollback or a resume goes back to it without the bucket (parts sent past it
-//! are sent again under the same numbers, which replaces them).
+//! checkpoint: a rollback or a resume goes back to it (parts sent past it are sent again under
+//! the same numbers, which replaces them).
+//!
+//! The bucket is the session's record, so that any process sharing it can take the next
+//! request: at a checkpoint the bytes of the part not sent yet that are not in the bucket yet
+//! become one piece object (`ingest/<id>/piece/<start>`, listed in the state), and pieces of
+//! parts sent since are deleted after the new state is written. Each save gives the state a
+//! new revision, and the spool's `rev` file names the revision it is in step with: a writer
+//! opened where they differ (another process advanced the session) or where the spool is
+//! missing rebuilds the spool from the pieces, and never sends the local bytes.
 //!
 //! Every job working for the writer (a batch being hashed and spooled, a part being sent)
 //! holds the writer's [`Hold`], so a writer dropped mid-request keeps its session locked
@@ -690,7 +698,7 @@ impl Writer for S3Writer {
         let (mut pieces, obsolete) = if self.state.parts.len() == idx {
             (self.state.pieces.clone(), Vec::new())
         } else {
-            (Vec::new(), std::mem::take(&mut self.state.pieces))
+            (Vec::new(), self.state.pieces.clone())
         };
         let from = self.state.base.offset.max(part_start);
         if self.size > from {
@@ -862,5 +870,51 @@ impl Verified for S3Verified {
 
     async fn abort(mut self: Box<Self>) -> StoreResult<()> {
         self.writer.remove().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oci::Algorithm;
+
+    fn state(offset: u64, pieces: &[(u64, u64)]) -> S3State {
+        let mut base = IngestState::new(IngestKind::Upload { repo: "r".into() }, Algorithm::Sha256);
+        base.offset = offset;
+        S3State {
+            base,
+            upload: None,
+            target: String::new(),
+            parts: Vec::new(),
+            committed: false,
+            pieces: pieces.iter().map(|&(start, len)| Piece { start, len }).collect(),
+            rev: "r1".into(),
+            updated_ms: 1,
+            copy: None,
+        }
+    }
+
+    #[test]
+    fn pieces_must_cover_the_partial_part_exactly() {
+        assert!(state(10, &[(0, 4), (4, 6)]).pieces_cover(0));
+        assert!(state(10, &[]).pieces_cover(10));
+        assert!(!state(10, &[(0, 4)]).pieces_cover(0), "short");
+        assert!(!state(10, &[(0, 4), (5, 5)]).pieces_cover(0), "gap");
+        assert!(!state(10, &[(0, 4), (4, 0), (4, 6)]).pieces_cover(0), "empty piece");
+        assert!(!state(10, &[(2, 8)]).pieces_cover(0), "not from the part's start");
+    }
+
+    #[test]
+    fn states_without_the_new_fields_still_decode() {
+        let s = state(3, &[(0, 3)]);
+        let mut v: serde_json::Value = serde_json::from_slice(&s.encode()).unwrap();
+        for k in ["pieces", "rev", "updated_ms", "copy"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        let old = S3State::decode(&serde_json::to_vec(&v).unwrap()).expect("decodes");
+        assert!(old.pieces.is_empty() && old.rev.is_empty() && old.updated_ms == 0 && old.copy.is_none());
+        let back = S3State::decode(&s.encode()).unwrap();
+        assert_eq!(back.pieces, s.pieces);
+        assert_eq!(back.rev, "r1");
     }
 }

@@ -26,25 +26,29 @@ impl App {
         cfg: Config,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> anyhow::Result<Arc<App>> {
+        let cluster = crate::cluster::Cluster::from_config(&cfg)?;
+        // Replicas sharing the store: what one caches, another may delete.
+        let cache_ttl = cluster.coordinated().then_some(crate::storage::SHARED_CACHE_TTL);
         let store = match cfg.storage.backend {
             BackendKind::Fs => {
                 Store::open(&StoreConfig {
                     root: cfg.storage.root.clone(),
                     fsync: cfg.storage.fsync,
                     descriptor_cache_capacity: cfg.cache.descriptors,
+                    cache_ttl,
                 })
                 .await?
             }
             BackendKind::S3 => {
                 let s3 = S3Backend::open(&cfg.storage.s3, &cfg.storage.root, cfg.storage.fsync).await?;
-                Store::with_backend(Arc::new(s3), cfg.cache.descriptors)
+                Store::with_backend(Arc::new(s3), cfg.cache.descriptors, cache_ttl)
             }
         };
-        let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?;
+        store.listen(cluster.clone());
+        let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?.with_cluster(cluster.clone());
         let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
         let auth = crate::auth::Auth::from_config(&cfg.auth)?;
-        let cluster = crate::cluster::Cluster::from_config(&cfg)?;
         Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth, cluster }))
     }
 

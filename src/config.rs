@@ -78,6 +78,10 @@ pub struct ClusterConfig {
     pub secret_env: Option<String>,
     /// The URL the other replicas reach this one at (`http://10.0.0.5:5000`).
     pub advertise: Option<String>,
+    /// The name of an environment variable holding `advertise` (a pod's IP from the
+    /// Kubernetes downward API: `STEVEDORE_ADVERTISE=http://$(POD_IP):5000`). `advertise`,
+    /// when also set, wins.
+    pub advertise_env: Option<String>,
     /// How long a lease (a fill, a revalidation, an upload session, eviction) outlives its
     /// holder's last renewal: a dead replica's work is taken over after about this long.
     #[serde(with = "humantime_serde")]
@@ -97,6 +101,7 @@ impl Default for ClusterConfig {
             secret_file: None,
             secret_env: None,
             advertise: None,
+            advertise_env: None,
             lease_ttl: Duration::from_secs(10),
             heartbeat_interval: Duration::from_secs(5),
             allow_without_redis: false,
@@ -109,6 +114,18 @@ impl ClusterConfig {
         read_secret("secret", &self.secret, &self.secret_file, &self.secret_env)
     }
 
+    /// `advertise`, or the value of the variable `advertise_env` names (set and not empty).
+    pub fn advertise(&self) -> Result<Option<String>, String> {
+        if let Some(a) = &self.advertise {
+            return Ok(Some(a.clone()));
+        }
+        let Some(var) = &self.advertise_env else { return Ok(None) };
+        match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+            _ => Err(format!("advertise_env names {var}, which is not set")),
+        }
+    }
+
     fn validate(&self, redis: &RedisConfig) -> Result<(), ConfigError> {
         let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
         if self.lease_ttl < Duration::from_millis(500) {
@@ -117,7 +134,8 @@ impl ClusterConfig {
         if self.heartbeat_interval.is_zero() {
             return invalid("cluster.heartbeat_interval", "must be longer than 0s".into());
         }
-        if let Some(a) = &self.advertise {
+        let advertise = self.advertise().map_err(|why| ConfigError::Invalid { key: "cluster.advertise", why })?;
+        if let Some(a) = &advertise {
             match reqwest::Url::parse(a) {
                 Ok(u) if (u.scheme() == "http" || u.scheme() == "https") && u.host().is_some() => {}
                 _ => return invalid("cluster.advertise", format!("{a:?} is not an http(s) URL")),
@@ -136,7 +154,7 @@ impl ClusterConfig {
                 Ok(None) => {}
                 Err(why) => return invalid("redis.url", why),
             }
-            if self.advertise.is_none() {
+            if advertise.is_none() {
                 return invalid(
                     "cluster.advertise",
                     "must be set with [redis]: the URL the other replicas reach this one at".into(),
@@ -1094,7 +1112,17 @@ impl Config {
                 &format!("{} is not a configured upstream", self.proxy.default_upstream),
             );
         }
-        self.auth.validate()
+        self.auth.validate()?;
+        if self.redis.enabled() && self.auth.enabled() && self.auth.token_key_file.is_none() {
+            // A key generated in memory is this replica's alone: a token it issued would be
+            // refused by every other replica behind the same load balancer.
+            return invalid(
+                "auth.token_key_file",
+                "must be set with [redis] and [auth]: every replica signs and checks tokens with one key, a file \
+                 they all read (a Kubernetes Secret, a shared volume)",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -1346,6 +1374,40 @@ mod tests {
         let c = Config::parse("[proxy]\nlocal_namespaces = [\"team/*\", \"ci/*\"]").unwrap();
         c.validate().unwrap();
         assert_eq!(c.proxy.local_namespaces, ["team/*", "ci/*"]);
+    }
+
+    #[test]
+    fn replicas_with_auth_share_one_token_key_and_may_advertise_from_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let htpasswd = dir.path().join("htpasswd");
+        std::fs::write(&htpasswd, "").unwrap();
+        let fleet = "[redis]\nurl = \"redis://127.0.0.1:6379/\"\n[cluster]\nsecret = \"0123456789abcdef\"\n";
+        let with = |cluster: &str, auth: &str| {
+            Config::parse(&format!("{fleet}{cluster}\n[auth]\nhtpasswd = {htpasswd:?}\n{auth}\n")).unwrap().validate()
+        };
+        let advertise = "advertise = \"http://10.0.0.5:5000\"";
+        match with(advertise, "") {
+            Err(ConfigError::Invalid { key: "auth.token_key_file", why }) => assert!(why.contains("one key"), "{why}"),
+            other => panic!("[redis] + [auth] without a token key: {other:?}"),
+        }
+        with(advertise, "token_key_file = \"/run/secrets/token-key.pem\"").unwrap();
+        // Without [redis], one replica may keep its key in memory.
+        Config::parse(&format!("[auth]\nhtpasswd = {htpasswd:?}\n")).unwrap().validate().unwrap();
+
+        // cluster.advertise_env: the variable must be set; the URL must be http(s).
+        let var = "STEVEDORE_TEST_ADVERTISE_CONFIG";
+        let key = "token_key_file = \"/k.pem\"";
+        std::env::remove_var(var);
+        let unset = with(&format!("advertise_env = \"{var}\""), key);
+        assert!(matches!(unset, Err(ConfigError::Invalid { key: "cluster.advertise", .. })), "{unset:?}");
+        std::env::set_var(var, "http://10.1.2.3:5000");
+        with(&format!("advertise_env = \"{var}\""), key).unwrap();
+        let c = Config::parse(&format!("[cluster]\nadvertise_env = \"{var}\"\n")).unwrap();
+        assert_eq!(c.cluster.advertise().unwrap().as_deref(), Some("http://10.1.2.3:5000"));
+        std::env::set_var(var, "10.1.2.3:5000");
+        let bad = with(&format!("advertise_env = \"{var}\""), key);
+        assert!(matches!(bad, Err(ConfigError::Invalid { key: "cluster.advertise", .. })), "{bad:?}");
+        std::env::remove_var(var);
     }
 
     #[test]

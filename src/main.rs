@@ -318,6 +318,14 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
         let app = App::new(cfg, None).await.context("opening the store")?;
         let lc = stevedore::lifecycle::Lifecycle::new(app.store.clone(), &app.cfg.cache);
         let r = lc.gc(args.dry_run).await.context("garbage collection")?;
+        if let Some(h) = &r.skipped {
+            anyhow::bail!(
+                "garbage collection not run: replica {} ({}) is running eviction or garbage collection on this store; \
+                 try again when it is done",
+                h.replica,
+                h.advertise
+            );
+        }
         for line in &r.removed {
             println!("{} {line}", if r.dry_run { "would remove" } else { "removed" });
         }

@@ -131,14 +131,52 @@ pub fn cluster_redis_error() {
     counter!("stevedore_cluster_redis_errors_total").increment(1);
 }
 
-/// A lease taken (`true`) or given up (`false`): the gauge is the leases this replica holds.
-pub fn cluster_lease(taken: bool) {
+/// A lease of `kind` (`fill`, `manifest`, `tag`, `token`, `upload`, `lifecycle`) taken
+/// (`true`) or given up (`false`): the gauge is the leases this replica holds, by kind.
+pub fn cluster_lease(kind: String, taken: bool) {
     if taken {
-        counter!("stevedore_cluster_leases_taken_total").increment(1);
-        gauge!("stevedore_cluster_leases_held").increment(1.0);
+        counter!("stevedore_cluster_leases_taken_total", "kind" => kind.clone()).increment(1);
+        gauge!("stevedore_cluster_leases_held", "kind" => kind).increment(1.0);
     } else {
-        gauge!("stevedore_cluster_leases_held").decrement(1.0);
+        gauge!("stevedore_cluster_leases_held", "kind" => kind).decrement(1.0);
     }
+}
+
+/// This replica waited for another's lease of `kind`; `outcome`: `served` (the holder's
+/// result was in the store after the wait) or `own` (it was not: the work was done here).
+pub fn cluster_wait(kind: &str, outcome: &'static str) {
+    counter!("stevedore_cluster_lease_waits_total", "kind" => kind.to_string(), "outcome" => outcome).increment(1);
+}
+
+/// Requests of this replica waiting for another replica's lease of `kind`, now: the gauge
+/// goes up when the wait starts and down when the returned guard drops.
+pub fn cluster_waiting(kind: &str) -> WaitingGuard {
+    gauge!("stevedore_cluster_lease_waiting", "kind" => kind.to_string()).increment(1.0);
+    WaitingGuard(kind.to_string())
+}
+
+pub struct WaitingGuard(String);
+
+impl Drop for WaitingGuard {
+    fn drop(&mut self) {
+        gauge!("stevedore_cluster_lease_waiting", "kind" => std::mem::take(&mut self.0)).decrement(1.0);
+    }
+}
+
+/// A cache invalidation `event` sent to (`published`) or heard from (`received`) the other
+/// replicas.
+pub fn cluster_event(direction: &'static str, event: &'static str) {
+    counter!("stevedore_cluster_events_total", "direction" => direction, "event" => event).increment(1);
+}
+
+/// An upstream token taken from the fleet's shared cache instead of the upstream's realm.
+pub fn cluster_token_shared(upstream: &str) {
+    counter!("stevedore_cluster_tokens_shared_total", "upstream" => upstream.to_string()).increment(1);
+}
+
+/// A lifecycle pass (`eviction`, `gc`) skipped because another replica was running one.
+pub fn cluster_lifecycle_skipped(pass: &'static str) {
+    counter!("stevedore_cluster_lifecycle_skipped_total", "pass" => pass).increment(1);
 }
 
 /// Replicas alive on this store, as of the last heartbeat (this one included).

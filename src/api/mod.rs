@@ -214,6 +214,9 @@ impl From<crate::storage::StoreError> for ApiError {
             SizeMismatch { expected, actual } => {
                 Code::SizeInvalid.with_detail(format!("content size is {actual}, expected {expected}"))
             }
+            SessionBusy => ApiError::new(Code::TooManyRequests)
+                .detail("the upload session is being written by another request; retry when it is done")
+                .header(axum::http::header::RETRY_AFTER, 5),
             e if e.is_full() => store_full(&e),
             Io(e) => ApiError::internal(e),
         }

@@ -21,6 +21,7 @@
 //! - **Peers**: requests between replicas carry `Authorization: Bearer <cluster.secret>`
 //!   ([`Cluster::peer_authorized`], [`Cluster::peer_client`]).
 
+pub mod once;
 pub mod replicas;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -68,6 +69,8 @@ pub enum Event {
     TagChanged { repo: String, tag: String },
     /// A manifest revision was removed.
     ManifestGone { repo: String, digest: String },
+    /// A repository was created (the catalog lists it).
+    RepoCreated { repo: String },
     /// Events may have been missed (Redis reconnected): drop everything cached.
     Resync,
 }
@@ -105,6 +108,20 @@ const RENEW: &str =
 const RELEASE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
+impl Event {
+    /// Its name in metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::BlobGone { .. } => "blob_gone",
+            Event::LinkGone { .. } => "link_gone",
+            Event::TagChanged { .. } => "tag_changed",
+            Event::ManifestGone { .. } => "manifest_gone",
+            Event::RepoCreated { .. } => "repo_created",
+            Event::Resync => "resync",
+        }
+    }
+}
+
 impl Cluster {
     /// From `[redis]` and `[cluster]`. Does not wait for Redis: a replica starts while Redis is
     /// down, on its own until Redis answers.
@@ -140,7 +157,11 @@ impl Cluster {
         let (events, _) = broadcast::channel(1024);
         let cluster = Arc::new(Cluster {
             id: uuid::Uuid::now_v7().to_string(),
-            advertise: cfg.cluster.advertise.as_ref().map(|a| a.trim_end_matches('/').to_string()),
+            advertise: cfg
+                .cluster
+                .advertise()
+                .map_err(anyhow::Error::msg)?
+                .map(|a| a.trim_end_matches('/').to_string()),
             secret,
             lease_ttl: cfg.cluster.lease_ttl,
             redis,
@@ -290,6 +311,17 @@ impl Cluster {
         });
     }
 
+    /// Tells the other replicas and waits until Redis took the event (bounded by
+    /// `redis.timeout`): a change whose caches must be dropped everywhere before its request
+    /// is answered (a delete).
+    pub async fn publish_now(&self, event: Event) {
+        let Some(r) = self.redis.as_ref() else { return };
+        let mut conn = r.conn.clone();
+        let channel = Cluster::key(r, "events");
+        let msg = serde_json::to_string(&Envelope { from: self.id.clone(), event }).expect("event serialises");
+        let _: Option<()> = self.call("publish", conn.publish(channel, msg)).await;
+    }
+
     /// The other replicas' events (and [`Event::Resync`] after a reconnection).
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -353,6 +385,12 @@ impl Cluster {
     }
 }
 
+/// A lease key's kind for metrics (`fill`, `manifest`, …): the name without the prefix.
+fn lease_kind(c: &Cluster, key: &str) -> String {
+    let name = c.redis.as_ref().and_then(|r| key.strip_prefix(r.prefix.as_str())).unwrap_or(key);
+    once::kind_of(name).to_string()
+}
+
 fn parse_holder(v: &str) -> Option<Holder> {
     let mut it = v.split(' ');
     let replica = it.next()?.to_string();
@@ -380,7 +418,7 @@ pub struct Lease {
 
 impl Lease {
     fn start(cluster: Arc<Cluster>, key: String, value: String) -> Lease {
-        crate::metrics::cluster_lease(true);
+        crate::metrics::cluster_lease(lease_kind(&cluster, &key), true);
         let (tx, lost) = watch::channel(false);
         let (c, k, v) = (cluster.clone(), key.clone(), value.clone());
         let renewer = tokio::spawn(async move {
@@ -433,7 +471,7 @@ async fn release(c: &Cluster, key: &str, value: &str) {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        crate::metrics::cluster_lease(false);
+        crate::metrics::cluster_lease(lease_kind(&self.cluster, &self.key), false);
         self.renewer.abort();
         if !self.released {
             let (c, k, v) = (self.cluster.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.value));

@@ -29,6 +29,8 @@ pub struct GcReport {
     pub bytes: u64,
     /// What was (or, in a dry run, would be) removed: `repo@digest` links, then digests.
     pub removed: Vec<String>,
+    /// Not run: this replica (or process) of a fleet found another running a pass.
+    pub skipped: Option<crate::cluster::Holder>,
 }
 
 /// Manifests of `repo` and everything they need.

@@ -25,9 +25,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::cluster::{Claim, Holder, Lease};
 use crate::config::CacheConfig;
 use crate::oci::Digest;
 use crate::storage::{Repo, Store, StoreResult};
+
+/// The lease of a lifecycle pass across the replicas sharing a store.
+pub const LIFECYCLE_LEASE: &str = "lifecycle";
 
 /// How a piece of content came to be in the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -131,10 +135,28 @@ impl Lifecycle {
         Ok(self.scan().await?.usage)
     }
 
+    /// The fleet's lease for one pass (eviction or GC), so that one replica at a time runs
+    /// one: `Err(holder)` when another replica (or `stevedore gc`) is running one; `Ok(None)`
+    /// without coordination (each replica on its own, as a lone one).
+    async fn fleet_pass(&self, pass: &'static str) -> Result<Option<Lease>, Holder> {
+        let Some(c) = self.store.fleet() else { return Ok(None) };
+        match c.claim(LIFECYCLE_LEASE).await {
+            Claim::Mine(l) => Ok(Some(l)),
+            Claim::Alone => Ok(None),
+            Claim::Held(h) => {
+                crate::metrics::cluster_lifecycle_skipped(pass);
+                tracing::debug!(holder = %h.replica, pass, "another replica runs the cache lifecycle; skipping this pass");
+                Err(h)
+            }
+        }
+    }
+
     /// Measures usage and applies the cap and the age limit; `pressure`: space is needed
-    /// now (a write hit a full store), so something is evicted even under the cap.
+    /// now (a write hit a full store), so something is evicted even under the cap. Skipped
+    /// (nothing evicted) while another replica runs a pass.
     pub async fn check(&self, pressure: bool) -> StoreResult<Evicted> {
         let _g = self.lock.lock().await;
+        let Ok(_pass) = self.fleet_pass("eviction").await else { return Ok(Evicted::default()) };
         let scan = self.scan().await?;
         let proxied = scan.usage.proxied;
         let cap = match self.marks() {
@@ -367,9 +389,18 @@ impl Lifecycle {
         Ok(out)
     }
 
-    /// Garbage collection of pushed repositories (see [`gc`]).
+    /// Garbage collection of pushed repositories (see [`gc`]). Skipped while another
+    /// replica runs a pass ([`gc::GcReport::skipped`]); a dry run changes nothing and runs
+    /// regardless.
     pub async fn gc(&self, dry_run: bool) -> StoreResult<gc::GcReport> {
         let _g = self.lock.lock().await;
+        let _pass = match dry_run {
+            true => None,
+            false => match self.fleet_pass("gc").await {
+                Ok(l) => l,
+                Err(h) => return Ok(gc::GcReport { skipped: Some(h), ..gc::GcReport::default() }),
+            },
+        };
         let r = gc::collect(&self.store, self.cfg.gc_grace, dry_run).await;
         crate::metrics::gc_run(r.is_ok(), r.as_ref().map(|r| r.bytes).unwrap_or(0));
         r

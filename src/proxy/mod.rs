@@ -23,6 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use moka::future::Cache;
 
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::oci::manifest;
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
@@ -111,6 +112,8 @@ pub struct Proxy {
     blob_heads: Cache<(Repo, Digest), Option<u64>>,
     /// `proxy.offline`: serve strictly from the store; no upstream is ever contacted.
     offline: bool,
+    /// The fleet: manifests by digest and tag revalidations are fetched by one replica.
+    cluster: Arc<Cluster>,
 }
 
 impl Proxy {
@@ -137,7 +140,18 @@ impl Proxy {
             manifest_flights: Flights::new(|| Err(Arc::new(ProxyError::Panicked))),
             blob_heads: Cache::builder().max_capacity(100_000).time_to_live(cfg.proxy.head_cache_ttl).build(),
             offline: cfg.proxy.offline,
+            cluster: Cluster::alone(),
         })
+    }
+
+    /// Coordinates with the other replicas of `cluster` (manifest fetches, tag
+    /// revalidations, the upstreams' tokens).
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Proxy {
+        for up in self.by_host.values() {
+            up.set_cluster(cluster.clone());
+        }
+        self.cluster = cluster;
+        self
     }
 
     /// Whether the registry is offline (`proxy.offline`, `serve --offline`).
@@ -295,16 +309,30 @@ impl Proxy {
                     return Err(Arc::new(UpstreamError::Offline.into()));
                 }
                 let key = (p.cache.clone(), d.to_string());
-                let (store, p2, d2) = (store.clone(), p.clone(), d.clone());
+                let (store, p2, d2, cluster) = (store.clone(), p.clone(), d.clone(), self.cluster.clone());
                 resolved(
-                    self.manifest_flights
-                        .run(key, async move {
+                self.manifest_flights
+                    .run(key, async move {
+                        // One upstream GET per digest across the fleet: the replica holding the
+                        // lease fetches; the others find the manifest in the store after it.
+                        let lease = format!("manifest:{}@{d2}", p2.cache);
+                        let check = || async {
+                            let found = store.manifest_info(&p2.cache, &d2).await?.is_some();
+                            Ok::<_, ProxyError>(found.then(|| (d2.clone(), Outcome::Joined)))
+                        };
+                        // Under the lease, the store first: another replica may have just
+                        // released it, its work done.
+                        let work = || async {
+                            if let Some(done) = check().await? {
+                                return Ok(done);
+                            }
                             fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2))
                                 .await
                                 .map(|d| (d, Outcome::Miss))
-                                .map_err(Arc::new)
-                        })
-                        .await,
+                        };
+                        cluster.once(&lease, check, work).await.map_err(Arc::new)
+                    })
+                    .await,
                 )
             }
             Reference::Tag(t) => {
@@ -322,11 +350,31 @@ impl Proxy {
                     return Err(Arc::new(UpstreamError::Offline.into()));
                 }
                 let key = (p.cache.clone(), format!("tag:{t}"));
-                let (store2, p2, t2, known) =
-                    (store.clone(), p.clone(), t.clone(), cached.as_ref().map(|c| c.0.clone()));
+                let (store2, p2, t2, cluster) = (store.clone(), p.clone(), t.clone(), self.cluster.clone());
                 let res = self
                     .manifest_flights
-                    .run(key, async move { revalidate(&store2, &p2, &t2, known).await.map_err(Arc::new) })
+                    .run(key, async move {
+                        // One upstream HEAD per tag per `tag_ttl` across the fleet: the replica
+                        // holding the lease revalidates (and refreshes the tag's age); the others
+                        // find the tag fresh in the store after it.
+                        let lease = format!("tag:{}:{t2}", p2.cache);
+                        let check = || async {
+                            let Some((d, age)) = store2.tag_with_age(&p2.cache, &t2).await? else { return Ok(None) };
+                            let fresh = age < p2.upstream.tag_ttl || p2.upstream.is_immutable(&t2);
+                            let there = fresh && store2.manifest_info(&p2.cache, &d).await?.is_some();
+                            Ok::<_, ProxyError>(there.then_some((d, Outcome::Joined)))
+                        };
+                        // Under the lease, the store first: another replica may have just
+                        // revalidated (or changed) the tag since this request looked.
+                        let work = || async {
+                            if let Some(done) = check().await? {
+                                return Ok(done);
+                            }
+                            let known = store2.tag_with_age(&p2.cache, &t2).await?.map(|(d, _)| d);
+                            revalidate(&store2, &p2, &t2, known).await
+                        };
+                        cluster.once(&lease, check, work).await.map_err(Arc::new)
+                    })
                     .await;
                 resolved(match (res, cached) {
                     (Err(e), Some((d, _))) if e.is_outage() => {

@@ -234,9 +234,16 @@ impl Store {
     /// Removes committed content and every record of it (eviction, GC, fsck).
     pub async fn delete_content(&self, d: &Digest) -> StoreResult<bool> {
         let removed = self.backend.delete(d).await?;
-        self.sizes.invalidate(d);
+        {
+            let _g = self.link_lock.lock().unwrap();
+            self.deletions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            self.sizes.invalidate(d);
+        }
         for key in [layout::access(d), layout::refs(d), layout::imported(d)] {
             let _ = self.backend.remove(&key).await;
+        }
+        if removed {
+            self.tell(crate::cluster::Event::BlobGone { digest: d.to_string() }).await;
         }
         Ok(removed)
     }

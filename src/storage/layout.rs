@@ -165,6 +165,20 @@ fn in_repo(r: &Repo, parts: &[&str]) -> Key {
     Key::of(&all)
 }
 
+/// The repository whose key [`repo`] drew (`repos/team/app`, `cache/docker.io/library/x`):
+/// how replicas name a repository to each other.
+pub fn repo_of(key: &str) -> Option<Repo> {
+    if let Some(name) = key.strip_prefix(LOCAL_REPOS).and_then(|k| k.strip_prefix('/')) {
+        return name.parse().ok().map(Repo::Local);
+    }
+    let rest = key.strip_prefix(CACHE_REPOS)?.strip_prefix('/')?;
+    let (host, name) = rest.split_once('/')?;
+    if host.is_empty() || host == "." || host == ".." {
+        return None;
+    }
+    Some(Repo::cache(host, name.parse().ok()?))
+}
+
 pub fn layer_link(r: &Repo, d: &Digest) -> Key {
     in_repo(r, &["_layers", d.algorithm().as_str(), d.hex()])
 }
@@ -197,6 +211,18 @@ pub fn child(base: &Key, name: &str) -> Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn repositories_round_trip_through_their_keys() {
+        for r in
+            [Repo::Local("team/app".parse().unwrap()), Repo::cache("127.0.0.1:5301", "library/nginx".parse().unwrap())]
+        {
+            assert_eq!(repo_of(repo(&r).as_str()), Some(r.clone()));
+        }
+        for bad in ["repos/", "repos/_x", "cache/host", "cache//x", "cache/../x", "blobs/sha256", "reposx/a"] {
+            assert_eq!(repo_of(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn keys() {

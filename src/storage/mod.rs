@@ -21,7 +21,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use moka::sync::Cache;
@@ -32,6 +33,7 @@ pub use repo::{ManifestPut, StoredManifest};
 pub use s3::S3Backend;
 pub use uploads::{Upload, UploadId, UploadWriter};
 
+use crate::cluster::{Cluster, Event};
 use crate::oci::{Algorithm, Digest, RepoName};
 use backend::{IngestId, WriterOptions};
 
@@ -45,6 +47,9 @@ pub enum StoreError {
     DigestMismatch { expected: Digest, actual: Digest },
     #[error("content size {actual} does not match {expected}")]
     SizeMismatch { expected: u64, actual: u64 },
+    /// Another replica kept writing the session for longer than a request waits for it.
+    #[error("upload session is being written by another request")]
+    SessionBusy,
     #[error("storage i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -72,7 +77,13 @@ pub struct StoreConfig {
     pub fsync: bool,
     /// Entries in the descriptor cache.
     pub descriptor_cache_capacity: u64,
+    /// How long a cached size or link is trusted; `None`: until it is invalidated. Replicas
+    /// sharing a store use [`SHARED_CACHE_TTL`], so an invalidation that was missed heals.
+    pub cache_ttl: Option<Duration>,
 }
+
+/// The lifetime of cached sizes, links and the catalog when replicas share the store.
+pub const SHARED_CACHE_TTL: Duration = Duration::from_secs(30);
 
 /// A repository as the store keeps it: a local repository clients push to, or an upstream's
 /// repository as cached. The two live in separate trees, so no client-writable name can ever
@@ -121,29 +132,43 @@ pub struct Store {
     /// happened meanwhile (under `link_lock`), so a deleted link is never cached back.
     unlinks: AtomicU64,
     link_lock: Mutex<()>,
+    /// The same for sizes: bumped by every deletion of content (here or on another replica).
+    deletions: AtomicU64,
     sessions: Locks,
     catalog: Catalog,
     /// Access batch, content in use, space pressure (`index.rs`).
     records: Arc<index::Records>,
+    /// The replicas sharing this store: deletions are told to them, theirs invalidate the
+    /// caches here ([`Store::listen`]); set once.
+    fleet: OnceLock<Arc<Cluster>>,
 }
 
 impl Store {
     /// The filesystem store (the default, embedded backend).
     pub async fn open(cfg: &StoreConfig) -> std::io::Result<Arc<Store>> {
         let backend = fs::FsBackend::open(&cfg.root, cfg.fsync).await?;
-        Ok(Store::with_backend(Arc::new(backend), cfg.descriptor_cache_capacity))
+        Ok(Store::with_backend(Arc::new(backend), cfg.descriptor_cache_capacity, cfg.cache_ttl))
     }
 
-    pub fn with_backend(backend: Arc<dyn Backend>, cache_capacity: u64) -> Arc<Store> {
+    /// `cache_ttl`: see [`StoreConfig::cache_ttl`].
+    pub fn with_backend(backend: Arc<dyn Backend>, cache_capacity: u64, cache_ttl: Option<Duration>) -> Arc<Store> {
+        let sizes = Cache::builder().max_capacity(cache_capacity);
+        let links = Cache::builder().max_capacity(cache_capacity);
+        let (sizes, links) = match cache_ttl {
+            Some(ttl) => (sizes.time_to_live(ttl).build(), links.time_to_live(ttl).build()),
+            None => (sizes.build(), links.build()),
+        };
         Arc::new(Store {
             backend,
-            sizes: Cache::builder().max_capacity(cache_capacity).build(),
-            links: Cache::builder().max_capacity(cache_capacity).build(),
+            sizes,
+            links,
             unlinks: AtomicU64::new(0),
             link_lock: Mutex::new(()),
+            deletions: AtomicU64::new(0),
             sessions: Locks::default(),
-            catalog: Catalog::default(),
+            catalog: Catalog { ttl: cache_ttl, ..Catalog::default() },
             records: Arc::default(),
+            fleet: OnceLock::new(),
         })
     }
 
@@ -152,11 +177,92 @@ impl Store {
         if let Some(size) = self.sizes.get(d) {
             return Ok(Some(size));
         }
+        let epoch = self.deletions.load(Ordering::Acquire);
         let size = self.backend.stat(d).await?;
         if let Some(s) = size {
-            self.sizes.insert(d.clone(), s);
+            let _g = self.link_lock.lock().unwrap();
+            if self.deletions.load(Ordering::Acquire) == epoch {
+                self.sizes.insert(d.clone(), s);
+            }
         }
         Ok(size)
+    }
+
+    /// Shares this store with the other replicas of `cluster`: deletions here are told to
+    /// them, and their events (heard until the runtime stops) invalidate the caches here.
+    pub fn listen(self: &Arc<Store>, cluster: Arc<Cluster>) {
+        if !cluster.coordinated() || self.fleet.set(cluster.clone()).is_err() {
+            return;
+        }
+        let mut events = cluster.events();
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let e = match events.recv().await {
+                    Ok(e) => e,
+                    // Too many at once: some were lost.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Event::Resync,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                };
+                let Some(store) = store.upgrade() else { return };
+                crate::metrics::cluster_event("received", e.name());
+                store.apply(&e);
+            }
+        });
+    }
+
+    /// The replicas sharing this store, when they coordinate ([`Store::listen`]).
+    pub fn fleet(&self) -> Option<&Arc<Cluster>> {
+        self.fleet.get()
+    }
+
+    /// Drops what another replica's change made stale.
+    pub fn apply(&self, e: &Event) {
+        match e {
+            Event::BlobGone { digest } => {
+                if let Ok(d) = digest.parse::<Digest>() {
+                    let _g = self.link_lock.lock().unwrap();
+                    self.deletions.fetch_add(1, Ordering::AcqRel);
+                    self.sizes.invalidate(&d);
+                }
+            }
+            Event::LinkGone { repo, digest } => {
+                if let (Some(repo), Ok(d)) = (layout::repo_of(repo), digest.parse::<Digest>()) {
+                    let _g = self.link_lock.lock().unwrap();
+                    self.unlinks.fetch_add(1, Ordering::AcqRel);
+                    self.links.invalidate(&(repo, d));
+                }
+            }
+            Event::RepoCreated { repo } => {
+                if let Some(repo) = layout::repo_of(repo) {
+                    self.catalog.add(&repo);
+                }
+            }
+            // Manifest revisions and tags are read from the backend at every request: nothing
+            // here caches them.
+            Event::ManifestGone { .. } | Event::TagChanged { .. } => {}
+            Event::Resync => {
+                let _g = self.link_lock.lock().unwrap();
+                self.unlinks.fetch_add(1, Ordering::AcqRel);
+                self.deletions.fetch_add(1, Ordering::AcqRel);
+                self.sizes.invalidate_all();
+                self.links.invalidate_all();
+                self.catalog.expire();
+            }
+        }
+    }
+
+    /// Tells the other replicas about a change here, before the change's request is answered.
+    async fn tell(&self, e: Event) {
+        if let Some(c) = self.fleet.get() {
+            crate::metrics::cluster_event("published", e.name());
+            c.publish_now(e).await;
+        }
+    }
+
+    /// The name replicas use for `repo` among themselves.
+    fn repo_key(repo: &Repo) -> String {
+        layout::repo(repo).as_str().to_string()
     }
 
     /// `len` bytes of committed content from `start`, streamed; `None` when it is gone.
@@ -217,12 +323,19 @@ impl Store {
         let _no_removal = self.records.removing.read().await;
         self.touch(d);
         let key = layout::layer_link(repo, d);
-        if !self.backend.exists(&key).await? {
+        let created = if !self.backend.exists(&key).await? {
             self.backend.put(&key, b"").await?;
-            self.catalog.add(repo);
+            self.catalog.add(repo)
+        } else {
+            false
+        };
+        {
+            let _g = self.link_lock.lock().unwrap();
+            self.links.insert((repo.clone(), d.clone()), ());
         }
-        let _g = self.link_lock.lock().unwrap();
-        self.links.insert((repo.clone(), d.clone()), ());
+        if created {
+            self.tell(Event::RepoCreated { repo: Store::repo_key(repo) }).await;
+        }
         Ok(())
     }
 
@@ -233,6 +346,9 @@ impl Store {
             let _g = self.link_lock.lock().unwrap();
             self.unlinks.fetch_add(1, Ordering::AcqRel);
             self.links.invalidate(&(repo.clone(), d.clone()));
+        }
+        if matches!(removed, Ok(true)) {
+            self.tell(Event::LinkGone { repo: Store::repo_key(repo), digest: d.to_string() }).await;
         }
         removed
     }
@@ -341,16 +457,27 @@ impl Locks {
 }
 
 /// The catalog's index: every repository name, kept in memory. Built by one walk of the
-/// backend on first use; every repository created since is added as it is created.
+/// backend on first use; every repository created since is added as it is created (here, or
+/// on another replica: [`Event::RepoCreated`]). With replicas, walked again once `ttl` old
+/// (an event may have been missed).
 #[derive(Default)]
 struct Catalog {
     names: Mutex<BTreeSet<String>>,
-    walked: tokio::sync::OnceCell<()>,
+    /// When the backend was last walked (`None`: not yet, or expired).
+    walked: tokio::sync::Mutex<Option<Instant>>,
+    /// Set by [`Catalog::expire`]: walk again at the next listing.
+    stale: std::sync::atomic::AtomicBool,
+    ttl: Option<Duration>,
 }
 
 impl Catalog {
-    fn add(&self, repo: &Repo) {
-        self.names.lock().unwrap().insert(repo.to_string());
+    /// Adds a name; whether it is new here.
+    fn add(&self, repo: &Repo) -> bool {
+        self.names.lock().unwrap().insert(repo.to_string())
+    }
+
+    fn expire(&self) {
+        self.stale.store(true, Ordering::Release);
     }
 }
 
@@ -375,9 +502,14 @@ mod tests {
     #[tokio::test]
     async fn an_unlinked_blob_is_never_cached_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreConfig { root: dir.path().into(), fsync: false, descriptor_cache_capacity: 100 })
-            .await
-            .unwrap();
+        let store = Store::open(&StoreConfig {
+            root: dir.path().into(),
+            fsync: false,
+            descriptor_cache_capacity: 100,
+            cache_ttl: None,
+        })
+        .await
+        .unwrap();
         let repo = Repo::Local("a/b".parse().unwrap());
         let d = store.put_bytes(Algorithm::Sha256, b"content").await.unwrap();
         for _ in 0..200 {

@@ -8,6 +8,7 @@ use serde_json::Value;
 
 use super::layout::{self, Key};
 use super::{Repo, Store, StoreResult};
+use crate::cluster::Event;
 use crate::oci::{Digest, Tag};
 
 /// A manifest stored in a repository.
@@ -50,8 +51,11 @@ impl Store {
         self.backend.put(&layout::revision(repo, m.digest), m.media_type.as_bytes()).await?;
         for tag in m.tags {
             self.backend.put(&layout::tag(repo, tag), m.digest.to_string().as_bytes()).await?;
+            self.tell(Event::TagChanged { repo: Store::repo_key(repo), tag: tag.to_string() }).await;
         }
-        self.catalog.add(repo);
+        if self.catalog.add(repo) {
+            self.tell(Event::RepoCreated { repo: Store::repo_key(repo) }).await;
+        }
         Ok(())
     }
 
@@ -111,11 +115,16 @@ impl Store {
         if let Some(s) = subject {
             self.backend.remove(&layout::referrer(repo, s, d)).await?;
         }
+        self.tell(Event::ManifestGone { repo: Store::repo_key(repo), digest: d.to_string() }).await;
         Ok(true)
     }
 
     pub async fn delete_tag(&self, repo: &Repo, tag: &Tag) -> StoreResult<bool> {
-        self.backend.remove(&layout::tag(repo, tag)).await
+        let removed = self.backend.remove(&layout::tag(repo, tag)).await?;
+        if removed {
+            self.tell(Event::TagChanged { repo: Store::repo_key(repo), tag: tag.to_string() }).await;
+        }
+        Ok(removed)
     }
 
     /// The repository's tags, sorted; `None` if the repository does not exist.
@@ -146,14 +155,16 @@ impl Store {
     /// Up to `n` repository names after `last`, sorted, from the in-memory index (built by
     /// one walk on first use), and whether more follow.
     pub async fn catalog(&self, last: Option<&str>, n: usize) -> StoreResult<(Vec<String>, bool)> {
-        self.catalog
-            .walked
-            .get_or_try_init(|| async {
+        {
+            let mut walked = self.catalog.walked.lock().await;
+            let expired = self.catalog.stale.swap(false, std::sync::atomic::Ordering::AcqRel)
+                || (*walked).zip(self.catalog.ttl).is_some_and(|(at, ttl)| at.elapsed() >= ttl);
+            if walked.is_none() || expired {
                 let found = self.walk_repos().await?;
                 self.catalog.names.lock().unwrap().extend(found);
-                Ok::<_, super::StoreError>(())
-            })
-            .await?;
+                *walked = Some(std::time::Instant::now());
+            }
+        }
         let names = self.catalog.names.lock().unwrap();
         let mut it: Box<dyn Iterator<Item = &String>> = match last {
             Some(l) => Box::new(names.range::<str, _>((std::ops::Bound::Excluded(l), std::ops::Bound::Unbounded))),

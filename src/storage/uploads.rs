@@ -4,13 +4,14 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use uuid::Uuid;
 
 use super::backend::{IngestKind, IngestStatus, WriterOptions};
 use super::{Repo, Store, StoreError, StoreResult, Writer, UPLOAD_BATCH};
+use crate::cluster::{Claim, Lease};
 use crate::oci::{Algorithm, Digest};
 
 /// An upload session's (and any ingest's) id: a UUID (v7, so sessions sort by age).
@@ -81,12 +82,47 @@ impl Store {
         Ok(Upload { id: *id, offset: s.offset })
     }
 
-    /// Takes the session's lock and reopens it at its last checkpoint.
+    /// Takes the session's lock (in this process, and across the replicas sharing the store:
+    /// the lease `upload:<id>`) and reopens it at its last checkpoint, wherever that was
+    /// written. A request for a session another replica's request is writing waits for it, as
+    /// one for a session another request of this replica is writing waits for that.
     pub async fn open_upload(&self, repo: &Repo, id: &UploadId) -> StoreResult<UploadWriter> {
         let guard = self.sessions.get(id).lock_owned().await;
         self.session(repo, id).await?;
-        let w = self.backend.resume_writer(*id, UPLOAD_BATCH, Box::new(guard)).await?;
+        let lease = self.session_lease(id).await?;
+        let w = self.backend.resume_writer(*id, UPLOAD_BATCH, Box::new((guard, lease))).await?;
         Ok(UploadWriter { id: *id, w })
+    }
+
+    /// The session's lease across the replicas, held while a request writes it (`None`
+    /// without coordination). Waits while another replica holds it, at most [`SESSION_WAIT`].
+    async fn session_lease(&self, id: &UploadId) -> StoreResult<Option<Lease>> {
+        let Some(c) = self.fleet.get() else { return Ok(None) };
+        let name = session_lease_name(id);
+        let deadline = Instant::now() + SESSION_WAIT;
+        let mut waited = false;
+        let mut _waiting = None;
+        loop {
+            match c.claim(&name).await {
+                Claim::Mine(lease) => {
+                    if waited {
+                        crate::metrics::cluster_wait("upload", "served");
+                    }
+                    return Ok(Some(lease));
+                }
+                Claim::Alone => return Ok(None),
+                Claim::Held(_) => {
+                    waited = true;
+                    _waiting.get_or_insert_with(|| crate::metrics::cluster_waiting("upload"));
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        crate::metrics::cluster_wait("upload", "busy");
+                        return Err(StoreError::SessionBusy);
+                    }
+                    c.wait_free(&name, left.min(c.wait_limit())).await;
+                }
+            }
+        }
     }
 
     /// Finishes a session whose commit was cut short (the process died after the verified
@@ -94,6 +130,8 @@ impl Store {
     /// with the session's size, links it and removes the session. `false` otherwise.
     pub async fn recover_interrupted_commit(&self, repo: &Repo, id: &UploadId, d: &Digest) -> StoreResult<bool> {
         let _guard = self.sessions.get(id).lock_owned().await;
+        let Ok(_) = self.session(repo, id).await else { return Ok(false) };
+        let _lease = self.session_lease(id).await?;
         let Ok(s) = self.session(repo, id).await else { return Ok(false) };
         if s.has_data || self.blob_size(d).await? != Some(s.offset) {
             return Ok(false);
@@ -107,6 +145,8 @@ impl Store {
     pub async fn cancel_upload(&self, repo: &Repo, id: &UploadId) -> StoreResult<()> {
         let _guard = self.sessions.get(id).lock_owned().await;
         self.session(repo, id).await?;
+        let _lease = self.session_lease(id).await?;
+        self.session(repo, id).await?;
         self.backend.remove_ingest(*id).await
     }
 
@@ -116,8 +156,10 @@ impl Store {
     }
 
     /// Removes ingests (upload sessions and abandoned fills) idle for longer than `ttl` and
-    /// stray temporary objects. Ingests some writer of this process holds are left alone.
-    /// Returns how many ingests were removed.
+    /// stray temporary objects. Ingests some writer of this process holds are left alone, and
+    /// so are those another replica holds a lease for (an upload session a request is
+    /// writing: `upload:<id>`; a fill: `fill:<digest>`): an ingest is removed by its idle time
+    /// only, under its session lease. Returns how many ingests were removed.
     pub async fn sweep_uploads(&self, ttl: Duration) -> usize {
         self.backend.sweep_temporaries(Duration::from_secs(3600).min(ttl)).await;
         let Ok(ids) = self.backend.ingests().await else { return 0 };
@@ -125,18 +167,50 @@ impl Store {
         for id in ids {
             let lock = self.sessions.get(&id);
             let Ok(_guard) = lock.try_lock() else { continue };
-            let idle = match self.backend.ingest_status(id).await {
-                Ok(Some(s)) => SystemTime::now().duration_since(s.updated_at).unwrap_or_default(),
-                // No readable state: an ingest cut short while it was created, or from an
-                // older version.
-                Ok(None) => Duration::MAX,
-                Err(_) => continue,
-            };
-            if idle >= ttl && self.backend.remove_ingest(id).await.is_ok() {
+            let Ok(status) = self.backend.ingest_status(id).await else { continue };
+            if !idle_for(status.as_ref(), ttl) {
+                continue;
+            }
+            // Another replica's live work, seen through its lease.
+            let mut _lease = None;
+            if let Some(c) = self.fleet.get() {
+                if let Some(IngestKind::Fill { digest }) = status.as_ref().map(|s| &s.kind) {
+                    if c.holder(&format!("fill:{digest}")).await.is_some() {
+                        continue;
+                    }
+                }
+                match c.claim(&session_lease_name(&id)).await {
+                    Claim::Held(_) => continue,
+                    Claim::Mine(l) => _lease = Some(l),
+                    Claim::Alone => {}
+                }
+                // Under the lease: idle still?
+                match self.backend.ingest_status(id).await {
+                    Ok(s) if idle_for(s.as_ref(), ttl) => {}
+                    _ => continue,
+                }
+            }
+            if self.backend.remove_ingest(id).await.is_ok() {
                 removed += 1;
             }
         }
         removed
+    }
+}
+
+/// How long a request waits for another replica's request writing the same session.
+const SESSION_WAIT: Duration = Duration::from_secs(600);
+
+fn session_lease_name(id: &UploadId) -> String {
+    format!("upload:{id}")
+}
+
+/// Whether an ingest (its status; `None`: no readable state, an ingest cut short while it was
+/// created, or from an older version) has been idle for `ttl`.
+fn idle_for(status: Option<&IngestStatus>, ttl: Duration) -> bool {
+    match status {
+        Some(s) => SystemTime::now().duration_since(s.updated_at).unwrap_or_default() >= ttl,
+        None => true,
     }
 }
 

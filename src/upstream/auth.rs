@@ -163,6 +163,52 @@ pub struct TokenRequest<'a> {
     pub creds: Option<&'a (String, String)>,
     /// The upstream's host, for metrics.
     pub upstream: &'a str,
+    /// The fleet's shared token cache, when replicas coordinate through Redis.
+    pub shared: Option<&'a Shared>,
+}
+
+/// Where a token is shared with the other replicas: the fleet, and the names (in Redis) of
+/// the token and of the lease of its fetch. The name is a hash of the upstream, its endpoint,
+/// the scope and the user name: tokens of one upstream are never offered to another (and
+/// a token fetched here goes only to the upstream it was fetched for, as a cached one does).
+pub struct Shared {
+    pub cluster: Arc<crate::cluster::Cluster>,
+    name: String,
+}
+
+impl Shared {
+    pub fn new(cluster: Arc<crate::cluster::Cluster>, upstream: &str, key: &str, user: Option<&str>) -> Shared {
+        let id = crate::oci::Digest::sha256(format!("{upstream}\n{key}\n{}", user.unwrap_or("")).as_bytes());
+        Shared { cluster, name: format!("token:{}", &id.hex()[..32]) }
+    }
+
+    /// The shared token, if another replica stored one that is still valid.
+    async fn get(&self) -> Option<Arc<Token>> {
+        let v = self.cluster.get_value(&self.name).await?;
+        let (expires_ms, value) = v.split_once(' ')?;
+        let left = expires_ms.parse::<u64>().ok()?.checked_sub(unix_ms())?;
+        if value.is_empty() || left < 1000 {
+            return None;
+        }
+        Some(Arc::new(Token { value: value.to_string(), expires: Instant::now() + Duration::from_millis(left) }))
+    }
+
+    async fn put(&self, t: &Token) {
+        let left = t.expires.saturating_duration_since(Instant::now());
+        let expires_ms = unix_ms() + left.as_millis() as u64;
+        self.cluster.set_value(&self.name, &format!("{expires_ms} {}", t.value), left).await;
+    }
+
+    /// Drops the shared token if it is `rejected` (the upstream no longer accepts it).
+    async fn forget(&self, rejected: &str) {
+        if self.get().await.is_some_and(|t| t.value == rejected) {
+            self.cluster.set_value(&self.name, "", Duration::from_millis(1)).await;
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Clone)]
@@ -208,39 +254,70 @@ impl TokenCache {
         }
     }
 
-    pub async fn forget(&self, key: &str) {
+    /// Forgets the token of `key` here and, if it is the one the fleet shares, there too.
+    pub async fn forget(&self, key: &str, shared: Option<&Shared>) {
+        let had = self.cache.get(key).await;
         self.cache.invalidate(key).await;
+        if let (Some(s), Some(t)) = (shared, had) {
+            s.forget(&t.value).await;
+        }
     }
 
-    /// Gets a token from the realm; concurrent calls for one key share one request.
+    /// Gets a token: from the fleet's shared cache, else from the realm (one replica of the
+    /// fleet at a time: a lease per token); concurrent calls for one key share one request.
     pub async fn fetch(&self, http: &reqwest::Client, key: &str, req: TokenRequest<'_>) -> Result<Arc<Token>, String> {
         if let Some(t) = self.cached(key).await {
             return Ok(t);
         }
-        let TokenRequest { realm, service, scope, creds, upstream } = req;
         let fut = async {
-            let mut url = realm.clone();
-            url.query_pairs_mut().append_pair("scope", scope);
-            if let Some(s) = service {
-                url.query_pairs_mut().append_pair("service", s);
+            let Some(shared) = req.shared.filter(|s| s.cluster.coordinated()) else {
+                return from_realm(http, &req).await;
+            };
+            let check = || async {
+                let t = shared.get().await;
+                if t.is_some() {
+                    crate::metrics::cluster_token_shared(req.upstream);
+                }
+                Ok::<_, String>(t)
+            };
+            if let Some(t) = check().await? {
+                return Ok(t);
             }
-            let basic = creds.map(|(u, p)| basic_auth(u, p));
-            let resp = send_following(http, Method::GET, url, None, basic.as_deref())
-                .await
-                .map_err(|e| format!("token request to {realm}: {e}"))?;
-            if !resp.status().is_success() {
-                return Err(format!("token request to {realm}: HTTP {}", resp.status()));
-            }
-            let body: TokenResponse = resp.json().await.map_err(|e| format!("token response from {realm}: {e}"))?;
-            let value =
-                body.token.or(body.access_token).ok_or_else(|| format!("token response from {realm} has no token"))?;
-            // Renew a little early; registries default to 60 s when they say nothing.
-            let ttl = body.expires_in.unwrap_or(60).saturating_sub(10).max(5);
-            crate::metrics::token_fetched(upstream);
-            Ok(Arc::new(Token { value, expires: Instant::now() + Duration::from_secs(ttl) }))
+            let work = || async {
+                if let Some(t) = check().await? {
+                    return Ok(t);
+                }
+                let t = from_realm(http, &req).await?;
+                shared.put(&t).await;
+                Ok(t)
+            };
+            shared.cluster.once(&format!("{}:fetch", shared.name), check, work).await
         };
         self.cache.try_get_with(key.to_string(), fut).await.map_err(|e| e.to_string())
     }
+}
+
+/// Asks the realm for a token.
+async fn from_realm(http: &reqwest::Client, req: &TokenRequest<'_>) -> Result<Arc<Token>, String> {
+    let TokenRequest { realm, service, scope, creds, upstream, .. } = *req;
+    let mut url = realm.clone();
+    url.query_pairs_mut().append_pair("scope", scope);
+    if let Some(s) = service {
+        url.query_pairs_mut().append_pair("service", s);
+    }
+    let basic = creds.map(|(u, p)| basic_auth(u, p));
+    let resp = send_following(http, Method::GET, url, None, basic.as_deref())
+        .await
+        .map_err(|e| format!("token request to {realm}: {e}"))?;
+    if !resp.status().is_success() {
+        return Err(format!("token request to {realm}: HTTP {}", resp.status()));
+    }
+    let body: TokenResponse = resp.json().await.map_err(|e| format!("token response from {realm}: {e}"))?;
+    let value = body.token.or(body.access_token).ok_or_else(|| format!("token response from {realm} has no token"))?;
+    // Renew a little early; registries default to 60 s when they say nothing.
+    let ttl = body.expires_in.unwrap_or(60).saturating_sub(10).max(5);
+    crate::metrics::token_fetched(upstream);
+    Ok(Arc::new(Token { value, expires: Instant::now() + Duration::from_secs(ttl) }))
 }
 
 /// An `Authorization: Basic …` value.

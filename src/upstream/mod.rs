@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::config::UpstreamConfig;
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, RepoName, Tag};
-use auth::{parse_challenge, realm_allowed, send_following, Challenge, TokenCache, TokenRequest};
+use auth::{parse_challenge, realm_allowed, send_following, Challenge, Shared, TokenCache, TokenRequest};
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -105,6 +105,8 @@ pub struct Upstream {
     http: reqwest::Client,
     permits: Arc<Semaphore>,
     tokens: TokenCache,
+    /// The fleet this replica belongs to (tokens are shared through it), once set.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// The upstream asked for Basic auth once: send credentials with every request.
     wants_basic: AtomicBool,
     /// `proxy.offline`: every request fails with [`UpstreamError::Offline`] before it is sent.
@@ -180,9 +182,21 @@ impl Upstream {
             http,
             permits: Arc::new(Semaphore::new(cfg.max_concurrency)),
             tokens: TokenCache::default(),
+            cluster: std::sync::OnceLock::new(),
             wants_basic: AtomicBool::new(false),
             offline: false,
         })
+    }
+
+    /// Shares this upstream's tokens with the other replicas of `cluster` (first call wins).
+    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    /// Where the token of `key` is shared with the fleet, when there is one.
+    fn shared(&self, key: &str) -> Option<Shared> {
+        let c = self.cluster.get().filter(|c| c.coordinated())?;
+        Some(Shared::new(c.clone(), &self.host, key, self.creds.as_ref().map(|(u, _)| u.as_str())))
     }
 
     /// Whether `tag` matches one of the configured immutable patterns.
@@ -249,9 +263,10 @@ impl Upstream {
                             let realm =
                                 realm_allowed(base, &realm, &self.token_realms).map_err(UpstreamError::RealmRefused)?;
                             let key = self.token_key(base, &scope);
+                            let shared = self.shared(&key);
                             if auth.is_some() {
                                 // The upstream no longer accepts the token we had cached.
-                                self.tokens.forget(&key).await;
+                                self.tokens.forget(&key, shared.as_ref()).await;
                             }
                             let token = self
                                 .tokens
@@ -264,6 +279,7 @@ impl Upstream {
                                         scope: &scope,
                                         creds: self.creds.as_ref(),
                                         upstream: &self.host,
+                                        shared: shared.as_ref(),
                                     },
                                 )
                                 .await

@@ -81,7 +81,11 @@ impl RateLimiter {
 /// rate. Health checks are never limited.
 pub async fn rate_limit(State(app): State<AppState>, req: Request, next: Next) -> Response {
     if let (Some(limiter), Some(ClientAddr(ip))) = (&app.rate_limiter, req.extensions().get::<ClientAddr>()) {
-        if !matches!(req.uri().path(), "/healthz" | "/readyz") {
+        // Other replicas relay many clients' pulls from one address: their requests (with the
+        // fleet's secret) are limited where the clients arrived.
+        let peer =
+            req.uri().path().starts_with(crate::cluster::PEER_PREFIX) && app.cluster.peer_authorized(req.headers());
+        if !peer && !matches!(req.uri().path(), "/healthz" | "/readyz") {
             if let Err(wait) = limiter.check(*ip) {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                 return ApiError::new(Code::TooManyRequests)

@@ -179,6 +179,26 @@ pub fn cluster_lifecycle_skipped(pass: &'static str) {
     counter!("stevedore_cluster_lifecycle_skipped_total", "pass" => pass).increment(1);
 }
 
+/// A blob response relayed from the replica that fills it.
+pub fn cluster_peer_stream() {
+    counter!("stevedore_cluster_peer_streams_total").increment(1);
+}
+
+/// A blob response this replica served to another replica (from its fill or its store).
+pub fn cluster_peer_served() {
+    counter!("stevedore_cluster_peer_served_total").increment(1);
+}
+
+/// A fill's lease claimed after its holder could not serve it (it died or lost its fill).
+pub fn cluster_takeover() {
+    counter!("stevedore_cluster_takeovers_total").increment(1);
+}
+
+/// A fill that found its lease expired (Redis unreachable for a while, or a stalled fill).
+pub fn cluster_fill_lease_lost() {
+    counter!("stevedore_cluster_fill_leases_lost_total").increment(1);
+}
+
 /// Replicas alive on this store, as of the last heartbeat (this one included).
 pub fn cluster_replicas(n: usize) {
     gauge!("stevedore_cluster_replicas").set(n as f64);

@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::distribution::Distribution;
-use common::fleet::{Fleet, SECRET};
-use common::http::{client, read};
+use common::fleet::{pull, push_generated, Fleet, Pull, SECRET};
+use common::http::{client, client_with_timeout, read};
 use common::wait_until;
 
 /// Without Redis a second replica refuses to start beside a live one (naming it and the
@@ -83,4 +83,295 @@ async fn replicas_with_redis_start_together_and_peer_endpoints_need_the_secret()
         assert!(std::time::Instant::now() < end, "cluster metrics: {cluster:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+const MIB: u64 = 1 << 20;
+/// The test hook that slows every fill down to so many bytes a second.
+const FILL_RATE: &str = "STEVEDORE_TEST_FILL_BYTES_PER_SEC";
+
+fn blob_url(fleet: &Fleet, i: usize, repo: &str, d: &str) -> String {
+    fleet.url_of(i, &format!("/v2/{repo}/blobs/{d}"))
+}
+
+/// The log lines of replica `i` that record a committed fill of `digest`.
+fn fills_committed(fleet: &Fleet, i: usize, digest: &str) -> usize {
+    fleet.at(i).log_text().lines().filter(|l| l.contains("fill committed") && l.contains(digest)).count()
+}
+
+/// 16 concurrent cold GETs of one 256 MiB blob, spread over three replicas, cost exactly one
+/// upstream GET: one replica fills (its clients: `miss`, `joined`), the other two relay its
+/// growing fill (`peer`) and their clients get bytes long before the fill ends. Every
+/// response hashes right, the bucket holds the blob intact, and nothing of the fill is left
+/// (ingest objects, multipart uploads).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_cold_pulls_over_three_replicas_cost_one_upstream_get() {
+    const SIZE: u64 = 256 * MIB;
+    const CLIENTS: usize = 16;
+    let t0 = std::time::Instant::now();
+    let up = Distribution::start(false);
+    let upstream = format!("127.0.0.1:{}", up.port);
+    let pusher = common::http::Registry::with_timeout(&up.url(), Duration::from_secs(180));
+    let digest = push_generated(&pusher, "fleet/big", 0x14_0001, SIZE).await;
+    eprintln!("pushed {} MiB upstream at {:.1} s", SIZE / MIB, t0.elapsed().as_secs_f64());
+    let fleet = Fleet::start(3, &upstream, "");
+    up.settle();
+    let gets_before = up.blob_gets("fleet/big");
+
+    let http = client_with_timeout(Duration::from_secs(240));
+    let pulls = futures::future::join_all((0..CLIENTS).map(|c| {
+        let (http, url) = (http.clone(), fleet.at(c % 3).url(&format!("/v2/fleet/big/blobs/{digest}")));
+        async move { (c % 3, pull(&http, &url, None).await) }
+    }))
+    .await;
+    eprintln!("16 pulls done at {:.1} s", t0.elapsed().as_secs_f64());
+
+    for (r, p) in &pulls {
+        assert!(p.complete(&digest, SIZE), "a client of replica {r}: {p:?}");
+        assert_eq!(p.content_length, Some(SIZE), "Content-Length on replica {r} ({})", p.cache);
+    }
+    up.settle();
+    assert_eq!(up.blob_gets("fleet/big") - gets_before, 1, "upstream blob GETs:\n{}", up.requests_for("fleet/big"));
+
+    let misses: Vec<&(usize, Pull)> = pulls.iter().filter(|(_, p)| p.cache == "miss").collect();
+    assert_eq!(
+        misses.len(),
+        1,
+        "one client started the fill: {:?}",
+        pulls.iter().map(|(r, p)| (r, &p.cache)).collect::<Vec<_>>()
+    );
+    let (leader, leader_pull) = (misses[0].0, &misses[0].1);
+    // The clients had the verified bytes; the commit follows.
+    wait_until(Duration::from_secs(15), || fills_committed(&fleet, leader, &digest) == 1).await;
+    assert_eq!(fills_committed(&fleet, leader, &digest), 1, "the leader's log records its fill");
+    let mut relayed = 0;
+    for (r, p) in pulls.iter().filter(|(r, _)| *r != leader) {
+        assert_eq!(p.cache, "peer", "a client of replica {r} (the leader is {leader})");
+        assert_eq!(fills_committed(&fleet, *r, &digest), 0, "replica {r} filled too");
+        let first = p.first_byte.expect("bytes arrived");
+        assert!(
+            first < leader_pull.done,
+            "a client of replica {r} got its first byte {:?} after the leader's client had the whole blob",
+            first - leader_pull.done
+        );
+        relayed += 1;
+    }
+    for (r, p) in pulls.iter().filter(|(r, _)| *r == leader) {
+        assert!(p.cache == "miss" || p.cache == "joined", "a client of the leader {r}: {}", p.cache);
+    }
+    let (mut streams, mut served) = (0.0, 0.0);
+    for i in 0..3 {
+        streams += fleet.metric(i, "stevedore_cluster_peer_streams_total").await;
+        served += fleet.metric(i, "stevedore_cluster_peer_served_total").await;
+    }
+    assert_eq!((streams, served), (relayed as f64, relayed as f64), "peer streams relayed and served");
+    assert_eq!(fleet.metric(leader, "stevedore_cluster_peer_served_total").await, relayed as f64);
+
+    let bucket = fleet.at(0).bucket.as_ref().unwrap();
+    assert!(bucket.blobs().contains(&digest), "the blob is in the bucket: {:?}", bucket.blobs());
+    assert_eq!(bucket.assert_blobs_intact(), 1);
+    let clean = wait_until(Duration::from_secs(15), || {
+        bucket.objects("ingest/").is_empty() && bucket.multipart_uploads().is_empty()
+    })
+    .await;
+    assert!(clean, "left behind: {:?} {:?}", bucket.objects("ingest/"), bucket.multipart_uploads());
+    assert!(fleet.redis.as_ref().unwrap().keys("stevedore:fill:*").is_empty(), "the fill's lease was released");
+    eprintln!("done at {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// The leader is SIGKILLed mid-fill: every client (of the survivors and of the dead leader)
+/// gets a complete, correct blob or a clean error (no response, a cut body, a 5xx with the
+/// spec's error body — never a clean short end) and succeeds on retry at a surviving replica;
+/// a survivor takes the lease over; the upstream sees at most two GETs; every blob in the
+/// bucket hashes to its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_leader_killed_mid_fill_is_taken_over() {
+    const SIZE: u64 = 24 * MIB;
+    let up = Distribution::start(false);
+    let upstream = format!("127.0.0.1:{}", up.port);
+    let digest = push_generated(&up.registry(), "fleet/slow", 0x14_0002, SIZE).await;
+    // Fills run at 6 MiB/s: the first takes 4 s, time enough to kill its replica.
+    let rate = (6 * MIB).to_string();
+    let mut fleet = Fleet::start_env(3, &upstream, "", true, &[(FILL_RATE, &rate)]);
+    up.settle();
+    let gets_before = up.blob_gets("fleet/slow");
+
+    let http = client_with_timeout(Duration::from_secs(60));
+    let urls: Vec<String> = (0..3).map(|i| fleet.url_of(i, &format!("/v2/fleet/slow/blobs/{digest}"))).collect();
+    let killed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+    let first = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..6)
+        .map(|c| {
+            let (http, urls, killed, first, digest) =
+                (http.clone(), urls.clone(), killed.clone(), first.clone(), digest.clone());
+            tokio::spawn(async move {
+                let mut tries = Vec::new();
+                let mut r = c % 3;
+                for _ in 0..4 {
+                    let p = pull(&http, &urls[r], Some(&first)).await;
+                    let ok = p.complete(&digest, SIZE);
+                    tries.push((r, p));
+                    if ok {
+                        break;
+                    }
+                    // Retry where the load balancer would send it: a replica still serving.
+                    if killed.load(std::sync::atomic::Ordering::SeqCst) == r {
+                        r = (r + 1) % 3;
+                    }
+                }
+                tries
+            })
+        })
+        .collect();
+
+    // Kill the lease's holder once clients receive bytes of its fill.
+    let lease = format!("fill:{digest}");
+    let mut leader = None;
+    let seen = wait_until(Duration::from_secs(20), || {
+        leader = fleet.lease_holder(&lease);
+        leader.is_some() && first.load(std::sync::atomic::Ordering::SeqCst)
+    })
+    .await;
+    assert!(seen, "a fill started (lease holder {leader:?})");
+    let leader = leader.unwrap();
+    assert_eq!(fills_committed(&fleet, leader, &digest), 0, "the fill was over before the kill");
+    killed.store(leader, std::sync::atomic::Ordering::SeqCst);
+    fleet.kill(leader);
+
+    let mut errors = 0;
+    for c in clients {
+        let tries = c.await.unwrap();
+        let (r, last) = tries.last().unwrap();
+        assert!(last.complete(&digest, SIZE), "client's last try (replica {r}) failed: {tries:#?}");
+        for (r, p) in &tries[..tries.len() - 1] {
+            assert!(p.clean_error(), "a failed try at replica {r} was not a clean error: {p:?}");
+            errors += 1;
+        }
+    }
+    eprintln!("{errors} tries failed cleanly and were retried");
+    let survivors: Vec<usize> = (0..3).filter(|i| *i != leader).collect();
+    let mut takeovers = 0.0;
+    for &i in &survivors {
+        takeovers += fleet.metric(i, "stevedore_cluster_takeovers_total").await;
+    }
+    let logged = survivors.iter().any(|&i| fleet.at(i).log_text().contains("taking over the fill"));
+    assert!(takeovers >= 1.0 && logged, "a survivor took the lease over ({takeovers} takeovers counted)");
+    // The clients had the verified bytes; the commit follows.
+    let committed = || survivors.iter().map(|&i| fills_committed(&fleet, i, &digest)).sum::<usize>();
+    wait_until(Duration::from_secs(15), || committed() >= 1).await;
+    let committed = committed();
+    assert_eq!(committed, 1, "one survivor filled the blob");
+    up.settle();
+    let gets = up.blob_gets("fleet/slow") - gets_before;
+    assert!((1..=2).contains(&gets), "{gets} upstream blob GETs:\n{}", up.requests_for("fleet/slow"));
+    let bucket = fleet.at(survivors[0]).bucket.as_ref().unwrap();
+    assert!(bucket.blobs().contains(&digest));
+    assert_eq!(bucket.assert_blobs_intact(), 1);
+}
+
+/// Redis killed mid-run: the replicas keep serving cold and warm pulls, each on its own (at
+/// most one upstream GET per replica per blob); once Redis is back, a new cold blob pulled on
+/// every replica costs one upstream GET again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_serve_without_redis_and_coordinate_again_when_it_returns() {
+    const SIZE: u64 = 2 * MIB;
+    let up = Distribution::start(false);
+    let upstream = format!("127.0.0.1:{}", up.port);
+    let reg = up.registry();
+    let warm = push_generated(&reg, "fleet/warm", 0x14_0010, SIZE).await;
+    let down = push_generated(&reg, "fleet/down", 0x14_0011, SIZE).await;
+    let back = push_generated(&reg, "fleet/back", 0x14_0012, SIZE).await;
+    let mut fleet = Fleet::start(3, &upstream, "");
+    let http = client();
+
+    // Six concurrent pulls, two per replica.
+    async fn pull_all(http: &reqwest::Client, urls: Vec<String>) -> Vec<Pull> {
+        futures::future::join_all(urls.iter().map(|u| pull(http, u, None))).await
+    }
+
+    let w = pull(&http, &blob_url(&fleet, 0, "fleet/warm", &warm), None).await;
+    assert!(w.complete(&warm, SIZE), "{w:?}");
+    up.settle();
+    assert_eq!(up.blob_gets("fleet/warm"), 1);
+
+    fleet.redis.as_mut().unwrap().kill();
+    assert!(
+        fleet.wait_metric("stevedore_cluster_redis_up", 0.0, Duration::from_secs(15)).await,
+        "every replica noticed redis is gone"
+    );
+    let urls: Vec<String> = (0..6).map(|c| blob_url(&fleet, c % 3, "fleet/down", &down)).collect();
+    for p in pull_all(&http, urls).await {
+        assert!(p.complete(&down, SIZE), "a cold pull without redis: {p:?}");
+    }
+    for i in 0..3 {
+        let p = pull(&http, &blob_url(&fleet, i, "fleet/warm", &warm), None).await;
+        assert!(p.complete(&warm, SIZE) && p.cache == "hit", "a warm pull without redis at replica {i}: {p:?}");
+    }
+    up.settle();
+    let gets = up.blob_gets("fleet/down");
+    assert!((1..=3).contains(&gets), "{gets} upstream GETs without redis:\n{}", up.requests_for("fleet/down"));
+    // Each GET is one replica's fill (the commits follow the clients' last bytes).
+    let commits = || (0..3).map(|i| fills_committed(&fleet, i, &down)).collect::<Vec<_>>();
+    wait_until(Duration::from_secs(15), || commits().iter().sum::<usize>() == gets).await;
+    let per_replica = commits();
+    assert_eq!(per_replica.iter().sum::<usize>(), gets, "fills committed per replica: {per_replica:?}");
+    assert!(per_replica.iter().all(|n| *n <= 1), "a replica fetched one blob twice: {per_replica:?}");
+    eprintln!("without redis: {gets} upstream GETs, fills per replica {per_replica:?}");
+    assert_eq!(up.blob_gets("fleet/warm"), 1, "warm pulls went upstream");
+
+    fleet.redis.as_mut().unwrap().up();
+    assert!(
+        fleet.wait_metric("stevedore_cluster_redis_up", 1.0, Duration::from_secs(20)).await,
+        "every replica reconnected to redis"
+    );
+    let urls: Vec<String> = (0..6).map(|c| blob_url(&fleet, c % 3, "fleet/back", &back)).collect();
+    for p in pull_all(&http, urls).await {
+        assert!(p.complete(&back, SIZE), "a cold pull after redis returned: {p:?}");
+    }
+    up.settle();
+    assert_eq!(up.blob_gets("fleet/back"), 1, "coordination resumed:\n{}", up.requests_for("fleet/back"));
+    let bucket = fleet.at(0).bucket.as_ref().unwrap();
+    assert_eq!(bucket.assert_blobs_intact(), 3);
+}
+
+/// While one replica fills a blob, ranged GETs on another are relayed with the leader's
+/// answer while the fill runs: 206 with the bytes and `Content-Range`, or 416 with the
+/// spec's error and `Content-Range: bytes */<size>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranged_pulls_are_relayed_from_the_leader() {
+    const SIZE: u64 = 8 * MIB;
+    let seed = 0x14_0020;
+    let up = Distribution::start(false);
+    let upstream = format!("127.0.0.1:{}", up.port);
+    let digest = push_generated(&up.registry(), "fleet/range", seed, SIZE).await;
+    // A 2 s fill.
+    let rate = (4 * MIB).to_string();
+    let fleet = Fleet::start_env(2, &upstream, "", true, &[(FILL_RATE, &rate)]);
+    up.settle();
+    let http = client();
+    let whole = {
+        let (http, url) = (http.clone(), blob_url(&fleet, 0, "fleet/range", &digest));
+        tokio::spawn(async move { pull(&http, &url, None).await })
+    };
+    let lease = format!("fill:{digest}");
+    assert!(wait_until(Duration::from_secs(10), || fleet.lease_holder(&lease) == Some(0)).await, "replica 0 fills");
+
+    let url = blob_url(&fleet, 1, "fleet/range", &digest);
+    let beyond = read(http.get(&url).header("range", format!("bytes={SIZE}-"))).await;
+    common::http::assert_json_error(&beyond, 416, "RANGE_INVALID", "a range past the end, relayed");
+    assert_eq!(common::http::hdr(&beyond.headers, "content-range"), Some(format!("bytes */{SIZE}")));
+    assert_eq!(beyond.cache(), "peer", "the 416 came from the leader");
+    let part = read(http.get(&url).header("range", "bytes=1000-2999")).await;
+    assert_eq!(part.status, 206, "{}", part.text());
+    assert_eq!(part.cache(), "peer");
+    assert_eq!(common::http::hdr(&part.headers, "content-range"), Some(format!("bytes 1000-2999/{SIZE}")));
+    assert_eq!(common::http::hdr(&part.headers, "docker-content-digest"), Some(digest.clone()));
+    assert!(part.body == common::data::bytes_at(seed, 1000, 2000), "the range's bytes");
+
+    let whole = whole.await.unwrap();
+    assert!(whole.complete(&digest, SIZE), "{whole:?}");
+    // A range's last byte, as every reader's, waits for the whole blob's verification.
+    let first = part.first_byte.expect("the range's bytes");
+    assert!(first < whole.done && beyond.done < whole.done, "the ranges were answered while the fill ran");
+    up.settle();
+    assert_eq!(up.blob_gets("fleet/range"), 1, "{}", up.requests_for("fleet/range"));
 }

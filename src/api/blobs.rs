@@ -2,15 +2,17 @@
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
 
 use super::{headers, upstream_error};
 use crate::app::App;
+use crate::cluster::Holder;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::range::{parse_range, RangeRequest};
 use crate::oci::Digest;
-use crate::proxy::fill::FillError;
-use crate::proxy::{Outcome, ProxyRepo, Target};
+use crate::proxy::fill::{Fill, FillError};
+use crate::proxy::{BlobSource, Outcome, ProxyRepo, Target};
 use crate::storage::Repo;
 
 pub async fn get(app: &App, target: &Target, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
@@ -57,6 +59,11 @@ async fn get_local(app: &App, repo: &Repo, d: &Digest, req: &HeaderMap, head: bo
     let Some(size) = app.store.repo_blob_size(repo, d).await? else {
         return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
     };
+    serve_content(app, d, size, req, head).await
+}
+
+/// Committed content of `size` bytes, `Range` honoured.
+async fn serve_content(app: &App, d: &Digest, size: u64, req: &HeaderMap, head: bool) -> ApiResult {
     let (status, start, len) = match range_of(req, size) {
         RangeRequest::Full => (StatusCode::OK, 0, size),
         RangeRequest::Partial(r) => (StatusCode::PARTIAL_CONTENT, r.start, r.len()),
@@ -82,21 +89,31 @@ async fn get_local(app: &App, repo: &Repo, d: &Digest, req: &HeaderMap, head: bo
     Ok(blob_response(d, status, start, Some(len), Some(size), body))
 }
 
-/// A blob in an upstream's namespace: from the cache, else from the fill (started or joined).
-async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
-    let outcome = if app.store.repo_blob_size(&p.cache, d).await?.is_some() {
-        Some(Outcome::Hit)
-    } else if app.store.blob_size(d).await?.is_some() && upstream_has(app, p, d).await? {
+/// Whether `d` is served from `p`'s cache: linked there, or stored through another
+/// repository and linked now that the upstream says it has it in `p`'s.
+async fn cached(app: &App, p: &ProxyRepo, d: &Digest) -> Result<bool, ApiError> {
+    if app.store.repo_blob_size(&p.cache, d).await?.is_some() {
+        return Ok(true);
+    }
+    if app.store.blob_size(d).await?.is_some() && upstream_has(app, p, d).await? {
         // Content-addressed: the same bytes arrived through another repository, and the
         // upstream serves them in this one.
         app.store.link_blob(&p.cache, d).await?;
-        Some(Outcome::Hit)
-    } else {
-        None
-    };
-    if let Some(outcome) = outcome {
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// How many leaders a request tries before it gives up (each failure waits for the lease to
+/// be let go, so a takeover follows).
+const PEER_ROUNDS: usize = 3;
+
+/// A blob in an upstream's namespace: from the cache, else from the fill (started or joined;
+/// in a fleet, the fill of whichever replica holds the digest's lease).
+async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
+    if cached(app, p, d).await? {
         let mut resp = get_local(app, &p.cache, d, req, head).await?;
-        headers::outcome(&mut resp, &p.upstream.host, "blob", outcome);
+        headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
         return Ok(resp);
     }
     if head {
@@ -106,14 +123,66 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
         headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Miss);
         return Ok(resp);
     }
-    let (fill, leader) = app.proxy.fill(&app.store, p, d);
-    let size = fill.started().await.map_err(|e| match e {
+    let lease = crate::proxy::fill_lease(d);
+    let mut gone: Option<Holder> = None;
+    for _ in 0..PEER_ROUNDS {
+        let source = app.proxy.blob_source(&app.cluster, &app.store, p, d, gone.as_ref()).await.map_err(fill_error)?;
+        let leader = match source {
+            BlobSource::Fill(fill, leader) => {
+                let mut resp = fill_response(d, fill, req).await?;
+                let outcome = if leader { Outcome::Miss } else { Outcome::Joined };
+                headers::outcome(&mut resp, &p.upstream.host, "blob", outcome);
+                return Ok(resp);
+            }
+            BlobSource::Stored => {
+                if !cached(app, p, d).await? {
+                    return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
+                }
+                let mut resp = get_local(app, &p.cache, d, req, false).await?;
+                headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
+                return Ok(resp);
+            }
+            BlobSource::Peer(h) => h,
+        };
+        match from_peer(app, &leader, d, req).await {
+            Ok(mut resp) => {
+                crate::metrics::cluster_peer_stream();
+                headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Peer);
+                return Ok(resp);
+            }
+            Err(why) => {
+                tracing::warn!(digest = %d, leader = %leader.replica, peer = %leader.advertise, why = %why, "the replica filling a blob cannot serve it; taking the fill over once its lease is let go");
+            }
+        }
+        // Committed meanwhile, or wait for the lease to expire (its holder died) or pass on.
+        if cached(app, p, d).await? {
+            let mut resp = get_local(app, &p.cache, d, req, false).await?;
+            headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
+            return Ok(resp);
+        }
+        let limit = app.cluster.lease_ttl() + std::time::Duration::from_secs(2);
+        app.cluster.wait_not_held_by(&lease, &leader, limit).await;
+        gone = Some(leader);
+    }
+    Err(fill_error(FillError::Busy(format!("no replica could fill {d}"))))
+}
+
+/// A fill that could not start, as the client sees it.
+fn fill_error(e: FillError) -> ApiError {
+    match e {
         FillError::Upstream(u) => upstream_error(&u, Code::BlobUnknown),
         // The local store's trouble is never blamed on the upstream.
         FillError::Store(s) if s.is_full() => super::store_full(&s),
         FillError::Store(s) => ApiError::internal(s),
+        FillError::Busy(why) => ApiError::new(Code::Unavailable).detail(why).header(header::RETRY_AFTER, 1),
         e => ApiError::new(Code::Unavailable).status(StatusCode::BAD_GATEWAY).detail(e.to_string()),
-    })?;
+    }
+}
+
+/// The response streaming `fill` (once the upstream answered), `Range` honoured. Every
+/// reader's last byte waits for the verification.
+async fn fill_response(d: &Digest, fill: Arc<Fill>, req: &HeaderMap) -> ApiResult {
+    let size = fill.started().await.map_err(fill_error)?;
     let (status, start, end) = match size.map(|s| (s, range_of(req, s))) {
         Some((s, RangeRequest::Unsatisfiable)) => return Err(unsatisfiable(s)),
         Some((_, RangeRequest::Partial(r))) => (StatusCode::PARTIAL_CONTENT, r.start, Some(r.end + 1)),
@@ -121,10 +190,106 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
     };
     let len = end.or(size).map(|e| e - start);
     let body = Body::from_stream(fill.read(start, end));
-    let mut resp = blob_response(d, status, start, len, size, body);
-    let outcome = if leader { Outcome::Miss } else { Outcome::Joined };
-    headers::outcome(&mut resp, &p.upstream.host, "blob", outcome);
-    Ok(resp)
+    Ok(blob_response(d, status, start, len, size, body))
+}
+
+/// What a replica's fill endpoint answered, in [`PEER_SOURCE`]: the bytes from its fill
+/// (`fill`) or its store (`stored`); an answer for the client as it is (`error`: the fill
+/// failed upstream, an unsatisfiable range); or `none`: it has neither.
+pub(crate) const PEER_SOURCE: &str = "x-stevedore-peer";
+
+/// Headers of a peer's answer the client gets as they are.
+const RELAYED: [&str; 7] = [
+    "content-length",
+    "content-range",
+    "content-type",
+    headers::DOCKER_CONTENT_DIGEST,
+    "etag",
+    "accept-ranges",
+    "retry-after",
+];
+
+/// Relays the leader's stream of `d` (`GET <advertise>/_stevedore/cluster/fill/<digest>`,
+/// `Range` passed on): the body flows through as it arrives, never buffered; a stream that
+/// breaks breaks the client's. `Err` (why) when the leader cannot serve it: unreachable,
+/// it has no such fill, or it answered something else than a blob or an error for the
+/// client.
+async fn from_peer(app: &App, leader: &Holder, d: &Digest, req: &HeaderMap) -> Result<Response, String> {
+    use futures::TryStreamExt;
+    let path = format!("{}/fill/{d}", crate::cluster::PEER_PREFIX);
+    let mut rb = app.cluster.peer_request(reqwest::Method::GET, leader, &path);
+    if let Some(r) = req.get(header::RANGE) {
+        rb = rb.header(header::RANGE, r.clone());
+    }
+    let resp = rb.send().await.map_err(|e| format!("unreachable: {}", crate::upstream::error_chain(&e)))?;
+    let status = resp.status();
+    let source = resp.headers().get(PEER_SOURCE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let bytes =
+        matches!(status, StatusCode::OK | StatusCode::PARTIAL_CONTENT) && matches!(source.as_str(), "fill" | "stored");
+    if !bytes && source != "error" {
+        return Err(format!(
+            "answered {status} ({})",
+            if source.is_empty() { "not a replica's answer" } else { &source }
+        ));
+    }
+    if bytes && resp.headers().get(headers::DOCKER_CONTENT_DIGEST).and_then(|v| v.to_str().ok()) != Some(&d.to_string())
+    {
+        return Err("answered another digest".into());
+    }
+    let mut out = headers::response(status, Body::empty());
+    for name in RELAYED {
+        if let Some(v) = resp.headers().get(name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    if bytes {
+        *out.body_mut() = Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other));
+    } else {
+        // An error body: small, read whole (bounded).
+        if resp.content_length().is_some_and(|n| n > 64 << 10) {
+            return Err(format!("answered {status} with a large error body"));
+        }
+        let body = resp.bytes().await.map_err(|e| format!("reading its answer: {e}"))?;
+        *out.body_mut() = Body::from(body);
+    }
+    Ok(out)
+}
+
+/// `GET /_stevedore/cluster/fill/<digest>` (a replica's request, secret checked): the blob
+/// from this replica's fill while it runs (the last byte after the verification, as for
+/// local followers), else from the store; 404 with `x-stevedore-peer: none` when it has
+/// neither.
+pub(crate) async fn serve_peer(app: &App, d: &Digest, req: &HeaderMap) -> Response {
+    // A request of this replica may be claiming the lease right now: its fill is coming.
+    app.proxy.fills.wait_claim(d, app.cluster.lease_ttl()).await;
+    let none = || {
+        let mut r = ApiError::new(Code::BlobUnknown).detail("no fill of it on this replica").into_response();
+        headers::set(r.headers_mut(), PEER_SOURCE, "none");
+        r
+    };
+    let res = match app.proxy.fills.get(d) {
+        Some(fill) => fill_response(d, fill, req).await.map(|r| (r, "fill")),
+        None => match app.store.blob_size(d).await {
+            Ok(Some(size)) => match serve_content(app, d, size, req, false).await {
+                Err(e) if e.code == Code::BlobUnknown => return none(),
+                r => r.map(|r| (r, "stored")),
+            },
+            Ok(None) => return none(),
+            Err(e) => Err(ApiError::from(e)),
+        },
+    };
+    match res {
+        Ok((mut r, source)) => {
+            crate::metrics::cluster_peer_served();
+            headers::set(r.headers_mut(), PEER_SOURCE, source);
+            r
+        }
+        Err(e) => {
+            let mut r = e.into_response();
+            headers::set(r.headers_mut(), PEER_SOURCE, "error");
+            r
+        }
+    }
 }
 
 /// Whether the upstream has `d` in `p`'s repository (its answer to a HEAD, cached briefly):

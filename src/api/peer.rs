@@ -3,6 +3,11 @@
 //! `Authorization: Bearer <cluster.secret>`, else 401. Never part of `/v2`.
 //!
 //! - `GET ping`: this replica's id (a peer checks it reached the replica it meant).
+//! - `GET fill/<digest>`: the blob from this replica's running fill (growing; the last byte
+//!   after the verification) or its store, `Range` honoured; `x-stevedore-peer` says which
+//!   (`fill`, `stored`), or `error` (an answer for the client: the fill failed upstream, an
+//!   unsatisfiable range), or `none` (404: neither; the asking replica looks elsewhere).
+//!   See `api::blobs::serve_peer`.
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +27,10 @@ pub async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
             super::headers::json_response(serde_json::json!({ "replica": app.cluster.id() }).to_string())
                 .into_response()
         }
+        ("GET", p) if p.starts_with("/fill/") => match p["/fill/".len()..].parse::<crate::oci::Digest>() {
+            Ok(d) => super::blobs::serve_peer(&app, &d, req.headers()).await,
+            Err(e) => ApiError::new(Code::DigestInvalid).detail(e.to_string()).into_response(),
+        },
         _ => ApiError::new(Code::Unsupported)
             .status(axum::http::StatusCode::NOT_FOUND)
             .detail("no such replica endpoint")

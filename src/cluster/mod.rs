@@ -284,6 +284,30 @@ impl Cluster {
         }
     }
 
+    /// Waits until `holder` no longer holds `name` (free, or another holder: a takeover), at
+    /// most `limit`, or until Redis stops answering; polls. Returns whether it let go.
+    pub async fn wait_not_held_by(&self, name: &str, holder: &Holder, limit: Duration) -> bool {
+        let end = tokio::time::Instant::now() + limit;
+        loop {
+            if self.holder(name).await.as_ref() != Some(holder) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= end {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `PING`, so `stevedore_cluster_redis_up` follows Redis while nothing else asks it
+    /// (called with every heartbeat). Whether it answered; `false` without Redis.
+    pub async fn ping(&self) -> bool {
+        let Some(r) = self.redis.as_ref() else { return false };
+        let mut conn = r.conn.clone();
+        let pong: Option<String> = self.call("ping", redis::cmd("PING").query_async(&mut conn)).await;
+        pong.is_some()
+    }
+
     /// A shared value, if set and Redis answers.
     pub async fn get_value(&self, name: &str) -> Option<String> {
         let r = self.redis.as_ref()?;

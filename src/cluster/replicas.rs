@@ -143,6 +143,7 @@ impl Registry {
             tick.tick().await;
             loop {
                 tick.tick().await;
+                self.cluster.ping().await;
                 if let Err(e) = self.store.put_replica(&self.id, &self.record).await {
                     tracing::warn!(error = %e, "recording this replica's heartbeat");
                 }

@@ -20,6 +20,7 @@ use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use tokio::sync::watch;
 
+use crate::cluster::Lease;
 use crate::oci::{Digest, RepoName};
 use crate::storage::{Repo, Store, StoreError, TailReader, Writer};
 use crate::upstream::{Upstream, UpstreamError};
@@ -47,6 +48,9 @@ pub enum FillError {
     Timeout,
     #[error("fill task ended unexpectedly")]
     Vanished,
+    /// The fleet could not settle who fills the blob in time: try again.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl From<StoreError> for FillError {
@@ -81,6 +85,30 @@ pub struct Fill {
 #[derive(Clone, Default)]
 pub struct Fills {
     map: Arc<Mutex<HashMap<Digest, Arc<Fill>>>>,
+    /// Digests whose lease a request of this replica is claiming (before its fill exists):
+    /// the receiver sees its sender dropped once the claim is decided.
+    claims: Arc<Mutex<HashMap<Digest, watch::Receiver<()>>>>,
+}
+
+/// [`Fills::claiming`]'s answer.
+pub enum Claiming {
+    /// This request decides: claim the lease, start the fill (or not), then drop the guard.
+    Mine(ClaimGuard),
+    /// Another request of this replica is deciding: wait for it ([`Fills::wait_claim`]).
+    Busy,
+}
+
+/// Marks a claim under way; dropping it ends the mark and wakes the waiters.
+pub struct ClaimGuard {
+    fills: Fills,
+    digest: Digest,
+    _tx: watch::Sender<()>,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.fills.claims.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.digest);
+    }
 }
 
 /// What a fill needs to run.
@@ -91,6 +119,9 @@ pub struct FillRequest {
     pub cache_repo: Repo,
     pub digest: Digest,
     pub timeout: Duration,
+    /// The fleet's lease on this fill (`fill:<digest>`), held until the fill ends; `None`
+    /// alone (no Redis, or it did not answer).
+    pub lease: Option<Lease>,
 }
 
 /// Ends a fill's life however its task ends (including a panic): the entry leaves the map,
@@ -133,6 +164,7 @@ impl Fills {
         let ending = Ending { fills: self.clone(), digest: req.digest.clone(), fill: fill.clone(), tx };
         crate::metrics::fill_started();
         tokio::spawn(async move {
+            let mut req = req;
             let started = Instant::now();
             let outcome = run(&req, &ending).await;
             crate::metrics::fill_finished(&req.upstream.host, outcome.is_ok(), started.elapsed());
@@ -147,6 +179,14 @@ impl Fills {
                     ending.fill.recent.lock().unwrap().clear();
                 }
             }
+            // The fleet may claim the digest again: the blob is visible (or the fill failed).
+            if let Some(lease) = req.lease.take() {
+                if lease.lost() {
+                    tracing::warn!(digest = %req.digest, "the fill's lease expired while it ran (redis unreachable, or the fill stalled); another replica may have fetched the blob too");
+                    crate::metrics::cluster_fill_lease_lost();
+                }
+                lease.release().await;
+            }
             drop(ending);
         });
         (fill, true)
@@ -155,6 +195,32 @@ impl Fills {
     /// Number of fills in flight.
     pub fn in_flight(&self) -> usize {
         self.map.lock().unwrap().len()
+    }
+
+    /// The fill of `d` in flight on this replica, if any.
+    pub fn get(&self, d: &Digest) -> Option<Arc<Fill>> {
+        self.map.lock().unwrap().get(d).cloned()
+    }
+
+    /// Marks that this request claims the lease of `d`, unless another request of this
+    /// replica already does.
+    pub fn claiming(&self, d: &Digest) -> Claiming {
+        let mut claims = self.claims.lock().unwrap();
+        if claims.contains_key(d) {
+            return Claiming::Busy;
+        }
+        let (tx, rx) = watch::channel(());
+        claims.insert(d.clone(), rx);
+        Claiming::Mine(ClaimGuard { fills: self.clone(), digest: d.clone(), _tx: tx })
+    }
+
+    /// Waits (at most `limit`) until no request of this replica is claiming `d`.
+    pub async fn wait_claim(&self, d: &Digest, limit: Duration) {
+        let rx = self.claims.lock().unwrap().get(d).cloned();
+        if let Some(mut rx) = rx {
+            // `changed` fails once the guard (the sender) is dropped; nothing is ever sent.
+            let _ = tokio::time::timeout(limit, rx.changed()).await;
+        }
     }
 }
 
@@ -209,9 +275,16 @@ async fn stream(req: &FillRequest, ending: &Ending, w: &mut dyn Writer) -> Resul
     let fill = &ending.fill;
     let mut received = 0u64;
     let mut body = s.resp.bytes_stream();
+    let begun = Instant::now();
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| UpstreamError::Unreachable(format!("blob body: {e}")))?;
         received += chunk.len() as u64;
+        if let Some(rate) = test_fill_rate() {
+            let due = Duration::from_secs_f64(received as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(begun.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
         if size.is_some_and(|n| received > n) {
             return Err(FillError::Mismatch("more bytes than Content-Length".into()));
         }
@@ -222,6 +295,15 @@ async fn stream(req: &FillRequest, ending: &Ending, w: &mut dyn Writer) -> Resul
         fill.forget_readable(w.readable());
     }
     Ok(size)
+}
+
+/// At most this many bytes a second per fill, for tests that must act while a fill runs
+/// (`STEVEDORE_TEST_FILL_BYTES_PER_SEC`); never set in production.
+fn test_fill_rate() -> Option<u64> {
+    static RATE: OnceLock<Option<u64>> = OnceLock::new();
+    *RATE.get_or_init(|| {
+        std::env::var("STEVEDORE_TEST_FILL_BYTES_PER_SEC").ok().and_then(|v| v.parse().ok()).filter(|r| *r > 0)
+    })
 }
 
 impl Fill {

@@ -23,13 +23,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use moka::future::Cache;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Claim, Cluster, Holder};
 use crate::config::Config;
 use crate::oci::manifest;
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
 use crate::storage::{ManifestPut, Repo, Store, StoreError, StoredManifest};
 use crate::upstream::{Upstream, UpstreamError, UpstreamResult};
-use fill::{FillRequest, Fills};
+use fill::{Claiming, FillError, FillRequest, Fills};
 use flight::Flights;
 
 /// An upstream repository and where its content is cached.
@@ -63,6 +63,8 @@ pub enum Outcome {
     /// (a full disk).
     StaleWriteFailed,
     Revalidated,
+    /// Relayed from the replica that fills the blob (`[redis]` fleets).
+    Peer,
 }
 
 impl Outcome {
@@ -74,6 +76,7 @@ impl Outcome {
             Outcome::Stale => "stale",
             Outcome::StaleWriteFailed => "stale-write-failed",
             Outcome::Revalidated => "revalidated",
+            Outcome::Peer => "peer",
         }
     }
 }
@@ -97,6 +100,25 @@ impl ProxyError {
 }
 
 pub type ManifestResult = Result<(Digest, Outcome), Arc<ProxyError>>;
+
+/// Where a missing blob's bytes come from ([`Proxy::blob_source`]).
+pub enum BlobSource {
+    /// A fill of this replica; `true` when this call started it (this replica leads).
+    Fill(Arc<fill::Fill>, bool),
+    /// It was committed meanwhile (by another replica's fill): serve it from the store.
+    Stored,
+    /// Another replica holds the lease and fills it: relay its stream.
+    Peer(Holder),
+}
+
+/// How many times [`Proxy::blob_source`] looks again before it gives up (each round waits
+/// for something: a claim of this replica, or a lease of this replica to be released).
+const SOURCE_ROUNDS: usize = 20;
+
+/// The lease name of a blob's fill.
+pub fn fill_lease(d: &Digest) -> String {
+    format!("fill:{d}")
+}
 
 pub struct Proxy {
     by_host: HashMap<String, Arc<Upstream>>,
@@ -408,8 +430,19 @@ impl Proxy {
         Ok(v)
     }
 
-    /// Joins (or starts) the fill of a missing blob.
+    /// Joins (or starts) the fill of a missing blob in this replica, whatever other replicas
+    /// do (prefetch).
     pub fn fill(&self, store: &Arc<Store>, p: &ProxyRepo, d: &Digest) -> (Arc<fill::Fill>, bool) {
+        self.start_fill(store, p, d, None)
+    }
+
+    fn start_fill(
+        &self,
+        store: &Arc<Store>,
+        p: &ProxyRepo,
+        d: &Digest,
+        lease: Option<crate::cluster::Lease>,
+    ) -> (Arc<fill::Fill>, bool) {
         self.fills.join_or_start(FillRequest {
             store: store.clone(),
             upstream: p.upstream.clone(),
@@ -417,7 +450,71 @@ impl Proxy {
             cache_repo: p.cache.clone(),
             digest: d.clone(),
             timeout: self.fill_timeout,
+            lease,
         })
+    }
+
+    /// Where a blob missing from `p`'s cache comes from, with single flight across the
+    /// fleet: this replica's fill if one runs; else the lease `fill:<digest>` decides —
+    /// ours (or no Redis answers: [`Claim::Alone`]) starts the fill here, another replica's
+    /// means relaying its stream ([`BlobSource::Peer`]). One request of this replica claims
+    /// at a time ([`Fills::claiming`]); the others wait for it and join its fill.
+    /// `takeover`: the caller found the previous holder gone (counted and logged when this
+    /// replica gets the lease).
+    pub async fn blob_source(
+        &self,
+        cluster: &Arc<Cluster>,
+        store: &Arc<Store>,
+        p: &ProxyRepo,
+        d: &Digest,
+        takeover: Option<&Holder>,
+    ) -> Result<BlobSource, FillError> {
+        let lease_name = fill_lease(d);
+        for _ in 0..SOURCE_ROUNDS {
+            if let Some(f) = self.fills.get(d) {
+                return Ok(BlobSource::Fill(f, false));
+            }
+            let guard = match self.fills.claiming(d) {
+                Claiming::Mine(g) => g,
+                Claiming::Busy => {
+                    self.fills.wait_claim(d, cluster.lease_ttl()).await;
+                    continue;
+                }
+            };
+            let claim = if cluster.coordinated() { cluster.claim(&lease_name).await } else { Claim::Alone };
+            match claim {
+                Claim::Alone => {
+                    let (f, leader) = self.start_fill(store, p, d, None);
+                    return Ok(BlobSource::Fill(f, leader));
+                }
+                Claim::Mine(lease) => {
+                    // The lease may have been free because the last holder just committed
+                    // (through this repository or another: the caller checks the link).
+                    if store.blob_size(d).await?.is_some() {
+                        lease.release().await;
+                        return Ok(BlobSource::Stored);
+                    }
+                    if let Some(gone) = takeover {
+                        tracing::warn!(digest = %d, from = %gone.replica, peer = %gone.advertise, "taking over the fill of a replica that cannot serve it");
+                        crate::metrics::cluster_takeover();
+                    }
+                    let (f, leader) = self.start_fill(store, p, d, Some(lease));
+                    drop(guard);
+                    return Ok(BlobSource::Fill(f, leader));
+                }
+                Claim::Held(h) if h.replica == cluster.id() => {
+                    // A fill of ours ended and is releasing its lease (or the release did not
+                    // reach Redis and the lease expires by itself).
+                    drop(guard);
+                    if store.blob_size(d).await?.is_some() {
+                        return Ok(BlobSource::Stored);
+                    }
+                    cluster.wait_not_held_by(&lease_name, &h, cluster.lease_ttl()).await;
+                }
+                Claim::Held(h) => return Ok(BlobSource::Peer(h)),
+            }
+        }
+        Err(FillError::Busy(format!("no replica took the fill of {d} on")))
     }
 }
 

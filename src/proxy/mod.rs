@@ -333,28 +333,28 @@ impl Proxy {
                 let key = (p.cache.clone(), d.to_string());
                 let (store, p2, d2, cluster) = (store.clone(), p.clone(), d.clone(), self.cluster.clone());
                 resolved(
-                self.manifest_flights
-                    .run(key, async move {
-                        // One upstream GET per digest across the fleet: the replica holding the
-                        // lease fetches; the others find the manifest in the store after it.
-                        let lease = format!("manifest:{}@{d2}", p2.cache);
-                        let check = || async {
-                            let found = store.manifest_info(&p2.cache, &d2).await?.is_some();
-                            Ok::<_, ProxyError>(found.then(|| (d2.clone(), Outcome::Joined)))
-                        };
-                        // Under the lease, the store first: another replica may have just
-                        // released it, its work done.
-                        let work = || async {
-                            if let Some(done) = check().await? {
-                                return Ok(done);
-                            }
-                            fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2))
-                                .await
-                                .map(|d| (d, Outcome::Miss))
-                        };
-                        cluster.once(&lease, check, work).await.map_err(Arc::new)
-                    })
-                    .await,
+                    self.manifest_flights
+                        .run(key, async move {
+                            // One upstream GET per digest across the fleet: the replica holding the
+                            // lease fetches; the others find the manifest in the store after it.
+                            let lease = format!("manifest:{}@{d2}", p2.cache);
+                            let check = || async {
+                                let found = store.manifest_info(&p2.cache, &d2).await?.is_some();
+                                Ok::<_, ProxyError>(found.then(|| (d2.clone(), Outcome::Joined)))
+                            };
+                            // Under the lease, the store first: another replica may have just
+                            // released it, its work done.
+                            let work = || async {
+                                if let Some(done) = check().await? {
+                                    return Ok(done);
+                                }
+                                fetch_manifest(&store, &p2, &d2.to_string(), None, Some(&d2))
+                                    .await
+                                    .map(|d| (d, Outcome::Miss))
+                            };
+                            cluster.once(&lease, check, work).await.map_err(Arc::new)
+                        })
+                        .await,
                 )
             }
             Reference::Tag(t) => {

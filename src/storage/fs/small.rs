@@ -189,7 +189,9 @@ mod tests {
     fn ready<T: std::fmt::Debug>(c: Cached<T>) -> io::Result<T> {
         match c {
             Cached::Ready(r) => r,
-            Cached::WouldBlock => panic!("a file just written is in the caches (kernel without openat2 RESOLVE_CACHED?)"),
+            Cached::WouldBlock => {
+                panic!("a file just written is in the caches (kernel without openat2 RESOLVE_CACHED?)")
+            }
         }
     }
 

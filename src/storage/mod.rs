@@ -252,11 +252,16 @@ impl Store {
         }
     }
 
-    /// Tells the other replicas about a change here, before the change's request is answered.
+    /// Tells the other replicas about a change here: a removal before the change's request is
+    /// answered (their caches must not serve it a moment longer); an addition in the
+    /// background (nothing wrong is served meanwhile, and a write never waits for Redis).
     async fn tell(&self, e: Event) {
         if let Some(c) = self.fleet.get() {
             crate::metrics::cluster_event("published", e.name());
-            c.publish_now(e).await;
+            match e {
+                Event::BlobGone { .. } | Event::LinkGone { .. } | Event::ManifestGone { .. } => c.publish_now(e).await,
+                _ => c.publish(e),
+            }
         }
     }
 

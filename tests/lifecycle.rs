@@ -397,7 +397,9 @@ async fn an_image_being_pulled_and_a_fill_in_progress_survive_eviction() {
         assert_content(&read(http.get(url("team/a", &format!("blobs/{d}")))).await, d, body, "a: blob");
     }
     let (slow_d, slow_body) = a.blobs[2].clone();
-    fake.plan(&slow_d, Plan::new(slow_body.clone()).slow(8 << 10, Duration::from_millis(100)));
+    // Half the layer, then nothing until eviction has run.
+    let (plan, open) = Plan::new(slow_body.clone()).slow(8 << 10, Duration::from_millis(20)).hold_after(100_000);
+    fake.plan(&slow_d, plan);
     let slow = tokio::spawn({
         let (http, u) = (http.clone(), url("team/a", &format!("blobs/{slow_d}")));
         async move { read(http.get(u)).await }
@@ -415,7 +417,8 @@ async fn an_image_being_pulled_and_a_fill_in_progress_survive_eviction() {
     })
     .await;
     assert!(evicted, "nothing was evicted past the cap:\n{text}");
-    assert!(!slow.is_finished(), "the slow fill ended before eviction ran: the test proves nothing");
+    assert!(!slow.is_finished(), "the held fill ended before eviction ran: the test proves nothing");
+    open.send(true).unwrap();
     let r = slow.await.unwrap();
     assert_content(&r, &slow_d, &slow_body, "a: the layer filling while eviction ran");
     // A is whole: every blob (hits, or fetched again) and its manifest.

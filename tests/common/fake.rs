@@ -45,11 +45,20 @@ pub struct Plan {
     pub delay: Duration,
     /// Break the connection after this many bytes.
     pub drop_after: Option<usize>,
+    /// Stop after this many bytes until the gate opens (see [`Plan::hold_after`]).
+    pub hold: Option<(usize, tokio::sync::watch::Receiver<bool>)>,
 }
 
 impl Plan {
     pub fn new(body: impl Into<Bytes>) -> Plan {
-        Plan { body: body.into(), content_length: true, chunk: 256 * 1024, delay: Duration::ZERO, drop_after: None }
+        Plan {
+            body: body.into(),
+            content_length: true,
+            chunk: 256 * 1024,
+            delay: Duration::ZERO,
+            drop_after: None,
+            hold: None,
+        }
     }
 
     pub fn chunked(mut self) -> Plan {
@@ -66,6 +75,14 @@ impl Plan {
     pub fn drop_after(mut self, n: usize) -> Plan {
         self.drop_after = Some(n);
         self
+    }
+
+    /// Send `n` bytes, then nothing until `true` is sent on the returned gate: a fill that
+    /// stays in progress for as long as a test needs, however slow the machine.
+    pub fn hold_after(mut self, n: usize) -> (Plan, tokio::sync::watch::Sender<bool>) {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        self.hold = Some((n, gate));
+        (self, open)
     }
 }
 
@@ -393,11 +410,17 @@ fn plan_body(st: Arc<FakeState>, digest: String, plan: Plan) -> Body {
             if pos > 0 && !plan.delay.is_zero() {
                 tokio::time::sleep(plan.delay).await;
             }
+            if let Some((_, gate)) = plan.hold.as_ref().filter(|(n, _)| pos >= *n && pos < total) {
+                let _ = gate.clone().wait_for(|open| *open).await;
+            }
             if pos >= limit {
                 // usize::MAX ends the stream after the error.
                 return Some((Err(std::io::Error::other("fake upstream drops the connection")), usize::MAX));
             }
-            let end = (pos + plan.chunk).min(limit);
+            let mut end = (pos + plan.chunk).min(limit);
+            if let Some((n, _)) = plan.hold.as_ref().filter(|(n, _)| pos < *n) {
+                end = end.min(*n);
+            }
             let chunk = plan.body.slice(pos..end);
             if end == total {
                 st.inner.lock().unwrap().sent_all.entry(digest).or_default().push(Instant::now());

@@ -45,6 +45,9 @@ P = {
     "baseline_repeat": env_int("BENCH_BASELINE_REPEAT", 2),
     "deadline_s": env_int("BENCH_DEADLINE_SECS", 600),
     "baseline_deadline_extra_s": env_int("BENCH_BASELINE_DEADLINE_EXTRA_SECS", 150),
+    "s3": env_int("BENCH_S3", 1),
+    "s3_repeat": env_int("BENCH_S3_REPEAT", 2),
+    "s3_deadline_extra_s": env_int("BENCH_S3_DEADLINE_EXTRA_SECS", 150),
     "client_mem_mib": env_int("BENCH_CLIENT_MEM_MIB", 0),
     "idle_timeout_s": env_int("BENCH_IDLE_TIMEOUT_SECS", 60),
     "only": os.environ.get("BENCH_ONLY", ""),
@@ -195,7 +198,7 @@ def measure_pulls(ctx, t, upstream, uplog, images, direct=False, repeat=None):
             break
         if not direct:
             t.fresh()
-        others = [] if direct else [upstream.server]
+        others = [] if direct else [upstream.server] + t.backends()
         for kind in ("cold", "warm"):
             if direct and kind == "warm":
                 break
@@ -247,7 +250,7 @@ def measure_concurrent(ctx, t, upstream, uplog, images, direct=False, repeat=Non
             t.fresh()
         if bufs is None:  # allocated (and every page touched) off the clock, reused by the runs
             bufs = client.body_buffers([layer["size"]] * n, mem_limit()) or False
-        others = [] if direct else [upstream.server]
+        others = [] if direct else [upstream.server] + t.backends()
         r, mark = run_phase("concurrent", t.server, others, uplog,
                             lambda: client.concurrent_get(t.hostport, repo("big"), layer, n, bufs or None))
         r["upstream_gets"] = uplog.count(mark, "GET", path)
@@ -305,8 +308,9 @@ def measure_push(ctx, targets, images, layout, others=()):
             t.fresh()
             sk = tools.Skopeo(os.path.dirname(layout))
             dest = "docker://%s/local/big:1" % t.hostport
-            settle([t.server] + list(others), None)
-            with Phase("push", t.server, others) as ph:
+            deps = list(others) + t.backends()
+            settle([t.server] + deps, None)
+            with Phase("push", t.server, deps) as ph:
                 secs = sk.copy("oci:%s:big" % layout, dest)
             sk.cleanup()
             r = add_cost({"secs": secs, "bytes": total, "mb_s": round(total / secs / 1e6, 1), "phase": ph.result})
@@ -395,6 +399,8 @@ def main():
     base = baseline.resolve()  # may build it (minutes, once per commit): before the clock starts
     if base and "BENCH_DEADLINE_SECS" not in os.environ:
         P["deadline_s"] += P["baseline_deadline_extra_s"]
+    if P["s3"] and "BENCH_DEADLINE_SECS" not in os.environ:
+        P["deadline_s"] += P["s3_deadline_extra_s"]
     ctx = Ctx()
     tmp_parent = os.environ.get("BENCH_TMPDIR") or None
     workdir = tempfile.mkdtemp(prefix="stevedore-bench-", dir=tmp_parent)
@@ -483,6 +489,22 @@ def main():
                 results["stevedore_fsync_off"] = {
                     "pull": measure_pulls(ctx, nofs_pull, upstream, uplog, images, repeat=P["fsync_off_repeat"])}
                 nofs_pull.stop()
+
+        # The S3 backend: the same binary with its content in a moto_server bucket (moto
+        # restarted empty with every fresh start). Cold and warm pulls, concurrent cold GETs,
+        # push (storage.fsync as default: the spool is fsync'd; a part is durable once the
+        # bucket acknowledged it). moto is Python and keeps objects in memory: these rows
+        # measure the S3 code path against a slow store, not S3 itself.
+        if P["s3"] and want("s3"):
+            s3 = Stevedore("stevedore-s3", workdir, binary, upstream.hostport, fsync=True, s3=True)
+            n = P["s3_repeat"]
+            with ctx.step("stevedore on S3 (moto): pulls, concurrent, push"):
+                res = {"pull": measure_pulls(ctx, s3, upstream, uplog, images, repeat=n)}
+                res["concurrent"] = measure_concurrent(ctx, s3, upstream, uplog, images, repeat=1)
+                res["push"] = measure_push(ctx, [("stevedore_s3", s3, n)], images, layout,
+                                           [upstream.server])["stevedore_s3"]
+                s3.stop()
+                results["stevedore_s3"] = res
     except Exception:
         results["error"] = traceback.format_exc()
         log(results["error"])

@@ -15,8 +15,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # The same installer as the tests (policy-rc.d guard, packaged services disabled).
+# moto_server (PyPI moto[server], in a virtualenv) is the S3 endpoint of the `stevedore_s3` target.
 bash scripts/install-test-deps.sh docker-registry=docker-registry skopeo=skopeo hey=hey wrk=wrk curl=curl \
-    python3=python3
+    python3=python3 moto=moto_server
 
 if [[ -z "${BENCH_STEVEDORE:-}" ]]; then
     build_start=$SECONDS

@@ -23,10 +23,17 @@ packages=(skopeo curl docker-registry containerd podman docker.io runc redis-ser
 # The command each package must provide; checked after install as well.
 declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry
     [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc [redis-server]=redis-server)
-# Other callers (bench/run.sh) name their own set as `package=command` arguments.
+# Other callers (bench/run.sh) name their own set as `package=command` arguments;
+# `moto=moto_server` among them asks for moto_server (pip, below) as well.
+want_moto=1
 if (($#)); then
     packages=()
+    want_moto=0
     for arg in "$@"; do
+        if [[ "$arg" == moto=moto_server ]]; then
+            want_moto=1
+            continue
+        fi
         packages+=("${arg%%=*}")
         provides[${arg%%=*}]=${arg#*=}
     done
@@ -43,7 +50,8 @@ is_installed() {
 
 # moto_server (PyPI `moto[server]`): S3 for the `*_s3` twins of the suites. Installed with
 # pip into a virtualenv of its own (~/.cache/stevedore-test-venv, where tests/common/s3.rs
-# looks when it is not on PATH), so no system Python is touched. Only for the default set.
+# looks when it is not on PATH), so no system Python is touched. For the default set, or when
+# asked for by `moto=moto_server`.
 install_moto() {
     if command -v moto_server >/dev/null 2>&1; then
         return 0
@@ -73,7 +81,7 @@ sudo=()
 if [[ "$(id -u)" != 0 ]] && command -v sudo >/dev/null 2>&1; then
     sudo=(sudo -n)
 fi
-if ((! $#)); then
+if ((want_moto)); then
     install_moto
 fi
 

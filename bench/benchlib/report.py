@@ -200,7 +200,49 @@ def summarize(res):
             "peak_rss_cold_mib": (_max([p.get("peak_rss_kib") for p in _phases(_get(nofs, "pull", "cold"))]) or 0) / 1024,
             "verified": _verified((_get(nofs, "pull", "cold") or []) + (_get(nofs, "pull", "warm") or [])),
         }
+    s3 = res.get("stevedore_s3")
+    if s3:
+        extra["s3"] = _s3_rows(res.get("stevedore") or {}, push.get("stevedore"), s3)
     return {"rows": rows, "extra": extra}
+
+
+def _s3_rows(fs, fs_push, s3):
+    """Stevedore on the filesystem against Stevedore on S3 (moto), same binary, same run:
+    [(label, fs, s3, s3/fs, fmt)]."""
+    mbs = lambda runs: _med([r["mb_s"] for r in runs or []])  # noqa: E731
+    rss = lambda runs: (_max([p.get("peak_rss_kib") for p in _phases(runs)]) or 0) / 1024 or None  # noqa: E731
+    moto = lambda runs: _med([p.get("stevedore-s3-moto_cpu_s") for p in _phases(runs)])  # noqa: E731
+    conc = lambda t: t.get("concurrent") or []  # noqa: E731
+    out = []
+
+    def add(label, f, s, fmt="%.1f", ratio=True):
+        r = round(s / f, 2) if ratio and f and s is not None else None
+        out.append((label, f, s, r, fmt))
+
+    for kind in ("cold", "warm"):
+        f, t = _get(fs, "pull", kind), _get(s3, "pull", kind)
+        add("pull big %s, MB/s" % kind, mbs(f), mbs(t))
+        add("  server CPU s/GB", _cost(f), _cost(t), "%.2f")
+        add("  peak RSS MiB", rss(f), rss(t))
+        add("  moto CPU s (median run)", None, moto(t), "%.2f", False)
+    add("  every body's sha256 and size (off the clock)",
+        _verified((_get(fs, "pull", "cold") or []) + (_get(fs, "pull", "warm") or [])),
+        _verified((_get(s3, "pull", "cold") or []) + (_get(s3, "pull", "warm") or [])), "%s", False)
+    add("concurrent cold GETs of big layer: wall s", _med([r["wall_s"] for r in conc(fs)]),
+        _med([r["wall_s"] for r in conc(s3)]), "%.2f")
+    add("  server CPU s/GB (of all clients' bytes)", _cost(conc(fs)), _cost(conc(s3)), "%.2f")
+    add("  peak RSS MiB", rss(conc(fs)), rss(conc(s3)))
+    add("  upstream GETs of that blob (max)", _max([r["upstream_gets"] for r in conc(fs)]),
+        _max([r["upstream_gets"] for r in conc(s3)]), "%d", False)
+    add("  every client's sha256 and size", _verified(conc(fs), "all_match"), _verified(conc(s3), "all_match"),
+        "%s", False)
+    p = s3.get("push")
+    add("push big (fsync = true), MB/s", mbs(fs_push), mbs(p))
+    add("  server CPU s/GB", _cost(fs_push), _cost(p), "%.2f")
+    add("  peak RSS MiB", rss(fs_push), rss(p))
+    add("  moto CPU s (median run)", None, moto(p), "%.2f", False)
+    add("  pushed image pulled back, every sha256", _verified(fs_push), _verified(p), "%s", False)
+    return out
 
 
 def _errors(r):
@@ -278,6 +320,20 @@ def render(res):
                         _fmt(rows_by["pull_cold_mb_s"]["values"]["stevedore"], "%.0f"),
                         _fmt(fo["pull_warm_mb_s"], "%.0f"), _fmt(fo["peak_rss_cold_mib"], "%.1f"),
                         _fmt(fo["verified"], "%s")))
+    s3 = s["extra"].get("s3")
+    if s3:
+        lines.append("")
+        lines.append("S3 backend: the same Stevedore with backend = \"s3\" on moto_server (in-memory, Python; one bucket, "
+                     "restarted empty with every cold run), beside Stevedore on the filesystem from the table above; "
+                     "medians of %d runs (concurrent: 1)" % p["s3_repeat"])
+        srows = [("metric", "fs", "S3", "S3/fs")] + [(lb, _fmt(f, fmt), _fmt(v, fmt), _fmt(r, "%.2f"))
+                                                     for lb, f, v, r, fmt in s3]
+        w = [max(len(row[i]) for row in srows) for i in range(4)]
+        for i, row in enumerate(srows):
+            lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * x for x in w))
+        lines.append("")
     ck = m.get("config_keys") or {}
     if any(not v.get("local_namespaces") for v in ck.values()):
         lines.append("config: [proxy] local_namespaces left out for %s (the binary refuses the key)"

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import urllib.request
 
 from .procs import Server, free_port, wait_http, wait_line
 
@@ -73,6 +74,10 @@ class Registry:
             self.server.stop()
             self.server = None
 
+    def backends(self):
+        """Further servers this target depends on (accounted beside the upstream)."""
+        return []
+
     @property
     def out_log(self):
         return self.server.out_path
@@ -96,6 +101,50 @@ class Distribution(Registry):
         wait_http("http://%s/v2/" % self.hostport, self.server)
 
 
+def moto_binary():
+    """moto_server (PyPI `moto[server]`) where the tests look for it: `$STEVEDORE_MOTO_SERVER`,
+    else on PATH, else in the virtualenv scripts/install-test-deps.sh makes."""
+    if os.environ.get("STEVEDORE_MOTO_SERVER"):
+        return os.environ["STEVEDORE_MOTO_SERVER"]
+    found = shutil.which("moto_server")
+    if found:
+        return found
+    venv = os.path.join(os.path.expanduser("~"), ".cache", "stevedore-test-venv", "bin", "moto_server")
+    if os.access(venv, os.X_OK):
+        return venv
+    raise RuntimeError("moto_server (PyPI moto[server]) not found: run bash scripts/install-test-deps.sh "
+                       "moto=moto_server (bench/run.sh does)")
+
+
+class Moto:
+    """moto_server on 127.0.0.1 with one bucket: an S3 endpoint (in memory) for a target."""
+
+    BUCKET = "bench"
+
+    def __init__(self, name, workdir):
+        self.name = name
+        self.dir = os.path.join(workdir, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port = free_port()
+        self.server = None
+
+    def fresh(self):
+        """(Re)starts moto (its content is in memory: a restart empties it) and makes the bucket."""
+        self.stop()
+        self.server = Server(self.name, [moto_binary(), "-H", "127.0.0.1", "-p", str(self.port)], self.dir,
+                             env={"PYTHONUNBUFFERED": "1"}).start()
+        wait_http("http://127.0.0.1:%d/" % self.port, self.server, timeout=60)
+        # moto accepts unsigned requests.
+        req = urllib.request.Request("http://127.0.0.1:%d/%s" % (self.port, self.BUCKET), method="PUT")
+        urllib.request.urlopen(req, timeout=30).close()
+        return self
+
+    def stop(self):
+        if self.server:
+            self.server.stop()
+            self.server = None
+
+
 # Pushes go to 127.0.0.1:PORT/local/big:1. Newer binaries refuse pushes to plain names while a
 # default upstream is configured unless the name matches `[proxy] local_namespaces`; older ones
 # refuse that key (unknown keys are errors). `config_keys` finds out which, per binary.
@@ -103,9 +152,23 @@ LOCAL_NS = 'local_namespaces = ["local/*"]\n'
 _KEYS = {}
 
 
-def _stevedore_config(port, root, fsync, up_host, local_ns):
-    return STEVEDORE_CONFIG.format(root=root, port=port, fsync="true" if fsync else "false", up_host=up_host,
-                                   local_ns=LOCAL_NS if local_ns else "")
+S3_CONFIG = """
+[storage.s3]
+bucket = "{bucket}"
+region = "us-east-1"
+endpoint = "http://127.0.0.1:{port}"
+allow_http = true
+access_key_id = "bench"
+secret_access_key = "bench"
+"""
+
+
+def _stevedore_config(port, root, fsync, up_host, local_ns, s3=None):
+    cfg = STEVEDORE_CONFIG.format(root=root, port=port, fsync="true" if fsync else "false", up_host=up_host,
+                                  local_ns=LOCAL_NS if local_ns else "")
+    if s3:
+        cfg = cfg.replace("fsync = ", 'backend = "s3"\nfsync = ', 1) + S3_CONFIG.format(bucket=s3.BUCKET, port=s3.port)
+    return cfg
 
 
 def config_keys(binary, workdir):
@@ -141,19 +204,32 @@ def config_keys(binary, workdir):
 class Stevedore(Registry):
     kind = "stevedore"
 
-    def __init__(self, name, workdir, binary, upstream_hostport, fsync=True):
+    def __init__(self, name, workdir, binary, upstream_hostport, fsync=True, s3=False):
         super().__init__(name, workdir)
         self.binary = binary
         self.up = upstream_hostport
         self.fsync = fsync
+        # backend = "s3": the content in a moto bucket, restarted empty with the target;
+        # storage.root is then scratch space (spools, part buffers).
+        self.moto = Moto(name + "-moto", workdir) if s3 else None
         self.port = free_port()
         self.hostport = "127.0.0.1:%d" % self.port
         self.keys = config_keys(binary, workdir)
 
+    def backends(self):
+        return [self.moto.server] if self.moto and self.moto.server else []
+
+    def stop(self):
+        super().stop()
+        if self.moto:
+            self.moto.stop()
+
     def _start(self, root):
+        if self.moto:
+            self.moto.fresh()
         cfg = os.path.join(self.dir, "stevedore.toml")
         with open(cfg, "w") as f:
-            f.write(_stevedore_config(self.port, root, self.fsync, self.up, self.keys["local_namespaces"]))
+            f.write(_stevedore_config(self.port, root, self.fsync, self.up, self.keys["local_namespaces"], self.moto))
         # Fresh log per start: wait_line looks for the listen line in the whole file.
         for ext in (".out", ".err"):
             p = os.path.join(self.dir, self.name + ext)

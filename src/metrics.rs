@@ -194,6 +194,16 @@ pub fn cluster_takeover() {
     counter!("stevedore_cluster_takeovers_total").increment(1);
 }
 
+/// A fill lease naming a holder that is not a registered replica (never contacted).
+pub fn cluster_unregistered_holder() {
+    counter!("stevedore_cluster_unregistered_holders_total").increment(1);
+}
+
+/// A peer's relayed blob that did not hash to its digest (the client's stream was cut).
+pub fn cluster_relay_mismatch() {
+    counter!("stevedore_cluster_relay_mismatches_total").increment(1);
+}
+
 /// A fill that found its lease expired (Redis unreachable for a while, or a stalled fill).
 pub fn cluster_fill_lease_lost() {
     counter!("stevedore_cluster_fill_leases_lost_total").increment(1);

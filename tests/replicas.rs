@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::distribution::Distribution;
@@ -374,4 +376,104 @@ async fn ranged_pulls_are_relayed_from_the_leader() {
     assert!(first < whole.done && beyond.done < whole.done, "the ranges were answered while the fill ran");
     up.settle();
     assert_eq!(up.blob_gets("fleet/range"), 1, "{}", up.requests_for("fleet/range"));
+}
+
+/// A stand-in for a replica that lies: answers every request with `size` zero bytes as the
+/// blob it was asked for, in the headers a replica's fill endpoint sends. Returns its URL
+/// and the number of requests it received.
+async fn lying_peer(size: u64) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let hits = Arc::new(AtomicUsize::new(0));
+    let seen = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                seen.fetch_add(1, Ordering::SeqCst);
+                let text = String::from_utf8_lossy(&head).into_owned();
+                let digest = text.split(' ').nth(1).and_then(|p| p.rsplit('/').next()).unwrap_or("").to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\ndocker-content-digest: {digest}\r\n\
+                     x-stevedore-peer: fill\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n"
+                );
+                if sock.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                let zeros = vec![0u8; 64 << 10];
+                let mut left = size as usize;
+                while left > 0 {
+                    let n = left.min(zeros.len());
+                    if sock.write_all(&zeros[..n]).await.is_err() {
+                        return;
+                    }
+                    left -= n;
+                }
+            });
+        }
+    });
+    (url, hits)
+}
+
+/// Redis is coordination, never trusted with where clients' bytes or the fleet's secret go:
+/// a fill lease naming a holder the store's replica registry does not know is never
+/// contacted (the replica fills on its own, verified), and a registered peer whose relayed
+/// bytes do not hash to the digest never gives a client a complete response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_holders_are_checked_against_the_registry_and_relayed_bytes_are_verified() {
+    const SIZE: u64 = 2 * MIB;
+    let up = Distribution::start(false);
+    let upstream = format!("127.0.0.1:{}", up.port);
+    let forged = push_generated(&up.registry(), "fleet/forged", 0x14_0030, SIZE).await;
+    let lying = push_generated(&up.registry(), "fleet/lying", 0x14_0031, SIZE).await;
+    let fleet = Fleet::start(1, &upstream, "");
+    up.settle();
+    let redis = fleet.redis.as_ref().unwrap();
+    let (peer, hits) = lying_peer(SIZE).await;
+    let http = client();
+
+    // A lease value written into Redis by something that is not a replica.
+    let stranger = uuid::Uuid::new_v4();
+    let set = redis.command(&["SET", &format!("stevedore:fill:{forged}"), &format!("{stranger} {peer} tok"), "PX", "60000"]);
+    assert!(set.contains("OK"), "{set}");
+    let got = pull(&http, &blob_url(&fleet, 0, "fleet/forged", &forged), None).await;
+    assert!(got.complete(&forged, SIZE), "{got:?}");
+    assert_eq!(got.cache, "miss", "filled by the replica itself");
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "the unregistered holder was contacted");
+    assert_eq!(fleet.metric(0, "stevedore_cluster_unregistered_holders_total").await, 1.0);
+    up.settle();
+    assert_eq!(up.blob_gets("fleet/forged"), 1, "{}", up.requests_for("fleet/forged"));
+
+    // A registered replica (a fresh heartbeat in the store, another host) that lies.
+    let liar = uuid::Uuid::now_v7();
+    let heartbeat = serde_json::json!({
+        "replica": liar.to_string(), "advertise": peer, "host": "elsewhere", "pid": 1, "redis": true,
+        "started_unix_ms": 0u64,
+    });
+    let bucket = fleet.at(0).bucket.as_ref().unwrap();
+    bucket.put(&format!("meta/replicas/{liar}"), heartbeat.to_string().as_bytes());
+    let lease = format!("stevedore:fill:{lying}");
+    let set = redis.command(&["SET", &lease, &format!("{liar} {peer} tok"), "PX", "60000"]);
+    assert!(set.contains("OK"), "{set}");
+    let got = pull(&http, &blob_url(&fleet, 0, "fleet/lying", &lying), None).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 1, "the registered holder was asked");
+    assert_eq!(got.cache, "peer", "{got:?}");
+    assert!(got.clean_error(), "a peer's wrong bytes reached a client as a complete blob: {got:?}");
+    assert!(got.len < SIZE, "the client got every byte: {got:?}");
+    assert_eq!(fleet.metric(0, "stevedore_cluster_relay_mismatches_total").await, 1.0);
+    assert!(!bucket.blobs().iter().any(|k| k.contains(&lying[7..])), "the relayed bytes were stored");
+    // Once the lease is let go, the replica fills the blob itself.
+    redis.command(&["DEL", &lease]);
+    let got = pull(&http, &blob_url(&fleet, 0, "fleet/lying", &lying), None).await;
+    assert!(got.complete(&lying, SIZE), "{got:?}");
+    bucket.delete(&format!("meta/replicas/{liar}"));
 }

@@ -242,7 +242,11 @@ async fn from_peer(app: &App, leader: &Holder, d: &Digest, req: &HeaderMap) -> R
             out.headers_mut().insert(name, v.clone());
         }
     }
-    if bytes {
+    if bytes && status == StatusCode::OK {
+        *out.body_mut() = Body::from_stream(verified_relay(d.clone(), resp.bytes_stream()));
+    } else if bytes {
+        // A range cannot be hashed against the digest: the leader holds its last byte back
+        // until it verified the whole blob, as for its own clients.
         *out.body_mut() = Body::from_stream(resp.bytes_stream().map_err(std::io::Error::other));
     } else {
         // An error body: small, read whole (bounded).
@@ -253,6 +257,47 @@ async fn from_peer(app: &App, leader: &Holder, d: &Digest, req: &HeaderMap) -> R
         *out.body_mut() = Body::from(body);
     }
     Ok(out)
+}
+
+/// A peer's whole blob, verified on its way through: hashed as it passes, its last chunk held
+/// back until the digest matched, so a client never receives a complete response of bytes
+/// that are not the blob; on a mismatch (or a broken stream) the client's stream breaks.
+fn verified_relay(
+    d: Digest,
+    body: impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send + 'static,
+) -> impl futures::Stream<Item = std::io::Result<bytes::Bytes>> + Send {
+    use futures::StreamExt;
+    let hasher = Some(crate::oci::Hasher::new(d.algorithm()));
+    // (body, hasher — `None` once the stream ended or broke, the chunk held back)
+    let state = (Box::pin(body), hasher, None::<bytes::Bytes>);
+    futures::stream::unfold(state, move |(mut body, hasher, mut held)| {
+        let d = d.clone();
+        async move {
+            let mut hasher = hasher?;
+            loop {
+                match body.next().await {
+                    Some(Ok(b)) if b.is_empty() => {}
+                    Some(Ok(b)) => {
+                        hasher.update(&b);
+                        if let Some(prev) = held.replace(b) {
+                            return Some((Ok(prev), (body, Some(hasher), held)));
+                        }
+                    }
+                    Some(Err(e)) => return Some((Err(std::io::Error::other(e)), (body, None, None))),
+                    None => {
+                        let got = hasher.finish();
+                        if got != d {
+                            tracing::warn!(digest = %d, got = %got, "a peer's relayed blob does not match its digest; the client's stream is cut");
+                            crate::metrics::cluster_relay_mismatch();
+                            let e = std::io::Error::other("the relayed bytes do not match the digest");
+                            return Some((Err(e), (body, None, None)));
+                        }
+                        return held.take().map(|b| (Ok(b), (body, None, None)));
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// `GET /_stevedore/cluster/fill/<digest>` (a replica's request, secret checked): the blob

@@ -19,7 +19,10 @@
 //! - **Values** ([`Cluster::get_value`], [`Cluster::set_value`]): small shared values with an
 //!   expiry (upstream tokens).
 //! - **Peers**: requests between replicas carry `Authorization: Bearer <cluster.secret>`
-//!   ([`Cluster::peer_authorized`], [`Cluster::peer_client`]).
+//!   ([`Cluster::peer_authorized`], [`Cluster::peer_request`]). A lease's holder is read from
+//!   Redis, which is not trusted with where the secret or clients' bytes go: a holder is
+//!   contacted only if the store's replica registry (the record) has a fresh heartbeat of it
+//!   with the same advertised URL ([`Cluster::is_replica`]).
 
 pub mod once;
 pub mod replicas;
@@ -101,6 +104,10 @@ pub struct Cluster {
     redis: Option<Redis>,
     events: broadcast::Sender<Event>,
     peers: reqwest::Client,
+    /// `cluster.heartbeat_interval`: a heartbeat younger than three is a live replica's.
+    heartbeat_interval: Duration,
+    /// Holders found in the replica registry lately (cached for one heartbeat interval).
+    registered: moka::sync::Cache<(String, String), ()>,
 }
 
 const RENEW: &str =
@@ -167,6 +174,8 @@ impl Cluster {
             redis,
             events,
             peers,
+            heartbeat_interval: cfg.cluster.heartbeat_interval,
+            registered: registered_cache(cfg.cluster.heartbeat_interval),
         });
         crate::metrics::cluster_redis_up(cluster.redis.is_some());
         Ok(cluster)
@@ -184,6 +193,8 @@ impl Cluster {
             redis: None,
             events,
             peers: reqwest::Client::new(),
+            heartbeat_interval: Duration::from_secs(5),
+            registered: registered_cache(Duration::from_secs(5)),
         })
     }
 
@@ -399,6 +410,29 @@ impl Cluster {
         constant_time_eq(got.as_bytes(), secret.as_bytes())
     }
 
+    /// Whether `h` is a replica serving this store: the registry (`meta/replicas/<id>`) has
+    /// its heartbeat, younger than three heartbeat intervals, naming the same advertised URL.
+    /// Every serving replica records one before it serves; a lease value in Redis that names
+    /// anything else (a forged or stale holder) is never contacted.
+    pub async fn is_replica(&self, store: &crate::storage::Store, h: &Holder) -> bool {
+        let key = (h.replica.clone(), h.advertise.clone());
+        if self.registered.contains_key(&key) {
+            return true;
+        }
+        let Ok(id) = h.replica.parse::<uuid::Uuid>() else { return false };
+        let Ok(Some((raw, at))) = store.replica(&id).await else { return false };
+        let age = std::time::SystemTime::now().duration_since(at).unwrap_or_default();
+        let ok = age <= self.heartbeat_interval * 3
+            && serde_json::from_slice::<replicas::Heartbeat>(&raw).is_ok_and(|hb| {
+                hb.replica == h.replica
+                    && hb.advertise.as_deref().map(|a| a.trim_end_matches('/')) == Some(h.advertise.as_str())
+            });
+        if ok {
+            self.registered.insert(key, ());
+        }
+        ok
+    }
+
     /// A request to another replica (`path` below its advertised URL), authenticated.
     pub fn peer_request(&self, method: reqwest::Method, peer: &Holder, path: &str) -> reqwest::RequestBuilder {
         let rb = self.peers.request(method, format!("{}{path}", peer.advertise));
@@ -413,6 +447,10 @@ impl Cluster {
 fn lease_kind(c: &Cluster, key: &str) -> String {
     let name = c.redis.as_ref().and_then(|r| key.strip_prefix(r.prefix.as_str())).unwrap_or(key);
     once::kind_of(name).to_string()
+}
+
+fn registered_cache(ttl: Duration) -> moka::sync::Cache<(String, String), ()> {
+    moka::sync::Cache::builder().max_capacity(1024).time_to_live(ttl).build()
 }
 
 fn parse_holder(v: &str) -> Option<Holder> {

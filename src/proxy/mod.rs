@@ -511,7 +511,15 @@ impl Proxy {
                     }
                     cluster.wait_not_held_by(&lease_name, &h, cluster.lease_ttl()).await;
                 }
-                Claim::Held(h) => return Ok(BlobSource::Peer(h)),
+                Claim::Held(h) if cluster.is_replica(store, &h).await => return Ok(BlobSource::Peer(h)),
+                Claim::Held(h) => {
+                    // Not a replica of this store (a forged or stale lease value): never
+                    // contacted; this replica fills on its own, verified as always.
+                    tracing::warn!(digest = %d, holder = %h.replica, peer = %h.advertise, "the fill's lease names no replica registered in the store; filling here");
+                    crate::metrics::cluster_unregistered_holder();
+                    let (f, leader) = self.start_fill(store, p, d, None);
+                    return Ok(BlobSource::Fill(f, leader));
+                }
             }
         }
         Err(FillError::Busy(format!("no replica took the fill of {d} on")))

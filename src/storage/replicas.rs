@@ -18,6 +18,11 @@ impl Store {
         self.backend.remove(&layout::replica(id)).await
     }
 
+    /// One replica's heartbeat: record, when it was written.
+    pub async fn replica(&self, id: &uuid::Uuid) -> StoreResult<Option<(Bytes, SystemTime)>> {
+        self.backend.get(&layout::replica(id)).await
+    }
+
     /// Every replica heartbeat: id, record, when it was written.
     pub async fn replicas(&self) -> StoreResult<Vec<(uuid::Uuid, Bytes, SystemTime)>> {
         let mut out = Vec::new();

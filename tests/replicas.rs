@@ -443,7 +443,8 @@ async fn lease_holders_are_checked_against_the_registry_and_relayed_bytes_are_ve
 
     // A lease value written into Redis by something that is not a replica.
     let stranger = uuid::Uuid::new_v4();
-    let set = redis.command(&["SET", &format!("stevedore:fill:{forged}"), &format!("{stranger} {peer} tok"), "PX", "60000"]);
+    let set =
+        redis.command(&["SET", &format!("stevedore:fill:{forged}"), &format!("{stranger} {peer} tok"), "PX", "60000"]);
     assert!(set.contains("OK"), "{set}");
     let got = pull(&http, &blob_url(&fleet, 0, "fleet/forged", &forged), None).await;
     assert!(got.complete(&forged, SIZE), "{got:?}");

@@ -22,7 +22,7 @@ use super::read::SharedBlocks;
 use super::writeback::Writeback;
 use super::{blocking, sync_dir, Fs};
 use crate::oci::{Digest, Hasher};
-use crate::storage::backend::{Hold, IngestId, IngestState, TailReader, Verified, Writer, WriterOptions};
+use crate::storage::backend::{Hold, IngestId, IngestKind, IngestState, TailReader, Verified, Writer, WriterOptions};
 use crate::storage::layout;
 use crate::storage::{StoreError, StoreResult};
 
@@ -83,11 +83,16 @@ impl FsWriter {
             })
         })
         .await?;
+        let upload = matches!(opts.kind, IngestKind::Upload { .. });
         let mut state = IngestState::new(opts.kind, opts.alg);
         let hasher = Hasher::new(opts.alg);
         state.set_hash(0, &hasher);
         let w = FsWriter::wrap(fs, id, state, data, file, hasher, opts.batch_bytes, hold)?;
-        if let Err(e) = w.fs.put_atomic(&layout::ingest_state(&id), &w.state.encode()).await {
+        // An upload session exists once its POST is answered: its state is durable. A fill's
+        // is not resumed after a crash (the next request fetches again): an fsync here would
+        // wait behind the disk's queue (the previous fill's commit) before the first byte.
+        let durable = w.fs.fsync && upload;
+        if let Err(e) = w.fs.put_atomic_durable(&layout::ingest_state(&id), &w.state.encode(), durable).await {
             // No state, no session: leave nothing behind (a full disk, typically).
             let _ = w.remove().await;
             return Err(e);

@@ -78,12 +78,18 @@ impl Fs {
 
     /// Replaces `key` with `bytes` atomically (tmp file + rename).
     async fn put_atomic(&self, key: &Key, bytes: &[u8]) -> StoreResult<()> {
+        self.put_atomic_durable(key, bytes, self.fsync).await
+    }
+
+    /// [`Fs::put_atomic`], fsynced only when `fsync`: for records a crash may lose (a fill's
+    /// ingest state: a fill is never resumed, the sweep removes its remains either way).
+    async fn put_atomic_durable(&self, key: &Key, bytes: &[u8], fsync: bool) -> StoreResult<()> {
         let tmp = self.path(&layout::tmp());
         let path = self.path(key);
         // Plain blocking I/O: tokio's `File` reports a failed write (ENOSPC) only at the next
         // operation on the file, so `write_all` + rename could put an empty file in place of
         // the old value.
-        let (fsync, bytes) = (self.fsync, bytes.to_vec());
+        let bytes = bytes.to_vec();
         let res = blocking(move || {
             let write = || {
                 use std::io::Write as _;

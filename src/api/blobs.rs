@@ -112,9 +112,7 @@ const PEER_ROUNDS: usize = 3;
 /// in a fleet, the fill of whichever replica holds the digest's lease).
 async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
     if cached(app, p, d).await? {
-        let mut resp = get_local(app, &p.cache, d, req, head).await?;
-        headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
-        return Ok(resp);
+        return hit(app, p, d, req, head).await;
     }
     if head {
         let size = app.proxy.blob_head(p, d).await.map_err(|e| upstream_error(&e, Code::BlobUnknown))?;
@@ -123,10 +121,10 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
         headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Miss);
         return Ok(resp);
     }
-    let lease = crate::proxy::fill_lease(d);
+    let lease = crate::cluster::fill_lease(d);
     let mut gone: Option<Holder> = None;
     for _ in 0..PEER_ROUNDS {
-        let source = app.proxy.blob_source(&app.cluster, &app.store, p, d, gone.as_ref()).await.map_err(fill_error)?;
+        let source = app.proxy.blob_source(&app.store, p, d, gone.as_ref()).await.map_err(fill_error)?;
         let leader = match source {
             BlobSource::Fill(fill, leader) => {
                 let mut resp = fill_response(d, fill, req).await?;
@@ -138,9 +136,7 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
                 if !cached(app, p, d).await? {
                     return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
                 }
-                let mut resp = get_local(app, &p.cache, d, req, false).await?;
-                headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
-                return Ok(resp);
+                return hit(app, p, d, req, false).await;
             }
             BlobSource::Peer(h) => h,
         };
@@ -156,15 +152,20 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
         }
         // Committed meanwhile, or wait for the lease to expire (its holder died) or pass on.
         if cached(app, p, d).await? {
-            let mut resp = get_local(app, &p.cache, d, req, false).await?;
-            headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
-            return Ok(resp);
+            return hit(app, p, d, req, false).await;
         }
         let limit = app.cluster.lease_ttl() + std::time::Duration::from_secs(2);
         app.cluster.wait_not_held_by(&lease, &leader, limit).await;
         gone = Some(leader);
     }
     Err(fill_error(FillError::Busy(format!("no replica could fill {d}"))))
+}
+
+/// `d` from `p`'s cache (see [`cached`]), marked a hit.
+async fn hit(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head: bool) -> ApiResult {
+    let mut resp = get_local(app, &p.cache, d, req, head).await?;
+    headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Hit);
+    Ok(resp)
 }
 
 /// A fill that could not start, as the client sees it.

@@ -38,6 +38,12 @@ use tokio::sync::{broadcast, watch};
 
 use crate::config::Config;
 
+/// The lease name of a blob's fill (`fill:sha256:…`): the digest as the store and the
+/// events name it.
+pub fn fill_lease(digest: impl std::fmt::Display) -> String {
+    format!("fill:{digest}")
+}
+
 /// The path prefix of the replicas' internal endpoints (never routed to `/v2`).
 pub const PEER_PREFIX: &str = "/_stevedore/cluster";
 
@@ -422,7 +428,7 @@ impl Cluster {
         let Ok(id) = h.replica.parse::<uuid::Uuid>() else { return false };
         let Ok(Some((raw, at))) = store.replica(&id).await else { return false };
         let age = std::time::SystemTime::now().duration_since(at).unwrap_or_default();
-        let ok = age <= self.heartbeat_interval * 3
+        let ok = replicas::is_live(age, self.heartbeat_interval)
             && serde_json::from_slice::<replicas::Heartbeat>(&raw).is_ok_and(|hb| {
                 hb.replica == h.replica
                     && hb.advertise.as_deref().map(|a| a.trim_end_matches('/')) == Some(h.advertise.as_str())

@@ -51,8 +51,9 @@ fn pid_alive(pid: u32) -> bool {
     rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_millis() as u64
+/// Whether a heartbeat `age` old is a live replica's: younger than three intervals.
+pub fn is_live(age: Duration, interval: Duration) -> bool {
+    age <= interval * 3
 }
 
 pub struct Registry {
@@ -72,7 +73,7 @@ impl Registry {
             host: hostname(),
             pid: std::process::id(),
             redis: cluster.coordinated(),
-            started_unix_ms: now_ms(),
+            started_unix_ms: crate::storage::index::unix_now(),
         };
         let record = serde_json::to_vec(&hb).expect("heartbeat serialises");
         Registry { cluster, store, id, record, interval: cfg.cluster.heartbeat_interval }
@@ -94,7 +95,7 @@ impl Registry {
                 let _ = self.store.remove_replica(&id).await;
                 continue;
             }
-            if age <= self.interval * 3 {
+            if is_live(age, self.interval) {
                 out.push(Peer { heartbeat: hb, age });
             }
         }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use moka::future::Cache;
 
-use crate::cluster::{Claim, Cluster, Holder};
+use crate::cluster::{fill_lease, Claim, Cluster, Holder};
 use crate::config::Config;
 use crate::oci::manifest;
 use crate::oci::{Algorithm, Digest, Reference, RepoName, Tag};
@@ -114,11 +114,6 @@ pub enum BlobSource {
 /// How many times [`Proxy::blob_source`] looks again before it gives up (each round waits
 /// for something: a claim of this replica, or a lease of this replica to be released).
 const SOURCE_ROUNDS: usize = 20;
-
-/// The lease name of a blob's fill.
-pub fn fill_lease(d: &Digest) -> String {
-    format!("fill:{d}")
-}
 
 pub struct Proxy {
     by_host: HashMap<String, Arc<Upstream>>,
@@ -463,12 +458,12 @@ impl Proxy {
     /// replica gets the lease).
     pub async fn blob_source(
         &self,
-        cluster: &Arc<Cluster>,
         store: &Arc<Store>,
         p: &ProxyRepo,
         d: &Digest,
         takeover: Option<&Holder>,
     ) -> Result<BlobSource, FillError> {
+        let cluster = &self.cluster;
         let lease_name = fill_lease(d);
         for _ in 0..SOURCE_ROUNDS {
             if let Some(f) = self.fills.get(d) {
@@ -481,8 +476,7 @@ impl Proxy {
                     continue;
                 }
             };
-            let claim = if cluster.coordinated() { cluster.claim(&lease_name).await } else { Claim::Alone };
-            match claim {
+            match cluster.claim(&lease_name).await {
                 Claim::Alone => {
                     let (f, leader) = self.start_fill(store, p, d, None);
                     return Ok(BlobSource::Fill(f, leader));

@@ -234,11 +234,7 @@ impl Store {
     /// Removes committed content and every record of it (eviction, GC, fsck).
     pub async fn delete_content(&self, d: &Digest) -> StoreResult<bool> {
         let removed = self.backend.delete(d).await?;
-        {
-            let _g = self.link_lock.lock().unwrap();
-            self.deletions.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-            self.sizes.invalidate(d);
-        }
+        self.forget_size(d);
         for key in [layout::access(d), layout::refs(d), layout::imported(d)] {
             let _ = self.backend.remove(&key).await;
         }

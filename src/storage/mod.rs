@@ -216,21 +216,33 @@ impl Store {
         self.fleet.get()
     }
 
+    /// Forgets the cached size of `d` (deleted here or on another replica); a lookup racing
+    /// with this does not put it back (`deletions`).
+    fn forget_size(&self, d: &Digest) {
+        let _g = self.link_lock.lock().unwrap();
+        self.deletions.fetch_add(1, Ordering::AcqRel);
+        self.sizes.invalidate(d);
+    }
+
+    /// Forgets the cached link of `d` in `repo` (removed here or on another replica); a
+    /// lookup racing with this does not put it back (`unlinks`).
+    fn forget_link(&self, repo: &Repo, d: &Digest) {
+        let _g = self.link_lock.lock().unwrap();
+        self.unlinks.fetch_add(1, Ordering::AcqRel);
+        self.links.invalidate(&(repo.clone(), d.clone()));
+    }
+
     /// Drops what another replica's change made stale.
     pub fn apply(&self, e: &Event) {
         match e {
             Event::BlobGone { digest } => {
                 if let Ok(d) = digest.parse::<Digest>() {
-                    let _g = self.link_lock.lock().unwrap();
-                    self.deletions.fetch_add(1, Ordering::AcqRel);
-                    self.sizes.invalidate(&d);
+                    self.forget_size(&d);
                 }
             }
             Event::LinkGone { repo, digest } => {
                 if let (Some(repo), Ok(d)) = (layout::repo_of(repo), digest.parse::<Digest>()) {
-                    let _g = self.link_lock.lock().unwrap();
-                    self.unlinks.fetch_add(1, Ordering::AcqRel);
-                    self.links.invalidate(&(repo, d));
+                    self.forget_link(&repo, &d);
                 }
             }
             Event::RepoCreated { repo } => {
@@ -347,11 +359,7 @@ impl Store {
     /// Removes a blob from `repo`'s view. The content stays for other repositories.
     pub async fn unlink_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
         let removed = self.backend.remove(&layout::layer_link(repo, d)).await;
-        {
-            let _g = self.link_lock.lock().unwrap();
-            self.unlinks.fetch_add(1, Ordering::AcqRel);
-            self.links.invalidate(&(repo.clone(), d.clone()));
-        }
+        self.forget_link(repo, d);
         if matches!(removed, Ok(true)) {
             self.tell(Event::LinkGone { repo: Store::repo_key(repo), digest: d.to_string() }).await;
         }

@@ -175,7 +175,7 @@ impl Store {
             let mut _lease = None;
             if let Some(c) = self.fleet.get() {
                 if let Some(IngestKind::Fill { digest }) = status.as_ref().map(|s| &s.kind) {
-                    if c.holder(&format!("fill:{digest}")).await.is_some() {
+                    if c.holder(&crate::cluster::fill_lease(digest)).await.is_some() {
                         continue;
                     }
                 }

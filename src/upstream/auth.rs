@@ -186,7 +186,7 @@ impl Shared {
     async fn get(&self) -> Option<Arc<Token>> {
         let v = self.cluster.get_value(&self.name).await?;
         let (expires_ms, value) = v.split_once(' ')?;
-        let left = expires_ms.parse::<u64>().ok()?.checked_sub(unix_ms())?;
+        let left = expires_ms.parse::<u64>().ok()?.checked_sub(crate::storage::index::unix_now())?;
         if value.is_empty() || left < 1000 {
             return None;
         }
@@ -195,7 +195,7 @@ impl Shared {
 
     async fn put(&self, t: &Token) {
         let left = t.expires.saturating_duration_since(Instant::now());
-        let expires_ms = unix_ms() + left.as_millis() as u64;
+        let expires_ms = crate::storage::index::unix_now() + left.as_millis() as u64;
         self.cluster.set_value(&self.name, &format!("{expires_ms} {}", t.value), left).await;
     }
 
@@ -205,10 +205,6 @@ impl Shared {
             self.cluster.set_value(&self.name, "", Duration::from_millis(1)).await;
         }
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 #[derive(Clone)]

@@ -122,10 +122,6 @@ impl S3State {
 /// The name of the file in a local spool naming the state revision it is in step with.
 const REV_FILE: &str = "rev";
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// Reads what a writer has spooled so far (fill followers): the part files, kept open, so a
 /// follower can finish reading after the commit removed them.
 pub struct S3Tail {
@@ -295,7 +291,7 @@ impl S3Writer {
 
     async fn save_state(&mut self) -> StoreResult<()> {
         self.state.rev = uuid::Uuid::new_v4().simple().to_string();
-        self.state.updated_ms = now_ms();
+        self.state.updated_ms = crate::storage::index::unix_now();
         self.s3.put(&layout::ingest_state(&self.id), self.state.encode()).await?;
         self.state_saved = true;
         if !self.keep_spool {

@@ -446,7 +446,7 @@ impl Backend for S3Backend {
         // Last-Modified, whole seconds rounded down: a second more never sweeps it early.
         let mut updated = match state.updated_ms {
             0 => modified + Duration::from_secs(1),
-            ms => SystemTime::UNIX_EPOCH + Duration::from_millis(ms),
+            ms => crate::storage::index::from_unix(ms),
         };
         // A chunk being received lands in the spool before the next checkpoint.
         if let Ok(mut rd) = tokio::fs::read_dir(self.0.spool_dir(&id)).await {

@@ -11,4 +11,4 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install-test-deps.sh
 
 # --no-fail-fast: one failing test binary must not hide the results of the others.
-exec cargo test --release --locked --no-fail-fast "$@"
+exec cargo test --release --locked --features test-hooks --no-fail-fast "$@"

@@ -26,6 +26,7 @@ impl App {
         cfg: Config,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> anyhow::Result<Arc<App>> {
+        crate::hooks::init(&cfg.storage.root);
         let cluster = crate::cluster::Cluster::from_config(&cfg)?;
         // Replicas sharing the store: what one caches, another may delete.
         let cache_ttl = cluster.coordinated().then_some(crate::storage::SHARED_CACHE_TTL);

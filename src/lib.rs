@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod error;
+pub mod hooks;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;

@@ -16,6 +16,7 @@
 //! - [`s3`]: moto (S3) for the `*_s3` twin binaries, and checks on a store's bucket.
 //! - [`tls`]: a test CA and server and client certificates for 127.0.0.1 (rcgen), an HTTPS
 //!   probe, the certificate a new connection is served, a cert-dir (`ca.crt`) for clients.
+//! - [`pause`]: the binary's named pause points (feature `test-hooks`), from the test side.
 //! - [`proc`]: daemons, bounded commands, required tools, the engine sandbox.
 //! - [`engines`]: containerd, dockerd and podman; [`skopeo_cli`]: isolated skopeo runs.
 #![allow(dead_code)]
@@ -27,6 +28,7 @@ pub mod fake;
 pub mod fleet;
 pub mod http;
 pub mod oci;
+pub mod pause;
 pub mod proc;
 pub mod redis;
 pub mod s3;

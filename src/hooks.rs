@@ -1,0 +1,81 @@
+//! Named pause points for tests that make races deterministic (cargo feature `test-hooks`).
+//!
+//! A process started with `STEVEDORE_PAUSE=name,…` stops at the first pass through each named
+//! point: it creates `<dir>/<name>.reached` and waits (asynchronously: nothing else in the
+//! process is held up) until `<dir>/<name>.go` exists, then removes both and goes on. Later
+//! passes through the same point go straight on. `<dir>` is `STEVEDORE_PAUSE_DIR`, else
+//! `<storage.root>/.pause` (set by [`init`] when a process opens its store).
+//!
+//! Without the feature, [`pause`] is an empty inline function: release builds carry nothing.
+//!
+//! Points (grep `hooks::pause(`) are named `<operation>.<step>`, e.g. `commit.after_publish`.
+
+#[cfg(feature = "test-hooks")]
+mod imp {
+    use std::collections::HashSet;
+    use std::path::PathBuf;
+    use std::sync::{Mutex, OnceLock};
+    use std::time::Duration;
+
+    struct Hooks {
+        dir: Mutex<Option<PathBuf>>,
+        /// Points still to pause at (each pauses once).
+        armed: Mutex<HashSet<String>>,
+    }
+
+    fn hooks() -> &'static Hooks {
+        static H: OnceLock<Hooks> = OnceLock::new();
+        H.get_or_init(|| Hooks {
+            dir: Mutex::new(std::env::var_os("STEVEDORE_PAUSE_DIR").map(PathBuf::from)),
+            armed: Mutex::new(
+                std::env::var("STEVEDORE_PAUSE")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+        })
+    }
+
+    pub fn init(root: &std::path::Path) {
+        let mut dir = hooks().dir.lock().unwrap();
+        if dir.is_none() {
+            *dir = Some(root.join(".pause"));
+        }
+    }
+
+    pub async fn pause(name: &str) {
+        let h = hooks();
+        if !h.armed.lock().unwrap().remove(name) {
+            return;
+        }
+        let Some(dir) = h.dir.lock().unwrap().clone() else {
+            eprintln!("stevedore: pause point {name} armed but no pause directory (STEVEDORE_PAUSE_DIR)");
+            return;
+        };
+        let _ = std::fs::create_dir_all(&dir);
+        let reached = dir.join(format!("{name}.reached"));
+        let go = dir.join(format!("{name}.go"));
+        std::fs::write(&reached, std::process::id().to_string()).expect("writing a pause point's .reached file");
+        tracing::warn!(point = name, "paused at a test pause point");
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let _ = std::fs::remove_file(&go);
+        let _ = std::fs::remove_file(&reached);
+        tracing::warn!(point = name, "resumed from a test pause point");
+    }
+}
+
+#[cfg(feature = "test-hooks")]
+pub use imp::{init, pause};
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn init(_root: &std::path::Path) {}
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub async fn pause(_name: &str) {}

@@ -1144,6 +1144,46 @@ fn check_ca_file(host: &str, f: &std::path::Path) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
+    /// No secret of any config struct shows in `Debug` output (`{:?}` and `{:#?}`) of the
+    /// whole `Config`.
+    #[test]
+    fn debug_of_the_whole_config_shows_no_secret() {
+        let c = Config::parse(
+            r#"
+            [redis]
+            url = "redis://stevedore:redis-pw-Lp4@127.0.0.1:6379/0"
+            [cluster]
+            secret = "cluster-secret-Mm7-0123456789"
+            advertise = "http://carl:advertise-pw-Tt5@127.0.0.1:5000"
+            [storage.s3]
+            bucket = "b"
+            access_key_id = "AKIA-id-Nn6"
+            secret_access_key = "s3-secret-Oo9"
+            [[upstreams]]
+            host = "up.test"
+            endpoints = ["https://eve:endpoint-pw-Rr3@127.0.0.1:9"]
+            username = "bob"
+            password = "upstream-pw-Qq2"
+            token_realms = ["https://eve:realm-pw-Ss8@127.0.0.1:9"]
+            "#,
+        )
+        .unwrap();
+        let shown = format!("{c:?}\n{c:#?}");
+        for secret in [
+            "redis-pw-Lp4",
+            "cluster-secret-Mm7",
+            "advertise-pw-Tt5",
+            "AKIA-id-Nn6",
+            "s3-secret-Oo9",
+            "endpoint-pw-Rr3",
+            "upstream-pw-Qq2",
+            "realm-pw-Ss8",
+        ] {
+            assert!(!shown.contains(secret), "Debug of Config shows {secret}:\n{c:#?}");
+        }
+        assert!(shown.contains("up.test") && shown.contains("<redacted>"), "{c:#?}");
+    }
+
     #[test]
     fn shipped_config_matches_defaults() {
         let text = include_str!("../config/stevedore.toml");

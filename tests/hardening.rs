@@ -47,8 +47,8 @@ async fn the_admin_endpoint_exists_only_with_auth_or_an_admin_token() {
 
     // Open registry: no admin endpoint at all.
     let sd = Stevedore::builder().config(&config(&up, &[(&up, &upstream.url(), "")])).rust_log("warn").start();
-    let r = read(http.post(sd.url("/admin/prefetch")).header("content-type", "application/json").body(body.clone()))
-        .await;
+    let r =
+        read(http.post(sd.url("/admin/prefetch")).header("content-type", "application/json").body(body.clone())).await;
     assert_eq!(r.status, 404, "POST /admin/prefetch on an open registry: {}", r.text());
     upstream.settle();
     assert_eq!(upstream.blob_gets("small"), gets, "an open registry's admin endpoint reached the upstream");
@@ -66,7 +66,8 @@ async fn the_admin_endpoint_exists_only_with_auth_or_an_admin_token() {
     let cfg = config(&up, &[(&up, &upstream.url(), "")])
         + &format!("\n[auth]\nadmin_token_file = {:?}\n", token_file.display().to_string());
     let sd = Stevedore::builder().dir(dir.path()).config(&cfg).start();
-    let post = |b: &str| http.post(sd.url("/admin/prefetch")).header("content-type", "application/json").body(b.to_string());
+    let post =
+        |b: &str| http.post(sd.url("/admin/prefetch")).header("content-type", "application/json").body(b.to_string());
     let r = read(post(&body)).await;
     assert_json_error(&r, 401, "UNAUTHORIZED", "a prefetch without the admin token");
     assert!(hdr(&r.headers, "www-authenticate").is_some_and(|c| c.starts_with("Bearer ")), "{:?}", r.headers);
@@ -134,13 +135,18 @@ fn glob_patterns_over_the_limits_are_refused_at_load() {
     let cases = [
         (up(&format!("immutable_tags = [\"{stars}\"]")), "upstreams.immutable_tags"),
         (up(&format!("immutable_tags = [\"{long}\"]")), "upstreams.immutable_tags"),
-        (up("").replacen("[proxy]\n", &format!("[proxy]\nlocal_namespaces = [\"team/{stars}\"]\n"), 1), "proxy.local_namespaces"),
+        (
+            up("").replacen("[proxy]\n", &format!("[proxy]\nlocal_namespaces = [\"team/{stars}\"]\n"), 1),
+            "proxy.local_namespaces",
+        ),
         (
             up("")
                 + &auth_section(
                     &dir.path().join("a"),
                     &[ALICE],
-                    &format!("[[auth.rules]]\nrepositories = [\"{long}\"]\nusers = [\"alice\"]\nactions = [\"pull\"]\n"),
+                    &format!(
+                        "[[auth.rules]]\nrepositories = [\"{long}\"]\nusers = [\"alice\"]\nactions = [\"pull\"]\n"
+                    ),
                 ),
             "auth.rules",
         ),
@@ -172,7 +178,10 @@ async fn token_credentials_case(text_logs: bool) {
     let wrong = "Wr ong/&=+%Kk3-guess";
     let other = "Ot her+Secret%9";
     let dir = tempfile::tempdir().unwrap();
-    let cfg = format!("[proxy]\ndefault_upstream = \"\"\n{}", auth_section(dir.path(), &[("alice", pw)], "anonymous = \"none\""));
+    let cfg = format!(
+        "[proxy]\ndefault_upstream = \"\"\n{}",
+        auth_section(dir.path(), &[("alice", pw)], "anonymous = \"none\"")
+    );
     let mut b = Stevedore::builder().dir(dir.path()).config(&cfg).rust_log("info");
     if text_logs {
         b = b.text_logs();
@@ -196,11 +205,13 @@ async fn token_credentials_case(text_logs: bool) {
         assert_json_error(&r, 401, "UNAUTHORIZED", &format!("{fmt}: POST /token with credentials in the query"));
     }
     // The form body and the header work.
-    let r = read(
-        http.post(sd.url("/token"))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(q(&[("grant_type", "password"), ("username", "alice"), ("password", pw), scope[0], scope[1]])),
-    )
+    let r = read(http.post(sd.url("/token")).header("content-type", "application/x-www-form-urlencoded").body(q(&[
+        ("grant_type", "password"),
+        ("username", "alice"),
+        ("password", pw),
+        scope[0],
+        scope[1],
+    ])))
     .await;
     assert_eq!(r.status, 200, "{fmt}: the OAuth2 form: {}", r.text());
     let r = read(http.get(sd.url(&format!("/token?{}", q(&scope)))).basic_auth("alice", Some(pw))).await;
@@ -236,4 +247,85 @@ async fn token_credentials_case(text_logs: bool) {
     }
     assert!(log.contains("password=REDACTED"), "{fmt}: no password=REDACTED in the log:\n{log}");
     assert!(log.contains("secret=REDACTED") && log.contains("token=REDACTED"), "{fmt}: not redacted:\n{log}");
+}
+
+/// An admin prefetch goes on when its client hangs up, and a SIGTERM stops the server within
+/// `server.shutdown_grace` even while a prefetch runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefetch_survives_its_client_but_not_a_sigterm() {
+    let upstream = Distribution::start(false);
+    let up = upstream.url().trim_start_matches("http://").to_string();
+    let small = oci::make_image(7911, 2, 20_000, "amd64", "linux");
+    upstream.registry().push_image("small", &small, Some("latest")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin-token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
+    let cfg = config(&up, &[(&up, &upstream.url(), "")])
+        + &format!(
+            "\n[server]\nshutdown_grace = \"1s\"\n[auth]\nadmin_token_file = {:?}\n",
+            token_file.display().to_string()
+        );
+    let body = json!({"references": [format!("{up}/small:latest")]}).to_string();
+    let post = |sd: &Stevedore, timeout: Duration| {
+        client_with_timeout(timeout)
+            .post(sd.url("/admin/prefetch"))
+            .header("content-type", "application/json")
+            .bearer_auth(ADMIN_TOKEN)
+            .body(body.clone())
+            .send()
+    };
+
+    // The client hangs up while the prefetch is held; let go, it completes.
+    let sd = Stevedore::builder()
+        .dir(&dir.path().join("a"))
+        .config(&cfg)
+        .env("STEVEDORE_PAUSE", "prefetch.reference")
+        .start();
+    let pauses = common::pause::Pauses::of_root(sd.root());
+    let gone = tokio::spawn(post(&sd, Duration::from_millis(500)));
+    pauses.reached("prefetch.reference", Duration::from_secs(10)).await;
+    assert!(gone.await.unwrap().is_err(), "the client did not give up");
+    pauses.go("prefetch.reference").await;
+    let end = Instant::now() + Duration::from_secs(20);
+    let want: Vec<String> = small.blobs().iter().map(|b| b.digest.clone()).collect();
+    while !want.iter().all(|d| common::store::blob_files(sd.root()).contains(d)) {
+        assert!(Instant::now() < end, "the prefetch did not complete after its client hung up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(sd);
+
+    // SIGTERM while a prefetch is held: the process exits within the grace period.
+    let mut sd = Stevedore::builder()
+        .dir(&dir.path().join("b"))
+        .config(&cfg)
+        .env("STEVEDORE_PAUSE", "prefetch.reference")
+        .start();
+    let pauses = common::pause::Pauses::of_root(sd.root());
+    let _held = tokio::spawn(post(&sd, Duration::from_secs(30)));
+    pauses.reached("prefetch.reference", Duration::from_secs(10)).await;
+    let start = Instant::now();
+    let status = tokio::task::block_in_place(|| sd.terminate(Duration::from_secs(6)));
+    assert!(status.is_some(), "SIGTERM did not stop the server within 6 s while a prefetch ran");
+    assert!(start.elapsed() < Duration::from_secs(4), "SIGTERM took {:?} (grace 1s)", start.elapsed());
+}
+
+/// An upload's status needs push, as in Distribution: a user who may only pull the
+/// repository learns nothing about another user's upload session there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_status_needs_push() {
+    const BOB: (&str, &str) = ("bob", "bob-pw-Xr4");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "anonymous = \"none\"\n[[auth.rules]]\nrepositories = [\"team/*\"]\nusers = [\"alice\"]\nactions = [\"pull\"]\n\
+                 [[auth.rules]]\nrepositories = [\"team/*\"]\nusers = [\"bob\"]\nactions = [\"pull\", \"push\"]\n";
+    let cfg = format!("[proxy]\ndefault_upstream = \"\"\n{}", auth_section(dir.path(), &[ALICE, BOB], rules));
+    let sd = Stevedore::builder().dir(dir.path()).config(&cfg).start();
+    let http = client();
+    let r = read(http.post(sd.url("/v2/team/app/blobs/uploads/")).basic_auth(BOB.0, Some(BOB.1))).await;
+    assert_eq!(r.status, 202, "bob opens an upload: {}", r.text());
+    let location = hdr(&r.headers, "location").expect("a Location");
+    let url = if location.starts_with("http") { location.clone() } else { sd.url(&location) };
+    let r = read(http.get(&url).basic_auth(ALICE.0, Some(ALICE.1))).await;
+    assert_json_error(&r, 403, "DENIED", "alice (pull only) asks for bob's upload status");
+    let r = read(http.get(&url).basic_auth(BOB.0, Some(BOB.1))).await;
+    assert_eq!(r.status, 204, "bob's own upload status: {}", r.text());
 }

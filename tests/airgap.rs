@@ -475,12 +475,17 @@ fn admin_prefetch_endpoint_fills_the_cache_through_the_running_server() {
     for (img, tag) in small.iter().zip(["1.0", "1.1", "2.0"]) {
         dist.push("small", tag, img);
     }
-    let cfg = launcher::config(&dhost, &[(&dhost, &dist.url(), "")]);
+    // Without client authentication, the admin endpoint exists only with an admin token.
+    let token_file = tmp.path().join("admin-token");
+    std::fs::write(&token_file, "airgap-admin-token-0123456789\n").unwrap();
+    let cfg = launcher::config(&dhost, &[(&dhost, &dist.url(), "")])
+        + &format!("\n[auth]\nadmin_token_file = {:?}\n", token_file.display().to_string());
     let server = Stevedore::builder().config(&cfg).start();
     let reg = server.registry();
     let post = |body: &str| {
         let r = rt.block_on(common::http::read(
             reg.req(reqwest::Method::POST, "/admin/prefetch")
+                .bearer_auth("airgap-admin-token-0123456789")
                 .header("content-type", "application/json")
                 .body(body.to_string()),
         ));

@@ -11,7 +11,7 @@
 //! - pulls through the cache of the upstream's images (manifest by tag, every blob), in the
 //!   three ways clients name an upstream;
 //! - manifest `DELETE`s by digest (the image is no longer expected);
-//! - an offline `stevedore gc` beside the live server (at two random steps): it should exit 2
+//! - an offline `stevedore gc` beside the live server (at three random steps): it should exit 2
 //!   naming the live server; an exit 0 (it ran) is recorded, the invariants are checked after
 //!   it, and the seed fails at its end;
 //! - a `kill -9` of the server during a random step, and a restart on the same store.
@@ -55,8 +55,8 @@ use reqwest::{Body, Method};
 use serde_json::json;
 
 const HOST: &str = "up.test";
-/// `[cache] max_size`: about two of the upstream's images.
-const CAP: u64 = 256 << 10;
+/// `[cache] max_size`: one or two of the upstream's images, so that most pulls evict.
+const CAP: u64 = 160 << 10;
 const GC_GRACE: Duration = Duration::from_secs(3);
 const MIN_OPS: usize = 300;
 const LOG_LINES: usize = 30;
@@ -138,7 +138,7 @@ impl Content {
         let layer = |tag: u64, i: u64, size: u64| {
             Blob::new(MT_LAYER_GZIP, bytes(seed.wrapping_mul(1000) + tag + i, size as usize))
         };
-        let up_layers: Vec<Blob> = (0..8).map(|i| layer(100, i, rng.range(16 << 10, 64 << 10))).collect();
+        let up_layers: Vec<Blob> = (0..16).map(|i| layer(100, i, rng.range(16 << 10, 64 << 10))).collect();
         let local_layers: Vec<Blob> = (0..8).map(|i| layer(200, i, rng.range(4 << 10, 32 << 10))).collect();
         let pick = |pool: &[Blob], n: u64, rng: &mut Rng| -> Vec<Blob> {
             let mut out: Vec<Blob> = Vec::new();
@@ -151,9 +151,9 @@ impl Content {
             out
         };
         let upstream =
-            (0..5).map(|i| image(config_blob(seed, &format!("u{i}")), pick(&up_layers, 2, rng))).collect::<Vec<_>>();
+            (0..8).map(|i| image(config_blob(seed, &format!("u{i}")), pick(&up_layers, 2, rng))).collect::<Vec<_>>();
         let all: Vec<Blob> = up_layers.iter().chain(&local_layers).cloned().collect();
-        let recipes = (0..10)
+        let recipes = (0..12)
             .map(|i| {
                 let n = rng.range(1, 3);
                 // Most pushes build on an upstream layer (a base image pulled through the mirror).
@@ -723,8 +723,8 @@ impl Soak {
             "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
             1,
         ) + &format!(
-            "\n[cache]\nmax_size = {CAP}\ncheck_interval = \"300ms\"\naccess_flush_interval = \"300ms\"\n\
-             gc_interval = \"1s\"\ngc_grace = \"{}s\"\n",
+            "\n[cache]\nmax_size = {CAP}\ncheck_interval = \"100ms\"\naccess_flush_interval = \"100ms\"\n\
+             gc_interval = \"2s\"\ngc_grace = \"{}s\"\n",
             GC_GRACE.as_secs()
         );
         let sd = Soak::start(&dir, &cfg, &root);
@@ -747,7 +747,8 @@ impl Soak {
         };
         // At least MIN_OPS / 4 steps run: the kill and the offline GCs fall within them.
         let kill_at = soak.rng.range(10, 60) as usize;
-        let gc_at = [soak.rng.range(5, 70) as usize, soak.rng.range(5, 70) as usize];
+        let first_gc = soak.rng.range(5, 30) as usize;
+        let gc_at = [first_gc, first_gc + soak.rng.range(5, 20) as usize, first_gc + soak.rng.range(25, 40) as usize];
         let t0 = Instant::now();
         let soft = Duration::from_secs(secs);
         let hard = Duration::from_secs(secs * 4 + 120);

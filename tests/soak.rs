@@ -24,7 +24,7 @@
 //! and every 25 steps and at the end, once every fill has ended and two usage checks have run
 //! since:
 //! 3. proxied content on disk (every blob but what a local repository links or holds, and
-//!    what was pushed) is at most the cap.
+//!    what a live pushed image needs) is at most the cap.
 //!
 //! Operations never sleep to order a race: they run at once, and the seed picks what runs
 //! together. A manifest `PUT` refused `MANIFEST_BLOB_UNKNOWN` right after every blob of it was
@@ -479,8 +479,6 @@ struct Soak {
     sd: Stevedore,
     /// (repo, manifest digest) → what is expected of it.
     live: BTreeMap<(String, String), Live>,
-    /// Every blob and manifest digest ever acknowledged by a push (pinned: not proxied).
-    pushed: BTreeSet<String>,
     log: VecDeque<String>,
     step: usize,
     ops: usize,
@@ -595,10 +593,6 @@ impl Soak {
         match effect {
             Effect::None => {}
             Effect::Pushed { repo, digest, recipe, tag } => {
-                for b in &self.content.recipes[recipe].blobs {
-                    self.pushed.insert(b.digest.clone());
-                }
-                self.pushed.insert(digest.clone());
                 let live = self.live.entry((repo, digest)).or_insert_with(|| Live { recipe, tags: BTreeSet::new() });
                 live.tags.insert(tag);
             }
@@ -686,10 +680,14 @@ impl Soak {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let pinned = local_repo_digests(&self.root);
+        // Pinned: what a local repository links or holds, and what a live image needs.
+        let mut pinned = local_repo_digests(&self.root);
+        for ((_, digest), live) in &self.live {
+            pinned.insert(digest.clone());
+            pinned.extend(self.content.recipes[live.recipe].blobs.iter().map(|b| b.digest.clone()));
+        }
         let blobs = blob_sizes_live(&self.root);
-        let proxied: Vec<&(String, u64)> =
-            blobs.iter().filter(|(d, _)| !pinned.contains(d) && !self.pushed.contains(d)).collect();
+        let proxied: Vec<&(String, u64)> = blobs.iter().filter(|(d, _)| !pinned.contains(d)).collect();
         let bytes: u64 = proxied.iter().map(|(_, n)| n).sum();
         let pinned_bytes: u64 = blobs.iter().map(|(_, n)| n).sum::<u64>() - bytes;
         self.note(format!(
@@ -697,9 +695,40 @@ impl Soak {
             proxied.len()
         ));
         if bytes > CAP {
+            // The server's own view, for the message.
+            let (_, _, body) = get(&self.sd.registry(), "/metrics", false).await.unwrap_or_default();
+            let text = String::from_utf8_lossy(&body).into_owned();
+            let server: Vec<&str> = text
+                .lines()
+                .filter(|l| l.starts_with("stevedore_store_used_bytes") || l.starts_with("stevedore_cache_"))
+                .collect();
+            // How much of it the upstream's images that share a layer with a pushed image hold
+            // (an eviction that keeps such an image whole cannot go under the cap).
+            let on_disk: BTreeMap<&String, u64> = proxied.iter().map(|(d, n)| (d, *n)).collect();
+            let mut shared: BTreeMap<&String, u64> = BTreeMap::new();
+            let mut images = Vec::new();
+            for (i, img) in self.content.upstream.iter().enumerate() {
+                if img.blobs.iter().any(|b| pinned.contains(&b.digest)) {
+                    let held: Vec<&String> = img
+                        .blobs
+                        .iter()
+                        .map(|b| &b.digest)
+                        .chain([&img.manifest.digest])
+                        .filter(|d| on_disk.contains_key(d))
+                        .collect();
+                    if !held.is_empty() {
+                        images.push(format!("team/u{i}"));
+                    }
+                    shared.extend(held.into_iter().map(|d| (d, on_disk[d])));
+                }
+            }
+            let shared_bytes: u64 = shared.values().sum();
             self.fail(&format!(
                 "usage above the cap at rest: {bytes} bytes of proxied content on disk (cap {CAP}, pinned {pinned_bytes} \
-                 bytes apart) after two usage checks: {proxied:?}"
+                 bytes apart) after two usage checks; {shared_bytes} of them are the proxied part of cached images that \
+                 share a layer with a pushed image ({images:?});\nthe proxied blobs: {proxied:?}\nthe server's \
+                 metrics:\n{}",
+                server.join("\n")
             ));
         }
     }
@@ -737,7 +766,6 @@ impl Soak {
             cfg,
             sd,
             live: BTreeMap::new(),
-            pushed: BTreeSet::new(),
             log: VecDeque::new(),
             step: 0,
             ops: 0,

@@ -127,10 +127,25 @@ fn config_blob(seed: u64, name: &str) -> Blob {
 }
 
 struct Content {
+    seed: u64,
     /// Served by the upstream as `team/u<i>:v1`.
     upstream: Vec<Img>,
-    /// What may be pushed (to any local repository).
-    recipes: Vec<Img>,
+    /// The upstream images' layers.
+    up_layers: Vec<Blob>,
+    /// Those and layers only ever pushed.
+    all_layers: Vec<Blob>,
+}
+
+/// `n` different blobs of `pool`.
+fn pick(pool: &[Blob], n: u64, rng: &mut Rng) -> Vec<Blob> {
+    let mut out: Vec<Blob> = Vec::new();
+    while out.len() < n as usize {
+        let b = &pool[rng.range(0, pool.len() as u64 - 1) as usize];
+        if !out.iter().any(|o| o.digest == b.digest) {
+            out.push(b.clone());
+        }
+    }
+    out
 }
 
 impl Content {
@@ -140,33 +155,23 @@ impl Content {
         };
         let up_layers: Vec<Blob> = (0..16).map(|i| layer(100, i, rng.range(16 << 10, 64 << 10))).collect();
         let local_layers: Vec<Blob> = (0..8).map(|i| layer(200, i, rng.range(4 << 10, 32 << 10))).collect();
-        let pick = |pool: &[Blob], n: u64, rng: &mut Rng| -> Vec<Blob> {
-            let mut out: Vec<Blob> = Vec::new();
-            while out.len() < n as usize {
-                let b = &pool[rng.range(0, pool.len() as u64 - 1) as usize];
-                if !out.iter().any(|o| o.digest == b.digest) {
-                    out.push(b.clone());
-                }
-            }
-            out
-        };
         let upstream =
             (0..8).map(|i| image(config_blob(seed, &format!("u{i}")), pick(&up_layers, 2, rng))).collect::<Vec<_>>();
-        let all: Vec<Blob> = up_layers.iter().chain(&local_layers).cloned().collect();
-        let recipes = (0..12)
-            .map(|i| {
-                let n = rng.range(1, 3);
-                // Most pushes build on an upstream layer (a base image pulled through the mirror).
-                let mut layers = if rng.range(0, 2) > 0 { pick(&up_layers, 1, rng) } else { Vec::new() };
-                for b in pick(&all, n, rng) {
-                    if !layers.iter().any(|l| l.digest == b.digest) {
-                        layers.push(b);
-                    }
-                }
-                image(config_blob(seed, &format!("r{i}")), layers)
-            })
-            .collect();
-        Content { upstream, recipes }
+        let all_layers: Vec<Blob> = up_layers.iter().chain(&local_layers).cloned().collect();
+        Content { seed, upstream, up_layers, all_layers }
+    }
+
+    /// An image to push (its config names `i`): most build on an upstream layer (a base image
+    /// pulled through the mirror), plus one to three layers of any kind.
+    fn recipe(&self, i: usize, rng: &mut Rng) -> Img {
+        let n = rng.range(1, 3);
+        let mut layers = if rng.range(0, 2) > 0 { pick(&self.up_layers, 1, rng) } else { Vec::new() };
+        for b in pick(&self.all_layers, n, rng) {
+            if !layers.iter().any(|l| l.digest == b.digest) {
+                layers.push(b);
+            }
+        }
+        image(config_blob(self.seed, &format!("r{i}")), layers)
     }
 }
 
@@ -184,7 +189,7 @@ enum Mode {
 
 #[derive(Clone, Debug)]
 enum Op {
-    Push { repo: String, recipe: usize, tag: String, modes: Vec<Mode>, head_first: bool },
+    Push { repo: String, recipe: usize, img: Img, tag: String, modes: Vec<Mode>, head_first: bool },
     Pull { image: usize, dialect: Dialect },
     Delete { repo: String, digest: String },
     OfflineGc,
@@ -334,8 +339,7 @@ async fn push_blob(
 
 async fn run_op(reg: Registry, content: Arc<Content>, op: Op, gc_cmd: Arc<(PathBuf, PathBuf, u32)>) -> Done {
     match op {
-        Op::Push { repo, recipe, tag, modes, head_first } => {
-            let img = &content.recipes[recipe];
+        Op::Push { repo, recipe, img, tag, modes, head_first } => {
             let what = format!("push r{recipe} to {repo}:{tag} ({modes:?}, head first: {head_first})");
             let mut acked = Vec::new();
             let mut skipped = Vec::new();
@@ -473,6 +477,8 @@ struct Soak {
     seed: u64,
     rng: Rng,
     content: Arc<Content>,
+    /// Images pushed so far (a push picks one, or makes a new one).
+    recipes: Vec<Img>,
     dir: PathBuf,
     root: PathBuf,
     cfg: String,
@@ -550,8 +556,14 @@ impl Soak {
                 if !busy.insert(repo.clone()) {
                     continue;
                 }
-                let recipe = self.rng.range(0, self.content.recipes.len() as u64 - 1) as usize;
-                let img = self.content.recipes[recipe].clone();
+                // A new image now and then (its upstream layer may be cached and proxied only:
+                // the push races eviction), else one pushed before (and maybe deleted since).
+                if self.recipes.len() < 12 || self.rng.range(0, 2) == 0 {
+                    let img = self.content.recipe(self.recipes.len(), &mut self.rng);
+                    self.recipes.push(img);
+                }
+                let recipe = self.rng.range(0, self.recipes.len() as u64 - 1) as usize;
+                let img = self.recipes[recipe].clone();
                 let modes = img
                     .blobs
                     .iter()
@@ -565,8 +577,7 @@ impl Soak {
                                 .live
                                 .iter()
                                 .filter(|((r, _), l)| {
-                                    r != &repo
-                                        && self.content.recipes[l.recipe].blobs.iter().any(|x| x.digest == b.digest)
+                                    r != &repo && self.recipes[l.recipe].blobs.iter().any(|x| x.digest == b.digest)
                                 })
                                 .map(|((r, _), _)| r.clone())
                                 .collect();
@@ -579,7 +590,7 @@ impl Soak {
                     .collect();
                 let head_first = self.rng.range(0, 1) == 1;
                 let tag = self.next_tag();
-                ops.push(Op::Push { repo, recipe, tag, modes, head_first });
+                ops.push(Op::Push { repo, recipe, img, tag, modes, head_first });
             } else {
                 let image = self.rng.range(0, self.content.upstream.len() as u64 - 1) as usize;
                 let dialect = DIALECTS[self.rng.range(0, 2) as usize];
@@ -608,7 +619,7 @@ impl Soak {
         let reg = self.sd.registry();
         let mut checks: Vec<BoxFuture<'_, Option<String>>> = Vec::new();
         for ((repo, digest), live) in &self.live {
-            let img = &self.content.recipes[live.recipe];
+            let img = &self.recipes[live.recipe];
             let what =
                 format!("{repo}@{digest} (r{}, tags {:?}), acknowledged 201 and not deleted", live.recipe, live.tags);
             let mut gets: Vec<(String, &Blob, bool)> =
@@ -684,7 +695,7 @@ impl Soak {
         let mut pinned = local_repo_digests(&self.root);
         for ((_, digest), live) in &self.live {
             pinned.insert(digest.clone());
-            pinned.extend(self.content.recipes[live.recipe].blobs.iter().map(|b| b.digest.clone()));
+            pinned.extend(self.recipes[live.recipe].blobs.iter().map(|b| b.digest.clone()));
         }
         let blobs = blob_sizes_live(&self.root);
         let proxied: Vec<&(String, u64)> = blobs.iter().filter(|(d, _)| !pinned.contains(d)).collect();
@@ -761,6 +772,7 @@ impl Soak {
             seed,
             rng,
             content,
+            recipes: Vec::new(),
             dir: dir.clone(),
             root,
             cfg,

@@ -161,11 +161,15 @@ impl Content {
         Content { seed, upstream, up_layers, all_layers }
     }
 
-    /// An image to push (its config names `i`): most build on an upstream layer (a base image
-    /// pulled through the mirror), plus one to three layers of any kind.
-    fn recipe(&self, i: usize, rng: &mut Rng) -> Img {
+    /// An image to push (its config names `i`): on `base` if given, else most on an upstream
+    /// layer (a base image pulled through the mirror), plus one to three layers of any kind.
+    fn recipe(&self, i: usize, base: Option<Blob>, rng: &mut Rng) -> Img {
         let n = rng.range(1, 3);
-        let mut layers = if rng.range(0, 2) > 0 { pick(&self.up_layers, 1, rng) } else { Vec::new() };
+        let mut layers = match base {
+            Some(b) => vec![b],
+            None if rng.range(0, 2) > 0 => pick(&self.up_layers, 1, rng),
+            None => Vec::new(),
+        };
         for b in pick(&self.all_layers, n, rng) {
             if !layers.iter().any(|l| l.digest == b.digest) {
                 layers.push(b);
@@ -479,6 +483,8 @@ struct Soak {
     content: Arc<Content>,
     /// Images pushed so far (a push picks one, or makes a new one).
     recipes: Vec<Img>,
+    /// The step each upstream image was last pulled at.
+    pulled: Vec<Option<usize>>,
     dir: PathBuf,
     root: PathBuf,
     cfg: String,
@@ -559,7 +565,17 @@ impl Soak {
                 // A new image now and then (its upstream layer may be cached and proxied only:
                 // the push races eviction), else one pushed before (and maybe deleted since).
                 if self.recipes.len() < 12 || self.rng.range(0, 2) == 0 {
-                    let img = self.content.recipe(self.recipes.len(), &mut self.rng);
+                    // Half of them on a layer of the least recently pulled upstream image: the
+                    // next eviction's first pick (a CI job building FROM a base it pulled).
+                    let lru = self.pulled.iter().enumerate().filter_map(|(i, at)| at.map(|at| (at, i))).min();
+                    let base = match lru {
+                        Some((_, i)) if self.rng.range(0, 1) == 0 => {
+                            let layers = &self.content.upstream[i].blobs[1..];
+                            Some(layers[self.rng.range(0, layers.len() as u64 - 1) as usize].clone())
+                        }
+                        _ => None,
+                    };
+                    let img = self.content.recipe(self.recipes.len(), base, &mut self.rng);
                     self.recipes.push(img);
                 }
                 let recipe = self.rng.range(0, self.recipes.len() as u64 - 1) as usize;
@@ -594,6 +610,7 @@ impl Soak {
             } else {
                 let image = self.rng.range(0, self.content.upstream.len() as u64 - 1) as usize;
                 let dialect = DIALECTS[self.rng.range(0, 2) as usize];
+                self.pulled[image] = Some(self.step);
                 ops.push(Op::Pull { image, dialect });
             }
         }
@@ -750,6 +767,7 @@ impl Soak {
         let root = dir.join("store");
         let mut rng = Rng::new(seed);
         let content = Arc::new(Content::new(seed, &mut rng));
+        let upstream_images = content.upstream.len();
         let fake = Fake::start().await;
         for (i, img) in content.upstream.iter().enumerate() {
             for b in &img.blobs {
@@ -773,6 +791,7 @@ impl Soak {
             rng,
             content,
             recipes: Vec::new(),
+            pulled: vec![None; upstream_images],
             dir: dir.clone(),
             root,
             cfg,

@@ -489,6 +489,8 @@ struct Soak {
     root: PathBuf,
     cfg: String,
     sd: Stevedore,
+    /// When the running server was started (what a killed one left is older).
+    started: std::time::SystemTime,
     /// (repo, manifest digest) → what is expected of it.
     live: BTreeMap<(String, String), Live>,
     log: VecDeque<String>,
@@ -680,14 +682,23 @@ impl Soak {
     /// Invariant 3, at rest: once every fill has ended and two usage checks ran since, the
     /// proxied content on disk is at most the cap.
     async fn check_cap(&mut self) {
-        // Fills in progress (upload sessions and small writes a killed server left stay
-        // until swept).
+        // Fills in progress of this server (upload sessions, and what a killed server left,
+        // stay until swept).
+        let since = self.started;
         let fills = |root: &Path| -> Vec<PathBuf> {
             ingest_leftovers(root)
                 .into_iter()
                 .filter(|p| p.is_dir())
                 .filter(|p| {
                     !std::fs::read_to_string(p.join("state.json")).unwrap_or_default().contains("\"kind\":\"upload\"")
+                })
+                .filter(|p| {
+                    let touched = |f: &Path| std::fs::metadata(f).and_then(|m| m.modified()).ok();
+                    let last = [touched(p), touched(&p.join("data")), touched(&p.join("state.json"))]
+                        .into_iter()
+                        .flatten()
+                        .max();
+                    last.is_none_or(|t| t >= since)
                 })
                 .collect()
         };
@@ -785,6 +796,7 @@ impl Soak {
              gc_interval = \"2s\"\ngc_grace = \"{}s\"\n",
             GC_GRACE.as_secs()
         );
+        let started = std::time::SystemTime::now();
         let sd = Soak::start(&dir, &cfg, &root);
         let mut soak = Soak {
             seed,
@@ -796,6 +808,7 @@ impl Soak {
             root,
             cfg,
             sd,
+            started,
             live: BTreeMap::new(),
             log: VecDeque::new(),
             step: 0,
@@ -850,6 +863,7 @@ impl Soak {
                 soak.kills += 1;
                 soak.ops += 1;
                 soak.note(format!("kill -9 after {kill_after:?}; restart on the same store"));
+                soak.started = std::time::SystemTime::now();
                 soak.sd = Soak::start(&soak.dir, &soak.cfg, &soak.root);
             }
             if !violations.is_empty() {

@@ -137,6 +137,7 @@ pub async fn put(app: &App, repo: &Repo, r: &Reference, q: &Query, h: &HeaderMap
             return Err(Code::ManifestBlobUnknown.with_detail(serde_json::json!({ "digest": d.to_string() })));
         }
     }
+    crate::hooks::pause("manifest_put.after_check").await;
     let subject = m.subject.as_ref().map(|s| s.digest.clone());
     let referrer = subject.as_ref().map(|s| (s, m.referrer_descriptor(&digest, bytes.len() as u64)));
     app.store

@@ -90,6 +90,7 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
             present.insert(d);
         }
     }
+    crate::hooks::pause("fsck.after_snapshot").await;
     // Leftovers.
     r.ingests_removed = store.sweep_uploads(opts.ingest_age).await;
     // Links and references.

@@ -65,6 +65,9 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                 }
                 doomed.push(b.clone());
             }
+            if !doomed.is_empty() {
+                crate::hooks::pause("gc.before_remove").await;
+            }
             // No manifest is stored or blob linked meanwhile; one pushed since the mark keeps
             // what it needs.
             let _removal = if doomed.is_empty() { None } else { Some(store.removal().await) };

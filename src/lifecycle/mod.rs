@@ -334,6 +334,7 @@ impl Lifecycle {
             if used_since {
                 continue;
             }
+            crate::hooks::pause("evict.before_delete").await;
             let mut candidates = Vec::new();
             if let Some(repo) = &u.repo {
                 if let Some(m) = &u.manifest {

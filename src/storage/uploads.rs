@@ -247,6 +247,7 @@ impl UploadWriter {
     /// commits it, links it into `repo` and ends the session (whatever the outcome).
     pub async fn commit(self, store: &Store, repo: &Repo, expected: &Digest) -> StoreResult<u64> {
         let size = store.commit(self.w, expected, None).await?;
+        crate::hooks::pause("commit.after_publish").await;
         store.link_blob(repo, expected).await?;
         Ok(size)
     }

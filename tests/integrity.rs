@@ -318,11 +318,6 @@ async fn fsck_beside_a_live_server_never_calls_new_content_absent() {
     let fsck_cfg = tmp.path().join("fsck.toml");
     std::fs::write(&fsck_cfg, cli_config(&root, &local_config(""))).unwrap();
 
-    let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root), "--repair"], LIMIT);
-    assert_eq!(out.status.code(), Some(2), "stevedore fsck --repair beside a live server: {}", out.describe());
-    let msg = format!("{}{}", out.stdout, out.stderr);
-    assert!(msg.contains(&sd.pid().to_string()), "the refusal does not name the server's pid: {}", out.describe());
-
     let args = ["fsck", "--config", s(&fsck_cfg), "--root", s(&root)].iter().map(|a| a.to_string()).collect();
     let env = vec![
         ("STEVEDORE_PAUSE".to_string(), "fsck.after_snapshot".to_string()),
@@ -340,4 +335,12 @@ async fn fsck_beside_a_live_server_never_calls_new_content_absent() {
     assert!(out.status.success(), "read-only fsck beside a server on a sound store: {}", out.describe());
     pull_local(&reg, "team/new", "v1", &new, "pushed during fsck").await;
     pull_local(&reg, "team/old", "v1", &old, "pushed before fsck").await;
+
+    let out = cli(&["fsck", "--config", s(&fsck_cfg), "--root", s(&root), "--repair"], LIMIT);
+    assert_eq!(out.status.code(), Some(2), "stevedore fsck --repair beside a live server: {}", out.describe());
+    let msg = format!("{}{}", out.stdout, out.stderr);
+    assert!(msg.contains(&sd.pid().to_string()), "the refusal does not name the server's pid: {}", out.describe());
+    for d in new.digests().iter().chain(old.digests().iter()) {
+        assert!(has_blob(&sd, d), "a refused fsck --repair removed {d}");
+    }
 }

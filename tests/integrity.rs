@@ -132,15 +132,12 @@ fn replica_ids(sd: &Stevedore) -> Vec<String> {
     stored_keys(sd, "meta/replicas/").iter().filter_map(|k| k.rsplit('/').next().map(str::to_string)).collect()
 }
 
-/// Scenario 1: eviction has decided to evict a pulled-through image (it is about to delete
-/// it) when a client pushes one of its layers to a local repository. The push answers 201;
-/// after eviction is done the layer is stored: GET returns its bytes, a manifest using it is
-/// accepted and pulls back whole.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
-    let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("store");
-    let pauses = Pauses::in_dir(&tmp.path().join("pause"));
+/// A server with a cache of 500 KiB that pulled image A then image B through it (past the
+/// high mark) and whose eviction, having decided to evict A (the least recently used), is
+/// paused at `evict.before_delete`; `points` armed. The server, its pauses, A, the upstream.
+async fn evicting(dir: &Path, points: &[&str]) -> (Stevedore, Pauses, common::fake::FakeImage, Fake) {
+    let root = dir.join("store");
+    let pauses = Pauses::in_dir(&dir.join("pause"));
     let fake = Fake::start().await;
     let a = fake.add_image("team/a", "v1", 71, &[200_000, 200_000]);
     let b = fake.add_image("team/b", "v1", 72, &[200_000]);
@@ -149,8 +146,7 @@ async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
         "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
         1,
     ) + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n";
-    let sd = paused_server(&cfg, &root, &pauses, &["evict.before_delete", "commit.after_publish", "guard.wait"]);
-    let reg = sd.registry();
+    let sd = paused_server(&cfg, &root, &pauses, points);
     let http = client();
     let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
     // A, then B (manifest first): past the high mark, A (least recently used) is evicted.
@@ -162,6 +158,61 @@ async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
         }
     }
     pauses.reached("evict.before_delete", REACH).await;
+    (sd, pauses, a, fake)
+}
+
+/// Scenario 1, the mount window: eviction is about to delete a pulled-through image when a
+/// client mounts one of its layers into a local repository (`from` the upstream's name). A
+/// 201 means the layer is stored (it pulls back); otherwise the registry opened an upload
+/// session (202) and the client's upload stores it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_mounted_while_eviction_deletes_it_is_stored_or_uploaded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sd, pauses, a, _fake) = evicting(tmp.path(), &["evict.before_delete", "mount.after_check", "guard.wait"]).await;
+    let reg = sd.registry();
+    let (layer_d, layer) = a.blobs[1].clone();
+    let mount = tokio::spawn({
+        let (reg, d) = (reg.clone(), layer_d.clone());
+        async move {
+            let r = reg.post(&format!("/v2/local/app/blobs/uploads/?mount={d}&from=team/a"), Vec::new()).await;
+            (r.status().as_u16(), common::http::hdr(r.headers(), "location"))
+        }
+    });
+    match first_reached(&pauses, &["mount.after_check", "guard.wait"], REACH).await {
+        "mount.after_check" => {
+            pauses.go("mount.after_check").await;
+            pauses.go("evict.before_delete").await;
+        }
+        _ => {
+            pauses.go("guard.wait").await;
+            pauses.go("evict.before_delete").await;
+        }
+    }
+    let (status, location) = mount.await.unwrap();
+    match status {
+        201 => {}
+        202 => {
+            let loc = location.expect("a 202 without Location");
+            let put = reg.finish_upload(&loc, &layer_d, layer.clone()).await;
+            assert_eq!(put.status().as_u16(), 201, "the upload after a refused mount");
+        }
+        other => panic!("mount during eviction answered {other}"),
+    }
+    let r = read(client().get(reg.url(&format!("/v2/local/app/blobs/{layer_d}")))).await;
+    assert_content(&r, &layer_d, &layer, &format!("a layer mounted ({status}) while eviction deleted it"));
+}
+
+/// Scenario 1: eviction has decided to evict a pulled-through image (it is about to delete
+/// it) when a client pushes one of its layers to a local repository. The push answers 201;
+/// after eviction is done the layer is stored: GET returns its bytes, a manifest using it is
+/// accepted and pulls back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (sd, pauses, a, _fake) =
+        evicting(tmp.path(), &["evict.before_delete", "commit.after_publish", "guard.wait"]).await;
+    let reg = sd.registry();
+    let http = client();
 
     // The CI job pushes an image built FROM A: A's first layer, and a config of its own.
     let (layer_d, layer) = a.blobs[1].clone();

@@ -90,7 +90,8 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                 r.unlinked += 1;
                 r.removed.push(format!("{repo}@{b}"));
             }
-            referenced.extend(links.iter().map(|(d, _)| d).filter(|d| !unlinked.contains(d) || keep.contains(*d)).cloned());
+            referenced
+                .extend(links.iter().map(|(d, _)| d).filter(|d| !unlinked.contains(d) || keep.contains(*d)).cloned());
         } else {
             referenced.extend(links.into_iter().map(|(d, _)| d));
         }

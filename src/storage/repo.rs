@@ -76,7 +76,13 @@ impl Store {
 
     /// Stores a manifest under its shared guard (and those of `uses`, which count as used
     /// once it is stored).
-    async fn put_manifest_guarded(&self, reach: &Reach, repo: &Repo, m: &ManifestPut<'_>, uses: &[&Digest]) -> StoreResult<()> {
+    async fn put_manifest_guarded(
+        &self,
+        reach: &Reach,
+        repo: &Repo,
+        m: &ManifestPut<'_>,
+        uses: &[&Digest],
+    ) -> StoreResult<()> {
         debug_assert!(reach.covers(m.digest));
         self.put_bytes_guarded(reach, m.digest, m.bytes).await?;
         // What it references is recorded before the manifest is visible in `repo`.

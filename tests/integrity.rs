@@ -168,7 +168,8 @@ async fn evicting(dir: &Path, points: &[&str]) -> (Stevedore, Pauses, common::fa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_layer_mounted_while_eviction_deletes_it_is_stored_or_uploaded() {
     let tmp = tempfile::tempdir().unwrap();
-    let (sd, pauses, a, _fake) = evicting(tmp.path(), &["evict.before_delete", "mount.after_check", "guard.wait"]).await;
+    let (sd, pauses, a, _fake) =
+        evicting(tmp.path(), &["evict.before_delete", "mount.after_check", "guard.wait"]).await;
     let reg = sd.registry();
     let (layer_d, layer) = a.blobs[1].clone();
     let mount = tokio::spawn({

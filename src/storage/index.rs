@@ -15,6 +15,8 @@
 //! so content always has a durable record from the moment it is visible.
 //!
 //! Open reads and fills hold an [`InUse`] guard: eviction and GC never delete content in use.
+//! What makes content reachable records a use before it lets go of the digest's guard
+//! (`guard.rs`): a removal that decided before it re-checks the use under the exclusive guard.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,9 +67,6 @@ pub struct Records {
     pub(crate) committed_since_scan: AtomicU64,
     /// Raised when usage must be checked now (a write hit ENOSPC, or the estimate passed the cap).
     pub(crate) pressure: tokio::sync::Notify,
-    /// Held (shared) while a manifest is stored or a blob linked; held exclusively while
-    /// eviction or GC removes one unit, so no manifest is stored in the middle of it.
-    pub(crate) removing: tokio::sync::RwLock<()>,
     /// Set with [`Records::pressure`] when a write found the store full.
     pub(crate) full: std::sync::atomic::AtomicBool,
     /// Proxied bytes at the last scan, and the high watermark (0: no cap).
@@ -315,10 +314,5 @@ impl Store {
 
     pub fn records(&self) -> &Records {
         &self.records
-    }
-
-    /// Excludes manifest puts and blob links while content is removed (eviction, GC).
-    pub async fn removal(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.records.removing.write().await
     }
 }

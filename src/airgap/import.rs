@@ -460,7 +460,14 @@ async fn commit(store: &Arc<Store>, mut loader: Loader, plan: Plan) -> Result<Im
     for (repo, d) in &plan.links {
         store.link_blob(repo, d).await?;
     }
+    let mut last_repo = None;
     for p in &plan.manifests {
+        if last_repo != Some(&p.repo) {
+            last_repo = Some(&p.repo);
+            if crate::hooks::fail("import.commit_repo") {
+                return Err(StoreError::Io(std::io::Error::other("injected failure (import.commit_repo)")).into());
+            }
+        }
         let subject = p.manifest.subject.as_ref().map(|s| s.digest.clone());
         let referrer = subject.as_ref().map(|s| (s, p.manifest.referrer_descriptor(&p.digest, p.bytes.len() as u64)));
         let put =
@@ -469,6 +476,9 @@ async fn commit(store: &Arc<Store>, mut loader: Loader, plan: Plan) -> Result<Im
     }
     report.manifests = plan.manifests.len();
     for (repo, tag, d) in &plan.tags {
+        if crate::hooks::fail("import.move_tag") {
+            return Err(StoreError::Io(std::io::Error::other("injected failure (import.move_tag)")).into());
+        }
         store.touch_tag(repo, tag, d).await?;
     }
     report.refs = plan.refs;

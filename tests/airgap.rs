@@ -614,7 +614,7 @@ fn an_import_that_fails_while_committing_leaves_nothing_of_the_archive_and_says_
     let (files, repos, marks) = visible(&root);
     let left: Vec<&String> = files.keys().chain(repos.iter()).chain(marks.iter()).collect();
     assert!(left.is_empty(), "the failed import left {left:?} in the store; it said:\n{}", out.stderr);
-    assert!(out.stderr.contains("nothing was imported"), "{}", out.describe());
+    assert!(out.stderr.contains("nothing was imported") && out.stderr.contains("undone"), "{}", out.describe());
     for meta in ["meta/refs", "meta/access"] {
         assert!(files_under(&root, meta).is_empty(), "{meta}: {:?}", files_under(&root, meta));
     }
@@ -626,6 +626,20 @@ fn an_import_that_fails_while_committing_leaves_nothing_of_the_archive_and_says_
     let (files, repos, marks) = visible(&root);
     let left: Vec<&String> = files.keys().chain(repos.iter()).chain(marks.iter()).collect();
     assert!(left.is_empty(), "the failed import left {left:?} in the store; it said:\n{}", out.stderr);
+
+    // When undoing fails too (its first step), the message names what is left, and only
+    // what is left is there.
+    let fail = [("STEVEDORE_FAIL", "import.commit_repo@2,import.undo@1")];
+    let out = launcher::cli_env(&args, &fail, LIMIT);
+    assert!(!out.status.success(), "{}", out.describe());
+    assert!(!out.stderr.contains("nothing was imported"), "something was left: {}", out.describe());
+    let (files, repos, _) = visible(&root);
+    assert!(!files.is_empty(), "an undo step failed, yet nothing is left:\n{}", out.stderr);
+    for f in files.keys() {
+        let hex = f.rsplit('/').next().unwrap();
+        assert!(out.stderr.contains(hex), "{f} is left and the message does not name it:\n{}", out.stderr);
+    }
+    assert!(repos.iter().all(|r| out.stderr.contains(r.as_str())), "{repos:?}:\n{}", out.stderr);
 
     // Without the failure, the same archive imports whole.
     let out = cli_ok(&args, LIMIT);

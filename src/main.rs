@@ -287,11 +287,19 @@ fn main() -> anyhow::Result<()> {
             let cfg = store_config(&args.store)?;
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
-                let r = match airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref()).await {
+                let r = match airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
+                    .await
+                {
                     Ok(r) => r,
                     Err(e) => {
-                        let what = if e.nothing_imported() { "nothing was imported" } else { "not undone completely: what is left is named below" };
-                        return Err(anyhow::Error::new(e).context(format!("importing {} ({what})", args.path.display())));
+                        let what = if e.nothing_imported() {
+                            "nothing was imported"
+                        } else {
+                            "not undone completely: what is left is named below"
+                        };
+                        return Err(
+                            anyhow::Error::new(e).context(format!("importing {} ({what})", args.path.display()))
+                        );
                     }
                 };
                 for (name, d) in &r.refs {

@@ -288,9 +288,21 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
                 refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
-                let r = airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
+                let r = match airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
                     .await
-                    .with_context(|| format!("importing {} (nothing was imported)", args.path.display()))?;
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let what = if e.nothing_imported() {
+                            "nothing was imported"
+                        } else {
+                            "not undone completely: what is left is named below"
+                        };
+                        return Err(
+                            anyhow::Error::new(e).context(format!("importing {} ({what})", args.path.display()))
+                        );
+                    }
+                };
                 for (name, d) in &r.refs {
                     println!("{name} {d}");
                 }

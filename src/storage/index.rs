@@ -315,4 +315,31 @@ impl Store {
     pub fn records(&self) -> &Records {
         &self.records
     }
+
+    /// Removes an imported mark (an import undone).
+    pub async fn unmark_imported(&self, d: &Digest) -> StoreResult<()> {
+        self.backend.remove(&layout::imported(d)).await.map(drop)
+    }
+
+    /// Every digest linked in `repo` or stored there as a manifest (listings only).
+    pub async fn repo_digests(&self, repo: &Repo) -> StoreResult<Vec<Digest>> {
+        let mut out = Vec::new();
+        for dir in [layout::layers_dir(repo), layout::revisions_dir(repo)] {
+            for alg in self.backend.list(&dir).await? {
+                let names = self.backend.list(&layout::child(&dir, &alg)).await?;
+                out.extend(names.iter().filter_map(|hex| format!("{alg}:{hex}").parse::<Digest>().ok()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes what is left of `repo`'s tree once nothing is in it (an import undone): it is
+    /// then in no catalog.
+    pub async fn prune_repo(&self, repo: &Repo) -> StoreResult<()> {
+        self.backend.prune_empty(&layout::repo(repo)).await?;
+        if !self.backend.exists(&layout::repo(repo)).await? {
+            self.catalog.names.lock().unwrap().remove(&repo.to_string());
+        }
+        Ok(())
+    }
 }

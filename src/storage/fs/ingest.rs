@@ -272,7 +272,8 @@ impl Writer for FsWriter {
         self.flush(self.fs.fsync).await?;
         let hasher = &self.sink.as_ref().expect("settled").hasher;
         self.state.set_hash(self.size, hasher);
-        self.fs.put_atomic(&layout::ingest_state(&self.id), &self.state.encode()).await
+        let key = layout::ingest_state(&self.id);
+        self.fs.put_atomic_hooked(&key, &self.state.encode(), self.fs.fsync, Some("checkpoint.state_write")).await
     }
 
     async fn rollback(&mut self) -> StoreResult<()> {
@@ -365,6 +366,7 @@ impl Verified for FsVerified {
             if fs.fsync {
                 sync_dir(dir).await?;
             }
+            crate::hooks::pause("commit.after_rename").await;
             Ok::<_, std::io::Error>(())
         }
         .await;

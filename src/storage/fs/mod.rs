@@ -84,6 +84,12 @@ impl Fs {
     /// [`Fs::put_atomic`], fsynced only when `fsync`: for records a crash may lose (a fill's
     /// ingest state: a fill is never resumed, the sweep removes its remains either way).
     async fn put_atomic_durable(&self, key: &Key, bytes: &[u8], fsync: bool) -> StoreResult<()> {
+        self.put_atomic_hooked(key, bytes, fsync, None).await
+    }
+
+    /// [`Fs::put_atomic_durable`] with a test pause point (`hook`) on the blocking pool, just
+    /// before the rename.
+    async fn put_atomic_hooked(&self, key: &Key, bytes: &[u8], fsync: bool, hook: Option<&'static str>) -> StoreResult<()> {
         let tmp = self.path(&layout::tmp());
         let path = self.path(key);
         // Plain blocking I/O: tokio's `File` reports a failed write (ENOSPC) only at the next
@@ -100,6 +106,9 @@ impl Fs {
                 }
                 let dir = path.parent().expect("store paths have parents");
                 std::fs::create_dir_all(dir)?;
+                if let Some(name) = hook {
+                    crate::hooks::pause_blocking(name);
+                }
                 std::fs::rename(&tmp, &path)?;
                 if fsync {
                     std::fs::File::open(dir)?.sync_all()?;

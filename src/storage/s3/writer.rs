@@ -704,6 +704,7 @@ impl Writer for S3Writer {
         self.state.parts = self.parts.clone();
         self.state.pieces = pieces;
         self.state.base.set_hash(self.size, self.hasher.as_ref().expect("settled"));
+        crate::hooks::pause("checkpoint.state_write").await;
         self.save_state().await?;
         // Pieces of sent parts: no state names them any more. (One left by a crash here is
         // removed with the ingest.)
@@ -842,6 +843,7 @@ impl S3Verified {
             } else {
                 s3.store.copy(&target, &blob).await.map_err(io)?;
             }
+            crate::hooks::pause("commit.after_copy").await;
             w.state.committed = true;
             w.save_state().await?;
         }

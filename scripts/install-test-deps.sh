@@ -11,6 +11,7 @@
 #   docker.io        - dockerd + docker CLI (registry-mirrors), tests/clients.rs
 #   runc             - OCI runtime the three above depend on (checked explicitly)
 #   redis-server     - Debian's Redis: coordination of several replicas, tests/replicas.rs
+#   strace           - traces the server's mkdir/fsync calls, tests/writer.rs
 #   moto_server      - PyPI moto[server] (pip, in a virtualenv): S3 for the *_s3 test twins
 # The container engines are installed without their services running: a policy-rc.d
 # refuses every service start during the install, and systemd units are disabled after
@@ -19,10 +20,10 @@ set -euo pipefail
 # dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-packages=(skopeo curl docker-registry containerd podman docker.io runc redis-server)
+packages=(skopeo curl docker-registry containerd podman docker.io runc redis-server strace)
 # The command each package must provide; checked after install as well.
 declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry
-    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc [redis-server]=redis-server)
+    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc [redis-server]=redis-server [strace]=strace)
 # Other callers (bench/run.sh) name their own set as `package=command` arguments;
 # `moto=moto_server` among them asks for moto_server (pip, below) as well.
 want_moto=1

@@ -713,6 +713,21 @@ pub struct S3Config {
     pub redirect: bool,
     #[serde(with = "humantime_serde")]
     pub redirect_expiry: Duration,
+    /// Blobs are written with conditional writes (`If-None-Match: *`), so that content in
+    /// place is never replaced (first writer wins): `auto` detects them at start-up (a probe
+    /// key in `meta/`), `always` / `never` say so. Without them a HEAD before each write keeps
+    /// a blob in place (a narrower guard: two writers may both see it absent).
+    pub conditional_put: ConditionalPut,
+}
+
+/// `storage.s3.conditional_put`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ConditionalPut {
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 impl std::fmt::Debug for S3Config {
@@ -735,6 +750,7 @@ impl std::fmt::Debug for S3Config {
             .field("max_copy_size", &self.max_copy_size)
             .field("redirect", &self.redirect)
             .field("redirect_expiry", &self.redirect_expiry)
+            .field("conditional_put", &self.conditional_put)
             .finish()
     }
 }
@@ -758,6 +774,7 @@ impl Default for S3Config {
             max_copy_size: ByteSize(5 << 30),
             redirect: false,
             redirect_expiry: Duration::from_secs(300),
+            conditional_put: ConditionalPut::Auto,
         }
     }
 }

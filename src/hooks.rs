@@ -80,31 +80,50 @@ mod imp {
         }
     }
 
-    pub async fn pause(name: &str) {
+    /// The `.go` file to wait for, once `.reached` is written; `None`: go straight on.
+    fn arrive(name: &str) -> Option<(PathBuf, PathBuf)> {
         let h = hooks();
         if !h.armed.lock().unwrap().remove(name) {
-            return;
+            return None;
         }
         let Some(dir) = h.dir.lock().unwrap().clone() else {
             eprintln!("stevedore: pause point {name} armed but no pause directory (STEVEDORE_PAUSE_DIR)");
-            return;
+            return None;
         };
         let _ = std::fs::create_dir_all(&dir);
         let reached = dir.join(format!("{name}.reached"));
         let go = dir.join(format!("{name}.go"));
         std::fs::write(&reached, std::process::id().to_string()).expect("writing a pause point's .reached file");
         tracing::warn!(point = name, "paused at a test pause point");
-        while !go.exists() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        Some((reached, go))
+    }
+
+    fn leave(name: &str, reached: PathBuf, go: PathBuf) {
         let _ = std::fs::remove_file(&go);
         let _ = std::fs::remove_file(&reached);
         tracing::warn!(point = name, "resumed from a test pause point");
     }
+
+    pub async fn pause(name: &str) {
+        let Some((reached, go)) = arrive(name) else { return };
+        while !go.exists() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        leave(name, reached, go);
+    }
+
+    /// [`pause`] for code on the blocking pool (the thread waits).
+    pub fn pause_blocking(name: &str) {
+        let Some((reached, go)) = arrive(name) else { return };
+        while !go.exists() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        leave(name, reached, go);
+    }
 }
 
 #[cfg(feature = "test-hooks")]
-pub use imp::{fail, init, pause};
+pub use imp::{fail, init, pause, pause_blocking};
 
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
@@ -120,3 +139,7 @@ pub async fn pause(_name: &str) {}
 pub fn fail(_name: &str) -> bool {
     false
 }
+
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn pause_blocking(_name: &str) {}

@@ -73,6 +73,9 @@ pub struct IngestStatus {
     /// Whether the ingest still holds data (a commit that was cut short by a crash leaves the
     /// state without data: the content was already moved into place).
     pub has_data: bool,
+    /// The digest and size a commit verified and recorded before putting the content in place
+    /// (see [`IngestState::commit`]): set, the ingest is only to be finished, never written.
+    pub committing: Option<(Digest, u64)>,
 }
 
 /// Reads the bytes a writer has written so far (fill followers read a growing ingest).
@@ -156,6 +159,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn ingests(&self) -> StoreResult<Vec<IngestId>>;
     /// Removes an ingest (state and data) that no writer holds.
     async fn remove_ingest(&self, id: IngestId) -> StoreResult<()>;
+    /// Reopens an ingest whose commit was recorded ([`IngestStatus::committing`]) and cut
+    /// short before its content was in place: the content, verified when the record was
+    /// written, ready to commit again. `None` when the ingest has no such record or its data
+    /// is gone.
+    async fn resume_commit(&self, id: IngestId, hold: Hold) -> StoreResult<Option<Box<dyn Verified>>>;
 
     // --- metadata ---
     /// A small object and when it was last written.
@@ -203,6 +211,19 @@ pub struct IngestState {
     pub offset: u64,
     pub alg: String,
     pub hash: String,
+    /// Written by a commit after it verified the content and before it puts the content in
+    /// place (rename, complete, copy): the digest and the final size. A retried final request
+    /// finds it and finishes the commit (or links what is in place); nothing writes the ingest
+    /// any more.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<CommitRecord>,
+}
+
+/// A commit's record in its ingest's state (see [`IngestState::commit`]).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommitRecord {
+    pub digest: String,
+    pub size: u64,
 }
 
 impl IngestState {
@@ -216,6 +237,7 @@ impl IngestState {
             offset: 0,
             alg: alg.as_str().into(),
             hash: String::new(),
+            commit: None,
         }
     }
 
@@ -234,6 +256,12 @@ impl IngestState {
         };
         let raw = base64::engine::general_purpose::STANDARD.decode(&self.hash).ok()?;
         Hasher::restore(alg, &raw)
+    }
+
+    /// The recorded commit's digest and size, if any (an unparsable one: none).
+    pub fn committing(&self) -> Option<(Digest, u64)> {
+        let c = self.commit.as_ref()?;
+        Some((c.digest.parse().ok()?, c.size))
     }
 
     pub fn started(&self) -> SystemTime {

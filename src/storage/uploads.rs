@@ -125,19 +125,33 @@ impl Store {
         }
     }
 
-    /// Finishes a session whose commit was cut short (the process died after the verified
-    /// data was moved into place but before the session was removed): if the blob is there
-    /// with the session's size, links it and removes the session. `false` otherwise.
+    /// Finishes a session whose commit was cut short (the process died after the commit
+    /// verified the content and recorded its digest and size in the session's state, before
+    /// the session was removed): only for the digest recorded. If the content is in place, it
+    /// is linked; if not, the recorded commit is carried out again (rename, or complete and
+    /// copy) and linked. `false` when the session has no commit of `d` to finish.
     pub async fn recover_interrupted_commit(&self, repo: &Repo, id: &UploadId, d: &Digest) -> StoreResult<bool> {
-        let _guard = self.sessions.get(id).lock_owned().await;
+        let guard = self.sessions.get(id).lock_owned().await;
         let Ok(_) = self.session(repo, id).await else { return Ok(false) };
-        let _lease = self.session_lease(id).await?;
+        let lease = self.session_lease(id).await?;
         let Ok(s) = self.session(repo, id).await else { return Ok(false) };
-        if s.has_data || self.blob_size(d).await? != Some(s.offset) {
+        let Some((recorded, size)) = s.committing else { return Ok(false) };
+        if &recorded != d {
             return Ok(false);
         }
-        self.link_blob(repo, d).await?;
+        let hold: super::backend::Hold = Box::new((guard, lease));
+        if self.backend.stat(d).await? != Some(size) {
+            let Some(v) = self.backend.resume_commit(*id, hold).await? else { return Ok(false) };
+            // Committed and linked under one guard: nothing removes it between the two.
+            self.publish_linked(v, d, repo).await?;
+            return Ok(true);
+        }
+        // Linked only if the content is still there under the guard (eviction may have run).
+        if !self.link_blob(repo, d).await? {
+            return Ok(false);
+        }
         self.backend.remove_ingest(*id).await?;
+        drop(hold);
         Ok(true)
     }
 

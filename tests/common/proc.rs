@@ -33,6 +33,7 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("setpriv", "/usr/bin/setpriv", "util-linux"),
     ("unshare", "/usr/bin/unshare", "util-linux"),
     ("redis-server", "/usr/bin/redis-server", "redis-server"),
+    ("strace", "/usr/bin/strace", "strace"),
 ];
 
 /// The absolute path of `name`; panics with the install hint when it is missing (these tests

@@ -20,9 +20,11 @@ use tokio::task::JoinHandle;
 
 use super::read::SharedBlocks;
 use super::writeback::Writeback;
-use super::{blocking, sync_dir, Fs};
+use super::{blocking, create_dirs, rename_noreplace, Fs};
 use crate::oci::{Digest, Hasher};
-use crate::storage::backend::{Hold, IngestId, IngestKind, IngestState, TailReader, Verified, Writer, WriterOptions};
+use crate::storage::backend::{
+    CommitRecord, Hold, IngestId, IngestKind, IngestState, TailReader, Verified, Writer, WriterOptions,
+};
 use crate::storage::layout;
 use crate::storage::{StoreError, StoreResult};
 
@@ -76,8 +78,10 @@ impl FsWriter {
         let dir = fs.path(&layout::ingest_dir(&id));
         let data = fs.path(&layout::ingest_data(&id));
         let path = data.clone();
+        // An upload session's directory is durable with its state (see below).
+        let durable = fs.fsync && matches!(opts.kind, IngestKind::Upload { .. });
         let file = blocking(move || {
-            std::fs::create_dir_all(&dir)?;
+            create_dirs(&dir, durable)?;
             std::fs::OpenOptions::new().create_new(true).write(true).open(path).inspect_err(|_| {
                 let _ = std::fs::remove_dir(&dir);
             })
@@ -107,6 +111,10 @@ impl FsWriter {
             Err(e) => return Err(e.into()),
         };
         let state = IngestState::decode(&raw).ok_or(StoreError::UploadUnknown)?;
+        if state.commit.is_some() {
+            // Verified and being committed: only finishing it is left (`resume_commit`).
+            return Err(StoreError::UploadUnknown);
+        }
         let hasher = state.hasher().ok_or(StoreError::UploadUnknown)?;
         let data = fs.path(&layout::ingest_data(&id));
         let (path, offset) = (data.clone(), state.offset);
@@ -135,6 +143,31 @@ impl FsWriter {
             }
         })?;
         FsWriter::wrap(fs, id, state, data, file, hasher, batch_bytes, hold)
+    }
+
+    /// Reopens an ingest whose commit was recorded and cut short before the rename: its
+    /// verified data, ready to commit again. `None` without a record or without the data.
+    pub(super) async fn resume_commit(fs: Arc<Fs>, id: IngestId, hold: Hold) -> StoreResult<Option<Box<dyn Verified>>> {
+        let Some(raw) = super::not_found(tokio::fs::read(fs.path(&layout::ingest_state(&id))).await)? else {
+            return Ok(None);
+        };
+        let Some(state) = IngestState::decode(&raw) else { return Ok(None) };
+        let (Some((digest, size)), Some(hasher)) = (state.committing(), state.hasher()) else { return Ok(None) };
+        let data = fs.path(&layout::ingest_data(&id));
+        let path = data.clone();
+        let file = blocking(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(path)?;
+            // The record is written after the data was: it has exactly `size` bytes.
+            if file.metadata()?.len() != size {
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "the data is not the recorded size"));
+            }
+            Ok(file)
+        })
+        .await;
+        let Some(file) = super::not_found(file)? else { return Ok(None) };
+        let mut w = FsWriter::wrap(fs, id, state, data, file, hasher, 1, hold)?;
+        let sink = w.sink.take().expect("no batch in flight");
+        Ok(Some(Box::new(FsVerified { writer: Box::new(w), sink, digest, size })))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -272,7 +305,13 @@ impl Writer for FsWriter {
         self.flush(self.fs.fsync).await?;
         let hasher = &self.sink.as_ref().expect("settled").hasher;
         self.state.set_hash(self.size, hasher);
-        self.fs.put_atomic(&layout::ingest_state(&self.id), &self.state.encode()).await
+        // Under the session's lock to the end: a request dropped while its state is written
+        // keeps the session until the state is in place, so the next request resumes from it
+        // and no state of other bytes can land after that request's own.
+        let keep = self.sink.as_ref().expect("settled")._hold.clone();
+        let key = layout::ingest_state(&self.id);
+        let state = self.state.encode();
+        self.fs.put_atomic_holding(&key, &state, self.fs.fsync, Some("checkpoint.state_write"), Some(keep)).await
     }
 
     async fn rollback(&mut self) -> StoreResult<()> {
@@ -350,22 +389,40 @@ impl Verified for FsVerified {
     }
 
     async fn commit(self: Box<Self>) -> StoreResult<u64> {
-        let FsVerified { writer, sink, digest, size } = *self;
+        let FsVerified { mut writer, sink, digest, size } = *self;
         let fs = writer.fs.clone();
         let res = async {
             if fs.fsync {
                 let file = sink.file.try_clone()?;
                 blocking(move || file.sync_data()).await?;
             }
+            // An upload's commit is recorded before the content is put in place, so that a
+            // final PUT retried after a crash finishes it (`Store::recover_interrupted_commit`).
+            let upload = matches!(writer.state.kind, IngestKind::Upload { .. });
+            if upload && writer.state.commit.is_none() {
+                writer.state.set_hash(size, &sink.hasher);
+                writer.state.commit = Some(CommitRecord { digest: digest.to_string(), size });
+                fs.put_atomic(&layout::ingest_state(&writer.id), &writer.state.encode()).await?;
+            }
             let to = fs.path(&layout::blob(&digest));
             let dir = to.parent().expect("blob paths have a parent").to_path_buf();
-            tokio::fs::create_dir_all(&dir).await?;
-            // Same digest, same bytes: renaming over an existing blob is harmless and atomic.
-            tokio::fs::rename(&writer.data, &to).await?;
-            if fs.fsync {
-                sync_dir(dir).await?;
+            let (from, durable) = (writer.data.clone(), fs.fsync);
+            // First writer wins: content in place is never replaced (same digest, same bytes
+            // — or a saved state that lied about the bytes: either way the first copy stays).
+            let placed = blocking(move || {
+                create_dirs(&dir, durable)?;
+                let placed = rename_noreplace(&from, &to)?;
+                if durable && placed {
+                    std::fs::File::open(&dir)?.sync_all()?;
+                }
+                Ok(placed)
+            })
+            .await?;
+            if !placed {
+                tracing::debug!(%digest, "content already stored: the new copy is dropped");
             }
-            Ok::<_, std::io::Error>(())
+            crate::hooks::pause("commit.after_rename").await;
+            Ok::<_, StoreError>(())
         }
         .await;
         // Whatever the outcome, the ingest is done: the data is either in `blobs/` or not

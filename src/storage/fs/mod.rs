@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::backend::{Backend, ByteStream, Hold, IngestId, IngestState, IngestStatus, Writer, WriterOptions};
+use super::backend::{Backend, ByteStream, Hold, IngestId, IngestState, IngestStatus, Verified, Writer, WriterOptions};
 use super::layout::{self, Key};
 use super::{StoreResult, UploadId};
 use crate::oci::{Algorithm, Digest};
@@ -34,7 +34,8 @@ pub struct FsBackend(Arc<Fs>);
 impl FsBackend {
     pub async fn open(root: &Path, fsync: bool) -> std::io::Result<FsBackend> {
         for dir in [layout::BLOBS, layout::INGEST, layout::LOCAL_REPOS, layout::CACHE_REPOS] {
-            tokio::fs::create_dir_all(root.join(dir)).await?;
+            let dir = root.join(dir);
+            blocking(move || create_dirs(&dir, fsync)).await?;
         }
         Ok(FsBackend(Arc::new(Fs { root: root.to_path_buf(), fsync })))
     }
@@ -84,6 +85,21 @@ impl Fs {
     /// [`Fs::put_atomic`], fsynced only when `fsync`: for records a crash may lose (a fill's
     /// ingest state: a fill is never resumed, the sweep removes its remains either way).
     async fn put_atomic_durable(&self, key: &Key, bytes: &[u8], fsync: bool) -> StoreResult<()> {
+        self.put_atomic_holding(key, bytes, fsync, None, None).await
+    }
+
+    /// [`Fs::put_atomic_durable`] that keeps `keep` (a session's lock) until the new value is
+    /// in place or the write failed, even if the caller is dropped meanwhile: the write runs
+    /// on the blocking pool to its end, and no request on the session can start before it
+    /// has. `hook`: a test pause point just before the rename.
+    async fn put_atomic_holding(
+        &self,
+        key: &Key,
+        bytes: &[u8],
+        fsync: bool,
+        hook: Option<&'static str>,
+        keep: Option<Arc<Hold>>,
+    ) -> StoreResult<()> {
         let tmp = self.path(&layout::tmp());
         let path = self.path(key);
         // Plain blocking I/O: tokio's `File` reports a failed write (ENOSPC) only at the next
@@ -91,6 +107,7 @@ impl Fs {
         // the old value.
         let bytes = bytes.to_vec();
         let res = blocking(move || {
+            let _keep = keep;
             let write = || {
                 use std::io::Write as _;
                 let mut f = std::fs::File::create(&tmp)?;
@@ -99,7 +116,10 @@ impl Fs {
                     f.sync_data()?;
                 }
                 let dir = path.parent().expect("store paths have parents");
-                std::fs::create_dir_all(dir)?;
+                create_dirs(dir, fsync)?;
+                if let Some(name) = hook {
+                    crate::hooks::pause_blocking(name);
+                }
                 std::fs::rename(&tmp, &path)?;
                 if fsync {
                     std::fs::File::open(dir)?.sync_all()?;
@@ -193,6 +213,7 @@ impl Backend for FsBackend {
             offset: state.offset,
             updated_at: updated.unwrap_or(SystemTime::UNIX_EPOCH),
             has_data: data.is_some(),
+            committing: state.committing(),
             kind: state.kind,
         }))
     }
@@ -204,6 +225,10 @@ impl Backend for FsBackend {
 
     async fn remove_ingest(&self, id: IngestId) -> StoreResult<()> {
         Ok(not_found(tokio::fs::remove_dir_all(self.0.path(&layout::ingest_dir(&id))).await).map(drop)?)
+    }
+
+    async fn resume_commit(&self, id: IngestId, hold: Hold) -> StoreResult<Option<Box<dyn Verified>>> {
+        ingest::FsWriter::resume_commit(self.0.clone(), id, hold).await
     }
 
     async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {
@@ -303,6 +328,64 @@ pub(super) async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(std::io::Error::other)?
 }
 
-async fn sync_dir(dir: PathBuf) -> std::io::Result<()> {
-    blocking(move || std::fs::File::open(dir)?.sync_all()).await
+/// Creates `dir` and its missing parents (blocking). With `fsync`, every directory created is
+/// made durable in its parent: the parent is fsynced after the creation (a directory made
+/// meanwhile by another thread too: its maker may not have synced it yet). The one way
+/// directories are made on the store's commit paths.
+pub(super) fn create_dirs(dir: &Path, fsync: bool) -> std::io::Result<()> {
+    if !fsync {
+        return std::fs::create_dir_all(dir);
+    }
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(d) = at {
+        match std::fs::metadata(d) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    format!("{} is not a directory", d.display()),
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => missing.push(d),
+            Err(e) => return Err(e),
+        }
+        at = d.parent();
+    }
+    for d in missing.iter().rev() {
+        match std::fs::create_dir(d) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+            _ => {}
+        }
+        if let Some(parent) = d.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+/// Renames `from` to `to` unless `to` exists: `true` when renamed, `false` when `to` was
+/// there (it is left as it is; `from` too). `renameat2(RENAME_NOREPLACE)`, or where the
+/// filesystem has no such rename, a hard link (which never replaces) and an unlink.
+pub(super) fn rename_noreplace(from: &Path, to: &Path) -> std::io::Result<bool> {
+    let f = CString::new(from.as_os_str().as_bytes())?;
+    let t = CString::new(to.as_os_str().as_bytes())?;
+    // SAFETY: two NUL-terminated paths that outlive the call.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, f.as_ptr(), libc::AT_FDCWD, t.as_ptr(), libc::RENAME_NOREPLACE) };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EEXIST) => Ok(false),
+        Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) => match std::fs::hard_link(from, to) {
+            Ok(()) => {
+                std::fs::remove_file(from)?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        },
+        _ => Err(e),
+    }
 }

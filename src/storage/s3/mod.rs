@@ -43,13 +43,13 @@ use object_store::client::{HttpClient, HttpConnector, HttpRequestBody, ReqwestCo
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
 use object_store::signer::Signer;
-use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload};
+use object_store::{ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use tokio::sync::Semaphore;
 
-use super::backend::{Backend, ByteStream, Hold, IngestId, IngestStatus, Writer, WriterOptions};
+use super::backend::{Backend, ByteStream, Hold, IngestId, IngestStatus, Verified, Writer, WriterOptions};
 use super::layout::{self, Key};
 use super::{StoreError, StoreResult, UploadId};
-use crate::config::S3Config;
+use crate::config::{ConditionalPut, S3Config};
 use crate::oci::Digest;
 
 pub(super) use writer::S3State;
@@ -75,6 +75,9 @@ pub(super) struct S3 {
     sign_payload: bool,
     /// `storage.s3.redirect`: presigned GETs valid this long.
     redirect: Option<Duration>,
+    /// Blobs are written with `If-None-Match: *` (`storage.s3.conditional_put`, detected at
+    /// start-up with `auto`); else a HEAD before the write keeps a blob in place.
+    conditional: bool,
 }
 
 /// The object-storage backend.
@@ -125,12 +128,30 @@ impl S3Backend {
             region: cfg.region.clone(),
             sign_payload: !tls,
             redirect: cfg.redirect.then_some(cfg.redirect_expiry),
+            conditional: false,
         };
         // Fail at start-up, not at the first request, when the bucket cannot be reached.
         s3.store
             .list_with_delimiter(Some(&s3.path(&layout::root(layout::INGEST))))
             .await
             .map_err(|e| anyhow::anyhow!("storage.s3: bucket {:?}: {e}", cfg.bucket))?;
+        let mut s3 = s3;
+        s3.conditional = match cfg.conditional_put {
+            ConditionalPut::Always => true,
+            ConditionalPut::Never => false,
+            ConditionalPut::Auto => probe_conditional_put(&s3.store, &s3.prefix).await,
+        };
+        if s3.conditional {
+            tracing::info!(
+                setting = ?cfg.conditional_put,
+                "storage.s3: blobs are written with conditional writes (If-None-Match: *): content in place is never replaced"
+            );
+        } else {
+            tracing::info!(
+                setting = ?cfg.conditional_put,
+                "storage.s3: no conditional writes: a HEAD before each blob write keeps content in place"
+            );
+        }
         Ok(S3Backend(Arc::new(s3)))
     }
 }
@@ -253,9 +274,27 @@ impl S3 {
         Ok(S3State::decode(&raw).map(|s| (s, modified)))
     }
 
-    async fn put_payload(&self, key: &Key, payload: PutPayload) -> StoreResult<()> {
-        self.store.put(&self.path(key), payload).await.map_err(io)?;
-        Ok(())
+    /// PUTs an object; its ETag.
+    async fn put_payload(&self, key: &Key, payload: PutPayload) -> StoreResult<Option<String>> {
+        Ok(self.store.put(&self.path(key), payload).await.map_err(io)?.e_tag)
+    }
+
+    /// PUTs an object unless one is in place (first writer wins): with `If-None-Match: *`
+    /// where the store has conditional writes, else after a HEAD. `false` when it was there.
+    async fn put_new(&self, path: &Path, payload: PutPayload) -> StoreResult<bool> {
+        if self.conditional {
+            let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
+            return match self.store.put_opts(path, payload, opts).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => Ok(false),
+                Err(e) => Err(io(e)),
+            };
+        }
+        if absent(self.store.head(path).await)?.is_some() {
+            return Ok(false);
+        }
+        self.store.put(path, payload).await.map_err(io)?;
+        Ok(true)
     }
 
     /// Aborts an ingest's multipart uploads (gone already is fine) and deletes its objects,
@@ -332,6 +371,31 @@ fn xml_value(xml: &str, tag: &str) -> Option<String> {
     let rest = &xml[xml.find(&open)? + open.len()..];
     let value = &rest[..rest.find(&format!("</{tag}>"))?];
     Some(value.replace("&quot;", "\"").replace("&#34;", "\""))
+}
+
+/// Whether the store has conditional writes: two `PUT`s with `If-None-Match: *` of a probe key
+/// (under `meta/`, removed after), the second refused with a precondition error.
+async fn probe_conditional_put(store: &AmazonS3, prefix: &str) -> bool {
+    let path = Path::from(format!("{prefix}{}/conditional-put-probe-{}", layout::META, uuid::Uuid::new_v4().simple()));
+    let put = || {
+        store.put_opts(
+            &path,
+            PutPayload::from_static(b"probe"),
+            PutOptions { mode: PutMode::Create, ..PutOptions::default() },
+        )
+    };
+    let second = match put().await {
+        Ok(_) => put().await,
+        Err(e) => Err(e),
+    };
+    let _ = store.delete(&path).await;
+    match second {
+        Err(object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. }) => true,
+        other => {
+            tracing::debug!(answer = ?other.map(drop), "storage.s3: the conditional-write probe was not refused");
+            false
+        }
+    }
 }
 
 /// An `object_store` error as an I/O error of the store.
@@ -462,6 +526,7 @@ impl Backend for S3Backend {
             offset: state.base.offset,
             updated_at: updated,
             has_data: !state.committed,
+            committing: state.base.committing(),
             kind: state.base.kind,
         }))
     }
@@ -473,6 +538,10 @@ impl Backend for S3Backend {
 
     async fn remove_ingest(&self, id: IngestId) -> StoreResult<()> {
         self.0.remove_ingest(&id).await
+    }
+
+    async fn resume_commit(&self, id: IngestId, hold: Hold) -> StoreResult<Option<Box<dyn Verified>>> {
+        writer::S3Writer::resume_commit(self.0.clone(), id, hold).await
     }
 
     async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {

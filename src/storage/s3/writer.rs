@@ -39,7 +39,9 @@ use tokio::task::JoinHandle;
 
 use super::{io, S3};
 use crate::oci::{Digest, Hasher};
-use crate::storage::backend::{Hold, IngestId, IngestKind, IngestState, TailReader, Verified, Writer, WriterOptions};
+use crate::storage::backend::{
+    CommitRecord, Hold, IngestId, IngestKind, IngestState, TailReader, Verified, Writer, WriterOptions,
+};
 use crate::storage::fs::read::{read_at, READ_CHUNK};
 use crate::storage::layout;
 use crate::storage::{StoreError, StoreResult};
@@ -82,10 +84,15 @@ pub struct S3State {
 }
 
 /// Bytes `start..start + len` of an upload, in the object `ingest/<id>/piece/<start>`.
-#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Piece {
     pub start: u64,
     pub len: u64,
+    /// The piece object's ETag when it was written: a rebuild takes only that object (a
+    /// piece written since under the same key, by a request the state does not describe,
+    /// makes the session unknown instead of lending its bytes to this state's hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub etag: Option<String>,
 }
 
 /// A multipart upload copying a staged upload to its final key.
@@ -211,7 +218,8 @@ impl S3Writer {
 
     pub(super) async fn resume(s3: Arc<S3>, id: IngestId, batch_bytes: usize, hold: Hold) -> StoreResult<S3Writer> {
         let Some((state, _)) = s3.state(&id).await? else { return Err(StoreError::UploadUnknown) };
-        if state.committed {
+        if state.committed || state.base.commit.is_some() {
+            // Done, or verified and being committed: only finishing it is left.
             return Err(StoreError::UploadUnknown);
         }
         let hasher = state.base.hasher().ok_or(StoreError::UploadUnknown)?;
@@ -290,9 +298,27 @@ impl S3Writer {
     }
 
     async fn save_state(&mut self) -> StoreResult<()> {
+        self.save_state_hooked(None).await
+    }
+
+    /// Saves the state. The PUT runs as a task of its own holding the writer's [`Hold`] (the
+    /// session's lock): a request dropped meanwhile keeps the session until the PUT is over,
+    /// so no state can land after the next request on the session started. `hook`: a test
+    /// pause point before the PUT.
+    async fn save_state_hooked(&mut self, hook: Option<&'static str>) -> StoreResult<()> {
         self.state.rev = uuid::Uuid::new_v4().simple().to_string();
         self.state.updated_ms = crate::storage::index::unix_now();
-        self.s3.put(&layout::ingest_state(&self.id), self.state.encode()).await?;
+        let (s3, key, value, hold) =
+            (self.s3.clone(), layout::ingest_state(&self.id), self.state.encode(), self.hold.clone());
+        tokio::spawn(async move {
+            let _hold = hold;
+            if let Some(name) = hook {
+                crate::hooks::pause(name).await;
+            }
+            s3.put(&key, value).await
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         self.state_saved = true;
         if !self.keep_spool {
             // The spool is in step with this revision (up to the offset). Best effort: a spool
@@ -302,13 +328,72 @@ impl S3Writer {
         Ok(())
     }
 
-    /// PUTs bytes `start..start + len` of the spool of part `idx` as a piece object.
-    async fn put_piece(&self, idx: usize, start: u64, len: u64) -> StoreResult<()> {
+    /// PUTs bytes `start..start + len` of the spool of part `idx` as a piece object; its ETag.
+    async fn put_piece(&self, idx: usize, start: u64, len: u64) -> StoreResult<Option<String>> {
         let file = self.tail.files.lock().unwrap().get(&idx).cloned();
         let file = file.ok_or_else(|| std::io::Error::other(format!("spool of part {} is missing", idx + 1)))?;
         let at = start - idx as u64 * self.s3.part_size;
         let payload = read_range(&self.s3, file, at, len).await?;
         self.s3.put_payload(&layout::ingest_piece(&self.id, start), payload).await
+    }
+
+    /// Sends the last part, if any bytes are not in a sent part yet.
+    async fn send_last_part(&mut self) -> StoreResult<()> {
+        let sent = self.parts.len() as u64 * self.s3.part_size;
+        if self.size > sent {
+            self.start_part(self.parts.len(), self.size - sent).await?;
+            self.settle_part().await?;
+        }
+        Ok(())
+    }
+
+    /// Records the commit (digest, final size and hash, every part) in the state before the
+    /// content is put in place: a final PUT retried after a crash finds it and finishes the
+    /// commit (`Store::recover_interrupted_commit`). Upload sessions only (fills are never
+    /// resumed).
+    async fn record_commit(&mut self, digest: &Digest) -> StoreResult<()> {
+        if self.keep_spool || self.state.base.commit.is_some() {
+            return Ok(());
+        }
+        self.state.parts = self.parts.clone();
+        self.state.base.set_hash(self.size, self.hasher.as_ref().expect("settled"));
+        self.state.base.commit = Some(CommitRecord { digest: digest.to_string(), size: self.size });
+        self.save_state().await
+    }
+
+    /// Reopens an ingest whose commit was recorded and cut short before the content was in
+    /// place: the verified content, ready to commit again. `None` without a record, or when
+    /// what the record needs is gone (the local spool of a one-part upload).
+    pub(super) async fn resume_commit(s3: Arc<S3>, id: IngestId, hold: Hold) -> StoreResult<Option<Box<dyn Verified>>> {
+        let Some((mut state, _)) = s3.state(&id).await? else { return Ok(None) };
+        let (Some((digest, size)), Some(hasher)) = (state.base.committing(), state.base.hasher()) else {
+            return Ok(None);
+        };
+        if state.committed {
+            return Ok(None);
+        }
+        // A multipart copy cut short is started again.
+        if let Some(copy) = state.copy.take() {
+            let _ = s3.store.abort_multipart(&Path::from(format!("{}{}", s3.prefix, copy.key)), &copy.upload).await;
+        }
+        let one_part = state.upload.is_none() && state.parts.is_empty();
+        let parts = state.parts.clone();
+        let mut w = S3Writer::wrap(s3.clone(), id, state, hasher, parts, 1, false, hold);
+        w.state_saved = true;
+        (w.size, w.landed) = (size, size);
+        if one_part {
+            // Its bytes are in the local spool only.
+            let file = part_file(&s3.spool_dir(&id), 0);
+            let f = match std::fs::OpenOptions::new().read(true).write(true).open(&file) {
+                Ok(f) if f.metadata().map(|m| m.len() >= size).unwrap_or(false) => f,
+                _ => return Ok(None),
+            };
+            w.tail.files.lock().unwrap().insert(0, Arc::new(f));
+        } else if w.state.upload.is_none() {
+            // Completed under the staging key already.
+            w.completed = true;
+        }
+        Ok(Some(Box::new(S3Verified { writer: Box::new(w), digest })))
     }
 
     /// Hashes and spools the collected batch (on the blocking pool).
@@ -419,15 +504,17 @@ impl S3Writer {
 
     /// Sends the last part and completes the multipart upload (under its target key).
     async fn complete(&mut self) -> StoreResult<()> {
-        let idx = self.parts.len();
-        let rest = self.size - idx as u64 * self.s3.part_size;
-        if rest > 0 {
-            self.start_part(idx, rest).await?;
-            self.settle_part().await?;
-        }
+        self.send_last_part().await?;
         let parts = self.parts.iter().map(|e| PartId { content_id: e.clone() }).collect();
         let upload = self.state.upload.clone().expect("created");
-        self.s3.store.complete_multipart(&self.target(), &upload, parts).await.map_err(io)?;
+        if let Err(e) = self.s3.store.complete_multipart(&self.target(), &upload, parts).await {
+            // A recorded commit cut short after the completion: the object is there.
+            let done = self.state.base.commit.is_some()
+                && self.s3.store.head(&self.target()).await.is_ok_and(|m| m.size == self.size);
+            if !done {
+                return Err(io(e));
+            }
+        }
         self.state.upload = None;
         self.completed = true;
         Ok(())
@@ -543,6 +630,13 @@ async fn rebuild_spool(s3: &S3, id: &IngestId, state: &S3State, idx: usize) -> S
             tracing::warn!(ingest = %id, piece = p.start, "an upload's piece is missing: the session cannot resume");
             return Err(StoreError::UploadUnknown);
         };
+        if p.etag.is_some() && r.meta.e_tag != p.etag {
+            tracing::warn!(
+                ingest = %id, piece = p.start, want = ?p.etag, got = ?r.meta.e_tag,
+                "an upload's piece is not the one its state recorded: the session cannot resume"
+            );
+            return Err(StoreError::UploadUnknown);
+        }
         let mut body = r.into_stream();
         let mut got = 0u64;
         while let Some(b) = body.try_next().await.map_err(io)? {
@@ -698,13 +792,13 @@ impl Writer for S3Writer {
         };
         let from = self.state.base.offset.max(part_start);
         if self.size > from {
-            self.put_piece(idx, from, self.size - from).await?;
-            pieces.push(Piece { start: from, len: self.size - from });
+            let etag = self.put_piece(idx, from, self.size - from).await?;
+            pieces.push(Piece { start: from, len: self.size - from, etag });
         }
         self.state.parts = self.parts.clone();
         self.state.pieces = pieces;
         self.state.base.set_hash(self.size, self.hasher.as_ref().expect("settled"));
-        self.save_state().await?;
+        self.save_state_hooked(Some("checkpoint.state_write")).await?;
         // Pieces of sent parts: no state names them any more. (One left by a crash here is
         // removed with the ingest.)
         for p in obsolete {
@@ -813,21 +907,28 @@ impl S3Verified {
         let idx = w.parts.len();
         let rest = w.size - idx as u64 * s3.part_size;
         if w.state.upload.is_none() && !w.completed {
-            // It fits in one part: one PUT of the verified spool under the final key.
+            // It fits in one part: one PUT of the verified spool under the final key (unless
+            // there: first writer wins).
+            w.record_commit(&self.digest).await?;
             let file = w.tail.files.lock().unwrap().get(&0).cloned();
             let payload = match file {
                 Some(f) => read_part(&s3, f, rest).await?,
                 None => PutPayload::new(),
             };
-            s3.store.put(&blob, payload).await.map_err(io)?;
+            s3.put_new(&blob, payload).await?;
             return Ok(());
         }
         if !w.completed {
+            w.send_last_part().await?;
+            w.record_commit(&self.digest).await?;
             w.complete().await?;
         }
         let target = w.target();
         w.state.upload = None;
-        if target != blob {
+        if target != blob && s3.store.head(&blob).await.is_ok_and(|m| m.size == w.size) {
+            // First writer wins: content in place is never replaced.
+            tracing::debug!(digest = %self.digest, "content already stored: the new copy is dropped");
+        } else if target != blob {
             // An upload: completed under its staging key, made visible by a server-side copy
             // (by parts past what one `CopyObject` may copy).
             if w.size > s3.max_copy_size {
@@ -842,6 +943,9 @@ impl S3Verified {
             } else {
                 s3.store.copy(&target, &blob).await.map_err(io)?;
             }
+            crate::hooks::pause("commit.after_copy").await;
+        }
+        if target != blob {
             w.state.committed = true;
             w.save_state().await?;
         }
@@ -883,7 +987,7 @@ mod tests {
             target: String::new(),
             parts: Vec::new(),
             committed: false,
-            pieces: pieces.iter().map(|&(start, len)| Piece { start, len }).collect(),
+            pieces: pieces.iter().map(|&(start, len)| Piece { start, len, etag: None }).collect(),
             rev: "r1".into(),
             updated_ms: 1,
             copy: None,

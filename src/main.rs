@@ -355,6 +355,18 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
     tokio::runtime::Runtime::new()?.block_on(async {
         let app = App::new(cfg, None).await.context("opening the store")?;
         if !args.dry_run {
+            // A fleet's pass under way is named first (as `lc.gc` would), then any live replica.
+            if let Some(h) = match app.store.fleet() {
+                Some(c) => c.holder(stevedore::lifecycle::LIFECYCLE_LEASE).await,
+                None => None,
+            } {
+                anyhow::bail!(
+                    "garbage collection not run: replica {} ({}) is running eviction or garbage collection on this \
+                     store; try again when it is done",
+                    h.replica,
+                    h.advertise
+                );
+            }
             refuse_beside_live_server(
                 &app,
                 "gc",

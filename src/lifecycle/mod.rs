@@ -283,12 +283,17 @@ impl Lifecycle {
         s.usage.items = s.sizes.len();
         s.usage.oldest_access = oldest;
         for mut u in cached_units {
+            let pinned = |d: &Digest| matches!(s.kinds.get(d), Some(Kind::Pushed | Kind::Imported));
+            let proxied = |d: &&Digest| s.kinds.get(*d) == Some(&Kind::Proxied);
             let digests = u.manifest.iter().chain(u.blobs.iter());
-            // A unit holding anything pushed or imported is not the cap's to evict.
-            if digests.clone().any(|d| matches!(s.kinds.get(d), Some(Kind::Pushed | Kind::Imported))) {
+            // A pushed or imported manifest is not the cap's to evict, nor a unit with nothing
+            // proxied. A cached image sharing a layer with a pushed one is: its proxied parts
+            // go, the pinned layer stays (content of another kind is never deleted here).
+            if u.manifest.as_ref().is_some_and(pinned) || !digests.clone().any(|d| proxied(&d)) {
                 continue;
             }
-            u.last = digests.filter_map(|d| s.access.get(d)).max().copied().unwrap_or(start);
+            // Its age is that of its proxied parts (a pushed layer in use keeps nothing cached).
+            u.last = digests.filter(proxied).filter_map(|d| s.access.get(d)).max().copied().unwrap_or(start);
             s.units.push(u);
         }
         s.units.sort_by_key(|u| u.last);

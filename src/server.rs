@@ -17,7 +17,9 @@
 //! per stream beyond the client's window, and a connection with no open stream for
 //! `http2_idle_timeout` is closed gracefully (GOAWAY; hyper has no such timeout of its own, so
 //! each connection counts its open streams, see [`Streams`]) so idle connections that only
-//! answer PINGs do not hold slots.
+//! answer PINGs do not hold slots. The response bytes an HTTP/2 connection's streams hold at
+//! once are bounded by `http2_max_concurrent_streams × http2_max_send_buffer` (see
+//! [`SendBudget`]).
 //!
 //! TLS (`[server.tls]`, [`crate::tls`]): a TLS listener hands each accepted socket to its own
 //! task, which runs the handshake (bounded by the same first-request deadline) and then serves
@@ -44,7 +46,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
@@ -261,7 +263,9 @@ impl PerClient {
     fn refused(&self, ip: IpAddr, open: usize) {
         let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
         let last = self.last_warned.load(Ordering::Relaxed);
-        if now >= last + 10_000 && self.last_warned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        if now >= last + 10_000
+            && self.last_warned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
             tracing::warn!(
                 client = %ip.to_canonical(),
                 open,
@@ -346,18 +350,112 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body that keeps its stream counted open until it is dropped.
-struct Counted {
+/// Most of the send budget one chunk is charged (the store reads 256 KiB at a time); a larger
+/// chunk is charged this much.
+const BUDGET_UNIT: u32 = 256 << 10;
+
+/// The response bytes all streams of one HTTP/2 connection may hold at once (polled from their
+/// bodies, not yet written to the socket): `http2_max_concurrent_streams ×
+/// http2_max_send_buffer`. hyper reads a stream's next chunk as soon as it handed the previous
+/// one to h2, whatever the client's window, so without this every stream a client leaves
+/// unread holds two read chunks; with it, a connection holds at most the budget. A stream
+/// that waits for its share longer than `body_idle_timeout` (the others left unread that
+/// long) ends with an error.
+struct SendBudget {
+    permits: Arc<Semaphore>,
+    total: u32,
+    wait: Duration,
+}
+
+impl SendBudget {
+    fn new(limits: &Limits) -> SendBudget {
+        let total = (limits.http2_max_concurrent_streams as usize)
+            .saturating_mul(limits.http2_max_send_buffer)
+            .clamp(1, (u32::MAX as usize).min(Semaphore::MAX_PERMITS)) as u32;
+        SendBudget { permits: Arc::new(Semaphore::new(total as usize)), total, wait: limits.body_idle_timeout }
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
+
+/// The response body of an HTTP/2 stream: keeps the stream counted open until it is dropped,
+/// and polls the handler's body only with a share of the connection's [`SendBudget`] in
+/// hand. The share goes with the chunk (`Bytes::from_owner`) and comes back when h2 drops
+/// it: written to the socket, or the stream reset.
+struct H2Body {
     inner: Body,
+    budget: Arc<SendBudget>,
+    permit: Option<OwnedSemaphorePermit>,
+    acquiring: Option<Acquire>,
+    timer: Option<Pin<Box<Sleep>>>,
     _stream: StreamGuard,
 }
 
-impl http_body::Body for Counted {
+impl H2Body {
+    fn new(inner: Body, budget: Arc<SendBudget>, stream: StreamGuard) -> H2Body {
+        H2Body { inner, budget, permit: None, acquiring: None, timer: None, _stream: stream }
+    }
+}
+
+/// A chunk and its share of the send budget.
+struct Charged {
+    data: Bytes,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl http_body::Body for H2Body {
     type Data = Bytes;
     type Error = axum::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let this = &mut *self;
+        if this.permit.is_none() && !this.inner.is_end_stream() {
+            let unit = this.budget.total.min(BUDGET_UNIT);
+            let permits = this.budget.permits.clone();
+            let acquiring = this.acquiring.get_or_insert_with(|| Box::pin(permits.acquire_many_owned(unit)));
+            match acquiring.as_mut().poll(cx) {
+                Poll::Ready(Ok(p)) => {
+                    (this.acquiring, this.timer) = (None, None);
+                    this.permit = Some(p);
+                }
+                Poll::Ready(Err(_)) => unreachable!("the send budget's semaphore is never closed"),
+                Poll::Pending => {
+                    let wait = this.budget.wait;
+                    let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+                    ready!(timer.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(axum::Error::new(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the other streams of this HTTP/2 connection held its send budget for {wait:?} \
+                             (server.body_idle_timeout)"
+                        ),
+                    )))));
+                }
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(Ok(frame)) = frame else {
+            // The end, or an error: the share goes back.
+            this.permit = None;
+            return Poll::Ready(frame);
+        };
+        match frame.into_data() {
+            Ok(data) if !data.is_empty() => {
+                let Some(mut permit) = this.permit.take() else { return Poll::Ready(Some(Ok(Frame::data(data)))) };
+                // A smaller chunk gives the rest of its share back at once.
+                let charge = data.len().min(permit.num_permits());
+                drop(permit.split(permit.num_permits() - charge));
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(Charged { data, _permit: permit })))))
+            }
+            Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Err(frame) => Poll::Ready(Some(Ok(frame))),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -411,6 +509,7 @@ impl Conn {
         let service = {
             let (router, first_request, idle) = (self.router, first_request.clone(), self.limits.body_idle_timeout);
             let (client, streams) = (self.client, streams.clone());
+            let budget = Arc::new(SendBudget::new(&self.limits));
             hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
                 let stream = (req.version() == hyper::Version::HTTP_2).then(|| {
                     streams.h2.store(true, Ordering::Relaxed);
@@ -425,10 +524,11 @@ impl Conn {
                     req.extensions_mut().insert(cert.clone());
                 }
                 let resp = router.clone().oneshot(req.map(|b| Body::new(IdleBody::new(b, idle))));
+                let budget = budget.clone();
                 async move {
                     let resp = resp.await?;
                     Ok::<_, std::convert::Infallible>(match stream {
-                        Some(s) => resp.map(|inner| Body::new(Counted { inner, _stream: s })),
+                        Some(s) => resp.map(|inner| Body::new(H2Body::new(inner, budget, s))),
                         None => resp,
                     })
                 }

@@ -527,5 +527,9 @@ async fn a_relay_of_another_repositorys_fill_needs_the_upstream_to_have_it_there
         assert_eq!(common::data::sha256(&got), d, "{who}'s bytes");
     }
     assert_eq!(fake.count("GET", &format!("/v2/private/app/blobs/{d}")), 1, "upstream GETs:\n  {}", fake.dump());
-    assert_eq!(fake.count("HEAD", &format!("/v2/private/app/blobs/{d}")), 0, "a same-repository relay checked upstream");
+    assert_eq!(
+        fake.count("HEAD", &format!("/v2/private/app/blobs/{d}")),
+        0,
+        "a same-repository relay checked upstream"
+    );
 }

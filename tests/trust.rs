@@ -694,10 +694,11 @@ async fn joining_another_repositorys_fill_needs_the_upstream_to_have_it_there() 
     let public = sd.url(&format!("/v2/public/app/blobs/{d}?ns=up.test"));
 
     // Alice's pull: the response head means the fill runs (held after 1 MiB).
-    let alice = tokio::time::timeout(Duration::from_secs(30), http.get(&private).basic_auth(ALICE.0, Some(ALICE.1)).send())
-        .await
-        .expect("alice's response head")
-        .unwrap();
+    let alice =
+        tokio::time::timeout(Duration::from_secs(30), http.get(&private).basic_auth(ALICE.0, Some(ALICE.1)).send())
+            .await
+            .expect("alice's response head")
+            .unwrap();
     assert_eq!(alice.status(), 200, "alice's pull of the private layer");
     let alice_body = tokio::spawn(alice.bytes());
 
@@ -710,14 +711,20 @@ async fn joining_another_repositorys_fill_needs_the_upstream_to_have_it_there() 
     assert_eq!(status, 404, "bob read a private layer through alice's fill (x-stevedore-cache: {cache})");
     let body = tokio::time::timeout(Duration::from_secs(10), bob.text()).await.expect("bob's error body").unwrap();
     assert!(body.contains("BLOB_UNKNOWN") && body.len() < 4096, "bob's 404 body: {body}");
-    assert_eq!(fake.count("HEAD", &format!("/v2/public/app/blobs/{d}")), 1, "bob's join checks the upstream once:\n  {}", fake.dump());
+    assert_eq!(
+        fake.count("HEAD", &format!("/v2/public/app/blobs/{d}")),
+        1,
+        "bob's join checks the upstream once:\n  {}",
+        fake.dump()
+    );
 
     // Alice again, same repository: joins (its response head arrives while the fill is held)
     // with no check upstream.
-    let again = tokio::time::timeout(Duration::from_secs(30), http.get(&private).basic_auth(ALICE.0, Some(ALICE.1)).send())
-        .await
-        .expect("alice's second response head")
-        .unwrap();
+    let again =
+        tokio::time::timeout(Duration::from_secs(30), http.get(&private).basic_auth(ALICE.0, Some(ALICE.1)).send())
+            .await
+            .expect("alice's second response head")
+            .unwrap();
     assert_eq!(
         (again.status().as_u16(), hdr(again.headers(), "x-stevedore-cache").as_deref()),
         (200, Some("joined")),
@@ -727,7 +734,8 @@ async fn joining_another_repositorys_fill_needs_the_upstream_to_have_it_there() 
     gate.send(true).unwrap();
     let got = tokio::time::timeout(Duration::from_secs(30), alice_body).await.expect("alice's body").unwrap().unwrap();
     assert_eq!(sha256(&got), d, "alice's bytes");
-    let again = tokio::time::timeout(Duration::from_secs(30), again).await.expect("alice's second body").unwrap().unwrap();
+    let again =
+        tokio::time::timeout(Duration::from_secs(30), again).await.expect("alice's second body").unwrap().unwrap();
     assert_eq!(sha256(&again), d, "alice's second pull's bytes");
     assert_eq!(fake.count("HEAD", &format!("/v2/private/app/blobs/{d}")), 0, "a same-repository join checked upstream");
     assert_eq!(fake.count("GET", &format!("/v2/private/app/blobs/{d}")), 1, "upstream GETs");

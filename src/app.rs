@@ -17,6 +17,8 @@ pub struct App {
     pub upload_quota: crate::limits::UploadQuota,
     /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// The Bearer token for `/admin/*` (`auth.admin_token_file`); `None` when not configured.
+    pub admin_token: Option<crate::auth::admin::AdminToken>,
     /// This replica among others on the store (`[redis]`, `[cluster]`); alone without Redis.
     pub cluster: Arc<crate::cluster::Cluster>,
 }
@@ -50,7 +52,14 @@ impl App {
         let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
         let auth = crate::auth::Auth::from_config(&cfg.auth)?;
-        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth, cluster }))
+        let admin_token = match &cfg.auth.admin_token_file {
+            Some(f) => Some(
+                crate::auth::admin::AdminToken::load(f)
+                    .map_err(|why| anyhow::anyhow!("auth.admin_token_file: {why}"))?,
+            ),
+            None => None,
+        };
+        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth, admin_token, cluster }))
     }
 
     /// Background work: the idle upload session sweep, the cache lifecycle (usage checks,
@@ -110,12 +119,20 @@ pub fn summary(app: &App) -> Vec<String> {
     if !mirrors.is_empty() {
         out.push(format!("upstream namespaces (read-only, by ns=, path prefix or cache name): {}", mirrors.join(", ")));
     }
+    let admin = match (&app.auth, &app.admin_token) {
+        (_, Some(_)) if app.auth.is_some() => "/admin/*: administrators by the rules, or the admin token",
+        (_, Some(_)) => "/admin/*: the admin token (auth.admin_token_file) only",
+        (Some(_), None) => "/admin/*: administrators by the rules",
+        (None, None) => "/admin/* is off (no [auth] htpasswd and no auth.admin_token_file)",
+    };
+    out.push(admin.to_string());
     match &app.auth {
         Some(auth) => out.extend(auth.describe()),
         None => out.push(
             "no client authentication is configured ([auth] htpasswd): this is an open registry; anyone who can \
-             reach it may pull, and push where names are local"
-                .to_string(),
+             reach it may pull every repository, push and delete where names are local, and read /metrics"
+                .to_string()
+                + if app.admin_token.is_some() { "" } else { "; /admin/* is off" },
         ),
     }
     out

@@ -30,8 +30,9 @@ pub struct Config {
 /// single flight across replicas, cache invalidation, shared upstream tokens). Redis is
 /// coordination, never the record: it may run without persistence and be restarted; while it
 /// is unreachable every replica degrades to single flight in its own process. Without `url`,
-/// one replica keeps everything in process.
-#[derive(Clone, Debug, Deserialize)]
+/// one replica keeps everything in process. `Debug` is written by hand: the URL's user info
+/// (its password) is never shown.
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]`.
@@ -57,6 +58,18 @@ impl Default for RedisConfig {
     }
 }
 
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_file", &self.url_file)
+            .field("url_env", &self.url_env)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
 impl RedisConfig {
     /// The URL, if configured (inline, from a file or from an environment variable).
     pub fn url(&self) -> Result<Option<String>, String> {
@@ -68,8 +81,9 @@ impl RedisConfig {
     }
 }
 
-/// `[cluster]`: this replica among several on one store.
-#[derive(Clone, Debug, Deserialize)]
+/// `[cluster]`: this replica among several on one store. `Debug` is written by hand: it never
+/// shows the secret.
+#[derive(Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Shared by the replicas: authenticates their internal requests to each other.
@@ -106,6 +120,21 @@ impl Default for ClusterConfig {
             heartbeat_interval: Duration::from_secs(5),
             allow_without_redis: false,
         }
+    }
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("secret_file", &self.secret_file)
+            .field("secret_env", &self.secret_env)
+            .field("advertise", &self.advertise.as_deref().map(redact_url))
+            .field("advertise_env", &self.advertise_env)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("allow_without_redis", &self.allow_without_redis)
+            .finish()
     }
 }
 
@@ -200,6 +229,10 @@ pub struct AuthConfig {
     pub groups: std::collections::BTreeMap<String, Vec<String>>,
     /// Access rules; none: every user may pull, push and delete everywhere.
     pub rules: Vec<AccessRule>,
+    /// A file holding a token (at least 16 characters; trailing newline trimmed) that
+    /// `Authorization: Bearer <token>` presents for the admin endpoints (`/admin/*`), with or
+    /// without `htpasswd`. Without it and without `htpasswd`, `/admin/*` does not exist (404).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -275,6 +308,7 @@ impl Default for AuthConfig {
             metrics: MetricsAccess::Open,
             groups: Default::default(),
             rules: Vec::new(),
+            admin_token_file: None,
         }
     }
 }
@@ -286,6 +320,11 @@ impl AuthConfig {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
+        if let Some(f) = &self.admin_token_file {
+            if let Err(why) = crate::auth::admin::AdminToken::load(f) {
+                return invalid("auth.admin_token_file", why);
+            }
+        }
         if !self.enabled() {
             let d = AuthConfig::default();
             if !self.rules.is_empty()
@@ -333,6 +372,11 @@ impl AuthConfig {
             let at = format!("rule {}", i + 1);
             if r.repositories.is_empty() || r.repositories.iter().any(|p| p.is_empty() || p.starts_with('/')) {
                 return invalid("auth.rules", format!("{at}: repositories must list repository-name globs"));
+            }
+            for p in &r.repositories {
+                if let Err(e) = crate::oci::glob::check(p) {
+                    return invalid("auth.rules", format!("{at}: {:?}: {e}", shorten(p)));
+                }
             }
             if r.actions.is_empty() {
                 return invalid("auth.rules", format!("{at}: actions must list pull, push, delete or admin"));
@@ -412,7 +456,7 @@ pub struct UpstreamConfig {
     #[serde(with = "humantime_serde")]
     pub read_timeout: Duration,
     /// Token realms (URLs or origins; only scheme, host and port count) besides the
-    /// upstream's own host that may receive its credentials. `https://auth.docker.io` is
+    /// upstream's own origin (scheme, host and port) that may receive its credentials. `https://auth.docker.io` is
     /// built in for `docker.io`.
     pub token_realms: Vec<String>,
 }
@@ -1094,6 +1138,11 @@ impl Config {
             if u.max_concurrency == 0 {
                 return invalid("upstreams.max_concurrency", "must be at least 1");
             }
+            for p in &u.immutable_tags {
+                if let Err(e) = crate::oci::glob::check(p) {
+                    return invalid("upstreams.immutable_tags", &format!("upstream {}: {:?}: {e}", u.host, shorten(p)));
+                }
+            }
             if u.password.is_some() as u8 + u.password_file.is_some() as u8 + u.password_env.is_some() as u8 > 1 {
                 return invalid("upstreams.password", "give one of password, password_file, password_env");
             }
@@ -1115,6 +1164,9 @@ impl Config {
         for p in &self.proxy.local_namespaces {
             if p.is_empty() || p.starts_with('/') {
                 return invalid("proxy.local_namespaces", &format!("{p:?} is not a repository-name glob"));
+            }
+            if let Err(e) = crate::oci::glob::check(p) {
+                return invalid("proxy.local_namespaces", &format!("{:?}: {e}", shorten(p)));
             }
             // A pattern inside an upstream's namespace could never take effect: those names
             // are the upstream's, read-only.
@@ -1149,6 +1201,14 @@ impl Config {
     }
 }
 
+/// A pattern as errors show it: its first 64 characters.
+fn shorten(p: &str) -> String {
+    match p.char_indices().nth(64) {
+        Some((i, _)) => format!("{}…", &p[..i]),
+        None => p.to_string(),
+    }
+}
+
 /// The CA bundle must be there, readable and hold usable certificates, as at start-up: so
 /// `check-config` finds a broken one too.
 fn check_ca_file(host: &str, f: &std::path::Path) -> Result<(), ConfigError> {
@@ -1166,6 +1226,46 @@ fn check_ca_file(host: &str, f: &std::path::Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// No secret of any config struct shows in `Debug` output (`{:?}` and `{:#?}`) of the
+    /// whole `Config`.
+    #[test]
+    fn debug_of_the_whole_config_shows_no_secret() {
+        let c = Config::parse(
+            r#"
+            [redis]
+            url = "redis://stevedore:redis-pw-Lp4@127.0.0.1:6379/0"
+            [cluster]
+            secret = "cluster-secret-Mm7-0123456789"
+            advertise = "http://carl:advertise-pw-Tt5@127.0.0.1:5000"
+            [storage.s3]
+            bucket = "b"
+            access_key_id = "AKIA-id-Nn6"
+            secret_access_key = "s3-secret-Oo9"
+            [[upstreams]]
+            host = "up.test"
+            endpoints = ["https://eve:endpoint-pw-Rr3@127.0.0.1:9"]
+            username = "bob"
+            password = "upstream-pw-Qq2"
+            token_realms = ["https://eve:realm-pw-Ss8@127.0.0.1:9"]
+            "#,
+        )
+        .unwrap();
+        let shown = format!("{c:?}\n{c:#?}");
+        for secret in [
+            "redis-pw-Lp4",
+            "cluster-secret-Mm7",
+            "advertise-pw-Tt5",
+            "s3-secret-Oo9",
+            "endpoint-pw-Rr3",
+            "upstream-pw-Qq2",
+            "realm-pw-Ss8",
+        ] {
+            assert!(!shown.contains(secret), "Debug of Config shows {secret}:\n{c:#?}");
+        }
+        // The access key id is an identifier (it is in the bucket's own logs), not a secret.
+        assert!(shown.contains("up.test") && shown.contains("AKIA-id-Nn6") && shown.contains("<redacted>"), "{c:#?}");
+    }
 
     #[test]
     fn shipped_config_matches_defaults() {

@@ -9,10 +9,15 @@
 //! Without the feature, [`pause`] is an empty inline function: release builds carry nothing.
 //!
 //! Points (grep `hooks::pause(`) are named `<operation>.<step>`, e.g. `commit.after_publish`.
+//!
+//! Failure points do what a pause cannot: make a write fail (stand in for EIO). A process
+//! started with `STEVEDORE_FAIL=name@N,…` gets `true` from [`fail`] at the Nth pass through
+//! `name` (`name` alone: the first), and only then; the caller returns its layer's error.
+//! Points (grep `hooks::fail(`) are named like pause points, e.g. `import.commit_repo`.
 
 #[cfg(feature = "test-hooks")]
 mod imp {
-    use std::collections::HashSet;
+    use std::collections::{HashMap, HashSet};
     use std::path::PathBuf;
     use std::sync::{Mutex, OnceLock};
     use std::time::Duration;
@@ -37,6 +42,35 @@ mod imp {
                     .collect(),
             ),
         })
+    }
+
+    /// Failure points: name → (the pass that fails, passes so far).
+    fn failures() -> &'static Mutex<HashMap<String, (u64, u64)>> {
+        static F: OnceLock<Mutex<HashMap<String, (u64, u64)>>> = OnceLock::new();
+        F.get_or_init(|| {
+            let spec = std::env::var("STEVEDORE_FAIL").unwrap_or_default();
+            let mut points = HashMap::new();
+            for p in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let (name, nth) = match p.split_once('@') {
+                    Some((name, n)) => (name, n.parse().expect("STEVEDORE_FAIL: name@N with N a pass number")),
+                    None => (p, 1),
+                };
+                points.insert(name.to_string(), (nth, 0));
+            }
+            Mutex::new(points)
+        })
+    }
+
+    /// Whether the named failure point fails this pass.
+    pub fn fail(name: &str) -> bool {
+        let mut points = failures().lock().unwrap();
+        let Some((nth, seen)) = points.get_mut(name) else { return false };
+        *seen += 1;
+        let fails = *seen == *nth;
+        if fails {
+            tracing::warn!(point = name, pass = *seen, "failing at a test failure point");
+        }
+        fails
     }
 
     pub fn init(root: &std::path::Path) {
@@ -70,7 +104,7 @@ mod imp {
 }
 
 #[cfg(feature = "test-hooks")]
-pub use imp::{init, pause};
+pub use imp::{fail, init, pause};
 
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
@@ -79,3 +113,10 @@ pub fn init(_root: &std::path::Path) {}
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
 pub async fn pause(_name: &str) {}
+
+/// Whether the named failure point fails this pass (never, without the feature).
+#[cfg(not(feature = "test-hooks"))]
+#[inline(always)]
+pub fn fail(_name: &str) -> bool {
+    false
+}

@@ -287,9 +287,22 @@ fn main() -> anyhow::Result<()> {
             let cfg = store_config(&args.store)?;
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
-                let r = airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
+                refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
+                let r = match airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
                     .await
-                    .with_context(|| format!("importing {} (nothing was imported)", args.path.display()))?;
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let what = if e.nothing_imported() {
+                            "nothing was imported"
+                        } else {
+                            "not undone completely: what is left is named below"
+                        };
+                        return Err(
+                            anyhow::Error::new(e).context(format!("importing {} ({what})", args.path.display()))
+                        );
+                    }
+                };
                 for (name, d) in &r.refs {
                     println!("{name} {d}");
                 }
@@ -312,10 +325,43 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+/// Exits with code 2 when a server or replica is live on the store: an offline tool that
+/// removes or adds content beside it would race it (its caches, its guards are its own).
+async fn refuse_beside_live_server(app: &App, what: &str, hint: &str) -> anyhow::Result<()> {
+    let live = stevedore::cluster::replicas::live(&app.store, app.cfg.cluster.heartbeat_interval)
+        .await
+        .context("reading the replicas' heartbeats")?;
+    if live.is_empty() {
+        return Ok(());
+    }
+    let list: Vec<String> = live
+        .iter()
+        .map(|p| {
+            format!(
+                "replica {} (host {}, pid {}, heartbeat {:.1}s ago)",
+                p.heartbeat.replica,
+                p.heartbeat.host,
+                p.heartbeat.pid,
+                p.age.as_secs_f64()
+            )
+        })
+        .collect();
+    eprintln!("stevedore {what}: refused: a server is running on this store: {}; {hint}", list.join("; "));
+    std::process::exit(2);
+}
+
 fn gc(args: GcArgs) -> anyhow::Result<()> {
     let cfg = store_config(&args.store)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let app = App::new(cfg, None).await.context("opening the store")?;
+        if !args.dry_run {
+            refuse_beside_live_server(
+                &app,
+                "gc",
+                "it collects garbage itself (cache.gc_interval); stop it to run `stevedore gc`, or use --dry-run",
+            )
+            .await?;
+        }
         let lc = stevedore::lifecycle::Lifecycle::new(app.store.clone(), &app.cfg.cache);
         let r = lc.gc(args.dry_run).await.context("garbage collection")?;
         if let Some(h) = &r.skipped {
@@ -344,10 +390,23 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
     let cfg = store_config(&args.store)?;
     tokio::runtime::Runtime::new()?.block_on(async {
         let app = App::new(cfg, None).await.context("opening the store")?;
+        if args.repair || args.rebuild_index {
+            refuse_beside_live_server(
+                &app,
+                "fsck",
+                "without --repair and --rebuild-index fsck only reports beside it; stop it to repair",
+            )
+            .await?;
+        }
+        let alone = stevedore::cluster::replicas::live(&app.store, app.cfg.cluster.heartbeat_interval)
+            .await
+            .context("reading the replicas' heartbeats")?
+            .is_empty();
         let opts = stevedore::lifecycle::fsck::FsckOptions {
             repair: args.repair,
             rebuild_index: args.rebuild_index,
             ingest_age: app.cfg.uploads.session_ttl,
+            sweep_ingests: alone,
         };
         let r = stevedore::lifecycle::fsck::fsck(&app.store, &opts).await.context("checking the store")?;
         for p in &r.problems {

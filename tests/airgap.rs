@@ -475,12 +475,17 @@ fn admin_prefetch_endpoint_fills_the_cache_through_the_running_server() {
     for (img, tag) in small.iter().zip(["1.0", "1.1", "2.0"]) {
         dist.push("small", tag, img);
     }
-    let cfg = launcher::config(&dhost, &[(&dhost, &dist.url(), "")]);
+    // Without client authentication, the admin endpoint exists only with an admin token.
+    let token_file = tmp.path().join("admin-token");
+    std::fs::write(&token_file, "airgap-admin-token-0123456789\n").unwrap();
+    let cfg = launcher::config(&dhost, &[(&dhost, &dist.url(), "")])
+        + &format!("\n[auth]\nadmin_token_file = {:?}\n", token_file.display().to_string());
     let server = Stevedore::builder().config(&cfg).start();
     let reg = server.registry();
     let post = |body: &str| {
         let r = rt.block_on(common::http::read(
             reg.req(reqwest::Method::POST, "/admin/prefetch")
+                .bearer_auth("airgap-admin-token-0123456789")
                 .header("content-type", "application/json")
                 .body(body.to_string()),
         ));
@@ -534,4 +539,187 @@ fn admin_prefetch_endpoint_fills_the_cache_through_the_running_server() {
             reg.assert_blob(&format!("{ns}/small"), &b.digest, &b.data).await;
         }
     });
+}
+
+/// Every file below `<root>/<under>`, relative to `root`, sorted.
+fn files_under(root: &Path, under: &str) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                walk(base, &p, out);
+            } else {
+                out.push(p.strip_prefix(base).unwrap().display().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(root, &root.join(under), &mut out);
+    out.sort();
+    out
+}
+
+/// What a reader can see of the store: every blob, link, revision, tag and referrer file
+/// with its bytes, the repositories (the catalog's walk), and the imported marks.
+fn visible(root: &Path) -> (BTreeMap<String, Vec<u8>>, std::collections::BTreeSet<String>, Vec<String>) {
+    (snapshot(root), store::repo_dirs(root), files_under(root, "meta/imported"))
+}
+
+/// A config with no upstream: full names without a host (`team/a:v1`) are local repositories.
+fn local_config(dir: &Path) -> std::path::PathBuf {
+    let cfg = dir.join("local.toml");
+    std::fs::write(&cfg, "[proxy]\ndefault_upstream = \"\"\n").unwrap();
+    cfg
+}
+
+/// Two repositories (`team/a`, `team/b`) and a signature of `team/a:v1` found by its subject.
+struct TwoRepos {
+    a: Image,
+    b: Image,
+    sig: Blob,
+    sig_blobs: Vec<Blob>,
+}
+
+impl TwoRepos {
+    fn new(seed: u64) -> TwoRepos {
+        let a = oci::build("import-a", seed, 20_000, false);
+        let b = oci::build("import-b", seed + 1, 20_000, false);
+        let (sig, sig_blobs) = oci::make_referrer(&a.manifest, "application/vnd.example.sig", b"signed a");
+        TwoRepos { a, b, sig, sig_blobs }
+    }
+
+    /// The layout as a tar: `team/a:v1`, `team/b:v1`, and the signature.
+    fn archive(&self, dir: &Path, name: &str) -> std::path::PathBuf {
+        let mut blobs = self.a.blobs();
+        blobs.extend(self.b.blobs());
+        blobs.push(&self.sig);
+        blobs.extend(self.sig_blobs.iter());
+        let files = oci::layout_files(&blobs, &[("team/a:v1", &self.a.manifest), ("team/b:v1", &self.b.manifest)]);
+        let p = dir.join(name);
+        std::fs::write(&p, oci::tar_of(&files)).unwrap();
+        p
+    }
+}
+
+/// Issue 22, scenario 4: a write that fails while the import commits (the second
+/// repository's, stood in for EIO) leaves nothing of the archive in the store — no blob, link,
+/// revision, tag, referrer entry, repository or imported mark — and the message is true.
+#[test]
+fn an_import_that_fails_while_committing_leaves_nothing_of_the_archive_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = local_config(tmp.path());
+    let root = tmp.path().join("store");
+    let two = TwoRepos::new(900);
+    let tar = two.archive(tmp.path(), "two.tar");
+    let args = ["import", "--config", s(&cfg), "--root", s(&root), s(&tar)];
+
+    let out = launcher::cli_env(&args, &[("STEVEDORE_FAIL", "import.commit_repo@2")], LIMIT);
+    assert!(!out.status.success(), "the injected failure must fail the import:\n{}", out.describe());
+    assert!(out.stderr.contains("injected failure"), "the error names its cause:\n{}", out.describe());
+    let (files, repos, marks) = visible(&root);
+    let left: Vec<&String> = files.keys().chain(repos.iter()).chain(marks.iter()).collect();
+    assert!(left.is_empty(), "the failed import left {left:?} in the store; it said:\n{}", out.stderr);
+    assert!(out.stderr.contains("nothing was imported") && out.stderr.contains("undone"), "{}", out.describe());
+    for meta in ["meta/refs", "meta/access"] {
+        assert!(files_under(&root, meta).is_empty(), "{meta}: {:?}", files_under(&root, meta));
+    }
+    assert!(store::ingest_leftovers(&root).is_empty(), "{:?}", store::ingest_leftovers(&root));
+
+    // A failure while the tags move (the second tag) takes the first one back too.
+    let out = launcher::cli_env(&args, &[("STEVEDORE_FAIL", "import.move_tag@2")], LIMIT);
+    assert!(!out.status.success(), "{}", out.describe());
+    let (files, repos, marks) = visible(&root);
+    let left: Vec<&String> = files.keys().chain(repos.iter()).chain(marks.iter()).collect();
+    assert!(left.is_empty(), "the failed import left {left:?} in the store; it said:\n{}", out.stderr);
+
+    // When undoing fails too (its first step), the message names what is left, and only
+    // what is left is there.
+    let fail = [("STEVEDORE_FAIL", "import.commit_repo@2,import.undo@1")];
+    let out = launcher::cli_env(&args, &fail, LIMIT);
+    assert!(!out.status.success(), "{}", out.describe());
+    assert!(!out.stderr.contains("nothing was imported"), "something was left: {}", out.describe());
+    let (files, repos, _) = visible(&root);
+    assert!(!files.is_empty(), "an undo step failed, yet nothing is left:\n{}", out.stderr);
+    for f in files.keys() {
+        let hex = f.rsplit('/').next().unwrap();
+        assert!(out.stderr.contains(hex), "{f} is left and the message does not name it:\n{}", out.stderr);
+    }
+    assert!(repos.iter().all(|r| out.stderr.contains(r.as_str())), "{repos:?}:\n{}", out.stderr);
+
+    // Without the failure, the same archive imports whole.
+    let out = cli_ok(&args, LIMIT);
+    assert!(out.stdout.contains("imported 2 references"), "{}", out.describe());
+    let mut want: Vec<String> = two.a.digests().into_iter().chain(two.b.digests()).collect();
+    want.push(two.sig.digest.clone());
+    want.extend(two.sig_blobs.iter().map(|b| b.digest.clone()));
+    want.sort();
+    want.dedup();
+    assert_eq!(store::blob_files(&root), want);
+    let repos: Vec<String> = store::repo_dirs(&root).into_iter().collect();
+    assert_eq!(repos, ["team/a", "team/b"]);
+    assert_eq!(files_under(&root, "meta/imported").len(), want.len(), "every imported blob is marked");
+    store::assert_blobs_intact(&root);
+}
+
+/// A failed import into a store that already held part of the archive (one of its images,
+/// imported before, and a tag the archive moves) leaves that part exactly as it was: its
+/// content, links, revisions, tags and imported marks.
+#[test]
+fn a_failed_import_leaves_what_the_store_held_before_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = local_config(tmp.path());
+    let root = tmp.path().join("store");
+    let two = TwoRepos::new(910);
+    let old = oci::build("import-a-old", 920, 10_000, false);
+    // Before: team/a:v1 is `old`, team/a:keep is the archive's `a` (with its blobs).
+    let before_dir = tmp.path().join("before");
+    let mut blobs = old.blobs();
+    blobs.extend(two.a.blobs());
+    oci::write_layout(&before_dir, &blobs, &[("team/a:v1", &old.manifest), ("team/a:keep", &two.a.manifest)]);
+    cli_ok(&["import", "--config", s(&cfg), "--root", s(&root), s(&before_dir)], LIMIT);
+    let before = visible(&root);
+    assert!(!before.2.is_empty() && before.1.contains("team/a"), "{before:?}");
+
+    let tar = two.archive(tmp.path(), "two.tar");
+    let args = ["import", "--config", s(&cfg), "--root", s(&root), s(&tar)];
+    for point in ["import.commit_repo@2", "import.move_tag@2"] {
+        let out = launcher::cli_env(&args, &[("STEVEDORE_FAIL", point)], LIMIT);
+        assert!(!out.status.success(), "{point}: {}", out.describe());
+        let after = visible(&root);
+        let changed: Vec<&String> = after
+            .0
+            .iter()
+            .filter(|(k, v)| before.0.get(*k) != Some(*v))
+            .map(|(k, _)| k)
+            .chain(before.0.keys().filter(|k| !after.0.contains_key(*k)))
+            .collect();
+        assert!(changed.is_empty(), "{point}: the failed import changed {changed:?}; it said:\n{}", out.stderr);
+        assert_eq!(after.1, before.1, "{point}: repositories; it said:\n{}", out.stderr);
+        assert_eq!(after.2, before.2, "{point}: imported marks; it said:\n{}", out.stderr);
+        assert!(store::ingest_leftovers(&root).is_empty(), "{point}: {:?}", store::ingest_leftovers(&root));
+    }
+    // And it completes when nothing fails: team/a:v1 moves to the archive's image.
+    cli_ok(&args, LIMIT);
+    let tag = std::fs::read_to_string(root.join("repos/team/a/_manifests/tags/v1")).unwrap();
+    assert_eq!(tag.trim(), two.a.manifest.digest);
+}
+
+/// Repositories an import created are in the catalog of a server started on the store
+/// afterwards (an import runs with no server on its store).
+#[test]
+fn the_catalog_lists_repositories_imported_before_the_server_started() {
+    let rt = rt();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = local_config(tmp.path());
+    let root = tmp.path().join("store");
+    let two = TwoRepos::new(930);
+    let tar = two.archive(tmp.path(), "two.tar");
+    cli_ok(&["import", "--config", s(&cfg), "--root", s(&root), s(&tar)], LIMIT);
+    let server = Stevedore::builder().config(&std::fs::read_to_string(&cfg).unwrap()).root(&root).start();
+    let reg = server.registry();
+    let (st, body) = get(&rt, &reg, "/v2/_catalog");
+    assert_eq!(st, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["repositories"], serde_json::json!(["team/a", "team/b"]), "{body}");
+    assert_image_served(&rt, &reg, "team/b", "v1", &two.b);
 }

@@ -303,6 +303,52 @@ async fn credentials_go_only_to_the_upstream_and_listed_realms() {
     assert!(cdn_hops.iter().all(|s| s.2.is_none()), "credentials sent to the CDN: {cdn_hops:?}");
 }
 
+/// The realm is pinned by origin (scheme, host and port), not by host: a realm on another
+/// port of the upstream's own host gets no request and no credentials unless it is listed in
+/// `upstreams.token_realms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_realm_on_another_port_of_the_upstream_host_gets_no_credentials() {
+    let other_seen: Seen = Arc::default();
+    let up_seen: Seen = Arc::default();
+    let blob = b"config behind a realm on another port".to_vec();
+    let manifest = serde_json::to_vec(&json!({
+        "schemaVersion": 2, "mediaType": oci::MT_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&blob), "size": blob.len()},
+        "layers": [],
+    }))
+    .unwrap();
+    let mini = |seen: &Seen, realm: &str| Mini {
+        seen: seen.clone(),
+        realm: realm.to_string(),
+        cdn: String::new(),
+        manifest: manifest.clone(),
+        blob: blob.clone(),
+    };
+    let other = serve("127.0.0.1", Router::new().fallback(realm_and_cdn).with_state(mini(&other_seen, ""))).await;
+    let realm = format!("http://{other}/token");
+    let up = serve("127.0.0.1", Router::new().fallback(upstream).with_state(mini(&up_seen, &realm))).await;
+    let creds = "username = \"alice\"\npassword = \"pw-port-pinned\"";
+
+    let sd = Stevedore::start(&config("", &[("auth.test", &format!("http://{up}"), creds)]));
+    let http = client();
+    let r = get_manifest(&http, sd.url("/v2/team/app/manifests/latest?ns=auth.test")).await;
+    assert_json_error(&r, 502, "UNAVAILABLE", "manifest behind a realm on another port");
+    let seen = other_seen.lock().unwrap().clone();
+    assert!(seen.is_empty(), "a realm on another port of the upstream's host got requests: {seen:?}");
+    drop(sd);
+
+    // Listed: it gets the token request, with the credentials.
+    let extra = format!("{creds}\ntoken_realms = [\"http://{other}\"]");
+    let sd = Stevedore::start(&config("", &[("auth.test", &format!("http://{up}"), &extra)]));
+    let r = get_manifest(&http, sd.url("/v2/team/app/manifests/latest?ns=auth.test")).await;
+    assert_content(&r, &sha256(&manifest), &manifest, "manifest with the realm listed");
+    let seen = other_seen.lock().unwrap().clone();
+    assert!(
+        seen.iter().any(|s| s.1.starts_with("/token") && s.2.as_deref().is_some_and(|a| a.starts_with("Basic "))),
+        "{seen:?}"
+    );
+}
+
 /// An https upstream whose realm is plain http is refused even when listed: no request to it.
 /// The upstream is Distribution over TLS with token auth (the realm it announces is ours).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -89,11 +89,7 @@ pub async fn export(store: &Arc<Store>, proxy: &Proxy, opts: &ExportOptions<'_>)
                 let all = store.list_tags(&repo).await?.unwrap_or_default();
                 Ok::<Vec<Tag>, StoreError>(
                     all.into_iter()
-                        .filter(|t| {
-                            pattern
-                                .as_ref()
-                                .is_none_or(|p| crate::upstream::glob_match(p.as_bytes(), t.as_str().as_bytes()))
-                        })
+                        .filter(|t| pattern.as_ref().is_none_or(|p| crate::oci::glob::matches(p, t.as_str())))
                         .collect(),
                 )
             }

@@ -10,7 +10,11 @@
 //! platforms that were not exported), every size as its descriptor says. Only then is
 //! anything committed: the blobs, their links, the manifests (children before their parents,
 //! referrers after their subjects), and the tags last. On any failure every held ingest is
-//! dropped and the store is as it was. Importing the same layout again changes nothing.
+//! dropped and the store is as it was: a failure while committing undoes, newest first, every
+//! change the commit journaled (links, revisions, referrer entries, tags, imported marks,
+//! repositories and content that were not there before; content another repository references
+//! stays); what cannot be undone is named in the error. Importing the same layout again changes
+//! nothing.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
@@ -39,6 +43,25 @@ pub enum ImportError {
     Store(#[from] StoreError),
     #[error("{path}: {err}")]
     Input { path: String, err: std::io::Error },
+    /// Committing failed; `left` is what undoing the import could not remove (empty: the
+    /// store is as it was).
+    #[error("{cause}{}", undone(left))]
+    Commit { cause: StoreError, left: Vec<String> },
+}
+
+fn undone(left: &[String]) -> String {
+    match left {
+        [] => "; the import was undone".into(),
+        _ => format!("; undoing the import failed, still in the store: {}", left.join(", ")),
+    }
+}
+
+impl ImportError {
+    /// Whether the store is as it was before the import (always, but for a commit whose undo
+    /// failed).
+    pub fn nothing_imported(&self) -> bool {
+        !matches!(self, ImportError::Commit { left, .. } if !left.is_empty())
+    }
 }
 
 fn entry_err(entry: impl Into<String>, why: impl Into<String>) -> ImportError {
@@ -418,61 +441,254 @@ struct Plan {
 
 async fn discard(held: HashMap<Digest, Held>) {
     for (_, h) in held {
-        if let Err(e) = h.verified.abort().await {
-            tracing::warn!(entry = %h.entry, error = %e, "removing an import's ingest");
+        drop_held(h).await;
+    }
+}
+
+/// Removes a held blob's ingest.
+async fn drop_held(h: Held) {
+    if let Err(e) = h.verified.abort().await {
+        tracing::warn!(entry = %h.entry, error = %e, "removing an import's ingest");
+    }
+}
+
+/// A change the commit made to the store, journaled before it is made so that a failure can
+/// undo it. Only what was not there before is journaled: undoing never removes what the store
+/// held before the import.
+enum Change {
+    /// An imported mark added.
+    Marked(Digest),
+    /// Content committed that was not in the store.
+    Committed(Digest),
+    /// A repository created (its tree goes again when the undo leaves it empty).
+    Created(Repo),
+    /// A blob link added.
+    Linked(Repo, Digest),
+    /// A manifest revision added, with its referrer entry when it has a subject.
+    Revision(Repo, Digest, Option<Digest>),
+    /// A tag moved from what it pointed at (`None`: it did not exist).
+    Tag(Repo, Tag, Option<Digest>),
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Marked(d) => write!(f, "the imported mark of {d}"),
+            Change::Committed(d) => write!(f, "blob {d}"),
+            Change::Created(r) => write!(f, "repository {r}"),
+            Change::Linked(r, d) => write!(f, "the link of {d} in {r}"),
+            Change::Revision(r, d, _) => write!(f, "manifest {r}@{d}"),
+            Change::Tag(r, t, None) => write!(f, "tag {r}:{t}"),
+            Change::Tag(r, t, Some(before)) => write!(f, "tag {r}:{t} (was {before})"),
         }
     }
 }
 
-/// Makes everything in the plan visible: blobs, links, manifests, tags, in that order.
+/// The error a test failure point stands in for (`crate::hooks::fail`).
+fn injected(point: &str) -> StoreError {
+    StoreError::Io(std::io::Error::other(format!("injected failure ({point})")))
+}
+
+/// Makes everything in the plan visible, all or nothing: the blobs (invisible until linked),
+/// then repository by repository its links and manifests, then the tags. When a step fails,
+/// every change journaled so far is undone, newest first.
 async fn commit(store: &Arc<Store>, mut loader: Loader, plan: Plan) -> Result<ImportReport, ImportError> {
-    let mut wanted: HashSet<Digest> = plan.links.iter().map(|(_, d)| d.clone()).collect();
-    wanted.extend(plan.manifests.iter().map(|p| p.digest.clone()));
     let mut report = ImportReport { absent_children: plan.absent_children, ..ImportReport::default() };
+    let mut journal = Vec::new();
     let held = std::mem::take(&mut loader.blobs);
+    match apply(store, held, &plan, &mut report, &mut journal).await {
+        Ok(()) => {
+            report.manifests = plan.manifests.len();
+            report.refs = plan.refs;
+            Ok(report)
+        }
+        Err(cause) => {
+            let left = undo(store, journal).await;
+            Err(ImportError::Commit { cause, left })
+        }
+    }
+}
+
+async fn apply(
+    store: &Store,
+    held: HashMap<Digest, Held>,
+    plan: &Plan,
+    report: &mut ImportReport,
+    journal: &mut Vec<Change>,
+) -> Result<(), StoreError> {
+    let mut wanted: HashSet<&Digest> = plan.links.iter().map(|(_, d)| d).collect();
+    wanted.extend(plan.manifests.iter().map(|p| &p.digest));
+    let mut todo = Vec::new();
     let mut unwanted = HashMap::new();
-    let mut res = Ok(());
     for (d, h) in held {
-        if !wanted.contains(&d) || res.is_err() {
+        if wanted.contains(&d) {
+            todo.push((d, h));
+        } else {
             unwanted.insert(d, h);
-            continue;
-        }
-        let existed = store.blob_size(&d).await?.is_some();
-        // Marked before it is visible: imported content is never evicted by the cache cap.
-        if let Err(e) = store.mark_imported(&d).await {
-            res = Err(e);
-            unwanted.insert(d, h);
-            continue;
-        }
-        match store.publish(h.verified, &d).await {
-            Ok(size) => {
-                report.blobs += 1;
-                if !existed {
-                    report.new_blobs += 1;
-                    report.new_bytes += size;
-                }
-            }
-            Err(e) => res = Err(e),
         }
     }
     discard(unwanted).await;
-    res?;
-    for (repo, d) in &plan.links {
-        store.link_blob(repo, d).await?;
+    todo.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut todo = todo.into_iter();
+    while let Some((d, h)) = todo.next() {
+        if let Err(e) = commit_blob(store, &d, h, report, journal).await {
+            discard(todo.collect()).await;
+            return Err(e);
+        }
     }
-    for p in &plan.manifests {
-        let subject = p.manifest.subject.as_ref().map(|s| s.digest.clone());
-        let referrer = subject.as_ref().map(|s| (s, p.manifest.referrer_descriptor(&p.digest, p.bytes.len() as u64)));
-        let put =
-            ManifestPut { media_type: &p.manifest.media_type, bytes: &p.bytes, digest: &p.digest, tags: &[], referrer };
-        store.put_manifest(&p.repo, put).await?;
+
+    // Repository by repository, in the order of the layout's entries.
+    let mut repos: Vec<&Repo> = Vec::new();
+    for r in plan.manifests.iter().map(|p| &p.repo).chain(plan.links.iter().map(|(r, _)| r)) {
+        if !repos.contains(&r) {
+            repos.push(r);
+        }
     }
-    report.manifests = plan.manifests.len();
+    for repo in repos {
+        if store.list_tags(repo).await?.is_none() {
+            journal.push(Change::Created(repo.clone()));
+        }
+        let mut links: Vec<&Digest> = plan.links.iter().filter(|(r, _)| r == repo).map(|(_, d)| d).collect();
+        links.sort();
+        for d in links {
+            if !store.linked(repo, d).await? {
+                journal.push(Change::Linked(repo.clone(), d.clone()));
+                store.link_blob(repo, d).await?;
+            }
+        }
+        if crate::hooks::fail("import.commit_repo") {
+            return Err(injected("import.commit_repo"));
+        }
+        // Children before their parents, subjects before their referrers (the plan's order).
+        for p in plan.manifests.iter().filter(|p| &p.repo == repo) {
+            let subject = p.manifest.subject.as_ref().map(|s| s.digest.clone());
+            if !store.has_revision(repo, &p.digest).await? {
+                journal.push(Change::Revision(repo.clone(), p.digest.clone(), subject.clone()));
+            }
+            let referrer =
+                subject.as_ref().map(|s| (s, p.manifest.referrer_descriptor(&p.digest, p.bytes.len() as u64)));
+            let put = ManifestPut {
+                media_type: &p.manifest.media_type,
+                bytes: &p.bytes,
+                digest: &p.digest,
+                tags: &[],
+                referrer,
+            };
+            store.put_manifest(repo, put).await?;
+        }
+    }
+
+    // Tags last: until here no tag has moved.
     for (repo, tag, d) in &plan.tags {
+        if crate::hooks::fail("import.move_tag") {
+            return Err(injected("import.move_tag"));
+        }
+        let before = store.resolve_tag(repo, tag).await?;
+        if before.as_ref() != Some(d) {
+            journal.push(Change::Tag(repo.clone(), tag.clone(), before));
+        }
         store.touch_tag(repo, tag, d).await?;
     }
-    report.refs = plan.refs;
-    Ok(report)
+    Ok(())
+}
+
+/// Commits one held blob, marked imported before it is visible (imported content is never
+/// evicted by the cache cap). Content already in the store is kept as it is.
+async fn commit_blob(
+    store: &Store,
+    d: &Digest,
+    h: Held,
+    report: &mut ImportReport,
+    journal: &mut Vec<Change>,
+) -> Result<(), StoreError> {
+    let checked = async {
+        let existed = store.blob_size(d).await?;
+        let marked = store.is_imported(d).await?;
+        if !marked {
+            journal.push(Change::Marked(d.clone()));
+            store.mark_imported(d).await?;
+        }
+        Ok(existed)
+    };
+    let existed = match checked.await {
+        Ok(existed) => existed,
+        Err(e) => {
+            drop_held(h).await;
+            return Err(e);
+        }
+    };
+    report.blobs += 1;
+    if existed == Some(h.size) {
+        drop_held(h).await;
+        return Ok(());
+    }
+    if existed.is_none() {
+        journal.push(Change::Committed(d.clone()));
+    }
+    let size = store.publish(h.verified, d).await?;
+    if existed.is_none() {
+        report.new_blobs += 1;
+        report.new_bytes += size;
+    }
+    Ok(())
+}
+
+/// Undoes the journal, newest change first; what could not be undone, said exactly.
+/// Content the import committed goes last, and only when no repository references it.
+async fn undo(store: &Store, journal: Vec<Change>) -> Vec<String> {
+    let mut left = Vec::new();
+    let mut content = Vec::new();
+    for c in journal.into_iter().rev() {
+        if crate::hooks::fail("import.undo") {
+            left.push(format!("{c} ({})", injected("import.undo")));
+            continue;
+        }
+        let res = match &c {
+            Change::Tag(repo, tag, Some(before)) => store.touch_tag(repo, tag, before).await,
+            Change::Tag(repo, tag, None) => store.delete_tag(repo, tag).await.map(drop),
+            Change::Revision(repo, d, subject) => store.delete_manifest(repo, d, subject.as_ref()).await.map(drop),
+            Change::Linked(repo, d) => store.unlink_blob(repo, d).await.map(drop),
+            Change::Created(repo) => store.prune_repo(repo).await,
+            Change::Marked(_) | Change::Committed(_) => {
+                content.push(c);
+                continue;
+            }
+        };
+        if let Err(e) = res {
+            left.push(format!("{c} ({e})"));
+        }
+    }
+    let referenced = match content.iter().any(|c| matches!(c, Change::Committed(_))) {
+        true => referenced(store).await,
+        false => Ok(HashSet::new()),
+    };
+    for c in content {
+        let res = match (&c, &referenced) {
+            (Change::Committed(d), Ok(r)) if r.contains(d) => {
+                left.push(format!("{c} (a repository links it)"));
+                Ok(())
+            }
+            (Change::Committed(d), Ok(_)) => store.delete_content(d).await.map(drop),
+            (Change::Committed(_), Err(e)) => Err(StoreError::Io(std::io::Error::other(format!(
+                "could not tell whether another repository references it: {e}"
+            )))),
+            (Change::Marked(d), _) => store.unmark_imported(d).await,
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            left.push(format!("{c} ({e})"));
+        }
+    }
+    left
+}
+
+/// Every digest linked or stored as a manifest in some repository of the store.
+async fn referenced(store: &Store) -> Result<HashSet<Digest>, StoreError> {
+    let mut out = HashSet::new();
+    for repo in store.repositories().await? {
+        out.extend(store.repo_digests(&repo).await?);
+    }
+    Ok(out)
 }
 
 /// Reads the input at `path` entry by entry into `loader`: a directory, or a tar (plain or

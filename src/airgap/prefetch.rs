@@ -104,18 +104,24 @@ async fn expand(proxy: &Proxy, r: &str) -> Result<Vec<(ProxyRepo, Reference)>, S
         Selector::None => vec![Reference::Tag("latest".parse().expect("latest is a tag"))],
         Selector::Digest(d) => vec![Reference::Digest(d)],
         Selector::Pattern(pat) => {
+            crate::oci::glob::check(&pat).map_err(|e| e.to_string())?;
             let (_, body) = p
                 .upstream
                 .get_json(&p.remote, &format!("/v2/{}/tags/list", p.remote))
                 .await
                 .map_err(|e| format!("listing the upstream's tags: {e}"))?;
             let tags = tags_from_upstream(&body).ok_or("the upstream's tag list is not valid")?;
-            let found: Vec<Reference> = tags
-                .iter()
-                .filter(|t| crate::upstream::glob_match(pat.as_bytes(), t.as_bytes()))
-                .filter_map(|t| t.parse::<Tag>().ok())
-                .map(Reference::Tag)
-                .collect();
+            // A long tag list is CPU work: off the async workers, which keep serving.
+            let pattern = pat.clone();
+            let found: Vec<Reference> = tokio::task::spawn_blocking(move || {
+                tags.iter()
+                    .filter(|t| crate::oci::glob::matches(&pattern, t))
+                    .filter_map(|t| t.parse::<Tag>().ok())
+                    .map(Reference::Tag)
+                    .collect()
+            })
+            .await
+            .map_err(|e| format!("matching the upstream's tags: {e}"))?;
             if found.is_empty() {
                 return Err(format!("no tag upstream matches {pat}"));
             }
@@ -135,6 +141,7 @@ async fn one(
     out: &mut (dyn Write + Send),
     report: &mut PrefetchReport,
 ) -> Result<Digest, String> {
+    crate::hooks::pause("prefetch.reference").await;
     let (root, _, _) = proxy.manifest(store, p, reference).await.map_err(|e| e.to_string())?;
     let mut stack = vec![root.clone()];
     let mut seen = std::collections::HashSet::new();

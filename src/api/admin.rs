@@ -1,10 +1,16 @@
 //! Operator endpoints that change what the cache holds: `POST /admin/prefetch`.
 //!
+//! They exist only when someone can be told apart from anyone: with client authentication
+//! (`[auth] htpasswd`: a login granted `admin` by the rules) or with an admin token
+//! (`auth.admin_token_file`: `Authorization: Bearer <token>`, which may do everything). On an
+//! open registry without a token the routes are not there (404; `api::router`).
+//!
 //! The body is `{"references": ["docker.io/library/nginx:1.27*", …], "platforms":
 //! ["linux/amd64"], "referrers": true}` (platforms and referrers optional: every platform,
 //! referrers included). The prefetch runs in process through the same single-flight verified
 //! fill as a client pull (`airgap::prefetch`), in a task of its own, so a client that hangs up
-//! does not cut it short. The answer is the report: `200` when every reference was prefetched,
+//! does not cut it short (a SIGTERM does: the process exits after `server.shutdown_grace`).
+//! Tag patterns over the limits of [`crate::oci::glob::check`] are refused with 400. The answer is the report: `200` when every reference was prefetched,
 //! else `502 UNAVAILABLE` with the same report as the error's detail.
 
 use axum::body::Body;
@@ -15,7 +21,7 @@ use serde_json::{json, Value};
 
 use super::AppState;
 use crate::airgap::prefetch::{prefetch as run_prefetch, PrefetchOptions, PrefetchReport};
-use crate::airgap::reference::{ImageRef, Platform, RefError};
+use crate::airgap::reference::{ImageRef, Platform, RefError, Selector};
 use crate::error::{ApiError, ApiResult, Code};
 
 /// A prefetch request is a list of references, not content.
@@ -40,6 +46,13 @@ fn bad_request(detail: impl Into<Value>) -> ApiError {
 }
 
 pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: Body) -> ApiResult {
+    // The admin token may do everything; without it, client authentication decides (below).
+    let by_token = app.admin_token.as_ref().is_some_and(|t| t.presented_in(&parts.headers));
+    if !by_token && app.auth.is_none() {
+        return Err(ApiError::new(Code::Unauthorized)
+            .detail("present the admin token (auth.admin_token_file) as a Bearer token")
+            .header(axum::http::header::WWW_AUTHENTICATE, "Bearer realm=\"stevedore-admin\""));
+    }
     // With client authentication on, the caller needs `admin` on every repository it names
     // (before the body is looked at further than to learn those names).
     let raw = axum::body::to_bytes(body, MAX_BODY)
@@ -50,17 +63,20 @@ pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: 
     if req.references.is_empty() {
         return Err(bad_request("`references` is empty: nothing to prefetch"));
     }
-    if let Some(auth) = &app.auth {
-        let mut fulls = Vec::new();
-        for r in &req.references {
-            let parsed: ImageRef =
-                r.parse().map_err(|e: RefError| bad_request(format!("reference {r:?}: {}", e.why)))?;
-            // A host that is not a configured upstream: the prefetch reports it as failed.
-            if let Some(t) = app.proxy.named(parsed.host.as_deref(), &parsed.name) {
-                fulls.push(crate::auth::full_name(&t));
-            }
+    let mut fulls = Vec::new();
+    for r in &req.references {
+        let parsed: ImageRef = r.parse().map_err(|e: RefError| bad_request(format!("reference {r:?}: {}", e.why)))?;
+        if let Selector::Pattern(p) = &parsed.selector {
+            crate::oci::glob::check(p).map_err(|e| bad_request(format!("reference {r:?}: {e}")))?;
         }
-        auth.admin_allowed(parts, &fulls).await?;
+        // A host that is not a configured upstream: the prefetch reports it as failed.
+        if let Some(t) = app.proxy.named(parsed.host.as_deref(), &parsed.name) {
+            fulls.push(crate::auth::full_name(&t));
+        }
+    }
+    match &app.auth {
+        Some(auth) if !by_token => auth.admin_allowed(parts, &fulls).await?,
+        _ => {}
     }
     let mut platforms = Vec::new();
     for p in &req.platforms {

@@ -98,8 +98,10 @@ async fn cached(app: &App, p: &ProxyRepo, d: &Digest) -> Result<bool, ApiError> 
     if app.store.blob_size(d).await?.is_some() && upstream_has(app, p, d).await? {
         // Content-addressed: the same bytes arrived through another repository, and the
         // upstream serves them in this one.
-        app.store.link_blob(&p.cache, d).await?;
-        return Ok(true);
+        // Linked only if the content is still there (the backend's word, under its guard).
+        if app.store.link_blob(&p.cache, d).await? {
+            return Ok(true);
+        }
     }
     Ok(false)
 }

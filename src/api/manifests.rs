@@ -8,7 +8,7 @@ use futures::StreamExt;
 use super::{headers, proxy_error, Query};
 use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
-use crate::oci::manifest::{self, Required, MAX_MANIFEST_BYTES};
+use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::{Algorithm, Digest, Reference, Tag};
 use crate::proxy::{Outcome, ProxyRepo, Target};
 use crate::storage::{ManifestPut, Repo, StoredManifest};
@@ -125,26 +125,14 @@ pub async fn put(app: &App, repo: &Repo, r: &Reference, q: &Query, h: &HeaderMap
     for t in q.all("tag") {
         tags.push(t.parse().map_err(|e: crate::oci::name::TagError| Code::TagInvalid.with_detail(e.to_string()))?);
     }
-    for req in m.required() {
-        let present = match &req {
-            Required::Blob(d) => app.store.repo_blob_size(repo, d).await?.is_some(),
-            Required::Manifest(d) => app.store.manifest_info(repo, d).await?.is_some(),
-        };
-        if !present {
-            let d = match req {
-                Required::Blob(d) | Required::Manifest(d) => d,
-            };
-            return Err(Code::ManifestBlobUnknown.with_detail(serde_json::json!({ "digest": d.to_string() })));
-        }
-    }
     let subject = m.subject.as_ref().map(|s| s.digest.clone());
     let referrer = subject.as_ref().map(|s| (s, m.referrer_descriptor(&digest, bytes.len() as u64)));
-    app.store
-        .put_manifest(
-            repo,
-            ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer },
-        )
-        .await?;
+    // What it requires is checked and the manifest stored under the digests' guards: nothing
+    // it needs can be collected in between.
+    let put = ManifestPut { media_type: &m.media_type, bytes: &bytes, digest: &digest, tags: &tags, referrer };
+    if let Err(missing) = app.store.put_manifest_checked(repo, put, &m.required()).await? {
+        return Err(Code::ManifestBlobUnknown.with_detail(serde_json::json!({ "digest": missing.to_string() })));
+    }
     let mut resp = headers::located(StatusCode::CREATED, &format!("/v2/{repo}/manifests/{digest}"));
     headers::set(resp.headers_mut(), headers::DOCKER_CONTENT_DIGEST, &digest);
     if let Some(s) = subject {

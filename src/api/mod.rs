@@ -37,10 +37,14 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/admin/prefetch", post(admin_prefetch))
         .route("/token", get(crate::auth::token_endpoint).post(crate::auth::token_endpoint))
-        .route("/_stevedore/cluster/{*rest}", any(peer::dispatch))
-        .with_state(state.clone());
+        .route("/_stevedore/cluster/{*rest}", any(peer::dispatch));
+    // The admin endpoints exist only when a caller can be told apart from anyone: client
+    // authentication (admin by the rules) or an admin token. Otherwise 404, like any path.
+    if state.auth.is_some() || state.admin_token.is_some() {
+        router = router.route("/admin/prefetch", post(admin_prefetch));
+    }
+    let mut router = router.with_state(state.clone());
     // Only when a limit is configured: a middleware layer costs every request (and every poll
     // of its future) even when it lets everything through.
     if state.rate_limiter.is_some() {

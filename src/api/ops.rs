@@ -65,11 +65,39 @@ pub async fn access_log(req: Request, next: Next) -> Response {
         whole_without_body: method == Method::HEAD || resp.body().is_end_stream(),
         announced: resp.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()),
         method,
-        uri,
+        uri: redacted_uri(&uri),
         status,
     };
     let (parts, body) = resp.into_parts();
     Response::from_parts(parts, Body::new(LoggedBody { inner: body, sent: 0, line: Some(line) }))
+}
+
+/// Query parameters whose values never reach the log: these names, and names ending in `_`
+/// and one of them (`access_token`, `client_secret`, `refresh_token`), in any case.
+const SECRET_PARAMS: [&str; 3] = ["password", "secret", "token"];
+
+/// `uri` as the access log writes it: the value of every secret query parameter
+/// ([`SECRET_PARAMS`], its name percent-decoded) replaced with `REDACTED`.
+pub fn redacted_uri(uri: &axum::http::Uri) -> String {
+    let text = uri.to_string();
+    let Some((head, query)) = text.split_once('?') else { return text };
+    let secret = |name: &str| {
+        let name = name.to_ascii_lowercase();
+        SECRET_PARAMS.iter().any(|s| name == *s || name.strip_suffix(s).is_some_and(|p| p.ends_with('_')))
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| {
+            let raw_name = pair.split_once('=').map_or(pair, |(n, _)| n);
+            let name: String = form_urlencoded::parse(raw_name.as_bytes()).map(|(k, _)| k.into_owned()).collect();
+            if secret(&name) {
+                format!("{raw_name}=REDACTED")
+            } else {
+                pair.to_string()
+            }
+        })
+        .collect();
+    format!("{head}?{}", pairs.join("&"))
 }
 
 /// What the access log says about a request, kept until its body is done.
@@ -77,7 +105,8 @@ struct AccessLine {
     start: Instant,
     head: Duration,
     method: Method,
-    uri: axum::http::Uri,
+    /// The request URI with secret query parameters' values replaced ([`redacted_uri`]).
+    uri: String,
     status: u16,
     cache: String,
     counts_as_served: bool,
@@ -159,5 +188,23 @@ impl Drop for LoggedBody {
             let complete = line.whole_without_body || line.announced == Some(self.sent);
             line.write(self.sent, complete);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_query_values_are_redacted() {
+        let r = |u: &str| redacted_uri(&u.parse().unwrap());
+        assert_eq!(r("/v2/"), "/v2/");
+        assert_eq!(r("/token?service=s&scope=repository:a:pull"), "/token?service=s&scope=repository:a:pull");
+        assert_eq!(
+            r("/token?username=alice&password=p%26w&Secret=x&token&access_token=t&n=1"),
+            "/token?username=alice&password=REDACTED&Secret=REDACTED&token=REDACTED&access_token=REDACTED&n=1"
+        );
+        assert_eq!(r("/x?pass%77ord=p&tokens=1&mytoken=2"), "/x?pass%77ord=REDACTED&tokens=1&mytoken=2");
+        assert_eq!(r("http://h:1/v2/?password=p"), "http://h:1/v2/?password=REDACTED");
     }
 }

@@ -171,10 +171,10 @@ async fn try_mount(app: &App, repo: &Repo, d: &Digest, from: Option<&str>) -> Re
         Target::Local(n) => Repo::Local(n),
         Target::Proxy { repo, .. } => repo.cache,
     };
-    if app.store.repo_blob_size(&from, d).await?.is_none() {
+    // Checked and linked under the digest's guard, with the backend's word.
+    if !app.store.mount_blob(&from, repo, d).await? {
         return Ok(None);
     }
-    app.store.link_blob(repo, d).await?;
     Ok(Some(blobs::created(repo, d)))
 }
 

@@ -88,6 +88,11 @@ impl Users {
     pub fn contains(&self, user: &str) -> bool {
         self.0.contains_key(user)
     }
+
+    /// The highest bcrypt cost among the users' hashes (`htpasswd -B`'s default, 5, for none).
+    pub fn max_cost(&self) -> u32 {
+        self.0.values().filter_map(|h| h.parse::<bcrypt::HashParts>().ok()).map(|p| p.get_cost()).max().unwrap_or(5)
+    }
 }
 
 /// What the file said when it was last read, and when that was checked.
@@ -159,11 +164,14 @@ impl Htpasswd {
         }
         let Ok(_permit) = self.verifies.clone().acquire_owned().await else { return false };
         let known = hash.is_some();
-        let hash = hash.unwrap_or_else(|| DUMMY_HASH.clone());
+        let cost = if known { 0 } else { users.max_cost() };
         let password = zeroizing(password);
-        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false))
-            .await
-            .unwrap_or(false);
+        let ok = tokio::task::spawn_blocking(move || {
+            let hash = hash.unwrap_or_else(|| dummy_hash(cost));
+            bcrypt::verify(password.as_bytes(), &hash).unwrap_or(false)
+        })
+        .await
+        .unwrap_or(false);
         let ok = ok && known;
         if ok {
             self.verified.insert(key, ());
@@ -194,9 +202,15 @@ impl Drop for Wiped {
     }
 }
 
-/// A bcrypt hash at `htpasswd -B`'s default cost, verified against for unknown users.
-static DUMMY_HASH: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| bcrypt::hash(uuid::Uuid::new_v4().to_string(), 5).unwrap_or_default());
+/// A bcrypt hash of a random password at `cost`, verified against for unknown users: at the
+/// cost of the configured hashes, so an unknown user name costs as long as a known one (made
+/// once per cost).
+fn dummy_hash(cost: u32) -> String {
+    static DUMMIES: std::sync::LazyLock<Mutex<HashMap<u32, String>>> = std::sync::LazyLock::new(Default::default);
+    let cost = cost.clamp(4, 31);
+    let mut d = DUMMIES.lock().unwrap();
+    d.entry(cost).or_insert_with(|| bcrypt::hash(uuid::Uuid::new_v4().to_string(), cost).unwrap_or_default()).clone()
+}
 
 fn cache_key(user: &str, password: &str, hash: &str) -> [u8; 32] {
     let mut h = Sha256::new();
@@ -260,7 +274,9 @@ mod tests {
     }
 
     #[test]
-    fn dummy_hash_is_a_bcrypt_hash() {
-        assert!(!bcrypt::verify("x", &DUMMY_HASH).unwrap());
+    fn dummy_hash_is_a_bcrypt_hash_at_the_cost_asked() {
+        let h = dummy_hash(6);
+        assert!(!bcrypt::verify("x", &h).unwrap());
+        assert_eq!(h.parse::<bcrypt::HashParts>().unwrap().get_cost(), 6);
     }
 }

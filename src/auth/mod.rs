@@ -15,12 +15,14 @@
 //!   (or fetch a token for this scope); a caller that is known but not allowed gets `403
 //!   DENIED`.
 //! - `GET /token` (and the OAuth2 `POST /token` form containerd uses) is the token endpoint:
-//!   Basic credentials or none, `service`, `scope`s; it answers a short-lived ES256 JWT whose
+//!   Basic credentials (or the form's `username`/`password`, never the query string's) or
+//!   none, `service`, `scope`s; it answers a short-lived ES256 JWT whose
 //!   `access` lists only what the rules grant.
 //!
 //! Secrets (passwords, tokens, the `Authorization` header) never reach logs, errors or
 //! `Debug` output.
 
+pub mod admin;
 pub mod htpasswd;
 pub mod rules;
 pub mod tokens;
@@ -71,13 +73,16 @@ pub fn full_name(t: &Target) -> String {
     }
 }
 
-/// What a route and method need: GET and HEAD pull; DELETE of a manifest or blob deletes;
-/// everything else on a repository (uploads, manifest PUT, cancelling an upload) pushes.
+/// What a route and method need: GET and HEAD pull, except an upload's status (push, as in
+/// Distribution: an upload session is a push in progress); DELETE of a manifest or blob
+/// deletes; everything else on a repository (uploads, manifest PUT, cancelling an upload)
+/// pushes.
 pub fn need(route: &Route, method: &Method, target: Option<&Target>) -> Need {
     let (Some(name), Some(t)) = (route.name(), target) else {
         return if matches!(route, Route::Catalog) { Need::Catalog } else { Need::Base };
     };
     let action = match (route, method) {
+        (Route::Upload(..) | Route::UploadStart(..), _) => Action::Push,
         (_, &Method::GET | &Method::HEAD) => Action::Pull,
         (Route::Manifest(..) | Route::ManifestBadTag(..) | Route::Blob(..), &Method::DELETE) => Action::Delete,
         _ => Action::Push,
@@ -442,7 +447,8 @@ impl Auth {
     }
 }
 
-/// The token endpoint's parameters, from the query (GET) or the form (POST).
+/// The token endpoint's parameters, from the query (GET) or the query and form (POST); a
+/// login (`username`, `password`) only from the form.
 #[derive(Default)]
 struct TokenRequest {
     service: Option<String>,
@@ -487,7 +493,11 @@ pub async fn token_endpoint(State(app): State<crate::api::AppState>, req: Reques
 
 async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {
     let (parts, body) = req.into_parts();
-    let query = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes()).into_owned();
+    // Credentials never come from the query string (it is logged, kept in proxies' logs and
+    // browser histories): only from the `Authorization` header or a POST form body.
+    let query = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
+        .into_owned()
+        .filter(|(k, _)| k != "username" && k != "password");
     let mut r = if parts.method == Method::POST {
         let bytes = axum::body::to_bytes(body, TOKEN_FORM_LIMIT)
             .await

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{AccessRule, Action, AnonymousAccess, AuthConfig};
-use crate::upstream::glob_match;
+use crate::oci::glob;
 
 /// Who is asking.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,9 +67,7 @@ impl Rules {
             return DEFAULT_USER_ACTIONS.contains(&action);
         }
         self.rules.iter().any(|r| {
-            r.actions.contains(&action)
-                && self.names(r, user)
-                && r.repositories.iter().any(|p| glob_match(p.as_bytes(), full.as_bytes()))
+            r.actions.contains(&action) && self.names(r, user) && r.repositories.iter().any(|p| glob::matches(p, full))
         })
     }
 

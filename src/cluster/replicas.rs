@@ -56,6 +56,23 @@ pub fn is_live(age: Duration, interval: Duration) -> bool {
     age <= interval * 3
 }
 
+/// The replicas serving `store` now, as an offline tool sees them (nothing is removed): a
+/// heartbeat younger than three `interval`s ([`is_live`]), of a process that still runs when
+/// it is on this host. `gc`, `fsck --repair` and `import` refuse to run beside any.
+pub async fn live(store: &Store, interval: Duration) -> anyhow::Result<Vec<Peer>> {
+    let me = hostname();
+    let mut out = Vec::new();
+    for (_, raw, at) in store.replicas().await? {
+        let Ok(hb) = serde_json::from_slice::<Heartbeat>(&raw) else { continue };
+        let age = SystemTime::now().duration_since(at).unwrap_or_default();
+        if (hb.host == me && !pid_alive(hb.pid)) || !is_live(age, interval) {
+            continue;
+        }
+        out.push(Peer { heartbeat: hb, age });
+    }
+    Ok(out)
+}
+
 pub struct Registry {
     cluster: Arc<Cluster>,
     store: Arc<Store>,

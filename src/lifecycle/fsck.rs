@@ -12,6 +12,10 @@
 //!   and links a local manifest's content that is present but not linked;
 //! - `--rebuild-index` rewrites the reference records of every manifest and gives content
 //!   without an access record one of "now".
+//!
+//! Beside a live server only the read-only check runs (`main.rs` refuses `--repair`): content
+//! committed after the snapshot of the content is not called absent (each absence is
+//! confirmed with the backend before it is reported), and nothing is changed.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -27,6 +31,9 @@ pub struct FsckOptions {
     pub rebuild_index: bool,
     /// Ingests idle for longer than this are leftovers.
     pub ingest_age: Duration,
+    /// Remove leftover ingests (not beside a live server: it sweeps its own, and a check
+    /// beside it changes nothing).
+    pub sweep_ingests: bool,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -90,20 +97,27 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
             present.insert(d);
         }
     }
+    crate::hooks::pause("fsck.after_snapshot").await;
     // Leftovers.
-    r.ingests_removed = store.sweep_uploads(opts.ingest_age).await;
-    // Links and references.
+    if opts.sweep_ingests {
+        r.ingests_removed = store.sweep_uploads(opts.ingest_age).await;
+    }
+    // Links and references. Content absent from the snapshot is absent only if the backend
+    // says so now (a push beside a running server commits after the snapshot).
+    let mut present = Present { snapshot: present, checked: HashSet::new() };
     for repo in store.repositories().await? {
         let local = matches!(repo, Repo::Local(_));
         for (b, _) in store.repo_links(&repo).await? {
-            if !present.contains(&b) {
+            // Unlinked since it was listed (an eviction, a delete): not a problem.
+            if !present.has(store, &b).await? && store.linked(&repo, &b).await? {
                 let fixed = opts.repair && store.unlink_blob(&repo, &b).await.is_ok();
                 problem(&mut r, format!("dangling link {repo}@{b}: the content is absent"), fixed);
             }
         }
         let mut manifests: HashSet<Digest> = HashSet::new();
         for (m, _) in store.repo_manifests(&repo).await? {
-            let refs = if present.contains(&m) {
+            let here = present.has(store, &m).await?;
+            let refs = if here {
                 if opts.rebuild_index {
                     r.records_rebuilt += 1;
                     store.rebuild_refs(&repo, &m).await?
@@ -114,14 +128,23 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
                 None
             };
             let Some(refs) = refs else {
-                let why = if present.contains(&m) { "does not parse" } else { "its bytes are absent" };
+                if !store.has_revision(&repo, &m).await? {
+                    // Gone since it was listed (a delete, an eviction): not a problem.
+                    continue;
+                }
+                let why = if here { "does not parse" } else { "its bytes are absent" };
                 let fixed = opts.repair && store.delete_manifest(&repo, &m, None).await.is_ok();
                 problem(&mut r, format!("broken manifest {repo}@{m}: {why}"), fixed);
                 continue;
             };
             // A cached manifest whose blobs were never pulled is normal: they are fetched on
             // demand. A pushed one must be whole.
-            let missing: Vec<&Digest> = refs.needs.iter().filter(|d| !present.contains(*d)).collect();
+            let mut missing: Vec<&Digest> = Vec::new();
+            for d in &refs.needs {
+                if !present.has(store, d).await? {
+                    missing.push(d);
+                }
+            }
             if local && !missing.is_empty() {
                 let fixed = opts.repair && store.delete_manifest(&repo, &m, refs.subject.as_ref()).await.is_ok();
                 problem(&mut r, format!("manifest {repo}@{m} needs absent content {}", join(&missing)), fixed);
@@ -138,7 +161,13 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
             manifests.insert(m);
         }
         for (tag, target) in store.tags_with_targets(&repo).await? {
-            let ok = target.as_ref().is_some_and(|d| manifests.contains(d));
+            let mut ok = target.as_ref().is_some_and(|d| manifests.contains(d));
+            if !ok {
+                // Tagged since the manifests were listed: confirmed with the store.
+                if let Some(d) = &target {
+                    ok = store.has_revision(&repo, d).await? && present.has(store, d).await?;
+                }
+            }
             if !ok {
                 let fixed = opts.repair && store.delete_tag(&repo, &tag).await.is_ok();
                 let to = target.map(|d| d.to_string()).unwrap_or_else(|| "nothing readable".into());
@@ -147,11 +176,31 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
         }
     }
     if opts.rebuild_index {
-        for d in &present {
+        for d in &present.snapshot {
             store.ensure_access(d).await?;
         }
     }
     Ok(r)
+}
+
+/// The content found by the snapshot, and what the backend was asked about since.
+struct Present {
+    snapshot: HashSet<Digest>,
+    /// Absent from the snapshot, present when asked (committed after it).
+    checked: HashSet<Digest>,
+}
+
+impl Present {
+    async fn has(&mut self, store: &Store, d: &Digest) -> StoreResult<bool> {
+        if self.snapshot.contains(d) || self.checked.contains(d) {
+            return Ok(true);
+        }
+        let there = store.blob_size(d).await?.is_some();
+        if there {
+            self.checked.insert(d.clone());
+        }
+        Ok(there)
+    }
 }
 
 fn join(ds: &[&Digest]) -> String {

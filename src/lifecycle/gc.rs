@@ -7,11 +7,13 @@
 //! 2. Content no repository links and no manifest needs (and not in use, and unused for the
 //!    grace period) is deleted.
 //!
-//! Safe against concurrent pushes: a push links its blobs on upload and checks them
-//! (a recorded use) before its manifest is stored, and every manifest's references are read
-//! again just before a repository's links are removed; the grace period covers the rest.
-//! A `stevedore gc` in another process sees another process's uses only once they were
-//! flushed (`cache.access_flush_interval`, far below the default `cache.gc_grace`).
+//! Safe against concurrent pushes (the mutation protocol, `storage/guard.rs`): a push holds
+//! the shared guards of its blobs from its checks to its last write and records a use before
+//! it lets go; GC re-reads every manifest's references before a repository's links are
+//! removed, then removes each link or content under its exclusive guard after checking again
+//! that it was not used since the grace period began; held guards mean "next pass". The
+//! offline `stevedore gc` refuses to run while a server or replica is live on the store: the
+//! guards and caches are the server's.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -65,25 +67,31 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                 }
                 doomed.push(b.clone());
             }
-            // No manifest is stored or blob linked meanwhile; one pushed since the mark keeps
-            // what it needs.
-            let _removal = if doomed.is_empty() { None } else { Some(store.removal().await) };
             if !doomed.is_empty() {
+                crate::hooks::pause("gc.before_remove").await;
+                // One pushed since the mark keeps what it needs.
                 keep = marked(store, repo).await?;
             }
+            let mut unlinked: HashSet<&Digest> = HashSet::new();
             for b in &doomed {
                 if keep.contains(b) || recent(store, b, since).await? {
                     continue;
                 }
                 if !dry_run {
+                    // The mutation protocol: under the exclusive guard nothing links or stores
+                    // it; whatever did since the mark recorded a use. Held right now: next pass.
+                    let Some(_removal) = store.try_removal(&[b]).await else { continue };
+                    if recent(store, b, since).await? {
+                        continue;
+                    }
                     store.unlink_blob(repo, b).await?;
                 }
+                unlinked.insert(b);
                 r.unlinked += 1;
                 r.removed.push(format!("{repo}@{b}"));
             }
-            let doomed: HashSet<&Digest> = doomed.iter().collect();
             referenced
-                .extend(links.iter().map(|(d, _)| d).filter(|d| !doomed.contains(d) || keep.contains(*d)).cloned());
+                .extend(links.iter().map(|(d, _)| d).filter(|d| !unlinked.contains(d) || keep.contains(*d)).cloned());
         } else {
             referenced.extend(links.into_iter().map(|(d, _)| d));
         }
@@ -96,7 +104,7 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
             continue;
         }
         if !dry_run {
-            let _removal = store.removal().await;
+            let Some(_removal) = store.try_removal(&[&d]).await else { continue };
             if recent(store, &d, since).await? {
                 continue;
             }

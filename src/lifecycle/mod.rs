@@ -318,9 +318,11 @@ impl Lifecycle {
                 continue;
             }
             let digests: Vec<Digest> = u.manifest.iter().chain(u.blobs.iter()).cloned().collect();
-            // No manifest is stored or blob linked while the unit goes: a pull that stores
-            // the manifest again does so after, and fetches what is gone.
-            let _removal = store.removal().await;
+            // The mutation protocol: under the unit's exclusive guards nothing makes any of it
+            // reachable; whatever did since the scan recorded a use, re-checked here. A unit
+            // something is being linked to right now is left for the next pass.
+            let refs: Vec<&Digest> = digests.iter().collect();
+            let Some(_removal) = store.try_removal(&refs).await else { continue };
             if digests.iter().any(|d| store.in_use(d)) {
                 continue;
             }
@@ -334,6 +336,7 @@ impl Lifecycle {
             if used_since {
                 continue;
             }
+            crate::hooks::pause("evict.before_delete").await;
             let mut candidates = Vec::new();
             if let Some(repo) = &u.repo {
                 if let Some(m) = &u.manifest {

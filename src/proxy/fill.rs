@@ -266,8 +266,8 @@ async fn run(req: &FillRequest, ending: &Ending) -> Result<u64, FillError> {
     crate::metrics::upstream_bytes(&req.upstream.host, verified.size());
     // The bytes are verified: readers may end their streams while the data is made durable.
     ending.tx.send_modify(|p| p.state = FillState::Verified);
-    let size = req.store.publish(verified, &req.digest).await?;
-    req.store.link_blob(&req.cache_repo, &req.digest).await?;
+    // Committed and linked under one guard: eviction cannot take it in between.
+    let size = req.store.publish_linked(verified, &req.digest, &req.cache_repo).await?;
     Ok(size)
 }
 

@@ -226,8 +226,7 @@ impl Proxy {
     /// Whether a plain name is a local repository: always without a default upstream, else
     /// when it matches `proxy.local_namespaces`.
     pub fn is_local_namespace(&self, name: &RepoName) -> bool {
-        self.default.is_none()
-            || self.local_namespaces.iter().any(|p| crate::upstream::glob_match(p.as_bytes(), name.as_str().as_bytes()))
+        self.default.is_none() || self.local_namespaces.iter().any(|p| crate::oci::glob::matches(p, name.as_str()))
     }
 
     /// The configured local namespaces, for the start-up summary.

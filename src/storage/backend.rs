@@ -168,6 +168,12 @@ pub trait Backend: Send + Sync + 'static {
     async fn exists(&self, key: &Key) -> StoreResult<bool>;
     /// The names directly below `prefix` (objects and sub-prefixes), unsorted.
     async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>>;
+    /// Removes the directories at and below `under` that hold nothing, then its parents left
+    /// empty, up to the top-level tree `under` is in (a filesystem: an object store keeps no
+    /// directories). Undoes the creation of a repository's tree.
+    async fn prune_empty(&self, _under: &Key) -> StoreResult<()> {
+        Ok(())
+    }
 
     /// Whether the backend accepts writes (a metric and a log line when not).
     async fn writable(&self) -> bool;

@@ -15,6 +15,8 @@
 //! so content always has a durable record from the moment it is visible.
 //!
 //! Open reads and fills hold an [`InUse`] guard: eviction and GC never delete content in use.
+//! What makes content reachable records a use before it lets go of the digest's guard
+//! (`guard.rs`): a removal that decided before it re-checks the use under the exclusive guard.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,9 +67,6 @@ pub struct Records {
     pub(crate) committed_since_scan: AtomicU64,
     /// Raised when usage must be checked now (a write hit ENOSPC, or the estimate passed the cap).
     pub(crate) pressure: tokio::sync::Notify,
-    /// Held (shared) while a manifest is stored or a blob linked; held exclusively while
-    /// eviction or GC removes one unit, so no manifest is stored in the middle of it.
-    pub(crate) removing: tokio::sync::RwLock<()>,
     /// Set with [`Records::pressure`] when a write found the store full.
     pub(crate) full: std::sync::atomic::AtomicBool,
     /// Proxied bytes at the last scan, and the high watermark (0: no cap).
@@ -317,8 +316,30 @@ impl Store {
         &self.records
     }
 
-    /// Excludes manifest puts and blob links while content is removed (eviction, GC).
-    pub async fn removal(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.records.removing.write().await
+    /// Removes an imported mark (an import undone).
+    pub async fn unmark_imported(&self, d: &Digest) -> StoreResult<()> {
+        self.backend.remove(&layout::imported(d)).await.map(drop)
+    }
+
+    /// Every digest linked in `repo` or stored there as a manifest (listings only).
+    pub async fn repo_digests(&self, repo: &Repo) -> StoreResult<Vec<Digest>> {
+        let mut out = Vec::new();
+        for dir in [layout::layers_dir(repo), layout::revisions_dir(repo)] {
+            for alg in self.backend.list(&dir).await? {
+                let names = self.backend.list(&layout::child(&dir, &alg)).await?;
+                out.extend(names.iter().filter_map(|hex| format!("{alg}:{hex}").parse::<Digest>().ok()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes what is left of `repo`'s tree once nothing is in it (an import undone): it is
+    /// then in no catalog.
+    pub async fn prune_repo(&self, repo: &Repo) -> StoreResult<()> {
+        self.backend.prune_empty(&layout::repo(repo)).await?;
+        if !self.backend.exists(&layout::repo(repo)).await? {
+            self.catalog.names.lock().unwrap().remove(&repo.to_string());
+        }
+        Ok(())
     }
 }

@@ -6,10 +6,15 @@
 //! - content becomes visible under a digest only through a [`Writer`]'s verify → commit,
 //!   which checks size and digest against the hash that writer computed on the way in;
 //! - uploads, fills (and, later, imports) all write through that one writer;
-//! - metadata objects (tags, revision links, ingest state) are replaced atomically.
+//! - metadata objects (tags, revision links, ingest state) are replaced atomically;
+//! - the mutation protocol ([`guard`], ARCHITECTURE.md): whatever makes content reachable
+//!   holds the digests' shared guards from its existence check (with the backend, never a
+//!   cache) to its last write and records a use before letting go; whatever removes content
+//!   re-checks under the exclusive guards.
 
 pub mod backend;
 mod fs;
+pub mod guard;
 pub mod index;
 pub mod layout;
 mod replicas;
@@ -28,6 +33,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
+pub use guard::{Reach, Removal};
 pub use index::{InUse, Refs};
 pub use repo::{ManifestPut, StoredManifest};
 pub use s3::S3Backend;
@@ -141,6 +147,8 @@ pub struct Store {
     /// The replicas sharing this store: deletions are told to them, theirs invalidate the
     /// caches here ([`Store::listen`]); set once.
     fleet: OnceLock<Arc<Cluster>>,
+    /// The mutation protocol's per-digest guards ([`guard`]).
+    guards: guard::Guards,
 }
 
 impl Store {
@@ -169,6 +177,7 @@ impl Store {
             catalog: Catalog { ttl: cache_ttl, ..Catalog::default() },
             records: Arc::default(),
             fleet: OnceLock::new(),
+            guards: guard::Guards::default(),
         })
     }
 
@@ -335,12 +344,54 @@ impl Store {
         Ok(linked)
     }
 
-    /// Makes a committed blob visible in `repo`.
-    pub async fn link_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<()> {
-        let _no_removal = self.records.removing.read().await;
+    /// The shared guards of `ds` (see [`guard`]): none of them is removed while they are held.
+    /// Never nested: helpers that run under them take the [`Reach`] instead.
+    pub async fn reach(&self, ds: &[&Digest]) -> Reach {
+        self.guards.reach(ds).await
+    }
+
+    /// The exclusive guards of `ds`, or `None` when something holds one of them (leave the
+    /// content for the next pass). Removals re-check under them before they delete.
+    pub async fn try_removal(&self, ds: &[&Digest]) -> Option<Removal> {
+        self.guards.try_remove(ds).await
+    }
+
+    /// Makes committed content visible in `repo`: under the digest's shared guard, links it
+    /// if the backend holds the content (not a cache's word). Whether it is linked.
+    pub async fn link_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
+        let reach = self.reach(&[d]).await;
+        if self.backend.stat(d).await?.is_none() {
+            self.sizes.invalidate(d);
+            return Ok(false);
+        }
+        self.link_guarded(&reach, repo, d, false).await?;
         self.touch(d);
+        Ok(true)
+    }
+
+    /// Cross-repository mount: under the digest's shared guard, links `d` into `repo` if it is
+    /// linked in `from` and its content is there (both asked of the backend). Whether it is.
+    pub async fn mount_blob(&self, from: &Repo, repo: &Repo, d: &Digest) -> StoreResult<bool> {
+        let reach = self.reach(&[d]).await;
+        if !self.backend.exists(&layout::layer_link(from, d)).await? || self.backend.stat(d).await?.is_none() {
+            return Ok(false);
+        }
+        crate::hooks::pause("mount.after_check").await;
+        self.link_guarded(&reach, repo, d, false).await?;
+        self.touch(d);
+        Ok(true)
+    }
+
+    /// Writes the link of `d` in `repo` under `d`'s shared guard (content known present).
+    /// A new link gets a durable access record first (another replica's eviction sees it),
+    /// unless the caller wrote one in this guarded section (`recorded`).
+    pub(crate) async fn link_guarded(&self, reach: &Reach, repo: &Repo, d: &Digest, recorded: bool) -> StoreResult<()> {
+        debug_assert!(reach.covers(d));
         let key = layout::layer_link(repo, d);
         let created = if !self.backend.exists(&key).await? {
+            if !recorded {
+                self.record_access_now(d).await;
+            }
             self.backend.put(&key, b"").await?;
             self.catalog.add(repo)
         } else {
@@ -370,18 +421,29 @@ impl Store {
     /// returns that digest.
     pub async fn put_bytes(&self, alg: Algorithm, bytes: &[u8]) -> StoreResult<Digest> {
         let digest = Digest::of(alg, bytes);
-        if self.blob_size(&digest).await?.is_none() {
-            let (id, hold) = self.sessions.new_ingest().await;
-            let kind = IngestKind::Fill { digest: digest.to_string() };
-            let opts = WriterOptions { kind, alg, batch_bytes: UPLOAD_BATCH };
-            let mut w = self.backend.create_writer(id, opts, hold).await?;
-            if let Err(e) = w.write(Bytes::copy_from_slice(bytes)).await {
-                let _ = w.abort().await;
-                return Err(e);
-            }
-            self.commit(w, &digest, Some(bytes.len() as u64)).await?;
-        }
+        let reach = self.reach(&[&digest]).await;
+        self.put_bytes_guarded(&reach, &digest, bytes).await?;
+        self.touch(&digest);
         Ok(digest)
+    }
+
+    /// [`Store::put_bytes`] under `digest`'s shared guard: the bytes are written unless the
+    /// backend (not the size cache) has them.
+    pub(crate) async fn put_bytes_guarded(&self, reach: &Reach, digest: &Digest, bytes: &[u8]) -> StoreResult<()> {
+        if self.backend.stat(digest).await?.is_some() {
+            return Ok(());
+        }
+        let (id, hold) = self.sessions.new_ingest().await;
+        let kind = IngestKind::Fill { digest: digest.to_string() };
+        let opts = WriterOptions { kind, alg: digest.algorithm(), batch_bytes: UPLOAD_BATCH };
+        let mut w = self.backend.create_writer(id, opts, hold).await?;
+        if let Err(e) = w.write(Bytes::copy_from_slice(bytes)).await {
+            let _ = w.abort().await;
+            return Err(e);
+        }
+        let verified = w.verify(digest, Some(bytes.len() as u64)).await?;
+        self.publish_guarded(reach, verified, digest).await?;
+        Ok(())
     }
 
     /// Verifies and commits a writer's content (see [`Writer::verify`]).
@@ -390,14 +452,40 @@ impl Store {
         self.publish(verified, expected).await
     }
 
-    /// Commits verified content and records it.
+    /// Commits verified content and records it, under its shared guard.
     pub async fn publish(&self, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
+        let reach = self.reach(&[d]).await;
+        let size = self.publish_guarded(&reach, v, d).await?;
+        self.touch(d);
+        Ok(size)
+    }
+
+    /// Commits verified content and links it into `repo` under one shared guard (a fill, an
+    /// upload): nothing can remove it between the two.
+    pub async fn publish_linked(&self, v: Box<dyn Verified>, d: &Digest, repo: &Repo) -> StoreResult<u64> {
+        let reach = self.reach(&[d]).await;
+        let size = self.publish_guarded(&reach, v, d).await?;
+        self.link_guarded(&reach, repo, d, true).await?;
+        self.touch(d);
+        Ok(size)
+    }
+
+    /// [`Store::publish`] under `d`'s shared guard. The size is cached only if no deletion
+    /// happened meanwhile (another replica's, heard as an event).
+    pub(crate) async fn publish_guarded(&self, reach: &Reach, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
+        debug_assert!(reach.covers(d));
         // Used now, recorded before it is visible: a collection that sees the content sees
-        // that it is new.
+        // that it is new (on any replica).
         self.touch(d);
         self.record_access_now(d).await;
+        let epoch = self.deletions.load(Ordering::Acquire);
         let size = v.commit().await?;
-        self.sizes.insert(d.clone(), size);
+        {
+            let _g = self.link_lock.lock().unwrap();
+            if self.deletions.load(Ordering::Acquire) == epoch {
+                self.sizes.insert(d.clone(), size);
+            }
+        }
         self.note_committed(size);
         Ok(size)
     }

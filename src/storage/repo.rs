@@ -7,8 +7,9 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::layout::{self, Key};
-use super::{Repo, Store, StoreResult};
+use super::{Reach, Repo, Store, StoreResult};
 use crate::cluster::Event;
+use crate::oci::manifest::Required;
 use crate::oci::{Digest, Tag};
 
 /// A manifest stored in a repository.
@@ -30,28 +31,86 @@ pub struct ManifestPut<'a> {
 }
 
 impl Store {
-    /// Stores a manifest's exact bytes and records it (and its tags and referrer entry) in `repo`.
+    /// Stores a manifest's exact bytes and records it (and its tags and referrer entry) in
+    /// `repo`, under the manifest's shared guard (a pull-through or an import: what it
+    /// references is not checked here).
     pub async fn put_manifest(&self, repo: &Repo, m: ManifestPut<'_>) -> StoreResult<()> {
-        let _no_removal = self.records.removing.read().await;
-        let stored = self.put_bytes(m.digest.algorithm(), m.bytes).await?;
-        debug_assert_eq!(&stored, m.digest);
-        // What it references is recorded before the manifest is visible in `repo`, and the
-        // manifest and its blobs count as used now (a collection running meanwhile keeps them).
+        let reach = self.reach(&[m.digest]).await;
+        self.put_manifest_guarded(&reach, repo, &m, &[]).await
+    }
+
+    /// A client's manifest PUT: under the shared guards of the manifest and of everything it
+    /// requires, checks with the backend (not a cache) that each required blob is linked in
+    /// `repo` with its content present and each required manifest is in `repo`, then stores
+    /// it. `Ok(Err(d))`: `d` is missing and nothing was stored.
+    pub async fn put_manifest_checked(
+        &self,
+        repo: &Repo,
+        m: ManifestPut<'_>,
+        required: &[Required],
+    ) -> StoreResult<Result<(), Digest>> {
+        let digests: Vec<&Digest> = required
+            .iter()
+            .map(|r| match r {
+                Required::Blob(d) | Required::Manifest(d) => d,
+            })
+            .collect();
+        let mut all = digests.clone();
+        all.push(m.digest);
+        let reach = self.reach(&all).await;
+        let checks = required.iter().map(|r| async move {
+            let (d, key) = match r {
+                Required::Blob(d) => (d, layout::layer_link(repo, d)),
+                Required::Manifest(d) => (d, layout::revision(repo, d)),
+            };
+            let present = self.backend.exists(&key).await? && self.backend.stat(d).await?.is_some();
+            StoreResult::Ok((!present).then(|| d.clone()))
+        });
+        if let Some(missing) = futures::future::try_join_all(checks).await?.into_iter().flatten().next() {
+            return Ok(Err(missing));
+        }
+        crate::hooks::pause("manifest_put.after_check").await;
+        self.put_manifest_guarded(&reach, repo, &m, &digests).await?;
+        Ok(Ok(()))
+    }
+
+    /// Stores a manifest under its shared guard (and those of `uses`, which count as used
+    /// once it is stored).
+    async fn put_manifest_guarded(
+        &self,
+        reach: &Reach,
+        repo: &Repo,
+        m: &ManifestPut<'_>,
+        uses: &[&Digest],
+    ) -> StoreResult<()> {
+        debug_assert!(reach.covers(m.digest));
+        self.put_bytes_guarded(reach, m.digest, m.bytes).await?;
+        // What it references is recorded before the manifest is visible in `repo`.
+        let mut needs = Vec::new();
         if let Ok(parsed) = crate::oci::manifest::parse(m.bytes, Some(m.media_type)) {
             let refs = super::Refs::of(&parsed);
-            self.touch(m.digest);
-            for d in &refs.needs {
-                self.touch(d);
-            }
             self.record_refs(m.digest, &refs).await?;
+            needs = refs.needs;
         }
         if let Some((subject, desc)) = &m.referrer {
             self.backend.put(&layout::referrer(repo, subject, m.digest), desc.to_string().as_bytes()).await?;
         }
-        self.backend.put(&layout::revision(repo, m.digest), m.media_type.as_bytes()).await?;
+        let revision = layout::revision(repo, m.digest);
+        if !self.backend.exists(&revision).await? {
+            // A new revision: its use is durable before it is visible (another replica's
+            // collection sees it).
+            self.record_access_now(m.digest).await;
+        }
+        self.backend.put(&revision, m.media_type.as_bytes()).await?;
         for tag in m.tags {
             self.backend.put(&layout::tag(repo, tag), m.digest.to_string().as_bytes()).await?;
             self.tell(Event::TagChanged { repo: Store::repo_key(repo), tag: tag.to_string() }).await;
+        }
+        // Used now, after the last write and before the guards go: a removal that decided
+        // earlier sees it when it re-checks.
+        self.touch(m.digest);
+        for d in needs.iter().chain(uses.iter().copied()) {
+            self.touch(d);
         }
         if self.catalog.add(repo) {
             self.tell(Event::RepoCreated { repo: Store::repo_key(repo) }).await;
@@ -72,9 +131,16 @@ impl Store {
         Ok(digest.map(|d| (d, age)))
     }
 
-    /// Points a tag at `d` (again), restarting its age.
+    /// Points a tag at `d` (again), restarting its age: under `d`'s shared guard, and only
+    /// while `repo` holds manifest `d` (a tag never points at a manifest just removed).
     pub async fn touch_tag(&self, repo: &Repo, tag: &Tag, d: &Digest) -> StoreResult<()> {
-        self.backend.put(&layout::tag(repo, tag), d.to_string().as_bytes()).await
+        let _reach = self.reach(&[d]).await;
+        if !self.backend.exists(&layout::revision(repo, d)).await? {
+            return Ok(());
+        }
+        self.backend.put(&layout::tag(repo, tag), d.to_string().as_bytes()).await?;
+        self.touch(d);
+        Ok(())
     }
 
     /// A manifest's media type and size, if it is in `repo`.

@@ -244,10 +244,16 @@ impl UploadWriter {
     }
 
     /// Verifies everything received against `expected` inside the writer that hashed it,
-    /// commits it, links it into `repo` and ends the session (whatever the outcome).
+    /// commits it, links it into `repo` and ends the session (whatever the outcome). The
+    /// commit and the link happen under the digest's shared guard (not the verification:
+    /// no guard is held while bytes are read).
     pub async fn commit(self, store: &Store, repo: &Repo, expected: &Digest) -> StoreResult<u64> {
-        let size = store.commit(self.w, expected, None).await?;
-        store.link_blob(repo, expected).await?;
+        let verified = self.w.verify(expected, None).await?;
+        let reach = store.reach(&[expected]).await;
+        let size = store.publish_guarded(&reach, verified, expected).await?;
+        crate::hooks::pause("commit.after_publish").await;
+        store.link_guarded(&reach, repo, expected, true).await?;
+        store.touch(expected);
         Ok(size)
     }
 }

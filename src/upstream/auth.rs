@@ -2,7 +2,8 @@
 //! from the realm (cached per scope until they expire, concurrent fetches coalesced), Basic.
 //!
 //! **Invariant:** credentials go only where the configuration says. A realm is used only when
-//! it is on the upstream endpoint's host or on an origin listed in `upstreams.token_realms`
+//! it is on the upstream endpoint's origin (scheme, host and port: another port of the same
+//! host is another server) or on an origin listed in `upstreams.token_realms`
 //! ([`realm_allowed`]; Distribution's `realmAllowed`, GHSA-3p65-76g6-3w7r), and never when it
 //! would downgrade https to http: a refused realm gets no request at all. Redirects are
 //! followed by hand ([`send_following`]): `Authorization` goes to the first URL's origin only
@@ -77,8 +78,8 @@ pub async fn send_following(
     Err(format!("{}: more than {MAX_REDIRECTS} redirects", redact_url(url.as_str())))
 }
 
-/// Whether an upstream endpoint's credentials may go to token `realm`: on the endpoint's host,
-/// or on one of the `listed` origins; never https → http, never a realm with user info.
+/// Whether an upstream endpoint's credentials may go to token `realm`: on the endpoint's origin
+/// (scheme, host, port), or on one of the `listed` origins; never https → http, never a realm with user info.
 /// Returns the realm's URL, or why it is refused (naming the realm).
 pub fn realm_allowed(endpoint: &Url, realm: &str, listed: &[Url]) -> Result<Url, String> {
     let shown = redact_url(realm);
@@ -92,16 +93,13 @@ pub fn realm_allowed(endpoint: &Url, realm: &str, listed: &[Url]) -> Result<Url,
     if endpoint.scheme() == "https" && url.scheme() == "http" {
         return Err(format!("token realm {shown} would downgrade https to http; refused"));
     }
-    let same_host = match (endpoint.host_str(), url.host_str()) {
-        (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
-        _ => false,
-    };
-    if same_host || listed.iter().any(|o| o.origin() == url.origin()) {
+    // `Url` lowercases hosts and drops default ports, so origins compare as servers do.
+    if endpoint.origin() == url.origin() || listed.iter().any(|o| o.origin() == url.origin()) {
         return Ok(url);
     }
     Err(format!(
-        "token realm {shown} is neither on the upstream's host {} nor listed in upstreams.token_realms; refused",
-        endpoint.host_str().unwrap_or_default()
+        "token realm {shown} is neither on the upstream's origin {} nor listed in upstreams.token_realms; refused",
+        endpoint.origin().ascii_serialization()
     ))
 }
 
@@ -333,12 +331,15 @@ mod tests {
         let http = u("http://127.0.0.1:5000");
         let listed = [u("https://auth.example"), u("http://127.0.0.2:7000")];
         assert!(realm_allowed(&https, "https://registry.example/token", &[]).is_ok());
-        assert!(realm_allowed(&https, "https://REGISTRY.example:8443/token", &[]).is_ok());
-        assert!(realm_allowed(&http, "http://127.0.0.1:6000/token", &[]).is_ok());
+        assert!(realm_allowed(&https, "https://REGISTRY.example/token", &[]).is_ok());
+        assert!(realm_allowed(&http, "http://127.0.0.1:5000/token", &[]).is_ok());
         assert!(realm_allowed(&https, "https://auth.example/token?x=1", &listed).is_ok());
         assert!(realm_allowed(&http, "http://127.0.0.2:7000/t", &listed).is_ok());
         for (endpoint, realm, why) in [
             (&https, "https://evil.example/token", "neither"),
+            // Origin, not host: another port of the upstream's host is another server.
+            (&https, "https://registry.example:8443/token", "neither"),
+            (&http, "http://127.0.0.1:6000/token", "neither"),
             (&http, "http://127.0.0.2:7001/t", "neither"),
             (&https, "https://auth.example:444/token", "neither"),
             (&https, "http://registry.example/token", "downgrade"),

@@ -201,7 +201,7 @@ impl Upstream {
 
     /// Whether `tag` matches one of the configured immutable patterns.
     pub fn is_immutable(&self, tag: &Tag) -> bool {
-        self.immutable_tags.iter().any(|p| glob_match(p.as_bytes(), tag.as_str().as_bytes()))
+        self.immutable_tags.iter().any(|p| crate::oci::glob::matches(p, tag.as_str()))
     }
 
     /// Sends one request to the first endpoint that answers, authenticating on a 401
@@ -430,29 +430,9 @@ async fn read_capped(resp: reqwest::Response, cap: usize) -> UpstreamResult<Byte
     Ok(buf.freeze())
 }
 
-/// `*` matches any run (`/` included), `?` one character.
-pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
-    match (p.first(), s.first()) {
-        (None, None) => true,
-        (Some(b'*'), _) => glob_match(&p[1..], s) || (!s.is_empty() && glob_match(p, &s[1..])),
-        (Some(b'?'), Some(_)) => glob_match(&p[1..], &s[1..]),
-        (Some(a), Some(b)) if a == b => glob_match(&p[1..], &s[1..]),
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs() {
-        assert!(glob_match(b"v*", b"v1.2.3"));
-        assert!(glob_match(b"v?.?", b"v1.2"));
-        assert!(glob_match(b"*", b""));
-        assert!(!glob_match(b"v*", b"latest"));
-        assert!(!glob_match(b"1.?", b"1.10"));
-    }
 
     #[test]
     fn ca_file_is_loaded_and_a_bad_one_names_upstream_and_file() {

@@ -114,6 +114,10 @@ struct Inner {
     bearer: Option<Bearer>,
     token_queries: Vec<String>,
     stopped: bool,
+    /// digest → (seed, length) of a blob generated on the fly ([`Fake::add_generated_blob`]).
+    generated: HashMap<String, (u64, u64)>,
+    /// digest → gates for the next GETs of a generated blob ([`Fake::hold_generated`]).
+    generated_holds: HashMap<String, VecDeque<(u64, tokio::sync::watch::Receiver<bool>)>>,
 }
 
 /// An image the fake serves: manifest, config and layers.
@@ -215,6 +219,23 @@ impl Fake {
     /// (as a registry with per-repository links answers).
     pub fn blob_only_in(&self, digest: &str, repo: &str) {
         self.with(|i| i.only_in.insert(digest.to_string(), repo.to_string()));
+    }
+
+    /// Serves the first `len` bytes of the stream `seed` ([`super::data::byte_stream`]) as a
+    /// blob, generated on the fly for every GET: a blob of any size that neither the fake nor
+    /// the test ever holds in memory. Returns its digest (hashed in 1 MiB pieces).
+    pub fn add_generated_blob(&self, seed: u64, len: u64) -> String {
+        let d = super::data::stream_digest(seed, 0, len);
+        self.with(|i| i.generated.insert(d.clone(), (seed, len)));
+        d
+    }
+
+    /// The next GET of generated blob `digest` sends `n` bytes, then nothing until `true` is
+    /// sent on the returned gate (as [`Plan::hold_after`], for [`Fake::add_generated_blob`]).
+    pub fn hold_generated(&self, digest: &str, n: u64) -> tokio::sync::watch::Sender<bool> {
+        let (open, gate) = tokio::sync::watch::channel(false);
+        self.with(|i| i.generated_holds.entry(digest.to_string()).or_default().push_back((n, gate)));
+        open
     }
 
     /// Queues how the next GET of `digest` is answered.
@@ -377,11 +398,27 @@ async fn handle(State(st): State<Arc<FakeState>>, method: Method, uri: Uri, head
     }
     if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
         let digest = digest.to_string();
-        let (plan, blob) = {
+        let generated = {
             let mut i = st.inner.lock().unwrap();
             if i.only_in.get(&digest).is_some_and(|only| only != repo) {
                 return json_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
             }
+            let g = i.generated.get(&digest).copied();
+            let hold =
+                if head || g.is_none() { None } else { i.generated_holds.get_mut(&digest).and_then(|q| q.pop_front()) };
+            g.map(|g| (g, hold))
+        };
+        if let Some(((seed, len), hold)) = generated {
+            let body = if head { Body::empty() } else { generated_body(st.clone(), digest.clone(), seed, len, hold) };
+            let mut r = Response::new(body);
+            let h = r.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/octet-stream"));
+            h.insert("docker-content-digest", HeaderValue::from_str(&digest).unwrap());
+            h.insert("content-length", HeaderValue::from(len));
+            return r;
+        }
+        let (plan, blob) = {
+            let mut i = st.inner.lock().unwrap();
             let plan = if head { None } else { i.plans.get_mut(&digest).and_then(|q| q.pop_front()) };
             (plan, i.blobs.get(&digest).cloned())
         };
@@ -437,6 +474,41 @@ fn plan_body(st: Arc<FakeState>, digest: String, plan: Plan) -> Body {
                 st.inner.lock().unwrap().sent_all.entry(digest).or_default().push(Instant::now());
             }
             Some((Ok::<Bytes, std::io::Error>(chunk), end))
+        }
+    });
+    Body::from_stream(stream)
+}
+
+/// The body of a generated blob: `seed`'s first `len` bytes in 1 MiB pieces, stopping after
+/// `hold`'s byte count until its gate opens.
+fn generated_body(
+    st: Arc<FakeState>,
+    digest: String,
+    seed: u64,
+    len: u64,
+    hold: Option<(u64, tokio::sync::watch::Receiver<bool>)>,
+) -> Body {
+    let stream = futures::stream::unfold((0u64, hold), move |(pos, hold)| {
+        let (st, digest) = (st.clone(), digest.clone());
+        async move {
+            if pos >= len {
+                return None;
+            }
+            let mut hold = hold;
+            if hold.as_ref().is_some_and(|(n, _)| pos >= *n) {
+                let (_, mut gate) = hold.take().unwrap();
+                let _ = gate.wait_for(|open| *open).await;
+            }
+            let mut end = (pos + super::data::STREAM_CHUNK as u64).min(len);
+            if let Some((n, _)) = hold.as_ref().filter(|(n, _)| pos < *n) {
+                end = end.min(*n);
+            }
+            let mut buf = vec![0u8; (end - pos) as usize];
+            super::data::fill_at(seed, pos, &mut buf);
+            if end == len {
+                st.inner.lock().unwrap().sent_all.entry(digest).or_default().push(Instant::now());
+            }
+            Some((Ok::<Bytes, std::io::Error>(Bytes::from(buf)), (end, hold)))
         }
     });
     Body::from_stream(stream)

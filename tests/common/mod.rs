@@ -65,6 +65,24 @@ pub async fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
     }
 }
 
+/// [`wait_until`] with an async condition (a request): polls `cond` every 20 ms until it
+/// holds or `limit` passes; returns whether it held.
+pub async fn wait_until_async<F: std::future::Future<Output = bool>>(
+    limit: Duration,
+    mut cond: impl FnMut() -> F,
+) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if cond().await {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// [`wait_until`] for synchronous code: polls `cond` every 10 ms until it holds or `limit`
 /// passes; returns whether it held.
 pub fn wait_until_blocking(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -34,7 +34,11 @@ impl Pauses {
     pub async fn reached(&self, name: &str, limit: Duration) {
         let start = Instant::now();
         while !self.is_reached(name) {
-            assert!(start.elapsed() < limit, "pause point {name} not reached within {limit:?} ({})", self.dir.display());
+            assert!(
+                start.elapsed() < limit,
+                "pause point {name} not reached within {limit:?} ({})",
+                self.dir.display()
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }

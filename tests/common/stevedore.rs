@@ -612,12 +612,18 @@ impl Dialect {
 /// Runs a one-shot subcommand of the binary (`import`, `export`, `prefetch`, `check-config`)
 /// with `args`, bounded to `limit`; its exit status and output, never panicking on failure.
 pub fn cli(args: &[&str], limit: Duration) -> proc::Out {
+    cli_env(args, &[], limit)
+}
+
+/// [`cli`] with extra environment (`STEVEDORE_PAUSE`, `STEVEDORE_FAIL`, …).
+pub fn cli_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> proc::Out {
     let mut cmd = proc::with_pdeathsig(env!("CARGO_BIN_EXE_stevedore"));
     cmd.args(args);
     cmd.env("RUST_LOG", "warn");
     for v in ["STEVEDORE_LOG_FORMAT", "STEVEDORE_CONFIG"] {
         cmd.env_remove(v);
     }
+    cmd.envs(env.iter().copied());
     proc::run(&format!("stevedore {}", args.first().copied().unwrap_or_default()), cmd, limit)
 }
 

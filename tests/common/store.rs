@@ -313,3 +313,105 @@ pub fn dangling(sd: &Stevedore) -> Vec<String> {
     }
     out
 }
+
+// --- Checks on a store a server is changing right now (eviction and GC run on timers): a
+// file removed between listing and reading is skipped, never a failure.
+
+/// Every committed blob under `<root>/blobs` as `(alg:hex, size)`, sorted; a blob removed
+/// while listing is left out.
+pub fn blob_sizes_live(root: &Path) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for alg in std::fs::read_dir(root.join("blobs")).into_iter().flatten().flatten() {
+        let alg_name = alg.file_name().to_string_lossy().into_owned();
+        for pre in std::fs::read_dir(alg.path()).into_iter().flatten().flatten() {
+            for f in std::fs::read_dir(pre.path()).into_iter().flatten().flatten() {
+                if let Ok(m) = f.metadata() {
+                    out.push((format!("{alg_name}:{}", f.file_name().to_string_lossy()), m.len()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// [`assert_blobs_intact`] as a list instead of a panic, on a live store: every blob file
+/// under `<root>/blobs` whose bytes do not hash to its name (or whose place is wrong), one
+/// line each. A file removed while being checked is skipped. Returns (files hashed,
+/// problems).
+pub fn blob_problems_live(root: &Path) -> (usize, Vec<String>) {
+    let mut problems = Vec::new();
+    let mut checked = 0;
+    for (digest, _) in blob_sizes_live(root) {
+        let (alg, hex_name) = digest.split_once(':').unwrap();
+        let hex_len = match alg {
+            "sha256" => 64,
+            "sha512" => 128,
+            other => {
+                problems.push(format!("unexpected directory blobs/{other}"));
+                continue;
+            }
+        };
+        if hex_name.len() != hex_len || !hex_name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            problems.push(format!("blobs/{alg}/…/{hex_name}: file name is not a {alg} hex digest"));
+            continue;
+        }
+        let path = blob_path(root, &digest);
+        let Ok(mut f) = std::fs::File::open(&path) else { continue };
+        let mut buf = vec![0u8; 1 << 20];
+        macro_rules! run {
+            ($h:expr) => {{
+                let mut h = $h;
+                loop {
+                    match f.read(&mut buf) {
+                        Ok(0) => break Some(hex(&h.finalize())),
+                        Ok(n) => h.update(&buf[..n]),
+                        Err(_) => break None,
+                    }
+                }
+            }};
+        }
+        let got = if alg == "sha256" { run!(Sha256::new()) } else { run!(Sha512::new()) };
+        checked += 1;
+        match got {
+            Some(g) if g == hex_name => {}
+            Some(g) => {
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                problems.push(format!("{}: {len} bytes hash to {alg}:{g}, not to its name", path.display()));
+            }
+            None => problems.push(format!("{}: unreadable", path.display())),
+        }
+    }
+    (checked, problems)
+}
+
+/// The digests a local repository (under `<root>/repos`) links as a layer or holds as a
+/// manifest revision: content the store counts as pushed.
+pub fn local_repo_digests(root: &Path) -> BTreeSet<String> {
+    fn walk(dir: &Path, out: &mut BTreeSet<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if !e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            let links = match name.as_str() {
+                "_layers" => Some(e.path()),
+                "_manifests" => Some(e.path().join("revisions")),
+                _ if name.starts_with('_') => None,
+                _ => {
+                    walk(&e.path(), out);
+                    None
+                }
+            };
+            for alg in links.iter().flat_map(|l| std::fs::read_dir(l).into_iter().flatten().flatten()) {
+                let alg_name = alg.file_name().to_string_lossy().into_owned();
+                for f in std::fs::read_dir(alg.path()).into_iter().flatten().flatten() {
+                    out.insert(format!("{alg_name}:{}", f.file_name().to_string_lossy()));
+                }
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&root.join("repos"), &mut out);
+    out
+}

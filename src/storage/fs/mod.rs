@@ -233,6 +233,37 @@ impl Backend for FsBackend {
         Ok(out)
     }
 
+    async fn prune_empty(&self, under: &Key) -> StoreResult<()> {
+        let dir = self.0.path(under);
+        let tree = self.0.path(&layout::root(under.as_str().split('/').next().unwrap_or_default()));
+        fn prune(dir: &Path) -> std::io::Result<()> {
+            let Some(rd) = not_found(std::fs::read_dir(dir))? else { return Ok(()) };
+            for e in rd {
+                let e = e?;
+                if e.file_type()?.is_dir() {
+                    prune(&e.path())?;
+                }
+            }
+            match std::fs::remove_dir(dir) {
+                Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => Ok(()),
+                r => not_found(r).map(drop),
+            }
+        }
+        Ok(blocking(move || {
+            prune(&dir)?;
+            // Parents left empty (`repos/team` of `repos/team/app`), up to the tree.
+            let mut parent = dir.parent();
+            while let Some(p) = parent.filter(|p| p.starts_with(&tree) && *p != tree) {
+                if std::fs::remove_dir(p).is_err() {
+                    break;
+                }
+                parent = p.parent();
+            }
+            Ok(())
+        })
+        .await?)
+    }
+
     async fn writable(&self) -> bool {
         let probe = self.0.path(&layout::tmp());
         let ok = tokio::fs::write(&probe, b"ready").await.is_ok();

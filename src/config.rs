@@ -584,6 +584,16 @@ pub struct ServerConfig {
     pub body_idle_timeout: Duration,
     /// Open client connections at most; more wait in the listen backlog until one closes.
     pub max_connections: usize,
+    /// Open connections from one client address at most (`0`: no cap); more are closed at
+    /// once. Clients behind a load balancer or NAT share one address.
+    pub max_connections_per_client: usize,
+    /// Streams (requests) one HTTP/2 connection may have open at once.
+    pub http2_max_concurrent_streams: u32,
+    /// Response bytes buffered per HTTP/2 stream beyond what the client's window takes.
+    pub http2_max_send_buffer: ByteSize,
+    /// An HTTP/2 connection with no open stream for this long is closed gracefully (GOAWAY).
+    #[serde(with = "humantime_serde")]
+    pub http2_idle_timeout: Duration,
     /// Requests per client address (`[server.rate_limit]`); off unless configured.
     pub rate_limit: RateLimitConfig,
     /// TLS on `listen` (`[server.tls]`): with it, `listen` speaks TLS only.
@@ -984,6 +994,10 @@ impl Default for ServerConfig {
             header_read_timeout: Duration::from_secs(30),
             body_idle_timeout: Duration::from_secs(60),
             max_connections: 4096,
+            max_connections_per_client: 256,
+            http2_max_concurrent_streams: 64,
+            http2_max_send_buffer: ByteSize(64 << 10),
+            http2_idle_timeout: Duration::from_secs(60),
             rate_limit: RateLimitConfig::default(),
             tls: None,
             plain_listen: None,
@@ -1080,6 +1094,15 @@ impl Config {
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1");
+        }
+        if self.server.http2_max_concurrent_streams == 0 {
+            return invalid("server.http2_max_concurrent_streams", "must be at least 1");
+        }
+        if self.server.http2_max_send_buffer.0 < 1 << 10 || self.server.http2_max_send_buffer.0 > 16 << 20 {
+            return invalid("server.http2_max_send_buffer", "must be between 1KiB and 16MiB");
+        }
+        if self.server.http2_idle_timeout.is_zero() {
+            return invalid("server.http2_idle_timeout", "must be longer than 0s");
         }
         let rl = &self.server.rate_limit;
         if !rl.requests_per_second.is_finite() || rl.requests_per_second < 0.0 {
@@ -1272,6 +1295,10 @@ mod tests {
         assert_eq!(c.server.header_read_timeout, d.server.header_read_timeout);
         assert_eq!(c.server.body_idle_timeout, d.server.body_idle_timeout);
         assert_eq!(c.server.max_connections, d.server.max_connections);
+        assert_eq!(c.server.max_connections_per_client, d.server.max_connections_per_client);
+        assert_eq!(c.server.http2_max_concurrent_streams, d.server.http2_max_concurrent_streams);
+        assert_eq!(c.server.http2_max_send_buffer.0, d.server.http2_max_send_buffer.0);
+        assert_eq!(c.server.http2_idle_timeout, d.server.http2_idle_timeout);
         assert_eq!(c.proxy.local_namespaces, d.proxy.local_namespaces);
         assert_eq!(c.upstreams[0].token_realms, d.upstreams[0].token_realms);
         assert_eq!(c.uploads.max_sessions, d.uploads.max_sessions);
@@ -1473,11 +1500,18 @@ mod tests {
         assert_eq!(d.server.header_read_timeout, Duration::from_secs(30));
         assert_eq!(d.server.body_idle_timeout, Duration::from_secs(60));
         assert_eq!(d.server.max_connections, 4096);
+        assert_eq!(d.server.max_connections_per_client, 256);
+        assert_eq!(d.server.http2_max_concurrent_streams, 64);
+        assert_eq!(d.server.http2_max_send_buffer.0, 64 << 10);
+        assert_eq!(d.server.http2_idle_timeout, Duration::from_secs(60));
         assert!(d.proxy.local_namespaces.is_empty());
         for (text, key) in [
             ("[server]\nheader_read_timeout = \"0s\"", "server.header_read_timeout"),
             ("[server]\nbody_idle_timeout = \"0s\"", "server.body_idle_timeout"),
             ("[server]\nmax_connections = 0", "server.max_connections"),
+            ("[server]\nhttp2_max_concurrent_streams = 0", "server.http2_max_concurrent_streams"),
+            ("[server]\nhttp2_max_send_buffer = \"512B\"", "server.http2_max_send_buffer"),
+            ("[server]\nhttp2_idle_timeout = \"0s\"", "server.http2_idle_timeout"),
             ("[proxy]\nlocal_namespaces = [\"\"]", "proxy.local_namespaces"),
             ("[proxy]\nlocal_namespaces = [\"docker.io/*\"]", "proxy.local_namespaces"),
             ("[[upstreams]]\nhost = \"docker.io\"\ntoken_realms = [\"auth\"]", "upstreams.token_realms"),

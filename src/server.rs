@@ -9,7 +9,17 @@
 //! `body_idle_timeout` ends with an error, and so does a connection whose client leaves our
 //! writes unread that long (silences only: a transfer that keeps moving is never cut); at
 //! most `max_connections` connections are served at once, the next ones wait in the listen
-//! backlog.
+//! backlog; at most `max_connections_per_client` of them from one client address, further
+//! ones are closed at once.
+//!
+//! HTTP/2 (h2c and TLS with ALPN) is bounded the same way: at most
+//! `http2_max_concurrent_streams` streams per connection, `http2_max_send_buffer` bytes queued
+//! per stream beyond the client's window, and a connection with no open stream for
+//! `http2_idle_timeout` is closed gracefully (GOAWAY; hyper has no such timeout of its own, so
+//! each connection counts its open streams, see [`Streams`]) so idle connections that only
+//! answer PINGs do not hold slots. The response bytes an HTTP/2 connection's streams hold at
+//! once are bounded by `http2_max_concurrent_streams × http2_max_send_buffer` (see
+//! [`SendBudget`]).
 //!
 //! TLS (`[server.tls]`, [`crate::tls`]): a TLS listener hands each accepted socket to its own
 //! task, which runs the handshake (bounded by the same first-request deadline) and then serves
@@ -17,10 +27,13 @@
 //! keeps the write idle limit. A verified client certificate goes on every request of its
 //! connection as [`ClientCert`]. A plain listener (`server.plain_listen`) can run beside it.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
+use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -31,10 +44,9 @@ use http_body::{Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
@@ -55,6 +67,11 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub body_idle_timeout: Duration,
     pub max_connections: usize,
+    /// `0`: no cap.
+    pub max_connections_per_client: usize,
+    pub http2_max_concurrent_streams: u32,
+    pub http2_max_send_buffer: usize,
+    pub http2_idle_timeout: Duration,
 }
 
 impl Limits {
@@ -63,6 +80,10 @@ impl Limits {
             header_read_timeout: c.header_read_timeout,
             body_idle_timeout: c.body_idle_timeout,
             max_connections: c.max_connections,
+            max_connections_per_client: c.max_connections_per_client,
+            http2_max_concurrent_streams: c.http2_max_concurrent_streams,
+            http2_max_send_buffer: usize::try_from(c.http2_max_send_buffer.0).unwrap_or(usize::MAX),
+            http2_idle_timeout: c.http2_idle_timeout,
         }
     }
 }
@@ -100,16 +121,24 @@ pub async fn serve(listener: TcpListener, router: Router, limits: Limits, shutdo
 
 /// Serves `router` on every listener until `shutdown` resolves, then stops accepting and
 /// returns once every open connection has finished its requests. `max_connections` counts the
-/// connections of all listeners together. A TLS handshake runs in the connection's own task,
-/// inside the first-request deadline (`header_read_timeout`): a client that connects and never
-/// completes its handshake holds one slot until then, and never the accept loop.
+/// connections of all listeners together, and so does `max_connections_per_client`. A TLS
+/// handshake runs in the connection's own task, inside the first-request deadline
+/// (`header_read_timeout`): a client that connects and never completes its handshake holds
+/// one slot until then, and never the accept loop.
 pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits, shutdown: impl Future<Output = ()>) {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().max_buf_size(MAX_BUF_SIZE).timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
-    builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_KEEP_ALIVE);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE)
+        .max_concurrent_streams(limits.http2_max_concurrent_streams)
+        .max_send_buf_size(limits.http2_max_send_buffer);
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
+    // Graceful shutdown: every connection watches `stop`; the slots all back means all ended.
+    let (stop, stopped) = watch::channel(false);
     let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let per_client = Arc::new(PerClient::new(limits.max_connections_per_client));
     let mut next = 0usize;
     tokio::pin!(shutdown);
     loop {
@@ -134,11 +163,19 @@ pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits,
                 continue;
             }
         };
+        let client_slot = match per_client.admit(peer.ip()) {
+            Ok(s) => s,
+            Err(open) => {
+                per_client.refused(peer.ip(), open);
+                drop((stream, slot));
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let conn = Conn {
             builder: builder.clone(),
             router: router.clone(),
-            watcher: graceful.watcher(),
+            stop: stopped.clone(),
             client: crate::limits::ClientAddr::new(peer.ip()),
             limits,
             // The first request's deadline runs from the accept: the handshake is inside it.
@@ -148,14 +185,14 @@ pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits,
         match &listeners[i].tls {
             None => {
                 tokio::spawn(async move {
-                    let _slot = slot;
+                    let _slots = (slot, client_slot);
                     conn.serve(io, None, false).await
                 });
             }
             Some(tls) => {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.server_config());
                 tokio::spawn(async move {
-                    let _slot = slot;
+                    let _slots = (slot, client_slot);
                     let stream = match tokio::time::timeout_at(conn.deadline, acceptor.accept(io)).await {
                         Ok(Ok(stream)) => stream,
                         Ok(Err(e)) => {
@@ -181,7 +218,253 @@ pub async fn serve_all(listeners: Vec<Listener>, router: Router, limits: Limits,
         }
     }
     drop(listeners);
-    graceful.shutdown().await;
+    let _ = stop.send(true);
+    // Every connection holds a slot until its task ends.
+    let all = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let _ = slots.acquire_many(all).await;
+}
+
+/// Open connections per client address (`server.max_connections_per_client`).
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+    /// When a refusal was last logged (ms since `epoch`): at most one warning per 10 s.
+    last_warned: AtomicU64,
+    epoch: std::time::Instant,
+}
+
+/// One connection counted for its client address; uncounted when dropped.
+struct ClientSlot {
+    per: Arc<PerClient>,
+    ip: IpAddr,
+}
+
+impl PerClient {
+    fn new(max: usize) -> PerClient {
+        PerClient { max, open: Mutex::default(), last_warned: AtomicU64::new(0), epoch: std::time::Instant::now() }
+    }
+
+    /// Counts one more connection from `ip`, or `Err(open)` when it has the most it may.
+    /// `Ok(None)`: no cap.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<ClientSlot>, usize> {
+        if self.max == 0 {
+            return Ok(None);
+        }
+        let ip = ip.to_canonical();
+        let mut open = self.open.lock().unwrap();
+        let n = open.entry(ip).or_default();
+        if *n >= self.max {
+            return Err(*n);
+        }
+        *n += 1;
+        Ok(Some(ClientSlot { per: self.clone(), ip }))
+    }
+
+    fn refused(&self, ip: IpAddr, open: usize) {
+        let now = self.epoch.elapsed().as_millis() as u64 + 10_000;
+        let last = self.last_warned.load(Ordering::Relaxed);
+        if now >= last + 10_000
+            && self.last_warned.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(
+                client = %ip.to_canonical(),
+                open,
+                "a connection was refused: its address has {open} open (server.max_connections_per_client; \
+                 clients behind a load balancer or NAT share one address); further refusals within 10 s are not logged"
+            );
+        } else {
+            tracing::debug!(client = %ip.to_canonical(), open, "connection refused (server.max_connections_per_client)");
+        }
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.per.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The open streams (requests whose response has not ended) of one connection, for the
+/// HTTP/2 idle timeout.
+struct Streams {
+    /// (open streams, when that last changed)
+    state: Mutex<(usize, Instant)>,
+    changed: Notify,
+    /// The connection speaks HTTP/2 (its requests say so).
+    h2: AtomicBool,
+}
+
+/// One open stream; closed when dropped (with the response body, or the handler's future if
+/// the request was cancelled).
+struct StreamGuard(Arc<Streams>);
+
+impl Streams {
+    fn new() -> Streams {
+        Streams { state: Mutex::new((0, Instant::now())), changed: Notify::new(), h2: AtomicBool::new(false) }
+    }
+
+    fn open(self: &Arc<Self>) -> StreamGuard {
+        self.change(|n| n + 1);
+        StreamGuard(self.clone())
+    }
+
+    fn change(&self, f: impl FnOnce(usize) -> usize) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        *st = (f(st.0), Instant::now());
+        drop(st);
+        self.changed.notify_waiters();
+    }
+
+    /// Resolves once no stream has been open for `after`.
+    async fn idle(&self, after: Duration) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (open, since) = *self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if open > 0 {
+                changed.await;
+                continue;
+            }
+            let at = since + after;
+            if Instant::now() >= at {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(at) => {}
+                _ = changed => {}
+            }
+        }
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.change(|n| n.saturating_sub(1));
+    }
+}
+
+/// Most of the send budget one chunk is charged (the store reads 256 KiB at a time); a larger
+/// chunk is charged this much.
+const BUDGET_UNIT: u32 = 256 << 10;
+
+/// The response bytes all streams of one HTTP/2 connection may hold at once (polled from their
+/// bodies, not yet written to the socket): `http2_max_concurrent_streams ×
+/// http2_max_send_buffer`. hyper reads a stream's next chunk as soon as it handed the previous
+/// one to h2, whatever the client's window, so without this every stream a client leaves
+/// unread holds two read chunks; with it, a connection holds at most the budget. A stream
+/// that waits for its share longer than `body_idle_timeout` (the others left unread that
+/// long) ends with an error.
+struct SendBudget {
+    permits: Arc<Semaphore>,
+    total: u32,
+    wait: Duration,
+}
+
+impl SendBudget {
+    fn new(limits: &Limits) -> SendBudget {
+        let total = (limits.http2_max_concurrent_streams as usize)
+            .saturating_mul(limits.http2_max_send_buffer)
+            .clamp(1, (u32::MAX as usize).min(Semaphore::MAX_PERMITS)) as u32;
+        SendBudget { permits: Arc::new(Semaphore::new(total as usize)), total, wait: limits.body_idle_timeout }
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, tokio::sync::AcquireError>> + Send>>;
+
+/// The response body of an HTTP/2 stream: keeps the stream counted open until it is dropped,
+/// and polls the handler's body only with a share of the connection's [`SendBudget`] in
+/// hand. The share goes with the chunk (`Bytes::from_owner`) and comes back when h2 drops
+/// it: written to the socket, or the stream reset.
+struct H2Body {
+    inner: Body,
+    budget: Arc<SendBudget>,
+    permit: Option<OwnedSemaphorePermit>,
+    acquiring: Option<Acquire>,
+    timer: Option<Pin<Box<Sleep>>>,
+    _stream: StreamGuard,
+}
+
+impl H2Body {
+    fn new(inner: Body, budget: Arc<SendBudget>, stream: StreamGuard) -> H2Body {
+        H2Body { inner, budget, permit: None, acquiring: None, timer: None, _stream: stream }
+    }
+}
+
+/// A chunk and its share of the send budget.
+struct Charged {
+    data: Bytes,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Charged {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.permit.is_none() && !this.inner.is_end_stream() {
+            let unit = this.budget.total.min(BUDGET_UNIT);
+            let permits = this.budget.permits.clone();
+            let acquiring = this.acquiring.get_or_insert_with(|| Box::pin(permits.acquire_many_owned(unit)));
+            match acquiring.as_mut().poll(cx) {
+                Poll::Ready(Ok(p)) => {
+                    (this.acquiring, this.timer) = (None, None);
+                    this.permit = Some(p);
+                }
+                Poll::Ready(Err(_)) => unreachable!("the send budget's semaphore is never closed"),
+                Poll::Pending => {
+                    let wait = this.budget.wait;
+                    let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+                    ready!(timer.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(axum::Error::new(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the other streams of this HTTP/2 connection held its send budget for {wait:?} \
+                             (server.body_idle_timeout)"
+                        ),
+                    )))));
+                }
+            }
+        }
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(Ok(frame)) = frame else {
+            // The end, or an error: the share goes back.
+            this.permit = None;
+            return Poll::Ready(frame);
+        };
+        match frame.into_data() {
+            Ok(data) if !data.is_empty() => {
+                let Some(mut permit) = this.permit.take() else { return Poll::Ready(Some(Ok(Frame::data(data)))) };
+                // A smaller chunk gives the rest of its share back at once.
+                let charge = data.len().min(permit.num_permits());
+                drop(permit.split(permit.num_permits() - charge));
+                Poll::Ready(Some(Ok(Frame::data(Bytes::from_owner(Charged { data, _permit: permit })))))
+            }
+            Ok(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            Err(frame) => Poll::Ready(Some(Ok(frame))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The next connection of any listener, polling from `first` on: (listener index, result).
@@ -205,7 +488,8 @@ fn accept_any(
 struct Conn {
     builder: Arc<auto::Builder<TokioExecutor>>,
     router: Router,
-    watcher: hyper_util::server::graceful::Watcher,
+    /// Becomes `true` at shutdown: the connection finishes its requests and closes.
+    stop: watch::Receiver<bool>,
     client: crate::limits::ClientAddr,
     limits: Limits,
     deadline: Instant,
@@ -214,16 +498,23 @@ struct Conn {
 impl Conn {
     /// Serves HTTP/1.1 or HTTP/2 on `io` (plain, or TLS after its handshake); every request
     /// carries the client's address and, when it presented one, its certificate. Closed if no
-    /// complete request head arrived by the deadline.
+    /// complete request head arrived by the deadline; an HTTP/2 connection is closed
+    /// gracefully once no stream has been open for `http2_idle_timeout`.
     async fn serve<I>(self, io: I, cert: Option<ClientCert>, secure: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let first_request = Arc::new(Notify::new());
+        let streams = Arc::new(Streams::new());
         let service = {
             let (router, first_request, idle) = (self.router, first_request.clone(), self.limits.body_idle_timeout);
-            let client = self.client;
+            let (client, streams) = (self.client, streams.clone());
+            let budget = Arc::new(SendBudget::new(&self.limits));
             hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+                let stream = (req.version() == hyper::Version::HTTP_2).then(|| {
+                    streams.h2.store(true, Ordering::Relaxed);
+                    streams.open()
+                });
                 first_request.notify_one();
                 req.extensions_mut().insert(client);
                 if secure {
@@ -232,14 +523,27 @@ impl Conn {
                 if let Some(cert) = &cert {
                     req.extensions_mut().insert(cert.clone());
                 }
-                router.clone().oneshot(req.map(|b| Body::new(IdleBody::new(b, idle))))
+                let resp = router.clone().oneshot(req.map(|b| Body::new(IdleBody::new(b, idle))));
+                let budget = budget.clone();
+                async move {
+                    let resp = resp.await?;
+                    Ok::<_, std::convert::Infallible>(match stream {
+                        Some(s) => resp.map(|inner| Body::new(H2Body::new(inner, budget, s))),
+                        None => resp,
+                    })
+                }
             })
         };
-        let conn = self.watcher.watch(self.builder.serve_connection(TokioIo::new(io), service).into_owned());
+        let conn = self.builder.serve_connection(TokioIo::new(io), service).into_owned();
         tokio::pin!(conn);
+        let mut stop = self.stop;
         tokio::select! {
             res = conn.as_mut() => return log_end(res),
             _ = first_request.notified() => {}
+            _ = stopping(&mut stop) => {
+                conn.as_mut().graceful_shutdown();
+                return log_end(conn.await);
+            }
             _ = tokio::time::sleep_until(self.deadline) => {
                 tracing::debug!(
                     "no complete request head within {:?}; closing the connection",
@@ -248,8 +552,31 @@ impl Conn {
                 return;
             }
         }
-        log_end(conn.await)
+        let idle_timeout = self.limits.http2_idle_timeout;
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                res = conn.as_mut() => return log_end(res),
+                _ = stopping(&mut stop), if !closing => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                _ = streams.idle(idle_timeout), if !closing && streams.h2.load(Ordering::Relaxed) => {
+                    tracing::debug!(
+                        client = %self.client.0,
+                        "no HTTP/2 stream open for {idle_timeout:?} (server.http2_idle_timeout); closing the connection"
+                    );
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
     }
+}
+
+/// Resolves at shutdown (or if the server loop is gone).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
 fn log_end(res: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
@@ -427,6 +754,10 @@ mod tests {
             header_read_timeout: Duration::from_secs(5),
             body_idle_timeout: Duration::from_secs(5),
             max_connections: 16,
+            max_connections_per_client: 0,
+            http2_max_concurrent_streams: 64,
+            http2_max_send_buffer: 64 << 10,
+            http2_idle_timeout: Duration::from_secs(60),
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(serve_all(vec![Listener::tls(tcp, tls)], router, limits, async {

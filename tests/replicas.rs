@@ -478,3 +478,58 @@ async fn lease_holders_are_checked_against_the_registry_and_relayed_bytes_are_ve
     assert!(got.complete(&lying, SIZE), "{got:?}");
     bucket.delete(&format!("meta/replicas/{liar}"));
 }
+
+/// A relay carries the repository (issue #23, defect 2, across replicas): while replica 0
+/// fills a layer for `private/app` (held mid-fill), a GET of the same digest on replica 1
+/// under `public/app`, where the upstream does not have it, is 404 BLOB_UNKNOWN with no
+/// bytes (not relayed); a GET of `private/app` on replica 1 is relayed (`peer`) without any
+/// upstream check; both get the blob's bytes once the fill goes on, from one upstream GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_of_another_repositorys_fill_needs_the_upstream_to_have_it_there() {
+    use common::fake::{Fake, Plan};
+    let fake = Fake::start().await;
+    let fleet = Fleet::start(2, &fake.addr.to_string(), "");
+    let data = common::data::bytes(0x23_0002, 4 << 20);
+    let d = fake.add_blob(&data);
+    fake.blob_only_in(&d, "private/app");
+    let (plan, gate) = Plan::new(data.clone()).hold_after(1 << 20);
+    fake.plan(&d, plan);
+    let http = client();
+    let head = |url: String| {
+        let http = http.clone();
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), http.get(url).send())
+                .await
+                .expect("a response head within 30 s")
+                .expect("a response")
+        }
+    };
+    let alice = head(blob_url(&fleet, 0, "private/app", &d)).await;
+    assert_eq!(alice.status(), 200, "the filling replica's client");
+    let alice = tokio::spawn(alice.bytes());
+
+    let bob = head(blob_url(&fleet, 1, "public/app", &d)).await;
+    let cache = common::http::hdr(bob.headers(), "x-stevedore-cache").unwrap_or_default();
+    assert_eq!(bob.status(), 404, "another repository's fill was relayed (x-stevedore-cache: {cache})");
+    let body = tokio::time::timeout(Duration::from_secs(10), bob.text()).await.expect("the 404 body").unwrap();
+    assert!(body.contains("BLOB_UNKNOWN") && body.len() < 4096, "{body}");
+
+    let carol = head(blob_url(&fleet, 1, "private/app", &d)).await;
+    assert_eq!(
+        (carol.status().as_u16(), common::http::hdr(carol.headers(), "x-stevedore-cache").as_deref()),
+        (200, Some("peer")),
+        "the same repository on the other replica"
+    );
+    let carol = tokio::spawn(carol.bytes());
+    gate.send(true).unwrap();
+    for (who, body) in [("alice", alice), ("carol", carol)] {
+        let got = tokio::time::timeout(Duration::from_secs(60), body).await.expect("the body").unwrap().unwrap();
+        assert_eq!(common::data::sha256(&got), d, "{who}'s bytes");
+    }
+    assert_eq!(fake.count("GET", &format!("/v2/private/app/blobs/{d}")), 1, "upstream GETs:\n  {}", fake.dump());
+    assert_eq!(
+        fake.count("HEAD", &format!("/v2/private/app/blobs/{d}")),
+        0,
+        "a same-repository relay checked upstream"
+    );
+}

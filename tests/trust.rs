@@ -708,3 +708,86 @@ async fn a_client_over_its_request_rate_gets_429_and_the_others_do_not() {
     tokio::time::sleep(Duration::from_secs(after)).await;
     assert_eq!(read(a.get(sd.url("/v2/"))).await.status, 200, "served again after Retry-After");
 }
+
+/// Reads through someone else's fill (issue #23, defect 2): bob may pull only
+/// `up.test/public/*`, alice everything. While alice's pull of a private layer is held mid-fill,
+/// bob's GET of the same digest under `public/app` (where the upstream does not have it) is
+/// 404 BLOB_UNKNOWN with no bytes, not a join; alice's second GET of the same repository joins
+/// without any upstream check, and her bytes are the blob's. After the fill, bob still gets 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_another_repositorys_fill_needs_the_upstream_to_have_it_there() {
+    use common::fake::{Fake, Plan};
+    const ALICE: (&str, &str) = ("alice", "alice-pw-J1n");
+    const BOB: (&str, &str) = ("bob", "bob-pw-J2n");
+    let fake = Fake::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let htpasswd = common::stevedore::write_htpasswd(&dir.path().join("htpasswd"), &[ALICE, BOB]);
+    let cfg = format!(
+        "{}\n[auth]\nhtpasswd = {:?}\nanonymous = \"none\"\n\n\
+         [[auth.rules]]\nrepositories = [\"*\"]\nusers = [\"alice\"]\nactions = [\"pull\"]\n\n\
+         [[auth.rules]]\nrepositories = [\"up.test/public/*\"]\nusers = [\"bob\"]\nactions = [\"pull\"]\n",
+        config("up.test", &[("up.test", &fake.url(), "")]),
+        htpasswd.display().to_string()
+    );
+    let sd = Stevedore::builder().dir(dir.path()).config(&cfg).start();
+    let http = client();
+    let data = common::data::bytes(2301, 4 << 20);
+    let d = fake.add_blob(&data);
+    fake.blob_only_in(&d, "private/app");
+    let (plan, gate) = Plan::new(data.clone()).hold_after(1 << 20);
+    fake.plan(&d, plan);
+    let private = sd.url(&format!("/v2/private/app/blobs/{d}?ns=up.test"));
+    let public = sd.url(&format!("/v2/public/app/blobs/{d}?ns=up.test"));
+
+    // Alice's pull: the response head means the fill runs (held after 1 MiB).
+    let alice =
+        tokio::time::timeout(Duration::from_secs(30), http.get(&private).basic_auth(ALICE.0, Some(ALICE.1)).send())
+            .await
+            .expect("alice's response head")
+            .unwrap();
+    assert_eq!(alice.status(), 200, "alice's pull of the private layer");
+    let alice_body = tokio::spawn(alice.bytes());
+
+    // Bob, under a repository he may pull, where the upstream does not have the digest.
+    let bob = tokio::time::timeout(Duration::from_secs(30), http.get(&public).basic_auth(BOB.0, Some(BOB.1)).send())
+        .await
+        .expect("bob's response head (bounded)")
+        .unwrap();
+    let (status, cache) = (bob.status().as_u16(), hdr(bob.headers(), "x-stevedore-cache").unwrap_or_default());
+    assert_eq!(status, 404, "bob read a private layer through alice's fill (x-stevedore-cache: {cache})");
+    let body = tokio::time::timeout(Duration::from_secs(10), bob.text()).await.expect("bob's error body").unwrap();
+    assert!(body.contains("BLOB_UNKNOWN") && body.len() < 4096, "bob's 404 body: {body}");
+    assert_eq!(
+        fake.count("HEAD", &format!("/v2/public/app/blobs/{d}")),
+        1,
+        "bob's join checks the upstream once:\n  {}",
+        fake.dump()
+    );
+
+    // Alice again, same repository: joins (its response head arrives while the fill is held)
+    // with no check upstream.
+    let again =
+        tokio::time::timeout(Duration::from_secs(30), http.get(&private).basic_auth(ALICE.0, Some(ALICE.1)).send())
+            .await
+            .expect("alice's second response head")
+            .unwrap();
+    assert_eq!(
+        (again.status().as_u16(), hdr(again.headers(), "x-stevedore-cache").as_deref()),
+        (200, Some("joined")),
+        "alice's second pull of the same repository"
+    );
+    let again = tokio::spawn(again.bytes());
+    gate.send(true).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), alice_body).await.expect("alice's body").unwrap().unwrap();
+    assert_eq!(sha256(&got), d, "alice's bytes");
+    let again =
+        tokio::time::timeout(Duration::from_secs(30), again).await.expect("alice's second body").unwrap().unwrap();
+    assert_eq!(sha256(&again), d, "alice's second pull's bytes");
+    assert_eq!(fake.count("HEAD", &format!("/v2/private/app/blobs/{d}")), 0, "a same-repository join checked upstream");
+    assert_eq!(fake.count("GET", &format!("/v2/private/app/blobs/{d}")), 1, "upstream GETs");
+
+    // Committed now: bob still gets 404 (the stored content's check).
+    let r = read(http.get(&public).basic_auth(BOB.0, Some(BOB.1))).await;
+    assert_json_error(&r, 404, "BLOB_UNKNOWN", "bob's GET after the fill");
+    assert!(r.body.len() < 4096, "bob's 404 body has {} bytes", r.body.len());
+}

@@ -129,6 +129,11 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
         let source = app.proxy.blob_source(&app.store, p, d, gone.as_ref()).await.map_err(fill_error)?;
         let leader = match source {
             BlobSource::Fill(fill, leader) => {
+                // Another repository's fill: its bytes are this repository's only if the
+                // upstream serves the digest here too (the check stored content gets).
+                if fill.repo() != &p.cache && !upstream_has(app, p, d).await? {
+                    return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
+                }
                 let mut resp = fill_response(d, fill, req).await?;
                 let outcome = if leader { Outcome::Miss } else { Outcome::Joined };
                 headers::outcome(&mut resp, &p.upstream.host, "blob", outcome);
@@ -142,8 +147,20 @@ async fn get_proxied(app: &App, p: &ProxyRepo, d: &Digest, req: &HeaderMap, head
             }
             BlobSource::Peer(h) => h,
         };
-        match from_peer(app, &leader, d, req).await {
-            Ok(mut resp) => {
+        let mut relayed = from_peer(app, &leader, p, d, req, false).await;
+        if let Ok(Relay::OtherRepository) = relayed {
+            // The leader fills (or stored) it through another repository: the upstream must
+            // serve it in this one before its bytes are relayed here.
+            if !upstream_has(app, p, d).await? {
+                return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
+            }
+            relayed = from_peer(app, &leader, p, d, req, true).await;
+        }
+        match relayed {
+            Ok(Relay::OtherRepository) => {
+                tracing::warn!(digest = %d, leader = %leader.replica, peer = %leader.advertise, "a replica refused a relay the upstream check allowed; taking the fill over once its lease is let go");
+            }
+            Ok(Relay::Response(mut resp)) => {
                 crate::metrics::cluster_peer_stream();
                 headers::outcome(&mut resp, &p.upstream.host, "blob", Outcome::Peer);
                 return Ok(resp);
@@ -212,21 +229,77 @@ const RELAYED: [&str; 7] = [
     "retry-after",
 ];
 
+/// [`PEER_SOURCE`] of a replica's refusal: its fill (or stored copy) of the digest is not
+/// known to be the asking repository's; the asker checks the upstream and asks again.
+const OTHER_REPOSITORY: &str = "other-repository";
+
+/// A replica's answer to a relay request ([`from_peer`]).
+enum Relay {
+    /// For the client as it is: the blob's bytes, or an error.
+    Response(Response),
+    /// [`OTHER_REPOSITORY`]: ask again, `checked`, once the upstream said it has the blob in
+    /// the asking repository.
+    OtherRepository,
+}
+
+/// The repository of a relay request (`?host=<upstream host>&name=<repository>`, the cache
+/// repository the client asked in) and whether the asking replica checked that the upstream
+/// has the digest there (`checked=1`).
+pub(crate) struct PeerAsk {
+    pub repo: Repo,
+    pub checked: bool,
+}
+
+impl PeerAsk {
+    /// From a relay request's query; `None` without a valid repository (a replica of an
+    /// older version): such a request gets [`OTHER_REPOSITORY`] and nothing is relayed.
+    pub(crate) fn from_query(query: Option<&str>) -> Option<PeerAsk> {
+        let (mut host, mut name, mut checked) = (None, None, false);
+        for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+            match &*k {
+                "host" => host = Some(v.into_owned()),
+                "name" => name = Some(v.into_owned()),
+                "checked" => checked = v == "1",
+                _ => {}
+            }
+        }
+        let host = host.filter(|h| !h.is_empty() && !h.contains('/') && h != "." && h != "..")?;
+        let name = name?.parse().ok()?;
+        Some(PeerAsk { repo: Repo::cache(&host, name), checked })
+    }
+}
+
 /// Relays the leader's stream of `d` (`GET <advertise>/_stevedore/cluster/fill/<digest>`,
-/// `Range` passed on): the body flows through as it arrives, never buffered; a stream that
-/// breaks breaks the client's. `Err` (why) when the leader cannot serve it: unreachable,
-/// it has no such fill, or it answered something else than a blob or an error for the
-/// client.
-async fn from_peer(app: &App, leader: &Holder, d: &Digest, req: &HeaderMap) -> Result<Response, String> {
+/// `Range` passed on, `p`'s cache repository named): the body flows through as it arrives,
+/// never buffered; a stream that breaks breaks the client's. [`Relay::OtherRepository`]
+/// when the leader's copy is another repository's and `checked` is false. `Err` (why) when
+/// the leader cannot serve it: unreachable, it has no such fill, or it answered something
+/// else than a blob or an error for the client.
+async fn from_peer(
+    app: &App,
+    leader: &Holder,
+    p: &ProxyRepo,
+    d: &Digest,
+    req: &HeaderMap,
+    checked: bool,
+) -> Result<Relay, String> {
     use futures::TryStreamExt;
     let path = format!("{}/fill/{d}", crate::cluster::PEER_PREFIX);
-    let mut rb = app.cluster.peer_request(reqwest::Method::GET, leader, &path);
+    let Repo::Cache { host, name } = &p.cache else { return Err("not a cache repository".into()) };
+    let mut query = vec![("host", host.to_string()), ("name", name.to_string())];
+    if checked {
+        query.push(("checked", "1".into()));
+    }
+    let mut rb = app.cluster.peer_request(reqwest::Method::GET, leader, &path).query(&query);
     if let Some(r) = req.get(header::RANGE) {
         rb = rb.header(header::RANGE, r.clone());
     }
     let resp = rb.send().await.map_err(|e| format!("unreachable: {}", crate::upstream::error_chain(&e)))?;
     let status = resp.status();
     let source = resp.headers().get(PEER_SOURCE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    if source == OTHER_REPOSITORY && !checked {
+        return Ok(Relay::OtherRepository);
+    }
     let bytes =
         matches!(status, StatusCode::OK | StatusCode::PARTIAL_CONTENT) && matches!(source.as_str(), "fill" | "stored");
     if !bytes && source != "error" {
@@ -259,7 +332,7 @@ async fn from_peer(app: &App, leader: &Holder, d: &Digest, req: &HeaderMap) -> R
         let body = resp.bytes().await.map_err(|e| format!("reading its answer: {e}"))?;
         *out.body_mut() = Body::from(body);
     }
-    Ok(out)
+    Ok(Relay::Response(out))
 }
 
 /// A peer's whole blob, verified on its way through: hashed as it passes, its last chunk held
@@ -303,11 +376,13 @@ fn verified_relay(
     })
 }
 
-/// `GET /_stevedore/cluster/fill/<digest>` (a replica's request, secret checked): the blob
-/// from this replica's fill while it runs (the last byte after the verification, as for
-/// local followers), else from the store; 404 with `x-stevedore-peer: none` when it has
-/// neither.
-pub(crate) async fn serve_peer(app: &App, d: &Digest, req: &HeaderMap) -> Response {
+/// `GET /_stevedore/cluster/fill/<digest>?host=…&name=…[&checked=1]` (a replica's request,
+/// secret checked): the blob from this replica's fill while it runs (the last byte after the
+/// verification, as for local followers), else from the store; 404 with `x-stevedore-peer:
+/// none` when it has neither. As for a local request: a fill of another repository, or
+/// content not linked in the asking one, is served only `checked` (the asking replica found
+/// the upstream has it there); else 404 with `x-stevedore-peer: other-repository`.
+pub(crate) async fn serve_peer(app: &App, d: &Digest, ask: Option<PeerAsk>, req: &HeaderMap) -> Response {
     // A request of this replica may be claiming the lease right now: its fill is coming.
     app.proxy.fills.wait_claim(d, app.cluster.lease_ttl()).await;
     let none = || {
@@ -315,9 +390,20 @@ pub(crate) async fn serve_peer(app: &App, d: &Digest, req: &HeaderMap) -> Respon
         headers::set(r.headers_mut(), PEER_SOURCE, "none");
         r
     };
+    let other = || {
+        let mut r =
+            ApiError::new(Code::BlobUnknown).detail("this replica has it through another repository").into_response();
+        headers::set(r.headers_mut(), PEER_SOURCE, OTHER_REPOSITORY);
+        r
+    };
+    let Some(ask) = ask else { return other() };
     let res = match app.proxy.fills.get(d) {
+        Some(fill) if fill.repo() != &ask.repo && !ask.checked => return other(),
         Some(fill) => fill_response(d, fill, req).await.map(|r| (r, "fill")),
         None => match app.store.blob_size(d).await {
+            Ok(Some(_)) if !ask.checked && !matches!(app.store.repo_blob_size(&ask.repo, d).await, Ok(Some(_))) => {
+                return other()
+            }
             Ok(Some(size)) => match serve_content(app, d, size, req, false).await {
                 Err(e) if e.code == Code::BlobUnknown => return none(),
                 r => r.map(|r| (r, "stored")),

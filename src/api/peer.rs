@@ -3,11 +3,14 @@
 //! `Authorization: Bearer <cluster.secret>`, else 401. Never part of `/v2`.
 //!
 //! - `GET ping`: this replica's id (a peer checks it reached the replica it meant).
-//! - `GET fill/<digest>`: the blob from this replica's running fill (growing; the last byte
-//!   after the verification) or its store, `Range` honoured; `x-stevedore-peer` says which
-//!   (`fill`, `stored`), or `error` (an answer for the client: the fill failed upstream, an
-//!   unsatisfiable range), or `none` (404: neither; the asking replica looks elsewhere).
-//!   See `api::blobs::serve_peer`.
+//! - `GET fill/<digest>?host=<upstream>&name=<repository>[&checked=1]`: the blob from this
+//!   replica's running fill (growing; the last byte after the verification) or its store,
+//!   `Range` honoured; `x-stevedore-peer` says which (`fill`, `stored`), or `error` (an
+//!   answer for the client: the fill failed upstream, an unsatisfiable range), or `none`
+//!   (404: neither; the asking replica looks elsewhere), or `other-repository` (404: its
+//!   copy is another repository's; the asking replica checks that the upstream has the
+//!   digest in the named repository and asks again with `checked=1`). See
+//!   `api::blobs::serve_peer`.
 
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +31,10 @@ pub async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
                 .into_response()
         }
         ("GET", p) if p.starts_with("/fill/") => match p["/fill/".len()..].parse::<crate::oci::Digest>() {
-            Ok(d) => super::blobs::serve_peer(&app, &d, req.headers()).await,
+            Ok(d) => {
+                let ask = super::blobs::PeerAsk::from_query(req.uri().query());
+                super::blobs::serve_peer(&app, &d, ask, req.headers()).await
+            }
             Err(e) => ApiError::new(Code::DigestInvalid).detail(e.to_string()).into_response(),
         },
         _ => ApiError::new(Code::Unsupported)

@@ -79,6 +79,9 @@ pub struct Fill {
     /// leaves only once it is readable through `tail`, so every received byte is in one
     /// place or the other.
     recent: Mutex<VecDeque<(u64, Bytes)>>,
+    /// The cache repository the fill was started for (and links the blob into): a request of
+    /// another repository joins only if the upstream has the blob there too.
+    repo: Repo,
 }
 
 /// Fills in flight, by digest.
@@ -159,7 +162,12 @@ impl Fills {
             return (f.clone(), false);
         }
         let (tx, rx) = watch::channel(Progress { size: None, received: 0, state: FillState::Connecting });
-        let fill = Arc::new(Fill { tail: OnceLock::new(), progress: rx, recent: Mutex::default() });
+        let fill = Arc::new(Fill {
+            tail: OnceLock::new(),
+            progress: rx,
+            recent: Mutex::default(),
+            repo: req.cache_repo.clone(),
+        });
         map.insert(req.digest.clone(), fill.clone());
         let ending = Ending { fills: self.clone(), digest: req.digest.clone(), fill: fill.clone(), tx };
         crate::metrics::fill_started();
@@ -307,6 +315,11 @@ fn test_fill_rate() -> Option<u64> {
 }
 
 impl Fill {
+    /// The cache repository this fill was started for.
+    pub fn repo(&self) -> &Repo {
+        &self.repo
+    }
+
     /// Drops the chunks that are now readable through the tail.
     fn forget_readable(&self, readable: u64) {
         let mut recent = self.recent.lock().unwrap();

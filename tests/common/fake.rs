@@ -103,6 +103,8 @@ struct Inner {
     manifests: HashMap<String, (String, Bytes)>,
     /// digest → bytes.
     blobs: HashMap<String, Bytes>,
+    /// digest → the only repository that has it (404 in every other; see [`Fake::blob_only_in`]).
+    only_in: HashMap<String, String>,
     /// digest → plans for the next GETs (plain `blobs` once exhausted).
     plans: HashMap<String, VecDeque<Plan>>,
     /// digest → when the last byte of each complete GET answer was handed to the server.
@@ -211,6 +213,12 @@ impl Fake {
             blobs.push((self.add_blob(&l), l));
         }
         FakeImage { manifest, digest, blobs }
+    }
+
+    /// `digest` exists in `repo` only: a HEAD or GET of it in any other repository is 404
+    /// (as a registry with per-repository links answers).
+    pub fn blob_only_in(&self, digest: &str, repo: &str) {
+        self.with(|i| i.only_in.insert(digest.to_string(), repo.to_string()));
     }
 
     /// Serves the first `len` bytes of the stream `seed` ([`super::data::byte_stream`]) as a
@@ -388,10 +396,13 @@ async fn handle(State(st): State<Arc<FakeState>>, method: Method, uri: Uri, head
         h.insert("content-length", HeaderValue::from(len));
         return r;
     }
-    if let Some((_repo, digest)) = rest.rsplit_once("/blobs/") {
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
         let digest = digest.to_string();
         let generated = {
             let mut i = st.inner.lock().unwrap();
+            if i.only_in.get(&digest).is_some_and(|only| only != repo) {
+                return json_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+            }
             let g = i.generated.get(&digest).copied();
             let hold =
                 if head || g.is_none() { None } else { i.generated_holds.get_mut(&digest).and_then(|q| q.pop_front()) };

@@ -90,7 +90,7 @@ fn get(rt: &tokio::runtime::Runtime, reg: &Registry, path: &str) -> (u16, String
 }
 
 #[test]
-fn skopeo_layouts_import_into_a_running_server_and_are_served_as_the_upstreams_cache() {
+fn skopeo_layouts_import_beside_no_server_and_are_served_as_the_upstreams_cache() {
     let rt = rt();
     let sk = Skopeo::new();
     let tmp = tempfile::tempdir().unwrap();
@@ -104,16 +104,25 @@ fn skopeo_layouts_import_into_a_running_server_and_are_served_as_the_upstreams_c
     sk.copy(&[], &format!("oci:{}:v1", src.display()), &format!("oci-archive:{}:v1", sk_tar.display()));
 
     let (host, cfg) = stopped_upstream_config();
-    let server = Stevedore::builder().config(&cfg).start();
-    let reg = server.registry();
-    let root = server.root().to_path_buf();
-    let config = server.config.clone().unwrap();
+    let mut first = Stevedore::builder().config(&cfg).start();
+    let reg = first.registry();
+    let root = first.root().to_path_buf();
+    let config = first.config.clone().unwrap();
     let repo = format!("{host}/small");
     // How clients name it: the cache namespace as a path prefix (a ':' is not in names).
     let served = format!("{}/small", host.replace(':', "-"));
     // Asked before the import: a miss, the upstream is unreachable.
     let (st, _) = get(&rt, &reg, &format!("/v2/{served}/manifests/v1"));
     assert_ne!(st, 200, "nothing is cached yet");
+
+    // Beside the live server the import refuses (exit 2, naming it) and changes nothing.
+    let blobs_before = store::blob_files(&root);
+    let out = cli(&["import", "--config", s(&config), "--root", s(&root), "--repository", &repo, s(&sk_dir)], LIMIT);
+    assert_eq!(out.status.code(), Some(2), "import beside a live server:\n{}", out.describe());
+    assert!(out.stderr.contains(&format!("pid {}", first.pid())), "the refusal names the server:\n{}", out.describe());
+    assert_eq!(store::blob_files(&root), blobs_before, "a refused import committed blobs");
+    assert!(store::repo_dirs(&root).is_empty(), "a refused import made repositories: {:?}", store::repo_dirs(&root));
+    first.terminate(Duration::from_secs(20));
 
     // A tag-only name needs --repository.
     let out = cli(&["import", "--config", s(&config), "--root", s(&root), s(&sk_dir)], LIMIT);
@@ -122,8 +131,10 @@ fn skopeo_layouts_import_into_a_running_server_and_are_served_as_the_upstreams_c
 
     let out = cli_ok(&["import", "--config", s(&config), "--root", s(&root), "--repository", &repo, s(&sk_dir)], LIMIT);
     assert!(out.stdout.contains(&format!("{repo}:v1 {}", img.manifest.digest)), "{}", out.describe());
-    // The running server serves it at once (its caches fall through to the store), by tag and
-    // by digest, as that upstream's cached content, without contacting it.
+    // The server started again on the store serves it, by tag and by digest, as that
+    // upstream's cached content, without contacting it.
+    let mut server = Stevedore::builder().config(&cfg).root(&root).start();
+    let reg = server.registry();
     let mark = server.requests().len();
     assert_image_served(&rt, &reg, &served, "v1", &img);
     let ns_path = format!("/v2/small/manifests/v1?ns={host}");
@@ -134,7 +145,8 @@ fn skopeo_layouts_import_into_a_running_server_and_are_served_as_the_upstreams_c
     assert!(store::repo_dirs(&root).contains(&format!("{host}/small")), "{:?}", store::repo_dirs(&root));
     store::assert_blobs_intact(&root);
 
-    // Importing again changes nothing.
+    // Importing again (no server on the store) changes nothing.
+    server.terminate(Duration::from_secs(20));
     let before = snapshot(&root);
     let out = cli_ok(&["import", "--config", s(&config), "--root", s(&root), "--repository", &repo, s(&sk_dir)], LIMIT);
     assert!(out.stdout.contains("(0 new"), "{}", out.describe());

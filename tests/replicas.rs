@@ -401,7 +401,9 @@ async fn lying_peer(size: u64) -> (String, Arc<AtomicUsize>) {
                 }
                 seen.fetch_add(1, Ordering::SeqCst);
                 let text = String::from_utf8_lossy(&head).into_owned();
-                let digest = text.split(' ').nth(1).and_then(|p| p.rsplit('/').next()).unwrap_or("").to_string();
+                // The relay names the repository in its query (`?host=…&name=…`).
+                let path = text.split(' ').nth(1).and_then(|p| p.split('?').next());
+                let digest = path.and_then(|p| p.rsplit('/').next()).unwrap_or("").to_string();
                 let resp = format!(
                     "HTTP/1.1 200 OK\r\ncontent-length: {size}\r\ndocker-content-digest: {digest}\r\n\
                      x-stevedore-peer: fill\r\ncontent-type: application/octet-stream\r\nconnection: close\r\n\r\n"

@@ -467,6 +467,10 @@ impl Store {
         let size = self.publish_guarded(&reach, v, d).await?;
         self.link_guarded(&reach, repo, d, true).await?;
         self.touch(d);
+        // Only a fill adds to what the cap counts (pushed and imported bytes are pinned).
+        if matches!(repo, Repo::Cache { .. }) {
+            self.note_committed(size);
+        }
         Ok(size)
     }
 
@@ -486,7 +490,6 @@ impl Store {
                 self.sizes.insert(d.clone(), size);
             }
         }
-        self.note_committed(size);
         Ok(size)
     }
 

@@ -333,7 +333,10 @@ impl Lifecycle {
             }
             let mut used_since = false;
             for d in &digests {
-                if store.last_access(d).await?.is_some_and(|t| t > u.last || t >= s.start) {
+                // The unit's age is its proxied parts' (`scan`): a pinned layer used since then
+                // keeps nothing cached, but any use since the scan started does (a link).
+                let proxied = s.kinds.get(d) == Some(&Kind::Proxied);
+                if store.last_access(d).await?.is_some_and(|t| (proxied && t > u.last) || t >= s.start) {
                     used_since = true;
                     break;
                 }

@@ -29,7 +29,7 @@ use common::fake::Fake;
 use common::http::{assert_content, client, get_manifest, read, Registry};
 use common::oci::{self, Image};
 use common::pause::Pauses;
-use common::s3::{suite_backend, Backend, Bucket};
+use common::s3::cli_config;
 use common::stevedore::{cli, config, Dialect, Stevedore};
 use common::store::{has_blob, ingests_left, stored_keys};
 use common::wait_until;
@@ -41,14 +41,6 @@ const REACH: Duration = Duration::from_secs(30);
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// `text` as the config of a one-shot command on the store at `root`, on the suite's backend.
-fn cli_config(root: &Path, text: &str) -> String {
-    match suite_backend() {
-        Backend::S3 => format!("{text}\n[storage]\n{}", Bucket::for_root(root).config()),
-        Backend::Fs => text.to_string(),
-    }
 }
 
 fn local_config(cache: &str) -> String {

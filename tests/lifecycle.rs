@@ -21,7 +21,7 @@ use common::fake::Fake;
 use common::fake::Plan;
 use common::http::{assert_content, assert_json_error, client, get_manifest, hdr, read};
 use common::oci::{self, Image};
-use common::s3::{suite_backend, Backend, Bucket};
+use common::s3::{cli_config, suite_backend, Backend};
 use common::stevedore::cli;
 use common::stevedore::{config, Dialect, Stevedore};
 use common::store::{
@@ -206,15 +206,6 @@ const LIMIT: Duration = Duration::from_secs(60);
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
-}
-
-/// `text` as the config of a one-shot command (`import`, `gc`, `fsck`) on the store at
-/// `root`, on the suite's backend as the launcher puts servers there (S3: the root's bucket).
-fn cli_config(root: &Path, text: &str) -> String {
-    match suite_backend() {
-        Backend::S3 => format!("{text}\n[storage]\n{}", Bucket::for_root(root).config()),
-        Backend::Fs => text.to_string(),
-    }
 }
 
 async fn metrics_text(sd: &Stevedore) -> String {

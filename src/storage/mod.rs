@@ -446,12 +446,6 @@ impl Store {
         Ok(())
     }
 
-    /// Verifies and commits a writer's content (see [`Writer::verify`]).
-    pub async fn commit(&self, w: Box<dyn Writer>, expected: &Digest, size: Option<u64>) -> StoreResult<u64> {
-        let verified = w.verify(expected, size).await?;
-        self.publish(verified, expected).await
-    }
-
     /// Commits verified content and records it, under its shared guard.
     pub async fn publish(&self, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
         let reach = self.reach(&[d]).await;

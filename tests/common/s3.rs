@@ -31,6 +31,15 @@ pub fn suite_backend() -> Backend {
     }
 }
 
+/// `text` as the config of a one-shot command (`import`, `gc`, `fsck`) on the store at
+/// `root`, on the suite's backend as the launcher puts servers there (S3: the root's bucket).
+pub fn cli_config(root: &Path, text: &str) -> String {
+    match suite_backend() {
+        Backend::S3 => format!("{text}\n[storage]\n{}", Bucket::for_root(root).config()),
+        Backend::Fs => text.to_string(),
+    }
+}
+
 /// The prefix every test store uses in its bucket (so prefixes are exercised).
 pub const PREFIX: &str = "stevedore";
 /// The multipart part size test servers use: S3's minimum, so small test data spans parts.

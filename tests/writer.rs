@@ -214,9 +214,8 @@ async fn a_final_put_cut_by_a_crash_after_the_content_is_in_place_completes_on_r
     let st = r.status();
     let text = r.text().await.unwrap_or_default();
     assert_eq!(st, StatusCode::CREATED, "retried PUT ?digest after a crash at {point}: {text}");
-    // A client of its own: the recovery answers before it reads the retried body, and the
-    // server then closes that connection (a pooled reuse of it would fail the next request).
-    let reg = sd.registry();
+    // The same client (its pooled connection): the recovery reads the retried body off the
+    // connection before it answers, so the connection stays usable.
     let (st, got) = reg.try_get_blob(repo, &d).await.unwrap();
     assert_eq!(st, StatusCode::OK, "GET the blob in {repo} after the retried PUT");
     assert!(got == blob, "the blob reads back other bytes");

@@ -199,6 +199,9 @@ pub async fn finish(app: &App, repo: &Repo, id: &str, q: &Query, h: &HeaderMap, 
     let w = match app.store.open_upload(repo, &id).await {
         Ok(w) => w,
         Err(StoreError::UploadUnknown) if app.store.recover_interrupted_commit(repo, &id, &d).await? => {
+            // The retry's body is what the interrupted PUT had sent: already stored. Read it
+            // off the connection (bounded) so that the client's next request on it works.
+            drain(body, app.cfg.uploads.max_size.0).await;
             return Ok(blobs::created(repo, &d));
         }
         Err(e) => return Err(e.into()),
@@ -210,6 +213,25 @@ pub async fn finish(app: &App, repo: &Repo, id: &str, q: &Query, h: &HeaderMap, 
     app.upload_quota.closed(&id);
     res?;
     Ok(blobs::created(repo, &d))
+}
+
+/// How long a body nobody needs is read before the connection is given up instead.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads and drops a request body whose bytes the answer does not need: at most `max` bytes
+/// and [`DRAIN_TIME`]; past either, the rest is left and hyper closes the connection.
+async fn drain(body: Body, max: u64) {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0u64;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while let Some(Ok(chunk)) = stream.next().await {
+            seen = seen.saturating_add(chunk.len() as u64);
+            if seen > max {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 pub async fn cancel(app: &App, repo: &Repo, id: &str) -> ApiResult {

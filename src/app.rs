@@ -1,4 +1,5 @@
-//! The application state shared by every request.
+//! Wiring: builds the application state shared by every request ([`App`], defined by `api`,
+//! which is all it serves) and its background work.
 
 use std::sync::Arc;
 
@@ -7,20 +8,7 @@ use crate::proxy::Proxy;
 use crate::registry::Registry;
 use crate::storage::{S3Backend, Store, StoreConfig};
 
-pub struct App {
-    pub cfg: Config,
-    /// The content: the store, the pull-through proxy over it, the fleet of replicas.
-    pub registry: Registry,
-    /// Renders `/metrics`; `None` when no recorder is installed.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Requests per client address; `None` when off.
-    pub rate_limiter: Option<crate::limits::RateLimiter>,
-    pub upload_quota: crate::limits::UploadQuota,
-    /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
-    pub auth: Option<Arc<crate::auth::Auth>>,
-    /// The Bearer token for `/admin/*` (`auth.admin_token_file`); `None` when not configured.
-    pub admin_token: Option<crate::auth::admin::AdminToken>,
-}
+pub use crate::api::App;
 
 impl App {
     pub async fn new(

@@ -6,7 +6,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 
 use super::headers;
-use crate::app::App;
+use super::App;
 use crate::error::ApiResult;
 use crate::oci::Digest;
 use crate::registry::{BlobAnswer, BlobBody, Target, Writable};

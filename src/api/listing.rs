@@ -5,8 +5,8 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{json, Value};
 
+use super::App;
 use super::{headers, Query};
-use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, RepoName};

@@ -5,8 +5,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
+use super::App;
 use super::{headers, Query};
-use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::MAX_MANIFEST_BYTES;
 use crate::oci::Reference;

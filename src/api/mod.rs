@@ -10,9 +10,8 @@ pub mod manifests;
 mod ops;
 mod peer;
 pub mod routes;
+mod state;
 pub mod uploads;
-
-use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
@@ -20,12 +19,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 
-use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::registry::{Missing, RegistryError, StoreError, Target};
 use routes::Route;
 
-pub type AppState = Arc<App>;
+pub use state::{App, AppState};
 
 /// The production router; tests and `main` build exactly this.
 pub fn router(state: AppState) -> Router {

@@ -1,4 +1,4 @@
-//! The replicas' internal endpoints under [`crate::cluster::PEER_PREFIX`]
+//! The replicas' internal endpoints under [`PEER_PREFIX`]
 //! (`/_stevedore/cluster/…`), for other replicas of the fleet only: every request must carry
 //! `Authorization: Bearer <cluster.secret>`, else 401. Never part of `/v2`.
 //!
@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::{blobs, headers, AppState};
 use crate::error::{ApiError, Code};
-use crate::registry::relay::{OTHER_REPOSITORY, PEER_SOURCE};
+use crate::registry::relay::{OTHER_REPOSITORY, PEER_PREFIX, PEER_SOURCE};
 use crate::registry::PeerAnswer;
 
 pub async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
@@ -26,7 +26,7 @@ pub async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
             .detail("replica endpoints need the fleet's cluster.secret")
             .into_response();
     }
-    let path = req.uri().path().strip_prefix(crate::cluster::PEER_PREFIX).unwrap_or("");
+    let path = req.uri().path().strip_prefix(PEER_PREFIX).unwrap_or("");
     match (req.method().as_str(), path) {
         ("GET", "/ping") => {
             super::headers::json_response(serde_json::json!({ "replica": app.registry.replica_id() }).to_string())

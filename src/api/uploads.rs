@@ -6,8 +6,8 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures::StreamExt;
 
+use super::App;
 use super::{blobs, headers, Query};
-use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::limits::ClientAddr;
 use crate::oci::range::parse_content_range;

@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use super::blobs::{fill_body, BlobAnswer, BlobBody};
 use super::{Missing, Registry, RegistryError};
 use crate::cluster::Holder;
+pub use crate::cluster::PEER_PREFIX;
 use crate::oci::Digest;
 use crate::proxy::ProxyRepo;
 use crate::storage::Repo;
@@ -98,7 +99,7 @@ impl Registry {
         checked: bool,
     ) -> Result<Relay, String> {
         use futures::TryStreamExt;
-        let path = format!("{}/fill/{d}", crate::cluster::PEER_PREFIX);
+        let path = format!("{PEER_PREFIX}/fill/{d}");
         let Repo::Cache { host, name } = &p.cache else { return Err("not a cache repository".into()) };
         let mut query = vec![("host", host.to_string()), ("name", name.to_string())];
         if checked {

@@ -1,27 +1,14 @@
-//! The application state shared by every request.
+//! Wiring: builds the application state shared by every request ([`App`], defined by `api`,
+//! which is all it serves) and its background work.
 
 use std::sync::Arc;
 
 use crate::config::{BackendKind, Config};
 use crate::proxy::Proxy;
+use crate::registry::Registry;
 use crate::storage::{S3Backend, Store, StoreConfig};
 
-pub struct App {
-    pub cfg: Config,
-    pub store: Arc<Store>,
-    pub proxy: Proxy,
-    /// Renders `/metrics`; `None` when no recorder is installed.
-    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    /// Requests per client address; `None` when off.
-    pub rate_limiter: Option<crate::limits::RateLimiter>,
-    pub upload_quota: crate::limits::UploadQuota,
-    /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
-    pub auth: Option<Arc<crate::auth::Auth>>,
-    /// The Bearer token for `/admin/*` (`auth.admin_token_file`); `None` when not configured.
-    pub admin_token: Option<crate::auth::admin::AdminToken>,
-    /// This replica among others on the store (`[redis]`, `[cluster]`); alone without Redis.
-    pub cluster: Arc<crate::cluster::Cluster>,
-}
+pub use crate::api::App;
 
 impl App {
     pub async fn new(
@@ -59,32 +46,35 @@ impl App {
             ),
             None => None,
         };
-        Ok(Arc::new(App { cfg, store, proxy, metrics, rate_limiter, upload_quota, auth, admin_token, cluster }))
+        // This replica among others on the store (`[redis]`, `[cluster]`); alone without Redis.
+        let registry = Registry::new(store, proxy, cluster);
+        Ok(Arc::new(App { cfg, registry, metrics, rate_limiter, upload_quota, auth, admin_token }))
     }
 
     /// Background work: the idle upload session sweep, the cache lifecycle (usage checks,
     /// eviction, access flushes, GC). Runs until the runtime stops.
     pub fn spawn_background(self: &Arc<App>) {
-        crate::lifecycle::Lifecycle::new(self.store.clone(), &self.cfg.cache).spawn();
+        crate::lifecycle::Lifecycle::new(self.registry.store().clone(), &self.cfg.cache).spawn();
         let app = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(app.cfg.uploads.sweep_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let store = app.registry.store();
             loop {
                 tick.tick().await;
-                let n = app.store.sweep_uploads(app.cfg.uploads.session_ttl).await;
+                let n = store.sweep_uploads(app.cfg.uploads.session_ttl).await;
                 if n > 0 {
                     tracing::info!(removed = n, "swept idle upload sessions");
                 }
-                app.upload_quota.prune(&app.store).await;
-                let writable = app.store.writable().await;
+                app.upload_quota.prune(store).await;
+                let writable = store.writable().await;
                 if !writable {
                     tracing::warn!("the store does not accept writes (full?): cache hits are still served");
-                    app.store.space_needed();
+                    store.space_needed();
                 }
                 crate::metrics::store_writable(writable);
                 if let Some(metrics) = &app.metrics {
-                    crate::metrics::store_bytes(app.store.blob_bytes().await);
+                    crate::metrics::store_bytes(store.blob_bytes().await);
                     metrics.run_upkeep();
                 }
             }
@@ -96,22 +86,23 @@ impl App {
 /// last line (the registry is open to anyone) as a warning.
 pub fn summary(app: &App) -> Vec<String> {
     let mut out = Vec::new();
-    if app.proxy.is_offline() {
+    let proxy = app.registry.proxy();
+    if proxy.is_offline() {
         out.push(
             "offline (proxy.offline): serving from the store only; no upstream is contacted, misses are 404s"
                 .to_string(),
         );
     }
-    let mirrors: Vec<String> = app.proxy.upstreams().iter().map(|u| format!("{}/", u.namespace)).collect();
-    match app.proxy.default_upstream() {
-        Some(up) if app.proxy.local_namespaces().is_empty() => out.push(format!(
+    let mirrors: Vec<String> = proxy.upstreams().iter().map(|u| format!("{}/", u.namespace)).collect();
+    match proxy.default_upstream() {
+        Some(up) if proxy.local_namespaces().is_empty() => out.push(format!(
             "local namespaces: none; every plain name is a read-only mirror of {}: pushes are refused \
              until proxy.local_namespaces names the repositories that are local",
             up.host
         )),
         Some(up) => out.push(format!(
             "local namespaces (pushable): {}; every other plain name is a read-only mirror of {}",
-            app.proxy.local_namespaces().join(", "),
+            proxy.local_namespaces().join(", "),
             up.host
         )),
         None => out.push("no default upstream: every plain name is a local, pushable repository".to_string()),

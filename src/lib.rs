@@ -13,6 +13,7 @@ pub mod limits;
 pub mod metrics;
 pub mod oci;
 pub mod proxy;
+pub mod registry;
 pub mod server;
 pub mod storage;
 pub mod tls;

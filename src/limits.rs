@@ -84,7 +84,7 @@ pub async fn rate_limit(State(app): State<AppState>, req: Request, next: Next) -
         // Other replicas relay many clients' pulls from one address: their requests (with the
         // fleet's secret) are limited where the clients arrived.
         let peer =
-            req.uri().path().starts_with(crate::cluster::PEER_PREFIX) && app.cluster.peer_authorized(req.headers());
+            req.uri().path().starts_with(crate::cluster::PEER_PREFIX) && app.registry.peer_authorized(req.headers());
         if !peer && !matches!(req.uri().path(), "/healthz" | "/readyz") {
             if let Err(wait) = limiter.check(*ip) {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;

@@ -238,7 +238,7 @@ fn main() -> anyhow::Result<()> {
                     live: true,
                 };
                 let mut out = std::io::stdout();
-                let r = airgap::prefetch::prefetch(&app.store, &app.proxy, &opts, &mut out).await;
+                let r = airgap::prefetch::prefetch(&app.registry, &opts, &mut out).await;
                 println!(
                     "prefetch: {} ok, {} failed; {} manifests, {} blobs fetched ({}), {} blobs already cached",
                     r.ok.len(),
@@ -266,7 +266,7 @@ fn main() -> anyhow::Result<()> {
                     referrers: !args.no_referrers,
                     output: &args.output,
                 };
-                let r = airgap::export::export(&app.store, &app.proxy, &opts).await?;
+                let r = airgap::export::export(&app.registry, &opts).await?;
                 for name in &r.refs {
                     println!("{name}");
                 }
@@ -288,9 +288,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
                 refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
-                let r = match airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
-                    .await
-                {
+                let r = match airgap::import::import(&app.registry, &args.path, args.repository.as_deref()).await {
                     Ok(r) => r,
                     Err(e) => {
                         let what = if e.nothing_imported() {
@@ -328,7 +326,7 @@ fn main() -> anyhow::Result<()> {
 /// Exits with code 2 when a server or replica is live on the store: an offline tool that
 /// removes or adds content beside it would race it (its caches, its guards are its own).
 async fn refuse_beside_live_server(app: &App, what: &str, hint: &str) -> anyhow::Result<()> {
-    let live = stevedore::cluster::replicas::live(&app.store, app.cfg.cluster.heartbeat_interval)
+    let live = stevedore::cluster::replicas::live(app.registry.store(), app.cfg.cluster.heartbeat_interval)
         .await
         .context("reading the replicas' heartbeats")?;
     if live.is_empty() {
@@ -356,7 +354,7 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
         let app = App::new(cfg, None).await.context("opening the store")?;
         if !args.dry_run {
             // A fleet's pass under way is named first (as `lc.gc` would), then any live replica.
-            if let Some(h) = match app.store.fleet() {
+            if let Some(h) = match app.registry.store().fleet() {
                 Some(c) => c.holder(stevedore::lifecycle::LIFECYCLE_LEASE).await,
                 None => None,
             } {
@@ -374,7 +372,7 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
             )
             .await?;
         }
-        let lc = stevedore::lifecycle::Lifecycle::new(app.store.clone(), &app.cfg.cache);
+        let lc = stevedore::lifecycle::Lifecycle::new(app.registry.store().clone(), &app.cfg.cache);
         let r = lc.gc(args.dry_run).await.context("garbage collection")?;
         if let Some(h) = &r.skipped {
             anyhow::bail!(
@@ -410,7 +408,7 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
             )
             .await?;
         }
-        let alone = stevedore::cluster::replicas::live(&app.store, app.cfg.cluster.heartbeat_interval)
+        let alone = stevedore::cluster::replicas::live(app.registry.store(), app.cfg.cluster.heartbeat_interval)
             .await
             .context("reading the replicas' heartbeats")?
             .is_empty();
@@ -420,7 +418,7 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
             ingest_age: app.cfg.uploads.session_ttl,
             sweep_ingests: alone,
         };
-        let r = stevedore::lifecycle::fsck::fsck(&app.store, &opts).await.context("checking the store")?;
+        let r = stevedore::lifecycle::fsck::fsck(app.registry.store(), &opts).await.context("checking the store")?;
         for p in &r.problems {
             println!("problem: {p}");
         }
@@ -493,21 +491,24 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     let grace = cfg.server.shutdown_grace;
     let metrics = stevedore::metrics::install().context("installing the metrics recorder")?;
     let app = App::new(cfg, Some(metrics)).await.context("opening the store")?;
-    stevedore::metrics::offline(app.proxy.is_offline());
+    stevedore::metrics::offline(app.registry.proxy().is_offline());
     // Beside another live replica of this store only with Redis (or when allowed).
-    let registry =
-        Arc::new(stevedore::cluster::replicas::Registry::new(app.cluster.clone(), app.store.clone(), &app.cfg));
+    let registry = Arc::new(stevedore::cluster::replicas::Registry::new(
+        app.registry.cluster().clone(),
+        app.registry.store().clone(),
+        &app.cfg,
+    ));
     registry.check_and_register(app.cfg.cluster.allow_without_redis).await?;
     registry.clone().spawn();
-    app.cluster.spawn_listener();
+    app.registry.cluster().spawn_listener();
     app.spawn_background();
-    let upstreams: Vec<String> = app.proxy.upstreams().iter().map(|u| u.host.clone()).collect();
+    let upstreams: Vec<String> = app.registry.proxy().upstreams().iter().map(|u| u.host.clone()).collect();
     tracing::info!(
         %addr,
         root = %app.cfg.storage.root.display(),
         upstreams = ?upstreams,
-        default_upstream = app.proxy.default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
-        offline = app.proxy.is_offline(),
+        default_upstream = app.registry.proxy().default_upstream().map(|u| u.host.as_str()).unwrap_or("none"),
+        offline = app.registry.proxy().is_offline(),
         "stevedore started"
     );
     let mut summary = stevedore::app::summary(&app);
@@ -557,7 +558,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
         }
     }
     // The batched access records survive the restart.
-    app.store.flush_access().await;
+    app.registry.store().flush_access().await;
     registry.deregister().await;
     Ok(())
 }

@@ -22,7 +22,7 @@ use super::reference::{wanted, ImageRef, Platform, Selector};
 use super::REF_NAME;
 use crate::oci::manifest::{self, Kind, OCI_INDEX};
 use crate::oci::{Digest, Reference, Tag};
-use crate::proxy::{Proxy, Target};
+use crate::registry::Registry;
 use crate::storage::{Repo, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +63,8 @@ struct Plan {
     manifests: usize,
 }
 
-pub async fn export(store: &Arc<Store>, proxy: &Proxy, opts: &ExportOptions<'_>) -> Result<ExportReport, ExportError> {
+pub async fn export(registry: &Registry, opts: &ExportOptions<'_>) -> Result<ExportReport, ExportError> {
+    let store = registry.store();
     let mut plan = Plan::default();
     let mut roots: Vec<(Repo, Reference)> = Vec::new();
     if opts.refs.is_empty() {
@@ -76,12 +77,8 @@ pub async fn export(store: &Arc<Store>, proxy: &Proxy, opts: &ExportOptions<'_>)
     for r in opts.refs {
         let bad = |why: String| ExportError::Ref { reference: r.clone(), why };
         let parsed: ImageRef = r.parse().map_err(|e: super::reference::RefError| bad(e.to_string()))?;
-        let repo = match proxy.named(parsed.host.as_deref(), &parsed.name) {
-            Some(Target::Proxy { repo, .. }) => repo.cache,
-            Some(Target::Local(n)) => Repo::Local(n),
-            // An upstream no longer configured: its cache is still in the store.
-            None => Repo::cache(parsed.host.as_deref().unwrap_or_default(), parsed.name.clone()),
-        };
+        // An upstream no longer configured: its cache is still in the store.
+        let repo = registry.stored_repo(parsed.host.as_deref(), &parsed.name);
         let tags = |pattern: Option<&str>| {
             let (store, repo) = (store.clone(), repo.clone());
             let pattern = pattern.map(str::to_string);

@@ -26,10 +26,10 @@ use serde_json::Value;
 use tokio::runtime::Handle;
 
 use super::reference::{ImageRef, Selector};
-use super::{store_repo, REF_NAME};
+use super::REF_NAME;
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::{Digest, Tag};
-use crate::proxy::Proxy;
+use crate::registry::Registry;
 use crate::storage::{ManifestPut, Repo, Store, StoreError, Verified};
 
 #[derive(Debug, thiserror::Error)]
@@ -89,12 +89,8 @@ const CHUNK: usize = 1 << 20;
 
 /// Imports the layout at `path`. `repository` names the repository of entries named by a tag
 /// only (`v1`) or not named at all.
-pub async fn import(
-    store: &Arc<Store>,
-    proxy: &Proxy,
-    path: &Path,
-    repository: Option<&str>,
-) -> Result<ImportReport, ImportError> {
+pub async fn import(registry: &Registry, path: &Path, repository: Option<&str>) -> Result<ImportReport, ImportError> {
+    let store = registry.store();
     let default_repo = match repository {
         None => None,
         Some(r) => {
@@ -102,7 +98,8 @@ pub async fn import(
             if r.selector != Selector::None {
                 return Err(ImportError::Layout(format!("--repository {r}: a repository, without a tag or digest")));
             }
-            let repo = store_repo(proxy, r.host.as_deref(), &r.name)
+            let repo = registry
+                .store_repo(r.host.as_deref(), &r.name)
                 .map_err(|why| ImportError::Layout(format!("--repository {r}: {why}")))?;
             Some(repo)
         }
@@ -121,7 +118,7 @@ pub async fn import(
     })
     .await
     .map_err(|e| ImportError::Layout(format!("import task failed: {e}")))??;
-    let plan = match loader.plan(proxy, default_repo.as_ref()) {
+    let plan = match loader.plan(registry, default_repo.as_ref()) {
         Ok(p) => p,
         Err(e) => {
             let held = std::mem::take(&mut loader.blobs);
@@ -258,7 +255,7 @@ impl Loader {
     }
 
     /// Checks the layout and decides what goes where; nothing is written.
-    fn plan(&self, proxy: &Proxy, default_repo: Option<&Repo>) -> Result<Plan, ImportError> {
+    fn plan(&self, registry: &Registry, default_repo: Option<&Repo>) -> Result<Plan, ImportError> {
         let Some(layout) = &self.oci_layout else {
             return Err(ImportError::Layout("oci-layout is missing: this is not an OCI image layout".into()));
         };
@@ -287,7 +284,7 @@ impl Loader {
                 None => at,
             };
             let (repo, tag, shown) =
-                self.entry_name(proxy, default_repo, name, &d).map_err(|why| entry_err(&at, why))?;
+                self.entry_name(registry, default_repo, name, &d).map_err(|why| entry_err(&at, why))?;
             let size = e["size"].as_u64().ok_or_else(|| entry_err(&at, "no size"))?;
             self.visit(&mut plan, &repo, &d, size, &at)?;
             if let Some(t) = tag {
@@ -302,7 +299,7 @@ impl Loader {
     /// Where an entry of `index.json` goes: (repository, tag, name shown).
     fn entry_name(
         &self,
-        proxy: &Proxy,
+        registry: &Registry,
         default_repo: Option<&Repo>,
         name: Option<&str>,
         d: &Digest,
@@ -322,7 +319,7 @@ impl Loader {
             return Ok((repo.clone(), Some(tag), format!("{repo}:{name}")));
         }
         let r: ImageRef = name.parse().map_err(|e: super::reference::RefError| e.to_string())?;
-        let repo = store_repo(proxy, r.host.as_deref(), &r.name)?;
+        let repo = registry.store_repo(r.host.as_deref(), &r.name)?;
         match r.selector {
             Selector::Tag(t) => Ok((repo.clone(), Some(t.clone()), format!("{repo}:{t}"))),
             Selector::Digest(named) if &named != d => Err(format!("names {named} but the entry is {d}")),

@@ -8,7 +8,8 @@
 //! The body is `{"references": ["docker.io/library/nginx:1.27*", …], "platforms":
 //! ["linux/amd64"], "referrers": true}` (platforms and referrers optional: every platform,
 //! referrers included). The prefetch runs in process through the same single-flight verified
-//! fill as a client pull (`airgap::prefetch`), in a task of its own, so a client that hangs up
+//! fill as a client pull, the registry's prefetch that `stevedore prefetch` runs
+//! ([`crate::registry::Registry::prefetch`]), in a task of its own, so a client that hangs up
 //! does not cut it short (a SIGTERM does: the process exits after `server.shutdown_grace`).
 //! Tag patterns over the limits of [`crate::oci::glob::check`] are refused with 400. The answer is the report: `200` when every reference was prefetched,
 //! else `502 UNAVAILABLE` with the same report as the error's detail.
@@ -20,9 +21,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::AppState;
-use crate::airgap::prefetch::{prefetch as run_prefetch, PrefetchOptions, PrefetchReport};
-use crate::airgap::reference::{ImageRef, Platform, RefError, Selector};
 use crate::error::{ApiError, ApiResult, Code};
+use crate::oci::image_ref::{ImageRef, Platform, RefError, Selector};
+use crate::registry::{PrefetchOptions, PrefetchReport};
 
 /// A prefetch request is a list of references, not content.
 const MAX_BODY: usize = 1 << 20;
@@ -70,7 +71,7 @@ pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: 
             crate::oci::glob::check(p).map_err(|e| bad_request(format!("reference {r:?}: {e}")))?;
         }
         // A host that is not a configured upstream: the prefetch reports it as failed.
-        if let Some(t) = app.proxy.named(parsed.host.as_deref(), &parsed.name) {
+        if let Some(t) = app.registry.named(parsed.host.as_deref(), &parsed.name) {
             fulls.push(crate::auth::full_name(&t));
         }
     }
@@ -82,7 +83,7 @@ pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: 
     for p in &req.platforms {
         platforms.push(p.parse::<Platform>().map_err(|e| bad_request(format!("platform {p:?}: {}", e.why)))?);
     }
-    if app.proxy.is_offline() {
+    if app.registry.is_offline() {
         return Err(ApiError::new(Code::Unavailable).detail("the registry is offline: nothing can be prefetched"));
     }
     let app = app.clone();
@@ -90,7 +91,7 @@ pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: 
         let opts =
             PrefetchOptions { refs: &req.references, platforms: &platforms, referrers: req.referrers, live: false };
         let mut progress = std::io::sink();
-        run_prefetch(&app.store, &app.proxy, &opts, &mut progress).await
+        app.registry.prefetch(&opts, &mut progress).await
     });
     let report = task.await.map_err(ApiError::internal)?;
     let body = report_json(&report);

@@ -16,7 +16,7 @@ pub const CACHE_OUTCOME: &str = "x-stevedore-cache";
 pub const STALE_WARNING: &str = "110 stevedore \"Response is Stale\"";
 
 /// Marks how a pull through `upstream` was answered: header and metric.
-pub fn outcome(resp: &mut Response, upstream: &str, kind: &'static str, outcome: crate::proxy::Outcome) {
+pub fn outcome(resp: &mut Response, upstream: &str, kind: &'static str, outcome: crate::registry::Outcome) {
     set(resp.headers_mut(), CACHE_OUTCOME, outcome.as_str());
     crate::metrics::cache_outcome(upstream, kind, outcome.as_str());
 }

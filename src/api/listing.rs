@@ -5,14 +5,12 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{json, Value};
 
-use super::{headers, upstream_error, Query};
-use crate::app::App;
+use super::App;
+use super::{headers, Query};
 use crate::error::{ApiError, ApiResult, Code};
 use crate::oci::manifest::OCI_INDEX;
 use crate::oci::{Digest, RepoName};
-use crate::proxy::{tags_from_upstream, ProxyRepo, Target};
-use crate::storage::Repo;
-use crate::upstream::UpstreamError;
+use crate::registry::Target;
 
 /// One page of a sorted list after `last`, at most `n` long, and the `Link` to the next page.
 fn page(all: Vec<String>, q: &Query, path: &str) -> Result<(Vec<String>, Option<String>), ApiError> {
@@ -49,13 +47,7 @@ fn listing(body: Value, link: Option<String>) -> Response {
 }
 
 pub async fn tags(app: &App, asked: &RepoName, target: &Target, q: &Query) -> ApiResult {
-    let (shown, tags) = match target {
-        Target::Local(name) => (name, local_tags(app, &Repo::Local(name.clone())).await?),
-        Target::Proxy { repo, .. } => (&repo.remote, upstream_tags(app, repo).await?),
-    };
-    let Some(all) = tags else {
-        return Err(ApiError::new(Code::NameUnknown).detail(shown.to_string()));
-    };
+    let all = app.registry.tags(target).await?;
     let name = target_name(asked, target);
     let (tags, link) = page(all, q, &format!("/v2/{name}/tags/list"))?;
     Ok(listing(json!({ "name": name, "tags": tags }), link))
@@ -68,25 +60,6 @@ fn target_name(asked: &RepoName, t: &Target) -> String {
         Target::Proxy { plain: true, .. } => asked.to_string(),
         Target::Proxy { repo, ns_echo: Some(_), .. } => repo.remote.to_string(),
         Target::Proxy { repo, ns_echo: None, .. } => format!("{}/{}", repo.upstream.host, repo.remote),
-    }
-}
-
-async fn local_tags(app: &App, repo: &Repo) -> Result<Option<Vec<String>>, ApiError> {
-    Ok(app.store.list_tags(repo).await?.map(|t| t.into_iter().map(|t| t.as_str().to_string()).collect()))
-}
-
-/// The upstream's tag list; the cached tags when the upstream is in trouble.
-async fn upstream_tags(app: &App, p: &ProxyRepo) -> Result<Option<Vec<String>>, ApiError> {
-    match p.upstream.get_json(&p.remote, &format!("/v2/{}/tags/list", p.remote)).await {
-        Ok((_, body)) => Ok(tags_from_upstream(&body)),
-        Err(UpstreamError::NotFound) => Ok(None),
-        Err(e) => {
-            tracing::warn!(upstream = %p.upstream.host, repo = %p.remote, error = %e, "tags list from the cache");
-            match local_tags(app, &p.cache).await? {
-                Some(t) => Ok(Some(t)),
-                None => Err(upstream_error(&e, Code::NameUnknown)),
-            }
-        }
     }
 }
 
@@ -103,7 +76,7 @@ pub async fn catalog(app: &App, q: &Query, caller: &crate::auth::Caller) -> ApiR
             .map_err(|_| Code::PaginationNumberInvalid.with_detail("n must be a non-negative integer"))?
             .min(CATALOG_PAGE * 10),
     };
-    let (mut repos, more) = app.store.catalog(q.get("last"), n).await?;
+    let (mut repos, more) = app.registry.catalog(q.get("last"), n).await?;
     // Where the next page starts: after the last name looked at, shown or not.
     let scanned = repos.last().cloned();
     repos.retain(|r| caller.may_list(r));
@@ -118,10 +91,7 @@ pub async fn catalog(app: &App, q: &Query, caller: &crate::auth::Caller) -> ApiR
 }
 
 pub async fn referrers(app: &App, target: &Target, subject: &Digest, q: &Query) -> ApiResult {
-    let mut manifests = match target {
-        Target::Local(name) => app.store.referrers(&Repo::Local(name.clone()), subject).await?,
-        Target::Proxy { repo, .. } => upstream_referrers(app, repo, subject).await?,
-    };
+    let mut manifests = app.registry.referrers(target, subject).await?;
     let filter = q.get("artifactType");
     if let Some(t) = filter {
         manifests.retain(|d| d["artifactType"].as_str() == Some(t));
@@ -133,18 +103,4 @@ pub async fn referrers(app: &App, target: &Target, subject: &Digest, q: &Query) 
         headers::set(r.headers_mut(), headers::OCI_FILTERS_APPLIED, "artifactType");
     }
     Ok(r)
-}
-
-/// The upstream's referrers; the cached ones when it has no answer.
-async fn upstream_referrers(app: &App, p: &ProxyRepo, subject: &Digest) -> Result<Vec<Value>, ApiError> {
-    match p.upstream.get_json(&p.remote, &format!("/v2/{}/referrers/{subject}", p.remote)).await {
-        Ok((_, body)) => {
-            let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            Ok(v.get("manifests").and_then(Value::as_array).cloned().unwrap_or_default())
-        }
-        Err(e) => {
-            tracing::debug!(upstream = %p.upstream.host, error = %e, "referrers from the cache");
-            Ok(app.store.referrers(&p.cache, subject).await?)
-        }
-    }
 }

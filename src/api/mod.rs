@@ -10,9 +10,8 @@ pub mod manifests;
 mod ops;
 mod peer;
 pub mod routes;
+mod state;
 pub mod uploads;
-
-use std::sync::Arc;
 
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, Method};
@@ -20,13 +19,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::Router;
 
-use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
-use crate::proxy::{ProxyError, Target};
-use crate::storage::Repo;
+use crate::registry::{Missing, RegistryError, StoreError, Target};
 use routes::Route;
 
-pub type AppState = Arc<App>;
+pub use state::{App, AppState};
 
 /// The production router; tests and `main` build exactly this.
 pub fn router(state: AppState) -> Router {
@@ -85,13 +82,13 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     let q = Query::parse(parts.uri.query());
     let h = &parts.headers;
     let head = parts.method == Method::HEAD;
-    let target = route.name().map(|n| app.proxy.resolve(n, q.get("ns")));
+    let target = route.name().map(|n| app.registry.resolve(n, q.get("ns")));
     let ns_echo = match &target {
         Some(Target::Proxy { ns_echo: Some(ns), .. }) => Some(ns.clone()),
         _ => None,
     };
     // Writes go to local repositories only; an upstream's namespace is read-only, whichever
-    // way a client names it (`proxy::Proxy::writable`).
+    // way a client names it (`registry::Registry::writable`).
     // Who is asking and whether it may (`auth`); the namespace rule below still applies.
     let caller = match &app.auth {
         None => crate::auth::Caller::open(),
@@ -102,11 +99,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     };
     let name = route.name().cloned();
     let local = || match (&name, &target) {
-        (Some(name), Some(t)) => app
-            .proxy
-            .writable(name, t)
-            .map(|n| Repo::Local(n.clone()))
-            .map_err(|why| ApiError::new(Code::Denied).detail(why)),
+        (Some(name), Some(t)) => app.registry.writable(name, t).map_err(ApiError::from),
         _ => Err(ApiError::new(Code::Unsupported)),
     };
     let t = || target.as_ref().expect("routes with a name have a target");
@@ -158,32 +151,60 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
 /// without `mount`, so a plain upload session starts.
 fn mountable(app: &App, q: Query, caller: &crate::auth::Caller) -> Query {
     let Some(from) = q.get("from").and_then(|f| f.parse::<crate::oci::RepoName>().ok()) else { return q };
-    let full = crate::auth::full_name(&app.proxy.resolve(&from, None));
+    let full = crate::auth::full_name(&app.registry.resolve(&from, None));
     if q.get("mount").is_none() || caller.may(from.as_str(), &full, crate::config::Action::Pull) {
         return q;
     }
     Query(q.0.into_iter().filter(|(k, _)| k != "mount").collect())
 }
 
+/// The registry's answer as the client sees it: the one place registry errors become wire
+/// errors.
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> ApiError {
+        match e {
+            RegistryError::Unknown(m, detail) => ApiError::new(missing(m)).detail(detail),
+            RegistryError::Unsatisfiable(size) => ApiError::new(Code::RangeInvalid)
+                .detail(format!("blob has {size} bytes"))
+                .header(axum::http::header::CONTENT_RANGE, format!("bytes */{size}")),
+            RegistryError::Denied(why) => ApiError::new(Code::Denied).detail(why),
+            RegistryError::Upstream(m, u) => upstream_error(&u, missing(m)),
+            RegistryError::Store(s) => s.into(),
+            RegistryError::StoreShared { full: true, why } => store_full(&why),
+            RegistryError::StoreShared { full: false, why } => ApiError::internal(why),
+            RegistryError::Busy(why) => {
+                ApiError::new(Code::Unavailable).detail(why).header(axum::http::header::RETRY_AFTER, 1)
+            }
+            RegistryError::Fill(why) => {
+                ApiError::new(Code::Unavailable).status(axum::http::StatusCode::BAD_GATEWAY).detail(why)
+            }
+            RegistryError::Internal(why) => ApiError::internal(why),
+            RegistryError::ManifestInvalid(why) => Code::ManifestInvalid.with_detail(why),
+            RegistryError::DigestInvalid(why) => Code::DigestInvalid.with_detail(why),
+            RegistryError::TagInvalid(why) => Code::TagInvalid.with_detail(why),
+            RegistryError::ManifestBlobUnknown(d) => {
+                Code::ManifestBlobUnknown.with_detail(serde_json::json!({ "digest": d.to_string() }))
+            }
+        }
+    }
+}
+
+fn missing(m: Missing) -> Code {
+    match m {
+        Missing::Blob => Code::BlobUnknown,
+        Missing::Manifest => Code::ManifestUnknown,
+        Missing::Name => Code::NameUnknown,
+    }
+}
+
 /// An upstream's trouble as the client sees it. `missing` is the code for "not there".
-pub(crate) fn upstream_error(e: &crate::upstream::UpstreamError, missing: Code) -> ApiError {
-    use crate::upstream::UpstreamError as U;
+fn upstream_error(e: &crate::registry::UpstreamError, missing: Code) -> ApiError {
+    use crate::registry::UpstreamError as U;
     match e {
         U::NotFound => ApiError::new(missing).detail("not found locally or upstream"),
         U::Offline => ApiError::new(missing).detail(e.to_string()),
         U::RateLimited => ApiError::new(Code::TooManyRequests).detail("the upstream registry is rate limiting"),
         e => ApiError::new(Code::Unavailable).status(axum::http::StatusCode::BAD_GATEWAY).detail(e.to_string()),
-    }
-}
-
-/// Pull-through trouble as the client sees it: the upstream's (see [`upstream_error`]), or
-/// the local store's (a server error, never blamed on the upstream).
-pub(crate) fn proxy_error(e: &ProxyError, missing: Code) -> ApiError {
-    match e {
-        ProxyError::Upstream(u) => upstream_error(u, missing),
-        ProxyError::Store(s) if s.is_full() => store_full(s),
-        ProxyError::Store(s) => ApiError::internal(s),
-        ProxyError::Panicked => ApiError::internal(e),
     }
 }
 
@@ -204,9 +225,9 @@ impl Query {
     }
 }
 
-impl From<crate::storage::StoreError> for ApiError {
-    fn from(e: crate::storage::StoreError) -> ApiError {
-        use crate::storage::StoreError::*;
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        use StoreError::*;
         match e {
             UploadUnknown => ApiError::new(Code::BlobUploadUnknown),
             InvalidOffset { expected, got } => {
@@ -228,7 +249,7 @@ impl From<crate::storage::StoreError> for ApiError {
 }
 
 /// `507 UNAVAILABLE`: nothing can be written (content already stored is still served).
-pub(crate) fn store_full(e: &crate::storage::StoreError) -> ApiError {
+fn store_full(e: &dyn std::fmt::Display) -> ApiError {
     tracing::warn!(error = %e, "the store is full: a write was refused");
     crate::metrics::store_write_failed();
     ApiError::new(Code::Unavailable)

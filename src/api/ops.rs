@@ -17,13 +17,13 @@ use super::{headers, AppState, RouteKind};
 /// (a full disk) still serves cache hits: that is a metric (`stevedore_store_writable`) and a
 /// note in the answer, not an outage. Says so when the registry is offline.
 pub async fn readyz(State(app): State<AppState>) -> Response {
-    if !app.store.readable().await {
+    if !app.registry.readable().await {
         return (StatusCode::SERVICE_UNAVAILABLE, "store is not readable\n").into_response();
     }
-    let writable = app.store.writable().await;
+    let writable = app.registry.writable_store().await;
     crate::metrics::store_writable(writable);
     let mut body = String::from("ready");
-    if app.proxy.is_offline() {
+    if app.registry.is_offline() {
         body.push_str(" (offline: serving from the store only)");
     }
     if !writable {

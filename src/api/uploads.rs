@@ -6,16 +6,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use futures::StreamExt;
 
+use super::App;
 use super::{blobs, headers, Query};
-use crate::app::App;
 use crate::error::{ApiError, ApiResult, Code};
 use crate::limits::ClientAddr;
 use crate::oci::range::parse_content_range;
 use crate::oci::{Algorithm, Digest, RepoName};
-use crate::proxy::Target;
-use crate::storage::{Repo, StoreError, Upload, UploadId, UploadWriter};
+use crate::registry::{StoreError, Upload, UploadId, UploadWriter, Writable};
 
-fn upload_location(repo: &Repo, id: UploadId) -> String {
+fn upload_location(repo: &Writable, id: UploadId) -> String {
     format!("/v2/{repo}/blobs/uploads/{id}")
 }
 
@@ -25,7 +24,7 @@ fn range_value(size: u64) -> String {
 }
 
 /// 202 (or 204 for a status query) describing a session.
-fn session_response(status: StatusCode, repo: &Repo, up: Upload) -> Response {
+fn session_response(status: StatusCode, repo: &Writable, up: Upload) -> Response {
     let mut r = headers::located(status, &upload_location(repo, up.id));
     headers::set(r.headers_mut(), "range", range_value(up.offset));
     headers::set(r.headers_mut(), headers::DOCKER_UPLOAD_UUID, up.id);
@@ -117,7 +116,7 @@ async fn write_chunk(app: &App, mut w: UploadWriter, body: Body, want: Option<u6
 
 pub async fn start(
     app: &App,
-    repo: &Repo,
+    repo: &Writable,
     client: Option<ClientAddr>,
     q: &Query,
     h: &HeaderMap,
@@ -128,18 +127,18 @@ pub async fn start(
             return Ok(r);
         }
     }
-    app.upload_quota.admit(&app.store, client).await.map_err(|why| {
+    app.upload_quota.admit(app.registry.store(), client).await.map_err(|why| {
         ApiError::new(Code::TooManyRequests).detail(why).header(header::RETRY_AFTER, RETRY_SESSION_SECS)
     })?;
     if let Some(d) = digest_param(q, "digest")? {
         // Monolithic upload: the whole blob in the POST body.
-        let id = app.store.create_upload(repo, d.algorithm()).await?;
+        let id = app.registry.create_upload(repo, d.algorithm()).await?;
         app.upload_quota.opened(client, id);
         let res = monolithic(app, repo, id, &d, h, body).await;
         app.upload_quota.closed(&id);
         return res;
     }
-    let id = app.store.create_upload(repo, Algorithm::Sha256).await?;
+    let id = app.registry.create_upload(repo, Algorithm::Sha256).await?;
     app.upload_quota.opened(client, id);
     Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id, offset: 0 }))
 }
@@ -148,57 +147,51 @@ pub async fn start(
 const RETRY_SESSION_SECS: u64 = 10;
 
 /// The whole blob in the `POST` body, through a session of its own.
-async fn monolithic(app: &App, repo: &Repo, id: UploadId, d: &Digest, h: &HeaderMap, body: Body) -> ApiResult {
-    let w = app.store.open_upload(repo, &id).await?;
+async fn monolithic(app: &App, repo: &Writable, id: UploadId, d: &Digest, h: &HeaderMap, body: Body) -> ApiResult {
+    let w = app.registry.open_upload(repo, &id).await?;
     let w = match write_chunk(app, w, body, content_length(h)?).await {
         Ok(w) => w,
         Err(e) => {
-            app.store.cancel_upload(repo, &id).await?;
+            app.registry.cancel_upload(repo, &id).await?;
             return Err(e);
         }
     };
-    w.commit(&app.store, repo, d).await?;
+    app.registry.commit_upload(w, repo, d).await?;
     Ok(blobs::created(repo, d))
 }
 
-/// Cross-repository mount: links a blob already in `from` (named as a client names a
-/// repository: a local one, or an upstream's) into `repo`. `None` when it cannot, and a
-/// session should be started instead; always so without `from` (a blob is mounted only from
-/// a repository the client names, so deleted blobs stay deleted).
-async fn try_mount(app: &App, repo: &Repo, d: &Digest, from: Option<&str>) -> Result<Option<Response>, ApiError> {
+/// Cross-repository mount ([`crate::registry::Registry::mount`]). `None` when it cannot,
+/// and a session should be started instead; always so without `from` (a blob is mounted
+/// only from a repository the client names, so deleted blobs stay deleted).
+async fn try_mount(app: &App, repo: &Writable, d: &Digest, from: Option<&str>) -> Result<Option<Response>, ApiError> {
     let Some(Ok(from)) = from.map(str::parse::<RepoName>) else { return Ok(None) };
-    let from = match app.proxy.resolve(&from, None) {
-        Target::Local(n) => Repo::Local(n),
-        Target::Proxy { repo, .. } => repo.cache,
-    };
-    // Checked and linked under the digest's guard, with the backend's word.
-    if !app.store.mount_blob(&from, repo, d).await? {
+    if !app.registry.mount(repo, d, &from).await? {
         return Ok(None);
     }
     Ok(Some(blobs::created(repo, d)))
 }
 
-pub async fn status(app: &App, repo: &Repo, id: &str) -> ApiResult {
-    let up = app.store.upload_status(repo, &parse_id(id)?).await?;
+pub async fn status(app: &App, repo: &Writable, id: &str) -> ApiResult {
+    let up = app.registry.upload_status(repo, &parse_id(id)?).await?;
     Ok(session_response(StatusCode::NO_CONTENT, repo, up))
 }
 
-pub async fn patch(app: &App, repo: &Repo, id: &str, h: &HeaderMap, body: Body) -> ApiResult {
-    let w = app.store.open_upload(repo, &parse_id(id)?).await?;
+pub async fn patch(app: &App, repo: &Writable, id: &str, h: &HeaderMap, body: Body) -> ApiResult {
+    let w = app.registry.open_upload(repo, &parse_id(id)?).await?;
     let want = expected_chunk_len(h, w.offset())?;
     let mut w = write_chunk(app, w, body, want).await?;
     w.checkpoint().await?;
     Ok(session_response(StatusCode::ACCEPTED, repo, Upload { id: w.id(), offset: w.size() }))
 }
 
-pub async fn finish(app: &App, repo: &Repo, id: &str, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
+pub async fn finish(app: &App, repo: &Writable, id: &str, q: &Query, h: &HeaderMap, body: Body) -> ApiResult {
     let id = parse_id(id)?;
     let Some(d) = digest_param(q, "digest")? else {
         return Err(Code::DigestInvalid.with_detail("the digest query parameter is required"));
     };
-    let w = match app.store.open_upload(repo, &id).await {
+    let w = match app.registry.open_upload(repo, &id).await {
         Ok(w) => w,
-        Err(StoreError::UploadUnknown) if app.store.recover_interrupted_commit(repo, &id, &d).await? => {
+        Err(StoreError::UploadUnknown) if app.registry.recover_interrupted_commit(repo, &id, &d).await? => {
             // The retry's body is what the interrupted PUT had sent: already stored. Read it
             // off the connection (bounded) so that the client's next request on it works.
             drain(body, app.cfg.uploads.max_size.0).await;
@@ -209,7 +202,7 @@ pub async fn finish(app: &App, repo: &Repo, id: &str, q: &Query, h: &HeaderMap, 
     let want = expected_chunk_len(h, w.offset())?;
     let w = write_chunk(app, w, body, want).await?;
     // The commit ends the session whatever its outcome.
-    let res = w.commit(&app.store, repo, &d).await;
+    let res = app.registry.commit_upload(w, repo, &d).await;
     app.upload_quota.closed(&id);
     res?;
     Ok(blobs::created(repo, &d))
@@ -234,9 +227,9 @@ async fn drain(body: Body, max: u64) {
     .await;
 }
 
-pub async fn cancel(app: &App, repo: &Repo, id: &str) -> ApiResult {
+pub async fn cancel(app: &App, repo: &Writable, id: &str) -> ApiResult {
     let id = parse_id(id)?;
-    app.store.cancel_upload(repo, &id).await?;
+    app.registry.cancel_upload(repo, &id).await?;
     app.upload_quota.closed(&id);
     Ok(headers::response(StatusCode::NO_CONTENT, Body::empty()))
 }

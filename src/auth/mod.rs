@@ -488,7 +488,7 @@ pub async fn token_endpoint(State(app): State<crate::api::AppState>, req: Reques
     let Some(auth) = app.auth.clone() else {
         return ApiError::new(Code::NameUnknown).detail("authentication is not configured").into_response();
     };
-    issue(&auth, &app.proxy, req).await.unwrap_or_else(IntoResponse::into_response)
+    issue(&auth, app.registry.proxy(), req).await.unwrap_or_else(IntoResponse::into_response)
 }
 
 async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {

@@ -3,7 +3,7 @@
 //! `127.0.0.1:5001/small:v1`, `nginx:1.27*` (a tag pattern), `team/app@sha256:…`.
 //! Parsed once, here, as docker parses references: the first component is a registry host
 //! when it has a `.` or a `:` or is `localhost`; a name without one is short and belongs to the
-//! default upstream (or a local repository), as [`crate::proxy::Proxy::resolve`] decides.
+//! default upstream (or a local repository), as the registry layer decides (`Proxy::resolve`).
 
 use std::fmt;
 use std::str::FromStr;

@@ -47,7 +47,7 @@ impl App {
                 Store::with_backend(Arc::new(s3), cfg.cache.descriptors, cache_ttl)
             }
         };
-        store.listen(cluster.clone());
+        cluster.share(&store);
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?.with_cluster(cluster.clone());
         let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);

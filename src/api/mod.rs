@@ -2,6 +2,7 @@
 //! (route, method) to the handler modules. Handlers return `ApiResult`; errors are rendered by
 //! [`crate::error::ApiError`] only.
 
+mod access;
 mod admin;
 pub mod blobs;
 mod headers;
@@ -10,6 +11,7 @@ pub mod manifests;
 mod ops;
 mod peer;
 pub mod routes;
+mod token;
 pub mod uploads;
 
 use std::sync::Arc;
@@ -37,7 +39,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/token", get(crate::auth::token_endpoint).post(crate::auth::token_endpoint))
+        .route("/token", get(token::token_endpoint).post(token::token_endpoint))
         .route("/_stevedore/cluster/{*rest}", any(peer::dispatch));
     // The admin endpoints exist only when a caller can be told apart from anyone: client
     // authentication (admin by the rules) or an admin token. Otherwise 404, like any path.
@@ -95,7 +97,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     // Who is asking and whether it may (`auth`); the namespace rule below still applies.
     let caller = match &app.auth {
         None => crate::auth::Caller::open(),
-        Some(auth) => match auth.authorize(&parts, &crate::auth::need(&route, &parts.method, target.as_ref())).await {
+        Some(auth) => match auth.authorize(&parts, &access::need(&route, &parts.method, target.as_ref())).await {
             Ok(c) => c,
             Err(e) => return e.into_response(),
         },
@@ -158,7 +160,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
 /// without `mount`, so a plain upload session starts.
 fn mountable(app: &App, q: Query, caller: &crate::auth::Caller) -> Query {
     let Some(from) = q.get("from").and_then(|f| f.parse::<crate::oci::RepoName>().ok()) else { return q };
-    let full = crate::auth::full_name(&app.proxy.resolve(&from, None));
+    let full = access::full_name(&app.proxy.resolve(&from, None));
     if q.get("mount").is_none() || caller.may(from.as_str(), &full, crate::config::Action::Pull) {
         return q;
     }

@@ -13,7 +13,7 @@ pub struct App {
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Requests per client address; `None` when off.
-    pub rate_limiter: Option<crate::limits::RateLimiter>,
+    pub rate_limiter: Option<Arc<crate::limits::RateLimiter>>,
     pub upload_quota: crate::limits::UploadQuota,
     /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
     pub auth: Option<Arc<crate::auth::Auth>>,
@@ -49,7 +49,7 @@ impl App {
         };
         cluster.share(&store);
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?.with_cluster(cluster.clone());
-        let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
+        let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit).map(Arc::new);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
         let auth = crate::auth::Auth::from_config(&cfg.auth)?;
         let admin_token = match &cfg.auth.admin_token_file {

@@ -49,8 +49,9 @@ pub fn router(state: AppState) -> Router {
     let mut router = router.with_state(state.clone());
     // Only when a limit is configured: a middleware layer costs every request (and every poll
     // of its future) even when it lets everything through.
-    if state.rate_limiter.is_some() {
-        router = router.layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit));
+    if let Some(limiter) = &state.rate_limiter {
+        let limited = crate::limits::RateLimited { limiter: limiter.clone(), cluster: state.cluster.clone() };
+        router = router.layer(axum::middleware::from_fn_with_state(limited, crate::limits::rate_limit));
     }
     router
         .layer(axum::middleware::from_fn(ops::access_log))

@@ -137,3 +137,22 @@ pub fn summary(app: &App) -> Vec<String> {
     }
     out
 }
+
+/// The files a config names, each read and checked by the layer that owns it: what
+/// [`Config::validate`] runs at start-up and in `check-config`.
+pub struct ConfigFiles;
+
+impl crate::config::FileChecks for ConfigFiles {
+    fn tls(&self, cfg: &crate::config::TlsConfig) -> Result<(), (&'static str, String)> {
+        crate::tls::TlsFiles::load(cfg).map(drop).map_err(|e| (e.key(), e.to_string()))
+    }
+    fn admin_token(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::auth::admin::AdminToken::load(path).map(drop)
+    }
+    fn htpasswd(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::auth::htpasswd::Users::load(path).map(drop).map_err(|e| e.to_string())
+    }
+    fn ca_file(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::upstream::ca::load_ca_file(path).map(drop).map_err(|e| e.to_string())
+    }
+}

@@ -318,10 +318,10 @@ impl AuthConfig {
         self.htpasswd.is_some()
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self, files: &dyn FileChecks) -> Result<(), ConfigError> {
         let invalid = |key, why: String| Err(ConfigError::Invalid { key, why });
         if let Some(f) = &self.admin_token_file {
-            if let Err(why) = crate::auth::admin::AdminToken::load(f) {
+            if let Err(why) = files.admin_token(f) {
                 return invalid("auth.admin_token_file", why);
             }
         }
@@ -339,8 +339,8 @@ impl AuthConfig {
             return Ok(());
         }
         if let Some(f) = &self.htpasswd {
-            if let Err(e) = crate::auth::htpasswd::Users::load(f) {
-                return invalid("auth.htpasswd", e.to_string());
+            if let Err(why) = files.htpasswd(f) {
+                return invalid("auth.htpasswd", why);
             }
         }
         if self.token_ttl < Duration::from_secs(1) || self.token_ttl > Duration::from_secs(24 * 3600) {
@@ -1039,6 +1039,19 @@ impl Default for CacheConfig {
     }
 }
 
+/// The files a config names, read and checked as at start-up by the layers that own them
+/// (`app::ConfigFiles`): config is data and calls nothing above itself.
+pub trait FileChecks {
+    /// `[server.tls]`'s certificate chain, key and client CAs; `Err((key, why))`.
+    fn tls(&self, cfg: &TlsConfig) -> Result<(), (&'static str, String)>;
+    /// `auth.admin_token_file`.
+    fn admin_token(&self, path: &std::path::Path) -> Result<(), String>;
+    /// `auth.htpasswd`.
+    fn htpasswd(&self, path: &std::path::Path) -> Result<(), String>;
+    /// An upstream's `ca_file`.
+    fn ca_file(&self, path: &std::path::Path) -> Result<(), String>;
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
@@ -1059,7 +1072,9 @@ impl Config {
         toml::from_str(text)
     }
 
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks the values, and the files they name through `files` (`app::ConfigFiles`: each
+    /// read and checked by the layer that owns it, as at start-up).
+    pub fn validate(&self, files: &dyn FileChecks) -> Result<(), ConfigError> {
         let invalid = |key, why: &str| Err(ConfigError::Invalid { key, why: why.into() });
         if self.storage.root.as_os_str().is_empty() {
             return invalid("storage.root", "must not be empty");
@@ -1126,7 +1141,7 @@ impl Config {
                     return invalid("server.plain_listen", "must differ from server.listen");
                 }
                 // Read and checked as at start-up, so `check-config` finds a broken pair too.
-                crate::tls::TlsFiles::load(t).map_err(|e| ConfigError::Invalid { key: e.key(), why: e.to_string() })?;
+                files.tls(t).map_err(|(key, why)| ConfigError::Invalid { key, why })?;
             }
             None if self.server.plain_listen.is_some() => {
                 return invalid(
@@ -1164,7 +1179,7 @@ impl Config {
                 return invalid("upstreams.password", "give one of password, password_file, password_env");
             }
             if let Some(f) = &u.ca_file {
-                check_ca_file(&u.host, f)?;
+                check_ca_file(&u.host, f, files)?;
             }
             for r in &u.token_realms {
                 match reqwest::Url::parse(r) {
@@ -1204,7 +1219,7 @@ impl Config {
                 &format!("{} is not a configured upstream", self.proxy.default_upstream),
             );
         }
-        self.auth.validate()?;
+        self.auth.validate(files)?;
         if self.redis.enabled() && self.auth.enabled() && self.auth.token_key_file.is_none() {
             // A key generated in memory is this replica's alone: a token it issued would be
             // refused by every other replica behind the same load balancer.
@@ -1228,12 +1243,12 @@ fn shorten(p: &str) -> String {
 
 /// The CA bundle must be there, readable and hold usable certificates, as at start-up: so
 /// `check-config` finds a broken one too.
-fn check_ca_file(host: &str, f: &std::path::Path) -> Result<(), ConfigError> {
+fn check_ca_file(host: &str, f: &std::path::Path, files: &dyn FileChecks) -> Result<(), ConfigError> {
     let why = if f.as_os_str().is_empty() {
         "must not be empty".to_string()
     } else {
-        match crate::upstream::ca::load_ca_file(f) {
-            Ok(_) => return Ok(()),
+        match files.ca_file(f) {
+            Ok(()) => return Ok(()),
             Err(e) => format!("{}: {e}", f.display()),
         }
     };
@@ -1243,6 +1258,11 @@ fn check_ca_file(host: &str, f: &std::path::Path) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The files a config names, checked as at start-up.
+    fn files() -> &'static crate::app::ConfigFiles {
+        &crate::app::ConfigFiles
+    }
 
     /// No secret of any config struct shows in `Debug` output (`{:?}` and `{:#?}`) of the
     /// whole `Config`.
@@ -1319,7 +1339,7 @@ mod tests {
         assert_eq!(c.cache.access_flush_interval, d.cache.access_flush_interval);
         assert_eq!(c.cache.gc_interval, d.cache.gc_interval);
         assert_eq!(c.cache.gc_grace, d.cache.gc_grace);
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
     }
 
     #[test]
@@ -1328,7 +1348,9 @@ mod tests {
         let f = dir.path().join("htpasswd");
         std::fs::write(&f, format!("alice:{}\n", bcrypt::hash("pw", 4).unwrap())).unwrap();
         let with = |extra: &str| {
-            Config::parse(&format!("[auth]\nhtpasswd = {:?}\n{extra}", f.display().to_string())).unwrap().validate()
+            Config::parse(&format!("[auth]\nhtpasswd = {:?}\n{extra}", f.display().to_string()))
+                .unwrap()
+                .validate(files())
         };
         with("").unwrap();
         with("anonymous = \"none\"\nmetrics = \"authenticated\"\ntoken_ttl = \"30s\"").unwrap();
@@ -1352,7 +1374,7 @@ mod tests {
         assert!(Config::parse("[[auth.rules]]\nactions = [\"fly\"]").is_err());
         // [auth] keys without htpasswd: auth would silently stay off.
         let c = Config::parse("[auth]\nanonymous = \"none\"").unwrap();
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "auth.htpasswd", .. })));
+        assert!(matches!(c.validate(files()), Err(ConfigError::Invalid { key: "auth.htpasswd", .. })));
         // A missing or non-bcrypt htpasswd file fails at start-up (and in check-config).
         std::fs::write(&f, "alice:$apr1$x$y\n").unwrap();
         let e = with("").unwrap_err().to_string();
@@ -1394,7 +1416,7 @@ mod tests {
             "[cache]\nmax_size = \"200GiB\"\nhigh_watermark = \"190GiB\"\nlow_watermark = 0.5\nmax_unused = \"30d\"\n",
         )
         .unwrap();
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
         let max = c.cache.max_size.unwrap().0;
         assert_eq!(max, 200 << 30);
         assert_eq!(c.cache.high_watermark.bytes(max), 190 << 30);
@@ -1404,7 +1426,7 @@ mod tests {
         assert_eq!((d.cache.high_watermark.bytes(1000), d.cache.low_watermark.bytes(1000)), (950, 850));
         assert!(Config::parse("[cache]\nhigh_watermark = 1.5").is_err());
         let bad = Config::parse("[cache]\nmax_size = \"1GiB\"\nhigh_watermark = 0.5\nlow_watermark = 0.6").unwrap();
-        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "cache.low_watermark", .. })));
+        assert!(matches!(bad.validate(files()), Err(ConfigError::Invalid { key: "cache.low_watermark", .. })));
     }
 
     #[test]
@@ -1420,11 +1442,11 @@ mod tests {
             "#,
         )
         .unwrap();
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
         assert_eq!(c.upstreams.len(), 1);
         assert_eq!(c.upstreams[0].tag_ttl, Duration::from_secs(60));
         let bad = Config::parse("[proxy]\ndefault_upstream = \"quay.io\"").unwrap();
-        assert!(matches!(bad.validate(), Err(ConfigError::Invalid { key: "proxy.default_upstream", .. })));
+        assert!(matches!(bad.validate(files()), Err(ConfigError::Invalid { key: "proxy.default_upstream", .. })));
         let u = UpstreamConfig::from_url("http://127.0.0.1:5001/").unwrap();
         assert_eq!((u.host.as_str(), u.endpoints[0].as_str()), ("127.0.0.1:5001", "http://127.0.0.1:5001"));
         assert!(UpstreamConfig::from_url("ftp://x").is_err());
@@ -1433,7 +1455,7 @@ mod tests {
     #[test]
     fn shipped_multi_upstream_example_is_valid() {
         let c = Config::parse(include_str!("../config/multi-upstream.toml")).unwrap();
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
         let hosts: Vec<&str> = c.upstreams.iter().map(|u| u.host.as_str()).collect();
         assert_eq!(hosts, ["docker.io", "ghcr.io", "quay.io", "registry.k8s.io"]);
     }
@@ -1449,10 +1471,10 @@ mod tests {
             ))
             .unwrap()
         };
-        with_ca(good.to_str().unwrap()).validate().unwrap();
+        with_ca(good.to_str().unwrap()).validate(files()).unwrap();
         let missing = dir.path().join("missing.pem");
         for f in ["", missing.to_str().unwrap()] {
-            let e = with_ca(f).validate().unwrap_err();
+            let e = with_ca(f).validate(files()).unwrap_err();
             assert!(matches!(e, ConfigError::Invalid { key: "upstreams.ca_file", .. }), "{e}");
             assert!(e.to_string().contains("registry.internal") && e.to_string().contains(f), "{e}");
         }
@@ -1490,7 +1512,7 @@ mod tests {
             "[proxy]\ndefault_upstream = \"\"\n[[upstreams]]\nhost = \"x.io\"\nendpoints = [\"ftp://u:pw@x.io\"]\n",
         )
         .unwrap();
-        let e = bad.validate().unwrap_err().to_string();
+        let e = bad.validate(files()).unwrap_err().to_string();
         assert!(e.contains("upstreams.endpoints") && !e.contains("pw"), "{e}");
     }
 
@@ -1517,13 +1539,13 @@ mod tests {
             ("[[upstreams]]\nhost = \"docker.io\"\ntoken_realms = [\"auth\"]", "upstreams.token_realms"),
         ] {
             let c = Config::parse(text).unwrap();
-            match c.validate() {
+            match c.validate(files()) {
                 Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
                 other => panic!("{text}: {other:?}"),
             }
         }
         let c = Config::parse("[proxy]\nlocal_namespaces = [\"team/*\", \"ci/*\"]").unwrap();
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
         assert_eq!(c.proxy.local_namespaces, ["team/*", "ci/*"]);
     }
 
@@ -1534,7 +1556,9 @@ mod tests {
         std::fs::write(&htpasswd, "").unwrap();
         let fleet = "[redis]\nurl = \"redis://127.0.0.1:6379/\"\n[cluster]\nsecret = \"0123456789abcdef\"\n";
         let with = |cluster: &str, auth: &str| {
-            Config::parse(&format!("{fleet}{cluster}\n[auth]\nhtpasswd = {htpasswd:?}\n{auth}\n")).unwrap().validate()
+            Config::parse(&format!("{fleet}{cluster}\n[auth]\nhtpasswd = {htpasswd:?}\n{auth}\n"))
+                .unwrap()
+                .validate(files())
         };
         let advertise = "advertise = \"http://10.0.0.5:5000\"";
         match with(advertise, "") {
@@ -1543,7 +1567,7 @@ mod tests {
         }
         with(advertise, "token_key_file = \"/run/secrets/token-key.pem\"").unwrap();
         // Without [redis], one replica may keep its key in memory.
-        Config::parse(&format!("[auth]\nhtpasswd = {htpasswd:?}\n")).unwrap().validate().unwrap();
+        Config::parse(&format!("[auth]\nhtpasswd = {htpasswd:?}\n")).unwrap().validate(files()).unwrap();
 
         // cluster.advertise_env: the variable must be set; the URL must be http(s).
         let var = "STEVEDORE_TEST_ADVERTISE_CONFIG";
@@ -1574,7 +1598,7 @@ mod tests {
             Config::parse(&format!("[server]\n{extra}\n[server.tls]\ncert = {c:?}\nkey = {k:?}\n")).unwrap()
         };
         let ok = tls("plain_listen = \"127.0.0.1:5001\"");
-        ok.validate().unwrap();
+        ok.validate(files()).unwrap();
         let t = ok.server.tls.as_ref().unwrap();
         assert_eq!((t.reload_interval, t.client_auth()), (Duration::from_secs(5), None));
         assert_eq!(ok.server.plain_listen, Some("127.0.0.1:5001".parse().unwrap()));
@@ -1582,7 +1606,7 @@ mod tests {
             "[server.tls]\ncert = {c:?}\nkey = {k:?}\nclient_ca = {cap:?}\nreload_interval = \"0s\"\n"
         ))
         .unwrap();
-        with_ca.validate().unwrap();
+        with_ca.validate(files()).unwrap();
         assert_eq!(with_ca.server.tls.as_ref().unwrap().client_auth(), Some(ClientAuth::Optional));
         let with_ca = Config::parse(&format!(
             "[server.tls]\ncert = {c:?}\nkey = {k:?}\nclient_ca = {cap:?}\nclient_auth = \"required\"\n"
@@ -1605,7 +1629,7 @@ mod tests {
                 "server.tls.cert",
             ),
         ] {
-            match bad.validate() {
+            match bad.validate(files()) {
                 Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
                 other => panic!("{key}: {other:?}"),
             }
@@ -1620,7 +1644,7 @@ mod tests {
         let base = "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\nprefix = \"reg/\"\n";
         let c = Config::parse(&format!("{base}access_key_id = \"AKID\"\nsecret_access_key = \"inline-secret-key\"\n"))
             .unwrap();
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
         assert_eq!(c.storage.backend, BackendKind::S3);
         assert_eq!(c.storage.s3.credentials().unwrap(), Some(("AKID".into(), "inline-secret-key".into())));
         let text = format!("{c:?}");
@@ -1630,7 +1654,7 @@ mod tests {
             secret_file.to_str().unwrap()
         ))
         .unwrap();
-        c.validate().unwrap();
+        c.validate(files()).unwrap();
         assert_eq!(c.storage.s3.credentials().unwrap().unwrap().1, "file-secret-key");
         std::env::set_var("STEVEDORE_TEST_S3_SECRET", "env-secret-key");
         let c = Config::parse(&format!(
@@ -1640,7 +1664,7 @@ mod tests {
         assert_eq!(c.storage.s3.credentials().unwrap().unwrap().1, "env-secret-key");
         // The default is the filesystem, and [storage.s3] is not looked at then.
         assert_eq!(Config::default().storage.backend, BackendKind::Fs);
-        Config::parse("[storage.s3]\nbucket = \"\"\n").unwrap().validate().unwrap();
+        Config::parse("[storage.s3]\nbucket = \"\"\n").unwrap().validate(files()).unwrap();
         for (extra, key) in [
             ("bucket = \"\"", "storage.s3.bucket"),
             ("secret_access_key = \"x\"", "storage.s3.secret_access_key"),
@@ -1659,14 +1683,14 @@ mod tests {
             } else {
                 format!("{base}{extra}\n")
             };
-            match Config::parse(&text).unwrap().validate() {
+            match Config::parse(&text).unwrap().validate(files()) {
                 Err(ConfigError::Invalid { key: k, .. }) if k == key => {}
                 other => panic!("{extra}: {other:?}"),
             }
         }
         let no_http = base.replace("allow_http = true\n", "");
         assert!(matches!(
-            Config::parse(&no_http).unwrap().validate(),
+            Config::parse(&no_http).unwrap().validate(files()),
             Err(ConfigError::Invalid { key: "storage.s3.endpoint", .. })
         ));
         assert!(Config::parse("[storage]\nbackend = \"gcs\"\n").is_err());
@@ -1678,7 +1702,7 @@ mod tests {
         assert!(Config::parse("[server]\nlisten = \"nope\"").is_err());
         assert!(Config::parse("[storage]\nroots = \"x\"").is_err());
         let c = Config::parse("[uploads]\nsession_ttl = \"0s\"").unwrap();
-        assert!(matches!(c.validate(), Err(ConfigError::Invalid { key: "uploads.session_ttl", .. })));
+        assert!(matches!(c.validate(files()), Err(ConfigError::Invalid { key: "uploads.session_ttl", .. })));
         let c = Config::parse("[uploads]\nsession_ttl = \"90m\"").unwrap();
         assert_eq!(c.uploads.session_ttl, Duration::from_secs(5400));
     }

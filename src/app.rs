@@ -156,3 +156,25 @@ impl crate::config::FileChecks for ConfigFiles {
         crate::upstream::ca::load_ca_file(path).map(drop).map_err(|e| e.to_string())
     }
 }
+
+/// The fleet's shared upstream tokens (`upstream::TokenFleet`) over this replica's cluster.
+#[async_trait::async_trait]
+impl crate::upstream::TokenFleet for Arc<crate::cluster::Cluster> {
+    fn coordinated(&self) -> bool {
+        crate::cluster::Cluster::coordinated(self)
+    }
+    async fn get_value(&self, name: &str) -> Option<String> {
+        crate::cluster::Cluster::get_value(self, name).await
+    }
+    async fn set_value(&self, name: &str, value: &str, ttl: std::time::Duration) {
+        crate::cluster::Cluster::set_value(self, name, value, ttl).await
+    }
+    async fn once<'a>(
+        &'a self,
+        name: &str,
+        check: crate::upstream::Check<'a>,
+        work: crate::upstream::Work<'a>,
+    ) -> Result<Arc<crate::upstream::Token>, String> {
+        crate::cluster::Cluster::once(self, name, || check(), work).await
+    }
+}

@@ -34,9 +34,9 @@ impl App {
                 Store::with_backend(Arc::new(s3), cfg.cache.descriptors, cache_ttl)
             }
         };
-        store.listen(cluster.clone());
+        cluster.share(&store);
         let proxy = Proxy::new(&cfg, Some(cfg.proxy.default_upstream.as_str()))?.with_cluster(cluster.clone());
-        let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit);
+        let rate_limiter = crate::limits::RateLimiter::new(&cfg.server.rate_limit).map(Arc::new);
         let upload_quota = crate::limits::UploadQuota::new(&cfg.uploads);
         let auth = crate::auth::Auth::from_config(&cfg.auth)?;
         let admin_token = match &cfg.auth.admin_token_file {
@@ -127,4 +127,45 @@ pub fn summary(app: &App) -> Vec<String> {
         ),
     }
     out
+}
+
+/// The files a config names, each read and checked by the layer that owns it: what
+/// [`Config::validate`] runs at start-up and in `check-config`.
+pub struct ConfigFiles;
+
+impl crate::config::FileChecks for ConfigFiles {
+    fn tls(&self, cfg: &crate::config::TlsConfig) -> Result<(), (&'static str, String)> {
+        crate::tls::TlsFiles::load(cfg).map(drop).map_err(|e| (e.key(), e.to_string()))
+    }
+    fn admin_token(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::auth::admin::AdminToken::load(path).map(drop)
+    }
+    fn htpasswd(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::auth::htpasswd::Users::load(path).map(drop).map_err(|e| e.to_string())
+    }
+    fn ca_file(&self, path: &std::path::Path) -> Result<(), String> {
+        crate::upstream::ca::load_ca_file(path).map(drop).map_err(|e| e.to_string())
+    }
+}
+
+/// The fleet's shared upstream tokens (`upstream::TokenFleet`) over this replica's cluster.
+#[async_trait::async_trait]
+impl crate::upstream::TokenFleet for Arc<crate::cluster::Cluster> {
+    fn coordinated(&self) -> bool {
+        crate::cluster::Cluster::coordinated(self)
+    }
+    async fn get_value(&self, name: &str) -> Option<String> {
+        crate::cluster::Cluster::get_value(self, name).await
+    }
+    async fn set_value(&self, name: &str, value: &str, ttl: std::time::Duration) {
+        crate::cluster::Cluster::set_value(self, name, value, ttl).await
+    }
+    async fn once<'a>(
+        &'a self,
+        name: &str,
+        check: crate::upstream::Check<'a>,
+        work: crate::upstream::Work<'a>,
+    ) -> Result<Arc<crate::upstream::Token>, String> {
+        crate::cluster::Cluster::once(self, name, || check(), work).await
+    }
 }

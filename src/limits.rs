@@ -13,7 +13,7 @@ use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use crate::api::AppState;
+use crate::cluster::Cluster;
 use crate::config::{RateLimitConfig, UploadsConfig};
 use crate::error::{ApiError, Code};
 use crate::storage::{Store, UploadId};
@@ -77,14 +77,23 @@ impl RateLimiter {
     }
 }
 
+/// The rate limit middleware's state: the limiter, and the fleet whose replicas' relayed
+/// requests it lets through.
+#[derive(Clone)]
+pub struct RateLimited {
+    pub limiter: Arc<RateLimiter>,
+    pub cluster: Arc<Cluster>,
+}
+
 /// Middleware: `429 TOOMANYREQUESTS` with `Retry-After` (whole seconds) for a client over its
 /// rate. Health checks are never limited.
-pub async fn rate_limit(State(app): State<AppState>, req: Request, next: Next) -> Response {
-    if let (Some(limiter), Some(ClientAddr(ip))) = (&app.rate_limiter, req.extensions().get::<ClientAddr>()) {
+pub async fn rate_limit(State(state): State<RateLimited>, req: Request, next: Next) -> Response {
+    let limiter = &state.limiter;
+    if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
         // Other replicas relay many clients' pulls from one address: their requests (with the
         // fleet's secret) are limited where the clients arrived.
         let peer =
-            req.uri().path().starts_with(crate::cluster::PEER_PREFIX) && app.registry.peer_authorized(req.headers());
+            req.uri().path().starts_with(crate::cluster::PEER_PREFIX) && state.cluster.peer_authorized(req.headers());
         if !peer && !matches!(req.uri().path(), "/healthz" | "/readyz") {
             if let Err(wait) = limiter.check(*ip) {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;

@@ -193,7 +193,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::CheckConfig { config } => {
             let cfg = load(Some(&config))?;
-            cfg.validate()?;
+            cfg.validate(&stevedore::app::ConfigFiles)?;
             println!("{}: ok", config.display());
             Ok(())
         }
@@ -209,14 +209,14 @@ fn main() -> anyhow::Result<()> {
             if args.offline {
                 cfg.proxy.offline = true;
             }
-            cfg.validate()?;
+            cfg.validate(&stevedore::app::ConfigFiles)?;
             tokio::runtime::Runtime::new()?.block_on(serve(cfg))
         }
         Cmd::Prefetch(args) => {
             let mut cfg = store_config(&args.store)?;
             set_upstream(&mut cfg, args.upstream.as_deref())?;
             cfg.proxy.offline = false;
-            cfg.validate()?;
+            cfg.validate(&stevedore::app::ConfigFiles)?;
             let mut refs = args.refs;
             if let Some(f) = &args.file {
                 let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
@@ -446,7 +446,7 @@ fn store_config(args: &StoreArgs) -> anyhow::Result<Config> {
     if let Some(r) = &args.root {
         cfg.storage.root = r.clone();
     }
-    cfg.validate()?;
+    cfg.validate(&stevedore::app::ConfigFiles)?;
     Ok(cfg)
 }
 

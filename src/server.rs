@@ -25,7 +25,7 @@
 //! task, which runs the handshake (bounded by the same first-request deadline) and then serves
 //! HTTP/1.1 or HTTP/2 (ALPN) on the TLS stream exactly as on a plain one; the socket under TLS
 //! keeps the write idle limit. A verified client certificate goes on every request of its
-//! connection as [`ClientCert`]. A plain listener (`server.plain_listen`) can run beside it.
+//! connection as [`ClientCert`] (`auth::ClientCert`). A plain listener (`server.plain_listen`) can run beside it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -50,6 +50,7 @@ use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tower::ServiceExt;
 
+use crate::auth::ClientCert;
 use crate::config::ServerConfig;
 
 /// What hyper buffers per connection. Its default (~400 KiB) let it queue a second 256 KiB
@@ -86,15 +87,6 @@ impl Limits {
             http2_idle_timeout: c.http2_idle_timeout,
         }
     }
-}
-
-/// A verified client certificate (mTLS, `server.tls.client_ca`): the server puts it on every
-/// request of a TLS connection whose client presented one, beside [`crate::limits::ClientAddr`].
-/// The certificate chained to a configured client CA and is valid now; `subject` is its common
-/// name, else its first DNS (or URI) subject alternative name.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClientCert {
-    pub subject: String,
 }
 
 /// A socket to accept connections on: plain HTTP, or TLS with the configuration

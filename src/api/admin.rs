@@ -72,7 +72,7 @@ pub async fn prefetch(app: &AppState, parts: &axum::http::request::Parts, body: 
         }
         // A host that is not a configured upstream: the prefetch reports it as failed.
         if let Some(t) = app.registry.named(parsed.host.as_deref(), &parsed.name) {
-            fulls.push(crate::auth::full_name(&t));
+            fulls.push(super::access::full_name(&t));
         }
     }
     match &app.auth {

@@ -2,6 +2,7 @@
 //! (route, method) to the handler modules. Handlers return `ApiResult`; errors are rendered by
 //! [`crate::error::ApiError`] only.
 
+mod access;
 mod admin;
 pub mod blobs;
 mod headers;
@@ -11,6 +12,7 @@ mod ops;
 mod peer;
 pub mod routes;
 mod state;
+mod token;
 pub mod uploads;
 
 use axum::extract::{Request, State};
@@ -34,7 +36,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/token", get(crate::auth::token_endpoint).post(crate::auth::token_endpoint))
+        .route("/token", get(token::token_endpoint).post(token::token_endpoint))
         .route("/_stevedore/cluster/{*rest}", any(peer::dispatch));
     // The admin endpoints exist only when a caller can be told apart from anyone: client
     // authentication (admin by the rules) or an admin token. Otherwise 404, like any path.
@@ -44,8 +46,9 @@ pub fn router(state: AppState) -> Router {
     let mut router = router.with_state(state.clone());
     // Only when a limit is configured: a middleware layer costs every request (and every poll
     // of its future) even when it lets everything through.
-    if state.rate_limiter.is_some() {
-        router = router.layer(axum::middleware::from_fn_with_state(state, crate::limits::rate_limit));
+    if let Some(limiter) = &state.rate_limiter {
+        let limited = crate::limits::RateLimited { limiter: limiter.clone(), cluster: state.registry.cluster().clone() };
+        router = router.layer(axum::middleware::from_fn_with_state(limited, crate::limits::rate_limit));
     }
     router
         .layer(axum::middleware::from_fn(ops::access_log))
@@ -92,7 +95,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     // Who is asking and whether it may (`auth`); the namespace rule below still applies.
     let caller = match &app.auth {
         None => crate::auth::Caller::open(),
-        Some(auth) => match auth.authorize(&parts, &crate::auth::need(&route, &parts.method, target.as_ref())).await {
+        Some(auth) => match auth.authorize(&parts, &access::need(&route, &parts.method, target.as_ref())).await {
             Ok(c) => c,
             Err(e) => return e.into_response(),
         },
@@ -151,7 +154,7 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
 /// without `mount`, so a plain upload session starts.
 fn mountable(app: &App, q: Query, caller: &crate::auth::Caller) -> Query {
     let Some(from) = q.get("from").and_then(|f| f.parse::<crate::oci::RepoName>().ok()) else { return q };
-    let full = crate::auth::full_name(&app.registry.resolve(&from, None));
+    let full = access::full_name(&app.registry.resolve(&from, None));
     if q.get("mount").is_none() || caller.may(from.as_str(), &full, crate::config::Action::Pull) {
         return q;
     }

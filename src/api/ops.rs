@@ -35,7 +35,7 @@ pub async fn readyz(State(app): State<AppState>) -> Response {
 
 pub async fn metrics(State(app): State<AppState>, req: Request) -> Response {
     let (parts, _) = req.into_parts();
-    if let Err(e) = crate::auth::metrics_gate(&app, &parts).await {
+    if let Err(e) = crate::auth::metrics_gate(app.auth.as_deref(), &parts).await {
         return e.into_response();
     }
     match &app.metrics {

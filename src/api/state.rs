@@ -14,7 +14,7 @@ pub struct App {
     /// Renders `/metrics`; `None` when no recorder is installed.
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Requests per client address; `None` when off.
-    pub rate_limiter: Option<crate::limits::RateLimiter>,
+    pub rate_limiter: Option<Arc<crate::limits::RateLimiter>>,
     pub upload_quota: crate::limits::UploadQuota,
     /// Client authentication and access rules; `None` when `[auth]` is off (open registry).
     pub auth: Option<Arc<crate::auth::Auth>>,

@@ -2,7 +2,7 @@
 //! `auth.htpasswd`).
 //!
 //! - Who a caller is ([`Auth::identify`]), in this order: a verified client certificate the
-//!   server mapped to a user name ([`CertificateUser`], a request extension: the mTLS hook),
+//!   server mapped to a user name ([`ClientCert`], a request extension: the mTLS hook),
 //!   `Authorization: Basic` checked against the htpasswd file ([`htpasswd`]), `Authorization:
 //!   Bearer` with a token this registry issued ([`tokens`]); else anonymous.
 //! - What it may do: [`rules::Rules::allows`] on the repository's full name (the one place a
@@ -29,16 +29,14 @@ pub mod tokens;
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, Method, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use base64::Engine as _;
 
-use crate::api::routes::Route;
 use crate::config::{Action, AnonymousAccess, AuthConfig, MetricsAccess};
 use crate::error::{ApiError, ApiResult, Code};
-use crate::proxy::{Proxy, Target};
+use crate::oci::RepoName;
 use rules::{Rules, Who};
 use tokens::{Access, Granted, Scope, Tokens};
 
@@ -47,10 +45,40 @@ use tokens::{Access, Granted, Scope, Tokens};
 #[derive(Clone, Copy, Debug)]
 pub struct Secure;
 
-/// The mTLS login: a client certificate that verified against `server.tls.client_ca`
-/// ([`crate::server::ClientCert`], put on the request by the TLS listener) stands for a login
-/// as the user its subject names, like a right password.
-pub use crate::server::ClientCert as CertificateUser;
+/// A verified client certificate (mTLS, `server.tls.client_ca`): the server puts it on every
+/// request of a TLS connection whose client presented one, beside `limits::ClientAddr`. The
+/// certificate chained to a configured client CA and is valid now; `subject` is its common
+/// name, else its first DNS (or URI) subject alternative name. The mTLS login: it stands for
+/// a login as the user its subject names, like a right password.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientCert {
+    pub subject: String,
+}
+
+/// What auth reads of a request (its own view, whoever serves the request): the headers,
+/// the authority, whether it came over TLS, a verified client certificate's subject.
+struct RequestView<'a> {
+    headers: &'a HeaderMap,
+    authority: Option<&'a str>,
+    tls: bool,
+    certificate: Option<&'a str>,
+}
+
+impl<'a> RequestView<'a> {
+    fn of(parts: &'a Parts) -> RequestView<'a> {
+        let authority = parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()));
+        RequestView {
+            headers: &parts.headers,
+            authority,
+            tls: parts.extensions.get::<Secure>().is_some() || parts.uri.scheme_str() == Some("https"),
+            certificate: parts.extensions.get::<ClientCert>().map(|c| c.subject.as_str()),
+        }
+    }
+}
 
 /// What a request needs.
 #[derive(Clone, Debug)]
@@ -62,32 +90,6 @@ pub enum Need {
     /// `action` on a repository: `asked` as the client named it (the token scope), `full` as
     /// the rules see it.
     Repo { asked: String, full: String, action: Action },
-}
-
-/// The repository's full name, as rules match it: a local repository's name, or
-/// `<upstream host>/<name at the upstream>`, whichever dialect the client used.
-pub fn full_name(t: &Target) -> String {
-    match t {
-        Target::Local(n) => n.to_string(),
-        Target::Proxy { repo, .. } => format!("{}/{}", repo.upstream.host, repo.remote),
-    }
-}
-
-/// What a route and method need: GET and HEAD pull, except an upload's status (push, as in
-/// Distribution: an upload session is a push in progress); DELETE of a manifest or blob
-/// deletes; everything else on a repository (uploads, manifest PUT, cancelling an upload)
-/// pushes.
-pub fn need(route: &Route, method: &Method, target: Option<&Target>) -> Need {
-    let (Some(name), Some(t)) = (route.name(), target) else {
-        return if matches!(route, Route::Catalog) { Need::Catalog } else { Need::Base };
-    };
-    let action = match (route, method) {
-        (Route::Upload(..) | Route::UploadStart(..), _) => Action::Push,
-        (_, &Method::GET | &Method::HEAD) => Action::Pull,
-        (Route::Manifest(..) | Route::ManifestBadTag(..) | Route::Blob(..), &Method::DELETE) => Action::Delete,
-        _ => Action::Push,
-    };
-    Need::Repo { asked: name.to_string(), full: full_name(t), action }
 }
 
 /// The authorized caller of one request.
@@ -143,9 +145,9 @@ impl std::fmt::Debug for Presented {
     }
 }
 
-fn presented(h: &HeaderMap, ext: &axum::http::Extensions) -> Presented {
-    if let Some(c) = ext.get::<CertificateUser>() {
-        return Presented::Certificate(c.subject.clone());
+fn presented(h: &HeaderMap, certificate: Option<&str>) -> Presented {
+    if let Some(c) = certificate {
+        return Presented::Certificate(c.to_string());
     }
     let Some(v) = h.get(header::AUTHORIZATION) else { return Presented::None };
     let Ok(v) = v.to_str() else { return Presented::Malformed };
@@ -214,8 +216,8 @@ impl Auth {
         })))
     }
 
-    async fn identify(&self, parts: &Parts) -> Result<Identity, Refused> {
-        match presented(&parts.headers, &parts.extensions) {
+    async fn identify(&self, req: &RequestView<'_>) -> Result<Identity, Refused> {
+        match presented(req.headers, req.certificate) {
             Presented::None => Ok(Identity { who: Who::Anonymous, token: None, logged_in: false }),
             Presented::Certificate(u) => Ok(Identity { who: Who::User(u), token: None, logged_in: true }),
             Presented::Basic { user, password } => {
@@ -242,24 +244,20 @@ impl Auth {
 
     /// The token endpoint's URL for challenges: `auth.realm`, else `/token` on the scheme and
     /// host the client used.
-    fn realm(&self, parts: &Parts) -> String {
+    fn realm(&self, req: &RequestView<'_>) -> String {
         if let Some(r) = &self.realm {
             return r.clone();
         }
-        let host = parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| parts.headers.get(header::HOST).and_then(|v| v.to_str().ok()))
+        let host = req
+            .authority
             .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b)))
             .unwrap_or("localhost");
-        let tls = parts.extensions.get::<Secure>().is_some() || parts.uri.scheme_str() == Some("https");
-        format!("{}://{host}/token", if tls { "https" } else { "http" })
+        format!("{}://{host}/token", if req.tls { "https" } else { "http" })
     }
 
     /// `401 UNAUTHORIZED` with the Bearer challenge for `scope`.
-    fn challenge(&self, parts: &Parts, scope: Option<&str>, error: Option<&str>, detail: &str) -> ApiError {
-        let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", self.realm(parts), self.service);
+    fn challenge(&self, req: &RequestView<'_>, scope: Option<&str>, error: Option<&str>, detail: &str) -> ApiError {
+        let mut c = format!("Bearer realm=\"{}\",service=\"{}\"", self.realm(req), self.service);
         if let Some(s) = scope {
             c.push_str(&format!(",scope=\"{s}\""));
         }
@@ -271,6 +269,7 @@ impl Auth {
 
     /// Who the caller is and whether it may do what it asks; the refusal to send otherwise.
     pub async fn authorize(self: &Arc<Auth>, parts: &Parts, need: &Need) -> Result<Caller, ApiError> {
+        let req = &RequestView::of(parts);
         let scope = match need {
             Need::Base => None,
             Need::Catalog => Some("registry:catalog:*".to_string()),
@@ -282,7 +281,7 @@ impl Auth {
                 }
             )),
         };
-        let id = match self.identify(parts).await {
+        let id = match self.identify(req).await {
             Ok(id) => id,
             Err(r) => {
                 let (error, detail) = match r {
@@ -290,12 +289,12 @@ impl Auth {
                     Refused::BadToken => (Some("invalid_token"), "the token is invalid or expired"),
                     Refused::Malformed => (Some("invalid_request"), "the Authorization header is not understood"),
                 };
-                return Err(self.challenge(parts, scope.as_deref(), error, detail));
+                return Err(self.challenge(req, scope.as_deref(), error, detail));
             }
         };
         let caller = Caller { auth: Some(self.clone()), who: id.who, token: id.token };
         let anonymous = caller.who.is_anonymous();
-        let login = |detail: &str| self.challenge(parts, scope.as_deref(), None, detail);
+        let login = |detail: &str| self.challenge(req, scope.as_deref(), None, detail);
         match need {
             Need::Base if id.logged_in => Ok(caller),
             Need::Base => Err(login("log in to use this registry")),
@@ -308,7 +307,7 @@ impl Auth {
                     true => Ok(caller),
                     false if anonymous && caller.token.is_none() => Err(login("log in to list repositories")),
                     false => Err(self.challenge(
-                        parts,
+                        req,
                         scope.as_deref(),
                         Some("insufficient_scope"),
                         "the token does not cover the catalog",
@@ -321,7 +320,7 @@ impl Auth {
                 match (by_rules, by_token) {
                     (true, true) => Ok(caller),
                     (true, false) => Err(self.challenge(
-                        parts,
+                        req,
                         scope.as_deref(),
                         Some("insufficient_scope"),
                         &format!("the token does not grant {} on {asked}", action.as_str()),
@@ -341,14 +340,15 @@ impl Auth {
     /// scrapers log in with Basic (or a client certificate); tokens are scoped to repositories.
     /// Anything else is `401` with a Basic challenge saying `why`.
     async fn operator(&self, parts: &Parts, why: &str) -> Result<Who, ApiError> {
+        let req = &RequestView::of(parts);
         let basic = || {
             ApiError::new(Code::Unauthorized)
                 .detail(why.to_string())
                 .header(header::WWW_AUTHENTICATE, format!("Basic realm=\"{}\"", self.service))
         };
-        match presented(&parts.headers, &parts.extensions) {
+        match presented(req.headers, req.certificate) {
             Presented::Basic { .. } | Presented::Certificate(_) => {
-                self.identify(parts).await.map(|id| id.who).map_err(|_| basic())
+                self.identify(req).await.map(|id| id.who).map_err(|_| basic())
             }
             _ => Err(basic()),
         }
@@ -379,13 +379,14 @@ impl Auth {
     }
 
     /// The grants for `who` among `scopes` (repository names resolved as plain names are).
-    fn grant(&self, who: &Who, scopes: &[Scope], proxy: &Proxy) -> Vec<Access> {
+    /// `full_name`: a repository's full name as the rules match it (the namespace mapping's).
+    fn grant(&self, who: &Who, scopes: &[Scope], full_name: &FullName<'_>) -> Vec<Access> {
         let mut out: Vec<Access> = Vec::new();
         for s in scopes {
             let actions: Vec<String> = match s.kind.as_str() {
                 "repository" => {
-                    let Ok(name) = s.name.parse::<crate::oci::RepoName>() else { continue };
-                    let full = full_name(&proxy.resolve(&name, None));
+                    let Ok(name) = s.name.parse::<RepoName>() else { continue };
+                    let full = full_name(&name);
                     let mut wanted: Vec<Action> = Vec::new();
                     for a in &s.actions {
                         match a.as_str() {
@@ -480,32 +481,23 @@ impl TokenRequest {
     }
 }
 
-/// The largest token request form accepted.
-const TOKEN_FORM_LIMIT: usize = 64 << 10;
+/// A repository's full name as the rules match it (`<upstream host>/<name there>` for a
+/// proxied one): the caller's namespace mapping.
+pub type FullName<'a> = dyn Fn(&RepoName) -> String + Send + Sync + 'a;
 
-/// `GET /token` and `POST /token`: a signed token for the scopes the caller may have.
-pub async fn token_endpoint(State(app): State<crate::api::AppState>, req: Request) -> Response {
-    let Some(auth) = app.auth.clone() else {
-        return ApiError::new(Code::NameUnknown).detail("authentication is not configured").into_response();
-    };
-    issue(&auth, app.registry.proxy(), req).await.unwrap_or_else(IntoResponse::into_response)
-}
-
-async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {
-    let (parts, body) = req.into_parts();
+/// The token endpoint's answer (`GET`/`POST /token`) to a request of `parts` whose POST form,
+/// if any, is `form`: query and form parameters, Basic credentials, or the form's login.
+pub async fn issue(auth: &Auth, parts: &Parts, form: Option<&[u8]>, full_name: &FullName<'_>) -> ApiResult {
     // Credentials never come from the query string (it is logged, kept in proxies' logs and
     // browser histories): only from the `Authorization` header or a POST form body.
     let query = form_urlencoded::parse(parts.uri.query().unwrap_or("").as_bytes())
         .into_owned()
         .filter(|(k, _)| k != "username" && k != "password");
-    let mut r = if parts.method == Method::POST {
-        let bytes = axum::body::to_bytes(body, TOKEN_FORM_LIMIT)
-            .await
-            .map_err(|_| ApiError::new(Code::SizeInvalid).detail("the token request form is too large"))?;
-        TokenRequest::parse(query.chain(form_urlencoded::parse(&bytes).into_owned()))
-    } else {
-        TokenRequest::parse(query)
+    let mut r = match form {
+        Some(bytes) => TokenRequest::parse(query.chain(form_urlencoded::parse(bytes).into_owned())),
+        None => TokenRequest::parse(query),
     };
+    let req = &RequestView::of(parts);
     let unauthorized = |detail: &str| {
         ApiError::new(Code::Unauthorized)
             .detail(detail.to_string())
@@ -522,7 +514,7 @@ async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {
         // No refresh tokens are issued, so there is none to redeem.
         return Err(unauthorized("only grant_type=password is supported"));
     }
-    let who = match (r.form_login.take(), presented(&parts.headers, &parts.extensions)) {
+    let who = match (r.form_login.take(), presented(req.headers, req.certificate)) {
         (Some((user, password)), _) | (None, Presented::Basic { user, password }) => {
             if !auth.users.verify(&user, &password).await {
                 tracing::info!(user = %user, "refused a token: wrong user name or password");
@@ -537,7 +529,7 @@ async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {
             return Err(unauthorized("log in with a user name and password"));
         }
     };
-    let access = auth.grant(&who, &r.scopes, proxy);
+    let access = auth.grant(&who, &r.scopes, full_name);
     let (token, issued) = auth.tokens.issue(who.name(), access).map_err(ApiError::internal)?;
     let body = serde_json::json!({
         "token": token,
@@ -551,8 +543,8 @@ async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {
 }
 
 /// `/metrics` behind `auth.metrics`.
-pub async fn metrics_gate(app: &crate::app::App, parts: &Parts) -> Result<(), ApiError> {
-    match &app.auth {
+pub async fn metrics_gate(auth: Option<&Auth>, parts: &Parts) -> Result<(), ApiError> {
+    match auth {
         Some(a) => a.metrics_allowed(parts).await,
         None => Ok(()),
     }
@@ -565,24 +557,21 @@ mod tests {
     #[test]
     fn credentials_are_parsed_and_never_shown() {
         let mut h = HeaderMap::new();
-        let ext = axum::http::Extensions::new();
         let b64 = base64::engine::general_purpose::STANDARD.encode("alice:pa:ss");
         h.insert(header::AUTHORIZATION, format!("Basic {b64}").parse().unwrap());
-        match presented(&h, &ext) {
+        match presented(&h, None) {
             Presented::Basic { user, password } => assert_eq!((user.as_str(), password.as_str()), ("alice", "pa:ss")),
             p => panic!("{p:?}"),
         }
-        assert!(!format!("{:?}", presented(&h, &ext)).contains("pa:ss"));
+        assert!(!format!("{:?}", presented(&h, None)).contains("pa:ss"));
         h.insert(header::AUTHORIZATION, "bearer abc.def.ghi".parse().unwrap());
-        assert!(matches!(presented(&h, &ext), Presented::Bearer(t) if t == "abc.def.ghi"));
-        assert!(!format!("{:?}", presented(&h, &ext)).contains("abc"));
+        assert!(matches!(presented(&h, None), Presented::Bearer(t) if t == "abc.def.ghi"));
+        assert!(!format!("{:?}", presented(&h, None)).contains("abc"));
         for bad in ["Basic !!!", "Basic", "Digest x", "Bearer "] {
             h.insert(header::AUTHORIZATION, bad.parse().unwrap());
-            assert!(matches!(presented(&h, &ext), Presented::Malformed), "{bad}");
+            assert!(matches!(presented(&h, None), Presented::Malformed), "{bad}");
         }
-        let mut ext = axum::http::Extensions::new();
-        ext.insert(CertificateUser { subject: "carol".into() });
-        assert!(matches!(presented(&h, &ext), Presented::Certificate(u) if u == "carol"));
+        assert!(matches!(presented(&h, Some("carol")), Presented::Certificate(u) if u == "carol"));
     }
 
     #[test]

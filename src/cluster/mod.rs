@@ -37,52 +37,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::config::Config;
-
-/// The lease name of a blob's fill (`fill:sha256:…`): the digest as the store and the
-/// events name it.
-pub fn fill_lease(digest: impl std::fmt::Display) -> String {
-    format!("fill:{digest}")
-}
+pub use crate::storage::{fill_lease, Claim, Event, Holder, Lease};
+use crate::storage::{Fleet, LeaseHandle, Store};
 
 /// The path prefix of the replicas' internal endpoints (never routed to `/v2`).
 pub const PEER_PREFIX: &str = "/_stevedore/cluster";
-
-/// Who holds a lease.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Holder {
-    pub replica: String,
-    /// Its `cluster.advertise` URL (no trailing `/`).
-    pub advertise: String,
-}
-
-/// The answer to a claim.
-pub enum Claim {
-    /// This replica holds the lease until the [`Lease`] is released or dropped.
-    Mine(Lease),
-    /// Another claim holds it (possibly another task of this replica: compare
-    /// [`Holder::replica`] with [`Cluster::id`]).
-    Held(Holder),
-    /// No coordination is available (no Redis, or it did not answer): act on your own.
-    Alone,
-}
-
-/// Something that happened on one replica that the others' caches must hear about.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
-pub enum Event {
-    /// Content was deleted or evicted: forget its size.
-    BlobGone { digest: String },
-    /// A repository link was removed (`repo` as the store names it).
-    LinkGone { repo: String, digest: String },
-    /// A tag was written or removed.
-    TagChanged { repo: String, tag: String },
-    /// A manifest revision was removed.
-    ManifestGone { repo: String, digest: String },
-    /// A repository was created (the catalog lists it).
-    RepoCreated { repo: String },
-    /// Events may have been missed (Redis reconnected): drop everything cached.
-    Resync,
-}
 
 #[derive(Serialize, Deserialize)]
 struct Envelope {
@@ -120,20 +79,6 @@ const RENEW: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 const RELEASE: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
-
-impl Event {
-    /// Its name in metrics.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Event::BlobGone { .. } => "blob_gone",
-            Event::LinkGone { .. } => "link_gone",
-            Event::TagChanged { .. } => "tag_changed",
-            Event::ManifestGone { .. } => "manifest_gone",
-            Event::RepoCreated { .. } => "repo_created",
-            Event::Resync => "resync",
-        }
-    }
-}
 
 impl Cluster {
     /// From `[redis]` and `[cluster]`. Does not wait for Redis: a replica starts while Redis is
@@ -260,14 +205,14 @@ impl Cluster {
         let got: Option<Option<String>> = self.call("claim", set.query_async(&mut conn)).await;
         match got {
             None => Claim::Alone,
-            Some(Some(_)) => Claim::Mine(Lease::start(self.clone(), key, value)),
+            Some(Some(_)) => Claim::Mine(RedisLease::start(self.clone(), key, value)),
             Some(None) => match self.holder(name).await {
                 Some(h) => Claim::Held(h),
                 // Released between the two calls: try once more, else act alone.
                 None => {
                     let again: Option<Option<String>> = self.call("claim", set.query_async(&mut conn)).await;
                     match again {
-                        Some(Some(_)) => Claim::Mine(Lease::start(self.clone(), key, value)),
+                        Some(Some(_)) => Claim::Mine(RedisLease::start(self.clone(), key, value)),
                         _ => match self.holder(name).await {
                             Some(h) => Claim::Held(h),
                             None => Claim::Alone,
@@ -473,9 +418,45 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A lease this replica holds: renewed in the background while it lives; released (deleted,
-/// if still ours) by [`Lease::release`] or on drop.
-pub struct Lease {
+/// The store's view of the fleet ([`Fleet`]): this replica's [`Cluster`].
+struct Shared(Arc<Cluster>);
+
+#[async_trait::async_trait]
+impl Fleet for Shared {
+    async fn claim(&self, name: &str) -> Claim {
+        self.0.claim(name).await
+    }
+    async fn holder(&self, name: &str) -> Option<Holder> {
+        self.0.holder(name).await
+    }
+    async fn wait_free(&self, name: &str, limit: Duration) -> bool {
+        self.0.wait_free(name, limit).await
+    }
+    fn wait_limit(&self) -> Duration {
+        self.0.wait_limit()
+    }
+    fn publish(&self, event: Event) {
+        self.0.publish(event)
+    }
+    async fn publish_now(&self, event: Event) {
+        self.0.publish_now(event).await
+    }
+}
+
+impl Cluster {
+    /// Shares `store` with the other replicas when they coordinate (Redis configured): the
+    /// store's deletions are told to them, their events invalidate its caches, its upload
+    /// sessions take leases here.
+    pub fn share(self: &Arc<Self>, store: &Arc<Store>) {
+        if self.coordinated() {
+            store.listen(Arc::new(Shared(self.clone())), self.events());
+        }
+    }
+}
+
+/// A lease this replica holds in Redis (what a [`Lease`] wraps): renewed in the background
+/// while it lives; released (deleted, if still ours) by [`Lease::release`] or on drop.
+struct RedisLease {
     cluster: Arc<Cluster>,
     key: String,
     value: String,
@@ -484,7 +465,7 @@ pub struct Lease {
     released: bool,
 }
 
-impl Lease {
+impl RedisLease {
     fn start(cluster: Arc<Cluster>, key: String, value: String) -> Lease {
         crate::metrics::cluster_lease(lease_kind(&cluster, &key), true);
         let (tx, lost) = watch::channel(false);
@@ -512,19 +493,19 @@ impl Lease {
                 }
             }
         });
-        Lease { cluster, key, value, renewer, lost, released: false }
+        Lease::new(RedisLease { cluster, key, value, renewer, lost, released: false })
     }
+}
 
-    /// Whether the lease was found expired at a renewal (another replica may hold it now).
-    pub fn lost(&self) -> bool {
+impl LeaseHandle for RedisLease {
+    fn lost(&self) -> bool {
         *self.lost.borrow()
     }
 
-    /// Releases the lease now (if it is still ours).
-    pub async fn release(mut self) {
+    fn release(mut self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {
         self.released = true;
         self.renewer.abort();
-        release(&self.cluster, &self.key, &self.value).await;
+        Box::pin(async move { release(&self.cluster, &self.key, &self.value).await })
     }
 }
 
@@ -537,7 +518,7 @@ async fn release(c: &Cluster, key: &str, value: &str) {
     let _: Option<i64> = c.call("release", inv.invoke_async::<i64>(&mut conn)).await;
 }
 
-impl Drop for Lease {
+impl Drop for RedisLease {
     fn drop(&mut self) {
         crate::metrics::cluster_lease(lease_kind(&self.cluster, &self.key), false);
         self.renewer.abort();

@@ -238,7 +238,7 @@ impl Store {
             let _ = self.backend.remove(&key).await;
         }
         if removed {
-            self.tell(crate::cluster::Event::BlobGone { digest: d.to_string() }).await;
+            self.tell(super::Event::BlobGone { digest: d.to_string() }).await;
         }
         Ok(removed)
     }

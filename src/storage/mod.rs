@@ -13,6 +13,7 @@
 //!   re-checks under the exclusive guards.
 
 pub mod backend;
+mod fleet;
 mod fs;
 pub mod guard;
 pub mod index;
@@ -33,13 +34,13 @@ use bytes::Bytes;
 use moka::sync::Cache;
 
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
+pub use fleet::{fill_lease, Claim, Event, Fleet, Holder, Lease, LeaseHandle};
 pub use guard::{Reach, Removal};
 pub use index::{InUse, Refs};
 pub use repo::{ManifestPut, StoredManifest};
 pub use s3::S3Backend;
 pub use uploads::{Upload, UploadId, UploadWriter};
 
-use crate::cluster::{Cluster, Event};
 use crate::oci::{Algorithm, Digest, RepoName};
 use backend::{IngestId, WriterOptions};
 
@@ -146,7 +147,7 @@ pub struct Store {
     records: Arc<index::Records>,
     /// The replicas sharing this store: deletions are told to them, theirs invalidate the
     /// caches here ([`Store::listen`]); set once.
-    fleet: OnceLock<Arc<Cluster>>,
+    fleet: OnceLock<Arc<dyn Fleet>>,
     /// The mutation protocol's per-digest guards ([`guard`]).
     guards: guard::Guards,
 }
@@ -197,13 +198,13 @@ impl Store {
         Ok(size)
     }
 
-    /// Shares this store with the other replicas of `cluster`: deletions here are told to
-    /// them, and their events (heard until the runtime stops) invalidate the caches here.
-    pub fn listen(self: &Arc<Store>, cluster: Arc<Cluster>) {
-        if !cluster.coordinated() || self.fleet.set(cluster.clone()).is_err() {
+    /// Shares this store with the other replicas of `fleet`: changes here are told to them,
+    /// and their `events` (heard until the runtime stops, or the sender goes) invalidate the
+    /// caches here. Only the first fleet counts.
+    pub fn listen(self: &Arc<Store>, fleet: Arc<dyn Fleet>, mut events: tokio::sync::broadcast::Receiver<Event>) {
+        if self.fleet.set(fleet).is_err() {
             return;
         }
-        let mut events = cluster.events();
         let store = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -221,7 +222,7 @@ impl Store {
     }
 
     /// The replicas sharing this store, when they coordinate ([`Store::listen`]).
-    pub fn fleet(&self) -> Option<&Arc<Cluster>> {
+    pub fn fleet(&self) -> Option<&Arc<dyn Fleet>> {
         self.fleet.get()
     }
 

@@ -7,8 +7,8 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::layout::{self, Key};
+use super::Event;
 use super::{Reach, Repo, Store, StoreResult};
-use crate::cluster::Event;
 use crate::oci::manifest::Required;
 use crate::oci::{Digest, Tag};
 

@@ -10,8 +10,8 @@ use bytes::Bytes;
 use uuid::Uuid;
 
 use super::backend::{IngestKind, IngestStatus, WriterOptions};
+use super::{fill_lease, Claim, Lease};
 use super::{Repo, Store, StoreError, StoreResult, Writer, UPLOAD_BATCH};
-use crate::cluster::{Claim, Lease};
 use crate::oci::{Algorithm, Digest};
 
 /// An upload session's (and any ingest's) id: a UUID (v7, so sessions sort by age).
@@ -189,7 +189,7 @@ impl Store {
             let mut _lease = None;
             if let Some(c) = self.fleet.get() {
                 if let Some(IngestKind::Fill { digest }) = status.as_ref().map(|s| &s.kind) {
-                    if c.holder(&crate::cluster::fill_lease(digest)).await.is_some() {
+                    if c.holder(&fill_lease(digest)).await.is_some() {
                         continue;
                     }
                 }

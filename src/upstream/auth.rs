@@ -18,6 +18,8 @@ use moka::future::Cache;
 use reqwest::header::{ACCEPT, AUTHORIZATION, LOCATION};
 use reqwest::{Method, StatusCode, Url};
 
+use futures::future::BoxFuture;
+
 use crate::config::redact_url;
 
 /// Redirect hops followed at most.
@@ -170,12 +172,37 @@ pub struct TokenRequest<'a> {
 /// the scope and the user name: tokens of one upstream are never offered to another (and
 /// a token fetched here goes only to the upstream it was fetched for, as a cached one does).
 pub struct Shared {
-    pub cluster: Arc<crate::cluster::Cluster>,
+    pub cluster: Arc<dyn TokenFleet>,
     name: String,
 }
 
+/// What a token lookup in the fleet finds (`Ok(None)`: nothing shared yet).
+pub type Check<'a> = Box<dyn Fn() -> BoxFuture<'a, Result<Option<Arc<Token>>, String>> + Send + Sync + 'a>;
+/// Fetching a token from the realm (and sharing it).
+pub type Work<'a> = Box<dyn FnOnce() -> BoxFuture<'a, Result<Arc<Token>, String>> + Send + 'a>;
+
+/// The replicas a token is shared with (`cluster::Cluster` over Redis; `app` hands it over):
+/// shared values and work done once across the fleet. Upstream knows no cluster type.
+#[async_trait::async_trait]
+pub trait TokenFleet: Send + Sync {
+    /// Whether the replicas coordinate (else every replica fetches its own tokens).
+    fn coordinated(&self) -> bool;
+    /// A shared value, if set (and coordination answers).
+    async fn get_value(&self, name: &str) -> Option<String>;
+    /// Sets a shared value for `ttl` (best effort).
+    async fn set_value(&self, name: &str, value: &str, ttl: Duration);
+    /// Runs `work` unless another replica holds the lease `name`; then waits for it and
+    /// returns what `check` finds (or runs `work` after all when it finds nothing).
+    async fn once<'a>(&'a self, name: &str, check: Check<'a>, work: Work<'a>) -> Result<Arc<Token>, String>;
+}
+
+/// Milliseconds since the epoch (how shared tokens' expiry is written).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 impl Shared {
-    pub fn new(cluster: Arc<crate::cluster::Cluster>, upstream: &str, key: &str, user: Option<&str>) -> Shared {
+    pub fn new(cluster: Arc<dyn TokenFleet>, upstream: &str, key: &str, user: Option<&str>) -> Shared {
         let id = crate::oci::Digest::sha256(format!("{upstream}\n{key}\n{}", user.unwrap_or("")).as_bytes());
         Shared { cluster, name: format!("token:{}", &id.hex()[..32]) }
     }
@@ -184,7 +211,7 @@ impl Shared {
     async fn get(&self) -> Option<Arc<Token>> {
         let v = self.cluster.get_value(&self.name).await?;
         let (expires_ms, value) = v.split_once(' ')?;
-        let left = expires_ms.parse::<u64>().ok()?.checked_sub(crate::storage::index::unix_now())?;
+        let left = expires_ms.parse::<u64>().ok()?.checked_sub(unix_ms())?;
         if value.is_empty() || left < 1000 {
             return None;
         }
@@ -193,7 +220,7 @@ impl Shared {
 
     async fn put(&self, t: &Token) {
         let left = t.expires.saturating_duration_since(Instant::now());
-        let expires_ms = crate::storage::index::unix_now() + left.as_millis() as u64;
+        let expires_ms = unix_ms() + left.as_millis() as u64;
         self.cluster.set_value(&self.name, &format!("{expires_ms} {}", t.value), left).await;
     }
 
@@ -267,25 +294,32 @@ impl TokenCache {
             let Some(shared) = req.shared.filter(|s| s.cluster.coordinated()) else {
                 return from_realm(http, &req).await;
             };
-            let check = || async {
-                let t = shared.get().await;
-                if t.is_some() {
-                    crate::metrics::cluster_token_shared(req.upstream);
-                }
-                Ok::<_, String>(t)
+            let upstream = req.upstream;
+            let check = move || -> BoxFuture<'_, Result<Option<Arc<Token>>, String>> {
+                Box::pin(async move {
+                    let t = shared.get().await;
+                    if t.is_some() {
+                        crate::metrics::cluster_token_shared(upstream);
+                    }
+                    Ok::<_, String>(t)
+                })
             };
             if let Some(t) = check().await? {
                 return Ok(t);
             }
-            let work = || async {
-                if let Some(t) = check().await? {
-                    return Ok(t);
-                }
-                let t = from_realm(http, &req).await?;
-                shared.put(&t).await;
-                Ok(t)
-            };
-            shared.cluster.once(&format!("{}:fetch", shared.name), check, work).await
+            let req = &req;
+            let work: Work<'_> = Box::new(move || {
+                Box::pin(async move {
+                    if let Some(t) = check().await? {
+                        return Ok(t);
+                    }
+                    let t = from_realm(http, req).await?;
+                    shared.put(&t).await;
+                    Ok(t)
+                })
+            });
+            let name = format!("{}:fetch", shared.name);
+            shared.cluster.once(&name, Box::new(check), work).await
         };
         self.cache.try_get_with(key.to_string(), fut).await.map_err(|e| e.to_string())
     }

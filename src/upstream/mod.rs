@@ -20,6 +20,7 @@ use crate::config::UpstreamConfig;
 use crate::oci::manifest::{DOCKER_LIST, DOCKER_MANIFEST, MAX_MANIFEST_BYTES, OCI_INDEX, OCI_MANIFEST};
 use crate::oci::{Digest, RepoName, Tag};
 use auth::{parse_challenge, realm_allowed, send_following, Challenge, Shared, TokenCache, TokenRequest};
+pub use auth::{Check, Token, TokenFleet, Work};
 
 const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -106,7 +107,7 @@ pub struct Upstream {
     permits: Arc<Semaphore>,
     tokens: TokenCache,
     /// The fleet this replica belongs to (tokens are shared through it), once set.
-    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    cluster: std::sync::OnceLock<Arc<dyn TokenFleet>>,
     /// The upstream asked for Basic auth once: send credentials with every request.
     wants_basic: AtomicBool,
     /// `proxy.offline`: every request fails with [`UpstreamError::Offline`] before it is sent.
@@ -189,8 +190,8 @@ impl Upstream {
     }
 
     /// Shares this upstream's tokens with the other replicas of `cluster` (first call wins).
-    pub fn set_cluster(&self, cluster: Arc<crate::cluster::Cluster>) {
-        let _ = self.cluster.set(cluster);
+    pub fn set_cluster(&self, cluster: impl TokenFleet + 'static) {
+        let _ = self.cluster.set(Arc::new(cluster));
     }
 
     /// Where the token of `key` is shared with the fleet, when there is one.

@@ -204,8 +204,9 @@ def config_keys(binary, workdir):
 class Stevedore(Registry):
     kind = "stevedore"
 
-    def __init__(self, name, workdir, binary, upstream_hostport, fsync=True, s3=False):
+    def __init__(self, name, workdir, binary, upstream_hostport, fsync=True, s3=False, env=None):
         super().__init__(name, workdir)
+        self.env = env
         self.binary = binary
         self.up = upstream_hostport
         self.fsync = fsync
@@ -236,7 +237,7 @@ class Stevedore(Registry):
             if os.path.exists(p):
                 os.replace(p, p + ".%d" % (self.starts - 1))
         # The binary's default log filter (RUST_LOG unset), as shipped.
-        self.server = Server(self.name, [self.binary, "serve", "--config", cfg], self.dir,
+        self.server = Server(self.name, [self.binary, "serve", "--config", cfg], self.dir, env=self.env,
                              unset=("RUST_LOG",)).start()
         addr = wait_line(self.server, "stevedore listening on")
         if addr != self.hostport:

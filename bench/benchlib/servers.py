@@ -139,7 +139,10 @@ class Distribution(Registry):
         with open(cfg, "w") as f:
             f.write(text)
         env = {"SSL_CERT_FILE": self.remote_tls.ca_crt} if self.remote_tls else None
-        self.server = Server(self.name, ["docker-registry", "serve", cfg], self.dir, env=env).start()
+        # The AWS SDK of Distribution's s3 driver fails at start with an AWS_CA_BUNDLE in the
+        # environment (its HTTP transport cannot take one); the endpoint is plain HTTP anyway.
+        self.server = Server(self.name, ["docker-registry", "serve", cfg], self.dir, env=env,
+                             unset=("AWS_CA_BUNDLE",) if self.s3 else ()).start()
         if self.tls:
             wait_tcp(self.port, self.server)
         else:

@@ -289,8 +289,14 @@ class Garage:
         self.dir = os.path.join(workdir, name)
         self.binary = garage_binary()
         if not os.access(self.binary, os.X_OK):
-            raise RuntimeError("no Garage at %s (bench/run.sh builds it in the background: see "
-                               "~/.cache/stevedore-bench/garage-build.log)" % self.binary)
+            log = os.path.join(os.path.expanduser("~"), ".cache", "stevedore-bench", "garage-build.log")
+            try:
+                with open(log, errors="replace") as f:
+                    tail = " | ".join(ln.strip() for ln in f.readlines()[-5:])
+            except OSError:
+                tail = "no build log"
+            raise RuntimeError("no Garage at %s (bench/run.sh builds it in the background); last lines of %s: %s"
+                               % (self.binary, log, tail))
         self.s3, self.rpc, self.admin = free_port(), free_port(), free_port()
         self.endpoint = "http://127.0.0.1:%d" % self.s3
         self.key_id = "GK" + secrets.token_hex(12)

@@ -4,7 +4,7 @@
 #   bash bench/run.sh
 #
 # Installs the tools it needs (Debian packages: docker-registry, skopeo, hey, wrk, curl,
-# python3), builds Stevedore in release mode, then runs bench/bench.py: an upstream CNCF
+# python3, openssl), builds Stevedore in release mode, then runs bench/bench.py: an upstream CNCF
 # Distribution on 127.0.0.1 with generated images, measured directly, through Distribution
 # in proxy mode and through Stevedore. Prints one table and writes the raw figures to
 # bench/results/<timestamp>.json. Loopback only; every loop is bounded; every server it
@@ -17,7 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # The same installer as the tests (policy-rc.d guard, packaged services disabled).
 # moto_server (PyPI moto[server], in a virtualenv) is the S3 endpoint of the `stevedore_s3` target.
 bash scripts/install-test-deps.sh docker-registry=docker-registry skopeo=skopeo hey=hey wrk=wrk curl=curl \
-    python3=python3 moto=moto_server
+    python3=python3 openssl=openssl moto=moto_server
 
 # Garage (crates.io garage 2.5.0, a real S3 server: the S3 rows of bench.py and scale.py) is a
 # test tool, never linked: built once in the background, at low priority, into

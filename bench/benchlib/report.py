@@ -71,6 +71,9 @@ def summarize(res):
     add("pull_cold_mb_s", "pull big cold, MB/s", cold, "S >= 0.6 x direct",
         lambda v, r: v["stevedore"] >= 0.6 * v["direct"])
     add("pull_cold_cpu_gb", "  server CPU s/GB", per(lambda t: _cost(_get(t, "pull", "cold"))), fmt="%.2f")
+    add("pull_cold_cpu_gb_idle", "  server CPU s/GB to idle (Distribution's background fill too)",
+        per(lambda t: _cost(_get(t, "pull", "cold"), "cpu_s_per_gb_to_idle")), "S <= D",
+        lambda v, r: r <= 1.0, fmt="%.2f")
     warm = per(lambda t: _med([r["mb_s"] for r in _get(t, "pull", "warm") or []]))
     warm["direct"] = cold["direct"]
     add("pull_warm_mb_s", "pull big warm, MB/s [direct: its only pull]", warm, "S >= 1.2 x D", lambda v, r: r >= 1.2)

@@ -250,6 +250,7 @@ def main():
                 targets.append((t, row))
         # Every server idle at once, for one window: CPU sampled every minute.
         for t, row in targets:
+            row["_t"] = [time.monotonic()]
             row["_cpu"] = [procs.cpu_seconds(t.server.pid)]
             row["_s3"] = [t.s3_count()]
             row["_metrics0"] = backend_requests(t.hostport)
@@ -259,12 +260,17 @@ def main():
         while time.monotonic() - start < IDLE_S:
             time.sleep(max(0.0, min(step, IDLE_S - (time.monotonic() - start))))
             for t, row in targets:
+                row["_t"].append(time.monotonic())
                 row["_cpu"].append(procs.cpu_seconds(t.server.pid))
                 row["_s3"].append(t.s3_count())
         window_min = (time.monotonic() - start) / 60
         for t, row in targets:
-            cpu = row.pop("_cpu")
-            per_min = [(b - a) * 60 / step for a, b in zip(cpu, cpu[1:])]
+            cpu, ts = row.pop("_cpu"), row.pop("_t")
+            spans = [b - a for a, b in zip(ts, ts[1:])]
+
+            def rates(xs):  # per minute, over the sampled spans of at least half a minute
+                return [(b - a) * 60 / d for a, b, d in zip(xs, xs[1:], spans) if d >= min(30, step / 2)]
+            per_min = rates(cpu)
             row["idle_cpu_s_per_min"] = round((cpu[-1] - cpu[0]) / window_min, 4)
             row["idle_cpu_s_worst_min"] = round(max(per_min), 4) if per_min else None
             m1 = backend_requests(t.hostport)
@@ -276,7 +282,7 @@ def main():
                 row["requests_source"] = "stevedore_backend_requests_total"
             s3 = row.pop("_s3")
             if t.garage and None not in s3:
-                per = [(b - a) * 60 / step for a, b in zip(s3, s3[1:])]
+                per = rates(s3)
                 row["s3_requests_per_min"] = round((s3[-1] - s3[0]) / window_min, 1)
                 row["s3_requests_worst_min"] = round(max(per), 1) if per else None
                 if "requests_source" not in row:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import baseline, client, imagegen, procs, report, tools  # noqa: E402
 from benchlib.procs import Phase, wait_idle  # noqa: E402
-from benchlib.servers import Distribution, Stevedore  # noqa: E402
+from benchlib.servers import Distribution, Garage, Stevedore, TestTls, requests_delta  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -48,6 +48,12 @@ P = {
     "s3": env_int("BENCH_S3", 1),
     "s3_repeat": env_int("BENCH_S3_REPEAT", 2),
     "s3_deadline_extra_s": env_int("BENCH_S3_DEADLINE_EXTRA_SECS", 150),
+    "tls": env_int("BENCH_TLS", 1),
+    "tls_repeat": env_int("BENCH_TLS_REPEAT", 2),
+    "tls_deadline_extra_s": env_int("BENCH_TLS_DEADLINE_EXTRA_SECS", 120),
+    "garage": env_int("BENCH_GARAGE_S3", 1),
+    "garage_repeat": env_int("BENCH_GARAGE_REPEAT", 2),
+    "garage_deadline_extra_s": env_int("BENCH_GARAGE_DEADLINE_EXTRA_SECS", 240),
     "client_mem_mib": env_int("BENCH_CLIENT_MEM_MIB", 0),
     "idle_timeout_s": env_int("BENCH_IDLE_TIMEOUT_SECS", 60),
     "only": os.environ.get("BENCH_ONLY", ""),
@@ -163,19 +169,30 @@ def add_cost(r):
     return r
 
 
-def run_phase(name, main, others, uplog, fn):
+def run_phase(name, main, others, uplog, fn, s3=None):
     """Runs `fn` as phase `name` once the servers are idle. Its result gains the phase's
     figures (with the server's CPU per GB or per request), how long the servers took to go
-    idle after it, and the upstream requests it caused; also returns the upstream log mark
-    taken before it. Whatever `fn` returns must be verified by the caller afterwards."""
+    idle after it, the server's CPU up to then (`cpu_s_to_idle`: work a server leaves for
+    after the last byte, such as Distribution's background fill, counts too), the upstream
+    requests it caused and, with `s3` (a target's `s3_requests`), the S3 requests answered by
+    the store from the start to idle; also returns the upstream log mark taken before it.
+    Whatever `fn` returns must be verified by the caller afterwards."""
     settle([main] + others, uplog)
     mark = uplog.mark()
+    s3_0 = s3() if s3 else None
     with Phase(name, main, others) as ph:
         r = fn()
     r["phase"] = ph.result
     add_cost(r)
     r["settle_s"] = settle([main] + others, uplog)
+    idle_cpu = procs.cpu_seconds(main.pid) if main else None
+    if idle_cpu is not None and "cpu_s" in ph.result:
+        ph.result["cpu_s_to_idle"] = round(idle_cpu - ph.main0, 2)
+        if r.get("bytes"):
+            ph.result["cpu_s_per_gb_to_idle"] = round((idle_cpu - ph.main0) / (r["bytes"] / 1e9), 3)
     r["upstream_requests"] = uplog.count(mark)
+    if s3:
+        r["s3_requests"] = requests_delta(s3_0, s3())
     return r, mark
 
 
@@ -186,7 +203,7 @@ def mem_limit():
     return client.mem_available() // 2
 
 
-def measure_pulls(ctx, t, upstream, uplog, images, direct=False, repeat=None):
+def measure_pulls(ctx, t, upstream, uplog, images, direct=False, repeat=None, kinds=("cold", "warm")):
     """Cold then warm pull of `big`, each repetition on a fresh (empty) proxy."""
     out = {"cold": [], "warm": []}
     big = images["big"]
@@ -199,16 +216,19 @@ def measure_pulls(ctx, t, upstream, uplog, images, direct=False, repeat=None):
         if not direct:
             t.fresh()
         others = [] if direct else [upstream.server] + t.backends()
-        for kind in ("cold", "warm"):
+        for kind in kinds:
             if direct and kind == "warm":
                 break
-            r, _ = run_phase(kind, t.server, others, uplog, lambda: client.pull_timed(*args))
+            r, _ = run_phase(kind, t.server, others, uplog, lambda: client.pull_timed(*args),
+                             s3=getattr(t, "s3_requests", None))
             client.verify_pull(*args, r)  # off the clock
             out[kind].append(r)
-            log("   %s %s pull %d: %.0f MB/s, server %.2f CPU s/GB, %s, verified %s (settled %.1f s, "
-                "%d upstream requests)%s" % (t.name, kind, i + 1, r["mb_s"], r["phase"].get("cpu_s_per_gb", -1),
-                                            r["outcomes"], r["verified"], r["settle_s"], r["upstream_requests"],
-                                            " " + r.get("verify_error", "")))
+            log("   %s %s pull %d: %.0f MB/s, server %.2f CPU s/GB (%.2f to idle), %s, verified %s (settled %.1f s, "
+                "%d upstream requests%s)%s" % (t.name, kind, i + 1, r["mb_s"], r["phase"].get("cpu_s_per_gb", -1),
+                                              r["phase"].get("cpu_s_per_gb_to_idle", -1), r["outcomes"], r["verified"],
+                                              r["settle_s"], r["upstream_requests"],
+                                              ", S3 requests %s" % r["s3_requests"] if r.get("s3_requests") else "",
+                                              " " + r.get("verify_error", "")))
     return out
 
 
@@ -252,7 +272,8 @@ def measure_concurrent(ctx, t, upstream, uplog, images, direct=False, repeat=Non
             bufs = client.body_buffers([layer["size"]] * n, mem_limit()) or False
         others = [] if direct else [upstream.server] + t.backends()
         r, mark = run_phase("concurrent", t.server, others, uplog,
-                            lambda: client.concurrent_get(t.hostport, repo("big"), layer, n, bufs or None))
+                            lambda: client.concurrent_get(t.hostport, repo("big"), layer, n, bufs or None),
+                            s3=getattr(t, "s3_requests", None))
         r["upstream_gets"] = uplog.count(mark, "GET", path)
         r["upstream_heads"] = uplog.count(mark, "HEAD", path)
         client.verify_concurrent(t.hostport, repo("big"), layer, bufs or None, r)  # off the clock
@@ -310,10 +331,15 @@ def measure_push(ctx, targets, images, layout, others=()):
             dest = "docker://%s/local/big:1" % t.hostport
             deps = list(others) + t.backends()
             settle([t.server] + deps, None)
+            s3 = getattr(t, "s3_requests", None)
+            s3_0 = s3() if s3 else None
             with Phase("push", t.server, deps) as ph:
                 secs = sk.copy("oci:%s:big" % layout, dest)
             sk.cleanup()
             r = add_cost({"secs": secs, "bytes": total, "mb_s": round(total / secs / 1e6, 1), "phase": ph.result})
+            if s3:
+                settle([t.server] + deps, None)
+                r["s3_requests"] = requests_delta(s3_0, s3())
             try:  # off the clock: the registry serves back exactly what was pushed
                 client.pull(t.hostport, "local/big", "1", digest)
                 r["verified"] = True
@@ -399,8 +425,10 @@ def main():
     base = baseline.resolve()  # may build it (minutes, once per commit): before the clock starts
     if base and "BENCH_DEADLINE_SECS" not in os.environ:
         P["deadline_s"] += P["baseline_deadline_extra_s"]
-    if P["s3"] and "BENCH_DEADLINE_SECS" not in os.environ:
-        P["deadline_s"] += P["s3_deadline_extra_s"]
+    if "BENCH_DEADLINE_SECS" not in os.environ:
+        for part in ("s3", "tls", "garage"):
+            if P[part] and (not ONLY or part in ONLY):
+                P["deadline_s"] += P[part + "_deadline_extra_s"]
     ctx = Ctx()
     tmp_parent = os.environ.get("BENCH_TMPDIR") or None
     workdir = tempfile.mkdtemp(prefix="stevedore-bench-", dir=tmp_parent)
@@ -505,6 +533,58 @@ def main():
                                            [upstream.server])["stevedore_s3"]
                 s3.stop()
                 results["stevedore_s3"] = res
+
+        # A TLS upstream: a second upstream Distribution serving the same store over HTTPS
+        # with a test certificate (CA + leaf, openssl); Distribution trusts the CA through
+        # SSL_CERT_FILE, Stevedore through upstreams.ca_file. Cold pulls and concurrent cold GETs.
+        if P["tls"] and want("tls"):
+            with ctx.step("TLS upstream: distribution, stevedore: cold pulls, concurrent"):
+                tls = TestTls(workdir)
+                up_tls = Distribution("upstream-tls", workdir, tls=tls, shared_root=os.path.join(upstream.dir, "store"))
+                up_tls.fresh()
+                tlog = UpLog(up_tls)
+                res = {}
+                n = P["tls_repeat"]
+                for key, t in (("distribution", Distribution("distribution-tlsup", workdir, remote=up_tls.hostport,
+                                                             remote_tls=tls)),
+                               ("stevedore", Stevedore("stevedore-tlsup", workdir, binary, up_tls.hostport, fsync=True,
+                                                       up_tls=tls))):
+                    res[key] = {"pull": measure_pulls(ctx, t, up_tls, tlog, images, repeat=n, kinds=("cold",)),
+                                "concurrent": measure_concurrent(ctx, t, up_tls, tlog, images, repeat=n)}
+                    t.stop()
+                up_tls.stop()
+                results["tls_upstream"] = res
+
+        # A real S3 server: Garage (single node, on 127.0.0.1), Distribution's `s3` driver and
+        # Stevedore's backend = "s3" each on a new bucket of it per start: cold, warm,
+        # concurrent cold GETs, push; the S3 requests each made, from Garage's metrics.
+        if P["garage"] and want("garage"):
+            with ctx.step("S3 on Garage: distribution, stevedore: pulls, concurrent, push"):
+                try:
+                    garage = Garage("garage", workdir)
+                except RuntimeError as e:
+                    results["garage_s3"] = {"error": str(e)}
+                    log("   %s" % e)
+                    garage = None
+                if garage:
+                    garage.start()
+                    n = P["garage_repeat"]
+                    res = {}
+                    for key, t in (("distribution", Distribution("distribution-garage", workdir,
+                                                                 remote=upstream.hostport, s3=garage)),
+                                   ("stevedore", Stevedore("stevedore-garage", workdir, binary, upstream.hostport,
+                                                           fsync=True, s3=garage))):
+                        res[key] = {"pull": measure_pulls(ctx, t, upstream, uplog, images, repeat=n)}
+                        res[key]["concurrent"] = measure_concurrent(ctx, t, upstream, uplog, images, repeat=1)
+                        t.stop()
+                    pushed = measure_push(ctx, [
+                        ("distribution", Distribution("distribution-plain-garage", workdir, s3=garage), n),
+                        ("stevedore", Stevedore("stevedore-garage-push", workdir, binary, upstream.hostport,
+                                                fsync=True, s3=garage), n)], images, layout, [upstream.server])
+                    for key in res:
+                        res[key]["push"] = pushed[key]
+                    garage.stop()
+                    results["garage_s3"] = res
     except Exception:
         results["error"] = traceback.format_exc()
         log(results["error"])

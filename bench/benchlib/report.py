@@ -71,6 +71,9 @@ def summarize(res):
     add("pull_cold_mb_s", "pull big cold, MB/s", cold, "S >= 0.6 x direct",
         lambda v, r: v["stevedore"] >= 0.6 * v["direct"])
     add("pull_cold_cpu_gb", "  server CPU s/GB", per(lambda t: _cost(_get(t, "pull", "cold"))), fmt="%.2f")
+    add("pull_cold_cpu_gb_idle", "  server CPU s/GB to idle (Distribution's background fill too)",
+        per(lambda t: _cost(_get(t, "pull", "cold"), "cpu_s_per_gb_to_idle")), "S <= D",
+        lambda v, r: r <= 1.0, fmt="%.2f")
     warm = per(lambda t: _med([r["mb_s"] for r in _get(t, "pull", "warm") or []]))
     warm["direct"] = cold["direct"]
     add("pull_warm_mb_s", "pull big warm, MB/s [direct: its only pull]", warm, "S >= 1.2 x D", lambda v, r: r >= 1.2)
@@ -203,7 +206,73 @@ def summarize(res):
     s3 = res.get("stevedore_s3")
     if s3:
         extra["s3"] = _s3_rows(res.get("stevedore") or {}, push.get("stevedore"), s3)
+    if res.get("tls_upstream"):
+        extra["tls"] = _pair_rows(res["tls_upstream"], "upstream-tls")
+    g = res.get("garage_s3")
+    if g:
+        extra["garage"] = {"error": g["error"]} if "error" in g else _pair_rows(g, "garage", s3=True)
     return {"rows": rows, "extra": extra}
+
+
+def _pair_rows(res, backend, s3=False):
+    """Distribution against Stevedore in one extra setting (TLS upstream, S3 on Garage):
+    [(label, distribution, stevedore, S/D, fmt)]. `backend`: the name whose CPU is shown
+    (the TLS upstream's, or Garage's)."""
+    d, st = res.get("distribution") or {}, res.get("stevedore") or {}
+    mbs = lambda runs: _med([r["mb_s"] for r in runs or []])  # noqa: E731
+    rss = lambda runs: (_max([p.get("peak_rss_kib") for p in _phases(runs)]) or 0) / 1024 or None  # noqa: E731
+    idle = lambda runs: _med([p.get("cpu_s_per_gb_to_idle") for p in _phases(runs)])  # noqa: E731
+    other = lambda runs: _med([p.get(backend + "_cpu_s") for p in _phases(runs)])  # noqa: E731
+    s3req = lambda runs: _med([(r.get("s3_requests") or {}).get("total") for r in runs or []])  # noqa: E731
+    out = []
+
+    def add(label, a, b, fmt="%.1f", ratio=True):
+        out.append((label, a, b, round(b / a, 2) if ratio and a and b is not None else None, fmt))
+
+    for kind in ("cold", "warm"):
+        a, b = _get(d, "pull", kind), _get(st, "pull", kind)
+        if not a and not b:
+            continue
+        add("pull big %s, MB/s" % kind, mbs(a), mbs(b))
+        add("  server CPU s/GB (to the last byte)", _cost(a), _cost(b), "%.2f")
+        add("  server CPU s/GB (to idle: background work too)", idle(a), idle(b), "%.2f")
+        add("  peak RSS MiB", rss(a), rss(b))
+        add("  %s CPU s (median run)" % backend, other(a), other(b), "%.2f")
+        if s3:
+            add("  S3 requests per pulled image (to idle)", s3req(a), s3req(b), "%.0f")
+        add("  every body's sha256 and size (off the clock)", _verified(a), _verified(b), "%s", False)
+    a, b = d.get("concurrent") or [], st.get("concurrent") or []
+    add("concurrent cold GETs of big layer: wall s", _med([r["wall_s"] for r in a]), _med([r["wall_s"] for r in b]),
+        "%.2f")
+    add("  server CPU s/GB (of all clients' bytes, to the last byte)", _cost(a), _cost(b), "%.2f")
+    add("  server CPU s/GB (to idle)", idle(a), idle(b), "%.2f")
+    add("  peak RSS MiB", rss(a), rss(b))
+    add("  upstream GETs of that blob (max)", _max([r["upstream_gets"] for r in a]),
+        _max([r["upstream_gets"] for r in b]), "%d", False)
+    if s3:
+        add("  S3 requests (to idle)", s3req(a), s3req(b), "%.0f")
+    add("  every client's sha256 and size", _verified(a, "all_match"), _verified(b, "all_match"), "%s", False)
+    a, b = d.get("push"), st.get("push")
+    if a or b:
+        add("push big, MB/s (Stevedore: fsync = true)", mbs(a), mbs(b))
+        add("  server CPU s/GB", _cost(a), _cost(b), "%.2f")
+        add("  peak RSS MiB", rss(a), rss(b))
+        add("  %s CPU s (median run)" % backend, other(a), other(b), "%.2f")
+        add("  S3 requests per push", s3req(a), s3req(b), "%.0f")
+        add("  pushed image pulled back, every sha256", _verified(a), _verified(b), "%s", False)
+    return out
+
+
+def _render_pair(lines, title, rows):
+    lines.append("")
+    lines.append(title)
+    srows = [("metric", "Distribution", "Stevedore", "S/D")] + [(lb, _fmt(a, fmt), _fmt(b, fmt), _fmt(r, "%.2f"))
+                                                               for lb, a, b, r, fmt in rows]
+    w = [max(len(row[i]) for row in srows) for i in range(4)]
+    for i, row in enumerate(srows):
+        lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * x for x in w))
 
 
 def _s3_rows(fs, fs_push, s3):
@@ -334,6 +403,20 @@ def render(res):
             if i == 0:
                 lines.append("  ".join("-" * x for x in w))
         lines.append("")
+    if s["extra"].get("tls"):
+        _render_pair(lines, "TLS upstream: the upstream Distribution over HTTPS (test CA, EC P-256 leaf); Distribution "
+                     "trusts it by SSL_CERT_FILE, Stevedore by upstreams.ca_file; medians of %d runs (cold only)"
+                     % p.get("tls_repeat", 0), s["extra"]["tls"])
+    g = s["extra"].get("garage")
+    if g:
+        if isinstance(g, dict):
+            lines.append("")
+            lines.append("S3 on Garage: NOT RUN: %s" % g["error"])
+        else:
+            _render_pair(lines, "S3 on Garage 2.5 (a real S3 server, single node on 127.0.0.1, a new bucket per start): "
+                         "Distribution's s3 driver (redirect off) vs Stevedore backend = \"s3\"; medians of %d runs "
+                         "(concurrent: 1); push: a plain Distribution" % p.get("garage_repeat", 0), g)
+    lines.append("")
     ck = m.get("config_keys") or {}
     if any(not v.get("local_namespaces") for v in ck.values()):
         lines.append("config: [proxy] local_namespaces left out for %s (the binary refuses the key)"

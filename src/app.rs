@@ -63,9 +63,11 @@ impl App {
     }
 
     /// Background work: the idle upload session sweep, the cache lifecycle (usage checks,
-    /// eviction, access flushes, GC). Runs until the runtime stops.
-    pub fn spawn_background(self: &Arc<App>) {
-        crate::lifecycle::Lifecycle::new(self.store.clone(), &self.cfg.cache).spawn();
+    /// eviction, access flushes, GC). Runs until the runtime stops; the lifecycle is returned
+    /// so that a clean stop saves its index ([`crate::lifecycle::Lifecycle::save`]).
+    pub fn spawn_background(self: &Arc<App>) -> Arc<crate::lifecycle::Lifecycle> {
+        let lifecycle = crate::lifecycle::Lifecycle::new(self.store.clone(), &self.cfg.cache);
+        lifecycle.spawn();
         let app = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(app.cfg.uploads.sweep_interval);
@@ -84,11 +86,11 @@ impl App {
                 }
                 crate::metrics::store_writable(writable);
                 if let Some(metrics) = &app.metrics {
-                    crate::metrics::store_bytes(app.store.blob_bytes().await);
                     metrics.run_upkeep();
                 }
             }
         });
+        lifecycle
     }
 }
 

@@ -155,8 +155,7 @@ pub async fn review(store: &Store, ix: &mut super::index::Index, since: SystemTi
             continue;
         };
         let Some(ri) = ix.repos.get(&repo) else { continue };
-        let needed =
-            ri.manifests.contains_key(&c.digest) || ri.manifests.values().any(|n| n.needs.contains(&c.digest));
+        let needed = ri.manifests.contains_key(&c.digest) || ri.manifests.values().any(|n| n.needs.contains(&c.digest));
         if !ri.links.contains(&c.digest) || needed || !matches!(repo, Repo::Local(_)) {
             continue;
         }

@@ -292,9 +292,11 @@ impl Lifecycle {
             Some((high, low)) if proxied > high => Some(low),
             _ => None,
         };
-        let expired = self.cfg.max_unused.and_then(|age| start.checked_sub(age)).is_some_and(|before| {
-            st.usage.oldest_access.is_some_and(|t| t < before)
-        });
+        let expired = self
+            .cfg
+            .max_unused
+            .and_then(|age| start.checked_sub(age))
+            .is_some_and(|before| st.usage.oldest_access.is_some_and(|t| t < before));
         if cap.is_none() && !pressure && !expired {
             return Ok(Evicted { before: st.usage.clone(), after_proxied: proxied, ..Evicted::default() });
         }
@@ -310,8 +312,15 @@ impl Lifecycle {
         if matches!(out, Ok((_, true))) {
             st.drift = true;
         }
-        // What the eviction removed, into the index (and usage) now.
-        self.catch_up(&mut st).await?;
+        // What the eviction removed, into the index (and usage) now; a shared store's next
+        // pass walks it again anyway.
+        if self.shared() {
+            if let Ok((e, _)) = &out {
+                st.usage.proxied = e.after_proxied;
+            }
+        } else {
+            self.catch_up(&mut st).await?;
+        }
         self.refresh_usage(&mut st);
         let (out, _) = out?;
         if out.items > 0 {

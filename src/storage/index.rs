@@ -61,19 +61,43 @@ impl Refs {
 #[derive(Clone, Debug)]
 pub enum Change {
     /// Content became visible under its digest.
-    Committed { digest: Digest, size: u64 },
+    Committed {
+        digest: Digest,
+        size: u64,
+    },
     /// A blob link was written in a repository.
-    Linked { repo: Repo, digest: Digest },
-    Unlinked { repo: Repo, digest: Digest },
+    Linked {
+        repo: Repo,
+        digest: Digest,
+    },
+    Unlinked {
+        repo: Repo,
+        digest: Digest,
+    },
     /// A manifest revision was recorded in a repository, with what it references.
-    ManifestStored { repo: Repo, digest: Digest, refs: Refs },
-    ManifestDeleted { repo: Repo, digest: Digest },
+    ManifestStored {
+        repo: Repo,
+        digest: Digest,
+        refs: Refs,
+    },
+    ManifestDeleted {
+        repo: Repo,
+        digest: Digest,
+    },
     /// Content and its records were deleted.
-    Deleted { digest: Digest },
-    Imported { digest: Digest },
-    Unimported { digest: Digest },
+    Deleted {
+        digest: Digest,
+    },
+    Imported {
+        digest: Digest,
+    },
+    Unimported {
+        digest: Digest,
+    },
     /// Uses written by an access flush (unix milliseconds).
-    Accessed { uses: Vec<(Digest, u64)> },
+    Accessed {
+        uses: Vec<(Digest, u64)>,
+    },
 }
 
 /// Changes kept for the index between two drains at most (beyond: the index is rebuilt).

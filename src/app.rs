@@ -52,9 +52,11 @@ impl App {
     }
 
     /// Background work: the idle upload session sweep, the cache lifecycle (usage checks,
-    /// eviction, access flushes, GC). Runs until the runtime stops.
-    pub fn spawn_background(self: &Arc<App>) {
-        crate::lifecycle::Lifecycle::new(self.registry.store().clone(), &self.cfg.cache).spawn();
+    /// eviction, access flushes, GC). Runs until the runtime stops; the lifecycle is returned
+    /// so that a clean stop saves its index ([`crate::lifecycle::Lifecycle::save`]).
+    pub fn spawn_background(self: &Arc<App>) -> Arc<crate::lifecycle::Lifecycle> {
+        let lifecycle = crate::lifecycle::Lifecycle::new(self.registry.store().clone(), &self.cfg.cache);
+        lifecycle.spawn();
         let app = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(app.cfg.uploads.sweep_interval);
@@ -74,11 +76,11 @@ impl App {
                 }
                 crate::metrics::store_writable(writable);
                 if let Some(metrics) = &app.metrics {
-                    crate::metrics::store_bytes(store.blob_bytes().await);
                     metrics.run_upkeep();
                 }
             }
         });
+        lifecycle
     }
 }
 

@@ -249,6 +249,7 @@ fn main() -> anyhow::Result<()> {
             let platforms = platforms(args.platform.as_deref())?;
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
+                app.registry.store().distrust_index().await.context("marking the lifecycle index stale")?;
                 let opts = airgap::prefetch::PrefetchOptions {
                     refs: &refs,
                     platforms: &platforms,
@@ -306,6 +307,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
                 refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
+                app.registry.store().distrust_index().await.context("marking the lifecycle index stale (nothing was imported)")?;
                 let r = match airgap::import::import(&app.registry, &args.path, args.repository.as_deref()).await {
                     Ok(r) => r,
                     Err(e) => {
@@ -389,6 +391,7 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
                 "it collects garbage itself (cache.gc_interval); stop it to run `stevedore gc`, or use --dry-run",
             )
             .await?;
+            app.registry.store().distrust_index().await.context("marking the lifecycle index stale")?;
         }
         let lc = stevedore::lifecycle::Lifecycle::new(app.registry.store().clone(), &app.cfg.cache);
         let r = lc.gc(args.dry_run).await.context("garbage collection")?;
@@ -425,6 +428,7 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
                 "without --repair and --rebuild-index fsck only reports beside it; stop it to repair",
             )
             .await?;
+            app.registry.store().distrust_index().await.context("marking the lifecycle index stale")?;
         }
         let alone = stevedore::cluster::replicas::live(app.registry.store(), app.cfg.cluster.heartbeat_interval)
             .await
@@ -519,7 +523,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     registry.check_and_register(app.cfg.cluster.allow_without_redis).await?;
     registry.clone().spawn();
     app.registry.cluster().spawn_listener();
-    app.spawn_background();
+    let lifecycle = app.spawn_background();
     let upstreams: Vec<String> = app.registry.proxy().upstreams().iter().map(|u| u.host.clone()).collect();
     tracing::info!(
         %addr,
@@ -575,8 +579,12 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
             tracing::warn!("shutdown grace period over; exiting with requests in flight");
         }
     }
-    // The batched access records survive the restart.
+    // The batched access records survive the restart, and the lifecycle's index is saved
+    // with its clean-shutdown marker (the next start does not walk the store).
     app.registry.store().flush_access().await;
+    if let Err(e) = lifecycle.save().await {
+        tracing::warn!(error = %e, "saving the lifecycle index failed: the next start rebuilds it");
+    }
     registry.deregister().await;
     Ok(())
 }

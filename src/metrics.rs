@@ -98,15 +98,28 @@ pub fn store_write_failed() {
     counter!("stevedore_store_write_failures_total").increment(1);
 }
 
-/// Bytes of content by kind (pushed, proxied, imported) as of the last usage check, and the
-/// age of the least recently used proxied content.
-pub fn usage(u: &crate::lifecycle::Usage, proxied_now: u64) {
+/// Bytes of content by kind as of the last usage check (kept up to date by the lifecycle,
+/// never measured by walking the store), and the age in seconds of the least recently used
+/// proxied content.
+pub fn usage(pushed: u64, imported: u64, proxied: u64, oldest_access_secs: f64) {
     counter!("stevedore_cache_usage_checks_total").increment(1);
-    gauge!("stevedore_store_used_bytes", "kind" => "pushed").set(u.pushed as f64);
-    gauge!("stevedore_store_used_bytes", "kind" => "imported").set(u.imported as f64);
-    gauge!("stevedore_store_used_bytes", "kind" => "proxied").set(proxied_now as f64);
-    let oldest = u.oldest_access.map(|t| crate::lifecycle::age(t).as_secs_f64()).unwrap_or(0.0);
-    gauge!("stevedore_cache_oldest_access_seconds").set(oldest);
+    gauge!("stevedore_store_used_bytes", "kind" => "pushed").set(pushed as f64);
+    gauge!("stevedore_store_used_bytes", "kind" => "imported").set(imported as f64);
+    gauge!("stevedore_store_used_bytes", "kind" => "proxied").set(proxied as f64);
+    gauge!("stevedore_cache_oldest_access_seconds").set(oldest_access_secs);
+}
+
+/// One call across the storage seam (`backend`: `fs`, `s3`; `op`: the call; `purpose`:
+/// `heartbeat` for the replica heartbeat's own, `serve` for everything else).
+pub fn backend_request(backend: &'static str, op: &'static str, purpose: &'static str) {
+    counter!("stevedore_backend_requests_total", "backend" => backend, "op" => op, "purpose" => purpose).increment(1);
+}
+
+/// The lifecycle's index of the store was rebuilt by walking it (`reason`: `start`, a start
+/// after an unclean stop or without a trusted index; `drift`; `fsck`; `shared`, a store
+/// shared by replicas).
+pub fn index_rebuilt(reason: &'static str) {
+    counter!("stevedore_cache_index_rebuilds_total", "reason" => reason).increment(1);
 }
 
 /// Proxied content evicted (by the cap, the age limit or a full store).

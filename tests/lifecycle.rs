@@ -604,3 +604,204 @@ async fn fsck_finds_corrupt_blobs_and_dangling_links_and_repair_fixes_them() {
     let r = read(client().get(reg.url(&format!("/v2/team/lone/blobs/{lone_digest}")))).await;
     assert_eq!(r.status, 404);
 }
+
+/// Calls across the storage seam so far, not counting the heartbeat's (by `op`).
+fn backend_requests(text: &str) -> std::collections::BTreeMap<String, f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for l in text.lines().filter(|l| l.starts_with("stevedore_backend_requests_total{")) {
+        if !l.contains("purpose=\"serve\"") {
+            continue;
+        }
+        let op = l.split("op=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?").to_string();
+        let n: f64 = l.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        *out.entry(op).or_insert(0.0) += n;
+    }
+    out
+}
+
+fn total(m: &std::collections::BTreeMap<String, f64>) -> f64 {
+    m.values().sum()
+}
+
+/// The lifecycle's config for the idle tests: every periodic task once a second.
+fn idle_config(upstream: &str, extra: &str) -> String {
+    config(HOST, &[(HOST, upstream, "tag_ttl = \"1h\"")])
+        + "\n[cache]\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\ngc_interval = \"1s\"\ngc_grace = \"1s\"\n"
+        + extra
+        + "\n[uploads]\nsweep_interval = \"1s\"\n"
+}
+
+/// Pulls `n` small blobs (seeded from `seed`) through `sd` from the fake; their bytes.
+async fn pull_small_blobs(sd: &Stevedore, fake: &Fake, seed: u64, n: usize) -> u64 {
+    let http = client();
+    let mut sum = 0;
+    for i in 0..n {
+        let data = bytes(seed + i as u64, 512 + (i % 7) * 100);
+        let d = fake.add_blob(&data);
+        let url = sd.url(&Dialect::Ns.path(HOST, &format!("lib/small{}", i % 5), &format!("blobs/{d}")));
+        assert_content(&read(http.get(url)).await, &d, &data, &format!("small blob {i}"));
+        sum += data.len() as u64;
+    }
+    let filled = wait_until(LIMIT, || ingests_left(sd).is_empty()).await;
+    assert!(filled, "fills did not end: {:?}", ingests_left(sd));
+    sum
+}
+
+/// Waits for two usage checks that report `proxied` bytes of proxied content.
+async fn settled_usage(sd: &Stevedore, proxied: u64, what: &str) -> String {
+    let checks = usage_checks(&metrics_text(sd).await);
+    let (ok, text) =
+        wait_metrics(sd, LIMIT, |t| usage_checks(t) >= checks + 2.0 && used(t, "proxied") == proxied as f64).await;
+    assert!(ok, "{what}: proxied usage is not {proxied}:\n{text}");
+    text
+}
+
+/// What one idle store of `n` pulled blobs costs: backend calls while idle (5 s, every
+/// periodic task running once a second), and at a clean restart.
+struct IdleCost {
+    idle: f64,
+    idle_ops: std::collections::BTreeMap<String, f64>,
+    restart: f64,
+    restart_ops: std::collections::BTreeMap<String, f64>,
+    /// From the restart to the second usage check it made.
+    restart_secs: f64,
+}
+
+const IDLE: Duration = Duration::from_secs(5);
+
+async fn idle_cost(n: usize) -> IdleCost {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let fake = Fake::start().await;
+    let cfg = idle_config(&fake.url(), "max_size = \"64MiB\"\n");
+    let mut sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let bytes_pulled = pull_small_blobs(&sd, &fake, 7000 + n as u64 * 10, n).await;
+    settled_usage(&sd, bytes_pulled, &format!("n={n}")).await;
+    // The pulls' uses are written by the access flush (one record per blob used): idle
+    // starts once a flush interval and more have passed with nothing written.
+    let end = std::time::Instant::now() + LIMIT;
+    let mut before = backend_requests(&metrics_text(&sd).await);
+    loop {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let now = backend_requests(&metrics_text(&sd).await);
+        let flushed = |m: &std::collections::BTreeMap<String, f64>| m.get("put").copied().unwrap_or(0.0);
+        if flushed(&now) == flushed(&before) {
+            before = now;
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "n={n}: the access flushes did not end: {now:?}");
+        before = now;
+    }
+    tokio::time::sleep(IDLE).await;
+    let after = backend_requests(&metrics_text(&sd).await);
+    let idle_ops: std::collections::BTreeMap<String, f64> = after
+        .iter()
+        .map(|(op, v)| (op.clone(), v - before.get(op).copied().unwrap_or(0.0)))
+        .filter(|(_, v)| *v > 0.0)
+        .collect();
+    let idle = total(&idle_ops);
+
+    // A clean stop saves the index with its marker: the next start loads it, walks nothing.
+    let status = sd.terminate(LIMIT).expect("the server stops on SIGTERM");
+    assert!(status.success(), "n={n}: clean stop: {status:?}\n{}", sd.problems());
+    drop(sd);
+    let started = std::time::Instant::now();
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let text = settled_usage(&sd, bytes_pulled, &format!("n={n}, restarted")).await;
+    let restart_secs = started.elapsed().as_secs_f64().ceil();
+    assert_eq!(
+        metric(&text, "stevedore_cache_index_rebuilds_total{reason=\"start\"}"),
+        None,
+        "n={n}: the restart after a clean stop rebuilt the index"
+    );
+    let restart_ops = backend_requests(&text);
+    let restart = total(&restart_ops);
+    IdleCost { idle, idle_ops, restart, restart_ops, restart_secs }
+}
+
+/// An idle mirror costs nothing whatever its store holds (issue #25): with N = 40 and
+/// N = 400 small blobs pulled through, usage checks, GC, the sweep and access flushes once a
+/// second, the idle server's calls across the storage seam (`stevedore_backend_requests_total`,
+/// heartbeat apart) stay under one bound for both, a handful a second; a restart after a
+/// clean stop loads the saved index instead of walking the store (no `walk`, no per-blob
+/// request) and knows the same usage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_server_costs_the_same_few_backend_requests_whatever_the_store_holds() {
+    // Per second of idling: a usage check (one read of the store's generation), a GC pass
+    // (the same), the upload sweep (temporaries, ingests, a write probe), with room for one
+    // interval's jitter; never anything per blob.
+    let idle_bound = 10.0 * (IDLE.as_secs() + 1) as f64;
+    for n in [40usize, 400] {
+        let c = idle_cost(n).await;
+        // A start: the saved index, its marker and the generation, then idling until the
+        // second usage check.
+        let restart_bound = 12.0 + 10.0 * c.restart_secs;
+        eprintln!("n={n}: idle {} calls {:?}; restart {} calls {:?}", c.idle, c.idle_ops, c.restart, c.restart_ops);
+        assert!(
+            c.idle <= idle_bound,
+            "n={n}: {} backend calls in {IDLE:?} of idling (bound {idle_bound}): {:?}",
+            c.idle,
+            c.idle_ops
+        );
+        assert_eq!(c.idle_ops.get("walk"), None, "n={n}: the idle server walked the store: {:?}", c.idle_ops);
+        assert!(
+            c.restart <= restart_bound,
+            "n={n}: {} backend calls from a clean restart to its second check (bound {restart_bound}): {:?}",
+            c.restart,
+            c.restart_ops
+        );
+        assert_eq!(c.restart_ops.get("walk"), None, "n={n}: the restart walked the store: {:?}", c.restart_ops);
+    }
+}
+
+/// A server killed with SIGKILL leaves no clean-shutdown marker: the next start rebuilds the
+/// index by one walk, knows the usage the killed one had, and the cap holds: pulling past it
+/// evicts down under the high mark, the content pulled before the kill first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_the_index_is_rebuilt_and_the_cap_still_holds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let fake = Fake::start().await;
+    let max = 60_000u64;
+    let high = max as f64 * 0.95;
+    let cfg = idle_config(&fake.url(), &format!("max_size = {max}\n"));
+    let mut sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let first = pull_small_blobs(&sd, &fake, 9100, 40).await;
+    assert!((first as f64) < high, "the first pulls stay under the cap ({first})");
+    settled_usage(&sd, first, "before the kill").await;
+    // A clean stop and start first: the marker is consumed by the start (a crash from then
+    // on is not a clean stop).
+    sd.terminate(LIMIT).expect("the server stops on SIGTERM");
+    drop(sd);
+    let mut sd = Stevedore::builder().config(&cfg).root(&root).start();
+    settled_usage(&sd, first, "after a clean restart").await;
+    let second = pull_small_blobs(&sd, &fake, 9200, 10).await;
+    settled_usage(&sd, first + second, "after more pulls").await;
+    sd.kill();
+    drop(sd);
+
+    let sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let text = settled_usage(&sd, first + second, "after the kill").await;
+    assert_eq!(
+        metric(&text, "stevedore_cache_index_rebuilds_total{reason=\"start\"}"),
+        Some(1.0),
+        "the index was not rebuilt by one walk at the start:\n{text}"
+    );
+    // Past the cap: eviction brings proxied usage under the high mark.
+    let third = pull_small_blobs(&sd, &fake, 9300, 40).await;
+    assert!((first + second + third) as f64 > high, "the test pulls past the cap");
+    let checks = usage_checks(&metrics_text(&sd).await);
+    let (ok, text) =
+        wait_metrics(&sd, LIMIT, |t| usage_checks(t) >= checks + 2.0 && (0.0..=high).contains(&used(t, "proxied")))
+            .await;
+    assert!(ok, "proxied usage did not come under the high mark {high} after the rebuild:\n{text}");
+    assert!(metric(&text, "stevedore_cache_evicted_items_total").unwrap_or(0.0) > 0.0, "{text}");
+    // The least recently used blobs (pulled before the kill) went first; the last pulled stay.
+    let http = client();
+    let d = common::data::sha256(&bytes(9300 + 39, 512 + (39 % 7) * 100));
+    let r = read(http.get(sd.url(&Dialect::Ns.path(HOST, "lib/small4", &format!("blobs/{d}"))))).await;
+    assert_eq!(r.cache(), "hit", "the most recently pulled blob was evicted");
+    let d = common::data::sha256(&bytes(9100, 512));
+    assert!(!has_blob(&sd, &d), "the least recently used blob (pulled before the kill) was kept");
+    assert_stored_blobs_intact(&sd);
+}

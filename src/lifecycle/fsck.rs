@@ -179,6 +179,11 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
         for d in &present.snapshot {
             store.ensure_access(d).await?;
         }
+        // The lifecycle's index, from the store as it now is, saved as a clean stop's: the
+        // next server start loads it instead of walking.
+        let ix = super::index::Index::build(store).await?;
+        store.save_index(&ix.encode()).await?;
+        crate::metrics::index_rebuilt("fsck");
     }
     Ok(r)
 }

@@ -126,3 +126,100 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
     }
     Ok(r)
 }
+
+/// The periodic GC's pass over the index's queue of candidates ([`super::index::Candidate`]):
+/// GitLab's review queue, one blob link or piece of content at a time, never a walk.
+///
+/// 1. A blob link of a local repository that no manifest there needs is removed once neither
+///    the link nor a use of the blob is younger than `since` (a blob uploaded for a manifest
+///    not pushed yet stays queued until then).
+/// 2. Content nothing links or needs (in the index) is deleted once unused since `since`.
+///
+/// Each removal re-checks under the exclusive guard (not in use, no use since `since`);
+/// `since` was taken before the index was brought up to date, so whatever was made
+/// reachable after the index's state recorded a later use. Candidates still too young, or
+/// whose guard was held, stay queued for the next pass; the others leave the queue.
+pub async fn review(store: &Store, ix: &mut super::index::Index, since: SystemTime) -> StoreResult<GcReport> {
+    use super::index::Candidate;
+    let mut r = GcReport::default();
+    let queue: Vec<Candidate> = ix.gc_queue.drain().collect();
+    let mut requeue: Vec<Candidate> = Vec::new();
+    let mut contents: Vec<Digest> = Vec::new();
+    let since_ms = since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    // Young by the index (no request), else by the store's own record.
+    let young = |ix: &super::index::Index, d: &Digest| ix.content.get(d).is_some_and(|c| c.access >= since_ms);
+    let mut doomed: Vec<(Repo, Digest)> = Vec::new();
+    for c in queue {
+        let Some(repo) = c.repo else {
+            contents.push(c.digest);
+            continue;
+        };
+        let Some(ri) = ix.repos.get(&repo) else { continue };
+        let needed = ri.manifests.contains_key(&c.digest) || ri.manifests.values().any(|n| n.needs.contains(&c.digest));
+        if !ri.links.contains(&c.digest) || needed || !matches!(repo, Repo::Local(_)) {
+            continue;
+        }
+        if young(ix, &c.digest) || recent(store, &c.digest, since).await? {
+            requeue.push(Candidate { repo: Some(repo), digest: c.digest });
+            continue;
+        }
+        doomed.push((repo, c.digest));
+    }
+    if !doomed.is_empty() {
+        crate::hooks::pause("gc.before_remove").await;
+    }
+    for (repo, b) in doomed {
+        // The mutation protocol: under the exclusive guard nothing links or stores it;
+        // whatever did since the index's state recorded a use. Held right now: next pass.
+        let Some(_removal) = store.try_removal(&[&b]).await else {
+            requeue.push(Candidate { repo: Some(repo), digest: b });
+            continue;
+        };
+        if recent(store, &b, since).await? {
+            requeue.push(Candidate { repo: Some(repo), digest: b });
+            continue;
+        }
+        store.unlink_blob(&repo, &b).await?;
+        if let Some(ri) = ix.repos.get_mut(&repo) {
+            ri.links.remove(&b);
+        }
+        r.unlinked += 1;
+        r.removed.push(format!("{repo}@{b}"));
+        contents.push(b);
+    }
+    contents.sort();
+    contents.dedup();
+    // Which candidates anything references, in one pass over the index.
+    let wanted: HashSet<&Digest> = contents.iter().collect();
+    let mut referenced: HashSet<Digest> = HashSet::new();
+    for ri in ix.repos.values() {
+        let refs = ri.links.iter().chain(ri.manifests.keys()).chain(ri.manifests.values().flat_map(|n| n.needs.iter()));
+        referenced.extend(refs.filter(|d| wanted.contains(d)).cloned());
+    }
+    for d in contents {
+        let Some(size) = ix.content.get(&d).map(|c| c.size) else { continue };
+        if referenced.contains(&d) {
+            continue;
+        }
+        if young(ix, &d) || recent(store, &d, since).await? {
+            requeue.push(Candidate { repo: None, digest: d });
+            continue;
+        }
+        let Some(_removal) = store.try_removal(&[&d]).await else {
+            requeue.push(Candidate { repo: None, digest: d });
+            continue;
+        };
+        if recent(store, &d, since).await? {
+            requeue.push(Candidate { repo: None, digest: d });
+            continue;
+        }
+        if store.delete_content(&d).await? {
+            r.deleted += 1;
+            r.bytes += size;
+            r.removed.push(d.to_string());
+        }
+        ix.content.remove(&d);
+    }
+    ix.gc_queue.extend(requeue);
+    Ok(r)
+}

@@ -19,6 +19,7 @@
 
 pub mod fsck;
 pub mod gc;
+pub mod index;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -103,16 +104,32 @@ struct Scan {
     usage: Usage,
 }
 
+/// What the lifecycle holds between passes (under its lock).
+#[derive(Default)]
+struct State {
+    /// `None` until loaded or built.
+    index: Option<index::Index>,
+    /// Rebuild the index (by one walk) before the next pass.
+    drift: bool,
+    /// The index changed since `usage` was computed.
+    changed: bool,
+    usage: Usage,
+    /// Shutting down: the index was saved, nothing runs any more.
+    sealed: bool,
+    /// The store's generation (changed by offline tools) the index reflects.
+    generation: Option<bytes::Bytes>,
+}
+
 /// The lifecycle of one store: one eviction or collection at a time in this process.
 pub struct Lifecycle {
     store: Arc<Store>,
     cfg: CacheConfig,
-    lock: tokio::sync::Mutex<()>,
+    state: tokio::sync::Mutex<State>,
 }
 
 impl Lifecycle {
     pub fn new(store: Arc<Store>, cfg: &CacheConfig) -> Arc<Lifecycle> {
-        let lc = Arc::new(Lifecycle { store, cfg: cfg.clone(), lock: tokio::sync::Mutex::new(()) });
+        let lc = Arc::new(Lifecycle { store, cfg: cfg.clone(), state: tokio::sync::Mutex::new(State::default()) });
         if let Some((high, _)) = lc.marks() {
             lc.store.records().high_mark.store(high, Ordering::Release);
         }
@@ -129,10 +146,114 @@ impl Lifecycle {
         &self.store
     }
 
-    /// Bytes used by kind (a full scan).
-    pub async fn usage(&self) -> StoreResult<Usage> {
-        let _g = self.lock.lock().await;
-        Ok(self.scan().await?.usage)
+    /// Whether the store is shared with other replicas: their changes are not in this
+    /// process's journal, so the index is rebuilt for every pass (the lease makes one replica
+    /// at a time run one).
+    fn shared(&self) -> bool {
+        self.store.fleet().is_some()
+    }
+
+    /// Loads the index a clean stop saved (trusted only with its clean-shutdown marker), or
+    /// builds it by one walk; then removes the marker (a crash from here on is not a clean
+    /// stop) and keeps the journal of changes.
+    pub async fn open(&self) -> StoreResult<()> {
+        let mut st = self.state.lock().await;
+        self.store.start_journal();
+        st.generation = self.store.index_generation().await?;
+        let saved = match self.shared() {
+            true => None,
+            false => self.store.saved_index().await?.and_then(|raw| index::Index::decode(&raw)),
+        };
+        match saved {
+            Some(ix) => {
+                tracing::info!(content = ix.content.len(), "lifecycle index loaded (clean stop)");
+                st.index = Some(ix);
+            }
+            None => self.rebuild(&mut st, "start").await?,
+        }
+        self.store.claim_index().await?;
+        st.changed = true;
+        self.catch_up(&mut st).await
+    }
+
+    async fn rebuild(&self, st: &mut State, reason: &'static str) -> StoreResult<()> {
+        // Changes from here on are applied to what the walk finds (applying one twice is
+        // harmless: the index is sets and maxima).
+        self.store.start_journal();
+        let started = std::time::Instant::now();
+        let ix = index::Index::build(&self.store).await?;
+        if reason != "shared" {
+            tracing::info!(
+                reason,
+                content = ix.content.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "lifecycle index rebuilt by walking the store"
+            );
+        }
+        crate::metrics::index_rebuilt(reason);
+        st.index = Some(ix);
+        st.drift = false;
+        st.changed = true;
+        Ok(())
+    }
+
+    /// Brings the index up to date: the journal's changes applied, or a rebuild after drift
+    /// (or for every pass on a shared store).
+    async fn catch_up(&self, st: &mut State) -> StoreResult<()> {
+        if st.index.is_none() || st.drift {
+            let reason = if st.index.is_none() { "start" } else { "drift" };
+            return self.rebuild(st, reason).await;
+        }
+        if self.shared() {
+            return self.rebuild(st, "shared").await;
+        }
+        // An offline tool (prefetch) changed the store beside this server: not in the journal.
+        let generation = self.store.index_generation().await?;
+        if generation != st.generation {
+            st.generation = generation;
+            tracing::info!("the store was changed by an offline tool; rebuilding the lifecycle index");
+            return self.rebuild(st, "drift").await;
+        }
+        let Some(changes) = self.store.drain_changes() else {
+            tracing::warn!("the lifecycle journal overflowed; rebuilding the index");
+            return self.rebuild(st, "drift").await;
+        };
+        if changes.is_empty() {
+            return Ok(());
+        }
+        st.changed = true;
+        let ix = st.index.as_mut().expect("index loaded");
+        for c in changes {
+            if let Err(index::Drift(why)) = ix.apply(c) {
+                tracing::warn!(%why, "the lifecycle index drifted from the store; rebuilding it");
+                return self.rebuild(st, "drift").await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recomputes usage from the index when it changed (in memory), and publishes it.
+    fn refresh_usage(&self, st: &mut State) {
+        if st.changed {
+            if let Some(ix) = &st.index {
+                st.usage = view(ix, SystemTime::now()).usage;
+            }
+            st.changed = false;
+        }
+        let u = &st.usage;
+        let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        self.store.set_usage(crate::storage::UsageSnapshot {
+            pushed: u.pushed,
+            imported: u.imported,
+            proxied: u.proxied,
+            items: u.items as u64,
+            oldest_access_ms: u.oldest_access.map(ms).unwrap_or(0),
+            known: true,
+        });
+        self.store.records().proxied_at_scan.store(u.proxied, Ordering::Release);
+        let oldest = u.oldest_access.map(|t| age(t).as_secs_f64()).unwrap_or(0.0);
+        crate::metrics::usage(u.pushed, u.imported, u.proxied, oldest);
+        crate::metrics::store_bytes(u.pushed + u.imported + u.proxied);
     }
 
     /// The fleet's lease for one pass (eviction or GC), so that one replica at a time runs
@@ -151,27 +272,57 @@ impl Lifecycle {
         }
     }
 
-    /// Measures usage and applies the cap and the age limit; `pressure`: space is needed
-    /// now (a write hit a full store), so something is evicted even under the cap. Skipped
-    /// (nothing evicted) while another replica runs a pass.
+    /// Applies the cap and the age limit to usage as the index knows it; `pressure`: space
+    /// is needed now (a write hit a full store), so something is evicted even under the cap.
+    /// Nothing is asked of the backend unless something is to be evicted. Skipped (nothing
+    /// evicted) while another replica runs a pass.
     pub async fn check(&self, pressure: bool) -> StoreResult<Evicted> {
-        let _g = self.lock.lock().await;
+        let mut st = self.state.lock().await;
+        if st.sealed {
+            return Ok(Evicted::default());
+        }
         let Ok(_pass) = self.fleet_pass("eviction").await else { return Ok(Evicted::default()) };
-        let scan = self.scan().await?;
-        let proxied = scan.usage.proxied;
+        // Before the journal is drained: any use after this is seen by the re-checks.
+        let start = SystemTime::now();
+        self.store.records().committed_since_scan.store(0, Ordering::Release);
+        self.catch_up(&mut st).await?;
+        self.refresh_usage(&mut st);
+        let proxied = st.usage.proxied;
         let cap = match self.marks() {
             Some((high, low)) if proxied > high => Some(low),
             _ => None,
         };
+        let expired = self
+            .cfg
+            .max_unused
+            .and_then(|age| start.checked_sub(age))
+            .is_some_and(|before| st.usage.oldest_access.is_some_and(|t| t < before));
+        if cap.is_none() && !pressure && !expired {
+            return Ok(Evicted { before: st.usage.clone(), after_proxied: proxied, ..Evicted::default() });
+        }
+        let scan = view(st.index.as_ref().expect("index loaded"), start);
         // A full store: a tenth of the proxied content (at least down to the low mark), but
         // never what was used within the last check interval (the working set stays served).
         let full = pressure.then(|| {
             let (_, low) = self.marks().unwrap_or((u64::MAX, u64::MAX));
             let target = proxied.saturating_sub((proxied / 10).max(1)).min(low);
-            (target, scan.start.checked_sub(self.cfg.check_interval).unwrap_or(SystemTime::UNIX_EPOCH))
+            (target, start.checked_sub(self.cfg.check_interval).unwrap_or(SystemTime::UNIX_EPOCH))
         });
-        let out = self.evict(scan, cap, full).await?;
-        crate::metrics::usage(&out.before, out.after_proxied);
+        let out = self.evict(scan, cap, full).await;
+        if matches!(out, Ok((_, true))) {
+            st.drift = true;
+        }
+        // What the eviction removed, into the index (and usage) now; a shared store's next
+        // pass walks it again anyway.
+        if self.shared() {
+            if let Ok((e, _)) = &out {
+                st.usage.proxied = e.after_proxied;
+            }
+        } else {
+            self.catch_up(&mut st).await?;
+        }
+        self.refresh_usage(&mut st);
+        let (out, _) = out?;
         if out.items > 0 {
             crate::metrics::evicted(out.bytes, out.items);
             tracing::info!(
@@ -186,126 +337,42 @@ impl Lifecycle {
         Ok(out)
     }
 
-    async fn scan(&self) -> StoreResult<Scan> {
-        let store = &self.store;
-        let start = SystemTime::now();
-        store.records().committed_since_scan.store(0, Ordering::Release);
-        let sizes: HashMap<Digest, u64> = store.contents().await?.into_iter().collect();
-        let mut s = Scan {
-            start,
-            sizes,
-            kinds: HashMap::new(),
-            access: HashMap::new(),
-            links: HashMap::new(),
-            needed: HashMap::new(),
-            repo_needed: HashMap::new(),
-            repo_linked: HashSet::new(),
-            units: Vec::new(),
-            usage: Usage::default(),
-        };
-        let mut pushed: HashSet<Digest> = HashSet::new();
-        let mut cached_units = Vec::new();
-        for repo in store.repositories().await? {
-            let manifests = store.repo_manifests(&repo).await?;
-            let links = store.repo_links(&repo).await?;
-            let local = matches!(repo, Repo::Local(_));
-            let mut needs_here: HashSet<Digest> = HashSet::new();
-            for (m, _) in &manifests {
-                *s.links.entry(m.clone()).or_default() += 1;
-                let refs = store.references(&repo, m).await?.unwrap_or_default();
-                for n in &refs.needs {
-                    *s.needed.entry(n.clone()).or_default() += 1;
-                    *s.repo_needed.entry((repo.clone(), n.clone())).or_default() += 1;
-                    needs_here.insert(n.clone());
-                }
-                if local {
-                    pushed.insert(m.clone());
-                    pushed.extend(refs.needs.iter().cloned());
-                } else {
-                    cached_units.push(Unit {
-                        repo: Some(repo.clone()),
-                        manifest: Some(m.clone()),
-                        blobs: refs.needs.clone(),
-                        subject: refs.subject.clone(),
-                        last: start,
-                    });
-                }
-            }
-            for (b, _) in &links {
-                *s.links.entry(b.clone()).or_default() += 1;
-                s.repo_linked.insert((repo.clone(), b.clone()));
-                if local {
-                    pushed.insert(b.clone());
-                } else if !needs_here.contains(b) && !manifests.iter().any(|(m, _)| m == b) {
-                    cached_units.push(Unit {
-                        repo: Some(repo.clone()),
-                        manifest: None,
-                        blobs: vec![b.clone()],
-                        subject: None,
-                        last: start,
-                    });
-                }
-            }
+    /// Usage by kind as of the last check (no backend request; before the first check the
+    /// index is computed from what is loaded).
+    pub async fn usage(&self) -> Usage {
+        self.state.lock().await.usage.clone()
+    }
+
+    /// Saves the index with its clean-shutdown marker (a clean stop): the next start loads it
+    /// instead of walking the store. Nothing runs after this.
+    pub async fn save(&self) -> StoreResult<()> {
+        let mut st = self.state.lock().await;
+        if st.sealed || st.index.is_none() || self.shared() {
+            return Ok(());
         }
-        // Content nothing links or needs: left by an interrupted eviction or a delete.
-        for d in s.sizes.keys() {
-            if !s.links.contains_key(d) && !s.needed.contains_key(d) {
-                cached_units.push(Unit {
-                    repo: None,
-                    manifest: None,
-                    blobs: vec![d.clone()],
-                    subject: None,
-                    last: start,
-                });
-            }
+        self.catch_up(&mut st).await?;
+        st.sealed = true;
+        let raw = st.index.as_ref().expect("index loaded").encode();
+        self.store.save_index(&raw).await?;
+        // A change that slipped in after the drain (a fill finishing): not a clean index.
+        if !self.store.drain_changes().is_some_and(|c| c.is_empty()) {
+            self.store.distrust_index().await?;
         }
-        let mut oldest: Option<SystemTime> = None;
-        for (d, size) in &s.sizes {
-            let kind = if pushed.contains(d) {
-                Kind::Pushed
-            } else if store.is_imported(d).await? {
-                Kind::Imported
-            } else {
-                Kind::Proxied
-            };
-            let t = store.ensure_access(d).await?;
-            s.access.insert(d.clone(), t);
-            s.kinds.insert(d.clone(), kind);
-            match kind {
-                Kind::Pushed => s.usage.pushed += size,
-                Kind::Imported => s.usage.imported += size,
-                Kind::Proxied => {
-                    s.usage.proxied += size;
-                    oldest = Some(oldest.map_or(t, |o| o.min(t)));
-                }
-            }
-        }
-        s.usage.items = s.sizes.len();
-        s.usage.oldest_access = oldest;
-        for mut u in cached_units {
-            let pinned = |d: &Digest| matches!(s.kinds.get(d), Some(Kind::Pushed | Kind::Imported));
-            let proxied = |d: &&Digest| s.kinds.get(*d) == Some(&Kind::Proxied);
-            let digests = u.manifest.iter().chain(u.blobs.iter());
-            // A pushed or imported manifest is not the cap's to evict, nor a unit with nothing
-            // proxied. A cached image sharing a layer with a pushed one is: its proxied parts
-            // go, the pinned layer stays (content of another kind is never deleted here).
-            if u.manifest.as_ref().is_some_and(pinned) || !digests.clone().any(|d| proxied(&d)) {
-                continue;
-            }
-            // Its age is that of its proxied parts (a pushed layer in use keeps nothing cached).
-            u.last = digests.filter(proxied).filter_map(|d| s.access.get(d)).max().copied().unwrap_or(start);
-            s.units.push(u);
-        }
-        s.units.sort_by_key(|u| u.last);
-        store.records().proxied_at_scan.store(s.usage.proxied, Ordering::Release);
-        Ok(s)
+        Ok(())
     }
 
     /// Evicts units, least recently used first, until proxied usage is at `target` (if
     /// given), or at `full.0` among units unused since `full.1`, and every unit unused for
-    /// longer than `cache.max_unused`.
-    async fn evict(&self, mut s: Scan, target: Option<u64>, full: Option<(u64, SystemTime)>) -> StoreResult<Evicted> {
+    /// longer than `cache.max_unused`. `true` beside it: the store did not hold something the
+    /// index said it did (drift).
+    async fn evict(
+        &self,
+        mut s: Scan,
+        target: Option<u64>,
+        full: Option<(u64, SystemTime)>,
+    ) -> StoreResult<(Evicted, bool)> {
         let store = &self.store;
+        let mut drift = false;
         let mut out = Evicted { before: s.usage.clone(), ..Evicted::default() };
         let mut proxied = s.usage.proxied;
         let expired_before = self.cfg.max_unused.and_then(|age| s.start.checked_sub(age));
@@ -350,6 +417,8 @@ impl Lifecycle {
                 if let Some(m) = &u.manifest {
                     if store.delete_manifest(repo, m, u.subject.as_ref()).await? {
                         out.manifests += 1;
+                    } else {
+                        drift = true;
                     }
                     dec(&mut s.links, m);
                     candidates.push(m.clone());
@@ -391,20 +460,21 @@ impl Lifecycle {
                     proxied = proxied.saturating_sub(size);
                     out.bytes += size;
                     out.items += 1;
+                } else {
+                    drift = true;
                 }
                 s.kinds.remove(&d);
             }
         }
         out.after_proxied = proxied;
-        store.records().proxied_at_scan.store(proxied, Ordering::Release);
-        Ok(out)
+        Ok((out, drift))
     }
 
-    /// Garbage collection of pushed repositories (see [`gc`]). Skipped while another
-    /// replica runs a pass ([`gc::GcReport::skipped`]); a dry run changes nothing and runs
-    /// regardless.
+    /// Garbage collection of the whole store by walking it (see [`gc::collect`]): the
+    /// explicit `stevedore gc`. Skipped while another replica runs a pass
+    /// ([`gc::GcReport::skipped`]); a dry run changes nothing and runs regardless.
     pub async fn gc(&self, dry_run: bool) -> StoreResult<gc::GcReport> {
-        let _g = self.lock.lock().await;
+        let _st = self.state.lock().await;
         let _pass = match dry_run {
             true => None,
             false => match self.fleet_pass("gc").await {
@@ -417,11 +487,43 @@ impl Lifecycle {
         r
     }
 
-    /// Runs until the runtime stops: usage checks (every `check_interval`, and at once when
-    /// space is needed), access flushes, the periodic GC.
+    /// The periodic GC: reviews the queue of candidates (what was unlinked, deleted, evicted
+    /// or uploaded since), nothing else; `None` when the queue is empty (nothing is asked of
+    /// the backend). On a shared store, the whole store (the queue of changes made by other
+    /// replicas is not here).
+    pub async fn gc_pass(&self) -> StoreResult<Option<gc::GcReport>> {
+        let mut st = self.state.lock().await;
+        if st.sealed || st.index.is_none() {
+            return Ok(None);
+        }
+        if self.shared() {
+            let Ok(_pass) = self.fleet_pass("gc").await else { return Ok(None) };
+            let r = gc::collect(&self.store, self.cfg.gc_grace, false).await;
+            crate::metrics::gc_run(r.is_ok(), r.as_ref().map(|r| r.bytes).unwrap_or(0));
+            return r.map(Some);
+        }
+        // Before the journal is drained: whatever is made reachable after this is recent.
+        let since = SystemTime::now().checked_sub(self.cfg.gc_grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        self.catch_up(&mut st).await?;
+        if st.index.as_ref().is_some_and(|ix| ix.gc_queue.is_empty()) {
+            return Ok(None);
+        }
+        let r = gc::review(&self.store, st.index.as_mut().expect("index loaded"), since).await;
+        crate::metrics::gc_run(r.is_ok(), r.as_ref().map(|r| r.bytes).unwrap_or(0));
+        self.catch_up(&mut st).await?;
+        self.refresh_usage(&mut st);
+        r.map(Some)
+    }
+
+    /// Runs until the runtime stops: loads (or builds) the index, then usage checks (every
+    /// `check_interval`, and at once when space is needed), access flushes, the periodic GC.
     pub fn spawn(self: &Arc<Lifecycle>) {
         let lc = self.clone();
         tokio::spawn(async move {
+            while let Err(e) = lc.open().await {
+                tracing::warn!(error = %e, "loading the lifecycle index failed; trying again");
+                tokio::time::sleep(lc.cfg.check_interval).await;
+            }
             let mut tick = tokio::time::interval(lc.cfg.check_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -452,8 +554,8 @@ impl Lifecycle {
                 tick.tick().await;
                 loop {
                     tick.tick().await;
-                    match lc.gc(false).await {
-                        Ok(r) if r.unlinked + r.deleted > 0 => tracing::info!(
+                    match lc.gc_pass().await {
+                        Ok(Some(r)) if r.unlinked + r.deleted > 0 => tracing::info!(
                             unlinked = r.unlinked,
                             deleted = r.deleted,
                             bytes = r.bytes,
@@ -468,6 +570,108 @@ impl Lifecycle {
     }
 }
 
+/// The eviction picture of the index at `start`: sizes, kinds, references, units in LRU
+/// order, usage (in memory, no backend request).
+fn view(ix: &index::Index, start: SystemTime) -> Scan {
+    let mut s = Scan {
+        start,
+        sizes: ix.content.iter().map(|(d, c)| (d.clone(), c.size)).collect(),
+        kinds: HashMap::new(),
+        access: HashMap::new(),
+        links: HashMap::new(),
+        needed: HashMap::new(),
+        repo_needed: HashMap::new(),
+        repo_linked: HashSet::new(),
+        units: Vec::new(),
+        usage: Usage::default(),
+    };
+    let mut pushed: HashSet<&Digest> = HashSet::new();
+    let mut cached_units = Vec::new();
+    for (repo, ri) in &ix.repos {
+        let local = matches!(repo, Repo::Local(_));
+        let mut needs_here: HashSet<&Digest> = HashSet::new();
+        for (m, refs) in &ri.manifests {
+            *s.links.entry(m.clone()).or_default() += 1;
+            for n in &refs.needs {
+                *s.needed.entry(n.clone()).or_default() += 1;
+                *s.repo_needed.entry((repo.clone(), n.clone())).or_default() += 1;
+                needs_here.insert(n);
+            }
+            if local {
+                pushed.insert(m);
+                pushed.extend(refs.needs.iter());
+            } else {
+                cached_units.push(Unit {
+                    repo: Some(repo.clone()),
+                    manifest: Some(m.clone()),
+                    blobs: refs.needs.clone(),
+                    subject: refs.subject.clone(),
+                    last: start,
+                });
+            }
+        }
+        for b in &ri.links {
+            *s.links.entry(b.clone()).or_default() += 1;
+            s.repo_linked.insert((repo.clone(), b.clone()));
+            if local {
+                pushed.insert(b);
+            } else if !needs_here.contains(b) && !ri.manifests.contains_key(b) {
+                cached_units.push(Unit {
+                    repo: Some(repo.clone()),
+                    manifest: None,
+                    blobs: vec![b.clone()],
+                    subject: None,
+                    last: start,
+                });
+            }
+        }
+    }
+    // Content nothing links or needs: left by an interrupted eviction or a delete.
+    for d in s.sizes.keys() {
+        if !s.links.contains_key(d) && !s.needed.contains_key(d) {
+            cached_units.push(Unit { repo: None, manifest: None, blobs: vec![d.clone()], subject: None, last: start });
+        }
+    }
+    let mut oldest: Option<SystemTime> = None;
+    for (d, c) in &ix.content {
+        let kind = if pushed.contains(d) {
+            Kind::Pushed
+        } else if ix.imported.contains(d) {
+            Kind::Imported
+        } else {
+            Kind::Proxied
+        };
+        let t = crate::storage::index::from_unix(c.access);
+        s.access.insert(d.clone(), t);
+        s.kinds.insert(d.clone(), kind);
+        match kind {
+            Kind::Pushed => s.usage.pushed += c.size,
+            Kind::Imported => s.usage.imported += c.size,
+            Kind::Proxied => {
+                s.usage.proxied += c.size;
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+    }
+    s.usage.items = s.sizes.len();
+    s.usage.oldest_access = oldest;
+    for mut u in cached_units {
+        let pinned = |d: &Digest| matches!(s.kinds.get(d), Some(Kind::Pushed | Kind::Imported));
+        let proxied = |d: &&Digest| s.kinds.get(*d) == Some(&Kind::Proxied);
+        let digests = u.manifest.iter().chain(u.blobs.iter());
+        // A pushed or imported manifest is not the cap's to evict, nor a unit with nothing
+        // proxied. A cached image sharing a layer with a pushed one is: its proxied parts
+        // go, the pinned layer stays (content of another kind is never deleted here).
+        if u.manifest.as_ref().is_some_and(pinned) || !digests.clone().any(|d| proxied(&d)) {
+            continue;
+        }
+        // Its age is that of its proxied parts (a pushed layer in use keeps nothing cached).
+        u.last = digests.filter(proxied).filter_map(|d| s.access.get(d)).max().copied().unwrap_or(start);
+        s.units.push(u);
+    }
+    s.units.sort_by_key(|u| u.last);
+    s
+}
 fn dec(m: &mut HashMap<Digest, usize>, d: &Digest) {
     if let Some(n) = m.get_mut(d) {
         *n = n.saturating_sub(1);

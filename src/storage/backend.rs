@@ -130,6 +130,11 @@ pub trait Verified: Send {
 /// A storage backend.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
+    /// The backend's name in metrics (`fs`, `s3`).
+    fn kind(&self) -> &'static str {
+        "other"
+    }
+
     // --- content ---
     /// The size of committed content, `None` when absent.
     async fn stat(&self, d: &Digest) -> StoreResult<Option<u64>>;

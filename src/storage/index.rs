@@ -56,9 +56,81 @@ impl Refs {
     }
 }
 
+/// A change to what the store holds, told to the lifecycle's index ([`Store::drain_changes`])
+/// so that it never has to walk the store to know usage, eviction order or what to collect.
+#[derive(Clone, Debug)]
+pub enum Change {
+    /// Content became visible under its digest.
+    Committed {
+        digest: Digest,
+        size: u64,
+    },
+    /// A blob link was written in a repository.
+    Linked {
+        repo: Repo,
+        digest: Digest,
+    },
+    Unlinked {
+        repo: Repo,
+        digest: Digest,
+    },
+    /// A manifest revision was recorded in a repository, with what it references.
+    ManifestStored {
+        repo: Repo,
+        digest: Digest,
+        refs: Refs,
+    },
+    ManifestDeleted {
+        repo: Repo,
+        digest: Digest,
+    },
+    /// Content and its records were deleted.
+    Deleted {
+        digest: Digest,
+    },
+    Imported {
+        digest: Digest,
+    },
+    Unimported {
+        digest: Digest,
+    },
+    /// Uses written by an access flush (unix milliseconds).
+    Accessed {
+        uses: Vec<(Digest, u64)>,
+    },
+}
+
+/// Changes kept for the index between two drains at most (beyond: the index is rebuilt).
+const JOURNAL_MAX: usize = 1 << 20;
+
+/// The journal of [`Change`]s: kept only while an index drains it.
+#[derive(Default)]
+struct Journal {
+    on: bool,
+    /// More changes than [`JOURNAL_MAX`] since the last drain: some were dropped.
+    lost: bool,
+    changes: Vec<Change>,
+}
+
+/// Usage by kind as the lifecycle last computed it (plain numbers, [`Store::usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsageSnapshot {
+    pub pushed: u64,
+    pub imported: u64,
+    pub proxied: u64,
+    /// Pieces of content.
+    pub items: u64,
+    /// The least recently used proxied content's last use (unix milliseconds; 0: none).
+    pub oldest_access_ms: u64,
+    /// Whether the lifecycle has computed it yet (a server still loading its index: no).
+    pub known: bool,
+}
+
 /// In-memory state of the records: the access batch and the content in use.
 #[derive(Default)]
 pub struct Records {
+    journal: Mutex<Journal>,
+    usage: Mutex<UsageSnapshot>,
     /// digest → unix milliseconds of its latest use not yet written.
     pending: Mutex<HashMap<Digest, u64>>,
     /// digest → open reads and fills.
@@ -84,6 +156,19 @@ pub fn from_unix(ms: u64) -> SystemTime {
 }
 
 impl Records {
+    fn note(&self, c: Change) {
+        let mut j = self.journal.lock().unwrap();
+        if !j.on || j.lost {
+            return;
+        }
+        if j.changes.len() >= JOURNAL_MAX {
+            j.lost = true;
+            j.changes = Vec::new();
+            return;
+        }
+        j.changes.push(c);
+    }
+
     pub fn touch(&self, d: &Digest) {
         let now = unix_now();
         let mut p = self.pending.lock().unwrap();
@@ -143,17 +228,59 @@ impl Store {
         }))
     }
 
+    /// Notes a change for the lifecycle's index (when one is kept).
+    pub(crate) fn note(&self, c: Change) {
+        self.records.note(c);
+    }
+
+    /// Starts keeping the journal of changes for an index (and empties it).
+    pub fn start_journal(&self) {
+        let mut j = self.records.journal.lock().unwrap();
+        *j = Journal { on: true, ..Journal::default() };
+    }
+
+    /// The changes since the last drain, in order; `None` when some were lost (the journal
+    /// overflowed: whoever keeps an index rebuilds it).
+    pub fn drain_changes(&self) -> Option<Vec<Change>> {
+        let mut j = self.records.journal.lock().unwrap();
+        let changes = std::mem::take(&mut j.changes);
+        if std::mem::take(&mut j.lost) {
+            return None;
+        }
+        Some(changes)
+    }
+
+    /// Usage by kind as of the lifecycle's last check: plain numbers, no backend request.
+    pub fn usage(&self) -> UsageSnapshot {
+        *self.records.usage.lock().unwrap()
+    }
+
+    /// Records the usage the lifecycle computed.
+    pub fn set_usage(&self, u: UsageSnapshot) {
+        *self.records.usage.lock().unwrap() = u;
+    }
+
     /// Writes the batched accesses; returns how many records were written. Records that
     /// could not be written (a full store) stay in the batch.
     pub async fn flush_access(&self) -> usize {
         let batch: Vec<(Digest, u64)> = self.records.pending.lock().unwrap().drain().collect();
+        if batch.is_empty() {
+            return 0;
+        }
         let mut written = 0;
         let mut failed = Vec::new();
+        let mut uses = Vec::with_capacity(batch.len());
         for (d, t) in batch {
             match self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await {
-                Ok(()) => written += 1,
+                Ok(()) => {
+                    written += 1;
+                    uses.push((d, t));
+                }
                 Err(_) => failed.push((d, t)),
             }
+        }
+        if !uses.is_empty() {
+            self.note(Change::Accessed { uses });
         }
         if !failed.is_empty() {
             let mut p = self.records.pending.lock().unwrap();
@@ -223,7 +350,9 @@ impl Store {
     /// Marks content as imported (never evicted by the cache cap). Written before the content
     /// is made visible.
     pub async fn mark_imported(&self, d: &Digest) -> StoreResult<()> {
-        self.backend.put(&layout::imported(d), b"").await
+        self.backend.put(&layout::imported(d), b"").await?;
+        self.note(Change::Imported { digest: d.clone() });
+        Ok(())
     }
 
     pub async fn is_imported(&self, d: &Digest) -> StoreResult<bool> {
@@ -234,6 +363,7 @@ impl Store {
     pub async fn delete_content(&self, d: &Digest) -> StoreResult<bool> {
         let removed = self.backend.delete(d).await?;
         self.forget_size(d);
+        self.note(Change::Deleted { digest: d.clone() });
         for key in [layout::access(d), layout::refs(d), layout::imported(d)] {
             let _ = self.backend.remove(&key).await;
         }
@@ -318,7 +448,45 @@ impl Store {
 
     /// Removes an imported mark (an import undone).
     pub async fn unmark_imported(&self, d: &Digest) -> StoreResult<()> {
-        self.backend.remove(&layout::imported(d)).await.map(drop)
+        self.backend.remove(&layout::imported(d)).await?;
+        self.note(Change::Unimported { digest: d.clone() });
+        Ok(())
+    }
+
+    /// The lifecycle's saved index, if the last server stopped cleanly after saving it (its
+    /// clean-shutdown marker names exactly these bytes); `None` otherwise.
+    pub async fn saved_index(&self) -> StoreResult<Option<bytes::Bytes>> {
+        let Some((marker, _)) = self.backend.get(&layout::index_clean()).await? else { return Ok(None) };
+        let Some((state, _)) = self.backend.get(&layout::index_state()).await? else { return Ok(None) };
+        let want = Digest::of(crate::oci::Algorithm::Sha256, &state).to_string();
+        Ok((marker.as_ref() == want.as_bytes()).then_some(state))
+    }
+
+    /// Saves the lifecycle's index and then its clean-shutdown marker (the index's digest).
+    pub async fn save_index(&self, state: &[u8]) -> StoreResult<()> {
+        self.backend.put(&layout::index_state(), state).await?;
+        let digest = Digest::of(crate::oci::Algorithm::Sha256, state).to_string();
+        self.backend.put(&layout::index_clean(), digest.as_bytes()).await
+    }
+
+    /// Removes the clean-shutdown marker: the saved index is not trusted any more (a server
+    /// started on it: a crash from now on is not a clean stop).
+    pub async fn claim_index(&self) -> StoreResult<()> {
+        self.backend.remove(&layout::index_clean()).await.map(drop)
+    }
+
+    /// An offline tool is about to change the store: the saved index is not trusted any more,
+    /// and a server running beside it (prefetch may) sees the store's generation change at
+    /// its next check and rebuilds its index.
+    pub async fn distrust_index(&self) -> StoreResult<()> {
+        self.claim_index().await?;
+        let token = uuid::Uuid::now_v7().to_string();
+        self.backend.put(&layout::index_generation(), token.as_bytes()).await
+    }
+
+    /// The store's generation as offline tools last set it (one small read).
+    pub async fn index_generation(&self) -> StoreResult<Option<bytes::Bytes>> {
+        Ok(self.backend.get(&layout::index_generation()).await?.map(|(b, _)| b))
     }
 
     /// Every digest linked in `repo` or stored there as a manifest (listings only).

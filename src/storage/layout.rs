@@ -28,6 +28,12 @@
 //!                                            children, subject); rebuilt from the manifest
 //! meta/imported/<alg>/<hex>                  the content was imported (air gap): never
 //!                                            evicted by the cache cap
+//! meta/lifecycle/index                      the lifecycle's index (JSON: content, links,
+//!                                            manifests, GC queue), saved at a clean stop
+//! meta/lifecycle/clean                       the clean-shutdown marker: the digest of the
+//!                                            saved index; removed when a server starts
+//! meta/lifecycle/generation                 changed by every offline tool that changes the
+//!                                            store: a server's index is rebuilt after it
 //! meta/replicas/<uuid>                       a serving replica's heartbeat (JSON: its
 //!                                            advertised URL, host, pid, whether it has Redis)
 //! ```
@@ -100,6 +106,18 @@ pub fn imported(d: &Digest) -> Key {
 }
 
 /// The replicas' heartbeats (`<uuid>` below).
+pub fn index_state() -> Key {
+    Key::of(&["meta", "lifecycle", "index"])
+}
+
+pub fn index_generation() -> Key {
+    Key::of(&["meta", "lifecycle", "generation"])
+}
+
+pub fn index_clean() -> Key {
+    Key::of(&["meta", "lifecycle", "clean"])
+}
+
 pub fn replicas_dir() -> Key {
     Key(format!("{META}/replicas"))
 }

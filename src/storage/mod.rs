@@ -13,6 +13,7 @@
 //!   re-checks under the exclusive guards.
 
 pub mod backend;
+pub mod counted;
 mod fleet;
 mod fs;
 pub mod guard;
@@ -36,7 +37,7 @@ use moka::sync::Cache;
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
 pub use fleet::{fill_lease, Claim, Event, Fleet, Holder, Lease, LeaseHandle};
 pub use guard::{Reach, Removal};
-pub use index::{InUse, Refs};
+pub use index::{Change, InUse, Refs, UsageSnapshot};
 pub use repo::{ManifestPut, StoredManifest};
 pub use s3::S3Backend;
 pub use uploads::{Upload, UploadId, UploadWriter};
@@ -168,7 +169,7 @@ impl Store {
             None => (sizes.build(), links.build()),
         };
         Arc::new(Store {
-            backend,
+            backend: Arc::new(counted::Counted::new(backend)),
             sizes,
             links,
             unlinks: AtomicU64::new(0),
@@ -394,6 +395,7 @@ impl Store {
                 self.record_access_now(d).await;
             }
             self.backend.put(&key, b"").await?;
+            self.note(index::Change::Linked { repo: repo.clone(), digest: d.clone() });
             self.catalog.add(repo)
         } else {
             false
@@ -412,6 +414,9 @@ impl Store {
     pub async fn unlink_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
         let removed = self.backend.remove(&layout::layer_link(repo, d)).await;
         self.forget_link(repo, d);
+        if matches!(removed, Ok(true)) {
+            self.note(index::Change::Unlinked { repo: repo.clone(), digest: d.clone() });
+        }
         if matches!(removed, Ok(true)) {
             self.tell(Event::LinkGone { repo: Store::repo_key(repo), digest: d.to_string() }).await;
         }
@@ -479,6 +484,7 @@ impl Store {
         self.record_access_now(d).await;
         let epoch = self.deletions.load(Ordering::Acquire);
         let size = v.commit().await?;
+        self.note(index::Change::Committed { digest: d.clone(), size });
         {
             let _g = self.link_lock.lock().unwrap();
             if self.deletions.load(Ordering::Acquire) == epoch {
@@ -497,11 +503,6 @@ impl Store {
             batch_bytes: FILL_BATCH,
         };
         self.backend.create_writer(id, opts, hold).await
-    }
-
-    /// Total bytes of committed content.
-    pub async fn blob_bytes(&self) -> u64 {
-        self.backend.walk().await.map(|v| v.iter().map(|(_, s)| s).sum()).unwrap_or(0)
     }
 
     /// Whether the store accepts writes (reported as `stevedore_store_writable`).

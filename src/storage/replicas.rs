@@ -10,28 +10,31 @@ use super::{layout, Store, StoreResult};
 impl Store {
     /// Writes (or refreshes) a replica's heartbeat.
     pub async fn put_replica(&self, id: &uuid::Uuid, record: &[u8]) -> StoreResult<()> {
-        self.backend.put(&layout::replica(id), record).await
+        super::counted::heartbeat(self.backend.put(&layout::replica(id), record)).await
     }
 
     /// Removes a replica's heartbeat (at shutdown, or a dead one's).
     pub async fn remove_replica(&self, id: &uuid::Uuid) -> StoreResult<bool> {
-        self.backend.remove(&layout::replica(id)).await
+        super::counted::heartbeat(self.backend.remove(&layout::replica(id))).await
     }
 
     /// One replica's heartbeat: record, when it was written.
     pub async fn replica(&self, id: &uuid::Uuid) -> StoreResult<Option<(Bytes, SystemTime)>> {
-        self.backend.get(&layout::replica(id)).await
+        super::counted::heartbeat(self.backend.get(&layout::replica(id))).await
     }
 
     /// Every replica heartbeat: id, record, when it was written.
     pub async fn replicas(&self) -> StoreResult<Vec<(uuid::Uuid, Bytes, SystemTime)>> {
-        let mut out = Vec::new();
-        for name in self.backend.list(&layout::replicas_dir()).await? {
-            let Ok(id) = name.parse::<uuid::Uuid>() else { continue };
-            if let Some((raw, at)) = self.backend.get(&layout::replica(&id)).await? {
-                out.push((id, raw, at));
+        super::counted::heartbeat(async {
+            let mut out = Vec::new();
+            for name in self.backend.list(&layout::replicas_dir()).await? {
+                let Ok(id) = name.parse::<uuid::Uuid>() else { continue };
+                if let Some((raw, at)) = self.backend.get(&layout::replica(&id)).await? {
+                    out.push((id, raw, at));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
+        .await
     }
 }

@@ -86,11 +86,10 @@ impl Store {
         debug_assert!(reach.covers(m.digest));
         self.put_bytes_guarded(reach, m.digest, m.bytes).await?;
         // What it references is recorded before the manifest is visible in `repo`.
-        let mut needs = Vec::new();
+        let mut refs = super::Refs::default();
         if let Ok(parsed) = crate::oci::manifest::parse(m.bytes, Some(m.media_type)) {
-            let refs = super::Refs::of(&parsed);
+            refs = super::Refs::of(&parsed);
             self.record_refs(m.digest, &refs).await?;
-            needs = refs.needs;
         }
         if let Some((subject, desc)) = &m.referrer {
             self.backend.put(&layout::referrer(repo, subject, m.digest), desc.to_string().as_bytes()).await?;
@@ -102,6 +101,8 @@ impl Store {
             self.record_access_now(m.digest).await;
         }
         self.backend.put(&revision, m.media_type.as_bytes()).await?;
+        let needs = refs.needs.clone();
+        self.note(super::Change::ManifestStored { repo: repo.clone(), digest: m.digest.clone(), refs });
         for tag in m.tags {
             self.backend.put(&layout::tag(repo, tag), m.digest.to_string().as_bytes()).await?;
             self.tell(Event::TagChanged { repo: Store::repo_key(repo), tag: tag.to_string() }).await;
@@ -173,6 +174,7 @@ impl Store {
         if !self.backend.remove(&layout::revision(repo, d)).await? {
             return Ok(false);
         }
+        self.note(super::Change::ManifestDeleted { repo: repo.clone(), digest: d.clone() });
         for tag in self.list_tags(repo).await?.unwrap_or_default() {
             if self.resolve_tag(repo, &tag).await?.as_ref() == Some(d) {
                 self.backend.remove(&layout::tag(repo, &tag)).await?;

@@ -147,6 +147,10 @@ fn not_found<T>(r: std::io::Result<T>) -> std::io::Result<Option<T>> {
 
 #[async_trait]
 impl Backend for FsBackend {
+    fn kind(&self) -> &'static str {
+        "fs"
+    }
+
     async fn stat(&self, d: &Digest) -> StoreResult<Option<u64>> {
         Ok(self.0.stat(&layout::blob(d)).await?.map(|s| s.len))
     }

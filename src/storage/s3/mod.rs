@@ -423,6 +423,10 @@ fn last_part(p: &Path) -> Option<String> {
 
 #[async_trait]
 impl Backend for S3Backend {
+    fn kind(&self) -> &'static str {
+        "s3"
+    }
+
     async fn stat(&self, d: &Digest) -> StoreResult<Option<u64>> {
         Ok(self.0.head(&layout::blob(d)).await?.map(|m| m.size))
     }

@@ -24,6 +24,19 @@ pub struct Config {
     pub redis: RedisConfig,
     /// This replica among several on one store.
     pub cluster: ClusterConfig,
+    /// OpenTelemetry export of spans (issue 26); off without `otlp_endpoint`.
+    pub tracing: TracingConfig,
+}
+
+/// `[tracing]`: spans exported over OTLP HTTP/protobuf. `otlp_endpoint` (e.g.
+/// `http://collector:4318`, `/v1/traces` appended unless the path already ends so) wins over
+/// the standard `OTEL_EXPORTER_OTLP_ENDPOINT`; with neither, no OpenTelemetry layer exists.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans (default `stevedore`).
+    pub service_name: Option<String>,
 }
 
 /// `[redis]`: the coordination service of a fleet of replicas on one bucket (leases for
@@ -233,6 +246,9 @@ pub struct AuthConfig {
     /// `Authorization: Bearer <token>` presents for the admin endpoints (`/admin/*`), with or
     /// without `htpasswd`. Without it and without `htpasswd`, `/admin/*` does not exist (404).
     pub admin_token_file: Option<PathBuf>,
+    /// Who may read `/status` and `/status.json` (values as `metrics`); default `admin` when
+    /// users are configured (`htpasswd`), `open` otherwise.
+    pub status: Option<MetricsAccess>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -309,6 +325,7 @@ impl Default for AuthConfig {
             groups: Default::default(),
             rules: Vec::new(),
             admin_token_file: None,
+            status: None,
         }
     }
 }
@@ -982,6 +999,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             redis: RedisConfig::default(),
             cluster: ClusterConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

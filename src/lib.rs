@@ -14,6 +14,8 @@ pub mod metrics;
 pub mod oci;
 pub mod proxy;
 pub mod server;
+pub mod status;
+pub mod telemetry;
 pub mod storage;
 pub mod tls;
 pub mod upstream;

@@ -161,7 +161,13 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 /// Logs go to stderr, filtered by `RUST_LOG` (`level` and `target=level` directives, comma
 /// separated; `Targets` rather than `EnvFilter`, which would link a regex engine for span-field
 /// filters we do not use).
-fn init_logs(format: LogFormat) {
+///
+/// With a `[tracing]` endpoint (`serve` only; within its Tokio runtime) an OpenTelemetry
+/// layer exports spans as well; without one none is installed.
+fn init_logs(
+    format: LogFormat,
+    tracing_cfg: Option<&stevedore::config::TracingConfig>,
+) -> anyhow::Result<Option<stevedore::telemetry::Guard>> {
     use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
     const DEFAULT: &str = "info,tower_http=warn";
     let (filter, bad) = match std::env::var("RUST_LOG") {
@@ -178,18 +184,39 @@ fn init_logs(format: LogFormat) {
         .with_max_level(tracing::level_filters::LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    match format {
-        LogFormat::Text => logs.finish().with(filter).init(),
-        LogFormat::Json => logs.json().finish().with(filter).init(),
+    let endpoint = tracing_cfg.and_then(stevedore::telemetry::endpoint);
+    let mut guard = None;
+    match (format, endpoint, tracing_cfg) {
+        (LogFormat::Text, Some(ep), Some(t)) => {
+            let (otel, g) = stevedore::telemetry::layer(&ep, t)?;
+            let filter = filter.with_target(stevedore::telemetry::TARGET, tracing::Level::INFO);
+            logs.finish().with(filter).with(otel).init();
+            guard = Some((g, ep));
+        }
+        (LogFormat::Json, Some(ep), Some(t)) => {
+            let (otel, g) = stevedore::telemetry::layer(&ep, t)?;
+            let filter = filter.with_target(stevedore::telemetry::TARGET, tracing::Level::INFO);
+            logs.json().finish().with(filter).with(otel).init();
+            guard = Some((g, ep));
+        }
+        (LogFormat::Text, ..) => logs.finish().with(filter).init(),
+        (LogFormat::Json, ..) => logs.json().finish().with(filter).init(),
     }
     if let Some(msg) = bad {
         tracing::warn!("{msg}");
     }
+    Ok(guard.map(|(g, ep)| {
+        tracing::info!(endpoint = %stevedore::config::redact_url(&ep), "tracing: exporting spans over OTLP/HTTP");
+        g
+    }))
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // `serve` starts its logs once its configuration (`[tracing]`) is read.
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        init_logs(cli.log_format, None)?;
+    }
     match cli.cmd {
         Cmd::CheckConfig { config } => {
             let cfg = load(Some(&config))?;
@@ -209,8 +236,10 @@ fn main() -> anyhow::Result<()> {
             if args.offline {
                 cfg.proxy.offline = true;
             }
+            let rt = tokio::runtime::Runtime::new()?;
+            let _traces = rt.block_on(async { init_logs(cli.log_format, Some(&cfg.tracing)) })?;
             cfg.validate()?;
-            tokio::runtime::Runtime::new()?.block_on(serve(cfg))
+            rt.block_on(serve(cfg))
         }
         Cmd::Prefetch(args) => {
             let mut cfg = store_config(&args.store)?;

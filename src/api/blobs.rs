@@ -59,7 +59,8 @@ async fn get_local(app: &App, repo: &Repo, d: &Digest, req: &HeaderMap, head: bo
     let Some(size) = app.store.repo_blob_size(repo, d).await? else {
         return Err(ApiError::new(Code::BlobUnknown).detail(d.to_string()));
     };
-    serve_content(app, d, size, req, head).await
+    let span = crate::trace_span!("store read", digest = %d, bytes = size);
+    tracing::Instrument::instrument(serve_content(app, d, size, req, head), span).await
 }
 
 /// Committed content of `size` bytes, `Range` honoured.

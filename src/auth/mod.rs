@@ -368,6 +368,20 @@ impl Auth {
         }
     }
 
+    /// Whether the caller may read an operator page at `level` (`auth.status`).
+    pub async fn operator_allowed(&self, parts: &Parts, level: MetricsAccess, why: &str) -> Result<(), ApiError> {
+        if level == MetricsAccess::Open {
+            return Ok(());
+        }
+        let who = self.operator(parts, why).await?;
+        match level {
+            MetricsAccess::Admin if !self.rules.is_admin(&who) => {
+                Err(ApiError::new(Code::Denied).detail(format!("{who} is not an administrator (admin on \"*\")")))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the caller may use an admin endpoint (`POST /admin/prefetch`) on these
     /// repositories (full names): a login whose rules grant `admin` on every one of them.
     pub async fn admin_allowed(&self, parts: &Parts, fulls: &[String]) -> Result<(), ApiError> {
@@ -548,6 +562,26 @@ async fn issue(auth: &Auth, proxy: &Proxy, req: Request) -> ApiResult {
     let mut resp = (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response();
     resp.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-store"));
     Ok(resp)
+}
+
+/// `/status` and `/status.json` behind `auth.status`: by default `admin` when users are
+/// configured, `open` otherwise. Without users, `admin` accepts the admin token
+/// (`auth.admin_token_file`) and `authenticated` nobody.
+pub async fn status_gate(app: &crate::app::App, parts: &Parts) -> Result<(), ApiError> {
+    let level = app.cfg.auth.status.unwrap_or(match app.auth {
+        Some(_) => MetricsAccess::Admin,
+        None => MetricsAccess::Open,
+    });
+    if level == MetricsAccess::Open {
+        return Ok(());
+    }
+    if app.admin_token.as_ref().is_some_and(|t| t.presented_in(&parts.headers)) {
+        return Ok(());
+    }
+    match &app.auth {
+        Some(a) => a.operator_allowed(parts, level, "log in to read the status page").await,
+        None => Err(ApiError::new(Code::Unauthorized).detail("the status page needs the admin token (auth.status)")),
+    }
 }
 
 /// `/metrics` behind `auth.metrics`.

@@ -266,8 +266,9 @@ fn main() -> anyhow::Result<()> {
                     referrers: !args.no_referrers,
                     live: true,
                 };
-                let mut out = std::io::stdout();
+                let mut out = stevedore::progress::Progress::start("prefetch");
                 let r = airgap::prefetch::prefetch(&app.store, &app.proxy, &opts, &mut out).await;
+                drop(out);
                 println!(
                     "prefetch: {} ok, {} failed; {} manifests, {} blobs fetched ({}), {} blobs already cached",
                     r.ok.len(),
@@ -295,7 +296,10 @@ fn main() -> anyhow::Result<()> {
                     referrers: !args.no_referrers,
                     output: &args.output,
                 };
-                let r = airgap::export::export(&app.store, &app.proxy, &opts).await?;
+                let progress = stevedore::progress::Progress::start("export");
+                let r = airgap::export::export(&app.store, &app.proxy, &opts).await;
+                drop(progress);
+                let r = r?;
                 for name in &r.refs {
                     println!("{name}");
                 }
@@ -317,9 +321,10 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
                 refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
-                let r = match airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref())
-                    .await
-                {
+                let progress = stevedore::progress::Progress::start("import");
+                let r = airgap::import::import(&app.store, &app.proxy, &args.path, args.repository.as_deref()).await;
+                drop(progress);
+                let r = match r {
                     Ok(r) => r,
                     Err(e) => {
                         let what = if e.nothing_imported() {
@@ -404,7 +409,10 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
             .await?;
         }
         let lc = stevedore::lifecycle::Lifecycle::new(app.store.clone(), &app.cfg.cache);
-        let r = lc.gc(args.dry_run).await.context("garbage collection")?;
+        let progress = stevedore::progress::Progress::start("gc");
+        let r = lc.gc(args.dry_run).await;
+        drop(progress);
+        let r = r.context("garbage collection")?;
         if let Some(h) = &r.skipped {
             anyhow::bail!(
                 "garbage collection not run: replica {} ({}) is running eviction or garbage collection on this store; \
@@ -449,7 +457,10 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
             ingest_age: app.cfg.uploads.session_ttl,
             sweep_ingests: alone,
         };
-        let r = stevedore::lifecycle::fsck::fsck(&app.store, &opts).await.context("checking the store")?;
+        let progress = stevedore::progress::Progress::start("fsck");
+        let r = stevedore::lifecycle::fsck::fsck(&app.store, &opts).await;
+        drop(progress);
+        let r = r.context("checking the store")?;
         for p in &r.problems {
             println!("problem: {p}");
         }

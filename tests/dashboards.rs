@@ -97,9 +97,18 @@ fn the_dashboard_covers_what_operators_ask() {
     let d: serde_json::Value = serde_json::from_str(&text).unwrap();
     let titles: Vec<String> =
         d["panels"].as_array().unwrap().iter().map(|p| p["title"].as_str().unwrap().to_lowercase()).collect();
-    for want in
-        ["hit ratio", "bytes saved", "fills", "upstream errors", "latency", "rate limit", "store usage", "evictions", "gc", "replicas"]
-    {
+    for want in [
+        "hit ratio",
+        "bytes saved",
+        "fills",
+        "upstream errors",
+        "latency",
+        "rate limit",
+        "store usage",
+        "evictions",
+        "gc",
+        "replicas",
+    ] {
         assert!(titles.iter().any(|t| t.contains(want)), "no panel about {want}: {titles:?}");
     }
 }
@@ -107,9 +116,8 @@ fn the_dashboard_covers_what_operators_ask() {
 /// An upstream that rate-limits everything: 429 with Docker Hub's `ratelimit-remaining`.
 async fn rate_limiting_upstream() -> String {
     use axum::http::StatusCode;
-    let app = axum::Router::new().fallback(|| async {
-        (StatusCode::TOO_MANY_REQUESTS, [("ratelimit-remaining", "0;w=21600")], "slow down")
-    });
+    let app = axum::Router::new()
+        .fallback(|| async { (StatusCode::TOO_MANY_REQUESTS, [("ratelimit-remaining", "0;w=21600")], "slow down") });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });

@@ -136,10 +136,17 @@ async fn one_pull_through_two_tiers_is_one_trace() {
 
     let got = wait_spans(&spans, Duration::from_secs(30), |s| {
         let server = |svc: &str| s.iter().filter(|g| g.service == svc && g.name.starts_with("GET ")).count();
-        server("site") >= requests && server("regional") >= requests
+        // Each tier fills each blob once; a fill's span ends after its commit.
+        let fills = s.iter().filter(|g| g.name == "fill").count();
+        server("site") >= requests && server("regional") >= requests && fills >= 2 * img.blobs().len()
     })
     .await;
-    let show = || got.iter().map(|g| format!("{} {} {} {}<-{}", g.service, g.name, g.trace_id, g.span_id, g.parent)).collect::<Vec<_>>().join("\n");
+    let show = || {
+        got.iter()
+            .map(|g| format!("{} {} {} {}<-{}", g.service, g.name, g.trace_id, g.span_id, g.parent))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     assert!(got.iter().any(|g| g.service == "site"), "no span from the site:\n{}", show());
     assert!(got.iter().any(|g| g.service == "regional"), "no span from the regional:\n{}", show());
     // One trace: every span of both processes is in the client's trace.
@@ -149,8 +156,11 @@ async fn one_pull_through_two_tiers_is_one_trace() {
     // spans children of the site's upstream request spans.
     let site_requests: Vec<&Got> = got.iter().filter(|g| g.service == "site" && g.name.starts_with("GET ")).collect();
     assert!(site_requests.iter().all(|g| g.parent == CLIENT_SPAN), "{}", show());
-    let site_upstream: Vec<&str> =
-        got.iter().filter(|g| g.service == "site" && g.name == "upstream request").map(|g| g.span_id.as_str()).collect();
+    let site_upstream: Vec<&str> = got
+        .iter()
+        .filter(|g| g.service == "site" && g.name == "upstream request")
+        .map(|g| g.span_id.as_str())
+        .collect();
     assert!(!site_upstream.is_empty(), "no upstream request span at the site:\n{}", show());
     let regional_requests: Vec<&Got> =
         got.iter().filter(|g| g.service == "regional" && g.name.starts_with("GET ")).collect();
@@ -168,7 +178,11 @@ async fn one_pull_through_two_tiers_is_one_trace() {
         "{manifest_span:?}"
     );
     assert!(got.iter().any(|g| g.service == "regional" && g.name == "fill"), "no fill span:\n{}", show());
-    assert!(got.iter().any(|g| g.service == "site" && g.name == "auth" || g.name == "upstream request"));
+    // Every span of the regional is below one of the site's upstream request spans.
+    let ids: std::collections::HashSet<&str> = got.iter().map(|g| g.span_id.as_str()).collect();
+    let orphans: Vec<&Got> =
+        got.iter().filter(|g| g.parent != CLIENT_SPAN && !ids.contains(g.parent.as_str())).collect();
+    assert!(orphans.is_empty(), "spans whose parent was not exported: {orphans:?}\n{}", show());
 }
 
 /// An upstream that answers 404 to everything and keeps each request's `traceparent`.

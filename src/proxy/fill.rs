@@ -174,7 +174,7 @@ impl Fills {
         // A child of the request that started the fill (its followers are not recorded).
         let span = crate::trace_span!("fill", digest = %req.digest, upstream = %req.upstream.host, bytes = tracing::field::Empty);
         let fill_span = span.clone();
-        tokio::spawn(tracing::Instrument::instrument(async move {
+        let task = async move {
             let mut req = req;
             let started = Instant::now();
             let outcome = run(&req, &ending).await;
@@ -200,7 +200,8 @@ impl Fills {
                 lease.release().await;
             }
             drop(ending);
-        }, span));
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
         (fill, true)
     }
 

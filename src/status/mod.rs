@@ -144,8 +144,8 @@ impl Status {
         let usage = rec.usage_figures();
         let records = app.store.records();
         // Between usage checks the proxied figure is the store's running estimate.
-        let proxied = records.proxied_at_scan.load(Ordering::Acquire)
-            + records.committed_since_scan.load(Ordering::Acquire);
+        let proxied =
+            records.proxied_at_scan.load(Ordering::Acquire) + records.committed_since_scan.load(Ordering::Acquire);
         let proxied = if usage.measured { proxied.max(usage.proxied) } else { proxied };
         let max = app.cfg.cache.max_size.map(|m| m.0);
         let hour = rec.last_hour();
@@ -158,7 +158,8 @@ impl Status {
             upstreams.push(upstream_status(&up.host, s));
         }
         let lc = rec.lifecycle();
-        let mut replicas = vec![ReplicaStatus { id: app.cluster.id().to_string(), heartbeat_age_seconds: 0, this: true }];
+        let mut replicas =
+            vec![ReplicaStatus { id: app.cluster.id().to_string(), heartbeat_age_seconds: 0, this: true }];
         replicas.extend(rec.replicas_seen().into_iter().map(|r| ReplicaStatus {
             id: r.id,
             heartbeat_age_seconds: (r.age + r.at.elapsed()).as_secs(),

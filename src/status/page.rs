@@ -153,7 +153,13 @@ pub fn render(s: &Status) -> String {
         } else {
             up.tokens
                 .iter()
-                .map(|t| format!("<code>{}</code> ({} left)", esc(&t.scope), human_duration(Duration::from_secs(t.expires_in_seconds))))
+                .map(|t| {
+                    format!(
+                        "<code>{}</code> ({} left)",
+                        esc(&t.scope),
+                        human_duration(Duration::from_secs(t.expires_in_seconds))
+                    )
+                })
                 .collect::<Vec<_>>()
                 .join("<br>")
         };
@@ -173,7 +179,9 @@ pub fn render(s: &Status) -> String {
     if s.fills.is_empty() {
         h.push_str("<p id=\"fills\">none</p>");
     } else {
-        h.push_str("<table id=\"fills\"><tr><th>Digest</th><th>Repository</th><th>Received</th><th>Followers</th></tr>");
+        h.push_str(
+            "<table id=\"fills\"><tr><th>Digest</th><th>Repository</th><th>Received</th><th>Followers</th></tr>",
+        );
         for f in &s.fills {
             let _ = write!(
                 h,

@@ -36,6 +36,7 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("strace", "/usr/bin/strace", "strace"),
     ("chromium", "/usr/bin/chromium", "chromium"),
     ("promtool", "/usr/bin/promtool", "prometheus"),
+    ("script", "/usr/bin/script", "bsdutils"),
 ];
 
 /// The absolute path of `name`; panics with the install hint when it is missing (these tests

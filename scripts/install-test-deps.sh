@@ -12,6 +12,9 @@
 #   runc             - OCI runtime the three above depend on (checked explicitly)
 #   redis-server     - Debian's Redis: coordination of several replicas, tests/replicas.rs
 #   strace           - traces the server's mkdir/fsync calls, tests/writer.rs
+#   chromium         - headless browser that renders /status in tests/status.rs
+#   prometheus       - for promtool (check/test the alert rules, tests/dashboards.rs); its
+#                      service is never started (policy-rc.d below, unit masked after)
 #   moto_server      - PyPI moto[server] (pip, in a virtualenv): S3 for the *_s3 test twins
 # The container engines are installed without their services running: a policy-rc.d
 # refuses every service start during the install, and systemd units are disabled after
@@ -20,10 +23,11 @@ set -euo pipefail
 # dockerd and runc live in /usr/sbin, which a non-root PATH may lack.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 
-packages=(skopeo curl docker-registry containerd podman docker.io runc redis-server strace)
+packages=(skopeo curl docker-registry containerd podman docker.io runc redis-server strace chromium prometheus)
 # The command each package must provide; checked after install as well.
 declare -A provides=([skopeo]=skopeo [curl]=curl [docker-registry]=docker-registry
-    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc [redis-server]=redis-server [strace]=strace)
+    [containerd]=ctr [podman]=podman [docker.io]=dockerd [runc]=runc [redis-server]=redis-server [strace]=strace
+    [chromium]=chromium [prometheus]=promtool)
 # Other callers (bench/run.sh) name their own set as `package=command` arguments;
 # `moto=moto_server` among them asks for moto_server (pip, below) as well.
 want_moto=1
@@ -43,7 +47,8 @@ fi
 # run installed, so a machine's own docker or containerd service is left alone).
 declare -A units=([docker-registry]="docker-registry" [containerd]="containerd"
     [podman]="podman.socket podman podman-restart podman-auto-update.timer"
-    [docker.io]="docker.socket docker" [redis-server]="redis-server")
+    [docker.io]="docker.socket docker" [redis-server]="redis-server"
+    [prometheus]="prometheus prometheus-node-exporter")
 
 is_installed() {
     [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]
@@ -140,6 +145,12 @@ if command -v systemctl >/dev/null 2>&1 && [[ -d /run/systemd/system ]]; then
         for unit in ${units[$p]:-}; do
             "${sudo[@]}" systemctl disable --now "$unit" >/dev/null 2>&1 || true
         done
+    done
+    # prometheus's unit is masked as well: only its promtool is wanted.
+    for p in "${missing[@]}"; do
+        if [[ "$p" == prometheus ]]; then
+            "${sudo[@]}" systemctl mask prometheus >/dev/null 2>&1 || true
+        fi
     done
 fi
 

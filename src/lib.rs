@@ -12,10 +12,13 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod oci;
+pub mod progress;
 pub mod proxy;
 pub mod registry;
 pub mod server;
+pub mod status;
 pub mod storage;
+pub mod telemetry;
 pub mod tls;
 pub mod upstream;
 

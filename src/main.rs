@@ -161,7 +161,13 @@ fn load(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 /// Logs go to stderr, filtered by `RUST_LOG` (`level` and `target=level` directives, comma
 /// separated; `Targets` rather than `EnvFilter`, which would link a regex engine for span-field
 /// filters we do not use).
-fn init_logs(format: LogFormat) {
+///
+/// With a `[tracing]` endpoint (`serve` only; within its Tokio runtime) an OpenTelemetry
+/// layer exports spans as well; without one none is installed.
+fn init_logs(
+    format: LogFormat,
+    tracing_cfg: Option<&stevedore::config::TracingConfig>,
+) -> anyhow::Result<Option<stevedore::telemetry::Guard>> {
     use tracing_subscriber::{filter::Targets, layer::SubscriberExt, util::SubscriberInitExt};
     const DEFAULT: &str = "info,tower_http=warn";
     let (filter, bad) = match std::env::var("RUST_LOG") {
@@ -178,13 +184,31 @@ fn init_logs(format: LogFormat) {
         .with_max_level(tracing::level_filters::LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(ansi);
-    match format {
-        LogFormat::Text => logs.finish().with(filter).init(),
-        LogFormat::Json => logs.json().finish().with(filter).init(),
+    let endpoint = tracing_cfg.and_then(stevedore::telemetry::endpoint);
+    let mut guard = None;
+    match (format, endpoint, tracing_cfg) {
+        (LogFormat::Text, Some(ep), Some(t)) => {
+            let (otel, g) = stevedore::telemetry::layer(&ep, t)?;
+            let filter = filter.with_target(stevedore::telemetry::TARGET, tracing::Level::INFO);
+            logs.finish().with(filter).with(otel).init();
+            guard = Some((g, ep));
+        }
+        (LogFormat::Json, Some(ep), Some(t)) => {
+            let (otel, g) = stevedore::telemetry::layer(&ep, t)?;
+            let filter = filter.with_target(stevedore::telemetry::TARGET, tracing::Level::INFO);
+            logs.json().finish().with(filter).with(otel).init();
+            guard = Some((g, ep));
+        }
+        (LogFormat::Text, ..) => logs.finish().with(filter).init(),
+        (LogFormat::Json, ..) => logs.json().finish().with(filter).init(),
     }
     if let Some(msg) = bad {
         tracing::warn!("{msg}");
     }
+    Ok(guard.map(|(g, ep)| {
+        tracing::info!(endpoint = %stevedore::config::redact_url(&ep), "tracing: exporting spans over OTLP/HTTP");
+        g
+    }))
 }
 
 /// glibc's allocator, tuned for streaming bodies: the HTTP client's read buffers (up to
@@ -207,7 +231,10 @@ fn tune_allocator() {
 fn main() -> anyhow::Result<()> {
     tune_allocator();
     let cli = Cli::parse();
-    init_logs(cli.log_format);
+    // `serve` starts its logs once its configuration (`[tracing]`) is read.
+    if !matches!(cli.cmd, Cmd::Serve(_)) {
+        init_logs(cli.log_format, None)?;
+    }
     match cli.cmd {
         Cmd::CheckConfig { config } => {
             let cfg = load(Some(&config))?;
@@ -227,8 +254,10 @@ fn main() -> anyhow::Result<()> {
             if args.offline {
                 cfg.proxy.offline = true;
             }
+            let rt = tokio::runtime::Runtime::new()?;
+            let _traces = rt.block_on(async { init_logs(cli.log_format, Some(&cfg.tracing)) })?;
             cfg.validate(&stevedore::app::ConfigFiles)?;
-            tokio::runtime::Runtime::new()?.block_on(serve(cfg))
+            rt.block_on(serve(cfg))
         }
         Cmd::Prefetch(args) => {
             let mut cfg = store_config(&args.store)?;
@@ -256,8 +285,9 @@ fn main() -> anyhow::Result<()> {
                     referrers: !args.no_referrers,
                     live: true,
                 };
-                let mut out = std::io::stdout();
+                let mut out = stevedore::progress::Progress::start("prefetch");
                 let r = airgap::prefetch::prefetch(&app.registry, &opts, &mut out).await;
+                drop(out);
                 println!(
                     "prefetch: {} ok, {} failed; {} manifests, {} blobs fetched ({}), {} blobs already cached",
                     r.ok.len(),
@@ -285,7 +315,10 @@ fn main() -> anyhow::Result<()> {
                     referrers: !args.no_referrers,
                     output: &args.output,
                 };
-                let r = airgap::export::export(&app.registry, &opts).await?;
+                let progress = stevedore::progress::Progress::start("export");
+                let r = airgap::export::export(&app.registry, &opts).await;
+                drop(progress);
+                let r = r?;
                 for name in &r.refs {
                     println!("{name}");
                 }
@@ -308,7 +341,10 @@ fn main() -> anyhow::Result<()> {
                 let app = App::new(cfg, None).await.context("opening the store")?;
                 refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
                 app.registry.store().distrust_index().await.context("marking the lifecycle index stale (nothing was imported)")?;
-                let r = match airgap::import::import(&app.registry, &args.path, args.repository.as_deref()).await {
+                let progress = stevedore::progress::Progress::start("import");
+                let r = airgap::import::import(&app.registry, &args.path, args.repository.as_deref()).await;
+                drop(progress);
+                let r = match r {
                     Ok(r) => r,
                     Err(e) => {
                         let what = if e.nothing_imported() {
@@ -394,7 +430,10 @@ fn gc(args: GcArgs) -> anyhow::Result<()> {
             app.registry.store().distrust_index().await.context("marking the lifecycle index stale")?;
         }
         let lc = stevedore::lifecycle::Lifecycle::new(app.registry.store().clone(), &app.cfg.cache);
-        let r = lc.gc(args.dry_run).await.context("garbage collection")?;
+        let progress = stevedore::progress::Progress::start("gc");
+        let r = lc.gc(args.dry_run).await;
+        drop(progress);
+        let r = r.context("garbage collection")?;
         if let Some(h) = &r.skipped {
             anyhow::bail!(
                 "garbage collection not run: replica {} ({}) is running eviction or garbage collection on this store; \
@@ -440,7 +479,10 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
             ingest_age: app.cfg.uploads.session_ttl,
             sweep_ingests: alone,
         };
-        let r = stevedore::lifecycle::fsck::fsck(app.registry.store(), &opts).await.context("checking the store")?;
+        let progress = stevedore::progress::Progress::start("fsck");
+        let r = stevedore::lifecycle::fsck::fsck(app.registry.store(), &opts).await;
+        drop(progress);
+        let r = r.context("checking the store")?;
         for p in &r.problems {
             println!("problem: {p}");
         }

@@ -8,9 +8,19 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let buckets = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
-    Ok(PrometheusBuilder::new()
+    let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &buckets)?
-        .install_recorder()?)
+        .install_recorder()?;
+    // Counters of rare events start at zero, so dashboards and alert rules see the series
+    // before the first event (`deploy/grafana`, `deploy/prometheus`).
+    counter!("stevedore_cache_evicted_bytes_total").increment(0);
+    counter!("stevedore_cache_evicted_items_total").increment(0);
+    counter!("stevedore_gc_reclaimed_bytes_total").increment(0);
+    for result in ["ok", "failed"] {
+        counter!("stevedore_gc_runs_total", "result" => result).increment(0);
+    }
+    gauge!("stevedore_fills_in_flight").increment(0.0);
+    Ok(handle)
 }
 
 /// A request method as a label value: one of a fixed set, so a client sending made-up methods
@@ -39,6 +49,7 @@ pub fn request(route: &'static str, method: &http::Method, status: u16, duration
 
 /// How a pull through an upstream was answered (hit, miss, joined, stale, revalidated).
 pub fn cache_outcome(upstream: &str, kind: &'static str, outcome: &'static str) {
+    crate::status::get().cache_outcome(outcome);
     counter!("stevedore_cache_requests_total", "upstream" => upstream.to_string(), "kind" => kind, "outcome" => outcome)
         .increment(1);
 }
@@ -46,6 +57,62 @@ pub fn cache_outcome(upstream: &str, kind: &'static str, outcome: &'static str) 
 /// Bytes sent to clients in blob and manifest bodies (as announced by Content-Length).
 pub fn served_bytes(n: u64) {
     counter!("stevedore_served_bytes_total").increment(n);
+}
+
+/// Body bytes of a pull sent to a client, by where they came from: `cache` (a hit, stale or
+/// revalidated answer) or `upstream` (a miss, a joined fill, a peer's relay); the cache
+/// outcome as the `x-stevedore-cache` header says. Other answers (local repositories) count
+/// in neither.
+pub fn served_by_source(outcome: &str, n: u64) {
+    let source = match crate::status::outcome_is_hit(outcome) {
+        Some(true) => "cache",
+        Some(false) => "upstream",
+        None => return,
+    };
+    crate::status::get().served(outcome, n);
+    counter!("stevedore_served_bytes_by_source_total", "source" => source).increment(n);
+}
+
+/// One request to an upstream, until its answer's head (or its failure): its latency.
+pub fn upstream_request(upstream: &str, took: Duration) {
+    histogram!("stevedore_upstream_request_duration_seconds", "upstream" => upstream.to_string())
+        .record(took.as_secs_f64());
+}
+
+/// 1 when the last request to the upstream reached it (any answer but a 5xx), 0 when not.
+pub fn upstream_reachable(upstream: &str, reached: bool) {
+    gauge!("stevedore_upstream_reachable", "upstream" => upstream.to_string()).set(if reached { 1.0 } else { 0.0 });
+}
+
+/// The cap on proxied content (`cache.max_size`) and its watermarks, in bytes.
+pub fn cache_limits(max: u64, high: u64, low: u64) {
+    gauge!("stevedore_cache_max_bytes").set(max as f64);
+    gauge!("stevedore_cache_high_watermark_bytes").set(high as f64);
+    gauge!("stevedore_cache_low_watermark_bytes").set(low as f64);
+}
+
+/// An upstream answered 429 (rate limited): the request waits for the client's retry.
+pub fn upstream_ratelimited(upstream: &str) {
+    counter!("stevedore_upstream_ratelimit_waits_total", "upstream" => upstream.to_string()).increment(1);
+}
+
+/// The served TLS certificate's end of validity (unix seconds), as loaded or reloaded; the
+/// gauge `stevedore_tls_certificate_expiry_seconds` (seconds left) is refreshed from it by
+/// [`refresh`] at each scrape.
+pub fn tls_certificate(not_after_unix: Option<i64>) {
+    TLS_NOT_AFTER.store(not_after_unix.unwrap_or(i64::MIN), std::sync::atomic::Ordering::Relaxed);
+    refresh();
+}
+
+static TLS_NOT_AFTER: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(i64::MIN);
+
+/// Gauges that count down with the clock, brought up to date (before `/metrics` renders).
+pub fn refresh() {
+    let t = TLS_NOT_AFTER.load(std::sync::atomic::Ordering::Relaxed);
+    if t != i64::MIN {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        gauge!("stevedore_tls_certificate_expiry_seconds").set((t - now) as f64);
+    }
 }
 
 /// Bytes fetched from an upstream.
@@ -75,6 +142,7 @@ pub fn token_fetched(upstream: &str) {
 /// Docker Hub's `ratelimit-remaining` (`100;w=21600`).
 pub fn ratelimit_remaining(upstream: &str, header: &str) {
     if let Some(v) = header.split(';').next().and_then(|n| n.trim().parse::<f64>().ok()) {
+        crate::status::get().ratelimit_remaining(upstream, v as u64);
         gauge!("stevedore_upstream_ratelimit_remaining", "upstream" => upstream.to_string()).set(v);
     }
 }
@@ -103,6 +171,7 @@ pub fn store_write_failed() {
 /// proxied content.
 pub fn usage(pushed: u64, imported: u64, proxied: u64, oldest_access_secs: f64) {
     counter!("stevedore_cache_usage_checks_total").increment(1);
+    crate::status::get().usage(proxied, pushed, imported);
     gauge!("stevedore_store_used_bytes", "kind" => "pushed").set(pushed as f64);
     gauge!("stevedore_store_used_bytes", "kind" => "imported").set(imported as f64);
     gauge!("stevedore_store_used_bytes", "kind" => "proxied").set(proxied as f64);
@@ -124,12 +193,14 @@ pub fn index_rebuilt(reason: &'static str) {
 
 /// Proxied content evicted (by the cap, the age limit or a full store).
 pub fn evicted(bytes: u64, items: usize) {
+    crate::status::get().eviction(bytes);
     counter!("stevedore_cache_evicted_bytes_total").increment(bytes);
     counter!("stevedore_cache_evicted_items_total").increment(items as u64);
 }
 
 /// One garbage collection run and the bytes it reclaimed.
 pub fn gc_run(ok: bool, bytes: u64) {
+    crate::status::get().gc(bytes);
     counter!("stevedore_gc_runs_total", "result" => if ok { "ok" } else { "failed" }).increment(1);
     counter!("stevedore_gc_reclaimed_bytes_total").increment(bytes);
 }

@@ -289,6 +289,7 @@ impl Tls {
         let files = TlsFiles::load(cfg)?;
         let config = files.server_config(cfg.client_auth())?;
         let current = Current { config, leaf: files.leaf.clone() };
+        crate::metrics::tls_certificate(files.leaf.not_after);
         Ok(Arc::new(Tls { cfg: cfg.clone(), current: RwLock::new(current), tried: Mutex::new(tried) }))
     }
 
@@ -345,6 +346,7 @@ impl Tls {
                     trigger = ?why,
                     "TLS certificate reloaded; new connections get it, open ones keep theirs"
                 );
+                crate::metrics::tls_certificate(leaf.not_after);
                 *self.current.write().unwrap() = Current { config, leaf };
                 true
             }

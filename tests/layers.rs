@@ -258,7 +258,11 @@ fn crate_paths(code: &str) -> Vec<(String, usize)> {
                 j += 1;
             }
             if j > s {
-                found.push((b[s..j].iter().collect(), line_at(s)));
+                let name: String = b[s..j].iter().collect();
+                // `crate::name!(…)`: an exported macro, named after the module defining it
+                // by `scan` (`!name` here).
+                let name = if b.get(j) == Some(&'!') { format!("!{name}") } else { name };
+                found.push((name, line_at(s)));
             }
             i = j.max(i + 1);
         }
@@ -283,6 +287,20 @@ fn rs_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// The top-level modules of `src` (directories and `.rs` files, `main`/`lib` excluded) and
 /// every edge between them with the places it is used.
+/// The files of top-level module `node` of `src`: `node.rs` and everything under `node/`.
+fn module_files(src: &Path, node: &str) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let dir = src.join(node);
+    if dir.is_dir() {
+        rs_files(&dir, &mut files);
+    }
+    let file = src.join(format!("{node}.rs"));
+    if file.is_file() {
+        files.push(file);
+    }
+    files
+}
+
 fn scan(src: &Path) -> (BTreeSet<String>, Edges, Vec<String>) {
     let mut nodes = BTreeSet::new();
     for e in std::fs::read_dir(src).unwrap() {
@@ -294,23 +312,28 @@ fn scan(src: &Path) -> (BTreeSet<String>, Edges, Vec<String>) {
             }
         }
     }
+    // Exported macros (`#[macro_export] macro_rules! name`) and the module defining each.
+    let mut macros = BTreeMap::new();
+    for node in &nodes {
+        for f in module_files(src, node) {
+            let text = std::fs::read_to_string(&f).unwrap();
+            for part in text.split("#[macro_export]").skip(1) {
+                if let Some(rest) = part.trim_start().strip_prefix("macro_rules!") {
+                    let name: String = rest.trim_start().chars().take_while(|&c| is_ident(c)).collect();
+                    macros.insert(format!("!{name}"), node.clone());
+                }
+            }
+        }
+    }
     let mut edges = Edges::new();
     let mut unknown = Vec::new();
     for node in &nodes {
-        let mut files = Vec::new();
-        let dir = src.join(node);
-        if dir.is_dir() {
-            rs_files(&dir, &mut files);
-        }
-        let file = src.join(format!("{node}.rs"));
-        if file.is_file() {
-            files.push(file);
-        }
-        for f in files {
+        for f in module_files(src, node) {
             let text = std::fs::read_to_string(&f).unwrap();
             let code = blank_cfg_test(&blank_comments_and_literals(&text));
             let rel = f.strip_prefix(src.parent().unwrap()).unwrap().display().to_string();
             for (to, line) in crate_paths(&code) {
+                let to = macros.get(&to).cloned().unwrap_or(to);
                 if &to == node {
                     continue;
                 }

@@ -18,6 +18,7 @@ pub const STALE_WARNING: &str = "110 stevedore \"Response is Stale\"";
 /// Marks how a pull through `upstream` was answered: header and metric.
 pub fn outcome(resp: &mut Response, upstream: &str, kind: &'static str, outcome: crate::registry::Outcome) {
     set(resp.headers_mut(), CACHE_OUTCOME, outcome.as_str());
+    tracing::Span::current().record("stevedore.cache", outcome.as_str());
     crate::metrics::cache_outcome(upstream, kind, outcome.as_str());
 }
 

@@ -12,6 +12,7 @@ mod ops;
 mod peer;
 pub mod routes;
 mod state;
+mod status;
 mod token;
 pub mod uploads;
 
@@ -36,6 +37,8 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/status", get(status::page::html))
+        .route("/status.json", get(status::page::json))
         .route("/token", get(token::token_endpoint).post(token::token_endpoint))
         .route("/_stevedore/cluster/{*rest}", any(peer::dispatch));
     // The admin endpoints exist only when a caller can be told apart from anyone: client
@@ -71,7 +74,16 @@ async fn dispatch(State(app): State<AppState>, req: Request) -> Response {
     let (mut resp, kind) = match routes::parse(req.uri().path()) {
         Ok(route) => {
             let kind = route.kind();
-            (handle(&app, route, req).await, kind)
+            // For the status page's most pulled repositories.
+            let pulled = match (&route, req.method()) {
+                (Route::Manifest(n, _), &Method::GET) => Some(n.to_string()),
+                _ => None,
+            };
+            let resp = handle(&app, route, req).await;
+            if let (Some(n), true) = (pulled, resp.status().is_success()) {
+                crate::status::get().pulled(&n);
+            }
+            (resp, kind)
         }
         Err(e) => (e.into_response(), "invalid"),
     };
@@ -95,7 +107,12 @@ async fn handle(app: &App, route: Route, req: Request) -> Response {
     // Who is asking and whether it may (`auth`); the namespace rule below still applies.
     let caller = match &app.auth {
         None => crate::auth::Caller::open(),
-        Some(auth) => match auth.authorize(&parts, &access::need(&route, &parts.method, target.as_ref())).await {
+        Some(auth) => match tracing::Instrument::instrument(
+            auth.authorize(&parts, &access::need(&route, &parts.method, target.as_ref())),
+            crate::trace_span!("auth"),
+        )
+        .await
+        {
             Ok(c) => c,
             Err(e) => return e.into_response(),
         },

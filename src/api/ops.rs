@@ -38,6 +38,7 @@ pub async fn metrics(State(app): State<AppState>, req: Request) -> Response {
     if let Err(e) = crate::auth::metrics_gate(app.auth.as_deref(), &parts).await {
         return e.into_response();
     }
+    crate::metrics::refresh();
     match &app.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
@@ -51,12 +52,16 @@ pub async fn access_log(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let method = req.method().clone();
     let uri = req.uri().clone();
-    let resp = next.run(req).await;
+    // The request's span (a child of the client's `traceparent`); none without `[tracing]`.
+    let span = crate::telemetry::request_span(&method, uri.path(), req.headers());
+    let resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let head = start.elapsed();
     let status = resp.status().as_u16();
+    span.record("http.response.status_code", status);
     let route = resp.extensions().get::<RouteKind>().map_or("other", |k| k.0);
     crate::metrics::request(route, &method, status, head);
     let line = AccessLine {
+        span,
         start,
         head,
         cache: resp.headers().get(headers::CACHE_OUTCOME).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string(),
@@ -102,6 +107,8 @@ pub fn redacted_uri(uri: &axum::http::Uri) -> String {
 
 /// What the access log says about a request, kept until its body is done.
 struct AccessLine {
+    /// Ends (and is exported) once the body is done.
+    span: tracing::Span,
     start: Instant,
     head: Duration,
     method: Method,
@@ -118,8 +125,10 @@ struct AccessLine {
 impl AccessLine {
     /// `complete`: the body reached its end (false: the client went away or the stream broke).
     fn write(self, sent: u64, complete: bool) {
+        self.span.record("stevedore.bytes", sent);
         if self.counts_as_served {
             crate::metrics::served_bytes(sent);
+            crate::metrics::served_by_source(&self.cache, sent);
         }
         tracing::info!(
             target: "stevedore::access",

@@ -368,6 +368,20 @@ impl Auth {
         }
     }
 
+    /// Whether the caller may read an operator page at `level` (`auth.status`).
+    pub async fn operator_allowed(&self, parts: &Parts, level: MetricsAccess, why: &str) -> Result<(), ApiError> {
+        if level == MetricsAccess::Open {
+            return Ok(());
+        }
+        let who = self.operator(parts, why).await?;
+        match level {
+            MetricsAccess::Admin if !self.rules.is_admin(&who) => {
+                Err(ApiError::new(Code::Denied).detail(format!("{who} is not an administrator (admin on \"*\")")))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the caller may use an admin endpoint (`POST /admin/prefetch`) on these
     /// repositories (full names): a login whose rules grant `admin` on every one of them.
     pub async fn admin_allowed(&self, parts: &Parts, fulls: &[String]) -> Result<(), ApiError> {

@@ -150,6 +150,7 @@ impl Registry {
         }
         self.store.put_replica(&self.id, &self.record).await?;
         crate::metrics::cluster_replicas(others.len() + 1);
+        crate::status::get().replicas(others.iter().map(|p| (p.heartbeat.replica.clone(), p.age)));
         Ok(())
     }
 
@@ -167,6 +168,8 @@ impl Registry {
                 }
                 if let Ok(others) = self.others().await {
                     crate::metrics::cluster_replicas(others.len() + 1);
+                    crate::status::get()
+                        .replicas(others.iter().map(|p| (p.heartbeat.replica.clone(), p.age)));
                 }
             }
         });

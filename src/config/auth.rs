@@ -37,6 +37,9 @@ pub struct AuthConfig {
     /// `Authorization: Bearer <token>` presents for the admin endpoints (`/admin/*`), with or
     /// without `htpasswd`. Without it and without `htpasswd`, `/admin/*` does not exist (404).
     pub admin_token_file: Option<PathBuf>,
+    /// Who may read `/status` and `/status.json` (values as `metrics`); default `admin` when
+    /// users are configured (`htpasswd`), `open` otherwise.
+    pub status: Option<MetricsAccess>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -113,6 +116,7 @@ impl Default for AuthConfig {
             groups: Default::default(),
             rules: Vec::new(),
             admin_token_file: None,
+            status: None,
         }
     }
 }

@@ -15,6 +15,7 @@ mod proxy;
 mod server;
 mod storage;
 mod tls;
+mod tracing;
 mod uploads;
 mod upstreams;
 
@@ -25,6 +26,7 @@ pub use proxy::*;
 pub use server::*;
 pub use storage::*;
 pub use tls::*;
+pub use tracing::*;
 pub use uploads::*;
 pub use upstreams::*;
 #[derive(Clone, Debug, Deserialize)]
@@ -43,6 +45,8 @@ pub struct Config {
     pub redis: RedisConfig,
     /// This replica among several on one store.
     pub cluster: ClusterConfig,
+    /// OpenTelemetry export of spans; off without `otlp_endpoint`.
+    pub tracing: TracingConfig,
 }
 
 impl Default for Config {
@@ -57,6 +61,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             redis: RedisConfig::default(),
             cluster: ClusterConfig::default(),
+            tracing: TracingConfig::default(),
         }
     }
 }

@@ -130,8 +130,9 @@ pub struct Lifecycle {
 impl Lifecycle {
     pub fn new(store: Arc<Store>, cfg: &CacheConfig) -> Arc<Lifecycle> {
         let lc = Arc::new(Lifecycle { store, cfg: cfg.clone(), state: tokio::sync::Mutex::new(State::default()) });
-        if let Some((high, _)) = lc.marks() {
+        if let Some((high, low)) = lc.marks() {
             lc.store.records().high_mark.store(high, Ordering::Release);
+            crate::metrics::cache_limits(lc.cfg.max_size.map_or(0, |m| m.0), high, low);
         }
         lc
     }

@@ -171,13 +171,17 @@ impl Fills {
         map.insert(req.digest.clone(), fill.clone());
         let ending = Ending { fills: self.clone(), digest: req.digest.clone(), fill: fill.clone(), tx };
         crate::metrics::fill_started();
-        tokio::spawn(async move {
+        // A child of the request that started the fill (its followers are not recorded).
+        let span = crate::trace_span!("fill", digest = %req.digest, upstream = %req.upstream.host, bytes = tracing::field::Empty);
+        let fill_span = span.clone();
+        let task = async move {
             let mut req = req;
             let started = Instant::now();
             let outcome = run(&req, &ending).await;
             crate::metrics::fill_finished(&req.upstream.host, outcome.is_ok(), started.elapsed());
             match outcome {
                 Ok(size) => {
+                    fill_span.record("bytes", size);
                     tracing::info!(digest = %req.digest, size, upstream = %req.upstream.host, ms = started.elapsed().as_millis() as u64, "fill committed");
                     ending.tx.send_modify(|p| p.state = FillState::Committed);
                 }
@@ -196,8 +200,22 @@ impl Fills {
                 lease.release().await;
             }
             drop(ending);
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(task, span));
         (fill, true)
+    }
+
+    /// The fills in flight, for `/status`: digest, repository, bytes received so far, and
+    /// followers (readers besides the first: holders of the fill besides the table, the
+    /// fill's task and the first reader).
+    pub fn snapshot(&self) -> Vec<(Digest, String, u64, usize)> {
+        let map = self.map.lock().unwrap();
+        map.iter()
+            .map(|(d, f)| {
+                let followers = Arc::strong_count(f).saturating_sub(3);
+                (d.clone(), f.repo.to_string(), f.progress.borrow().received, followers)
+            })
+            .collect()
     }
 
     /// Number of fills in flight.

@@ -41,6 +41,8 @@ impl<K: Hash + Eq + Clone + Send + 'static, V: Clone + Send + Sync + 'static> Fl
                 None => {
                     let id = self.next.fetch_add(1, Ordering::Relaxed);
                     let (map2, key2, on_panic) = (self.map.clone(), key.clone(), self.on_panic);
+                    // In the first caller's span (its trace, `[tracing]`); none without tracing.
+                    let f = tracing::Instrument::in_current_span(f);
                     let handle = tokio::spawn(async move {
                         let v = AssertUnwindSafe(f).catch_unwind().await.unwrap_or_else(|_| on_panic());
                         let mut map = map2.lock().unwrap();

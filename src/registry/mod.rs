@@ -31,7 +31,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::cluster::Cluster;
-use crate::oci::RepoName;
+use crate::oci::{Digest, RepoName};
 use crate::proxy::fill::FillError;
 use crate::proxy::{Proxy, ProxyError};
 pub use crate::upstream::UpstreamError;
@@ -169,6 +169,24 @@ impl Registry {
     /// This replica among the others on the store.
     pub fn cluster(&self) -> &Arc<Cluster> {
         &self.cluster
+    }
+
+    /// The configured upstreams' hosts, in order.
+    pub fn upstream_hosts(&self) -> Vec<String> {
+        self.proxy.upstreams().iter().map(|u| u.host.clone()).collect()
+    }
+
+    /// The fills in flight in this process: (digest, repository, bytes so far, followers).
+    pub fn fills_in_flight(&self) -> Vec<(Digest, String, u64, usize)> {
+        self.proxy.fills.snapshot()
+    }
+
+    /// Proxied bytes as the cap sees them now: the last usage check's figure plus the fills
+    /// committed since (memory only; never walks the store).
+    pub fn proxied_estimate(&self) -> u64 {
+        use std::sync::atomic::Ordering;
+        let r = self.store.records();
+        r.proxied_at_scan.load(Ordering::Acquire) + r.committed_since_scan.load(Ordering::Acquire)
     }
 
     /// Whether the registry is offline (`proxy.offline`, `serve --offline`).

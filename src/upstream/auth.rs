@@ -39,6 +39,10 @@ pub async fn send_following(
     let (mut method, mut url, mut auth) = (method, url, auth);
     for _ in 0..=MAX_REDIRECTS {
         let mut req = http.request(method.clone(), url.clone());
+        // The trace this request is part of (`[tracing]`), as W3C `traceparent`.
+        let mut traced = reqwest::header::HeaderMap::new();
+        crate::telemetry::inject(&mut traced);
+        req = req.headers(traced);
         if let Some(a) = accept {
             req = req.header(ACCEPT, a);
         }

@@ -211,10 +211,36 @@ impl Upstream {
         if self.offline {
             return Err(UpstreamError::Offline);
         }
-        let res = self.send_inner(method, path, remote, accept).await;
+        let started = std::time::Instant::now();
+        let span = crate::trace_span!(
+            "upstream request",
+            otel.kind = "client",
+            upstream = %self.host,
+            http.request.method = %method,
+            url.path = %path,
+            error = tracing::field::Empty,
+        );
+        let res = tracing::Instrument::instrument(self.send_inner(method, path, remote, accept), span.clone()).await;
+        if let Err(e) = &res {
+            span.record("error", e.kind());
+        }
+        crate::metrics::upstream_request(&self.host, started.elapsed());
         if let Err(e) = &res {
             crate::metrics::upstream_error(&self.host, e.kind());
+            if matches!(e, UpstreamError::RateLimited) {
+                crate::metrics::upstream_ratelimited(&self.host);
+            }
         }
+        // For `/status`: reached (any answer but a 5xx) or not, and the last error.
+        let reached = match &res {
+            Ok(_) => true,
+            Err(UpstreamError::Unreachable(_)) => false,
+            Err(UpstreamError::Status(s)) => *s < 500,
+            Err(_) => true,
+        };
+        let error = res.as_ref().err().filter(|e| !matches!(e, UpstreamError::NotFound)).map(|e| e.to_string());
+        crate::metrics::upstream_reachable(&self.host, reached);
+        crate::status::get().upstream_result(&self.host, reached, error);
         res
     }
 
@@ -268,6 +294,7 @@ impl Upstream {
                             if auth.is_some() {
                                 // The upstream no longer accepts the token we had cached.
                                 self.tokens.forget(&key, shared.as_ref()).await;
+                                crate::status::get().token(&self.host, &scope, None);
                             }
                             let token = self
                                 .tokens
@@ -285,6 +312,7 @@ impl Upstream {
                                 )
                                 .await
                                 .map_err(UpstreamError::Unauthorized)?;
+                            crate::status::get().token(&self.host, &scope, Some(token.expires));
                             auth = Some(format!("Bearer {}", token.value));
                             continue;
                         }

@@ -34,6 +34,9 @@ const TOOLS: &[(&str, &str, &str)] = &[
     ("unshare", "/usr/bin/unshare", "util-linux"),
     ("redis-server", "/usr/bin/redis-server", "redis-server"),
     ("strace", "/usr/bin/strace", "strace"),
+    ("chromium", "/usr/bin/chromium", "chromium"),
+    ("promtool", "/usr/bin/promtool", "prometheus"),
+    ("script", "/usr/bin/script", "bsdutils"),
 ];
 
 /// The absolute path of `name`; panics with the install hint when it is missing (these tests

@@ -174,14 +174,14 @@ impl Registry {
                 }
                 BlobSource::Peer(h) => h,
             };
-            let mut relayed = self.from_peer(&leader, p, d, range, false).await;
+            let mut relayed = self.relay_from(&leader, p, d, range, false).await;
             if let Ok(Relay::OtherRepository) = relayed {
                 // The leader fills (or stored) it through another repository: the upstream
                 // must serve it in this one before its bytes are relayed here.
                 if !self.upstream_has(p, d).await? {
                     return Err(RegistryError::blob_unknown(d));
                 }
-                relayed = self.from_peer(&leader, p, d, range, true).await;
+                relayed = self.relay_from(&leader, p, d, range, true).await;
             }
             match relayed {
                 Ok(Relay::OtherRepository) => {

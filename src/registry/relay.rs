@@ -1,4 +1,4 @@
-//! Relaying a blob between replicas (`[redis]` fleets): the asking side ([`Registry::from_peer`],
+//! Relaying a blob between replicas (`[redis]` fleets): the asking side ([`Registry::relay_from`],
 //! a follower streams the leader's fill) and the serving side ([`Registry::peer_fill`],
 //! behind `GET /_stevedore/cluster/fill/<digest>`). Both apply the repository rule of
 //! [`super::blobs`]: a replica's copy of another repository is relayed only `checked`.
@@ -35,7 +35,7 @@ pub const RELAYED: [&str; 7] = [
 /// known to be the asking repository's; the asker checks the upstream and asks again.
 pub const OTHER_REPOSITORY: &str = "other-repository";
 
-/// A replica's answer to a relay request ([`Registry::from_peer`]).
+/// A replica's answer to a relay request ([`Registry::relay_from`]).
 pub(super) enum Relay {
     /// For the client as it is: the blob's bytes, or an error ([`BlobBody::Relayed`]).
     Body(BlobBody),
@@ -90,7 +90,7 @@ impl Registry {
     /// [`Relay::OtherRepository`] when the leader's copy is another repository's and
     /// `checked` is false. `Err` (why) when the leader cannot serve it: unreachable, it has
     /// no such fill, or it answered something else than a blob or an error for the client.
-    pub(super) async fn from_peer(
+    pub(super) async fn relay_from(
         &self,
         leader: &Holder,
         p: &ProxyRepo,

@@ -17,7 +17,6 @@ use std::collections::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::oci::Digest;
-use crate::storage::index::unix_now;
 use crate::storage::layout;
 use crate::storage::{Change, Repo, Store, StoreResult};
 
@@ -190,8 +189,10 @@ impl Index {
     /// Applies one change from the store's journal.
     pub fn apply(&mut self, c: Change) -> Result<(), Drift> {
         match c {
-            Change::Committed { digest, size } => {
-                self.content.entry(digest).or_insert(Content { size, access: unix_now() }).size = size;
+            Change::Committed { digest, size, at } => {
+                let c = self.content.entry(digest).or_insert(Content { size, access: at });
+                c.size = size;
+                c.access = c.access.max(at);
             }
             Change::Linked { repo, digest } => {
                 if !self.content.contains_key(&digest) {

@@ -237,7 +237,7 @@ impl Lifecycle {
     fn refresh_usage(&self, st: &mut State) {
         if st.changed {
             if let Some(ix) = &st.index {
-                st.usage = view(ix, SystemTime::now()).usage;
+                st.usage = view(ix, SystemTime::now(), &HashMap::new()).usage;
             }
             st.changed = false;
         }
@@ -301,7 +301,7 @@ impl Lifecycle {
         if cap.is_none() && !pressure && !expired {
             return Ok(Evicted { before: st.usage.clone(), after_proxied: proxied, ..Evicted::default() });
         }
-        let scan = view(st.index.as_ref().expect("index loaded"), start);
+        let scan = view(st.index.as_ref().expect("index loaded"), start, &self.store.pending_uses());
         // A full store: a tenth of the proxied content (at least down to the low mark), but
         // never what was used within the last check interval (the working set stays served).
         let full = pressure.then(|| {
@@ -572,8 +572,9 @@ impl Lifecycle {
 }
 
 /// The eviction picture of the index at `start`: sizes, kinds, references, units in LRU
-/// order, usage (in memory, no backend request).
-fn view(ix: &index::Index, start: SystemTime) -> Scan {
+/// order, usage (in memory, no backend request). `pending`: uses not flushed yet, which
+/// count as the last use (as the re-checks before a deletion see them).
+fn view(ix: &index::Index, start: SystemTime, pending: &HashMap<Digest, u64>) -> Scan {
     let mut s = Scan {
         start,
         sizes: ix.content.iter().map(|(d, c)| (d.clone(), c.size)).collect(),
@@ -642,7 +643,8 @@ fn view(ix: &index::Index, start: SystemTime) -> Scan {
         } else {
             Kind::Proxied
         };
-        let t = crate::storage::index::from_unix(c.access);
+        let ms = pending.get(d).map_or(c.access, |p| c.access.max(*p));
+        let t = crate::storage::index::from_unix(ms);
         s.access.insert(d.clone(), t);
         s.kinds.insert(d.clone(), kind);
         match kind {

@@ -60,10 +60,11 @@ impl Refs {
 /// so that it never has to walk the store to know usage, eviction order or what to collect.
 #[derive(Clone, Debug)]
 pub enum Change {
-    /// Content became visible under its digest.
+    /// Content became visible under its digest (`at`: unix milliseconds, its first use).
     Committed {
         digest: Digest,
         size: u64,
+        at: u64,
     },
     /// A blob link was written in a repository.
     Linked {
@@ -226,6 +227,11 @@ impl Store {
             let _ = &guard;
             chunk
         }))
+    }
+
+    /// The latest use of each digest not written yet (the access batch), in memory.
+    pub fn pending_uses(&self) -> HashMap<Digest, u64> {
+        self.records.pending.lock().unwrap().clone()
     }
 
     /// Notes a change for the lifecycle's index (when one is kept).

@@ -484,7 +484,7 @@ impl Store {
         self.record_access_now(d).await;
         let epoch = self.deletions.load(Ordering::Acquire);
         let size = v.commit().await?;
-        self.note(index::Change::Committed { digest: d.clone(), size });
+        self.note(index::Change::Committed { digest: d.clone(), size, at: index::unix_now() });
         {
             let _g = self.link_lock.lock().unwrap();
             if self.deletions.load(Ordering::Acquire) == epoch {

@@ -168,6 +168,6 @@ impl crate::upstream::TokenFleet for Arc<crate::cluster::Cluster> {
         check: crate::upstream::Check<'a>,
         work: crate::upstream::Work<'a>,
     ) -> Result<Arc<crate::upstream::Token>, String> {
-        crate::cluster::Cluster::once(self, name, || check(), work).await
+        crate::cluster::Cluster::once(self, name, check, work).await
     }
 }

@@ -65,18 +65,14 @@ fn blank_comments_and_literals(src: &str) -> String {
             let hashes = raw_string_start(&b, start).unwrap();
             // r##"...."##
             let open_len = start - i + 1 + hashes + 1;
-            for _ in 0..open_len {
-                out.push(' ');
-            }
+            out.extend(std::iter::repeat_n(' ', open_len));
             i += open_len;
             loop {
                 if i >= b.len() {
                     break;
                 }
                 if b[i] == '"' && (0..hashes).all(|k| b.get(i + 1 + k) == Some(&'#')) {
-                    for _ in 0..=hashes {
-                        out.push(' ');
-                    }
+                    out.extend(std::iter::repeat_n(' ', hashes + 1));
                     i += 1 + hashes;
                     break;
                 }
@@ -306,10 +302,8 @@ fn scan(src: &Path) -> (BTreeSet<String>, Edges, Vec<String>) {
     for e in std::fs::read_dir(src).unwrap() {
         let p = e.unwrap().path();
         let name = p.file_stem().unwrap().to_string_lossy().to_string();
-        if p.is_dir() || (p.extension().is_some_and(|e| e == "rs")) {
-            if name != "main" && name != "lib" {
-                nodes.insert(name);
-            }
+        if (p.is_dir() || p.extension().is_some_and(|e| e == "rs")) && name != "main" && name != "lib" {
+            nodes.insert(name);
         }
     }
     // Exported macros (`#[macro_export] macro_rules! name`) and the module defining each.

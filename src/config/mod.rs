@@ -331,6 +331,205 @@ mod tests {
         assert!(shown.contains("up.test") && shown.contains("AKIA-id-Nn6") && shown.contains("<redacted>"), "{c:#?}");
     }
 
+    /// Every key path `Config` reads (`server.tls.cert`, `upstreams.host`: arrays of tables by
+    /// their element's keys), found by asking serde, path by path, which fields each struct
+    /// has: a probe deserializer walks down one path, and at its end a struct tells its
+    /// fields; anything else is a leaf.
+    fn config_keys() -> std::collections::BTreeSet<String> {
+        use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, SeqAccess, Visitor};
+        use std::cell::RefCell;
+
+        #[derive(Debug)]
+        struct Leaf;
+        impl std::fmt::Display for Leaf {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("leaf")
+            }
+        }
+        impl std::error::Error for Leaf {}
+        impl de::Error for Leaf {
+            fn custom<T: std::fmt::Display>(_: T) -> Leaf {
+                Leaf
+            }
+        }
+        /// Walks `path`; at its end, a struct's fields go to `found`.
+        struct Probe<'a> {
+            path: &'a [String],
+            found: &'a RefCell<Option<Vec<&'static str>>>,
+        }
+        struct Down<'a> {
+            probe: Option<Probe<'a>>,
+        }
+        impl<'de> MapAccess<'de> for Down<'_> {
+            type Error = Leaf;
+            fn next_key_seed<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<Option<K::Value>, Leaf> {
+                match &self.probe {
+                    Some(p) => seed.deserialize(p.path[0].as_str().into_deserializer()).map(Some),
+                    None => Ok(None),
+                }
+            }
+            fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Leaf> {
+                let p = self.probe.take().unwrap();
+                seed.deserialize(Probe { path: &p.path[1..], found: p.found })
+            }
+        }
+        impl<'de> SeqAccess<'de> for Down<'_> {
+            type Error = Leaf;
+            fn next_element_seed<T: DeserializeSeed<'de>>(&mut self, seed: T) -> Result<Option<T::Value>, Leaf> {
+                match self.probe.take() {
+                    Some(p) => seed.deserialize(p).map(Some),
+                    None => Ok(None),
+                }
+            }
+        }
+        impl<'de> de::Deserializer<'de> for Probe<'_> {
+            type Error = Leaf;
+            fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Leaf> {
+                Err(Leaf)
+            }
+            fn deserialize_struct<V: Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                visitor: V,
+            ) -> Result<V::Value, Leaf> {
+                if self.path.is_empty() {
+                    *self.found.borrow_mut() = Some(fields.to_vec());
+                    return visitor.visit_map(Down { probe: None });
+                }
+                visitor.visit_map(Down { probe: Some(self) })
+            }
+            fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Leaf> {
+                visitor.visit_some(self)
+            }
+            fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Leaf> {
+                visitor.visit_seq(Down { probe: Some(self) })
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf unit
+                unit_struct newtype_struct tuple tuple_struct map enum identifier ignored_any
+            }
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        let mut todo = vec![Vec::<String>::new()];
+        while let Some(path) = todo.pop() {
+            let found = RefCell::new(None);
+            let _ = Config::deserialize(Probe { path: &path, found: &found });
+            match found.into_inner() {
+                Some(fields) => {
+                    for f in fields {
+                        let mut p = path.clone();
+                        p.push(f.to_string());
+                        todo.push(p);
+                    }
+                }
+                None => {
+                    keys.insert(path.join("."));
+                }
+            }
+        }
+        keys
+    }
+
+    /// config/stevedore.toml documents every key `Config` reads, and only those: every
+    /// commented-out `# key = value` line (and `# [table]` header) uncommented, the file still
+    /// parses (so each documented key is real: unknown keys are refused), and its key paths
+    /// are `Config`'s. A key named in a trailing `# or a / b` comment beside another of its
+    /// table is documented as that key's alternative (they exclude each other, so the file
+    /// cannot set them all). The entries of a map (`[auth.groups]`) count as the map.
+    #[test]
+    fn every_key_is_documented_and_every_documented_key_is_real() {
+        let doc = include_str!("../../config/stevedore.toml");
+        let is_key_line = |t: &str| toml::from_str::<toml::Table>(t).is_ok_and(|v| !v.is_empty());
+        let is_header = |t: &str| {
+            let t = t.trim();
+            t.starts_with('[')
+                && t.ends_with(']')
+                && t.trim_matches(['[', ']'])
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        };
+        let mut out = String::new();
+        let mut table = String::new();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut alternatives = std::collections::BTreeSet::new();
+        for line in doc.lines() {
+            let t = line.trim_start();
+            let text = match t.strip_prefix('#') {
+                Some(rest) if is_header(rest) || is_key_line(rest.trim()) => rest.trim(),
+                Some(_) => continue,
+                None => t,
+            };
+            if is_header(text) {
+                table = text.trim_matches(['[', ']']).to_string();
+                // A table of tables starts a new element: its keys may repeat.
+                seen.retain(|k: &String| !k.starts_with(&format!("{table}.")));
+            } else if let Some((key, rest)) = text.split_once('=') {
+                let key = key.trim();
+                if key.is_empty() || key.starts_with('#') {
+                    out.push_str(text);
+                    out.push('\n');
+                    continue;
+                }
+                let path = if table.is_empty() { key.to_string() } else { format!("{table}.{key}") };
+                if !seen.insert(path.clone()) {
+                    continue; // documented twice (set, and an example): once is enough
+                }
+                if let Some((_, comment)) = rest.split_once('#') {
+                    if let Some(or) = comment.trim().strip_prefix("or ") {
+                        for w in or.split(|c: char| !(c.is_ascii_lowercase() || c == '_')).filter(|w| w.len() > 2) {
+                            alternatives.insert(if table.is_empty() { w.to_string() } else { format!("{table}.{w}") });
+                        }
+                    }
+                }
+            }
+            out.push_str(text);
+            out.push('\n');
+        }
+        // Every documented key is real.
+        let parsed: Config = Config::parse(&out).unwrap_or_else(|e| panic!("the uncommented config: {e}\n{out}"));
+        drop(parsed);
+        let fields = config_keys();
+        // The documented key paths, entries of a map folded into the map.
+        fn paths(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeSet<String>) {
+            match v {
+                toml::Value::Table(t) => {
+                    for (k, v) in t {
+                        let p = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                        paths(&p, v, out);
+                    }
+                }
+                toml::Value::Array(a) if a.iter().all(|e| e.is_table()) && !a.is_empty() => {
+                    for e in a {
+                        paths(prefix, e, out);
+                    }
+                }
+                _ => {
+                    out.insert(prefix.to_string());
+                }
+            }
+        }
+        let value: toml::Value = toml::from_str(&out).unwrap();
+        let mut raw = std::collections::BTreeSet::new();
+        paths("", &value, &mut raw);
+        let mut documented = std::collections::BTreeSet::new();
+        for p in raw {
+            let folded = (1..=p.split('.').count())
+                .map(|n| p.split('.').take(n).collect::<Vec<_>>().join("."))
+                .find(|prefix| fields.contains(prefix))
+                .unwrap_or(p);
+            documented.insert(folded);
+        }
+        documented.extend(alternatives.into_iter().filter(|a| fields.contains(a)));
+        let undocumented: Vec<_> = fields.difference(&documented).collect();
+        let unknown: Vec<_> = documented.difference(&fields).collect();
+        assert!(
+            undocumented.is_empty() && unknown.is_empty(),
+            "keys Config reads that config/stevedore.toml does not document: {undocumented:?}\n\
+             keys the file documents that Config does not read: {unknown:?}"
+        );
+    }
+
     #[test]
     fn shipped_config_matches_defaults() {
         let text = include_str!("../../config/stevedore.toml");

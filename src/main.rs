@@ -340,7 +340,11 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
                 refuse_beside_live_server(&app, "import", "stop it to import (nothing was imported)").await?;
-                app.registry.store().distrust_index().await.context("marking the lifecycle index stale (nothing was imported)")?;
+                app.registry
+                    .store()
+                    .distrust_index()
+                    .await
+                    .context("marking the lifecycle index stale (nothing was imported)")?;
                 let progress = stevedore::progress::Progress::start("import");
                 let r = airgap::import::import(&app.registry, &args.path, args.repository.as_deref()).await;
                 drop(progress);

@@ -50,7 +50,8 @@ pub fn router(state: AppState) -> Router {
     // Only when a limit is configured: a middleware layer costs every request (and every poll
     // of its future) even when it lets everything through.
     if let Some(limiter) = &state.rate_limiter {
-        let limited = crate::limits::RateLimited { limiter: limiter.clone(), cluster: state.registry.cluster().clone() };
+        let limited =
+            crate::limits::RateLimited { limiter: limiter.clone(), cluster: state.registry.cluster().clone() };
         router = router.layer(axum::middleware::from_fn_with_state(limited, crate::limits::rate_limit));
     }
     router

@@ -168,8 +168,7 @@ impl Registry {
                 }
                 if let Ok(others) = self.others().await {
                     crate::metrics::cluster_replicas(others.len() + 1);
-                    crate::status::get()
-                        .replicas(others.iter().map(|p| (p.heartbeat.replica.clone(), p.age)));
+                    crate::status::get().replicas(others.iter().map(|p| (p.heartbeat.replica.clone(), p.age)));
                 }
             }
         });

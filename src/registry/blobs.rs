@@ -77,7 +77,8 @@ impl Registry {
         let Some(size) = self.store.repo_blob_size(repo, d).await? else {
             return Err(RegistryError::blob_unknown(d));
         };
-        self.content(d, size, range, head).await
+        let span = crate::trace_span!("store read", digest = %d, bytes = size);
+        tracing::Instrument::instrument(self.content(d, size, range, head), span).await
     }
 
     /// Committed content of `size` bytes, `range` honoured.

@@ -157,8 +157,7 @@ impl Status {
             upstreams.push(upstream_status(&host, s));
         }
         let lc = rec.lifecycle();
-        let mut replicas =
-            vec![ReplicaStatus { id: app.registry.replica_id(), heartbeat_age_seconds: 0, this: true }];
+        let mut replicas = vec![ReplicaStatus { id: app.registry.replica_id(), heartbeat_age_seconds: 0, this: true }];
         replicas.extend(rec.replicas_seen().into_iter().map(|r| ReplicaStatus {
             id: r.id,
             heartbeat_age_seconds: (r.age + r.at.elapsed()).as_secs(),
@@ -235,7 +234,8 @@ pub(super) async fn gate(app: &App, parts: &axum::http::request::Parts) -> Resul
     }
     match &app.auth {
         Some(a) => a.operator_allowed(parts, level, "log in to read the status page").await,
-        None => Err(crate::error::ApiError::new(crate::error::Code::Unauthorized).detail("the status page needs the admin token (auth.status)")),
+        None => Err(crate::error::ApiError::new(crate::error::Code::Unauthorized)
+            .detail("the status page needs the admin token (auth.status)")),
     }
 }
 

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use reqwest::header::HeaderValue;
 
-use super::relay::Relay;
 use super::{ByteStream, Registry, RegistryError, RegistryResult, Writable};
 use crate::cluster::Holder;
 use crate::oci::range::{parse_range, RangeRequest};
@@ -37,8 +36,17 @@ pub enum BlobBody {
     /// The client reads it from there (`storage.s3.redirect`).
     Redirect(String),
     /// A replica's answer, for the client as it is (its status, the headers of
-    /// [`super::relay::RELAYED`], its body): the blob's bytes, or an error.
+    /// `relay::RELAYED`, its body): the blob's bytes, or an error.
     Relayed { status: u16, headers: Vec<(&'static str, HeaderValue)>, stream: ByteStream },
+}
+
+/// A replica's answer to a relay request (`Registry::relay_from`, in `relay.rs`).
+pub(super) enum Relay {
+    /// For the client as it is: the blob's bytes, or an error ([`BlobBody::Relayed`]).
+    Body(BlobBody),
+    /// `relay::OTHER_REPOSITORY`: ask again, `checked`, once the upstream said it has the blob in
+    /// the asking repository.
+    OtherRepository,
 }
 
 /// The range a `Range` header value asks of a blob of `size` bytes.

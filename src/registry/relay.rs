@@ -6,7 +6,7 @@
 use reqwest::header::{HeaderValue, RANGE};
 use reqwest::StatusCode;
 
-use super::blobs::{fill_body, BlobAnswer, BlobBody};
+use super::blobs::{fill_body, BlobAnswer, BlobBody, Relay};
 use super::{Missing, Registry, RegistryError};
 use crate::cluster::Holder;
 pub use crate::cluster::PEER_PREFIX;
@@ -34,15 +34,6 @@ pub const RELAYED: [&str; 7] = [
 /// [`PEER_SOURCE`] of a replica's refusal: its fill (or stored copy) of the digest is not
 /// known to be the asking repository's; the asker checks the upstream and asks again.
 pub const OTHER_REPOSITORY: &str = "other-repository";
-
-/// A replica's answer to a relay request ([`Registry::relay_from`]).
-pub(super) enum Relay {
-    /// For the client as it is: the blob's bytes, or an error ([`BlobBody::Relayed`]).
-    Body(BlobBody),
-    /// [`OTHER_REPOSITORY`]: ask again, `checked`, once the upstream said it has the blob in
-    /// the asking repository.
-    OtherRepository,
-}
 
 /// The repository of a relay request (`?host=<upstream host>&name=<repository>`, the cache
 /// repository the client asked in) and whether the asking replica checked that the upstream

@@ -8,7 +8,7 @@ use crate::proxy::Proxy;
 use crate::registry::Registry;
 use crate::storage::{S3Backend, Store, StoreConfig};
 
-pub use crate::api::App;
+use crate::api::App;
 
 impl App {
     pub async fn new(

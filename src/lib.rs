@@ -21,5 +21,3 @@ pub mod storage;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
-
-pub use api::router;

@@ -5,7 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use stevedore::airgap;
-use stevedore::app::App;
+use stevedore::api::App;
 use stevedore::config::Config;
 
 #[derive(Parser)]
@@ -615,7 +615,7 @@ async fn serve(cfg: Config) -> anyhow::Result<()> {
     println!("stevedore listening on {addr}");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let limits = stevedore::server::Limits::from_config(&app.cfg.server);
-    let server = stevedore::server::serve_all(listeners, stevedore::router(app.clone()), limits, async move {
+    let server = stevedore::server::serve_all(listeners, stevedore::api::router(app.clone()), limits, async move {
         shutdown.await;
         let _ = tx.send(());
     });

@@ -737,20 +737,14 @@ async fn an_idle_server_costs_the_same_few_backend_requests_whatever_the_store_h
         // second usage check.
         let restart_bound = 12.0 + 10.0 * c.restart_secs;
         eprintln!("n={n}: idle {} calls {:?}; restart {} calls {:?}", c.idle, c.idle_ops, c.restart, c.restart_ops);
-        assert!(
-            c.idle <= idle_bound,
-            "n={n}: {} backend calls in {IDLE:?} of idling (bound {idle_bound}): {:?}",
-            c.idle,
-            c.idle_ops
-        );
-        assert_eq!(c.idle_ops.get("walk"), None, "n={n}: the idle server walked the store: {:?}", c.idle_ops);
-        assert!(
-            c.restart <= restart_bound,
-            "n={n}: {} backend calls from a clean restart to its second check (bound {restart_bound}): {:?}",
-            c.restart,
-            c.restart_ops
-        );
-        assert_eq!(c.restart_ops.get("walk"), None, "n={n}: the restart walked the store: {:?}", c.restart_ops);
+        let phases = [
+            (format!("{IDLE:?} of idling"), c.idle, &c.idle_ops, idle_bound),
+            ("a clean restart to its second check".to_string(), c.restart, &c.restart_ops, restart_bound),
+        ];
+        for (phase, calls, ops, bound) in phases {
+            assert!(calls <= bound, "n={n}: {calls} backend calls in {phase} (bound {bound}): {ops:?}");
+            assert_eq!(ops.get("walk"), None, "n={n}: the store was walked in {phase}: {ops:?}");
+        }
     }
 }
 

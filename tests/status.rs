@@ -199,6 +199,50 @@ async fn status_page_in_a_browser_and_json_field_by_field() {
     screenshot(&page, "status-upstream-down.png");
 }
 
+/// A fill in flight with three clients streaming it: `/status.json` lists it once, with its
+/// repository, the bytes received so far and two followers (the clients besides the first),
+/// and nothing once it has committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_in_flight_shows_its_bytes_and_followers() {
+    let reg = Distribution::start(false);
+    let img = oci::make_image(2602, 1, 1_500_000, "amd64", "linux");
+    reg.registry().push_image("team/slow", &img, Some("1.0")).await;
+    // The fill is slowed to ~3 s, so the page sees it while the clients stream it.
+    let sd = Stevedore::builder()
+        .config(&config(HOST, &[(HOST, &reg.url(), "")]))
+        .env("STEVEDORE_TEST_FILL_BYTES_PER_SEC", "500000")
+        .start();
+    let http = client();
+    let layer = &img.layers[0];
+    let url = sd.url(&Dialect::Prefix.path(HOST, "team/slow", &format!("blobs/{}", layer.digest)));
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { read(http.get(url)).await })
+        })
+        .collect();
+    let start = std::time::Instant::now();
+    let seen = loop {
+        let s: Value = http.get(sd.url("/status.json")).send().await.unwrap().json().await.unwrap();
+        let fills = s["fills"].as_array().cloned().unwrap_or_default();
+        if let [f] = fills.as_slice() {
+            if f["followers"] == 2 && f["bytes"].as_u64().is_some_and(|b| b > 0) {
+                break f.clone();
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no fill with two followers in 20 s: {s:#}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(seen["digest"], layer.digest.as_str(), "{seen:#}");
+    assert_eq!(seen["repository"], format!("{HOST}/team/slow"), "{seen:#}");
+    assert!(seen["bytes"].as_u64().unwrap() < layer.data.len() as u64, "the fill was over already: {seen:#}");
+    for c in clients {
+        let r = c.await.unwrap();
+        assert_content(&r, &layer.digest, &layer.data, "blob streamed from the fill");
+    }
+    fills_done(&http, &sd).await;
+}
+
 /// `auth.status`: `admin` by default once users exist (anonymous callers get a 401 with a
 /// challenge), `open` when set so.
 #[tokio::test]

@@ -324,11 +324,18 @@ mod tests {
             "endpoint-pw-Rr3",
             "upstream-pw-Qq2",
             "realm-pw-Ss8",
+            "eve:",
         ] {
             assert!(!shown.contains(secret), "Debug of Config shows {secret}:\n{c:#?}");
         }
         // The access key id is an identifier (it is in the bucket's own logs), not a secret.
-        assert!(shown.contains("up.test") && shown.contains("AKIA-id-Nn6") && shown.contains("<redacted>"), "{c:#?}");
+        assert!(
+            shown.contains("up.test")
+                && shown.contains("AKIA-id-Nn6")
+                && shown.contains("bob")
+                && shown.contains("<redacted>"),
+            "{c:#?}"
+        );
     }
 
     /// Every key path `Config` reads (`server.tls.cert`, `upstreams.host`: arrays of tables by
@@ -707,29 +714,7 @@ mod tests {
     }
 
     #[test]
-    fn debug_never_shows_secrets() {
-        let c = Config::parse(
-            r#"
-            [proxy]
-            default_upstream = ""
-            [[upstreams]]
-            host = "registry.internal"
-            endpoints = ["https://bob:hunter2-in-url@registry.internal:8443/"]
-            username = "alice"
-            password = "s3cret-password"
-            token_realms = ["https://carol:realm-pass@auth.internal/token"]
-            "#,
-        )
-        .unwrap();
-        for text in [format!("{c:?}"), format!("{:#?}", c.upstreams[0])] {
-            for secret in ["s3cret-password", "hunter2-in-url", "realm-pass", "bob:", "carol:"] {
-                assert!(!text.contains(secret), "{secret} in {text}");
-            }
-            assert!(
-                text.contains("<redacted>") && text.contains("alice") && text.contains("registry.internal"),
-                "{text}"
-            );
-        }
+    fn redact_url_and_bad_endpoints_hide_user_info() {
         assert_eq!(redact_url("https://u:p@h:1/x"), "https://<redacted>@h:1/x");
         assert_eq!(redact_url("https://h/x"), "https://h/x");
         assert_eq!(redact_url("h t t p://u:p@h/x"), "h t t p://<redacted>@h/x");

@@ -13,6 +13,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -82,6 +83,31 @@ pub struct Fill {
     /// The cache repository the fill was started for (and links the blob into): a request of
     /// another repository joins only if the upstream has the blob there too.
     repo: Repo,
+    /// Clients streaming the fill's bytes now (each [`Fill::read`] stream while it lives).
+    readers: AtomicUsize,
+}
+
+/// One client streaming a fill: counted in [`Fill::readers`] while it lives.
+struct Reading(Arc<Fill>);
+
+impl Reading {
+    fn new(fill: Arc<Fill>) -> Reading {
+        fill.readers.fetch_add(1, Ordering::Relaxed);
+        Reading(fill)
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.readers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::ops::Deref for Reading {
+    type Target = Fill;
+    fn deref(&self) -> &Fill {
+        &self.0
+    }
 }
 
 /// Fills in flight, by digest.
@@ -167,6 +193,7 @@ impl Fills {
             progress: rx,
             recent: Mutex::default(),
             repo: req.cache_repo.clone(),
+            readers: AtomicUsize::new(0),
         });
         map.insert(req.digest.clone(), fill.clone());
         let ending = Ending { fills: self.clone(), digest: req.digest.clone(), fill: fill.clone(), tx };
@@ -206,13 +233,12 @@ impl Fills {
     }
 
     /// The fills in flight, for `/status`: digest, repository, bytes received so far, and
-    /// followers (readers besides the first: holders of the fill besides the table, the
-    /// fill's task and the first reader).
+    /// followers (clients streaming it besides the first).
     pub fn snapshot(&self) -> Vec<(Digest, String, u64, usize)> {
         let map = self.map.lock().unwrap();
         map.iter()
             .map(|(d, f)| {
-                let followers = Arc::strong_count(f).saturating_sub(3);
+                let followers = f.readers.load(Ordering::Relaxed).saturating_sub(1);
                 (d.clone(), f.repo.to_string(), f.progress.borrow().received, followers)
             })
             .collect()
@@ -402,7 +428,7 @@ impl Fill {
     /// The bytes `start..end` (to the blob's end when `end` is `None`) as they arrive.
     pub fn read(self: Arc<Self>, start: u64, end: Option<u64>) -> impl Stream<Item = io::Result<Bytes>> + Send {
         let rx = self.progress.clone();
-        futures::stream::unfold((self, rx, start, false), move |(fill, mut rx, pos, done)| async move {
+        futures::stream::unfold((Reading::new(self), rx, start, false), move |(fill, mut rx, pos, done)| async move {
             if done {
                 return None;
             }

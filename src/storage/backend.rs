@@ -22,8 +22,9 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::ids::UploadId;
 use super::layout::Key;
-use super::{StoreResult, UploadId};
+use super::StoreResult;
 use crate::oci::{Algorithm, Digest, Hasher};
 
 /// A stream of content bytes. It ends with an error, never cleanly, when the content is
@@ -35,8 +36,7 @@ pub type ByteStream = Pin<Box<dyn Stream<Item = std::io::Result<Bytes>> + Send>>
 /// dropped request can land after the next request on the same session has started.
 pub type Hold = Box<dyn Send + Sync>;
 
-/// An ingest's id: a UUID v7 (ingests sort by age). Upload sessions use it as their id.
-pub type IngestId = UploadId;
+pub use super::ids::IngestId;
 
 /// What an ingest is for, persisted with its state so that it can be found, resumed or
 /// cleaned up after a restart.

@@ -44,7 +44,7 @@
 
 use std::fmt;
 
-use super::backend::IngestId;
+use super::ids::IngestId;
 use super::Repo;
 use crate::oci::{Digest, Tag};
 

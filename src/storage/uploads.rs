@@ -2,45 +2,15 @@
 //! its repository. The writer saves offset and hash state at every chunk boundary, so a
 //! session survives a restart and finishing it never re-reads the data.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use uuid::Uuid;
 
 use super::backend::{IngestKind, IngestStatus, WriterOptions};
+use super::ids::UploadId;
 use super::{fill_lease, Claim, Lease};
 use super::{Repo, Store, StoreError, StoreResult, Writer, UPLOAD_BATCH};
 use crate::oci::{Algorithm, Digest};
-
-/// An upload session's (and any ingest's) id: a UUID (v7, so sessions sort by age).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, PartialOrd, Ord)]
-pub struct UploadId(Uuid);
-
-impl UploadId {
-    pub fn from_uuid(u: Uuid) -> UploadId {
-        UploadId(u)
-    }
-}
-
-impl FromStr for UploadId {
-    type Err = uuid::Error;
-    fn from_str(s: &str) -> Result<UploadId, uuid::Error> {
-        // Only the canonical hyphenated form, so one session has one URL.
-        let u = Uuid::try_parse(s)?;
-        if u.hyphenated().to_string() != s {
-            return Err(Uuid::try_parse("!").unwrap_err());
-        }
-        Ok(UploadId(u))
-    }
-}
-
-impl fmt::Display for UploadId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.hyphenated().fmt(f)
-    }
-}
 
 /// A session's public status.
 #[derive(Clone, Copy, Debug)]

@@ -309,13 +309,14 @@ fn main() -> anyhow::Result<()> {
             let platforms = platforms(args.platform.as_deref())?;
             tokio::runtime::Runtime::new()?.block_on(async {
                 let app = App::new(cfg, None).await.context("opening the store")?;
+                let progress = stevedore::progress::Progress::start("export");
                 let opts = airgap::export::ExportOptions {
                     refs: &args.refs,
                     platforms: &platforms,
                     referrers: !args.no_referrers,
                     output: &args.output,
+                    progress: progress.tally(),
                 };
-                let progress = stevedore::progress::Progress::start("export");
                 let r = airgap::export::export(&app.registry, &opts).await;
                 drop(progress);
                 let r = r?;
@@ -346,7 +347,9 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .context("marking the lifecycle index stale (nothing was imported)")?;
                 let progress = stevedore::progress::Progress::start("import");
-                let r = airgap::import::import(&app.registry, &args.path, args.repository.as_deref()).await;
+                let r =
+                    airgap::import::import(&app.registry, &args.path, args.repository.as_deref(), &progress.tally())
+                        .await;
                 drop(progress);
                 let r = match r {
                     Ok(r) => r,
@@ -477,13 +480,14 @@ fn fsck(args: FsckArgs) -> anyhow::Result<()> {
             .await
             .context("reading the replicas' heartbeats")?
             .is_empty();
+        let progress = stevedore::progress::Progress::start("fsck");
         let opts = stevedore::lifecycle::fsck::FsckOptions {
             repair: args.repair,
             rebuild_index: args.rebuild_index,
             ingest_age: app.cfg.uploads.session_ttl,
             sweep_ingests: alone,
+            progress: progress.tally(),
         };
-        let progress = stevedore::progress::Progress::start("fsck");
         let r = stevedore::lifecycle::fsck::fsck(app.registry.store(), &opts).await;
         drop(progress);
         let r = r.context("checking the store")?;

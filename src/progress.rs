@@ -3,9 +3,11 @@
 //! (a pipe, a file, a CI log) nothing but the plain lines the commands always print.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// A spinner while `what` runs, when stdout and stderr are terminals; else nothing.
 pub struct Progress {
@@ -32,6 +34,11 @@ impl Progress {
             bar
         });
         Progress { bar, pending: Vec::new() }
+    }
+
+    /// A counter of the items (blobs) the work does and their bytes, shown on the bar.
+    pub fn tally(&self) -> Tally {
+        Tally { bar: self.bar.clone(), bytes: Arc::default() }
     }
 
     /// Whether a bar is shown.
@@ -69,6 +76,25 @@ impl Drop for Progress {
     }
 }
 
+/// Items and bytes done, for a [`Progress`] bar; does nothing without a bar (off a
+/// terminal, or [`Tally::default`] for work no person watches). Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Tally {
+    bar: Option<ProgressBar>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl Tally {
+    /// One item of `bytes` done.
+    pub fn add(&self, bytes: u64) {
+        if let Some(bar) = &self.bar {
+            let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+            bar.inc(1);
+            bar.set_message(format!("({})", HumanBytes(total)));
+        }
+    }
+}
+
 /// Lines written (by `prefetch`) go through [`Progress::line`].
 impl Write for Progress {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -100,5 +126,20 @@ mod tests {
         assert_eq!(p.pending, b"tw");
         p.write_all(b"o\n").unwrap();
         assert!(p.pending.is_empty());
+        // Off a terminal a tally counts nothing anyone sees, and costs nothing.
+        let t = p.tally();
+        t.add(10);
+        assert_eq!(t.bytes.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_tally_counts_items_and_bytes_on_the_bar() {
+        let p = Progress::new("test", true);
+        let t = p.tally();
+        t.clone().add(1024);
+        t.add(2048);
+        let bar = p.bar.as_ref().unwrap();
+        assert_eq!(bar.position(), 2);
+        assert_eq!(bar.message(), "(3.00 KiB)");
     }
 }

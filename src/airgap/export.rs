@@ -22,6 +22,7 @@ use super::reference::{wanted, ImageRef, Platform, Selector};
 use super::REF_NAME;
 use crate::oci::manifest::{self, Kind, OCI_INDEX};
 use crate::oci::{Digest, Reference, Tag};
+use crate::progress::Tally;
 use crate::registry::Registry;
 use crate::storage::{Repo, Store, StoreError};
 
@@ -41,6 +42,8 @@ pub struct ExportOptions<'a> {
     pub platforms: &'a [Platform],
     pub referrers: bool,
     pub output: &'a Path,
+    /// Counts each blob written (a terminal's progress bar).
+    pub progress: Tally,
 }
 
 #[derive(Debug, Default)]
@@ -117,7 +120,7 @@ pub async fn export(registry: &Registry, opts: &ExportOptions<'_>) -> Result<Exp
         "manifests": plan.entries,
     }))
     .expect("index serialises");
-    write(store, &plan.blobs, &index, opts.output).await?;
+    write(store, &plan.blobs, &index, opts.output, &opts.progress).await?;
     Ok(report)
 }
 
@@ -230,7 +233,13 @@ fn blob_path(d: &Digest) -> String {
 }
 
 /// Writes the layout beside `out`, then renames it into place.
-async fn write(store: &Arc<Store>, blobs: &[(Digest, u64)], index: &[u8], out: &Path) -> Result<(), ExportError> {
+async fn write(
+    store: &Arc<Store>,
+    blobs: &[(Digest, u64)],
+    index: &[u8],
+    out: &Path,
+    progress: &Tally,
+) -> Result<(), ExportError> {
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let output = |p: &Path, err: std::io::Error| ExportError::Output { path: p.display().to_string(), err };
     let tmp = out.with_file_name(format!(".{name}.partial-{}", std::process::id()));
@@ -242,9 +251,9 @@ async fn write(store: &Arc<Store>, blobs: &[(Digest, u64)], index: &[u8], out: &
         }
     }
     let res = if archive {
-        write_tar(store, blobs, index, &tmp, name.ends_with(".zst")).await
+        write_tar(store, blobs, index, &tmp, name.ends_with(".zst"), progress).await
     } else {
-        write_dir(store, blobs, index, &tmp).await
+        write_dir(store, blobs, index, &tmp, progress).await
     };
     if let Err(e) = res {
         let _ = if archive { tokio::fs::remove_file(&tmp).await } else { tokio::fs::remove_dir_all(&tmp).await };
@@ -256,7 +265,13 @@ async fn write(store: &Arc<Store>, blobs: &[(Digest, u64)], index: &[u8], out: &
     tokio::fs::rename(&tmp, out).await.map_err(|e| output(out, e))
 }
 
-async fn write_dir(store: &Store, blobs: &[(Digest, u64)], index: &[u8], dir: &Path) -> Result<(), ExportError> {
+async fn write_dir(
+    store: &Store,
+    blobs: &[(Digest, u64)],
+    index: &[u8],
+    dir: &Path,
+    progress: &Tally,
+) -> Result<(), ExportError> {
     let output = |p: &Path, err: std::io::Error| ExportError::Output { path: p.display().to_string(), err };
     tokio::fs::create_dir_all(dir).await.map_err(|e| output(dir, e))?;
     for (d, size) in blobs {
@@ -271,6 +286,7 @@ async fn write_dir(store: &Store, blobs: &[(Digest, u64)], index: &[u8], dir: &P
             f.write_all(&chunk).await.map_err(|e| output(&path, e))?;
         }
         f.sync_all().await.map_err(|e| output(&path, e))?;
+        progress.add(*size);
     }
     for (name, bytes) in [("oci-layout", LAYOUT), ("index.json", index)] {
         let path = dir.join(name);
@@ -285,10 +301,11 @@ async fn write_tar(
     index: &[u8],
     path: &Path,
     zstd: bool,
+    progress: &Tally,
 ) -> Result<(), ExportError> {
     let (store, blobs, index, path) = (store.clone(), blobs.to_vec(), index.to_vec(), path.to_path_buf());
-    let handle = Handle::current();
-    tokio::task::spawn_blocking(move || tar_blocking(&handle, &store, &blobs, &index, &path, zstd))
+    let (handle, progress) = (Handle::current(), progress.clone());
+    tokio::task::spawn_blocking(move || tar_blocking(&handle, &store, &blobs, &index, &path, zstd, &progress))
         .await
         .map_err(|e| ExportError::Output { path: "export task".into(), err: std::io::Error::other(e.to_string()) })?
 }
@@ -302,6 +319,7 @@ fn tar_blocking(
     index: &[u8],
     path: &PathBuf,
     zstd: bool,
+    progress: &Tally,
 ) -> Result<(), ExportError> {
     let output = |err: std::io::Error| ExportError::Output { path: path.display().to_string(), err };
     let file = std::fs::File::create(path).map_err(output)?;
@@ -331,6 +349,7 @@ fn tar_blocking(
         let reader =
             tokio_util::io::SyncIoBridge::new_with_handle(tokio_util::io::StreamReader::new(stream), handle.clone());
         tar.append_data(&mut header(*size, false), blob_path(d), reader).map_err(output)?;
+        progress.add(*size);
     }
     tar.into_inner().map_err(output)?.finish().map_err(output)?;
     file.sync_all().map_err(output)?;

@@ -29,6 +29,7 @@ use super::reference::{ImageRef, Selector};
 use super::REF_NAME;
 use crate::oci::manifest::{self, MAX_MANIFEST_BYTES};
 use crate::oci::{Digest, Tag};
+use crate::progress::Tally;
 use crate::registry::Registry;
 use crate::storage::{ManifestPut, Repo, Store, StoreError, Verified};
 
@@ -89,7 +90,13 @@ const CHUNK: usize = 1 << 20;
 
 /// Imports the layout at `path`. `repository` names the repository of entries named by a tag
 /// only (`v1`) or not named at all.
-pub async fn import(registry: &Registry, path: &Path, repository: Option<&str>) -> Result<ImportReport, ImportError> {
+/// `progress` counts each blob of the archive verified into the store's ingest.
+pub async fn import(
+    registry: &Registry,
+    path: &Path,
+    repository: Option<&str>,
+    progress: &Tally,
+) -> Result<ImportReport, ImportError> {
     let store = registry.store();
     let default_repo = match repository {
         None => None,
@@ -105,9 +112,9 @@ pub async fn import(registry: &Registry, path: &Path, repository: Option<&str>) 
         }
     };
     raise_fd_limit();
-    let (store2, path2, handle) = (store.clone(), path.to_path_buf(), Handle::current());
+    let (store2, path2, handle, progress) = (store.clone(), path.to_path_buf(), Handle::current(), progress.clone());
     let mut loader = tokio::task::spawn_blocking(move || {
-        let mut loader = Loader { store: Some(store2), handle: Some(handle), ..Loader::default() };
+        let mut loader = Loader { store: Some(store2), handle: Some(handle), progress, ..Loader::default() };
         match read_input(&path2, &mut loader) {
             Ok(()) => Ok(loader),
             Err(e) => {
@@ -145,6 +152,7 @@ struct Loader {
     blobs: HashMap<Digest, Held>,
     /// Small JSON blobs: maybe manifests.
     json: HashMap<Digest, bytes::Bytes>,
+    progress: Tally,
 }
 
 /// Reads a small file entry whole, refusing more than `limit` bytes.
@@ -244,6 +252,7 @@ impl Loader {
             self.json.insert(d.clone(), j.into());
         }
         self.blobs.insert(d, Held { entry: name.to_string(), size, verified });
+        self.progress.add(size);
         Ok(())
     }
 

@@ -23,6 +23,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::oci::{Digest, Hasher};
+use crate::progress::Tally;
 use crate::storage::{Repo, Store, StoreResult};
 
 #[derive(Clone, Debug)]
@@ -34,6 +35,8 @@ pub struct FsckOptions {
     /// Remove leftover ingests (not beside a live server: it sweeps its own, and a check
     /// beside it changes nothing).
     pub sweep_ingests: bool,
+    /// Counts each blob hashed (a terminal's progress bar).
+    pub progress: Tally,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -87,6 +90,7 @@ pub async fn fsck(store: &Store, opts: &FsckOptions) -> StoreResult<FsckReport> 
         let Some((got, n)) = hash_content(store, &d).await? else { continue };
         r.blobs_checked += 1;
         r.bytes_checked += n;
+        opts.progress.add(n);
         if got == d && n == size {
             present.insert(d);
             continue;

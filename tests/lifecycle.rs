@@ -823,6 +823,8 @@ async fn upload_sessions_count_against_the_cap_and_evict_proxied_content() {
         idle_config(&fake.url(), &format!("max_size = {max}\n"))
             .replacen("[proxy]\n", "[proxy]\nlocal_namespaces = [\"local/*\"]\n", 1)
             .replacen("[uploads]\n", &format!("[uploads]\n{extra}"), 1)
+            // The pushed blob has no manifest: the online GC leaves it alone within the grace.
+            .replacen("gc_grace = \"1s\"", "gc_grace = \"1h\"", 1)
     };
     let mut sd = Stevedore::builder().config(&cfg("")).root(&root).start();
     let http = client();
@@ -847,8 +849,10 @@ async fn upload_sessions_count_against_the_cap_and_evict_proxied_content() {
     let up = bytes(9600, 60_000);
     let digest = common::data::sha256(&up);
     let loc = reg.start_upload("local/app").await;
-    let (loc, stored) =
-        reg.try_patch(&loc, 0, up.len() as u64, reqwest::Body::from(up.clone())).await.unwrap_or_else(|e| panic!("{e}"));
+    let (loc, stored) = reg
+        .try_patch(&loc, 0, up.len() as u64, reqwest::Body::from(up.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(stored, up.len() as u64);
     let target = low - up.len() as f64;
     let checks = usage_checks(&metrics_text(&sd).await);
@@ -883,7 +887,9 @@ async fn upload_sessions_count_against_the_cap_and_evict_proxied_content() {
     // is not.
     let left = bytes(9700, 30_000);
     let loc = reg.start_upload("local/app").await;
-    reg.try_patch(&loc, 0, left.len() as u64, reqwest::Body::from(left.clone())).await.unwrap_or_else(|e| panic!("{e}"));
+    reg.try_patch(&loc, 0, left.len() as u64, reqwest::Body::from(left.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let (ok, text) = wait_metrics(&sd, LIMIT, |t| used(t, "ingest") == left.len() as f64).await;
     assert!(ok, "the open session's bytes are not shown:\n{text}");
     sd.terminate(LIMIT).expect("the server stops on SIGTERM");

@@ -18,6 +18,7 @@ mod fleet;
 mod fs;
 pub mod guard;
 pub mod index;
+mod inflight;
 pub mod layout;
 mod replicas;
 mod repo;
@@ -151,6 +152,8 @@ pub struct Store {
     fleet: OnceLock<Arc<dyn Fleet>>,
     /// The mutation protocol's per-digest guards ([`guard`]).
     guards: guard::Guards,
+    /// Bytes held by ingests ([`inflight`]), kept by the writers across the seam.
+    inflight: Arc<inflight::Inflight>,
 }
 
 impl Store {
@@ -168,8 +171,9 @@ impl Store {
             Some(ttl) => (sizes.time_to_live(ttl).build(), links.time_to_live(ttl).build()),
             None => (sizes.build(), links.build()),
         };
+        let inflight = Arc::new(inflight::Inflight::default());
         Arc::new(Store {
-            backend: Arc::new(counted::Counted::new(backend)),
+            backend: Arc::new(counted::Counted::new(backend, inflight.clone())),
             sizes,
             links,
             unlinks: AtomicU64::new(0),
@@ -180,6 +184,7 @@ impl Store {
             records: Arc::default(),
             fleet: OnceLock::new(),
             guards: guard::Guards::default(),
+            inflight,
         })
     }
 

@@ -215,6 +215,8 @@ impl Lifecycle {
         let generation = self.store.index_generation().await?;
         if generation != st.generation {
             st.generation = generation;
+            // Repositories it created are in no cache here: the catalog is walked again.
+            self.store.expire_catalog();
             tracing::info!("the store was changed by an offline tool; rebuilding the lifecycle index");
             return self.rebuild(st, "drift").await;
         }

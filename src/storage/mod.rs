@@ -188,6 +188,12 @@ impl Store {
         })
     }
 
+    /// The catalog is walked again at its next listing: an offline tool (`prefetch`) added
+    /// repositories beside this process (seen through the store's generation).
+    pub fn expire_catalog(&self) {
+        self.catalog.expire();
+    }
+
     /// Size of committed content, or `None` if it is not in the store.
     pub async fn blob_size(&self, d: &Digest) -> StoreResult<Option<u64>> {
         if let Some(size) = self.sizes.get(d) {

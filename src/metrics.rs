@@ -178,6 +178,13 @@ pub fn usage(pushed: u64, imported: u64, proxied: u64, oldest_access_secs: f64) 
     gauge!("stevedore_cache_oldest_access_seconds").set(oldest_access_secs);
 }
 
+/// Bytes held by ingests (upload sessions, fills in progress or abandoned): counted against
+/// the cap beside proxied content, never evicted. Brought up to date at every usage check and
+/// before `/metrics` renders.
+pub fn ingest_bytes(n: u64) {
+    gauge!("stevedore_store_used_bytes", "kind" => "ingest").set(n as f64);
+}
+
 /// One call across the storage seam (`backend`: `fs`, `s3`; `op`: the call; `purpose`:
 /// `heartbeat` for the replica heartbeat's own, `serve` for everything else).
 pub fn backend_request(backend: &'static str, op: &'static str, purpose: &'static str) {

@@ -735,3 +735,42 @@ fn the_catalog_lists_repositories_imported_before_the_server_started() {
     assert_eq!(v["repositories"], serde_json::json!(["team/a", "team/b"]), "{body}");
     assert_image_served(&rt, &reg, "team/b", "v1", &two.b);
 }
+
+/// `prefetch` may run beside a live server (it only adds verified content): the repositories
+/// it creates are in that server's catalog once its next usage check sees the store's
+/// generation change, not only after a restart (issue #22: the catalog sees what an offline
+/// tool added).
+#[test]
+fn the_catalog_lists_repositories_prefetched_beside_a_running_server() {
+    let rt = rt();
+    let tmp = tempfile::tempdir().unwrap();
+    let dist = Distribution::start_in(&tmp.path().join("distribution"), false);
+    let dhost = format!("127.0.0.1:{}", dist.port);
+    let img = oci::build("airgap-catalog", 950, 10_000, false);
+    dist.push("fresh", "1.0", &img);
+    let cfg_text = launcher::config(&dhost, &[(&dhost, &dist.url(), "")]) + "\n[cache]\ncheck_interval = \"1s\"\n";
+    let cfg = tmp.path().join("stevedore.toml");
+    std::fs::write(&cfg, &cfg_text).unwrap();
+    let root = tmp.path().join("store");
+    let server = Stevedore::builder().config(&cfg_text).root(&root).start();
+    let reg = server.registry();
+    let (st, body) = get(&rt, &reg, "/v2/_catalog");
+    assert_eq!(st, 200, "{body}");
+    assert!(!body.contains("fresh"), "{body}");
+    let out = cli(&["prefetch", "--config", s(&cfg), "--root", s(&root), &format!("{dhost}/fresh:1.0")], LIMIT);
+    assert!(out.status.success(), "prefetch beside the server: {}", out.describe());
+    let bound = Duration::from_secs(30);
+    let end = std::time::Instant::now() + bound;
+    let listed = loop {
+        let (st, body) = get(&rt, &reg, "/v2/_catalog");
+        assert_eq!(st, 200, "{body}");
+        if body.contains("fresh") {
+            break true;
+        }
+        if std::time::Instant::now() > end {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(listed, "the repository prefetched beside the running server is not in its catalog within {bound:?}");
+}

@@ -799,3 +799,103 @@ async fn after_a_kill_the_index_is_rebuilt_and_the_cap_still_holds() {
     assert!(!has_blob(&sd, &d), "the least recently used blob (pulled before the kill) was kept");
     assert_stored_blobs_intact(&sd);
 }
+
+/// Upload sessions count against the cap (issue #22): with proxied content just under the
+/// high mark, a chunked upload left open (POST + PATCH, no final PUT) brings proxied + ingest
+/// past it; the next usage check evicts proxied content down to the low mark less the
+/// session's bytes, and `/metrics` shows them as `kind="ingest"` (so does `/status.json`).
+/// Finishing the upload moves them to `pushed`; a session a previous process left is counted
+/// from its recorded offset at the start, and when the sweep removes it the count drops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_sessions_count_against_the_cap_and_evict_proxied_content() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let fake = Fake::start().await;
+    let (max, blob, n) = (200_000u64, 15_000usize, 10usize);
+    let (high, low) = (max as f64 * 0.95, max as f64 * 0.85);
+    let cfg = |extra: &str| {
+        idle_config(&fake.url(), &format!("max_size = {max}\n"))
+            .replacen("[proxy]\n", "[proxy]\nlocal_namespaces = [\"local/*\"]\n", 1)
+            .replacen("[uploads]\n", &format!("[uploads]\n{extra}"), 1)
+            // The pushed blob has no manifest: the online GC leaves it alone within the grace.
+            .replacen("gc_grace = \"1s\"", "gc_grace = \"1h\"", 1)
+    };
+    let mut sd = Stevedore::builder().config(&cfg("")).root(&root).start();
+    let http = client();
+    let mut pulled = Vec::new();
+    for i in 0..n {
+        let data = bytes(9500 + i as u64, blob);
+        let d = fake.add_blob(&data);
+        let url = sd.url(&Dialect::Ns.path(HOST, &format!("lib/big{i}"), &format!("blobs/{d}")));
+        assert_content(&read(http.get(url)).await, &d, &data, &format!("blob {i}"));
+        pulled.push(d);
+    }
+    let filled = wait_until(LIMIT, || ingests_left(&sd).is_empty()).await;
+    assert!(filled, "fills did not end: {:?}", ingests_left(&sd));
+    let proxied = (blob * n) as u64;
+    assert!((proxied as f64) < high, "the pulls stay under the high mark ({proxied})");
+    let text = settled_usage(&sd, proxied, "before the upload").await;
+    assert!(used(&text, "ingest") <= 0.0, "no session yet:\n{text}");
+    assert_eq!(metric(&text, "stevedore_cache_evicted_items_total").unwrap_or(0.0), 0.0, "{text}");
+
+    // A session holding 60 000 bytes: proxied + ingest = 210 000 > the high mark.
+    let reg = sd.registry();
+    let up = bytes(9600, 60_000);
+    let digest = common::data::sha256(&up);
+    let loc = reg.start_upload("local/app").await;
+    let (loc, stored) = reg
+        .try_patch(&loc, 0, up.len() as u64, reqwest::Body::from(up.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(stored, up.len() as u64);
+    let target = low - up.len() as f64;
+    let checks = usage_checks(&metrics_text(&sd).await);
+    let (ok, text) = wait_metrics(&sd, LIMIT, |t| {
+        usage_checks(t) >= checks + 2.0 && used(t, "ingest") == up.len() as f64 && used(t, "proxied") <= target
+    })
+    .await;
+    assert!(
+        ok,
+        "with {} bytes in an open upload session, proxied usage did not come down to {target} (low mark less \
+         the session) or the session's bytes are not shown as kind=\"ingest\":\n{text}",
+        up.len()
+    );
+    assert!(metric(&text, "stevedore_cache_evicted_items_total").unwrap_or(0.0) >= 3.0, "{text}");
+    let kept = pulled.iter().filter(|d| has_blob(&sd, d)).count();
+    assert!(kept * blob <= target as usize, "{kept} of the pulled blobs are still stored (target {target})");
+    assert!(kept > 0, "everything proxied was evicted (target {target})");
+    let status: serde_json::Value = serde_json::from_slice(&read(http.get(sd.url("/status.json"))).await.body).unwrap();
+    assert_eq!(status["store"]["used_bytes"]["ingest"], up.len() as u64, "{status:#}");
+
+    // Finished: the bytes are pushed content, no longer in progress.
+    reg.try_finish(&loc, &digest, None).await.unwrap_or_else(|e| panic!("{e}"));
+    let checks = usage_checks(&metrics_text(&sd).await);
+    let (ok, text) = wait_metrics(&sd, LIMIT, |t| {
+        usage_checks(t) >= checks + 1.0 && used(t, "ingest") == 0.0 && used(t, "pushed") >= up.len() as f64
+    })
+    .await;
+    assert!(ok, "after the final PUT the session's bytes are not pushed content:\n{text}");
+    reg.assert_blob("local/app", &digest, &up).await;
+
+    // A session left open across a clean restart is counted by the new process; swept, it
+    // is not.
+    let left = bytes(9700, 30_000);
+    let loc = reg.start_upload("local/app").await;
+    reg.try_patch(&loc, 0, left.len() as u64, reqwest::Body::from(left.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (ok, text) = wait_metrics(&sd, LIMIT, |t| used(t, "ingest") == left.len() as f64).await;
+    assert!(ok, "the open session's bytes are not shown:\n{text}");
+    sd.terminate(LIMIT).expect("the server stops on SIGTERM");
+    drop(sd);
+    let mut sd = Stevedore::builder().config(&cfg("")).root(&root).start();
+    let (ok, text) = wait_metrics(&sd, LIMIT, |t| used(t, "ingest") == left.len() as f64).await;
+    assert!(ok, "the session a previous process left is not counted after the restart:\n{text}");
+    assert!(!ingests_left(&sd).is_empty(), "the open session is gone");
+    sd.terminate(LIMIT).expect("the server stops on SIGTERM");
+    drop(sd);
+    let sd = Stevedore::builder().config(&cfg("session_ttl = \"1s\"\n")).root(&root).start();
+    let (ok, text) = wait_metrics(&sd, LIMIT, |t| used(t, "ingest") == 0.0 && ingests_left(&sd).is_empty()).await;
+    assert!(ok, "the swept session is still counted (or not swept: {:?}):\n{text}", ingests_left(&sd));
+    sd.registry().assert_blob("local/app", &digest, &up).await;
+}

@@ -39,6 +39,7 @@ pub async fn metrics(State(app): State<AppState>, req: Request) -> Response {
         return e.into_response();
     }
     crate::metrics::refresh();
+    crate::metrics::ingest_bytes(app.registry.ingest_bytes());
     match &app.metrics {
         Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
         None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),

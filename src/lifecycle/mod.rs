@@ -61,6 +61,9 @@ pub struct Usage {
     pub pushed: u64,
     pub imported: u64,
     pub proxied: u64,
+    /// Bytes held by ingests (upload sessions, fills): not evictable, but counted against
+    /// the cap beside proxied content.
+    pub ingest: u64,
     pub items: usize,
     /// The least recently used proxied content's last use.
     pub oldest_access: Option<SystemTime>,
@@ -212,6 +215,8 @@ impl Lifecycle {
         let generation = self.store.index_generation().await?;
         if generation != st.generation {
             st.generation = generation;
+            // Repositories it created are in no cache here: the catalog is walked again.
+            self.store.expire_catalog();
             tracing::info!("the store was changed by an offline tool; rebuilding the lifecycle index");
             return self.rebuild(st, "drift").await;
         }
@@ -241,12 +246,14 @@ impl Lifecycle {
             }
             st.changed = false;
         }
+        st.usage.ingest = self.store.ingest_bytes();
         let u = &st.usage;
         let ms = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         self.store.set_usage(crate::storage::UsageSnapshot {
             pushed: u.pushed,
             imported: u.imported,
             proxied: u.proxied,
+            ingest: u.ingest,
             items: u.items as u64,
             oldest_access_ms: u.oldest_access.map(ms).unwrap_or(0),
             known: true,
@@ -254,6 +261,7 @@ impl Lifecycle {
         self.store.records().proxied_at_scan.store(u.proxied, Ordering::Release);
         let oldest = u.oldest_access.map(|t| age(t).as_secs_f64()).unwrap_or(0.0);
         crate::metrics::usage(u.pushed, u.imported, u.proxied, oldest);
+        crate::metrics::ingest_bytes(u.ingest);
         crate::metrics::store_bytes(u.pushed + u.imported + u.proxied);
     }
 
@@ -289,8 +297,13 @@ impl Lifecycle {
         self.catch_up(&mut st).await?;
         self.refresh_usage(&mut st);
         let proxied = st.usage.proxied;
+        // Ingests count against the cap but are not evictable (as pinned content is not):
+        // past the high mark, proxied content goes down to the low mark less what they hold.
+        let ingest = st.usage.ingest;
         let cap = match self.marks() {
-            Some((high, low)) if proxied > high => Some(low),
+            Some((high, low)) if proxied + ingest > high && proxied > low.saturating_sub(ingest) => {
+                Some(low.saturating_sub(ingest))
+            }
             _ => None,
         };
         let expired = self
@@ -301,7 +314,8 @@ impl Lifecycle {
         if cap.is_none() && !pressure && !expired {
             return Ok(Evicted { before: st.usage.clone(), after_proxied: proxied, ..Evicted::default() });
         }
-        let scan = view(st.index.as_ref().expect("index loaded"), start, &self.store.pending_uses());
+        let mut scan = view(st.index.as_ref().expect("index loaded"), start, &self.store.pending_uses());
+        scan.usage.ingest = ingest;
         // A full store: a tenth of the proxied content (at least down to the low mark), but
         // never what was used within the last check interval (the working set stays served).
         let full = pressure.then(|| {
@@ -332,6 +346,7 @@ impl Lifecycle {
                 manifests = out.manifests,
                 proxied_before = out.before.proxied,
                 proxied_after = out.after_proxied,
+                ingest = out.before.ingest,
                 "evicted least recently used proxied content"
             );
         }

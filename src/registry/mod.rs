@@ -189,6 +189,12 @@ impl Registry {
         r.proxied_at_scan.load(Ordering::Acquire) + r.committed_since_scan.load(Ordering::Acquire)
     }
 
+    /// Bytes held by ingests (upload sessions, fills) now: counted against the cap beside
+    /// proxied content (memory only).
+    pub fn ingest_bytes(&self) -> u64 {
+        self.store.ingest_bytes()
+    }
+
     /// Whether the registry is offline (`proxy.offline`, `serve --offline`).
     pub fn is_offline(&self) -> bool {
         self.proxy.is_offline()

@@ -5,6 +5,8 @@
 //! `list` is one call however many pages it reads; a writer's parts are counted at its
 //! creation, resumption and commit). The heartbeat's calls run under [`heartbeat`] and are
 //! counted apart (`purpose="heartbeat"`), so an idle server's own cost is read directly.
+//!
+//! Its writers also keep the bytes each ingest holds ([`super::inflight`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,8 +16,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::backend::{Backend, ByteStream, Hold, IngestId, IngestStatus, Verified, Writer, WriterOptions};
+use super::inflight::{Inflight, Slot};
 use super::layout::Key;
-use super::StoreResult;
+use super::{StoreError, StoreResult};
 use crate::oci::Digest;
 
 tokio::task_local! {
@@ -30,11 +33,23 @@ pub async fn heartbeat<F: Future>(f: F) -> F::Output {
 /// The backend, counted.
 pub struct Counted {
     inner: Arc<dyn Backend>,
+    inflight: Arc<Inflight>,
 }
 
 impl Counted {
-    pub fn new(inner: Arc<dyn Backend>) -> Counted {
-        Counted { inner }
+    pub(crate) fn new(inner: Arc<dyn Backend>, inflight: Arc<Inflight>) -> Counted {
+        Counted { inner, inflight }
+    }
+
+    /// `inner`, counted, its bytes kept in the ingest's slot from `size()` on.
+    fn writer(&self, inner: Box<dyn Writer>) -> Box<dyn Writer> {
+        let slot = self.inflight.slot(inner.id());
+        self.inflight.set(&slot, inner.size());
+        Box::new(CountedWriter { inner, backend: self.inner.kind(), inflight: self.inflight.clone(), slot })
+    }
+
+    fn verified(&self, id: IngestId, inner: Box<dyn Verified>) -> Box<dyn Verified> {
+        Box::new(CountedVerified { inner, backend: self.inner.kind(), id, inflight: self.inflight.clone() })
     }
 
     fn count(&self, op: &'static str) {
@@ -46,6 +61,8 @@ impl Counted {
 struct CountedVerified {
     inner: Box<dyn Verified>,
     backend: &'static str,
+    id: IngestId,
+    inflight: Arc<Inflight>,
 }
 
 #[async_trait]
@@ -55,10 +72,18 @@ impl Verified for CountedVerified {
     }
     async fn commit(self: Box<Self>) -> StoreResult<u64> {
         crate::metrics::backend_request(self.backend, "commit", purpose());
-        self.inner.commit().await
+        let (id, inflight) = (self.id, self.inflight.clone());
+        let r = self.inner.commit().await;
+        // Whatever the outcome the ingest is done: in place, or not wanted (a failed commit's
+        // leftovers are the sweep's).
+        inflight.forget(&id);
+        r
     }
     async fn abort(self: Box<Self>) -> StoreResult<()> {
-        self.inner.abort().await
+        let (id, inflight) = (self.id, self.inflight.clone());
+        let r = self.inner.abort().await;
+        inflight.forget(&id);
+        r
     }
 }
 
@@ -66,6 +91,15 @@ impl Verified for CountedVerified {
 struct CountedWriter {
     inner: Box<dyn Writer>,
     backend: &'static str,
+    inflight: Arc<Inflight>,
+    slot: Slot,
+}
+
+impl CountedWriter {
+    /// The ingest holds what the writer has accepted.
+    fn note(&self) {
+        self.inflight.set(&self.slot, self.inner.size());
+    }
 }
 
 fn purpose() -> &'static str {
@@ -90,23 +124,41 @@ impl Writer for CountedWriter {
         self.inner.tail()
     }
     async fn write(&mut self, chunk: Bytes) -> StoreResult<()> {
-        self.inner.write(chunk).await
+        let r = self.inner.write(chunk).await;
+        self.note();
+        r
     }
     async fn checkpoint(&mut self) -> StoreResult<()> {
         crate::metrics::backend_request(self.backend, "checkpoint", purpose());
-        self.inner.checkpoint().await
+        let r = self.inner.checkpoint().await;
+        self.note();
+        r
     }
     async fn rollback(&mut self) -> StoreResult<()> {
-        self.inner.rollback().await
+        let r = self.inner.rollback().await;
+        self.note();
+        r
     }
     async fn verify(self: Box<Self>, expected: &Digest, size: Option<u64>) -> StoreResult<Box<dyn Verified>> {
-        let backend = self.backend;
-        let inner = self.inner.verify(expected, size).await?;
-        Ok(Box::new(CountedVerified { inner, backend }))
+        let CountedWriter { inner, backend, inflight, slot: _ } = *self;
+        let id = inner.id();
+        match inner.verify(expected, size).await {
+            Ok(inner) => Ok(Box::new(CountedVerified { inner, backend, id, inflight })),
+            Err(e) => {
+                // A mismatch removes the ingest.
+                if matches!(e, StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. }) {
+                    inflight.forget(&id);
+                }
+                Err(e)
+            }
+        }
     }
     async fn abort(self: Box<Self>) -> StoreResult<()> {
         crate::metrics::backend_request(self.backend, "remove_ingest", purpose());
-        self.inner.abort().await
+        let (id, inflight) = (self.inner.id(), self.inflight.clone());
+        let r = self.inner.abort().await;
+        inflight.forget(&id);
+        r
     }
 }
 
@@ -141,12 +193,12 @@ impl Backend for Counted {
     async fn create_writer(&self, id: IngestId, opts: WriterOptions, hold: Hold) -> StoreResult<Box<dyn Writer>> {
         self.count("create_writer");
         let inner = self.inner.create_writer(id, opts, hold).await?;
-        Ok(Box::new(CountedWriter { inner, backend: self.inner.kind() }))
+        Ok(self.writer(inner))
     }
     async fn resume_writer(&self, id: IngestId, batch_bytes: usize, hold: Hold) -> StoreResult<Box<dyn Writer>> {
         self.count("resume_writer");
         let inner = self.inner.resume_writer(id, batch_bytes, hold).await?;
-        Ok(Box::new(CountedWriter { inner, backend: self.inner.kind() }))
+        Ok(self.writer(inner))
     }
     async fn ingest_status(&self, id: IngestId) -> StoreResult<Option<IngestStatus>> {
         self.count("ingest_status");
@@ -158,12 +210,14 @@ impl Backend for Counted {
     }
     async fn remove_ingest(&self, id: IngestId) -> StoreResult<()> {
         self.count("remove_ingest");
-        self.inner.remove_ingest(id).await
+        self.inner.remove_ingest(id).await?;
+        self.inflight.forget(&id);
+        Ok(())
     }
     async fn resume_commit(&self, id: IngestId, hold: Hold) -> StoreResult<Option<Box<dyn Verified>>> {
         self.count("resume_commit");
         let v = self.inner.resume_commit(id, hold).await?;
-        Ok(v.map(|inner| Box::new(CountedVerified { inner, backend: self.inner.kind() }) as Box<dyn Verified>))
+        Ok(v.map(|inner| self.verified(id, inner)))
     }
     async fn get(&self, key: &Key) -> StoreResult<Option<(Bytes, SystemTime)>> {
         self.count("get");

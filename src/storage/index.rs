@@ -119,6 +119,8 @@ pub struct UsageSnapshot {
     pub pushed: u64,
     pub imported: u64,
     pub proxied: u64,
+    /// Bytes held by ingests (upload sessions, fills) at the check.
+    pub ingest: u64,
     /// Pieces of content.
     pub items: u64,
     /// The least recently used proxied content's last use (unix milliseconds; 0: none).
@@ -433,11 +435,12 @@ impl Store {
         Ok(out)
     }
 
-    /// Committed bytes since the last scan, and the hint that space is needed.
+    /// Committed bytes since the last scan, and the hint that space is needed (the ingests'
+    /// bytes count against the cap too).
     pub(crate) fn note_committed(&self, size: u64) {
         let since = self.records.committed_since_scan.fetch_add(size, Ordering::AcqRel) + size;
         let high = self.records.high_mark.load(Ordering::Acquire);
-        if high > 0 && self.records.proxied_at_scan.load(Ordering::Acquire) + since > high {
+        if high > 0 && self.records.proxied_at_scan.load(Ordering::Acquire) + since + self.ingest_bytes() > high {
             self.records.pressure.notify_one();
         }
     }

@@ -19,6 +19,7 @@ mod fs;
 pub mod guard;
 mod ids;
 pub mod index;
+mod inflight;
 pub mod layout;
 mod replicas;
 mod repo;
@@ -153,6 +154,8 @@ pub struct Store {
     fleet: OnceLock<Arc<dyn Fleet>>,
     /// The mutation protocol's per-digest guards ([`guard`]).
     guards: guard::Guards,
+    /// Bytes held by ingests ([`inflight`]), kept by the writers across the seam.
+    inflight: Arc<inflight::Inflight>,
 }
 
 impl Store {
@@ -170,8 +173,9 @@ impl Store {
             Some(ttl) => (sizes.time_to_live(ttl).build(), links.time_to_live(ttl).build()),
             None => (sizes.build(), links.build()),
         };
+        let inflight = Arc::new(inflight::Inflight::default());
         Arc::new(Store {
-            backend: Arc::new(counted::Counted::new(backend)),
+            backend: Arc::new(counted::Counted::new(backend, inflight.clone())),
             sizes,
             links,
             unlinks: AtomicU64::new(0),
@@ -182,7 +186,14 @@ impl Store {
             records: Arc::default(),
             fleet: OnceLock::new(),
             guards: guard::Guards::default(),
+            inflight,
         })
+    }
+
+    /// The catalog is walked again at its next listing: an offline tool (`prefetch`) added
+    /// repositories beside this process (seen through the store's generation).
+    pub fn expire_catalog(&self) {
+        self.catalog.expire();
     }
 
     /// Size of committed content, or `None` if it is not in the store.

@@ -147,11 +147,20 @@ impl Store {
     pub async fn sweep_uploads(&self, ttl: Duration) -> usize {
         self.backend.sweep_temporaries(Duration::from_secs(3600).min(ttl)).await;
         let Ok(ids) = self.backend.ingests().await else { return 0 };
+        // The first sweep counts the ingests a previous process left (their recorded offsets;
+        // this process's own writers count theirs): the listing is the sweep's anyway.
+        let seed = !self.inflight.seeded.load(std::sync::atomic::Ordering::Acquire);
         let mut removed = 0;
         for id in ids {
             let lock = self.sessions.get(&id);
             let Ok(_guard) = lock.try_lock() else { continue };
             let Ok(status) = self.backend.ingest_status(id).await else { continue };
+            if seed && !self.inflight.knows(&id) {
+                if let Some(s) = &status {
+                    let slot = self.inflight.slot(id);
+                    self.inflight.set(&slot, s.offset);
+                }
+            }
             if !idle_for(status.as_ref(), ttl) {
                 continue;
             }
@@ -178,7 +187,16 @@ impl Store {
                 removed += 1;
             }
         }
+        if seed {
+            self.inflight.seeded.store(true, std::sync::atomic::Ordering::Release);
+        }
         removed
+    }
+
+    /// Bytes held by ingests (upload sessions, fills in progress or abandoned): kept as they
+    /// are written, committed and removed (no backend request).
+    pub fn ingest_bytes(&self) -> u64 {
+        self.inflight.total()
     }
 }
 

@@ -59,6 +59,8 @@ pub struct UsedBytes {
     pub proxied: u64,
     pub pushed: u64,
     pub imported: u64,
+    /// Held by ingests (upload sessions, fills) now: counted against the cap, not evictable.
+    pub ingest: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,7 +182,12 @@ impl Status {
                     crate::config::BackendKind::Fs => "fs",
                     crate::config::BackendKind::S3 => "s3",
                 },
-                used_bytes: UsedBytes { proxied, pushed: usage.pushed, imported: usage.imported },
+                used_bytes: UsedBytes {
+                    proxied,
+                    pushed: usage.pushed,
+                    imported: usage.imported,
+                    ingest: app.registry.ingest_bytes(),
+                },
                 measured: usage.measured,
                 max_size: max,
                 high_watermark: max.map(|m| app.cfg.cache.high_watermark.bytes(m)),

@@ -111,20 +111,23 @@ pub fn render(s: &Status) -> String {
         h,
         "<h2>Store</h2><table id=\"store\"><tr><th>Used</th><td id=\"used-bytes\">{}</td></tr>\
          <tr><th>Proxied</th><td id=\"used-proxied\">{}</td></tr><tr><th>Pushed</th><td id=\"used-pushed\">{}</td></tr>\
-         <tr><th>Imported</th><td id=\"used-imported\">{}</td></tr>",
+         <tr><th>Imported</th><td id=\"used-imported\">{}</td></tr>\
+         <tr><th>Uploads and fills in progress</th><td id=\"used-ingest\">{}</td></tr>",
         human_bytes(used),
         human_bytes(u.proxied),
         human_bytes(u.pushed),
         human_bytes(u.imported),
+        human_bytes(u.ingest),
     );
     match (s.store.max_size, s.store.high_watermark, s.store.low_watermark) {
         (Some(max), Some(high), Some(low)) => {
-            let fill = (u.proxied as f64 / max.max(1) as f64 * 100.0).min(100.0);
+            let counted = u.proxied + u.ingest;
+            let fill = (counted as f64 / max.max(1) as f64 * 100.0).min(100.0);
             let _ = write!(
                 h,
-                "<tr><th>Cap (proxied)</th><td>{} of {} (high watermark {}, low {})\
+                "<tr><th>Cap (proxied + in progress)</th><td>{} of {} (high watermark {}, low {})\
                  <div class=\"bar\"><span style=\"width:{fill:.1}%\"></span></div></td></tr>",
-                human_bytes(u.proxied),
+                human_bytes(counted),
                 human_bytes(max),
                 human_bytes(high),
                 human_bytes(low)

@@ -135,7 +135,10 @@ pub fn request(route: &'static str, method: &http::Method, status: u16, duration
     let method = method_label(method);
     let secs = duration.as_secs_f64();
     let kept = with_handles(|h| {
-        h.requests.entry((st(route), st(method), status)).or_insert_with(|| request_counter(route, method, status)).increment(1);
+        h.requests
+            .entry((st(route), st(method), status))
+            .or_insert_with(|| request_counter(route, method, status))
+            .increment(1);
         h.durations.entry(st(route)).or_insert_with(|| request_histogram(route)).record(secs);
     });
     if kept.is_none() {

@@ -183,3 +183,114 @@ fn sigterm_stops_the_server_cleanly() {
     let status = s.terminate(Duration::from_secs(10)).expect("still running 10 s after SIGTERM");
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
 }
+
+/// The series counted on every request (`stevedore_requests_total`,
+/// `stevedore_cache_requests_total`, `stevedore_served_bytes*`) are exact when the requests
+/// come at once over several connections (the server's worker threads each keep their own
+/// handles on them, `src/metrics.rs`): every request counted once, in the same series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_request_metrics_are_exact_under_concurrent_requests() {
+    use common::fake::Fake;
+    use common::stevedore::config;
+    const TASKS: usize = 8;
+    const EACH: usize = 40;
+    let fake = Fake::start().await;
+    let img = fake.add_image("team/app", "1", 2611, &[3000]);
+    let (layer, layer_bytes) = img.blobs[1].clone();
+    let sd = Stevedore::start(&config("up.test", &[("up.test", &fake.url(), "")]));
+    let c = common::http::client();
+    let manifest = sd.url("/v2/team/app/manifests/1?ns=up.test");
+    let blob = sd.url(&format!("/v2/team/app/blobs/{layer}?ns=up.test"));
+    let accept = common::http::MANIFEST_ACCEPT;
+    // The misses: the manifest and the layer are in the store before the load.
+    let r = c.get(&manifest).header("accept", accept).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img.manifest);
+    let r = c.get(&blob).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), layer_bytes);
+    let metrics = || {
+        let (c, url) = (&c, sd.url("/metrics"));
+        async move { c.get(url).send().await.unwrap().text().await.unwrap() }
+    };
+    let value = |text: &str, name: &str, labels: &[&str]| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum()
+    };
+    // Fills commit after their readers are done; the hits start once nothing is in flight.
+    let start = Instant::now();
+    while value(&metrics().await, "stevedore_fills_in_flight", &[]) != 0.0 {
+        assert!(start.elapsed() < Duration::from_secs(30), "fills in flight after 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let before = metrics().await;
+
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let (c, manifest, blob, layer_bytes) =
+            (common::http::client(), manifest.clone(), blob.clone(), layer_bytes.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..EACH {
+                let r = c.head(&manifest).header("accept", accept).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.headers()["x-stevedore-cache"], "hit");
+                let r = c.get(&blob).send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                assert_eq!(r.headers()["x-stevedore-cache"], "hit");
+                assert_eq!(r.bytes().await.unwrap().to_vec(), layer_bytes);
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(120), t).await.expect("load within 120 s").unwrap();
+    }
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let n = (TASKS * EACH) as f64;
+
+    // The access line (and its counts) is written once the body is out: wait for the last.
+    let start = Instant::now();
+    let after = loop {
+        let after = metrics().await;
+        let source = ["source=\"cache\""];
+        let got = value(&after, "stevedore_served_bytes_by_source_total", &source)
+            - value(&before, "stevedore_served_bytes_by_source_total", &source);
+        if got >= n * layer_bytes.len() as f64 || start.elapsed() > Duration::from_secs(10) {
+            break after;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let delta = |name: &str, labels: &[&str]| value(&after, name, labels) - value(&before, name, labels);
+    let req = |route: &str, method: &str| {
+        let (r, m) = (format!("route=\"{route}\""), format!("method=\"{method}\""));
+        delta("stevedore_requests_total", &[&r, &m, "status=\"200\""])
+    };
+    assert_eq!(req("manifest", "HEAD"), n, "HEAD manifest requests counted:\n{after}");
+    assert_eq!(req("blob", "GET"), n, "GET blob requests counted:\n{after}");
+    let hits = |kind: &str| {
+        let k = format!("kind=\"{kind}\"");
+        delta("stevedore_cache_requests_total", &["upstream=\"up.test\"", &k, "outcome=\"hit\""])
+    };
+    assert_eq!(hits("manifest"), n, "manifest hits counted:\n{after}");
+    assert_eq!(hits("blob"), n, "blob hits counted:\n{after}");
+    let bytes = n * layer_bytes.len() as f64;
+    // (This total counts every GET answered 200, the `/metrics` bodies read here too.)
+    assert!(delta("stevedore_served_bytes_total", &[]) >= bytes, "served bytes:\n{after}");
+    assert_eq!(
+        delta("stevedore_served_bytes_by_source_total", &["source=\"cache\""]),
+        bytes,
+        "bytes served from the cache:\n{after}"
+    );
+    assert_eq!(delta("stevedore_served_bytes_by_source_total", &["source=\"upstream\""]), 0.0);
+    // One series per label set, however many threads counted into it.
+    let series = after.lines().filter(|l| l.starts_with("stevedore_requests_total{")).count();
+    let distinct: std::collections::BTreeSet<&str> = after
+        .lines()
+        .filter(|l| l.starts_with("stevedore_requests_total{"))
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, _)| k))
+        .collect();
+    assert_eq!(series, distinct.len(), "a series listed twice:\n{after}");
+}

@@ -144,6 +144,7 @@ def backend_requests(hostport):
         return None
     total = heartbeat = 0
     found = False
+    by = {}
     for ln in text.splitlines():
         if ln.startswith("stevedore_backend_requests_total"):
             found = True
@@ -151,7 +152,16 @@ def backend_requests(hostport):
             total += v
             if "heartbeat" in ln:
                 heartbeat += v
-    return {"total": total, "heartbeat": heartbeat} if found else None
+            labels = ln[ln.find("{") + 1:ln.rfind("}")]
+            by[labels] = v
+    return {"total": total, "heartbeat": heartbeat, "by": by} if found else None
+
+
+def ops_between(m0, m1):
+    """The backend requests made between two samples, by label set (only those that grew)."""
+    if not (m0 and m1):
+        return None
+    return {k: v - m0["by"].get(k, 0) for k, v in m1["by"].items() if v - m0["by"].get(k, 0) > 0}
 
 
 class Target:
@@ -263,6 +273,11 @@ def main():
                 row["_t"].append(time.monotonic())
                 row["_cpu"].append(procs.cpu_seconds(t.server.pid))
                 row["_s3"].append(t.s3_count())
+                # What each minute's backend requests were, by op and purpose (for a row
+                # whose worst minute stands out).
+                m = backend_requests(t.hostport)
+                row.setdefault("idle_minutes_ops", []).append(ops_between(row.get("_last_metrics", row["_metrics0"]), m))
+                row["_last_metrics"] = m
         window_min = (time.monotonic() - start) / 60
         for t, row in targets:
             cpu, ts = row.pop("_cpu"), row.pop("_t")
@@ -275,6 +290,7 @@ def main():
             row["idle_cpu_s_worst_min"] = round(max(per_min), 4) if per_min else None
             m1 = backend_requests(t.hostport)
             m0 = row.pop("_metrics0")
+            row.pop("_last_metrics", None)
             if m0 and m1:
                 row["backend_requests_per_min"] = round((m1["total"] - m0["total"] - m1["heartbeat"] + m0["heartbeat"])
                                                         / window_min, 1)

@@ -95,7 +95,7 @@ impl Default for ClusterConfig {
             advertise: None,
             advertise_env: None,
             lease_ttl: Duration::from_secs(10),
-            heartbeat_interval: Duration::from_secs(5),
+            heartbeat_interval: Duration::from_secs(10),
             allow_without_redis: false,
         }
     }

@@ -23,12 +23,16 @@ impl Store {
         super::counted::heartbeat(self.backend.get(&layout::replica(id))).await
     }
 
-    /// Every replica heartbeat: id, record, when it was written.
-    pub async fn replicas(&self) -> StoreResult<Vec<(uuid::Uuid, Bytes, SystemTime)>> {
+    /// Every replica heartbeat but `except`'s (a replica's own is not read back): id, record,
+    /// when it was written.
+    pub async fn replicas(&self, except: Option<&uuid::Uuid>) -> StoreResult<Vec<(uuid::Uuid, Bytes, SystemTime)>> {
         super::counted::heartbeat(async {
             let mut out = Vec::new();
             for name in self.backend.list(&layout::replicas_dir()).await? {
                 let Ok(id) = name.parse::<uuid::Uuid>() else { continue };
+                if Some(&id) == except {
+                    continue;
+                }
                 if let Some((raw, at)) = self.backend.get(&layout::replica(&id)).await? {
                     out.push((id, raw, at));
                 }

@@ -116,7 +116,11 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                     break;
                 }
             }
-            if relinked || !store.delete_content(&d).await? {
+            if relinked {
+                continue;
+            }
+            crate::hooks::pause("gc.before_delete").await;
+            if !store.delete_content(&d).await? {
                 continue;
             }
         }

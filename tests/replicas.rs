@@ -619,7 +619,11 @@ async fn push_during_removal(
     let redis = fleet.redis.as_ref().unwrap();
     let free = wait_until(REACH, || redis.keys(&lease).is_empty()).await;
     assert!(free, "the removal's lease {lease} was not released");
-    assert!(gone_from_bucket(fleet, removed).await, "the removal did not finish: {:?}", fleet.at(0).bucket.as_ref().unwrap().blobs());
+    assert!(
+        gone_from_bucket(fleet, removed).await,
+        "the removal did not finish: {:?}",
+        fleet.at(0).bucket.as_ref().unwrap().blobs()
+    );
     if waited {
         a.go("fleet.removal_wait").await;
     }
@@ -636,10 +640,20 @@ async fn pulls_back_everywhere(fleet: &Fleet, img: &common::oci::Image, what: &s
             fleet.url_of(i, &format!("/v2/local/app/manifests/{}", img.manifest.digest)),
         )
         .await;
-        common::http::assert_content(&r, &img.manifest.digest, &img.manifest.data, &format!("{what}: manifest from replica {i}"));
+        common::http::assert_content(
+            &r,
+            &img.manifest.digest,
+            &img.manifest.data,
+            &format!("{what}: manifest from replica {i}"),
+        );
         for blob in img.blobs() {
             let r = read(http.get(blob_url(fleet, i, "local/app", &blob.digest))).await;
-            common::http::assert_content(&r, &blob.digest, &blob.data, &format!("{what}: blob {} from replica {i}", blob.digest));
+            common::http::assert_content(
+                &r,
+                &blob.digest,
+                &blob.data,
+                &format!("{what}: blob {} from replica {i}", blob.digest),
+            );
         }
     }
 }

@@ -363,7 +363,7 @@ impl Store {
         let Some(c) = self.fleet.get() else { return Ok(reach) };
         futures::future::try_join_all(ds.iter().map(|d| self.record_access_checked(d))).await?;
         reach.set_recorded(ds);
-        let names: Vec<String> = ds.iter().map(|d| removal_lease(d)).collect();
+        let names: Vec<String> = ds.iter().map(removal_lease).collect();
         let held: Vec<&String> =
             names.iter().zip(c.holders(&names).await).filter(|(_, h)| h.is_some()).map(|(n, _)| n).collect();
         if held.is_empty() {
@@ -390,7 +390,7 @@ impl Store {
     pub async fn try_removal(&self, ds: &[&Digest]) -> Option<Removal> {
         let mut removal = self.guards.try_remove(ds).await?;
         if let Some(c) = self.fleet.get() {
-            let mut names: Vec<String> = ds.iter().map(|d| removal_lease(d)).collect();
+            let mut names: Vec<String> = ds.iter().map(removal_lease).collect();
             names.sort_unstable();
             names.dedup();
             for name in names {

@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::distribution::Distribution;
 use common::fleet::{pull, push_generated, Fleet, Pull, SECRET};
 use common::http::{client, client_with_timeout, read};
+use common::pause::Pauses;
 use common::wait_until;
 
 /// Without Redis a second replica refuses to start beside a live one (naming it and the
@@ -534,4 +535,234 @@ async fn a_relay_of_another_repositorys_fill_needs_the_upstream_to_have_it_there
         0,
         "a same-repository relay checked upstream"
     );
+}
+
+/// How long a test waits for a replica to reach a pause point.
+const REACH: Duration = Duration::from_secs(30);
+
+/// Two replicas on one bucket for the removal tests (issue #22, "another replica's
+/// removal"): replica 0 pushes (no cap, no GC, its pause point `fleet.removal_wait` armed:
+/// a make-reachable that finds a digest's removal lease held); replica 1 removes (`cache`
+/// as its `[cache]` section, `points` armed). Both see `local/*` as local repositories.
+fn removal_fleet(upstream: &str, cache: &str, points: &[&str]) -> (Fleet, Pauses, Pauses) {
+    let mut fleet = Fleet::start_env(0, upstream, "", true, &[]);
+    let mut pauses = Vec::new();
+    let setups = [
+        ("fleet.removal_wait".to_string(), "check_interval = \"1h\"\ngc_interval = \"0s\"\n".to_string()),
+        (points.join(","), cache.to_string()),
+    ];
+    for (i, (armed, cache)) in setups.iter().enumerate() {
+        let slot = fleet.add_slot();
+        pauses.push(Pauses::in_dir(&fleet.root_of(slot).join("pause")));
+        fleet.env = vec![
+            ("STEVEDORE_PAUSE".to_string(), armed.clone()),
+            ("STEVEDORE_PAUSE_DIR".to_string(), pauses[i].dir().to_str().unwrap().to_string()),
+        ];
+        let cfg = fleet.config_of(slot).replacen("[proxy]\n", "[proxy]\nlocal_namespaces = [\"local/*\"]\n", 1)
+            + &format!("\n[cache]\naccess_flush_interval = \"1s\"\n{cache}");
+        let r = fleet.try_spawn(slot, &cfg).unwrap_or_else(|log| panic!("replica {slot}: {log}"));
+        fleet.replicas[slot] = Some(r);
+    }
+    let b = pauses.pop().unwrap();
+    let a = pauses.pop().unwrap();
+    (fleet, a, b)
+}
+
+/// Waits (bounded) until none of `digests` is in the fleet's bucket.
+async fn gone_from_bucket(fleet: &Fleet, digests: &[String]) -> bool {
+    let bucket = fleet.at(0).bucket.as_ref().unwrap();
+    wait_until(REACH, || {
+        let blobs = bucket.blobs();
+        !digests.iter().any(|d| blobs.contains(d))
+    })
+    .await
+}
+
+/// Replica 0 pushes `data` (digest `d`) to `local/app` while replica 1 is paused in a removal
+/// of `d` (its lease `remove:<d>` held, its re-check done): the push must wait for the
+/// removal (pause point `fleet.removal_wait`) rather than answer before the delete. Then
+/// replica 1 goes on and finishes (`removed`: every digest its removal deletes), and the push
+/// goes on. Returns the push's status and whether it waited.
+async fn push_during_removal(
+    fleet: &Fleet,
+    a: &Pauses,
+    b: &Pauses,
+    b_point: &str,
+    d: &str,
+    data: Vec<u8>,
+    removed: &[String],
+) -> (u16, bool) {
+    let reg = fleet.at(0).registry();
+    let mut push = tokio::spawn({
+        let (reg, d) = (reg.clone(), d.to_string());
+        async move {
+            let loc = reg.start_upload("local/app").await;
+            reg.finish_upload(&loc, &d, data).await.status().as_u16()
+        }
+    });
+    // Either the push waits for the removal's lease (fixed) or it answers at once.
+    let mut answered = None;
+    let waited = wait_until(REACH, || {
+        if push.is_finished() {
+            answered = Some(());
+        }
+        answered.is_some() || a.is_reached("fleet.removal_wait")
+    })
+    .await;
+    assert!(waited, "the push neither answered nor waited for the removal within {REACH:?}");
+    let waited = answered.is_none();
+    if waited {
+        assert!(!push.is_finished(), "the push answered while it waits for the removal");
+    }
+    b.go(b_point).await;
+    let lease = format!("stevedore:remove:{d}");
+    let redis = fleet.redis.as_ref().unwrap();
+    let free = wait_until(REACH, || redis.keys(&lease).is_empty()).await;
+    assert!(free, "the removal's lease {lease} was not released");
+    assert!(
+        gone_from_bucket(fleet, removed).await,
+        "the removal did not finish: {:?}",
+        fleet.at(0).bucket.as_ref().unwrap().blobs()
+    );
+    if waited {
+        a.go("fleet.removal_wait").await;
+    }
+    let status = tokio::time::timeout(REACH, &mut push).await.expect("the push answers").unwrap();
+    (status, waited)
+}
+
+/// Every replica serves `img`'s manifest (by digest) and blobs from `local/app`, byte for byte.
+async fn pulls_back_everywhere(fleet: &Fleet, img: &common::oci::Image, what: &str) {
+    let http = client();
+    for i in 0..fleet.len() {
+        let r = common::http::get_manifest(
+            &http,
+            fleet.url_of(i, &format!("/v2/local/app/manifests/{}", img.manifest.digest)),
+        )
+        .await;
+        common::http::assert_content(
+            &r,
+            &img.manifest.digest,
+            &img.manifest.data,
+            &format!("{what}: manifest from replica {i}"),
+        );
+        for blob in img.blobs() {
+            let r = read(http.get(blob_url(fleet, i, "local/app", &blob.digest))).await;
+            common::http::assert_content(
+                &r,
+                &blob.digest,
+                &blob.data,
+                &format!("{what}: blob {} from replica {i}", blob.digest),
+            );
+        }
+    }
+}
+
+/// Issue #22, "another replica's removal": replica 1's eviction has decided to evict a
+/// pulled-through image, re-checked it (no use since its scan) and is about to delete it,
+/// when a client of replica 0 pushes one of its layers to a local repository, then a
+/// manifest using it. The push waits for the eviction's removal lease (it does not answer
+/// 201 before the delete); once the eviction is done, it stores the layer again, and the
+/// image pulls back whole from both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_waits_for_another_replicas_eviction_and_stays_stored() {
+    use common::fake::Fake;
+    let fake = Fake::start().await;
+    let old = fake.add_image("team/a", "v1", 0x22_0101, &[200_000, 200_000]);
+    let new = fake.add_image("team/b", "v1", 0x22_0102, &[200_000]);
+    let cache = "max_size = \"500KiB\"\ncheck_interval = \"1s\"\ngc_interval = \"0s\"\n";
+    let (fleet, a, b) = removal_fleet(&fake.addr.to_string(), cache, &["evict.before_delete"]);
+    let http = client();
+    // Through replica 1: the old image, then the new one; past the high mark, the old one
+    // (least recently used) is evicted.
+    for (repo, img) in [("team/a", &old), ("team/b", &new)] {
+        let r = common::http::get_manifest(&http, fleet.url_of(1, &format!("/v2/{repo}/manifests/v1"))).await;
+        common::http::assert_content(&r, &img.digest, &img.manifest, repo);
+        for (d, body) in &img.blobs {
+            common::http::assert_content(&read(http.get(blob_url(&fleet, 1, repo, d))).await, d, body, repo);
+        }
+    }
+    b.reached("evict.before_delete", REACH).await;
+    let mut evicted: Vec<String> = old.blobs.iter().map(|(d, _)| d.clone()).collect();
+    evicted.push(old.digest.clone());
+
+    // The CI job on replica 0 pushes an image built FROM the old one: its first layer first.
+    let (layer_d, layer) = old.blobs[1].clone();
+    let (status, waited) =
+        push_during_removal(&fleet, &a, &b, "evict.before_delete", &layer_d, layer.clone(), &evicted).await;
+    assert_eq!(status, 201, "the push of {layer_d} during the other replica's eviction");
+    let r = read(http.get(blob_url(&fleet, 0, "local/app", &layer_d))).await;
+    common::http::assert_content(&r, &layer_d, &layer, "a layer pushed (201) while another replica evicted it");
+
+    let config = common::oci::Blob::new(common::oci::MT_CONFIG, common::data::bytes(0x22_0103, 500));
+    let reg = fleet.at(0).registry();
+    reg.upload_blob("local/app", &config.data).await;
+    let img = image_of(config, vec![common::oci::Blob::new(common::oci::MT_LAYER_GZIP, layer)]);
+    let put = reg.put_manifest("local/app", "v1", common::oci::MT_MANIFEST, &img.manifest.data).await;
+    assert_eq!(put.status().as_u16(), 201, "a manifest using the layer pushed during the eviction");
+    pulls_back_everywhere(&fleet, &img, "the image built FROM the evicted one").await;
+    assert!(waited, "the push did not wait for the other replica's removal (pause point fleet.removal_wait)");
+}
+
+/// The same with replica 1's online GC: a deleted image's content, past `gc_grace`, is being
+/// deleted (lease held, re-checked, paused at `gc.before_delete`) when a client of replica 0
+/// pushes the image again as docker does. The blob whose removal is under way waits for it;
+/// the image then pulls back whole from both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_push_waits_for_another_replicas_gc_and_stays_stored() {
+    use common::fake::Fake;
+    let fake = Fake::start().await;
+    let cache = "gc_interval = \"1s\"\ngc_grace = \"2s\"\n";
+    let (fleet, a, b) = removal_fleet(&fake.addr.to_string(), cache, &["gc.before_delete"]);
+    let reg = fleet.at(0).registry();
+    let img = common::oci::make_image(0x22_0201, 2, 50_000, "amd64", "linux");
+    reg.push_image("local/app", &img, Some("v1")).await;
+    let r = reg.delete(&format!("/v2/local/app/manifests/{}", img.manifest.digest)).await;
+    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
+
+    // Replica 1's GC: past the grace period, the content goes; it is paused before deleting
+    // the first piece, whose removal lease names it.
+    b.reached("gc.before_delete", REACH).await;
+    let redis = fleet.redis.as_ref().unwrap();
+    let leases = redis.keys("stevedore:remove:*");
+    assert!(leases.len() <= 1, "removal leases held by the paused GC: {leases:?}");
+    // Without a lease to name it: the first digest of the bucket's listing (the GC's order).
+    let d = match leases.first() {
+        Some(l) => l.strip_prefix("stevedore:remove:").unwrap().to_string(),
+        None => img.digests().into_iter().min().unwrap(),
+    };
+    let data = if d == img.manifest.digest {
+        img.manifest.data.clone()
+    } else {
+        img.blobs().iter().find(|b| b.digest == d).expect("the GC removes one of the image's digests").data.clone()
+    };
+    let (status, waited) =
+        push_during_removal(&fleet, &a, &b, "gc.before_delete", &d, data.clone(), &img.digests()).await;
+    assert_eq!(status, 201, "the push of {d} during the other replica's GC");
+    let r = read(client().get(blob_url(&fleet, 0, "local/app", &d))).await;
+    common::http::assert_content(&r, &d, &data, "a blob pushed (201) while another replica's GC deleted it");
+    // The rest of docker's push: whatever is missing, then the manifest.
+    for blob in img.blobs() {
+        if reg.head(&format!("/v2/local/app/blobs/{}", blob.digest)).await.status().as_u16() != 200 {
+            reg.upload_blob("local/app", &blob.data).await;
+        }
+    }
+    let put = reg.put_manifest("local/app", "v1", &img.manifest.media_type, &img.manifest.data).await;
+    assert_eq!(put.status().as_u16(), 201, "the re-pushed manifest");
+    pulls_back_everywhere(&fleet, &img, "an image re-pushed while another replica's GC ran").await;
+    assert_eq!(leases.len(), 1, "the paused GC held the removal lease of what it deletes: {leases:?}");
+    assert!(waited, "the push did not wait for the other replica's removal (pause point fleet.removal_wait)");
+}
+
+/// An image of `config` and `layers` (its manifest built from them).
+fn image_of(config: common::oci::Blob, layers: Vec<common::oci::Blob>) -> common::oci::Image {
+    use common::oci::{Blob, Image, MT_MANIFEST};
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": MT_MANIFEST,
+        "config": config.descriptor(),
+        "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
+    });
+    let manifest = Blob::new(MT_MANIFEST, serde_json::to_vec(&manifest).unwrap());
+    Image { config, layers, manifest, diff_ids: Vec::new(), files: Vec::new() }
 }

@@ -263,6 +263,10 @@ impl From<StoreError> for ApiError {
             SessionBusy => ApiError::new(Code::TooManyRequests)
                 .detail("the upload session is being written by another request; retry when it is done")
                 .header(axum::http::header::RETRY_AFTER, 5),
+            RemovalBusy => ApiError::new(Code::Unavailable)
+                .status(axum::http::StatusCode::SERVICE_UNAVAILABLE)
+                .detail("another replica is removing this content; nothing was stored, retry")
+                .header(axum::http::header::RETRY_AFTER, 1),
             e if e.is_full() => store_full(&e),
             Io(e) => ApiError::internal(e),
         }

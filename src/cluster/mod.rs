@@ -231,6 +231,24 @@ impl Cluster {
         parse_holder(&v?)
     }
 
+    /// Who holds each of the leases `names`, in one `MGET`; `None` for each when Redis does
+    /// not answer.
+    pub async fn holders(&self, names: &[String]) -> Vec<Option<Holder>> {
+        let none = || vec![None; names.len()];
+        let Some(r) = self.redis.as_ref() else { return none() };
+        if names.is_empty() {
+            return Vec::new();
+        }
+        let keys: Vec<String> = names.iter().map(|n| Cluster::key(r, n)).collect();
+        let mut conn = r.conn.clone();
+        let mget = redis::cmd("MGET").arg(&keys).to_owned();
+        let got: Option<Vec<Option<String>>> = self.call("holders", mget.query_async(&mut conn)).await;
+        match got {
+            Some(v) if v.len() == names.len() => v.into_iter().map(|v| v.as_deref().and_then(parse_holder)).collect(),
+            _ => none(),
+        }
+    }
+
     /// Waits until nobody holds `name` (or Redis stops answering), at most `limit`; polls.
     /// Returns whether it is free.
     pub async fn wait_free(&self, name: &str, limit: Duration) -> bool {
@@ -428,6 +446,9 @@ impl Fleet for Shared {
     }
     async fn holder(&self, name: &str) -> Option<Holder> {
         self.0.holder(name).await
+    }
+    async fn holders(&self, names: &[String]) -> Vec<Option<Holder>> {
+        self.0.holders(names).await
     }
     async fn wait_free(&self, name: &str, limit: Duration) -> bool {
         self.0.wait_free(name, limit).await

@@ -80,8 +80,8 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                 if !dry_run {
                     // The mutation protocol: under the exclusive guard nothing links or stores
                     // it; whatever did since the mark recorded a use. Held right now: next pass.
-                    let Some(_removal) = store.try_removal(&[b]).await else { continue };
-                    if recent(store, b, since).await? {
+                    let Some(removal) = store.try_removal(&[b]).await else { continue };
+                    if recent(store, b, since).await? || removal.lost() {
                         continue;
                     }
                     store.unlink_blob(repo, b).await?;
@@ -104,7 +104,7 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
             continue;
         }
         if !dry_run {
-            let Some(_removal) = store.try_removal(&[&d]).await else { continue };
+            let Some(removal) = store.try_removal(&[&d]).await else { continue };
             if recent(store, &d, since).await? {
                 continue;
             }
@@ -116,7 +116,11 @@ pub async fn collect(store: &Store, grace: Duration, dry_run: bool) -> StoreResu
                     break;
                 }
             }
-            if relinked || !store.delete_content(&d).await? {
+            if relinked {
+                continue;
+            }
+            crate::hooks::pause("gc.before_delete").await;
+            if removal.lost() || !store.delete_content(&d).await? {
                 continue;
             }
         }

@@ -410,7 +410,7 @@ impl Lifecycle {
             // reachable; whatever did since the scan recorded a use, re-checked here. A unit
             // something is being linked to right now is left for the next pass.
             let refs: Vec<&Digest> = digests.iter().collect();
-            let Some(_removal) = store.try_removal(&refs).await else { continue };
+            let Some(removal) = store.try_removal(&refs).await else { continue };
             if digests.iter().any(|d| store.in_use(d)) {
                 continue;
             }
@@ -428,6 +428,9 @@ impl Lifecycle {
                 continue;
             }
             crate::hooks::pause("evict.before_delete").await;
+            if removal.lost() {
+                continue;
+            }
             let mut candidates = Vec::new();
             if let Some(repo) = &u.repo {
                 if let Some(m) = &u.manifest {

@@ -47,6 +47,14 @@ pub fn fill_lease(digest: impl std::fmt::Display) -> String {
     format!("fill:{digest}")
 }
 
+/// The lease of a removal of `digest` (`remove:sha256:…`): held by the replica that deletes
+/// or unlinks it (eviction, GC) from before its re-check until after the delete; whatever
+/// makes the digest reachable on another replica waits while it is held (ARCHITECTURE.md,
+/// "The mutation protocol").
+pub fn removal_lease(digest: impl std::fmt::Display) -> String {
+    format!("remove:{digest}")
+}
+
 /// Who holds a lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
@@ -101,6 +109,9 @@ pub trait Fleet: Send + Sync {
     async fn claim(&self, name: &str) -> Claim;
     /// Who holds the lease `name`, if anyone (and coordination answers).
     async fn holder(&self, name: &str) -> Option<Holder>;
+    /// Who holds each of the leases `names`, in one request (`None` for each when
+    /// coordination does not answer).
+    async fn holders(&self, names: &[String]) -> Vec<Option<Holder>>;
     /// Waits until nobody holds `name` (or coordination stops answering), at most `limit`.
     /// Returns whether it is free.
     async fn wait_free(&self, name: &str, limit: Duration) -> bool;

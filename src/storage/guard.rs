@@ -19,11 +19,17 @@
 //! waiting for another, and never queue ahead of a push (which would block every new reader
 //! of the stripe behind them). A reach waits only for a removal in progress on the same
 //! stripe: a few small deletes.
+//!
+//! These guards are per process. Across replicas (`[redis]`) the store adds a fleet lease per
+//! digest on top (`Store::try_removal`, `Store::reach`, ARCHITECTURE.md "Across replicas"): a
+//! removal holds `remove:<digest>` through its re-check and delete; a reach writes a durable
+//! access record, then waits while the lease is held.
 
 use std::sync::Arc;
 
 use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
+use super::Lease;
 use crate::oci::Digest;
 
 /// How many locks the digests share.
@@ -43,6 +49,9 @@ impl Default for Guards {
 pub struct Reach {
     stripes: Vec<usize>,
     _held: Vec<OwnedRwLockReadGuard<()>>,
+    /// Digests given a durable access record after the guards were taken (a store shared by
+    /// replicas records every digest of a reach before it checks their removal leases).
+    recorded: Vec<Digest>,
 }
 
 impl Reach {
@@ -50,17 +59,35 @@ impl Reach {
     pub fn covers(&self, d: &Digest) -> bool {
         self.stripes.binary_search(&stripe(d)).is_ok()
     }
+
+    /// Whether `d` got its durable access record under this reach (no need to write another).
+    pub fn recorded(&self, d: &Digest) -> bool {
+        self.recorded.contains(d)
+    }
+
+    pub(crate) fn set_recorded(&mut self, ds: &[&Digest]) {
+        self.recorded = ds.iter().map(|d| (*d).clone()).collect();
+    }
 }
 
-/// Exclusive guards on some digests: nothing makes them reachable while this is held.
+/// Exclusive guards on some digests: nothing makes them reachable while this is held. In a
+/// fleet, also the removal leases of the digests (`remove:<digest>`, released when this is
+/// dropped): nothing makes them reachable on another replica meanwhile.
 pub struct Removal {
     stripes: Vec<usize>,
     _held: Vec<OwnedRwLockWriteGuard<()>>,
+    pub(crate) leases: Vec<Lease>,
 }
 
 impl Removal {
     pub fn covers(&self, d: &Digest) -> bool {
         self.stripes.binary_search(&stripe(d)).is_ok()
+    }
+
+    /// Whether a removal lease was found expired at a renewal (another replica may be making
+    /// the content reachable): the removal must not go on.
+    pub fn lost(&self) -> bool {
+        self.leases.iter().any(Lease::lost)
     }
 }
 
@@ -97,7 +124,7 @@ impl Guards {
             };
             held.push(g);
         }
-        Reach { stripes, _held: held }
+        Reach { stripes, _held: held, recorded: Vec::new() }
     }
 
     /// The exclusive guards of `ds`, or `None` at once when any of them is held (something is
@@ -115,7 +142,7 @@ impl Guards {
                 }
             }
         }
-        Some(Removal { stripes, _held: held })
+        Some(Removal { stripes, _held: held, leases: Vec::new() })
     }
 }
 

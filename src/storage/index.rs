@@ -302,18 +302,27 @@ impl Store {
 
     /// Records the use of `d` durably now (a commit).
     pub(crate) async fn record_access_now(&self, d: &Digest) {
-        let _ = self.backend.put(&layout::access(d), unix_now().to_string().as_bytes()).await;
+        let _ = self.record_access_checked(d).await;
+    }
+
+    /// Records the use of `d` durably now, or fails (a reach in a fleet: another replica's
+    /// removal re-checks this record, so it must be written before the removal lease is read).
+    pub(crate) async fn record_access_checked(&self, d: &Digest) -> StoreResult<()> {
+        self.backend.put(&layout::access(d), unix_now().to_string().as_bytes()).await
     }
 
     /// When `d` was last used: the batch in memory, else the durable record (`None`: no
-    /// record).
+    /// record). In a fleet, the later of the two: another replica's use is only in the
+    /// durable record.
     pub async fn last_access(&self, d: &Digest) -> StoreResult<Option<SystemTime>> {
-        if let Some(t) = self.records.pending(d) {
-            return Ok(Some(from_unix(t)));
+        let pending = self.records.pending(d).map(from_unix);
+        if pending.is_some() && self.fleet().is_none() {
+            return Ok(pending);
         }
-        let Some((raw, written)) = self.backend.get(&layout::access(d)).await? else { return Ok(None) };
+        let Some((raw, written)) = self.backend.get(&layout::access(d)).await? else { return Ok(pending) };
         let t = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
-        Ok(Some(t.map(from_unix).unwrap_or(written)))
+        let durable = t.map(from_unix).unwrap_or(written);
+        Ok(Some(pending.map_or(durable, |p| p.max(durable))))
     }
 
     /// Writes an access record of "now" for content that has none (a lost index).

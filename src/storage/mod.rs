@@ -37,7 +37,7 @@ use bytes::Bytes;
 use moka::sync::Cache;
 
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
-pub use fleet::{fill_lease, Claim, Event, Fleet, Holder, Lease, LeaseHandle};
+pub use fleet::{fill_lease, removal_lease, Claim, Event, Fleet, Holder, Lease, LeaseHandle};
 pub use guard::{Reach, Removal};
 pub use ids::UploadId;
 pub use index::{Change, InUse, Refs, UsageSnapshot};
@@ -61,6 +61,10 @@ pub enum StoreError {
     /// Another replica kept writing the session for longer than a request waits for it.
     #[error("upload session is being written by another request")]
     SessionBusy,
+    /// Another replica kept removing content this request makes reachable for longer than a
+    /// request waits for it (its removal lease): nothing was written; try again.
+    #[error("content is being removed by another replica")]
+    RemovalBusy,
     #[error("storage i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -361,20 +365,63 @@ impl Store {
 
     /// The shared guards of `ds` (see [`guard`]): none of them is removed while they are held.
     /// Never nested: helpers that run under them take the [`Reach`] instead.
-    pub async fn reach(&self, ds: &[&Digest]) -> Reach {
-        self.guards.reach(ds).await
+    ///
+    /// In a fleet, other replicas' removals too: every digest first gets a durable access
+    /// record (another replica's removal that re-checks after this sees the use), then the
+    /// removal leases of the digests are read (one request); while one is held, this waits
+    /// for it (at most the fleet's wait limit, else [`StoreError::RemovalBusy`]). So the
+    /// existence check that follows sees either the content that stays or its deletion.
+    pub async fn reach(&self, ds: &[&Digest]) -> StoreResult<Reach> {
+        let mut reach = self.guards.reach(ds).await;
+        let Some(c) = self.fleet.get() else { return Ok(reach) };
+        futures::future::try_join_all(ds.iter().map(|d| self.record_access_checked(d))).await?;
+        reach.set_recorded(ds);
+        let names: Vec<String> = ds.iter().map(removal_lease).collect();
+        let held: Vec<&String> =
+            names.iter().zip(c.holders(&names).await).filter(|(_, h)| h.is_some()).map(|(n, _)| n).collect();
+        if held.is_empty() {
+            return Ok(reach);
+        }
+        crate::hooks::pause("fleet.removal_wait").await;
+        let _waiting = crate::metrics::cluster_waiting("remove");
+        let deadline = Instant::now() + c.wait_limit();
+        for name in held {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !c.wait_free(name, left).await {
+                crate::metrics::cluster_wait("remove", "busy");
+                return Err(StoreError::RemovalBusy);
+            }
+        }
+        crate::metrics::cluster_wait("remove", "served");
+        Ok(reach)
     }
 
     /// The exclusive guards of `ds`, or `None` when something holds one of them (leave the
-    /// content for the next pass). Removals re-check under them before they delete.
+    /// content for the next pass). Removals re-check under them before they delete. In a
+    /// fleet, also the removal lease of every digest (`None` when another replica holds
+    /// one); without coordination (Redis down), the guards alone.
     pub async fn try_removal(&self, ds: &[&Digest]) -> Option<Removal> {
-        self.guards.try_remove(ds).await
+        let mut removal = self.guards.try_remove(ds).await?;
+        if let Some(c) = self.fleet.get() {
+            let mut names: Vec<String> = ds.iter().map(removal_lease).collect();
+            names.sort_unstable();
+            names.dedup();
+            for name in names {
+                match c.claim(&name).await {
+                    Claim::Mine(lease) => removal.leases.push(lease),
+                    Claim::Alone => {}
+                    // Another replica removes it (or its lease outlived a crash): next pass.
+                    Claim::Held(_) => return None,
+                }
+            }
+        }
+        Some(removal)
     }
 
     /// Makes committed content visible in `repo`: under the digest's shared guard, links it
     /// if the backend holds the content (not a cache's word). Whether it is linked.
     pub async fn link_blob(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
-        let reach = self.reach(&[d]).await;
+        let reach = self.reach(&[d]).await?;
         if self.backend.stat(d).await?.is_none() {
             self.sizes.invalidate(d);
             return Ok(false);
@@ -387,7 +434,7 @@ impl Store {
     /// Cross-repository mount: under the digest's shared guard, links `d` into `repo` if it is
     /// linked in `from` and its content is there (both asked of the backend). Whether it is.
     pub async fn mount_blob(&self, from: &Repo, repo: &Repo, d: &Digest) -> StoreResult<bool> {
-        let reach = self.reach(&[d]).await;
+        let reach = self.reach(&[d]).await?;
         if !self.backend.exists(&layout::layer_link(from, d)).await? || self.backend.stat(d).await?.is_none() {
             return Ok(false);
         }
@@ -404,7 +451,7 @@ impl Store {
         debug_assert!(reach.covers(d));
         let key = layout::layer_link(repo, d);
         let created = if !self.backend.exists(&key).await? {
-            if !recorded {
+            if !recorded && !reach.recorded(d) {
                 self.record_access_now(d).await;
             }
             self.backend.put(&key, b"").await?;
@@ -440,7 +487,7 @@ impl Store {
     /// returns that digest.
     pub async fn put_bytes(&self, alg: Algorithm, bytes: &[u8]) -> StoreResult<Digest> {
         let digest = Digest::of(alg, bytes);
-        let reach = self.reach(&[&digest]).await;
+        let reach = self.reach(&[&digest]).await?;
         self.put_bytes_guarded(&reach, &digest, bytes).await?;
         self.touch(&digest);
         Ok(digest)
@@ -467,7 +514,7 @@ impl Store {
 
     /// Commits verified content and records it, under its shared guard.
     pub async fn publish(&self, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
-        let reach = self.reach(&[d]).await;
+        let reach = self.reach(&[d]).await?;
         let size = self.publish_guarded(&reach, v, d).await?;
         self.touch(d);
         Ok(size)
@@ -476,7 +523,7 @@ impl Store {
     /// Commits verified content and links it into `repo` under one shared guard (a fill, an
     /// upload): nothing can remove it between the two.
     pub async fn publish_linked(&self, v: Box<dyn Verified>, d: &Digest, repo: &Repo) -> StoreResult<u64> {
-        let reach = self.reach(&[d]).await;
+        let reach = self.reach(&[d]).await?;
         let size = self.publish_guarded(&reach, v, d).await?;
         self.link_guarded(&reach, repo, d, true).await?;
         self.touch(d);
@@ -494,7 +541,9 @@ impl Store {
         // Used now, recorded before it is visible: a collection that sees the content sees
         // that it is new (on any replica).
         self.touch(d);
-        self.record_access_now(d).await;
+        if !reach.recorded(d) {
+            self.record_access_now(d).await;
+        }
         let epoch = self.deletions.load(Ordering::Acquire);
         let size = v.commit().await?;
         self.note(index::Change::Committed { digest: d.clone(), size, at: index::unix_now() });

@@ -35,7 +35,7 @@ impl Store {
     /// `repo`, under the manifest's shared guard (a pull-through or an import: what it
     /// references is not checked here).
     pub async fn put_manifest(&self, repo: &Repo, m: ManifestPut<'_>) -> StoreResult<()> {
-        let reach = self.reach(&[m.digest]).await;
+        let reach = self.reach(&[m.digest]).await?;
         self.put_manifest_guarded(&reach, repo, &m, &[]).await
     }
 
@@ -57,7 +57,7 @@ impl Store {
             .collect();
         let mut all = digests.clone();
         all.push(m.digest);
-        let reach = self.reach(&all).await;
+        let reach = self.reach(&all).await?;
         let checks = required.iter().map(|r| async move {
             let (d, key) = match r {
                 Required::Blob(d) => (d, layout::layer_link(repo, d)),
@@ -95,7 +95,7 @@ impl Store {
             self.backend.put(&layout::referrer(repo, subject, m.digest), desc.to_string().as_bytes()).await?;
         }
         let revision = layout::revision(repo, m.digest);
-        if !self.backend.exists(&revision).await? {
+        if !reach.recorded(m.digest) && !self.backend.exists(&revision).await? {
             // A new revision: its use is durable before it is visible (another replica's
             // collection sees it).
             self.record_access_now(m.digest).await;
@@ -135,7 +135,7 @@ impl Store {
     /// Points a tag at `d` (again), restarting its age: under `d`'s shared guard, and only
     /// while `repo` holds manifest `d` (a tag never points at a manifest just removed).
     pub async fn touch_tag(&self, repo: &Repo, tag: &Tag, d: &Digest) -> StoreResult<()> {
-        let _reach = self.reach(&[d]).await;
+        let _reach = self.reach(&[d]).await?;
         if !self.backend.exists(&layout::revision(repo, d)).await? {
             return Ok(());
         }

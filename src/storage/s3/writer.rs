@@ -359,7 +359,8 @@ impl S3Writer {
     /// Sends the last part, if any bytes are not in a sent part yet.
     async fn send_last_part(&mut self) -> StoreResult<()> {
         let res = async {
-            self.settle_parts().await?;
+            // Every full part first (`verify` may have left some not started yet).
+            self.send_full_parts(true).await?;
             let sent = self.parts.len() as u64 * self.s3.part_size;
             if self.size > sent {
                 self.start_part(self.parts.len(), self.size - sent).await?;

@@ -11,8 +11,8 @@ mod common;
 
 use common::data;
 use common::http::Registry;
-use common::s3::{Bucket, PART_SIZE};
 use common::pause::Pauses;
+use common::s3::{Bucket, PART_SIZE};
 use common::store::stored_blob;
 use common::Stevedore;
 use futures::StreamExt;
@@ -348,7 +348,8 @@ async fn parts_after_a_held_part_are_sent_but_recorded_only_in_order() {
     assert!(!patch.is_finished(), "the PATCH answered before its first part landed");
 
     pauses.go("s3_part.first").await;
-    let (loc, stored) = tokio::time::timeout(Duration::from_secs(60), patch).await.expect("the PATCH answers").unwrap().unwrap();
+    let (loc, stored) =
+        tokio::time::timeout(Duration::from_secs(60), patch).await.expect("the PATCH answers").unwrap().unwrap();
     assert_eq!(stored, len as u64);
     assert_eq!(bucket.parts(&target, &upload), vec![1, 2, 3, 4, 5], "parts in the multipart upload");
     let recorded = state(&bucket, &id)["parts"].as_array().map_or(0, |p| p.len());

@@ -570,19 +570,25 @@ def main():
                     garage.start()
                     n = P["garage_repeat"]
                     res = {}
-                    for key, t in (("distribution", Distribution("distribution-garage", workdir,
+                    # With a baseline, its binary on the same Garage too (pulls and concurrent).
+                    bgarage = ([("baseline", Stevedore("baseline-garage", workdir, base["binary"],
+                                                       upstream.hostport, fsync=True, s3=garage))] if base else [])
+                    for key, t in [("distribution", Distribution("distribution-garage", workdir,
                                                                  remote=upstream.hostport, s3=garage)),
                                    ("stevedore", Stevedore("stevedore-garage", workdir, binary, upstream.hostport,
-                                                           fsync=True, s3=garage))):
+                                                           fsync=True, s3=garage))] + bgarage:
                         res[key] = {"pull": measure_pulls(ctx, t, upstream, uplog, images, repeat=n)}
                         res[key]["concurrent"] = measure_concurrent(ctx, t, upstream, uplog, images, repeat=1)
                         t.stop()
                     pushed = measure_push(ctx, [
                         ("distribution", Distribution("distribution-plain-garage", workdir, s3=garage), n),
                         ("stevedore", Stevedore("stevedore-garage-push", workdir, binary, upstream.hostport,
-                                                fsync=True, s3=garage), n)], images, layout, [upstream.server])
+                                                fsync=True, s3=garage), n)]
+                        + ([("baseline", Stevedore("baseline-garage-push", workdir, base["binary"], upstream.hostport,
+                                                   fsync=True, s3=garage), n)] if base else []),
+                        images, layout, [upstream.server])
                     for key in res:
-                        res[key]["push"] = pushed[key]
+                        res[key]["push"] = pushed.get(key)
                     garage.stop()
                     results["garage_s3"] = res
     except Exception:

@@ -4,18 +4,21 @@
 //!   multipart copy (`UploadPartCopy`), and nothing of the push is left;
 //! - an upload session lives in the bucket: its PATCHes and its PUT can go to different
 //!   processes on one bucket (replicas, each with its own scratch root), to a process whose
-//!   scratch was wiped, and to one whose local spool is behind the session.
+//!   scratch was wiped, and to one whose local spool is behind the session;
+//! - a writer sends the parts after a slow one, and records them only in order.
 
 mod common;
 
 use common::data;
 use common::http::Registry;
+use common::pause::Pauses;
 use common::s3::{Bucket, PART_SIZE};
+use common::store::stored_blob;
 use common::Stevedore;
 use futures::StreamExt;
-use reqwest::Body;
+use reqwest::{Body, StatusCode};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const MIB: usize = 1 << 20;
 
@@ -302,4 +305,56 @@ async fn blob_gets_redirect_to_presigned_urls() {
     let r = anon.send(anon.req(reqwest::Method::GET, &path)).await;
     assert_eq!(r.status(), 401);
     assert!(common::http::hdr(r.headers(), "location").is_none());
+}
+
+/// Parts are sent ahead of a slow one (issue #25): while part 1 of an upload is held back
+/// (`s3_part.first`), parts 2..=4 are sent all the same, and the session's state records none
+/// of them (a part is recorded only once every part before it landed); once part 1 lands, the
+/// PATCH answers, the state records parts 1..=5, and the blob commits with the bytes sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parts_after_a_held_part_are_sent_but_recorded_only_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (root, pause_dir) = (tmp.path().join("store"), tmp.path().join("pause"));
+    let sd = Stevedore::builder()
+        .root(&root)
+        .env("STEVEDORE_PAUSE", "s3_part.first")
+        .env("STEVEDORE_PAUSE_DIR", &pause_dir.display().to_string())
+        .start();
+    let bucket = sd.bucket.clone().expect("an S3 store");
+    let pauses = Pauses::in_dir(&pause_dir);
+    let reg = sd.registry();
+    let part = PART_SIZE as usize;
+    let len = 5 * part + 300 * 1024;
+    let blob = data::bytes(81, len);
+    let d = data::sha256(&blob);
+    let loc = reg.try_start_upload("ahead/parts").await.unwrap();
+    let id = session_id(&loc);
+
+    let (reg2, loc2, body) = (reg.clone(), loc.clone(), blob.clone());
+    let patch = tokio::spawn(async move { reg2.try_patch(&loc2, 0, len as u64, body.into()).await });
+    pauses.reached("s3_part.first", Duration::from_secs(60)).await;
+    let held = state(&bucket, &id);
+    let upload = held["upload"].as_str().expect("the multipart upload is recorded before its first part").to_string();
+    let target = held["target"].as_str().expect("the upload's key").to_string();
+    let start = Instant::now();
+    let mut listed = bucket.parts(&target, &upload);
+    while listed != [2, 3, 4] && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        listed = bucket.parts(&target, &upload);
+    }
+    assert_eq!(listed, vec![2, 3, 4], "parts sent while part 1 is held back (parts 2..=4 expected)");
+    let recorded = state(&bucket, &id)["parts"].as_array().map_or(0, |p| p.len());
+    assert_eq!(recorded, 0, "parts recorded in the state while part 1 has not landed");
+    assert!(!patch.is_finished(), "the PATCH answered before its first part landed");
+
+    pauses.go("s3_part.first").await;
+    let (loc, stored) =
+        tokio::time::timeout(Duration::from_secs(60), patch).await.expect("the PATCH answers").unwrap().unwrap();
+    assert_eq!(stored, len as u64);
+    assert_eq!(bucket.parts(&target, &upload), vec![1, 2, 3, 4, 5], "parts in the multipart upload");
+    let recorded = state(&bucket, &id)["parts"].as_array().map_or(0, |p| p.len());
+    assert_eq!(recorded, 5, "parts recorded at the PATCH's checkpoint");
+    let r = reg.finish_upload(&loc, &d, Vec::new()).await;
+    assert_eq!(r.status(), StatusCode::CREATED, "PUT ?digest: {}", r.text().await.unwrap_or_default());
+    assert!(stored_blob(&sd, &d).as_deref() == Some(&blob[..]), "the stored blob is the bytes sent");
 }

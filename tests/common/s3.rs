@@ -293,6 +293,26 @@ impl Bucket {
             .collect()
     }
 
+    /// The part numbers a multipart upload (`key` below the prefix) holds so far, in order.
+    /// (`ListParts`, signed by curl as [`Bucket::get`].)
+    pub fn parts(&self, key: &str, upload: &str) -> Vec<u32> {
+        let out = tempfile::NamedTempFile::new().expect("temp file");
+        let mut cmd = std::process::Command::new("curl");
+        cmd.args(["-s", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", "test:test", "-w", "%{http_code}", "-o"])
+            .arg(out.path())
+            .arg(format!(
+                "http://127.0.0.1:{}/{}/{}{key}?uploadId={}",
+                self.port,
+                self.name,
+                self.prefix,
+                urlencode(upload)
+            ));
+        let res = proc::run("curl (signed S3 ListParts)", cmd, Duration::from_secs(60));
+        let xml = String::from_utf8_lossy(&std::fs::read(out.path()).unwrap_or_default()).into_owned();
+        assert_eq!(res.stdout.trim(), "200", "listing the parts of {key}: {xml}");
+        tags(&xml, "Part").iter().filter_map(|p| tags(p, "PartNumber").pop()?.parse().ok()).collect()
+    }
+
     /// Every committed blob's bytes hash to its name. Returns how many were checked.
     pub fn assert_blobs_intact(&self) -> usize {
         let blobs = self.blobs();

@@ -7,8 +7,8 @@
 //!
 //! - **Writers** ([`writer::S3Writer`]) hash on the way in and spool to the scratch disk in
 //!   part files of `part_size`; each full part is sent as one part of a multipart upload
-//!   (one part in flight per writer, each holding a slot of the process-wide part budget, so
-//!   memory is bounded whatever the number of writers). The upload id, the parts' ETags, the
+//!   (up to four parts in flight per writer, each holding a slot of the process-wide part
+//!   budget, so memory is bounded whatever the number of writers). The upload id, the parts' ETags, the
 //!   offset and the hash state are in the ingest's state object in the bucket, written before
 //!   the first part: a writer resumes after a restart, and the sweep can always find and abort
 //!   an abandoned multipart upload. The bytes of the part not sent yet are in the bucket too

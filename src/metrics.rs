@@ -171,7 +171,8 @@ pub fn cache_outcome(upstream: &str, kind: &'static str, outcome: &'static str) 
     }
 }
 
-/// Bytes sent to clients in blob and manifest bodies (as announced by Content-Length).
+/// Body bytes sent in successful GET answers (blobs and manifests, and also `/metrics`,
+/// `/status` and the catalog), as README's metrics table says.
 pub fn served_bytes(n: u64) {
     let make = || counter!("stevedore_served_bytes_total");
     let kept = with_handles(|h| h.served.get_or_insert_with(make).increment(n));

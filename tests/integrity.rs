@@ -153,6 +153,56 @@ async fn evicting(dir: &Path, points: &[&str]) -> (Stevedore, Pauses, common::fa
     (sd, pauses, a, fake)
 }
 
+/// An access flush has written the batched uses of image A (pulled twice: its records are
+/// newer than its commits) and is paused before the index hears of them when pulling image B
+/// takes the cache past its high mark. The eviction still knows A's uses: it evicts A, the
+/// least recently used, and keeps B, the image just pulled. (Before, the flush took the uses
+/// out of the batch first: the eviction re-read A's newer records, took A for used since
+/// its scan, kept it, and evicted B.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_beside_an_access_flush_evicts_the_least_recently_used_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let pauses = Pauses::in_dir(&tmp.path().join("pause"));
+    let mut fake = Fake::start().await;
+    let a = fake.add_image("team/a", "v1", 81, &[200_000, 200_000]);
+    let b = fake.add_image("team/b", "v1", 82, &[200_000]);
+    let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")])
+        + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"3s\"\n";
+    let sd = paused_server(&cfg, &root, &pauses, &["access.flush_written"]);
+    let http = client();
+    let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
+    let pull = |repo: &'static str, img: &common::fake::FakeImage| {
+        let (http, manifest_url) = (http.clone(), url(repo, "manifests/v1"));
+        let blobs: Vec<_> =
+            img.blobs.iter().map(|(d, body)| (url(repo, &format!("blobs/{d}")), d.clone(), body.clone())).collect();
+        let (digest, manifest) = (img.digest.clone(), img.manifest.clone());
+        async move {
+            let r = get_manifest(&http, manifest_url).await;
+            assert_content(&r, &digest, &manifest, repo);
+            for (u, d, body) in blobs {
+                assert_content(&read(http.get(u)).await, &d, &body, repo);
+            }
+        }
+    };
+    // A twice (the second pull is served from the cache: uses after A's commits), under the
+    // high mark; then the flush writes those uses and pauses.
+    pull("team/a", &a).await;
+    // Uses are recorded in milliseconds: the second pull's are after the first's commits.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    pull("team/a", &a).await;
+    pauses.reached("access.flush_written", REACH).await;
+    pull("team/b", &b).await;
+    let evicted = wait_until(LIMIT, || a.blobs.iter().all(|(d, _)| !has_blob(&sd, d))).await;
+    assert!(evicted, "A (least recently used) was not evicted while the flush was paused:\n{}", sd.problems());
+    for (d, _) in &b.blobs {
+        assert!(has_blob(&sd, d), "B's blob {d} (just pulled) was evicted:\n{}", sd.problems());
+    }
+    pauses.go("access.flush_written").await;
+    fake.stop().await;
+    pull("team/b", &b).await;
+}
+
 /// Scenario 1, the mount window: eviction is about to delete a pulled-through image when a
 /// client mounts one of its layers into a local repository (`from` the upstream's name). A
 /// 201 means the layer is stored (it pulls back); otherwise the registry opened an upload

@@ -323,7 +323,11 @@ async fn pulling_past_the_cap_evicts_least_recently_used_images_whole_and_keeps_
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["fields"]["proxied_after"].as_f64())
         .collect();
     assert!(!evictions.is_empty(), "no eviction logged:\n{text}\n{}", sd.problems());
-    assert!(evictions.iter().all(|p| *p <= low), "an eviction stopped above the low mark {low}: {evictions:?}");
+    assert!(
+        evictions.iter().all(|p| *p <= low),
+        "an eviction stopped above the low mark {low}: {evictions:?}\n{}",
+        sd.problems()
+    );
     assert!(metric(&text, "stevedore_cache_evicted_bytes_total").unwrap_or(0.0) > 0.0, "{text}");
     assert!(metric(&text, "stevedore_cache_evicted_items_total").unwrap_or(0.0) >= 3.0, "{text}");
     assert!(used(&text, "pushed") >= image_bytes(&pushed) as f64, "pushed usage: {text}");

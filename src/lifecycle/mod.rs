@@ -78,6 +78,15 @@ pub struct Evicted {
     pub manifests: usize,
     pub before: Usage,
     pub after_proxied: u64,
+    /// The target proxied usage (`None`: no cap pass, only the age limit or pressure).
+    pub target: Option<u64>,
+    /// Units over the target left in place, by why: something was making them reachable
+    /// (their guard was busy, or another replica's removal lease); a piece of them was being
+    /// read or filled; used since the scan; an orphan within its grace period.
+    pub kept_busy: usize,
+    pub kept_in_use: usize,
+    pub kept_used: usize,
+    pub kept_grace: usize,
 }
 
 /// One eviction unit (see the module doc).
@@ -294,6 +303,8 @@ impl Lifecycle {
         // Before the journal is drained: any use after this is seen by the re-checks.
         let start = SystemTime::now();
         self.store.records().committed_since_scan.store(0, Ordering::Release);
+        // The batch of uses before the changes: a use flushed in between is in one of them.
+        let pending = self.store.pending_uses();
         self.catch_up(&mut st).await?;
         self.refresh_usage(&mut st);
         let proxied = st.usage.proxied;
@@ -314,7 +325,7 @@ impl Lifecycle {
         if cap.is_none() && !pressure && !expired {
             return Ok(Evicted { before: st.usage.clone(), after_proxied: proxied, ..Evicted::default() });
         }
-        let mut scan = view(st.index.as_ref().expect("index loaded"), start, &self.store.pending_uses());
+        let mut scan = view(st.index.as_ref().expect("index loaded"), start, &pending);
         scan.usage.ingest = ingest;
         // A full store: a tenth of the proxied content (at least down to the low mark), but
         // never what was used within the last check interval (the working set stays served).
@@ -346,7 +357,12 @@ impl Lifecycle {
                 manifests = out.manifests,
                 proxied_before = out.before.proxied,
                 proxied_after = out.after_proxied,
+                target = out.target,
                 ingest = out.before.ingest,
+                kept_busy = out.kept_busy,
+                kept_in_use = out.kept_in_use,
+                kept_used = out.kept_used,
+                kept_grace = out.kept_grace,
                 "evicted least recently used proxied content"
             );
         }
@@ -389,7 +405,7 @@ impl Lifecycle {
     ) -> StoreResult<(Evicted, bool)> {
         let store = &self.store;
         let mut drift = false;
-        let mut out = Evicted { before: s.usage.clone(), ..Evicted::default() };
+        let mut out = Evicted { before: s.usage.clone(), target, ..Evicted::default() };
         let mut proxied = s.usage.proxied;
         let expired_before = self.cfg.max_unused.and_then(|age| s.start.checked_sub(age));
         let grace_before = s.start.checked_sub(self.cfg.gc_grace);
@@ -403,6 +419,7 @@ impl Lifecycle {
             }
             // Orphans are collected only past the grace period (an upload being linked).
             if u.repo.is_none() && grace_before.is_none_or(|g| u.last >= g) {
+                out.kept_grace += 1;
                 continue;
             }
             let digests: Vec<Digest> = u.manifest.iter().chain(u.blobs.iter()).cloned().collect();
@@ -410,8 +427,12 @@ impl Lifecycle {
             // reachable; whatever did since the scan recorded a use, re-checked here. A unit
             // something is being linked to right now is left for the next pass.
             let refs: Vec<&Digest> = digests.iter().collect();
-            let Some(removal) = store.try_removal(&refs).await else { continue };
+            let Some(removal) = store.try_removal(&refs).await else {
+                out.kept_busy += 1;
+                continue;
+            };
             if digests.iter().any(|d| store.in_use(d)) {
+                out.kept_in_use += 1;
                 continue;
             }
             let mut used_since = false;
@@ -425,10 +446,12 @@ impl Lifecycle {
                 }
             }
             if used_since {
+                out.kept_used += 1;
                 continue;
             }
             crate::hooks::pause("evict.before_delete").await;
             if removal.lost() {
+                out.kept_busy += 1;
                 continue;
             }
             let mut candidates = Vec::new();

@@ -268,33 +268,33 @@ impl Store {
         *self.records.usage.lock().unwrap() = u;
     }
 
-    /// Writes the batched accesses; returns how many records were written. Records that
-    /// could not be written (a full store) stay in the batch.
+    /// Writes the batched accesses; returns how many records were written. A use leaves the
+    /// batch only once its record is written and the index was told (a change), so a scan
+    /// that reads the batch before it drains the changes misses no use (the record would
+    /// read newer than what the scan knows, and the unit be taken for used since). Records
+    /// that could not be written (a full store) stay in the batch.
     pub async fn flush_access(&self) -> usize {
-        let batch: Vec<(Digest, u64)> = self.records.pending.lock().unwrap().drain().collect();
+        let batch: Vec<(Digest, u64)> =
+            self.records.pending.lock().unwrap().iter().map(|(d, t)| (d.clone(), *t)).collect();
         if batch.is_empty() {
             return 0;
         }
-        let mut written = 0;
-        let mut failed = Vec::new();
         let mut uses = Vec::with_capacity(batch.len());
         for (d, t) in batch {
-            match self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await {
-                Ok(()) => {
-                    written += 1;
-                    uses.push((d, t));
-                }
-                Err(_) => failed.push((d, t)),
+            if self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await.is_ok() {
+                uses.push((d, t));
             }
         }
+        let written = uses.len();
+        crate::hooks::pause("access.flush_written").await;
         if !uses.is_empty() {
-            self.note(Change::Accessed { uses });
-        }
-        if !failed.is_empty() {
+            self.note(Change::Accessed { uses: uses.clone() });
             let mut p = self.records.pending.lock().unwrap();
-            for (d, t) in failed {
-                let e = p.entry(d).or_insert(t);
-                *e = (*e).max(t);
+            for (d, t) in uses {
+                // A use since the write stays for the next flush.
+                if p.get(&d) == Some(&t) {
+                    p.remove(&d);
+                }
             }
         }
         written
@@ -308,7 +308,12 @@ impl Store {
     /// Records the use of `d` durably now, or fails (a reach in a fleet: another replica's
     /// removal re-checks this record, so it must be written before the removal lease is read).
     pub(crate) async fn record_access_checked(&self, d: &Digest) -> StoreResult<()> {
-        self.backend.put(&layout::access(d), unix_now().to_string().as_bytes()).await
+        let t = unix_now();
+        self.backend.put(&layout::access(d), t.to_string().as_bytes()).await?;
+        // The index knows every record this process writes (an eviction's re-check reads
+        // the record: one newer than the index's view would keep the unit as used since).
+        self.note(Change::Accessed { uses: vec![(d.clone(), t)] });
+        Ok(())
     }
 
     /// When `d` was last used: the batch in memory, else the durable record (`None`: no

@@ -26,7 +26,7 @@ use common::stevedore::cli;
 use common::stevedore::{config, Dialect, Stevedore};
 use common::store::{
     assert_blobs_intact, assert_stored_blobs_intact, blob_path, dangling, has_blob, ingest_leftovers, ingests_left,
-    overwrite_blob, remove_blob, revisions, stored_blob, stored_tags,
+    overwrite_blob, remove_blob, revisions, stored_blob, stored_object, stored_tags,
 };
 use common::wait_until;
 
@@ -649,6 +649,43 @@ async fn pull_small_blobs(sd: &Stevedore, fake: &Fake, seed: u64, n: usize) -> u
     let filled = wait_until(LIMIT, || ingests_left(sd).is_empty()).await;
     assert!(filled, "fills did not end: {:?}", ingests_left(sd));
     sum
+}
+
+/// A pull's own uses right after its fills commit are not written again (issue #25: one
+/// request per blob pulled, on S3): each commit wrote its blob's access record; hits on the
+/// same blobs a moment later, then the access flush of a clean stop, leave those records as
+/// they were (before, the flush rewrote every one of them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uses_right_after_a_fill_do_not_rewrite_its_access_record() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let fake = Fake::start().await;
+    let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")]) + "\n[cache]\naccess_flush_interval = \"1h\"\n";
+    let mut sd = Stevedore::builder().config(&cfg).root(&root).start();
+    let (seed, n) = (9100, 8);
+    pull_small_blobs(&sd, &fake, seed, n).await;
+    let http = client();
+    let mut records = Vec::new();
+    for i in 0..n {
+        let data = bytes(seed + i as u64, 512 + (i % 7) * 100);
+        let d = common::data::sha256(&data);
+        let key = format!("meta/access/{}", d.replacen(':', "/", 1));
+        let record = stored_object(&sd, &key).unwrap_or_else(|| panic!("no access record for {d} after its fill"));
+        // Used again: a hit.
+        let url = sd.url(&Dialect::Ns.path(HOST, &format!("lib/small{}", i % 5), &format!("blobs/{d}")));
+        assert_content(&read(http.get(url)).await, &d, &data, &format!("small blob {i}, again"));
+        records.push((d, key, record));
+    }
+    let status = sd.terminate(LIMIT).expect("the server stops on SIGTERM");
+    assert!(status.success(), "clean stop: {status:?}\n{}", sd.problems());
+    for (d, key, record) in &records {
+        let now = stored_object(&sd, key);
+        assert_eq!(
+            now.as_deref().map(String::from_utf8_lossy),
+            Some(String::from_utf8_lossy(record)),
+            "the access record of {d} was written again within a minute of its commit's"
+        );
+    }
 }
 
 /// Waits for two usage checks that report `proxied` bytes of proxied content.

@@ -136,6 +136,10 @@ pub struct Records {
     usage: Mutex<UsageSnapshot>,
     /// digest → unix milliseconds of its latest use not yet written.
     pending: Mutex<HashMap<Digest, u64>>,
+    /// The access records this process wrote since the last flush, and in the interval
+    /// before (digest → unix milliseconds): a use within [`RECORD_SLACK_MS`] of one is not
+    /// written again. Bounded by two flush intervals' activity, whatever the store holds.
+    written: Mutex<[HashMap<Digest, u64>; 2]>,
     /// digest → open reads and fills.
     in_use: Mutex<HashMap<Digest, usize>>,
     /// Bytes committed since the last usage scan (an estimate between scans).
@@ -148,6 +152,13 @@ pub struct Records {
     pub(crate) proxied_at_scan: AtomicU64,
     pub(crate) high_mark: AtomicU64,
 }
+
+/// On a server without a fleet, a use this close after the durable record this process last
+/// wrote for its digest is not written again by the flush (the index hears of it all the
+/// same): a fill's commit writes its record, and the pull's uses right after would each
+/// rewrite it, one request per blob. Durable records (what a rebuilt index reads) may lag the
+/// last use by this much.
+const RECORD_SLACK_MS: u64 = 60_000;
 
 /// Milliseconds since the epoch (access records are kept to the millisecond: LRU order).
 pub fn unix_now() -> u64 {
@@ -170,6 +181,24 @@ impl Records {
             return;
         }
         j.changes.push(c);
+    }
+
+    /// This process wrote `d`'s access record for `t`.
+    fn wrote(&self, d: &Digest, t: u64) {
+        self.written.lock().unwrap()[0].insert(d.clone(), t);
+    }
+
+    /// A flush ended: what was written before the last one is forgotten.
+    fn rotate_written(&self) {
+        let mut w = self.written.lock().unwrap();
+        w[1] = std::mem::take(&mut w[0]);
+    }
+
+    /// Whether this process wrote `d`'s access record within [`RECORD_SLACK_MS`] before `t`
+    /// (or after it), in this flush interval or the one before.
+    fn recorded_near(&self, d: &Digest, t: u64) -> bool {
+        let w = self.written.lock().unwrap();
+        w.iter().filter_map(|m| m.get(d)).any(|&r| t <= r.saturating_add(RECORD_SLACK_MS))
     }
 
     pub fn touch(&self, d: &Digest) {
@@ -280,12 +309,20 @@ impl Store {
             return 0;
         }
         let mut uses = Vec::with_capacity(batch.len());
+        let mut written = 0;
+        // In a fleet every use is written: other replicas' evictions read the records.
+        let alone = self.fleet().is_none();
         for (d, t) in batch {
-            if self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await.is_ok() {
+            if alone && self.records.recorded_near(&d, t) {
                 uses.push((d, t));
+                continue;
+            }
+            if self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await.is_ok() {
+                self.records.wrote(&d, t);
+                uses.push((d, t));
+                written += 1;
             }
         }
-        let written = uses.len();
         crate::hooks::pause("access.flush_written").await;
         if !uses.is_empty() {
             self.note(Change::Accessed { uses: uses.clone() });
@@ -297,6 +334,7 @@ impl Store {
                 }
             }
         }
+        self.records.rotate_written();
         written
     }
 
@@ -313,6 +351,7 @@ impl Store {
         // The index knows every record this process writes (an eviction's re-check reads
         // the record: one newer than the index's view would keep the unit as used since).
         self.note(Change::Accessed { uses: vec![(d.clone(), t)] });
+        self.records.wrote(d, t);
         Ok(())
     }
 
@@ -532,5 +571,26 @@ impl Store {
             self.catalog.names.lock().unwrap().remove(&repo.to_string());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_use_within_the_slack_of_a_written_record_is_not_written_again_for_two_flushes() {
+        let r = Records::default();
+        let d = Digest::of(crate::oci::Algorithm::Sha256, b"x");
+        let other = Digest::of(crate::oci::Algorithm::Sha256, b"y");
+        r.wrote(&d, 1_000);
+        assert!(r.recorded_near(&d, 1_000) && r.recorded_near(&d, 500));
+        assert!(r.recorded_near(&d, 1_000 + RECORD_SLACK_MS));
+        assert!(!r.recorded_near(&d, 1_001 + RECORD_SLACK_MS), "a use past the slack is written");
+        assert!(!r.recorded_near(&other, 1_000));
+        r.rotate_written();
+        assert!(r.recorded_near(&d, 2_000), "the interval before still counts");
+        r.rotate_written();
+        assert!(!r.recorded_near(&d, 2_000), "two flushes later the record is forgotten");
     }
 }

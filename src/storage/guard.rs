@@ -68,6 +68,13 @@ impl Reach {
     pub(crate) fn set_recorded(&mut self, ds: &[&Digest]) {
         self.recorded = ds.iter().map(|d| (*d).clone()).collect();
     }
+
+    /// `d` got its durable access record under this reach.
+    pub(crate) fn mark_recorded(&mut self, d: &Digest) {
+        if !self.recorded.contains(d) {
+            self.recorded.push(d.clone());
+        }
+    }
 }
 
 /// Exclusive guards on some digests: nothing makes them reachable while this is held. In a

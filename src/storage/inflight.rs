@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::backend::IngestId;
+use super::ids::IngestId;
 
 /// One ingest's counted bytes (shared by its writer and the table).
 pub(crate) type Slot = Arc<AtomicU64>;

@@ -426,7 +426,7 @@ impl Store {
             self.sizes.invalidate(d);
             return Ok(false);
         }
-        self.link_guarded(&reach, repo, d, false).await?;
+        self.link_guarded(&reach, repo, d).await?;
         self.touch(d);
         Ok(true)
     }
@@ -439,19 +439,19 @@ impl Store {
             return Ok(false);
         }
         crate::hooks::pause("mount.after_check").await;
-        self.link_guarded(&reach, repo, d, false).await?;
+        self.link_guarded(&reach, repo, d).await?;
         self.touch(d);
         Ok(true)
     }
 
     /// Writes the link of `d` in `repo` under `d`'s shared guard (content known present).
     /// A new link gets a durable access record first (another replica's eviction sees it),
-    /// unless the caller wrote one in this guarded section (`recorded`).
-    pub(crate) async fn link_guarded(&self, reach: &Reach, repo: &Repo, d: &Digest, recorded: bool) -> StoreResult<()> {
+    /// unless one was written under this reach.
+    pub(crate) async fn link_guarded(&self, reach: &Reach, repo: &Repo, d: &Digest) -> StoreResult<()> {
         debug_assert!(reach.covers(d));
         let key = layout::layer_link(repo, d);
         let created = if !self.backend.exists(&key).await? {
-            if !recorded && !reach.recorded(d) {
+            if !reach.recorded(d) {
                 self.record_access_now(d).await;
             }
             self.backend.put(&key, b"").await?;
@@ -487,15 +487,15 @@ impl Store {
     /// returns that digest.
     pub async fn put_bytes(&self, alg: Algorithm, bytes: &[u8]) -> StoreResult<Digest> {
         let digest = Digest::of(alg, bytes);
-        let reach = self.reach(&[&digest]).await?;
-        self.put_bytes_guarded(&reach, &digest, bytes).await?;
+        let mut reach = self.reach(&[&digest]).await?;
+        self.put_bytes_guarded(&mut reach, &digest, bytes).await?;
         self.touch(&digest);
         Ok(digest)
     }
 
     /// [`Store::put_bytes`] under `digest`'s shared guard: the bytes are written unless the
     /// backend (not the size cache) has them.
-    pub(crate) async fn put_bytes_guarded(&self, reach: &Reach, digest: &Digest, bytes: &[u8]) -> StoreResult<()> {
+    pub(crate) async fn put_bytes_guarded(&self, reach: &mut Reach, digest: &Digest, bytes: &[u8]) -> StoreResult<()> {
         if self.backend.stat(digest).await?.is_some() {
             return Ok(());
         }
@@ -514,8 +514,8 @@ impl Store {
 
     /// Commits verified content and records it, under its shared guard.
     pub async fn publish(&self, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
-        let reach = self.reach(&[d]).await?;
-        let size = self.publish_guarded(&reach, v, d).await?;
+        let mut reach = self.reach(&[d]).await?;
+        let size = self.publish_guarded(&mut reach, v, d).await?;
         self.touch(d);
         Ok(size)
     }
@@ -523,9 +523,9 @@ impl Store {
     /// Commits verified content and links it into `repo` under one shared guard (a fill, an
     /// upload): nothing can remove it between the two.
     pub async fn publish_linked(&self, v: Box<dyn Verified>, d: &Digest, repo: &Repo) -> StoreResult<u64> {
-        let reach = self.reach(&[d]).await?;
-        let size = self.publish_guarded(&reach, v, d).await?;
-        self.link_guarded(&reach, repo, d, true).await?;
+        let mut reach = self.reach(&[d]).await?;
+        let size = self.publish_guarded(&mut reach, v, d).await?;
+        self.link_guarded(&reach, repo, d).await?;
         self.touch(d);
         // Only a fill adds to what the cap counts (pushed and imported bytes are pinned).
         if matches!(repo, Repo::Cache { .. }) {
@@ -536,13 +536,18 @@ impl Store {
 
     /// [`Store::publish`] under `d`'s shared guard. The size is cached only if no deletion
     /// happened meanwhile (another replica's, heard as an event).
-    pub(crate) async fn publish_guarded(&self, reach: &Reach, v: Box<dyn Verified>, d: &Digest) -> StoreResult<u64> {
+    pub(crate) async fn publish_guarded(
+        &self,
+        reach: &mut Reach,
+        v: Box<dyn Verified>,
+        d: &Digest,
+    ) -> StoreResult<u64> {
         debug_assert!(reach.covers(d));
         // Used now, recorded before it is visible: a collection that sees the content sees
         // that it is new (on any replica).
         self.touch(d);
-        if !reach.recorded(d) {
-            self.record_access_now(d).await;
+        if !reach.recorded(d) && self.record_access_checked(d).await.is_ok() {
+            reach.mark_recorded(d);
         }
         let epoch = self.deletions.load(Ordering::Acquire);
         let size = v.commit().await?;

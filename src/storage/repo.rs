@@ -35,8 +35,8 @@ impl Store {
     /// `repo`, under the manifest's shared guard (a pull-through or an import: what it
     /// references is not checked here).
     pub async fn put_manifest(&self, repo: &Repo, m: ManifestPut<'_>) -> StoreResult<()> {
-        let reach = self.reach(&[m.digest]).await?;
-        self.put_manifest_guarded(&reach, repo, &m, &[]).await
+        let mut reach = self.reach(&[m.digest]).await?;
+        self.put_manifest_guarded(&mut reach, repo, &m, &[]).await
     }
 
     /// A client's manifest PUT: under the shared guards of the manifest and of everything it
@@ -57,7 +57,7 @@ impl Store {
             .collect();
         let mut all = digests.clone();
         all.push(m.digest);
-        let reach = self.reach(&all).await?;
+        let mut reach = self.reach(&all).await?;
         let checks = required.iter().map(|r| async move {
             let (d, key) = match r {
                 Required::Blob(d) => (d, layout::layer_link(repo, d)),
@@ -70,7 +70,7 @@ impl Store {
             return Ok(Err(missing));
         }
         crate::hooks::pause("manifest_put.after_check").await;
-        self.put_manifest_guarded(&reach, repo, &m, &digests).await?;
+        self.put_manifest_guarded(&mut reach, repo, &m, &digests).await?;
         Ok(Ok(()))
     }
 
@@ -78,7 +78,7 @@ impl Store {
     /// once it is stored).
     async fn put_manifest_guarded(
         &self,
-        reach: &Reach,
+        reach: &mut Reach,
         repo: &Repo,
         m: &ManifestPut<'_>,
         uses: &[&Digest],

@@ -251,10 +251,10 @@ impl UploadWriter {
     /// no guard is held while bytes are read).
     pub async fn commit(self, store: &Store, repo: &Repo, expected: &Digest) -> StoreResult<u64> {
         let verified = self.w.verify(expected, None).await?;
-        let reach = store.reach(&[expected]).await?;
-        let size = store.publish_guarded(&reach, verified, expected).await?;
+        let mut reach = store.reach(&[expected]).await?;
+        let size = store.publish_guarded(&mut reach, verified, expected).await?;
         crate::hooks::pause("commit.after_publish").await;
-        store.link_guarded(&reach, repo, expected, true).await?;
+        store.link_guarded(&reach, repo, expected).await?;
         store.touch(expected);
         Ok(size)
     }

@@ -251,7 +251,7 @@ impl Lifecycle {
     fn refresh_usage(&self, st: &mut State) {
         if st.changed {
             if let Some(ix) = &st.index {
-                st.usage = view(ix, SystemTime::now(), &HashMap::new()).usage;
+                st.usage = usage_of(ix);
             }
             st.changed = false;
         }
@@ -610,6 +610,33 @@ impl Lifecycle {
             });
         }
     }
+}
+
+/// Usage by kind as [`view`] counts it (no use pending), without building the eviction
+/// picture: what each change to the index costs is a pass over the content and no copies.
+fn usage_of(ix: &index::Index) -> Usage {
+    let mut pushed: HashSet<&Digest> = HashSet::new();
+    for (repo, ri) in &ix.repos {
+        if matches!(repo, Repo::Local(_)) {
+            pushed.extend(ri.manifests.keys());
+            pushed.extend(ri.manifests.values().flat_map(|n| n.needs.iter()));
+            pushed.extend(ri.links.iter());
+        }
+    }
+    let mut u = Usage { items: ix.content.len(), ..Usage::default() };
+    let mut oldest: Option<u64> = None;
+    for (d, c) in &ix.content {
+        if pushed.contains(d) {
+            u.pushed += c.size;
+        } else if ix.imported.contains(d) {
+            u.imported += c.size;
+        } else {
+            u.proxied += c.size;
+            oldest = Some(oldest.map_or(c.access, |o| o.min(c.access)));
+        }
+    }
+    u.oldest_access = oldest.map(crate::storage::index::from_unix);
+    u
 }
 
 /// The eviction picture of the index at `start`: sizes, kinds, references, units in LRU

@@ -361,7 +361,7 @@ mod tests {
         fn valid_hex_round_trips(bytes in proptest::collection::vec(any::<u8>(), 32)) {
             let s = format!("sha256:{}", hex_encode(&bytes));
             let d: Digest = s.parse().unwrap();
-            prop_assert_eq!(d.to_string(), &s);
+            prop_assert_eq!(&d.to_string(), &s);
             prop_assert_eq!(&*d.hex(), &s["sha256:".len()..]);
             prop_assert_eq!(d.raw(), &bytes[..]);
         }

@@ -128,6 +128,9 @@ struct State {
     usage: Usage,
     /// Shutting down: the index was saved, nothing runs any more.
     sealed: bool,
+    /// The last check applied changes (the store was in use): the first check that applies
+    /// none gives the allocator's free memory back ([`release_free_memory`]).
+    busy: bool,
     /// The store's generation (changed by offline tools) the index reflects.
     generation: Option<bytes::Bytes>,
 }
@@ -306,6 +309,11 @@ impl Lifecycle {
         // The batch of uses before the changes: a use flushed in between is in one of them.
         let pending = self.store.pending_uses();
         self.catch_up(&mut st).await?;
+        let busy = st.changed;
+        if st.busy && !busy {
+            release_free_memory();
+        }
+        st.busy = busy;
         self.refresh_usage(&mut st);
         let proxied = st.usage.proxied;
         // Ingests count against the cap but are not evictable (as pinned content is not):
@@ -609,6 +617,20 @@ impl Lifecycle {
                 }
             });
         }
+    }
+}
+
+/// Returns the allocator's free pages to the kernel once the store goes quiet after a burst
+/// (pulls, pushes, their access flush). The allocator is tuned to keep freed buffers for
+/// reuse while busy (`main.rs`, `tune_allocator`), and what a burst freed lies in holes
+/// between the blocks that stay (the index, the descriptor caches): at rest that is memory
+/// nobody uses (~6 MiB after 20k blobs pulled through). Once per burst, a few milliseconds;
+/// an idle server does not call it again.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases free memory; it may be called from any thread.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

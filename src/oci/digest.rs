@@ -40,10 +40,75 @@ impl Algorithm {
 
 /// A validated content digest, e.g. `sha256:e3b0…b855`. The hex part is lowercase and of the
 /// algorithm's exact length, so it is safe to use as a path component.
+///
+/// Held as the raw hash bytes: a sha256 digest is 40 bytes inline and no heap block (the
+/// index and the caches hold one per piece of content, several times over), a sha512 one boxes
+/// its 64 bytes. The hex form is rendered on demand ([`Digest::hex`], on the stack). Ordered as
+/// the text form is (algorithm, then hex, which orders as the bytes do).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Digest {
-    alg: Algorithm,
-    hex: String,
+pub struct Digest(Raw);
+
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Raw {
+    Sha256([u8; 32]),
+    Sha512(Box<[u8; 64]>),
+}
+
+/// A digest's lowercase hex encoding, rendered on the stack: dereferences to `&str`.
+#[derive(Clone, Copy)]
+pub struct Hex {
+    buf: [u8; 128],
+    len: u8,
+}
+
+impl Hex {
+    fn of(raw: &[u8]) -> Hex {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut buf = [0u8; 128];
+        for (i, b) in raw.iter().enumerate() {
+            buf[2 * i] = HEX[(b >> 4) as usize];
+            buf[2 * i + 1] = HEX[(b & 15) as usize];
+        }
+        Hex { buf, len: (raw.len() * 2) as u8 }
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII hex digits are ever written.
+        std::str::from_utf8(&self.buf[..self.len as usize]).expect("hex is ASCII")
+    }
+}
+
+impl std::ops::Deref for Hex {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for Hex {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl fmt::Display for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for Hex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+fn unhex(b: u8) -> u8 {
+    match b {
+        b'0'..=b'9' => b - b'0',
+        _ => b - b'a' + 10,
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -58,16 +123,34 @@ pub enum DigestError {
 
 impl Digest {
     pub fn algorithm(&self) -> Algorithm {
-        self.alg
+        match self.0 {
+            Raw::Sha256(_) => Algorithm::Sha256,
+            Raw::Sha512(_) => Algorithm::Sha512,
+        }
     }
 
-    pub fn hex(&self) -> &str {
-        &self.hex
+    /// The raw hash bytes (32 for sha256, 64 for sha512).
+    pub fn raw(&self) -> &[u8] {
+        match &self.0 {
+            Raw::Sha256(b) => b,
+            Raw::Sha512(b) => &b[..],
+        }
+    }
+
+    /// The lowercase hex encoding (rendered on the stack, no allocation).
+    pub fn hex(&self) -> Hex {
+        Hex::of(self.raw())
     }
 
     /// Builds a digest from a raw hash output.
+    ///
+    /// # Panics
+    /// If `raw` is not the algorithm's output length (a hash's own output always is).
     pub fn from_raw(alg: Algorithm, raw: &[u8]) -> Digest {
-        Digest { alg, hex: hex_encode(raw) }
+        Digest(match alg {
+            Algorithm::Sha256 => Raw::Sha256(raw.try_into().expect("a sha256 output is 32 bytes")),
+            Algorithm::Sha512 => Raw::Sha512(Box::new(raw.try_into().expect("a sha512 output is 64 bytes"))),
+        })
     }
 
     /// The digest of `bytes` with `alg`.
@@ -106,13 +189,18 @@ impl FromStr for Digest {
         if !ok {
             return Err(DigestError::BadEncoding { alg: alg.as_str(), len: alg.hex_len() });
         }
-        Ok(Digest { alg, hex: enc.to_string() })
+        let mut raw = [0u8; 64];
+        let raw = &mut raw[..alg.hex_len() / 2];
+        for (o, pair) in raw.iter_mut().zip(enc.as_bytes().chunks_exact(2)) {
+            *o = (unhex(pair[0]) << 4) | unhex(pair[1]);
+        }
+        Ok(Digest::from_raw(alg, raw))
     }
 }
 
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.alg.as_str(), self.hex)
+        write!(f, "{}:{}", self.algorithm().as_str(), self.hex())
     }
 }
 
@@ -217,6 +305,10 @@ mod tests {
         let d: Digest = EMPTY.parse().unwrap();
         assert_eq!(d.to_string(), EMPTY);
         assert_eq!(d, Digest::sha256(b""));
+        assert_eq!(std::mem::size_of::<Digest>(), 40);
+        let long: Digest = Digest::of(Algorithm::Sha512, b"").to_string().parse().unwrap();
+        assert_eq!(long, Digest::of(Algorithm::Sha512, b""));
+        assert_eq!(long.hex().len(), 128);
         assert_eq!(
             Digest::of(Algorithm::Sha512, b"").to_string(),
             "sha512:cf83e1357eefb8bdf1542850d66d8007d620e4050b5715dc83f4a921d36ce9ce47d0d13c5d85f2b0ff8318d2877eec2f63b931bd47417a81a538327af927da3e"
@@ -269,7 +361,19 @@ mod tests {
         fn valid_hex_round_trips(bytes in proptest::collection::vec(any::<u8>(), 32)) {
             let s = format!("sha256:{}", hex_encode(&bytes));
             let d: Digest = s.parse().unwrap();
-            prop_assert_eq!(d.to_string(), s);
+            prop_assert_eq!(&d.to_string(), &s);
+            prop_assert_eq!(&*d.hex(), &s["sha256:".len()..]);
+            prop_assert_eq!(d.raw(), &bytes[..]);
+        }
+
+        #[test]
+        fn orders_as_text(a in proptest::collection::vec(any::<u8>(), 32), b in proptest::collection::vec(any::<u8>(), 64)) {
+            let x = Digest::from_raw(Algorithm::Sha256, &a);
+            let y = Digest::from_raw(Algorithm::Sha512, &b);
+            let z = Digest::from_raw(Algorithm::Sha256, &b[..32]);
+            for (p, q) in [(&x, &y), (&x, &z), (&z, &y), (&y, &x)] {
+                prop_assert_eq!(p.cmp(q), p.to_string().cmp(&q.to_string()));
+            }
         }
 
         #[test]

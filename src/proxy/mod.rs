@@ -214,7 +214,7 @@ impl Proxy {
             remote.to_string()
         };
         let remote: RepoName = remote.parse().ok()?;
-        let cache = Repo::cache(&up.host, remote.clone());
+        let cache = Repo::Cache { host: up.shared_host.clone(), name: remote.clone() };
         Some(ProxyRepo { upstream: up.clone(), remote, cache })
     }
 

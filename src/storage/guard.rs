@@ -98,10 +98,10 @@ impl Removal {
     }
 }
 
-/// The stripe of a digest (FNV-1a of its text: the digest is a hash already, any mix will do).
+/// The stripe of a digest (FNV-1a of its raw bytes: the digest is a hash already, any mix will do).
 fn stripe(d: &Digest) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in d.hex().as_bytes() {
+    for b in d.raw() {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }

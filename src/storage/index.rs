@@ -48,6 +48,8 @@ impl Refs {
                 needs.push(d);
             }
         }
+        // Kept for as long as the manifest is (the lifecycle's index): no spare capacity.
+        needs.shrink_to_fit();
         Refs {
             needs,
             children: m.manifests.iter().map(|d| d.digest.clone()).collect(),
@@ -332,6 +334,10 @@ impl Store {
                 if p.get(&d) == Some(&t) {
                     p.remove(&d);
                 }
+            }
+            // A burst of uses leaves a large, mostly empty table behind: give it back.
+            if p.capacity() > 4 * p.len().max(256) {
+                p.shrink_to_fit();
             }
         }
         self.records.rotate_written();

@@ -92,17 +92,17 @@ pub const META: &str = "meta";
 
 /// When content was last used.
 pub fn access(d: &Digest) -> Key {
-    Key::of(&[META, "access", d.algorithm().as_str(), d.hex()])
+    Key::of(&[META, "access", d.algorithm().as_str(), &d.hex()])
 }
 
 /// What a manifest references.
 pub fn refs(d: &Digest) -> Key {
-    Key::of(&[META, "refs", d.algorithm().as_str(), d.hex()])
+    Key::of(&[META, "refs", d.algorithm().as_str(), &d.hex()])
 }
 
 /// The content was imported.
 pub fn imported(d: &Digest) -> Key {
-    Key::of(&[META, "imported", d.algorithm().as_str(), d.hex()])
+    Key::of(&[META, "imported", d.algorithm().as_str(), &d.hex()])
 }
 
 /// The replicas' heartbeats (`<uuid>` below).
@@ -138,7 +138,8 @@ pub fn revisions_dir(r: &Repo) -> Key {
 }
 
 pub fn blob(d: &Digest) -> Key {
-    Key::of(&[BLOBS, d.algorithm().as_str(), &d.hex()[..2], d.hex()])
+    let hex = d.hex();
+    Key::of(&[BLOBS, d.algorithm().as_str(), &hex[..2], &hex])
 }
 
 pub fn ingest_dir(id: &IngestId) -> Key {
@@ -198,11 +199,11 @@ pub fn repo_of(key: &str) -> Option<Repo> {
 }
 
 pub fn layer_link(r: &Repo, d: &Digest) -> Key {
-    in_repo(r, &["_layers", d.algorithm().as_str(), d.hex()])
+    in_repo(r, &["_layers", d.algorithm().as_str(), &d.hex()])
 }
 
 pub fn revision(r: &Repo, d: &Digest) -> Key {
-    in_repo(r, &["_manifests/revisions", d.algorithm().as_str(), d.hex()])
+    in_repo(r, &["_manifests/revisions", d.algorithm().as_str(), &d.hex()])
 }
 
 pub fn tags_dir(r: &Repo) -> Key {
@@ -214,7 +215,7 @@ pub fn tag(r: &Repo, t: &Tag) -> Key {
 }
 
 pub fn referrers_dir(r: &Repo, subject: &Digest) -> Key {
-    in_repo(r, &["_referrers", subject.algorithm().as_str(), subject.hex()])
+    in_repo(r, &["_referrers", subject.algorithm().as_str(), &subject.hex()])
 }
 
 pub fn referrer(r: &Repo, subject: &Digest, referrer: &Digest) -> Key {

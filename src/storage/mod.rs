@@ -21,6 +21,7 @@ mod ids;
 pub mod index;
 mod inflight;
 pub mod layout;
+mod memo;
 mod replicas;
 mod repo;
 mod s3;
@@ -34,7 +35,6 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use moka::sync::Cache;
 
 pub use backend::{Backend, ByteStream, IngestKind, TailReader, Verified, Writer};
 pub use fleet::{fill_lease, removal_lease, Claim, Event, Fleet, Holder, Lease, LeaseHandle};
@@ -140,9 +140,9 @@ const FILL_BATCH: usize = 1 << 20;
 pub struct Store {
     backend: Arc<dyn Backend>,
     /// digest → size of committed content: answers existence and HEAD without the backend.
-    sizes: Cache<Digest, u64>,
+    sizes: memo::Memo<Digest, u64>,
     /// (repository, digest) → the blob is linked there.
-    links: Cache<(Repo, Digest), ()>,
+    links: memo::Memo<(Repo, Digest), ()>,
     /// Bumped by every unlink; a link read from the backend is cached only if no unlink
     /// happened meanwhile (under `link_lock`), so a deleted link is never cached back.
     unlinks: AtomicU64,
@@ -171,12 +171,8 @@ impl Store {
 
     /// `cache_ttl`: see [`StoreConfig::cache_ttl`].
     pub fn with_backend(backend: Arc<dyn Backend>, cache_capacity: u64, cache_ttl: Option<Duration>) -> Arc<Store> {
-        let sizes = Cache::builder().max_capacity(cache_capacity);
-        let links = Cache::builder().max_capacity(cache_capacity);
-        let (sizes, links) = match cache_ttl {
-            Some(ttl) => (sizes.time_to_live(ttl).build(), links.time_to_live(ttl).build()),
-            None => (sizes.build(), links.build()),
-        };
+        let sizes = memo::Memo::new(cache_capacity, cache_ttl);
+        let links = memo::Memo::new(cache_capacity, cache_ttl);
         let inflight = Arc::new(inflight::Inflight::default());
         Arc::new(Store {
             backend: Arc::new(counted::Counted::new(backend, inflight.clone())),

@@ -94,6 +94,8 @@ pub struct Streaming {
 pub struct Upstream {
     /// The registry host images are named with, e.g. `docker.io`.
     pub host: String,
+    /// `host` shared: every cached repository's name holds it (no copy per request).
+    pub shared_host: Arc<str>,
     pub aliases: Vec<String>,
     /// First component of the cache namespace (the host, `:` made `-`), e.g. `docker.io`.
     pub namespace: String,
@@ -173,6 +175,7 @@ impl Upstream {
             .map_err(|e| anyhow::anyhow!("upstream {}: HTTP client: {}", cfg.host, error_chain(&e)))?;
         Ok(Upstream {
             host: cfg.host.clone(),
+            shared_host: cfg.host.as_str().into(),
             aliases: cfg.aliases.clone(),
             namespace: cfg.host.replace(':', "-"),
             tag_ttl: cfg.tag_ttl,

@@ -754,6 +754,67 @@ async fn a_re_push_waits_for_another_replicas_gc_and_stays_stored() {
     assert!(waited, "the push did not wait for the other replica's removal (pause point fleet.removal_wait)");
 }
 
+/// Replica 1's GC holds the removal lease of a deleted image's piece (paused at
+/// `gc.before_delete`) when Redis stops answering. Its renewals go unanswered; once
+/// `lease_ttl` has passed since the last one Redis confirmed, Redis would have dropped the
+/// lease, and another replica, seeing no holder, goes on: replica 0 stores that piece again
+/// (201). The GC, resumed, must take its lease for lost and delete nothing. (Before, a lease
+/// counted as held until a renewal was answered "expired", which an unanswered Redis never
+/// does; a starved process's late renewal left the same window.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removal_whose_lease_redis_stopped_confirming_deletes_nothing() {
+    use common::fake::Fake;
+    let fake = Fake::start().await;
+    let cache = "gc_interval = \"1s\"\ngc_grace = \"2s\"\n";
+    let (mut fleet, _a, b) = removal_fleet(&fake.addr.to_string(), cache, &["gc.before_delete"]);
+    let reg = fleet.at(0).registry();
+    let img = common::oci::make_image(0x22_0202, 2, 50_000, "amd64", "linux");
+    reg.push_image("local/app", &img, Some("v1")).await;
+    let r = reg.delete(&format!("/v2/local/app/manifests/{}", img.manifest.digest)).await;
+    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
+    b.reached("gc.before_delete", REACH).await;
+    let leases = fleet.redis.as_ref().unwrap().keys("stevedore:remove:*");
+    assert_eq!(leases.len(), 1, "the paused GC holds the removal lease of what it deletes: {leases:?}");
+    let d = leases[0].strip_prefix("stevedore:remove:").unwrap().to_string();
+    let data = if d == img.manifest.digest {
+        img.manifest.data.clone()
+    } else {
+        img.blobs().iter().find(|b| b.digest == d).expect("the GC removes one of the image's digests").data.clone()
+    };
+    fleet.redis.as_mut().unwrap().kill();
+    let stopped = std::time::Instant::now();
+    // Replica 0, on its own without Redis, stores the piece again.
+    let put = if d == img.manifest.digest {
+        reg.put_manifest("local/app", "v1", &img.manifest.media_type, &data).await.status().as_u16()
+    } else {
+        let loc = reg.start_upload("local/app").await;
+        reg.finish_upload(&loc, &d, data.clone()).await.status().as_u16()
+    };
+    assert_eq!(put, 201, "storing {d} again on replica 0 without Redis");
+    // Past the lease's time to live since Redis last confirmed it (before it stopped).
+    let ttl = Duration::from_secs(3);
+    tokio::time::sleep(ttl.saturating_sub(stopped.elapsed())).await;
+    b.go("gc.before_delete").await;
+    // The GC goes on; what replica 0 stored stays readable, byte for byte, on both.
+    let end = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        for i in 0..2 {
+            let url = match d == img.manifest.digest {
+                true => fleet.url_of(i, &format!("/v2/local/app/manifests/{d}")),
+                false => blob_url(&fleet, i, "local/app", &d),
+            };
+            let r = read(client().get(url).header("accept", img.manifest.media_type.as_str())).await;
+            common::http::assert_content(
+                &r,
+                &d,
+                &data,
+                &format!("{d}, stored (201) while a GC whose lease had lapsed ran (replica {i})"),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// An image of `config` and `layers` (its manifest built from them).
 fn image_of(config: common::oci::Blob, layers: Vec<common::oci::Blob>) -> common::oci::Image {
     use common::oci::{Blob, Image, MT_MANIFEST};

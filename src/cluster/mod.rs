@@ -29,7 +29,7 @@ pub mod replicas;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
@@ -202,17 +202,19 @@ impl Cluster {
         let ttl = self.lease_ttl.as_millis() as u64;
         let mut conn = r.conn.clone();
         let set = redis::cmd("SET").arg(&key).arg(&value).arg("NX").arg("PX").arg(ttl).to_owned();
+        let sent = Instant::now();
         let got: Option<Option<String>> = self.call("claim", set.query_async(&mut conn)).await;
         match got {
             None => Claim::Alone,
-            Some(Some(_)) => Claim::Mine(RedisLease::start(self.clone(), key, value)),
+            Some(Some(_)) => Claim::Mine(RedisLease::start(self.clone(), key, value, sent)),
             Some(None) => match self.holder(name).await {
                 Some(h) => Claim::Held(h),
                 // Released between the two calls: try once more, else act alone.
                 None => {
+                    let sent = Instant::now();
                     let again: Option<Option<String>> = self.call("claim", set.query_async(&mut conn)).await;
                     match again {
-                        Some(Some(_)) => Claim::Mine(RedisLease::start(self.clone(), key, value)),
+                        Some(Some(_)) => Claim::Mine(RedisLease::start(self.clone(), key, value, sent)),
                         _ => match self.holder(name).await {
                             Some(h) => Claim::Held(h),
                             None => Claim::Alone,
@@ -483,14 +485,22 @@ struct RedisLease {
     value: String,
     renewer: tokio::task::JoinHandle<()>,
     lost: watch::Receiver<bool>,
+    /// When the request that last confirmed the lease (its claim or a renewal) was sent:
+    /// Redis keeps it at most `lease_ttl` from then, whether or not a renewal is heard of.
+    confirmed: Arc<std::sync::Mutex<Instant>>,
+    /// How long the lease stays ours after a confirmation, less a margin for the act that
+    /// follows the check (a delete reaching the backend).
+    valid_for: Duration,
     released: bool,
 }
 
 impl RedisLease {
-    fn start(cluster: Arc<Cluster>, key: String, value: String) -> Lease {
+    fn start(cluster: Arc<Cluster>, key: String, value: String, sent: Instant) -> Lease {
         crate::metrics::cluster_lease(lease_kind(&cluster, &key), true);
         let (tx, lost) = watch::channel(false);
-        let (c, k, v) = (cluster.clone(), key.clone(), value.clone());
+        let confirmed = Arc::new(std::sync::Mutex::new(sent));
+        let valid_for = cluster.lease_ttl - cluster.lease_ttl / 5;
+        let (c, k, v, at) = (cluster.clone(), key.clone(), value.clone(), confirmed.clone());
         let renewer = tokio::spawn(async move {
             let every = c.lease_ttl / 3;
             let ms = c.lease_ttl.as_millis() as u64;
@@ -501,8 +511,9 @@ impl RedisLease {
                 let script = redis::Script::new(RENEW);
                 let mut inv = script.key(&k);
                 inv.arg(&v).arg(ms);
+                let sent = Instant::now();
                 match c.call("renew", inv.invoke_async::<i64>(&mut conn)).await {
-                    Some(1) => {}
+                    Some(1) => *at.lock().unwrap() = sent,
                     // Expired and possibly taken over: this holder must stop acting on it.
                     Some(_) => {
                         tracing::warn!(lease = %k, "a lease expired before its renewal (taken over?)");
@@ -514,13 +525,15 @@ impl RedisLease {
                 }
             }
         });
-        Lease::new(RedisLease { cluster, key, value, renewer, lost, released: false })
+        Lease::new(RedisLease { cluster, key, value, renewer, lost, confirmed, valid_for, released: false })
     }
 }
 
 impl LeaseHandle for RedisLease {
+    /// Found expired at a renewal, or not confirmed for longer than Redis keeps it (renewals
+    /// late on a starved process, or unanswered): another replica may hold it now.
     fn lost(&self) -> bool {
-        *self.lost.borrow()
+        *self.lost.borrow() || self.confirmed.lock().unwrap().elapsed() >= self.valid_for
     }
 
     fn release(mut self: Box<Self>) -> futures::future::BoxFuture<'static, ()> {

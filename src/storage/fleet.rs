@@ -77,7 +77,8 @@ pub enum Claim {
 /// What a lease is to whoever grants it ([`Lease`] wraps one): renewed while it lives,
 /// released by [`LeaseHandle::release`] or when dropped.
 pub trait LeaseHandle: Send + Sync {
-    /// Whether the lease was found expired at a renewal (another replica may hold it now).
+    /// Whether the lease may have expired (found so at a renewal, or not confirmed for
+    /// longer than the fleet keeps it): another replica may hold it now.
     fn lost(&self) -> bool;
     /// Releases the lease now (if it is still ours).
     fn release(self: Box<Self>) -> BoxFuture<'static, ()>;
@@ -91,7 +92,7 @@ impl Lease {
         Lease(Box::new(handle))
     }
 
-    /// Whether the lease was found expired at a renewal (another replica may hold it now).
+    /// Whether the lease may have expired (another replica may hold it now).
     pub fn lost(&self) -> bool {
         self.0.lost()
     }

@@ -704,6 +704,30 @@ async fn a_push_waits_for_another_replicas_eviction_and_stays_stored() {
     assert!(waited, "the push did not wait for the other replica's removal (pause point fleet.removal_wait)");
 }
 
+/// A removal fleet (replica 1 running the online GC each second, `gc_grace` 2 s) where
+/// replica 0 pushed an image of `seed` and deleted its manifest, and replica 1's GC is paused
+/// at `gc.before_delete` about to delete the first piece of it. The fleet, its pauses, the image.
+async fn gc_paused_on_a_deleted_image(upstream: &str, seed: u64) -> (Fleet, Pauses, Pauses, common::oci::Image) {
+    let cache = "gc_interval = \"1s\"\ngc_grace = \"2s\"\n";
+    let (fleet, a, b) = removal_fleet(upstream, cache, &["gc.before_delete"]);
+    let reg = fleet.at(0).registry();
+    let img = common::oci::make_image(seed, 2, 50_000, "amd64", "linux");
+    reg.push_image("local/app", &img, Some("v1")).await;
+    let r = reg.delete(&format!("/v2/local/app/manifests/{}", img.manifest.digest)).await;
+    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
+    b.reached("gc.before_delete", REACH).await;
+    (fleet, a, b, img)
+}
+
+/// The bytes of `img`'s piece `d` (its manifest or one of its blobs).
+fn piece_of(img: &common::oci::Image, d: &str) -> Vec<u8> {
+    if d == img.manifest.digest {
+        img.manifest.data.clone()
+    } else {
+        img.blobs().iter().find(|b| b.digest == d).expect("the GC removes one of the image's digests").data.clone()
+    }
+}
+
 /// The same with replica 1's online GC: a deleted image's content, past `gc_grace`, is being
 /// deleted (lease held, re-checked, paused at `gc.before_delete`) when a client of replica 0
 /// pushes the image again as docker does. The blob whose removal is under way waits for it;
@@ -712,17 +736,10 @@ async fn a_push_waits_for_another_replicas_eviction_and_stays_stored() {
 async fn a_re_push_waits_for_another_replicas_gc_and_stays_stored() {
     use common::fake::Fake;
     let fake = Fake::start().await;
-    let cache = "gc_interval = \"1s\"\ngc_grace = \"2s\"\n";
-    let (fleet, a, b) = removal_fleet(&fake.addr.to_string(), cache, &["gc.before_delete"]);
-    let reg = fleet.at(0).registry();
-    let img = common::oci::make_image(0x22_0201, 2, 50_000, "amd64", "linux");
-    reg.push_image("local/app", &img, Some("v1")).await;
-    let r = reg.delete(&format!("/v2/local/app/manifests/{}", img.manifest.digest)).await;
-    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
-
     // Replica 1's GC: past the grace period, the content goes; it is paused before deleting
     // the first piece, whose removal lease names it.
-    b.reached("gc.before_delete", REACH).await;
+    let (fleet, a, b, img) = gc_paused_on_a_deleted_image(&fake.addr.to_string(), 0x22_0201).await;
+    let reg = fleet.at(0).registry();
     let redis = fleet.redis.as_ref().unwrap();
     let leases = redis.keys("stevedore:remove:*");
     assert!(leases.len() <= 1, "removal leases held by the paused GC: {leases:?}");
@@ -731,11 +748,7 @@ async fn a_re_push_waits_for_another_replicas_gc_and_stays_stored() {
         Some(l) => l.strip_prefix("stevedore:remove:").unwrap().to_string(),
         None => img.digests().into_iter().min().unwrap(),
     };
-    let data = if d == img.manifest.digest {
-        img.manifest.data.clone()
-    } else {
-        img.blobs().iter().find(|b| b.digest == d).expect("the GC removes one of the image's digests").data.clone()
-    };
+    let data = piece_of(&img, &d);
     let (status, waited) =
         push_during_removal(&fleet, &a, &b, "gc.before_delete", &d, data.clone(), &img.digests()).await;
     assert_eq!(status, 201, "the push of {d} during the other replica's GC");
@@ -765,22 +778,12 @@ async fn a_re_push_waits_for_another_replicas_gc_and_stays_stored() {
 async fn a_removal_whose_lease_redis_stopped_confirming_deletes_nothing() {
     use common::fake::Fake;
     let fake = Fake::start().await;
-    let cache = "gc_interval = \"1s\"\ngc_grace = \"2s\"\n";
-    let (mut fleet, _a, b) = removal_fleet(&fake.addr.to_string(), cache, &["gc.before_delete"]);
+    let (mut fleet, _a, b, img) = gc_paused_on_a_deleted_image(&fake.addr.to_string(), 0x22_0202).await;
     let reg = fleet.at(0).registry();
-    let img = common::oci::make_image(0x22_0202, 2, 50_000, "amd64", "linux");
-    reg.push_image("local/app", &img, Some("v1")).await;
-    let r = reg.delete(&format!("/v2/local/app/manifests/{}", img.manifest.digest)).await;
-    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
-    b.reached("gc.before_delete", REACH).await;
     let leases = fleet.redis.as_ref().unwrap().keys("stevedore:remove:*");
     assert_eq!(leases.len(), 1, "the paused GC holds the removal lease of what it deletes: {leases:?}");
     let d = leases[0].strip_prefix("stevedore:remove:").unwrap().to_string();
-    let data = if d == img.manifest.digest {
-        img.manifest.data.clone()
-    } else {
-        img.blobs().iter().find(|b| b.digest == d).expect("the GC removes one of the image's digests").data.clone()
-    };
+    let data = piece_of(&img, &d);
     fleet.redis.as_mut().unwrap().kill();
     let stopped = std::time::Instant::now();
     // Replica 0, on its own without Redis, stores the piece again.

@@ -637,7 +637,26 @@ fn release_free_memory() {
 /// Usage by kind as [`view`] counts it (no use pending), without building the eviction
 /// picture: what each change to the index costs is a pass over the content and no copies.
 fn usage_of(ix: &index::Index) -> Usage {
-    let mut pushed: HashSet<&Digest> = HashSet::new();
+    let pushed = held_locally(ix);
+    let mut u = Usage { items: ix.content.len(), ..Usage::default() };
+    let mut oldest: Option<u64> = None;
+    for (d, c) in &ix.content {
+        match kind_of(ix, &pushed, d) {
+            Kind::Pushed => u.pushed += c.size,
+            Kind::Imported => u.imported += c.size,
+            Kind::Proxied => {
+                u.proxied += c.size;
+                oldest = Some(oldest.map_or(c.access, |o| o.min(c.access)));
+            }
+        }
+    }
+    u.oldest_access = oldest.map(crate::storage::index::from_unix);
+    u
+}
+
+/// What local repositories hold or need (pushed content, whatever else it also is).
+fn held_locally(ix: &index::Index) -> HashSet<&Digest> {
+    let mut pushed = HashSet::new();
     for (repo, ri) in &ix.repos {
         if matches!(repo, Repo::Local(_)) {
             pushed.extend(ri.manifests.keys());
@@ -645,20 +664,18 @@ fn usage_of(ix: &index::Index) -> Usage {
             pushed.extend(ri.links.iter());
         }
     }
-    let mut u = Usage { items: ix.content.len(), ..Usage::default() };
-    let mut oldest: Option<u64> = None;
-    for (d, c) in &ix.content {
-        if pushed.contains(d) {
-            u.pushed += c.size;
-        } else if ix.imported.contains(d) {
-            u.imported += c.size;
-        } else {
-            u.proxied += c.size;
-            oldest = Some(oldest.map_or(c.access, |o| o.min(c.access)));
-        }
+    pushed
+}
+
+/// The kind `d` is counted as: pushed (held locally) before imported before proxied.
+fn kind_of(ix: &index::Index, pushed: &HashSet<&Digest>, d: &Digest) -> Kind {
+    if pushed.contains(d) {
+        Kind::Pushed
+    } else if ix.imported.contains(d) {
+        Kind::Imported
+    } else {
+        Kind::Proxied
     }
-    u.oldest_access = oldest.map(crate::storage::index::from_unix);
-    u
 }
 
 /// The eviction picture of the index at `start`: sizes, kinds, references, units in LRU
@@ -677,7 +694,7 @@ fn view(ix: &index::Index, start: SystemTime, pending: &HashMap<Digest, u64>) ->
         units: Vec::new(),
         usage: Usage::default(),
     };
-    let mut pushed: HashSet<&Digest> = HashSet::new();
+    let pushed = held_locally(ix);
     let mut cached_units = Vec::new();
     for (repo, ri) in &ix.repos {
         let local = matches!(repo, Repo::Local(_));
@@ -689,10 +706,7 @@ fn view(ix: &index::Index, start: SystemTime, pending: &HashMap<Digest, u64>) ->
                 *s.repo_needed.entry((repo.clone(), n.clone())).or_default() += 1;
                 needs_here.insert(n);
             }
-            if local {
-                pushed.insert(m);
-                pushed.extend(refs.needs.iter());
-            } else {
+            if !local {
                 cached_units.push(Unit {
                     repo: Some(repo.clone()),
                     manifest: Some(m.clone()),
@@ -705,9 +719,7 @@ fn view(ix: &index::Index, start: SystemTime, pending: &HashMap<Digest, u64>) ->
         for b in &ri.links {
             *s.links.entry(b.clone()).or_default() += 1;
             s.repo_linked.insert((repo.clone(), b.clone()));
-            if local {
-                pushed.insert(b);
-            } else if !needs_here.contains(b) && !ri.manifests.contains_key(b) {
+            if !local && !needs_here.contains(b) && !ri.manifests.contains_key(b) {
                 cached_units.push(Unit {
                     repo: Some(repo.clone()),
                     manifest: None,
@@ -726,13 +738,7 @@ fn view(ix: &index::Index, start: SystemTime, pending: &HashMap<Digest, u64>) ->
     }
     let mut oldest: Option<SystemTime> = None;
     for (d, c) in &ix.content {
-        let kind = if pushed.contains(d) {
-            Kind::Pushed
-        } else if ix.imported.contains(d) {
-            Kind::Imported
-        } else {
-            Kind::Proxied
-        };
+        let kind = kind_of(ix, &pushed, d);
         let ms = pending.get(d).map_or(c.access, |p| c.access.max(*p));
         let t = crate::storage::index::from_unix(ms);
         s.access.insert(d.clone(), t);

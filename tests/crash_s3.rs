@@ -1,14 +1,16 @@
 //! Crash consistency on the S3 backend (moto): SIGKILL mid-push and mid-fill, restart.
 //! Nothing unverified is visible in the bucket, an upload session resumes at its checkpoint
 //! (its multipart upload, parts and hash state recorded in its state object), and the sweep
-//! aborts the multipart upload a killed fill left behind. (`tests/crash.rs` checks the same
+//! aborts the multipart upload a fill killed in its commit left behind (a fill's parts go to
+//! the bucket at its commit, once its readers have every byte). (`tests/crash.rs` checks the same
 //! on the filesystem, reading the store's files.)
 
 mod common;
 
 use common::data;
-use common::fake::{Fake, Plan};
+use common::fake::Fake;
 use common::http::Registry;
+use common::pause::Pauses;
 use common::s3::Backend;
 use common::Stevedore;
 use futures::StreamExt;
@@ -33,17 +35,24 @@ async fn sigkill_mid_push_and_mid_fill_resumes_the_push_and_the_sweep_aborts_the
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("scratch");
     let fake = Fake::start().await;
-    // 12 MiB: the fill spans three 5 MiB parts. The first GET trickles (~10 s), later ones not.
+    // 12 MiB: the fill spans three 5 MiB parts.
     let blob = data::bytes(7201, 12 * MIB);
     let d = fake.add_blob(&blob);
-    fake.plan(&d, Plan::new(blob.clone()).slow(256 << 10, Duration::from_millis(200)));
     let cfg = common::stevedore::config("up.test", &[("up.test", &fake.url(), "")]).replacen(
         "[proxy]\n",
         "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
         1,
     );
     let start = |cfg: &str| Stevedore::builder().backend(Backend::S3).config(cfg).root(&root).start();
-    let mut sd = start(&cfg);
+    let pause_dir = tmp.path().join("pause");
+    let pauses = Pauses::in_dir(&pause_dir);
+    let mut sd = Stevedore::builder()
+        .backend(Backend::S3)
+        .config(&cfg)
+        .root(&root)
+        .env("STEVEDORE_PAUSE", "commit.parts_sent")
+        .env("STEVEDORE_PAUSE_DIR", &pause_dir.display().to_string())
+        .start();
     let bucket = sd.bucket.clone().expect("on S3");
     let reg = sd.registry();
 
@@ -61,18 +70,26 @@ async fn sigkill_mid_push_and_mid_fill_resumes_the_push_and_the_sweep_aborts_the
         let (reg, loc) = (reg.clone(), loc.clone());
         tokio::spawn(async move { reg.try_patch(&loc, 12 << 20, 8 << 20, Body::wrap_stream(stalled)).await })
     };
-    // A fill, caught mid-way with its multipart upload started.
+    // A fill, caught in its commit: every part sent, the multipart upload not completed.
     let url = sd.url(&format!("/v2/library/base/blobs/{d}"));
     let getter = tokio::spawn(common::http::read(common::http::client().get(url)));
     let fill_key = format!("blobs/sha256/{}/{}", &d[7..9], &d[7..]);
-    let caught = common::wait_until(Duration::from_secs(60), || {
-        spooled(&root, &id) >= (5 * MIB) as u64 && bucket.multipart_uploads().iter().any(|(k, _)| k == &fill_key)
-    })
-    .await;
-    assert!(caught, "no fill multipart upload / stalled chunk: {:?}", bucket.multipart_uploads());
+    pauses.reached("commit.parts_sent", Duration::from_secs(60)).await;
+    let caught = common::wait_until(Duration::from_secs(60), || spooled(&root, &id) >= (5 * MIB) as u64).await;
+    assert!(caught, "the stalled chunk was not spooled");
+    let fill_upload = bucket.multipart_uploads().into_iter().find(|(k, _)| k == &fill_key);
+    let (_, fill_upload) =
+        fill_upload.unwrap_or_else(|| panic!("no fill multipart upload: {:?}", bucket.multipart_uploads()));
+    assert_eq!(bucket.parts(&fill_key, &fill_upload), vec![1, 2, 3], "the fill's parts, sent at its commit");
+    // The client had every verified byte before the commit began.
+    let r = tokio::time::timeout(Duration::from_secs(30), getter).await.expect("the client's GET ends").unwrap();
+    assert!(
+        r.error.is_none() && r.body == blob,
+        "the client of a verified fill got {} bytes, {:?}",
+        r.body.len(),
+        r.error
+    );
     sd.kill();
-    let r = getter.await.unwrap();
-    assert!(r.error.is_some() || r.body.len() < blob.len(), "a whole body was served although the fill was killed");
     assert!(patch.await.unwrap().is_err(), "the stalled PATCH succeeded");
 
     // Nothing unverified is visible; the session's state names its multipart upload.

@@ -7,7 +7,8 @@
 //!
 //! - **Writers** ([`writer::S3Writer`]) hash on the way in and spool to the scratch disk in
 //!   part files of `part_size`; each full part is sent as one part of a multipart upload
-//!   (up to four parts in flight per writer, each holding a slot of the process-wide part
+//!   (an upload session's as soon as it is spooled, a fill's at its commit, after its readers
+//!   have every byte; up to four parts in flight per writer, each holding a slot of the process-wide part
 //!   budget, so memory is bounded whatever the number of writers). The upload id, the parts' ETags, the
 //!   offset and the hash state are in the ingest's state object in the bucket, written before
 //!   the first part: a writer resumes after a restart, and the sweep can always find and abort

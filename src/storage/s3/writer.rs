@@ -1029,6 +1029,7 @@ impl S3Verified {
         }
         if !w.completed {
             w.send_last_part().await?;
+            crate::hooks::pause("commit.parts_sent").await;
             w.record_commit(&self.digest).await?;
             w.complete().await?;
         }

@@ -8,7 +8,7 @@
 mod common;
 
 use common::data;
-use common::fake::Fake;
+use common::fake::{Fake, Plan};
 use common::http::Registry;
 use common::pause::Pauses;
 use common::s3::Backend;
@@ -30,6 +30,17 @@ fn spooled(root: &std::path::Path, id: &str) -> u64 {
         .sum()
 }
 
+/// Bytes in the local spools of every ingest under `root` but `id`.
+fn spooled_besides(root: &std::path::Path, id: &str) -> u64 {
+    std::fs::read_dir(root.join("ingest"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str() != Some(id))
+        .map(|e| spooled(root, e.file_name().to_str().unwrap_or_default()))
+        .sum()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_push_and_mid_fill_resumes_the_push_and_the_sweep_aborts_the_fill() {
     let tmp = tempfile::tempdir().unwrap();
@@ -38,6 +49,8 @@ async fn sigkill_mid_push_and_mid_fill_resumes_the_push_and_the_sweep_aborts_the
     // 12 MiB: the fill spans three 5 MiB parts.
     let blob = data::bytes(7201, 12 * MIB);
     let d = fake.add_blob(&blob);
+    let (plan, gate) = Plan::new(blob.clone()).hold_after(11 * MIB);
+    fake.plan(&d, plan);
     let cfg = common::stevedore::config("up.test", &[("up.test", &fake.url(), "")]).replacen(
         "[proxy]\n",
         "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
@@ -70,10 +83,18 @@ async fn sigkill_mid_push_and_mid_fill_resumes_the_push_and_the_sweep_aborts_the
         let (reg, loc) = (reg.clone(), loc.clone());
         tokio::spawn(async move { reg.try_patch(&loc, 12 << 20, 8 << 20, Body::wrap_stream(stalled)).await })
     };
-    // A fill, caught in its commit: every part sent, the multipart upload not completed.
+    // A fill holding two full parts in its spool sends none while it streams (its clients'
+    // bytes first) ...
     let url = sd.url(&format!("/v2/library/base/blobs/{d}"));
     let getter = tokio::spawn(common::http::read(common::http::client().get(url)));
     let fill_key = format!("blobs/sha256/{}/{}", &d[7..9], &d[7..]);
+    let spooling =
+        common::wait_until(Duration::from_secs(60), || spooled_besides(&root, &id) >= (10 * MIB) as u64).await;
+    assert!(spooling, "the fill did not spool 10 MiB: {}", spooled_besides(&root, &id));
+    let early: Vec<_> = bucket.multipart_uploads().into_iter().filter(|(k, _)| k == &fill_key).collect();
+    assert!(early.is_empty(), "a multipart upload for a fill still streaming: {early:?}");
+    // ... and is caught in its commit: every part sent, the multipart upload not completed.
+    gate.send(true).unwrap();
     pauses.reached("commit.parts_sent", Duration::from_secs(60)).await;
     let caught = common::wait_until(Duration::from_secs(60), || spooled(&root, &id) >= (5 * MIB) as u64).await;
     assert!(caught, "the stalled chunk was not spooled");

@@ -830,3 +830,42 @@ fn image_of(config: common::oci::Blob, layers: Vec<common::oci::Blob>) -> common
     let manifest = Blob::new(MT_MANIFEST, serde_json::to_vec(&manifest).unwrap());
     Image { config, layers, manifest, diff_ids: Vec::new(), files: Vec::new() }
 }
+
+/// Replica 1's GC is about to remove a deleted image's content (paused at `gc.before_remove`,
+/// past `gc_grace`) when Redis stops answering. Without Redis it cannot take the removal
+/// leases that make a push on another replica wait for it, so it removes nothing: the
+/// image's blobs stay in the bucket while Redis is down, pass after pass. Once Redis answers
+/// again the GC takes the leases and reclaims them. (Before, a claim Redis did not answer
+/// counted as "on your own" and the GC deleted without a lease: a push on replica 0, seeing
+/// no lease, was told "stored" for a blob deleted right after.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gc_that_cannot_take_its_removal_leases_removes_nothing_until_redis_answers() {
+    use common::fake::Fake;
+    let fake = Fake::start().await;
+    let cache = "gc_interval = \"1s\"\ngc_grace = \"2s\"\n";
+    let (mut fleet, _a, b) = removal_fleet(&fake.addr.to_string(), cache, &["gc.before_remove"]);
+    let reg = fleet.at(0).registry();
+    let img = common::oci::make_image(0x22_0203, 2, 50_000, "amd64", "linux");
+    reg.push_image("local/app", &img, Some("v1")).await;
+    let r = reg.delete(&format!("/v2/local/app/manifests/{}", img.manifest.digest)).await;
+    assert_eq!(r.status().as_u16(), 202, "deleting the manifest");
+    b.reached("gc.before_remove", REACH).await;
+    fleet.redis.as_mut().unwrap().kill();
+    b.go("gc.before_remove").await;
+    let bucket = fleet.at(0).bucket.clone().unwrap();
+    let layers: Vec<String> = img.blobs().iter().map(|b| b.digest.clone()).collect();
+    // Several passes (one a second) without Redis: every blob stays.
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < end {
+        let blobs = bucket.blobs();
+        let gone: Vec<&String> = layers.iter().filter(|d| !blobs.contains(d)).collect();
+        assert!(gone.is_empty(), "the GC deleted {gone:?} while Redis did not answer (no removal lease)");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet.redis.as_mut().unwrap().up();
+    assert!(
+        gone_from_bucket(&fleet, &layers).await,
+        "the GC did not reclaim the image once Redis answered: {:?}",
+        bucket.blobs()
+    );
+}

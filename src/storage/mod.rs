@@ -394,8 +394,10 @@ impl Store {
 
     /// The exclusive guards of `ds`, or `None` when something holds one of them (leave the
     /// content for the next pass). Removals re-check under them before they delete. In a
-    /// fleet, also the removal lease of every digest (`None` when another replica holds
-    /// one); without coordination (Redis down), the guards alone.
+    /// fleet, also the removal lease of every digest: `None` when another replica holds one,
+    /// or when Redis does not answer (a push on another replica reads the leases to wait for
+    /// a removal: one that took none, or whose claim Redis applied but answered late, would
+    /// delete what that push was just told is stored; removals wait until Redis answers).
     pub async fn try_removal(&self, ds: &[&Digest]) -> Option<Removal> {
         let mut removal = self.guards.try_remove(ds).await?;
         if let Some(c) = self.fleet.get() {
@@ -405,9 +407,9 @@ impl Store {
             for name in names {
                 match c.claim(&name).await {
                     Claim::Mine(lease) => removal.leases.push(lease),
-                    Claim::Alone => {}
-                    // Another replica removes it (or its lease outlived a crash): next pass.
-                    Claim::Held(_) => return None,
+                    // Another replica removes it (or its lease outlived a crash), or Redis
+                    // does not answer: next pass.
+                    Claim::Held(_) | Claim::Alone => return None,
                 }
             }
         }

@@ -223,16 +223,6 @@ impl<'de> serde::Deserialize<'de> for Digest {
     }
 }
 
-pub fn hex_encode(raw: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(raw.len() * 2);
-    for b in raw {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 15) as usize] as char);
-    }
-    out
-}
-
 /// A streaming hasher whose state can be saved at a chunk boundary and restored later, so an
 /// upload resumed after a restart never re-reads what it already hashed.
 #[derive(Clone)]
@@ -359,7 +349,7 @@ mod tests {
 
         #[test]
         fn valid_hex_round_trips(bytes in proptest::collection::vec(any::<u8>(), 32)) {
-            let s = format!("sha256:{}", hex_encode(&bytes));
+            let s = format!("sha256:{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>());
             let d: Digest = s.parse().unwrap();
             prop_assert_eq!(&d.to_string(), &s);
             prop_assert_eq!(&*d.hex(), &s["sha256:".len()..]);

@@ -577,6 +577,12 @@ impl S3Writer {
         self.send_full_parts(false).await
     }
 
+    /// Everything written is in the spool of part 1 and nothing was sent: no multipart upload
+    /// (a fill's starts only at its commit), none completed, at most one part of bytes.
+    fn in_first_part_only(&self) -> bool {
+        self.state.upload.is_none() && !self.completed && self.size <= self.s3.part_size
+    }
+
     /// Starts sending part `idx` (`len` bytes of its spool file).
     async fn start_part(&mut self, idx: usize, len: u64) -> StoreResult<()> {
         if self.state.upload.is_none() {
@@ -623,7 +629,7 @@ impl S3Writer {
     /// from the completed staging object (read back once).
     async fn rehash(&mut self, alg: crate::oci::Algorithm) -> StoreResult<Digest> {
         let mut h = Hasher::new(alg);
-        if self.state.upload.is_none() && !self.completed && self.size <= self.s3.part_size {
+        if self.in_first_part_only() {
             let file = self.tail.files.lock().unwrap().get(&0).cloned();
             if let Some(f) = file {
                 let mut pos = 0;
@@ -1015,7 +1021,7 @@ impl S3Verified {
         let blob = s3.path(&layout::blob(&self.digest));
         let idx = w.parts.len();
         let rest = w.size - idx as u64 * s3.part_size;
-        if w.state.upload.is_none() && !w.completed && w.size <= s3.part_size {
+        if w.in_first_part_only() {
             // It fits in one part: one PUT of the verified spool under the final key (unless
             // there: first writer wins).
             w.record_commit(&self.digest).await?;

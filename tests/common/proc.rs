@@ -399,7 +399,30 @@ pub fn with_pdeathsig(program: impl AsRef<std::ffi::OsStr>) -> Command {
 
 /// A TCP port on 127.0.0.1 that nothing listens on (bound, then released); also a free port
 /// for a server to listen on.
+///
+/// Taken below the kernel's ephemeral range (`ip_local_port_range`), one after another from a
+/// per-process start: a port the kernel hands out (`:0`) may be taken by an outgoing
+/// connection of a test running in parallel between this check and the server's bind (a
+/// replica then failed to start, "Address already in use"); one below the range is never
+/// picked by the kernel, and no two calls of one process get the same one.
 pub fn closed_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const LOW: u32 = 10_000;
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral.saturating_sub(LOW);
+    if span >= 1_000 {
+        let start = std::process::id().wrapping_mul(7_919);
+        for _ in 0..span {
+            let port = (LOW + start.wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed)) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port()
 }
 

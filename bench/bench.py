@@ -22,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import baseline, client, imagegen, procs, report, tools  # noqa: E402
 from benchlib.procs import Phase, wait_idle  # noqa: E402
-from benchlib.servers import Distribution, Garage, Stevedore, TestTls, requests_delta  # noqa: E402
+from benchlib.servers import (Distribution, FloorRelay, Garage, Stevedore, TestTls, build_floor,  # noqa: E402
+                               requests_delta)  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -54,6 +55,8 @@ P = {
     "garage": env_int("BENCH_GARAGE_S3", 1),
     "garage_repeat": env_int("BENCH_GARAGE_REPEAT", 2),
     "garage_deadline_extra_s": env_int("BENCH_GARAGE_DEADLINE_EXTRA_SECS", 240),
+    "floor": env_int("BENCH_FLOOR", 1),
+    "floor_repeat": env_int("BENCH_FLOOR_REPEAT", 3),
     "client_mem_mib": env_int("BENCH_CLIENT_MEM_MIB", 0),
     "idle_timeout_s": env_int("BENCH_IDLE_TIMEOUT_SECS", 60),
     "only": os.environ.get("BENCH_ONLY", ""),
@@ -375,6 +378,33 @@ class Direct:
         self.hostport = upstream.hostport
 
 
+FLOOR_MODES = ("relay", "seq", "pipe", "pipe3")
+
+
+def measure_floor(ctx, workdir, binary, upstream, uplog, images, up_tls=None, tag="", base=None):
+    """Cold pulls of `big`, interleaved: Distribution, Stevedore (and the baseline, with
+    `base`) and bench/floor's relay in every mode (`relay`: copy only; `seq`, `pipe`, `pipe3`:
+    verifying fills, see bench/floor/src/main.rs). `up_tls`: the upstream is HTTPS, trusted
+    through this TestTls."""
+    floor_bin = build_floor(REPO)
+    targets = [("distribution", Distribution("distribution-floor" + tag, workdir, remote=upstream.hostport,
+                                             remote_tls=up_tls)),
+               ("stevedore", Stevedore("stevedore-floor" + tag, workdir, binary, upstream.hostport, fsync=True,
+                                       up_tls=up_tls))]
+    if base:
+        targets.append(("baseline", Stevedore("baseline-floor" + tag, workdir, base["binary"], upstream.hostport,
+                                              fsync=True, up_tls=up_tls)))
+    targets += [(m, FloorRelay("floor-%s%s" % (m, tag), workdir, floor_bin, upstream.hostport, m, tls=up_tls))
+                for m in FLOOR_MODES]
+    out = {k: {"pull": {"cold": []}} for k, _ in targets}
+    for _ in range(P["floor_repeat"]):
+        for key, t in targets:
+            out[key]["pull"]["cold"] += measure_pulls(ctx, t, upstream, uplog, images, repeat=1, kinds=("cold",))["cold"]
+    for _, t in targets:
+        t.stop()
+    return out
+
+
 def run_target(ctx, t, upstream, uplog, images, workdir, repeat=None, conc_repeat=None, skopeo=True):
     """Every pull-side phase of one target. `repeat` and `conc_repeat` (the baseline's)
     override the pull and concurrent repetitions; the baseline skips skopeo."""
@@ -481,6 +511,13 @@ def main():
             results["stevedore"] = run_target(ctx, stev, upstream, uplog, images, workdir)
             stev.stop()
 
+        # The floor of a cold pull on this machine: bench/floor's relays (no framework, no
+        # runtime: the least work) beside Distribution and Stevedore, cold pulls interleaved
+        # run by run (D S R V P T D S R V P T ...), so noise falls on all alike.
+        if P["floor"] and want("floor"):
+            with ctx.step("floor: cold pulls, distribution, stevedore and the floor relays interleaved"):
+                results["floor"] = measure_floor(ctx, workdir, binary, upstream, uplog, images, base=base)
+
         bstev = None
         if base:
             bstev = Stevedore("baseline", workdir, base["binary"], upstream.hostport, fsync=True)
@@ -552,6 +589,9 @@ def main():
                     res[key] = {"pull": measure_pulls(ctx, t, up_tls, tlog, images, repeat=n, kinds=("cold",)),
                                 "concurrent": measure_concurrent(ctx, t, up_tls, tlog, images, repeat=n)}
                     t.stop()
+                if P["floor"] and want("floor"):
+                    res["floor"] = measure_floor(ctx, workdir, binary, up_tls, tlog, images, up_tls=tls, tag="-tlsup",
+                                                 base=base)
                 up_tls.stop()
                 results["tls_upstream"] = res
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cold pull's cost in instructions, reproducible on a busy machine.
 
-    python3 bench/profile_fill.py [stevedore|distribution|...] (default: both)
+    python3 bench/profile_fill.py [stevedore|distribution|floor-seq|floor-pipe|...] (default: the first two)
 
 Starts an upstream Distribution with the generated `big` image, then, per target, a fresh
 proxy on an empty store, and counts with `perf stat -e instructions,cycles,task-clock -p PID`
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import client, imagegen, procs, tools  # noqa: E402
 from benchlib.procs import wait_idle  # noqa: E402
-from benchlib.servers import Distribution, Stevedore  # noqa: E402
+from benchlib.servers import Distribution, FloorRelay, Stevedore, build_floor  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -103,6 +103,8 @@ def main():
         for name in targets:
             if name == "distribution":
                 t = Distribution("distribution", workdir, remote=upstream.hostport)
+            elif name.startswith("floor-"):
+                t = FloorRelay(name, workdir, build_floor(REPO), upstream.hostport, name[len("floor-"):])
             else:
                 t = Stevedore(name, workdir, binary, upstream.hostport, fsync=os.environ.get("PROFILE_FSYNC") != "0",
                               env=dict(kv.split("=", 1) for kv in os.environ.get("PROFILE_ENV", "").split() if "=" in kv))

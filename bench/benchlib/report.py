@@ -211,7 +211,48 @@ def summarize(res):
     g = res.get("garage_s3")
     if g:
         extra["garage"] = {"error": g["error"]} if "error" in g else _pair_rows(g, "garage", s3=True)
+    if res.get("floor"):
+        extra["floor"] = _floor(res["floor"], "upstream")
+    if _get(res, "tls_upstream", "floor"):
+        extra["floor_tls"] = _floor(res["tls_upstream"]["floor"], "upstream-tls")
     return {"rows": rows, "extra": extra}
+
+
+FLOOR_KEYS = ("distribution", "stevedore", "baseline", "relay", "seq", "pipe", "pipe3")
+FLOOR_VERIFYING = ("seq", "pipe", "pipe3")
+
+
+def _floor(fl, upstream):
+    """The floor section (bench.py `measure_floor`): per target the median cold pull MB/s,
+    the CPU per GB of the server, the upstream and the client, the machine's busy share; then
+    the target (1.2 x Distribution), the verifying floor (the best of bench/floor's verifying
+    modes) and Stevedore against both."""
+    rows = []
+    for k in FLOOR_KEYS:
+        runs = _get(fl, k, "pull", "cold") or []
+        if not runs:
+            continue
+        gb = lambda r: (r.get("bytes") or 0) / 1e9  # noqa: E731
+        per_gb = lambda key: _med([r["phase"].get(key) / gb(r) for r in runs  # noqa: E731
+                                   if gb(r) and r.get("phase", {}).get(key) is not None])
+        rows.append({"key": k, "mb_s": _med([r["mb_s"] for r in runs]), "server_cpu_gb": _cost(runs),
+                     "upstream_cpu_gb": per_gb(upstream + "_cpu_s"), "client_cpu_gb": per_gb("client_cpu_s"),
+                     "busy_pct": _med([r["phase"].get("machine_busy_pct") for r in runs]),
+                     "peak_rss_mib": (_max([r["phase"].get("peak_rss_kib") for r in runs]) or 0) / 1024 or None,
+                     "foreign_pct": _max([r["phase"].get("foreign_pct") for r in runs]),
+                     "verified": _verified(runs), "runs": len(runs)})
+    by = {r["key"]: r for r in rows}
+    d, st = (by.get("distribution") or {}).get("mb_s"), (by.get("stevedore") or {}).get("mb_s")
+    fl_rows = [by[k] for k in FLOOR_VERIFYING if k in by and by[k]["mb_s"]]
+    best = max(fl_rows, key=lambda r: r["mb_s"]) if fl_rows else None
+    out = {"rows": rows, "target_mb_s": round(1.2 * d, 1) if d else None}
+    if best:
+        out["verifying_floor"] = {"mode": best["key"], "mb_s": best["mb_s"]}
+        if d:
+            out["floor_over_target"] = round(best["mb_s"] / (1.2 * d), 2)
+        if st:
+            out["stevedore_over_floor"] = round(st / best["mb_s"], 2)
+    return out
 
 
 def _pair_rows(res, backend, s3=False):
@@ -273,6 +314,33 @@ def _render_pair(lines, title, rows):
         lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
         if i == 0:
             lines.append("  ".join("-" * x for x in w))
+
+
+def _render_floor(lines, title, fl, repeat):
+    lines.append("")
+    lines.append("Floor of a cold pull (%s): bench/floor beside Distribution and Stevedore, cold pulls "
+                 "interleaved, medians of %d; relay = copy only, seq/pipe/pipe3 = the least work of a fill that "
+                 "verifies before the last byte and stores (sha256, a file, fsync)" % (title, repeat))
+    d = next((r["mb_s"] for r in fl["rows"] if r["key"] == "distribution"), None)
+    head = ("target", "MB/s", "x D", "server CPU s/GB", "upstream CPU s/GB", "client CPU s/GB", "machine busy %",
+            "peak RSS MiB", "verified")
+    srows = [head] + [(r["key"], _fmt(r["mb_s"], "%.0f"), _fmt(round(r["mb_s"] / d, 2) if d and r["mb_s"] else None,
+                                                              "%.2f"),
+                       _fmt(r["server_cpu_gb"], "%.2f"), _fmt(r["upstream_cpu_gb"], "%.2f"),
+                       _fmt(r["client_cpu_gb"], "%.2f"), _fmt(r["busy_pct"], "%.0f"), _fmt(r["peak_rss_mib"], "%.1f"),
+                       _fmt(r["verified"], "%s"))
+                      for r in fl["rows"]]
+    w = [max(len(row[i]) for row in srows) for i in range(len(head))]
+    for i, row in enumerate(srows):
+        lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * x for x in w))
+    vf = fl.get("verifying_floor")
+    if vf:
+        lines.append("  target 1.2 x D = %s MB/s; verifying floor (%s) %s MB/s = %s x the target; Stevedore = %s x "
+                     "the floor" % (_fmt(fl.get("target_mb_s"), "%.0f"), vf["mode"], _fmt(vf["mb_s"], "%.0f"),
+                                    _fmt(fl.get("floor_over_target"), "%.2f"),
+                                    _fmt(fl.get("stevedore_over_floor"), "%.2f")))
 
 
 def _s3_rows(fs, fs_push, s3):
@@ -403,6 +471,9 @@ def render(res):
             if i == 0:
                 lines.append("  ".join("-" * x for x in w))
         lines.append("")
+    for key, title in (("floor", "plaintext upstream"), ("floor_tls", "TLS upstream")):
+        if s["extra"].get(key):
+            _render_floor(lines, title, s["extra"][key], p.get("floor_repeat", 0))
     if s["extra"].get("tls"):
         _render_pair(lines, "TLS upstream: the upstream Distribution over HTTPS (test CA, EC P-256 leaf); Distribution "
                      "trusts it by SSL_CERT_FILE, Stevedore by upstreams.ca_file; medians of %d runs (cold only)"

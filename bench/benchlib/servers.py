@@ -491,3 +491,40 @@ class Stevedore(Registry):
         if addr != self.hostport:
             raise RuntimeError("stevedore listens on %s, configured %s" % (addr, self.hostport))
         wait_http("http://%s/v2/" % self.hostport, self.server)
+
+
+class FloorRelay(Registry):
+    """`bench/floor` (floor-relay): the least work a digest-verifying fill does, as a target.
+    `mode`: `relay` (copy only), `seq` (read, send, hash, write in turn), `pipe` (hash and
+    write on a second thread), `pipe3` (send on a second, hash and write on a third). Only
+    cold pulls mean anything: it stores, never serves from its store. `tls`: the upstream is
+    HTTPS, trusted through this `TestTls`'s CA."""
+
+    kind = "floor"
+
+    def __init__(self, name, workdir, binary, upstream_hostport, mode, tls=None):
+        super().__init__(name, workdir)
+        self.binary = binary
+        self.up = upstream_hostport
+        self.mode = mode
+        self.tls = tls
+        self.port = free_port()
+        self.hostport = "127.0.0.1:%d" % self.port
+
+    def _start(self, root):
+        out = os.path.join(self.dir, self.name + ".out")
+        if os.path.exists(out):
+            os.remove(out)  # wait_line reads the whole file
+        argv = [self.binary, self.hostport, self.up, root, self.mode] + ([self.tls.ca_crt] if self.tls else [])
+        self.server = Server(self.name, argv, self.dir).start()
+        wait_line(self.server, "floor-relay listening on")
+
+
+def build_floor(repo):
+    """Builds bench/floor (its own workspace and target directory); returns the binary."""
+    target = os.environ.get("BENCH_FLOOR_TARGET_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                       "stevedore-bench", "floor-target")
+    subprocess.run(["cargo", "build", "--release", "--locked", "--quiet", "--manifest-path",
+                    os.path.join(repo, "bench", "floor", "Cargo.toml"), "--target-dir", target], check=True,
+                   timeout=900)
+    return os.path.join(target, "release", "floor-relay")

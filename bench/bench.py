@@ -397,8 +397,12 @@ def measure_floor(ctx, workdir, binary, upstream, uplog, images, up_tls=None, ta
     targets += [(m, FloorRelay("floor-%s%s" % (m, tag), workdir, floor_bin, upstream.hostport, m, tls=up_tls))
                 for m in FLOOR_MODES]
     out = {k: {"pull": {"cold": []}} for k, _ in targets}
-    for _ in range(P["floor_repeat"]):
-        for key, t in targets:
+    for i in range(P["floor_repeat"]):
+        # Each round starts one target later: no target always follows the same one.
+        for key, t in targets[i % len(targets):] + targets[:i % len(targets)]:
+            # Distribution never fsyncs: its 512 MiB would otherwise be written back by the
+            # kernel during the next target's pull.
+            os.sync()
             out[key]["pull"]["cold"] += measure_pulls(ctx, t, upstream, uplog, images, repeat=1, kinds=("cold",))["cold"]
     for _, t in targets:
         t.stop()
@@ -449,7 +453,7 @@ def versions(binary, base):
 
 
 def main():
-    binary = os.environ.get("BENCH_STEVEDORE", os.path.join(REPO, "target", "release", "stevedore"))
+    binary = os.environ.get("BENCH_STEVEDORE", os.path.join(REPO, "target", "dist", "stevedore"))
     if not os.access(binary, os.X_OK):
         sys.exit("no Stevedore binary at %s: run bench/run.sh (it builds one)" % binary)
     base = baseline.resolve()  # may build it (minutes, once per commit): before the clock starts
@@ -513,7 +517,8 @@ def main():
 
         # The floor of a cold pull on this machine: bench/floor's relays (no framework, no
         # runtime: the least work) beside Distribution and Stevedore, cold pulls interleaved
-        # run by run (D S R V P T D S R V P T ...), so noise falls on all alike.
+        # run by run, each round rotated (D S R V P T, S R V P T D, ...), so noise and what a
+        # target leaves behind fall on all alike.
         if P["floor"] and want("floor"):
             with ctx.step("floor: cold pulls, distribution, stevedore and the floor relays interleaved"):
                 results["floor"] = measure_floor(ctx, workdir, binary, upstream, uplog, images, base=base)

@@ -8,7 +8,7 @@ proxy on an empty store, and counts with `perf stat -e instructions,cycles,task-
 (all threads of the proxy) over one cold pull of `big` (manifest, config, every layer, one
 keep-alive connection, the client does not hash). Prints instructions and CPU per GB of
 bodies. `PROFILE_REPEAT` (default 2) cold pulls per target, each on a fresh proxy;
-`BENCH_BIG_MIB` (default 512); `BENCH_STEVEDORE` (default target/release/stevedore);
+`BENCH_BIG_MIB` (default 512); `BENCH_STEVEDORE` (default target/dist/stevedore);
 `PROFILE_FSYNC=0` for Stevedore with `storage.fsync = false`; `PROFILE_PERF_RECORD=1` also
 writes `perf record -g` data per run into the work directory (kept, path printed).
 Loopback only; every server stopped on exit.
@@ -89,7 +89,7 @@ def profile(t, upstream, images, workdir, record):
 
 def main():
     targets = sys.argv[1:] or ["distribution", "stevedore"]
-    binary = os.environ.get("BENCH_STEVEDORE", os.path.join(REPO, "target", "release", "stevedore"))
+    binary = os.environ.get("BENCH_STEVEDORE", os.path.join(REPO, "target", "dist", "stevedore"))
     repeat = int(os.environ.get("PROFILE_REPEAT", "2"))
     record = os.environ.get("PROFILE_PERF_RECORD") == "1"
     workdir = tempfile.mkdtemp(prefix="stevedore-profile-", dir=os.environ.get("BENCH_TMPDIR") or None)

@@ -4,7 +4,7 @@
 #   bash bench/run.sh
 #
 # Installs the tools it needs (Debian packages: docker-registry, skopeo, hey, wrk, curl,
-# python3, openssl), builds Stevedore in release mode, then runs bench/bench.py: an upstream CNCF
+# python3, openssl), builds Stevedore as shipped (`--profile dist`), then runs bench/bench.py: an upstream CNCF
 # Distribution on 127.0.0.1 with generated images, measured directly, through Distribution
 # in proxy mode and through Stevedore. Prints one table and writes the raw figures to
 # bench/results/<timestamp>.json. Loopback only; every loop is bounded; every server it
@@ -40,9 +40,10 @@ fi
 
 if [[ -z "${BENCH_STEVEDORE:-}" ]]; then
     build_start=$SECONDS
-    cargo build --release --locked --bin stevedore
+    # The shipped binary: the `dist` profile (fat LTO), as deploy/Dockerfile builds it.
+    cargo build --profile dist --locked --bin stevedore
     export BENCH_BUILD_SECS=$((SECONDS - build_start))
-    echo "bench: release build took $BENCH_BUILD_SECS s" >&2
+    echo "bench: dist build took $BENCH_BUILD_SECS s" >&2
 fi
 
 # bench.py stops its servers on exit (and they die with it: PR_SET_PDEATHSIG); this trap

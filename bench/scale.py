@@ -223,9 +223,9 @@ def rss_mib(pid):
 
 
 def main():
-    binary = os.environ.get("BENCH_STEVEDORE", os.path.join(REPO, "target", "release", "stevedore"))
+    binary = os.environ.get("BENCH_STEVEDORE", os.path.join(REPO, "target", "dist", "stevedore"))
     if not os.access(binary, os.X_OK):
-        sys.exit("no Stevedore binary at %s: build it (cargo build --release) or set BENCH_STEVEDORE" % binary)
+        sys.exit("no Stevedore binary at %s: build it (cargo build --profile dist) or set BENCH_STEVEDORE" % binary)
     workdir = tempfile.mkdtemp(prefix="stevedore-scale-", dir=os.environ.get("BENCH_TMPDIR") or None)
     deadline = T0 + DEADLINE_S
     out = {"params": {"n": NS, "backends": BACKENDS, "idle_s": IDLE_S, "blob_bytes": BLOB_BYTES,

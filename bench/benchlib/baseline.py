@@ -4,10 +4,11 @@ as the new one so that "does not regress" is a ratio from one run on one machine
 `BENCH_BASELINE_BIN=/path` uses a binary as it is. `BENCH_BASELINE=<git rev>` builds the
 commit's `stevedore` once and caches it by full commit hash in `bench/.baseline/<sha>/stevedore`
 (git-ignored): the source is `git archive`d into a temporary directory (no worktree is
-registered) and built with `cargo build --release --locked --bin stevedore` with its own
+registered) and built as that commit ships it (`cargo build --profile dist --locked --bin
+stevedore` when its Cargo.toml has the `dist` profile, `--release` before) with its own
 target directory, `bench/.baseline/target`, shared by every baseline commit (so a second
 commit only recompiles what changed). The first build of that target directory is seeded
-with the dependencies already compiled in the repository's `target/release` when there are
+with the dependencies already compiled in the repository's `target/<profile>` when there are
 any, otherwise it is a cold build (about 6 minutes on 2 cores). The build is not part of the
 benchmark's time budget.
 """
@@ -33,14 +34,14 @@ def _git(*args):
                           timeout=120).stdout.strip()
 
 
-def _seed(target):
-    """Copies the repository's compiled release dependencies into an empty baseline target
-    dir (cargo reuses a registry crate's artifacts when its fingerprint matches; the
-    workspace crate itself is rebuilt)."""
-    src = os.path.join(REPO, "target", "release")
-    if os.path.isdir(target) or not os.path.isdir(os.path.join(src, "deps")):
+def _seed(target, profile):
+    """Copies the repository's dependencies compiled for `profile` into the baseline target
+    dir when it has none for that profile yet (cargo reuses a registry crate's artifacts when
+    its fingerprint matches; the workspace crate itself is rebuilt)."""
+    src = os.path.join(REPO, "target", profile)
+    dst = os.path.join(target, profile)
+    if os.path.isdir(dst) or not os.path.isdir(os.path.join(src, "deps")):
         return
-    dst = os.path.join(target, "release")
     os.makedirs(dst)
     for sub in ("deps", "build", ".fingerprint"):
         if os.path.isdir(os.path.join(src, sub)):
@@ -70,7 +71,6 @@ def resolve():
     t0 = time.monotonic()
     try:
         log("baseline %s (%s): building into %s (target dir %s)" % (rev, sha[:10], binary, target))
-        _seed(target)
         archive = subprocess.Popen(["git", "-C", REPO, "archive", "--format=tar", sha], stdout=subprocess.PIPE)
         # -m: the files get the current time, not the commit's, so cargo never takes the
         # seeded (newer) artifacts of the workspace crate for this commit's.
@@ -79,11 +79,14 @@ def resolve():
         if archive.wait(timeout=60) != 0:
             raise RuntimeError("git archive %s failed" % sha)
         env = dict(os.environ, CARGO_TARGET_DIR=target)
-        subprocess.run(["cargo", "build", "--release", "--locked", "--bin", "stevedore"], cwd=src, env=env,
+        with open(os.path.join(src, "Cargo.toml")) as f:
+            profile = "dist" if "[profile.dist]" in f.read() else "release"
+        _seed(target, profile)
+        subprocess.run(["cargo", "build", "--profile", profile, "--locked", "--bin", "stevedore"], cwd=src, env=env,
                        check=True, timeout=3600)
         os.makedirs(out_dir, exist_ok=True)
         tmp = binary + ".tmp"
-        shutil.copy2(os.path.join(target, "release", "stevedore"), tmp)
+        shutil.copy2(os.path.join(target, profile, "stevedore"), tmp)
         os.replace(tmp, binary)
     finally:
         shutil.rmtree(src, ignore_errors=True)

@@ -400,9 +400,6 @@ def measure_floor(ctx, workdir, binary, upstream, uplog, images, up_tls=None, ta
     for i in range(P["floor_repeat"]):
         # Each round starts one target later: no target always follows the same one.
         for key, t in targets[i % len(targets):] + targets[:i % len(targets)]:
-            # Distribution never fsyncs: its 512 MiB would otherwise be written back by the
-            # kernel during the next target's pull.
-            os.sync()
             out[key]["pull"]["cold"] += measure_pulls(ctx, t, upstream, uplog, images, repeat=1, kinds=("cold",))["cold"]
     for _, t in targets:
         t.stop()

@@ -69,6 +69,9 @@ class Registry:
         root = os.path.join(self.dir, "store")
         shutil.rmtree(root, ignore_errors=True)
         os.makedirs(root)
+        # Nothing an earlier run left unsynced (Distribution never fsyncs its 512 MiB) is
+        # written back by the kernel during this one.
+        os.sync()
         self.starts += 1
         self._start(root)
         return self

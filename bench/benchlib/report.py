@@ -243,6 +243,8 @@ def _floor(fl, upstream):
                      "verified": _verified(runs), "runs": len(runs)})
     by = {r["key"]: r for r in rows}
     d, st = (by.get("distribution") or {}).get("mb_s"), (by.get("stevedore") or {}).get("mb_s")
+    for r in rows:
+        r["x_d"] = round(r["mb_s"] / d, 2) if d and r["mb_s"] else None
     fl_rows = [by[k] for k in FLOOR_VERIFYING if k in by and by[k]["mb_s"]]
     best = max(fl_rows, key=lambda r: r["mb_s"]) if fl_rows else None
     out = {"rows": rows, "target_mb_s": round(1.2 * d, 1) if d else None}
@@ -304,16 +306,22 @@ def _pair_rows(res, backend, s3=False):
     return out
 
 
+def _table(lines, srows):
+    """Appends `srows` (strings; the first row the heading, underlined) as columns: the first
+    left-aligned, the others right-aligned."""
+    w = [max(len(row[i]) for row in srows) for i in range(len(srows[0]))]
+    for i, row in enumerate(srows):
+        lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * x for x in w))
+
+
 def _render_pair(lines, title, rows):
     lines.append("")
     lines.append(title)
     srows = [("metric", "Distribution", "Stevedore", "S/D")] + [(lb, _fmt(a, fmt), _fmt(b, fmt), _fmt(r, "%.2f"))
                                                                for lb, a, b, r, fmt in rows]
-    w = [max(len(row[i]) for row in srows) for i in range(4)]
-    for i, row in enumerate(srows):
-        lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * x for x in w))
+    _table(lines, srows)
 
 
 def _render_floor(lines, title, fl, repeat):
@@ -321,20 +329,13 @@ def _render_floor(lines, title, fl, repeat):
     lines.append("Floor of a cold pull (%s): bench/floor beside Distribution and Stevedore, cold pulls "
                  "interleaved, medians of %d; relay = copy only, seq/pipe/pipe3 = the least work of a fill that "
                  "verifies before the last byte and stores (sha256, a file, fsync)" % (title, repeat))
-    d = next((r["mb_s"] for r in fl["rows"] if r["key"] == "distribution"), None)
     head = ("target", "MB/s", "x D", "server CPU s/GB", "upstream CPU s/GB", "client CPU s/GB", "machine busy %",
             "peak RSS MiB", "verified")
-    srows = [head] + [(r["key"], _fmt(r["mb_s"], "%.0f"), _fmt(round(r["mb_s"] / d, 2) if d and r["mb_s"] else None,
-                                                              "%.2f"),
-                       _fmt(r["server_cpu_gb"], "%.2f"), _fmt(r["upstream_cpu_gb"], "%.2f"),
-                       _fmt(r["client_cpu_gb"], "%.2f"), _fmt(r["busy_pct"], "%.0f"), _fmt(r["peak_rss_mib"], "%.1f"),
-                       _fmt(r["verified"], "%s"))
+    srows = [head] + [(r["key"], _fmt(r["mb_s"], "%.0f"), _fmt(r["x_d"], "%.2f"), _fmt(r["server_cpu_gb"], "%.2f"),
+                       _fmt(r["upstream_cpu_gb"], "%.2f"), _fmt(r["client_cpu_gb"], "%.2f"), _fmt(r["busy_pct"], "%.0f"),
+                       _fmt(r["peak_rss_mib"], "%.1f"), _fmt(r["verified"], "%s"))
                       for r in fl["rows"]]
-    w = [max(len(row[i]) for row in srows) for i in range(len(head))]
-    for i, row in enumerate(srows):
-        lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
-        if i == 0:
-            lines.append("  ".join("-" * x for x in w))
+    _table(lines, srows)
     vf = fl.get("verifying_floor")
     if vf:
         lines.append("  target 1.2 x D = %s MB/s; verifying floor (%s) %s MB/s = %s x the target; Stevedore = %s x "
@@ -465,11 +466,7 @@ def render(res):
                      "medians of %d runs (concurrent: 1)" % p["s3_repeat"])
         srows = [("metric", "fs", "S3", "S3/fs")] + [(lb, _fmt(f, fmt), _fmt(v, fmt), _fmt(r, "%.2f"))
                                                      for lb, f, v, r, fmt in s3]
-        w = [max(len(row[i]) for row in srows) for i in range(4)]
-        for i, row in enumerate(srows):
-            lines.append("  ".join(c.ljust(w[j]) if j == 0 else c.rjust(w[j]) for j, c in enumerate(row)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * x for x in w))
+        _table(lines, srows)
         lines.append("")
     for key, title in (("floor", "plaintext upstream"), ("floor_tls", "TLS upstream")):
         if s["extra"].get(key):

@@ -2,6 +2,7 @@
 proxy, a plain Distribution (push comparison), and Stevedore. Each target can be restarted
 with an empty store."""
 
+import functools
 import os
 import re
 import secrets
@@ -84,6 +85,14 @@ class Registry:
     def backends(self):
         """Further servers this target depends on (accounted beside the upstream)."""
         return []
+
+    def _rotate_logs(self):
+        """Moves the last start's stdout and stderr aside (`.N`): `wait_line` looks for the
+        listen line in the whole file, so each start needs a fresh one."""
+        for ext in (".out", ".err"):
+            p = os.path.join(self.dir, self.name + ext)
+            if os.path.exists(p):
+                os.replace(p, p + ".%d" % (self.starts - 1))
 
     @property
     def out_log(self):
@@ -482,11 +491,7 @@ class Stevedore(Registry):
         with open(cfg, "w") as f:
             f.write(_stevedore_config(self.port, root, self.fsync, self.up, self.keys["local_namespaces"], self.moto,
                                       self.bucket, self.up_tls))
-        # Fresh log per start: wait_line looks for the listen line in the whole file.
-        for ext in (".out", ".err"):
-            p = os.path.join(self.dir, self.name + ext)
-            if os.path.exists(p):
-                os.replace(p, p + ".%d" % (self.starts - 1))
+        self._rotate_logs()
         # The binary's default log filter (RUST_LOG unset), as shipped.
         self.server = Server(self.name, [self.binary, "serve", "--config", cfg], self.dir, env=self.env,
                              unset=("RUST_LOG",)).start()
@@ -515,16 +520,16 @@ class FloorRelay(Registry):
         self.hostport = "127.0.0.1:%d" % self.port
 
     def _start(self, root):
-        out = os.path.join(self.dir, self.name + ".out")
-        if os.path.exists(out):
-            os.remove(out)  # wait_line reads the whole file
+        self._rotate_logs()
         argv = [self.binary, self.hostport, self.up, root, self.mode] + ([self.tls.ca_crt] if self.tls else [])
         self.server = Server(self.name, argv, self.dir).start()
         wait_line(self.server, "floor-relay listening on")
 
 
+@functools.lru_cache(maxsize=None)
 def build_floor(repo):
-    """Builds bench/floor (its own workspace and target directory); returns the binary."""
+    """Builds bench/floor (its own workspace and target directory) once per process; returns
+    the binary."""
     target = os.environ.get("BENCH_FLOOR_TARGET_DIR") or os.path.join(os.path.expanduser("~"), ".cache",
                                                                        "stevedore-bench", "floor-target")
     subprocess.run(["cargo", "build", "--release", "--locked", "--quiet", "--manifest-path",

@@ -31,8 +31,10 @@ const CHUNK: usize = 1 << 20;
 /// (16 KiB) at a time would cost every stage a call per record.
 const MIN_CHUNK: usize = 128 << 10;
 
-/// Reads into `buf[..want]` until at least `MIN_CHUNK` bytes (or `want`) are in.
-fn read_chunk(up: &mut impl Read, buf: &mut [u8], want: usize) -> io::Result<usize> {
+/// Reads the body's next chunk into `buf`: at least `MIN_CHUNK` bytes (or all that is
+/// `left`), at most `CHUNK`; counts them off `left`.
+fn read_chunk(up: &mut impl Read, buf: &mut [u8], left: &mut u64) -> io::Result<usize> {
+    let want = (CHUNK as u64).min(*left) as usize;
     let mut got = 0;
     while got < want.min(MIN_CHUNK) {
         let n = up.read(&mut buf[got..want])?;
@@ -41,7 +43,16 @@ fn read_chunk(up: &mut impl Read, buf: &mut [u8], want: usize) -> io::Result<usi
         }
         got += n;
     }
+    *left -= got as u64;
     Ok(got)
+}
+
+/// A buffer for the next chunk: one never used yet, else one a worker handed back.
+fn free_buf(pool: &mut Vec<Vec<u8>>, spare: &mpsc::Receiver<Vec<u8>>) -> io::Result<Vec<u8>> {
+    match pool.pop() {
+        Some(b) => Ok(b),
+        None => spare.recv().map_err(|_| io::Error::other("workers gone")),
+    }
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -192,9 +203,7 @@ fn relay(up: &mut impl Read, client: &mut impl Write, len: u64) -> io::Result<()
     let mut buf = vec![0u8; CHUNK];
     let mut left = len;
     while left > 0 {
-        let want = (CHUNK as u64).min(left) as usize;
-        let n = read_chunk(up, &mut buf, want)?;
-        left -= n as u64;
+        let n = read_chunk(up, &mut buf, &mut left)?;
         client.write_all(&buf[..n])?;
     }
     Ok(())
@@ -221,9 +230,7 @@ fn fill_sequential(
     let mut left = len;
     let mut last = 0u8;
     while left > 0 {
-        let want = (CHUNK as u64).min(left) as usize;
-        let n = read_chunk(up, &mut buf, want)?;
-        left -= n as u64;
+        let n = read_chunk(up, &mut buf, &mut left)?;
         let held = usize::from(left == 0);
         client.write_all(&buf[..n - held])?;
         hasher.update(&buf[..n]);
@@ -263,13 +270,8 @@ fn fill_pipelined(
     let mut left = len;
     let mut pool: Vec<Vec<u8>> = (0..3).map(|_| vec![0u8; CHUNK]).collect();
     while left > 0 {
-        let mut buf = match pool.pop() {
-            Some(b) => b,
-            None => spare.recv().map_err(|_| io::Error::other("hasher gone"))?,
-        };
-        let want = (CHUNK as u64).min(left) as usize;
-        let n = read_chunk(up, &mut buf, want)?;
-        left -= n as u64;
+        let mut buf = free_buf(&mut pool, &spare)?;
+        let n = read_chunk(up, &mut buf, &mut left)?;
         let held = usize::from(left == 0);
         client.write_all(&buf[..n - held])?;
         if to_hash.send((buf, n)).is_err() {
@@ -328,13 +330,8 @@ fn fill_three(
     let mut left = len;
     let mut pool: Vec<Vec<u8>> = (0..4).map(|_| vec![0u8; CHUNK]).collect();
     while left > 0 {
-        let mut buf = match pool.pop() {
-            Some(b) => b,
-            None => spare.recv().map_err(|_| io::Error::other("workers gone"))?,
-        };
-        let want = (CHUNK as u64).min(left) as usize;
-        let n = read_chunk(up, &mut buf, want)?;
-        left -= n as u64;
+        let mut buf = free_buf(&mut pool, &spare)?;
+        let n = read_chunk(up, &mut buf, &mut left)?;
         let buf = Arc::new(buf);
         if to_send.send((buf.clone(), n, left == 0)).is_err() || to_hash.send((buf, n, left == 0)).is_err() {
             break;

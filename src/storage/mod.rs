@@ -664,6 +664,49 @@ mod tests {
         assert!(locks.get(&id).try_lock().is_err(), "the same id gets the same lock while it is held");
     }
 
+    /// A fill's batches become readable through its tail as the worker lands them, without
+    /// another write from the network side (followers must not wait for the next chunk), and
+    /// the bytes read back, the verification and the committed blob are the bytes written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fills_batches_are_readable_as_they_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&StoreConfig {
+            root: dir.path().into(),
+            fsync: true,
+            descriptor_cache_capacity: 100,
+            cache_ttl: None,
+        })
+        .await
+        .unwrap();
+        // 3.5 batches of a byte pattern that shows any reordering or loss.
+        let body: Vec<u8> = (0..FILL_BATCH * 7 / 2).map(|i| (i % 251) as u8).collect();
+        let mut h = crate::oci::Hasher::new(Algorithm::Sha256);
+        h.update(&body);
+        let d = h.finish();
+        let mut w = store.begin_fill(&d).await.unwrap();
+        let tail = w.tail();
+        for chunk in body.chunks(FILL_BATCH / 16) {
+            w.write(Bytes::copy_from_slice(chunk)).await.unwrap();
+        }
+        // Every whole batch was sent; none is followed by another write.
+        let sent = (body.len() / FILL_BATCH * FILL_BATCH) as u64;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while w.readable() < sent {
+            assert!(std::time::Instant::now() < deadline, "readable stuck at {} of {sent}", w.readable());
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(w.readable(), sent, "only sent batches are readable");
+        let mut read = Vec::new();
+        while (read.len() as u64) < sent {
+            read.extend_from_slice(&tail.read(read.len() as u64, sent).await.unwrap());
+        }
+        assert!(read == body[..sent as usize], "the tail reads back the bytes written");
+        let size = w.verify(&d, Some(body.len() as u64)).await.unwrap().commit().await.unwrap();
+        assert_eq!(size, body.len() as u64);
+        let stored = std::fs::read(dir.path().join(layout::blob(&d).as_str())).unwrap();
+        assert!(stored == body, "the committed blob is the bytes written");
+    }
+
     #[tokio::test]
     async fn an_unlinked_blob_is_never_cached_back() {
         let dir = tempfile::tempdir().unwrap();

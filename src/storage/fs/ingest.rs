@@ -2,16 +2,20 @@
 //! offset and hash state are saved in `ingest/<id>/state.json` at every checkpoint, and only
 //! [`Writer::verify`] → [`Verified::commit`] moves a verified file into `blobs/` by rename.
 //!
-//! Writes are pipelined: while one batch is hashed and written on the blocking pool, the next
-//! one is collected from the network. At most one batch is in flight. The batch in flight
-//! owns the file, the running hash and the writer's [`Hold`] (an upload's session lock): a
-//! writer dropped mid-batch (a client that reset its stream) keeps its session locked until
-//! that batch has landed, so no write can land after the next request on the session cut the
-//! file back to its checkpoint.
+//! Writes are pipelined: one worker on the blocking pool per writer (started with its first
+//! batch, ended when the writer settles) hashes and writes the batches in order, while the
+//! next one is collected from the network; the network side waits only while
+//! [`QUEUED_BATCHES`] more are queued. The worker owns the file, the running hash and the
+//! writer's [`Hold`] (an upload's session lock) until it has written every batch it was
+//! sent: a writer dropped mid-stream (a client that reset its stream) keeps its session
+//! locked until those batches have landed, so no write can land after the next request on the
+//! session cut the file back to its checkpoint. It counts each landed batch at once, so tail
+//! readers (fill followers) see it without waiting for the network side.
 
 use std::fs::File;
 use std::io::{IoSlice, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
@@ -29,12 +33,26 @@ use crate::storage::layout;
 use crate::storage::{StoreError, StoreResult};
 
 /// The file and the running hash, owned by whoever works on them: the writer itself, or the
-/// blocking-pool job hashing and writing the batch in flight.
+/// blocking-pool worker hashing and writing the batches sent.
 struct Sink {
     file: File,
     hasher: Hasher,
-    /// Released only when both the writer and the batch in flight are done with it.
+    /// Set when the file will be fsynced: its writeback starts as it grows.
+    writeback: Option<Writeback>,
+    /// Released only when both the writer and its worker are done with it.
     _hold: Arc<Hold>,
+}
+
+/// How many sent batches may wait for the worker besides the one it is on: the network side
+/// collects the next batch meanwhile, and waits only when this many are queued.
+const QUEUED_BATCHES: usize = 1;
+
+/// The worker hashing and writing the batches sent, in order, on the blocking pool: it owns
+/// the [`Sink`] until the writer settles (closes the queue and takes the sink back), and
+/// counts what landed so that tail readers see it at once.
+struct Worker {
+    queue: tokio::sync::mpsc::Sender<Vec<Bytes>>,
+    job: JoinHandle<(Sink, std::io::Result<()>)>,
 }
 
 pub struct FsWriter {
@@ -42,20 +60,18 @@ pub struct FsWriter {
     id: IngestId,
     state: IngestState,
     data: PathBuf,
-    /// `None` while a batch is in flight.
+    /// `None` while the worker has it.
     sink: Option<Sink>,
-    in_flight: Option<JoinHandle<(Sink, std::io::Result<()>)>>,
+    worker: Option<Worker>,
     batch: Vec<Bytes>,
     batch_bytes: usize,
     batch_limit: usize,
-    /// Bytes accepted, including the batch being collected and the one in flight.
+    /// Bytes accepted, including the batch being collected and those sent.
     size: u64,
     /// Bytes handed to the file (the batches sent).
     sent: u64,
-    /// Bytes in the file for certain (the batches that landed).
-    landed: u64,
-    /// Set when the file will be fsynced: its writeback starts as it grows.
-    writeback: Option<Writeback>,
+    /// Bytes in the file for certain (the batches that landed), counted by the worker.
+    landed: Arc<AtomicU64>,
     tail: Arc<FsTail>,
 }
 
@@ -166,7 +182,7 @@ impl FsWriter {
         .await;
         let Some(file) = super::not_found(file)? else { return Ok(None) };
         let mut w = FsWriter::wrap(fs, id, state, data, file, hasher, 1, hold)?;
-        let sink = w.sink.take().expect("no batch in flight");
+        let sink = w.sink.take().expect("no worker before the first batch");
         Ok(Some(Box::new(FsVerified { writer: Box::new(w), sink, digest, size })))
     }
 
@@ -189,54 +205,51 @@ impl FsWriter {
             id,
             state,
             data,
-            sink: Some(Sink { file, hasher, _hold: Arc::new(hold) }),
-            in_flight: None,
+            sink: Some(Sink { file, hasher, writeback, _hold: Arc::new(hold) }),
+            worker: None,
             batch: Vec::new(),
             batch_bytes: 0,
             batch_limit: batch_limit.max(1),
             size: offset,
             sent: offset,
-            landed: offset,
-            writeback,
+            landed: Arc::new(AtomicU64::new(offset)),
             tail: Arc::new(FsTail { file: read, shared: SharedBlocks::default() }),
         })
     }
 
-    /// Waits for the batch in flight, then starts the collected one.
+    /// Hands the collected batch to the worker (started with the first batch), waiting only
+    /// while [`QUEUED_BATCHES`] are queued already.
     async fn send_batch(&mut self) -> std::io::Result<()> {
-        self.settle().await?;
         let batch = std::mem::take(&mut self.batch);
         let len = std::mem::take(&mut self.batch_bytes) as u64;
-        let mut sink = self.sink.take().expect("settled");
-        let delay = test_write_delay();
-        self.in_flight = Some(tokio::task::spawn_blocking(move || {
-            for chunk in &batch {
-                sink.hasher.update(chunk);
+        let queue = match &self.worker {
+            Some(w) => w.queue.clone(),
+            None => {
+                let (queue, rx) = tokio::sync::mpsc::channel(QUEUED_BATCHES);
+                let sink = self.sink.take().expect("settled");
+                let (landed, delay) = (self.landed.clone(), test_write_delay());
+                let job = tokio::task::spawn_blocking(move || work(sink, rx, &landed, delay));
+                self.worker = Some(Worker { queue: queue.clone(), job });
+                queue
             }
-            if let Some(d) = delay {
-                tracing::warn!(bytes = len, delay_ms = d.as_millis() as u64, "test hook: batch write held back");
-                std::thread::sleep(d);
-            }
-            let res = write_all_vectored(&mut sink.file, &batch);
-            if delay.is_some() {
-                tracing::warn!(bytes = len, "test hook: held-back batch landed");
-            }
-            (sink, res)
-        }));
+        };
+        if queue.send(batch).await.is_err() {
+            // The worker stopped at a failed write: its error.
+            self.settle().await?;
+            return Err(std::io::Error::other("ingest worker stopped"));
+        }
         self.sent += len;
         Ok(())
     }
 
-    /// Waits for the batch in flight, if any.
+    /// Waits until every batch sent has landed, and takes the sink back from the worker.
     async fn settle(&mut self) -> std::io::Result<()> {
-        let Some(job) = self.in_flight.take() else { return Ok(()) };
+        let Some(Worker { queue, job }) = self.worker.take() else { return Ok(()) };
+        drop(queue);
         let (sink, res) = job.await.map_err(std::io::Error::other)?;
         self.sink = Some(sink);
         res?;
-        self.landed = self.sent;
-        if let Some(wb) = &mut self.writeback {
-            wb.written(self.landed);
-        }
+        debug_assert_eq!(self.landed.load(Ordering::Acquire), self.sent);
         Ok(())
     }
 
@@ -278,7 +291,7 @@ impl Writer for FsWriter {
     }
 
     fn readable(&self) -> u64 {
-        self.landed
+        self.landed.load(Ordering::Acquire)
     }
 
     fn tail(&self) -> Arc<dyn TailReader> {
@@ -294,9 +307,6 @@ impl Writer for FsWriter {
         self.batch.push(chunk);
         if self.batch_bytes >= self.batch_limit {
             self.send_batch().await?;
-        } else if self.in_flight.as_ref().is_some_and(|j| j.is_finished()) {
-            // Let readers of the tail see the landed batch as soon as possible.
-            self.settle().await?;
         }
         Ok(())
     }
@@ -330,7 +340,8 @@ impl Writer for FsWriter {
         .await;
         self.sink = Some(sink);
         res?;
-        (self.size, self.sent, self.landed) = (offset, offset, offset);
+        (self.size, self.sent) = (offset, offset);
+        self.landed.store(offset, Ordering::Release);
         Ok(())
     }
 
@@ -441,6 +452,37 @@ impl Verified for FsVerified {
         drop(sink);
         removed
     }
+}
+
+/// The worker's loop: hashes and writes each batch in turn, counts it landed, starts its
+/// writeback; stops at the first failed write (the writer's next send sees the queue closed).
+fn work(
+    mut sink: Sink,
+    mut queue: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
+    landed: &AtomicU64,
+    delay: Option<std::time::Duration>,
+) -> (Sink, std::io::Result<()>) {
+    while let Some(batch) = queue.blocking_recv() {
+        let len: u64 = batch.iter().map(|c| c.len() as u64).sum();
+        for chunk in &batch {
+            sink.hasher.update(chunk);
+        }
+        if let Some(d) = delay {
+            tracing::warn!(bytes = len, delay_ms = d.as_millis() as u64, "test hook: batch write held back");
+            std::thread::sleep(d);
+        }
+        if let Err(e) = write_all_vectored(&mut sink.file, &batch) {
+            return (sink, Err(e));
+        }
+        if delay.is_some() {
+            tracing::warn!(bytes = len, "test hook: held-back batch landed");
+        }
+        let now = landed.fetch_add(len, Ordering::AcqRel) + len;
+        if let Some(wb) = &mut sink.writeback {
+            wb.written(now);
+        }
+    }
+    (sink, Ok(()))
 }
 
 /// How long each batch write waits before it lands, for tests that must hit a write landing

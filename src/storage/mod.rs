@@ -664,20 +664,19 @@ mod tests {
         assert!(locks.get(&id).try_lock().is_err(), "the same id gets the same lock while it is held");
     }
 
+    /// A filesystem store in `root`.
+    async fn test_store(root: &std::path::Path, fsync: bool) -> Arc<Store> {
+        let cfg = StoreConfig { root: root.into(), fsync, descriptor_cache_capacity: 100, cache_ttl: None };
+        Store::open(&cfg).await.unwrap()
+    }
+
     /// A fill's batches become readable through its tail as the worker lands them, without
     /// another write from the network side (followers must not wait for the next chunk), and
     /// the bytes read back, the verification and the committed blob are the bytes written.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fills_batches_are_readable_as_they_land() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreConfig {
-            root: dir.path().into(),
-            fsync: true,
-            descriptor_cache_capacity: 100,
-            cache_ttl: None,
-        })
-        .await
-        .unwrap();
+        let store = test_store(dir.path(), true).await;
         // 3.5 batches of a byte pattern that shows any reordering or loss.
         let body: Vec<u8> = (0..FILL_BATCH * 7 / 2).map(|i| (i % 251) as u8).collect();
         let mut h = crate::oci::Hasher::new(Algorithm::Sha256);
@@ -710,14 +709,7 @@ mod tests {
     #[tokio::test]
     async fn an_unlinked_blob_is_never_cached_back() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&StoreConfig {
-            root: dir.path().into(),
-            fsync: false,
-            descriptor_cache_capacity: 100,
-            cache_ttl: None,
-        })
-        .await
-        .unwrap();
+        let store = test_store(dir.path(), false).await;
         let repo = Repo::Local("a/b".parse().unwrap());
         let d = store.put_bytes(Algorithm::Sha256, b"content").await.unwrap();
         for _ in 0..200 {

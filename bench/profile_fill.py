@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The cold pull's cost in instructions, reproducible on a busy machine.
 
-    python3 bench/profile_fill.py [stevedore|distribution|floor-seq|floor-pipe|...] (default: the first two)
+    python3 bench/profile_fill.py [stevedore|stevedore-garage|distribution|floor-seq|floor-pipe|...] (default: stevedore, distribution)
 
 Starts an upstream Distribution with the generated `big` image, then, per target, a fresh
 proxy on an empty store, and counts with `perf stat -e instructions,cycles,task-clock -p PID`
@@ -11,7 +11,8 @@ bodies. `PROFILE_REPEAT` (default 2) cold pulls per target, each on a fresh prox
 `BENCH_BIG_MIB` (default 512); `BENCH_STEVEDORE` (default target/dist/stevedore);
 `PROFILE_FSYNC=0` for Stevedore with `storage.fsync = false`; `PROFILE_PERF_RECORD=1` also
 writes `perf record -g` data per run into the work directory (kept, path printed).
-Loopback only; every server stopped on exit.
+`stevedore-garage`: Stevedore with backend = "s3" on a Garage bucket (started once, as
+`bench/run.sh` builds it). Loopback only; every server stopped on exit.
 """
 
 import os
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import client, imagegen, procs, tools  # noqa: E402
 from benchlib.procs import wait_idle  # noqa: E402
-from benchlib.servers import Distribution, FloorRelay, Stevedore, build_floor  # noqa: E402
+from benchlib.servers import Distribution, FloorRelay, Garage, Stevedore, build_floor  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -100,13 +101,21 @@ def main():
         sk = tools.Skopeo(workdir)
         sk.copy("oci:%s:big" % layout, "docker://%s/bench/big:1" % upstream.hostport)
         sk.cleanup()
+        garage = None
         for name in targets:
             if name == "distribution":
                 t = Distribution("distribution", workdir, remote=upstream.hostport)
             elif name.startswith("floor-"):
                 t = FloorRelay(name, workdir, build_floor(REPO), upstream.hostport, name[len("floor-"):])
             else:
+                s3 = None
+                if name == "stevedore-garage":
+                    if garage is None:
+                        garage = Garage("garage", workdir)
+                        garage.start()
+                    s3 = garage
                 t = Stevedore(name, workdir, binary, upstream.hostport, fsync=os.environ.get("PROFILE_FSYNC") != "0",
+                              s3=s3,
                               env=dict(kv.split("=", 1) for kv in os.environ.get("PROFILE_ENV", "").split() if "=" in kv))
             for i in range(repeat):
                 res = profile(t, upstream, images, workdir, record)

@@ -679,9 +679,7 @@ mod tests {
         let store = test_store(dir.path(), true).await;
         // 3.5 batches of a byte pattern that shows any reordering or loss.
         let body: Vec<u8> = (0..FILL_BATCH * 7 / 2).map(|i| (i % 251) as u8).collect();
-        let mut h = crate::oci::Hasher::new(Algorithm::Sha256);
-        h.update(&body);
-        let d = h.finish();
+        let d = Digest::sha256(&body);
         let mut w = store.begin_fill(&d).await.unwrap();
         let tail = w.tail();
         for chunk in body.chunks(FILL_BATCH / 16) {

@@ -66,10 +66,8 @@ pub struct FsWriter {
     batch: Vec<Bytes>,
     batch_bytes: usize,
     batch_limit: usize,
-    /// Bytes accepted, including the batch being collected and those sent.
+    /// Bytes accepted: the batches sent to the worker and the one being collected.
     size: u64,
-    /// Bytes handed to the file (the batches sent).
-    sent: u64,
     /// Bytes in the file for certain (the batches that landed), counted by the worker.
     landed: Arc<AtomicU64>,
     tail: Arc<FsTail>,
@@ -211,7 +209,6 @@ impl FsWriter {
             batch_bytes: 0,
             batch_limit: batch_limit.max(1),
             size: offset,
-            sent: offset,
             landed: Arc::new(AtomicU64::new(offset)),
             tail: Arc::new(FsTail { file: read, shared: SharedBlocks::default() }),
         })
@@ -221,7 +218,7 @@ impl FsWriter {
     /// while [`QUEUED_BATCHES`] are queued already.
     async fn send_batch(&mut self) -> std::io::Result<()> {
         let batch = std::mem::take(&mut self.batch);
-        let len = std::mem::take(&mut self.batch_bytes) as u64;
+        self.batch_bytes = 0;
         let queue = match &self.worker {
             Some(w) => w.queue.clone(),
             None => {
@@ -238,7 +235,6 @@ impl FsWriter {
             self.settle().await?;
             return Err(std::io::Error::other("ingest worker stopped"));
         }
-        self.sent += len;
         Ok(())
     }
 
@@ -249,7 +245,8 @@ impl FsWriter {
         let (sink, res) = job.await.map_err(std::io::Error::other)?;
         self.sink = Some(sink);
         res?;
-        debug_assert_eq!(self.landed.load(Ordering::Acquire), self.sent);
+        // Everything accepted landed, but the batch being collected.
+        debug_assert_eq!(self.landed.load(Ordering::Acquire), self.size - self.batch_bytes as u64);
         Ok(())
     }
 
@@ -340,7 +337,7 @@ impl Writer for FsWriter {
         .await;
         self.sink = Some(sink);
         res?;
-        (self.size, self.sent) = (offset, offset);
+        self.size = offset;
         self.landed.store(offset, Ordering::Release);
         Ok(())
     }

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Writes `deploy/stevedore.order`: the functions a serving Stevedore runs, for the linker to
+lay out together (lld `--symbol-ordering-file`, passed by build.rs).
+
+    python3 bench/orderfile.py [<stevedore binary>]          (default target/dist/stevedore)
+    python3 bench/orderfile.py --check [<stevedore binary>]  how many of its lines the binary has
+
+Why: the kernel maps a binary's code 64 KiB at a time around each page a process touches
+(fault-around). Without an order, the code a server runs is spread over nearly all of the
+text, so nearly all of it ends up resident (9-10 MiB of a 12 MiB text); laid out together
+it takes a fraction of that.
+
+How: starts the binary under valgrind's callgrind (every function that runs is recorded, not
+a sample) with the bench's configuration (filesystem store, fsync on, an upstream
+Distribution on loopback), then drives what a mirror does: start, cold pulls (one client, 8
+clients at once), warm pulls, HEADs, a push to a local namespace, /metrics, shutdown. The
+functions of the binary that ran are written most-run first (callgrind's self instruction
+count), one mangled symbol per line.
+
+The symbols' hashes follow the toolchain, the profile and each crate's version and features,
+not the source: an edit keeps the order of what it did not rename, a dependency or toolchain
+update drops that crate's lines until the file is regenerated (the link never fails on a
+stale line). Regenerate after such an update, with the binary built by `cargo build
+--profile dist`; `bench/bench.py` reports the resident code (rss rows) that shows whether it
+still matches.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchlib import client, imagegen, procs, tools  # noqa: E402
+from benchlib.servers import Distribution, Stevedore  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+OUT = os.path.join(REPO, "deploy", "stevedore.order")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def executed(path, binary_syms):
+    """Self instruction counts per function of the binary, from a callgrind output file
+    (name compression: `fn=(id) name` the first time, `fn=(id)` after; the cost line after
+    `calls=` is that call's inclusive cost, not the caller's own)."""
+    names, cost = {}, {}
+    current, after_call = None, False
+    for line in open(path, errors="replace"):
+        m = re.match(r"(c?fn)=\((\d+)\)(?: (.*))?$", line.rstrip("\n"))
+        if m:
+            if m.group(3):
+                names[m.group(2)] = m.group(3)
+            if m.group(1) == "fn":
+                current = names.get(m.group(2))
+                cost.setdefault(current, 0)
+            continue
+        if line.startswith("calls="):
+            after_call = True
+            continue
+        if line[:1].isdigit() or line[:1] in "+-*":
+            if after_call:
+                after_call = False
+                continue
+            parts = line.split()
+            if current is not None and len(parts) >= 2 and parts[1].isdigit():
+                cost[current] += int(parts[1])
+    return {n: c for n, c in cost.items() if n in binary_syms}
+
+
+def binary_symbols(binary):
+    out = subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True, check=True).stdout
+    return {ln.split()[-1] for ln in out.splitlines() if len(ln.split()) >= 3 and ln.split()[1] in "tTwW"}
+
+
+def check(binary):
+    """Prints how many of the order file's symbols `binary` defines: all of them when it was
+    built by the toolchain, lock file and profile the file was made for."""
+    syms = binary_symbols(binary)
+    lines = [ln.strip() for ln in open(OUT) if ln.strip()]
+    found = sum(1 for n in lines if n in syms)
+    print("%s: %d of %d lines of %s found (%.0f%%)" % (binary, found, len(lines), os.path.relpath(OUT, REPO),
+                                                      100.0 * found / max(1, len(lines))))
+
+
+def main():
+    args = sys.argv[1:]
+    checking = args[:1] == ["--check"]
+    args = args[1:] if checking else args
+    binary = os.path.abspath(args[0] if args else os.path.join(REPO, "target", "dist", "stevedore"))
+    if checking:
+        return check(binary)
+    if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
+        sys.exit("valgrind is needed (apt-get install valgrind)")
+    wd = tempfile.mkdtemp(prefix="orderfile-")
+    cg_out = os.path.join(wd, "callgrind.out")
+    try:
+        images = imagegen.generate(os.path.join(wd, "layout"), 16)
+        up = Distribution("upstream", wd).fresh()
+        sk = tools.Skopeo(wd)
+        for name in ("big", "small", "many", "multi"):
+            sk.copy("oci:%s:%s" % (os.path.join(wd, "layout"), name), "docker://%s/bench/%s:1" % (up.hostport, name))
+        t = Stevedore("stevedore", wd, binary, up.hostport)
+        wrapper = os.path.join(wd, "under-callgrind.sh")
+        with open(wrapper, "w") as f:
+            f.write('#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no --callgrind-out-file=%s "%s" "$@"\n'
+                    % (cg_out, binary))
+        os.chmod(wrapper, 0o755)
+        t.binary = wrapper
+        log("starting %s under callgrind" % binary)
+        t.fresh()
+        big = images["big"]
+        blobs = [big["config"]] + big["layers"]
+        bufs = client.body_buffers([b["size"] for b in blobs])
+        small = images["small"]
+        log("8 concurrent cold GETs")
+        client.concurrent_get(t.hostport, "bench/small", small["layers"][0], 8)
+        for name in ("big", "small", "many"):
+            img = images[name]
+            bl = [img["config"]] + img["layers"]
+            log("cold then warm pull of %s" % name)
+            for _ in range(2):
+                client.pull_timed(t.hostport, "bench/" + name, "1", img["manifest"]["digest"], bl,
+                                  client.body_buffers([b["size"] for b in bl]))
+        client.pull(t.hostport, "bench/multi", "1")
+        for _ in range(20):
+            client.head_digest(t.hostport, "bench/big", "1")
+        if t.keys.get("local_namespaces"):
+            log("push to a local namespace")
+            sk.copy("oci:%s:small" % os.path.join(wd, "layout"), "docker://%s/local/small:1" % t.hostport)
+        client.pull_timed(t.hostport, "bench/big", "1", big["manifest"]["digest"], blobs, bufs)
+        import urllib.request
+        urllib.request.urlopen("http://%s/metrics" % t.hostport, timeout=60).read()
+        sk.cleanup()
+        log("stopping (callgrind writes its profile)")
+        t.server.proc.send_signal(signal.SIGTERM)
+        t.server.proc.wait(timeout=600)
+        syms = binary_symbols(binary)
+        counts = executed(cg_out, syms)
+        order = sorted(counts, key=lambda n: (-counts[n], n))
+        with open(OUT, "w") as f:
+            for n in order:
+                f.write(n + "\n")
+        log("%d functions of %d ran; written to %s" % (len(order), len(syms), os.path.relpath(OUT, REPO)))
+    finally:
+        procs.stop_all()
+        subprocess.run(["rm", "-rf", wd])
+
+
+if __name__ == "__main__":
+    main()

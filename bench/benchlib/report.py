@@ -215,6 +215,16 @@ def summarize(res):
         extra["floor"] = _floor(res["floor"], "upstream")
     if _get(res, "tls_upstream", "floor"):
         extra["floor_tls"] = _floor(res["tls_upstream"]["floor"], "upstream-tls")
+    vf = (extra.get("floor") or {}).get("verifying_floor")
+    if g and "error" not in g and vf:
+        # A proxy on S3 streams to its client what a proxy on a file does (the upload to the
+        # bucket follows the last byte), so the plaintext floor bounds its cold pull too.
+        d = _med([r["mb_s"] for r in _get(g, "distribution", "pull", "cold") or []])
+        st = _med([r["mb_s"] for r in _get(g, "stevedore", "pull", "cold") or []])
+        if d and st:
+            extra["garage_floor"] = {"target_mb_s": round(1.2 * d, 1), "floor_mode": vf["mode"],
+                                     "floor_mb_s": vf["mb_s"], "floor_over_target": round(vf["mb_s"] / (1.2 * d), 2),
+                                     "stevedore_over_floor": round(st / vf["mb_s"], 2)}
     return {"rows": rows, "extra": extra}
 
 
@@ -484,6 +494,12 @@ def render(res):
             _render_pair(lines, "S3 on Garage 2.5 (a real S3 server, single node on 127.0.0.1, a new bucket per start): "
                          "Distribution's s3 driver (redirect off) vs Stevedore backend = \"s3\"; medians of %d runs "
                          "(concurrent: 1); push: a plain Distribution" % p.get("garage_repeat", 0), g)
+            gf = s["extra"].get("garage_floor")
+            if gf:
+                lines.append("  cold pull on Garage: target 1.2 x D = %s MB/s; verifying floor (plaintext floor rows, "
+                             "%s) %s MB/s = %s x the target; Stevedore on Garage = %s x the floor"
+                             % (_fmt(gf["target_mb_s"], "%.0f"), gf["floor_mode"], _fmt(gf["floor_mb_s"], "%.0f"),
+                                _fmt(gf["floor_over_target"], "%.2f"), _fmt(gf["stevedore_over_floor"], "%.2f")))
     lines.append("")
     ck = m.get("config_keys") or {}
     if any(not v.get("local_namespaces") for v in ck.values()):

@@ -10,12 +10,13 @@ Why: the kernel maps a binary's code 64 KiB at a time around each page a process
 text, so nearly all of it ends up resident (9-10 MiB of a 12 MiB text); laid out together
 it takes a fraction of that.
 
-How: starts the binary under valgrind's callgrind (every function that runs is recorded, not
-a sample) with the bench's configuration (filesystem store, fsync on, an upstream
-Distribution on loopback), then drives what a mirror does: start, cold pulls (one client, 8
-clients at once), warm pulls, HEADs, a push to a local namespace, /metrics, shutdown. The
-functions of the binary that ran are written most-run first (callgrind's self instruction
-count), one mangled symbol per line.
+How: runs the binary under valgrind's callgrind (every function that runs is recorded, not
+a sample) with the bench's configuration, three times, each from start to shutdown: a
+filesystem store behind a plaintext upstream Distribution (8 concurrent cold GETs, cold and
+warm pulls, HEADs, a push to a local namespace, /metrics); an HTTPS upstream (cold pulls, 8
+concurrent cold GETs: rustls and ring, as with Docker Hub); backend = "s3" on moto_server
+(cold and warm pulls, a push). The binary's functions that ran are written most-run first
+(callgrind's self instruction counts, summed), one mangled symbol per line.
 
 The symbols' hashes follow the toolchain, the profile and each crate's version and features,
 not the source: an edit keeps the order of what it did not rename, a dependency or toolchain
@@ -31,12 +32,12 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from benchlib import client, imagegen, procs, tools  # noqa: E402
-from benchlib.servers import Distribution, Stevedore  # noqa: E402
+from benchlib.servers import Distribution, Stevedore, TestTls  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -90,6 +91,32 @@ def check(binary):
                                                       100.0 * found / max(1, len(lines))))
 
 
+def under_callgrind(t, binary, wd, label):
+    """Points target `t` at a wrapper that runs `binary` under callgrind; returns the output path."""
+    out = os.path.join(wd, "callgrind.%s.out" % label)
+    wrapper = os.path.join(wd, "under-callgrind-%s.sh" % label)
+    with open(wrapper, "w") as f:
+        f.write('#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no --callgrind-out-file=%s "%s" "$@"\n'
+                % (out, binary))
+    os.chmod(wrapper, 0o755)
+    t.binary = wrapper
+    return out
+
+
+def stop(t):
+    """SIGTERM, then wait: the server shuts down and callgrind writes its profile."""
+    t.server.proc.send_signal(signal.SIGTERM)
+    t.server.proc.wait(timeout=600)
+    t.server = None
+
+
+def pull(t, img, times=1):
+    blobs = [img["config"]] + img["layers"]
+    bufs = client.body_buffers([b["size"] for b in blobs])
+    for _ in range(times):
+        client.pull_timed(t.hostport, "bench/" + img["name"], "1", img["manifest"]["digest"], blobs, bufs)
+
+
 def main():
     args = sys.argv[1:]
     checking = args[:1] == ["--check"]
@@ -100,50 +127,63 @@ def main():
     if subprocess.run(["which", "valgrind"], capture_output=True).returncode != 0:
         sys.exit("valgrind is needed (apt-get install valgrind)")
     wd = tempfile.mkdtemp(prefix="orderfile-")
-    cg_out = os.path.join(wd, "callgrind.out")
+    outs = []
     try:
-        images = imagegen.generate(os.path.join(wd, "layout"), 16)
+        layout = os.path.join(wd, "layout")
+        images = imagegen.generate(layout, 16)
+        for name, img in images.items():
+            img["name"] = name
         up = Distribution("upstream", wd).fresh()
         sk = tools.Skopeo(wd)
         for name in ("big", "small", "many", "multi"):
-            sk.copy("oci:%s:%s" % (os.path.join(wd, "layout"), name), "docker://%s/bench/%s:1" % (up.hostport, name))
+            sk.copy("oci:%s:%s" % (layout, name), "docker://%s/bench/%s:1" % (up.hostport, name))
+
+        # 1. Filesystem store, plaintext upstream: the whole of a mirror's day.
         t = Stevedore("stevedore", wd, binary, up.hostport)
-        wrapper = os.path.join(wd, "under-callgrind.sh")
-        with open(wrapper, "w") as f:
-            f.write('#!/bin/sh\nexec valgrind --tool=callgrind --demangle=no --callgrind-out-file=%s "%s" "$@"\n'
-                    % (cg_out, binary))
-        os.chmod(wrapper, 0o755)
-        t.binary = wrapper
-        log("starting %s under callgrind" % binary)
+        outs.append(under_callgrind(t, binary, wd, "fs"))
+        log("fs store: start under callgrind, 8 concurrent cold GETs, cold and warm pulls, HEADs, push, /metrics")
         t.fresh()
-        big = images["big"]
-        blobs = [big["config"]] + big["layers"]
-        bufs = client.body_buffers([b["size"] for b in blobs])
-        small = images["small"]
-        log("8 concurrent cold GETs")
-        client.concurrent_get(t.hostport, "bench/small", small["layers"][0], 8)
+        client.concurrent_get(t.hostport, "bench/small", images["small"]["layers"][0], 8)
         for name in ("big", "small", "many"):
-            img = images[name]
-            bl = [img["config"]] + img["layers"]
-            log("cold then warm pull of %s" % name)
-            for _ in range(2):
-                client.pull_timed(t.hostport, "bench/" + name, "1", img["manifest"]["digest"], bl,
-                                  client.body_buffers([b["size"] for b in bl]))
+            pull(t, images[name], times=2)
         client.pull(t.hostport, "bench/multi", "1")
         for _ in range(20):
             client.head_digest(t.hostport, "bench/big", "1")
         if t.keys.get("local_namespaces"):
-            log("push to a local namespace")
-            sk.copy("oci:%s:small" % os.path.join(wd, "layout"), "docker://%s/local/small:1" % t.hostport)
-        client.pull_timed(t.hostport, "bench/big", "1", big["manifest"]["digest"], blobs, bufs)
-        import urllib.request
+            sk.copy("oci:%s:small" % layout, "docker://%s/local/small:1" % t.hostport)
         urllib.request.urlopen("http://%s/metrics" % t.hostport, timeout=60).read()
+        stop(t)
+
+        # 2. An HTTPS upstream (as Docker Hub is): rustls and ring on the fill's path.
+        tls = TestTls(wd)
+        up_tls = Distribution("upstream-tls", wd, tls=tls, shared_root=os.path.join(up.dir, "store"))
+        up_tls.fresh()
+        t = Stevedore("stevedore-tlsup", wd, binary, up_tls.hostport, up_tls=tls)
+        outs.append(under_callgrind(t, binary, wd, "tls"))
+        log("TLS upstream: cold pulls, 8 concurrent cold GETs")
+        t.fresh()
+        client.concurrent_get(t.hostport, "bench/small", images["small"]["layers"][0], 8)
+        pull(t, images["big"], times=2)
+        stop(t)
+        up_tls.stop()
+
+        # 3. backend = "s3" (moto_server): spool, parts, commit, reads from the bucket.
+        t = Stevedore("stevedore-s3", wd, binary, up.hostport, s3=True)
+        outs.append(under_callgrind(t, binary, wd, "s3"))
+        log("S3 store (moto): cold and warm pulls, push")
+        t.fresh()
+        pull(t, images["big"], times=2)
+        pull(t, images["small"], times=2)
+        if t.keys.get("local_namespaces"):
+            sk.copy("oci:%s:small" % layout, "docker://%s/local/small:1" % t.hostport)
+        stop(t)
         sk.cleanup()
-        log("stopping (callgrind writes its profile)")
-        t.server.proc.send_signal(signal.SIGTERM)
-        t.server.proc.wait(timeout=600)
+
         syms = binary_symbols(binary)
-        counts = executed(cg_out, syms)
+        counts = {}
+        for out in outs:
+            for n, c in executed(out, syms).items():
+                counts[n] = counts.get(n, 0) + c
         order = sorted(counts, key=lambda n: (-counts[n], n))
         with open(OUT, "w") as f:
             for n in order:

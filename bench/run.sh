@@ -33,7 +33,7 @@ if [[ ! -x "$garage_root/bin/garage" && -z "${BENCH_GARAGE:-}" ]]; then
         if flock -n 9; then
             echo "bench: building Garage in the background (log: $garage_root/garage-build.log)" >&2
             nohup nice -n 19 cargo install --locked garage@2.5.0 --root "$garage_root" \
-                --target-dir "${BENCH_GARAGE_TARGET_DIR:-/work/target-garage}" >>"$garage_root/garage-build.log" 2>&1 &
+                --target-dir "${BENCH_GARAGE_TARGET_DIR:-$garage_root/target}" >>"$garage_root/garage-build.log" 2>&1 &
         fi
     ) 9>/dev/null
 fi

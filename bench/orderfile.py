@@ -15,8 +15,10 @@ a sample) with the bench's configuration, three times, each from start to shutdo
 filesystem store behind a plaintext upstream Distribution (8 concurrent cold GETs, cold and
 warm pulls, HEADs, a push to a local namespace, /metrics); an HTTPS upstream (cold pulls, 8
 concurrent cold GETs: rustls and ring, as with Docker Hub); backend = "s3" on moto_server
-(cold and warm pulls, a push). The binary's functions that ran are written most-run first
-(callgrind's self instruction counts, summed), one mangled symbol per line.
+(cold and warm pulls, a push). The binary's functions that ran are written one mangled
+symbol per line, grouped by the sessions they ran in (`GROUPS`: the code of a filesystem
+store with either upstream is one stretch of the text), most-run first within a group
+(callgrind's self instruction counts, summed).
 
 The symbols' hashes follow the toolchain, the profile and each crate's version and features,
 not the source: an edit keeps the order of what it did not rename, a dependency or toolchain
@@ -117,6 +119,24 @@ def pull(t, img, times=1):
         client.pull_timed(t.hostport, "bench/" + img["name"], "1", img["manifest"]["digest"], blobs, bufs)
 
 
+# Functions grouped by the sessions they ran in, the groups in this order: what a server with
+# a filesystem store runs (fs and tls) is one stretch, with the TLS upstream's (Docker Hub's
+# case) and the plaintext one's each in one stretch of it; the S3 store's code sits before.
+GROUPS = [{"s3"}, {"fs", "s3"}, {"fs"}, {"fs", "tls", "s3"}, {"fs", "tls"}, {"tls"}, {"tls", "s3"}]
+
+
+def layout_order(by_session):
+    """The order file's lines: functions by the group of sessions they ran in (`GROUPS`),
+    most instructions first within a group."""
+    total, seen = {}, {}
+    for label, counts in by_session.items():
+        for n, c in counts.items():
+            total[n] = total.get(n, 0) + c
+            seen.setdefault(n, set()).add(label)
+    rank = {frozenset(g): i for i, g in enumerate(GROUPS)}
+    return sorted(total, key=lambda n: (rank[frozenset(seen[n])], -total[n], n))
+
+
 def main():
     args = sys.argv[1:]
     checking = args[:1] == ["--check"]
@@ -140,7 +160,7 @@ def main():
 
         # 1. Filesystem store, plaintext upstream: the whole of a mirror's day.
         t = Stevedore("stevedore", wd, binary, up.hostport)
-        outs.append(under_callgrind(t, binary, wd, "fs"))
+        outs.append(("fs", under_callgrind(t, binary, wd, "fs")))
         log("fs store: start under callgrind, 8 concurrent cold GETs, cold and warm pulls, HEADs, push, /metrics")
         t.fresh()
         client.concurrent_get(t.hostport, "bench/small", images["small"]["layers"][0], 8)
@@ -159,7 +179,7 @@ def main():
         up_tls = Distribution("upstream-tls", wd, tls=tls, shared_root=os.path.join(up.dir, "store"))
         up_tls.fresh()
         t = Stevedore("stevedore-tlsup", wd, binary, up_tls.hostport, up_tls=tls)
-        outs.append(under_callgrind(t, binary, wd, "tls"))
+        outs.append(("tls", under_callgrind(t, binary, wd, "tls")))
         log("TLS upstream: cold pulls, 8 concurrent cold GETs")
         t.fresh()
         client.concurrent_get(t.hostport, "bench/small", images["small"]["layers"][0], 8)
@@ -169,7 +189,7 @@ def main():
 
         # 3. backend = "s3" (moto_server): spool, parts, commit, reads from the bucket.
         t = Stevedore("stevedore-s3", wd, binary, up.hostport, s3=True)
-        outs.append(under_callgrind(t, binary, wd, "s3"))
+        outs.append(("s3", under_callgrind(t, binary, wd, "s3")))
         log("S3 store (moto): cold and warm pulls, push")
         t.fresh()
         pull(t, images["big"], times=2)
@@ -180,11 +200,7 @@ def main():
         sk.cleanup()
 
         syms = binary_symbols(binary)
-        counts = {}
-        for out in outs:
-            for n, c in executed(out, syms).items():
-                counts[n] = counts.get(n, 0) + c
-        order = sorted(counts, key=lambda n: (-counts[n], n))
+        order = layout_order({label: executed(out, syms) for label, out in outs})
         with open(OUT, "w") as f:
             for n in order:
                 f.write(n + "\n")

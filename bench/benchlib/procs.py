@@ -142,6 +142,18 @@ def cpu_seconds(pid):
     return (int(rest[11]) + int(rest[12])) / CLK_TCK
 
 
+def kernel_share(pid):
+    """(stime in seconds, minor page faults) of a live process, all its threads: where a
+    phase's CPU went besides user code."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            s = f.read()
+    except OSError:
+        return None
+    rest = s[s.rfind(")") + 2:].split()
+    return int(rest[12]) / CLK_TCK, int(rest[7])
+
+
 def status_kib(pid, key):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -198,6 +210,7 @@ class Phase:
         self.sys0 = system_cpu()
         self.self0 = self_cpu()
         self.main0 = cpu_seconds(self.main.pid) if self.main else 0.0
+        self.kernel0 = kernel_share(self.main.pid) if self.main else None
         self.others0 = [cpu_seconds(o.pid) or 0.0 for o in self.others]
         return self
 
@@ -222,6 +235,10 @@ class Phase:
             r["peak_rss_kib"] = status_kib(self.main.pid, "VmHWM")
             r["rss_end_kib"] = status_kib(self.main.pid, "VmRSS")
             r["peak_rss_scope"] = "phase" if self.hwm_reset else "since process start"
+            k1 = kernel_share(self.main.pid)
+            if k1 and self.kernel0:
+                r["sys_cpu_s"] = round(k1[0] - self.kernel0[0], 2)
+                r["minor_faults"] = k1[1] - self.kernel0[1]
         for o, c in zip(self.others, others):
             r[o.name + "_cpu_s"] = round(c, 2)
         self.result = r

@@ -131,27 +131,27 @@ def wait_line(server, prefix, timeout=30):
 
 # ---- /proc accounting -------------------------------------------------------------------
 
-def cpu_seconds(pid):
-    """utime+stime of a live process, in seconds (all its threads)."""
+def _stat(pid):
+    """The fields of /proc/PID/stat after the command name (field 3 first), or None."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             s = f.read()
     except OSError:
         return None
-    rest = s[s.rfind(")") + 2:].split()
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK
+    return s[s.rfind(")") + 2:].split()
+
+
+def cpu_seconds(pid):
+    """utime+stime of a live process, in seconds (all its threads)."""
+    rest = _stat(pid)
+    return (int(rest[11]) + int(rest[12])) / CLK_TCK if rest else None
 
 
 def kernel_share(pid):
     """(stime in seconds, minor page faults) of a live process, all its threads: where a
     phase's CPU went besides user code."""
-    try:
-        with open("/proc/%d/stat" % pid) as f:
-            s = f.read()
-    except OSError:
-        return None
-    rest = s[s.rfind(")") + 2:].split()
-    return int(rest[12]) / CLK_TCK, int(rest[7])
+    rest = _stat(pid)
+    return (int(rest[12]) / CLK_TCK, int(rest[7])) if rest else None
 
 
 def status_kib(pid, key):

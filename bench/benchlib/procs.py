@@ -154,6 +154,24 @@ def kernel_share(pid):
     return (int(rest[12]) / CLK_TCK, int(rest[7])) if rest else None
 
 
+VMSTAT_KEYS = ("allocstall_normal", "allocstall_movable", "compact_stall", "pgscan_direct", "pgsteal_direct",
+               "pgscan_kswapd", "pgsteal_kswapd", "nr_dirtied", "nr_written", "pgfault")
+
+
+def vmstat():
+    """The machine's memory-management counters of `VMSTAT_KEYS` (/proc/vmstat)."""
+    out = {}
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                k, _, v = line.partition(" ")
+                if k in VMSTAT_KEYS:
+                    out[k] = int(v)
+    except OSError:
+        pass
+    return out
+
+
 def status_kib(pid, key):
     try:
         with open("/proc/%d/status" % pid) as f:
@@ -211,6 +229,7 @@ class Phase:
         self.self0 = self_cpu()
         self.main0 = cpu_seconds(self.main.pid) if self.main else 0.0
         self.kernel0 = kernel_share(self.main.pid) if self.main else None
+        self.vm0 = vmstat()
         self.others0 = [cpu_seconds(o.pid) or 0.0 for o in self.others]
         return self
 
@@ -241,6 +260,8 @@ class Phase:
                 r["minor_faults"] = k1[1] - self.kernel0[1]
         for o, c in zip(self.others, others):
             r[o.name + "_cpu_s"] = round(c, 2)
+        vm1 = vmstat()
+        r["vmstat"] = {k: vm1[k] - self.vm0[k] for k in vm1 if k in self.vm0}
         self.result = r
         return False
 

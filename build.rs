@@ -3,7 +3,8 @@
 //! the text: the kernel maps code 64 KiB at a time around each page touched.
 //!
 //! Only where the linker is rust-lld, as rustc (1.90+) uses by default on
-//! x86_64-unknown-linux-gnu: other linkers do not take `--symbol-ordering-file`. A line the
+//! x86_64-unknown-linux-gnu: other linkers do not take `--symbol-ordering-file`, so a
+//! configured linker or any link flag in RUSTFLAGS leaves the order out. A line the
 //! build has no symbol for (another toolchain, a renamed function, an updated crate) is
 //! skipped, never an error: the order only moves code.
 

@@ -24,8 +24,8 @@ The symbols' hashes follow the toolchain, the profile and each crate's version a
 not the source: an edit keeps the order of what it did not rename, a dependency or toolchain
 update drops that crate's lines until the file is regenerated (the link never fails on a
 stale line). Regenerate after such an update, with the binary built by `cargo build
---profile dist`; `bench/bench.py` reports the resident code (rss rows) that shows whether it
-still matches.
+--profile dist`; `--check` shows whether a binary still matches, and the bench's peak RSS
+rows what a mismatch costs.
 """
 
 import os

@@ -147,11 +147,11 @@ def cpu_seconds(pid):
     return (int(rest[11]) + int(rest[12])) / CLK_TCK if rest else None
 
 
-def kernel_share(pid):
-    """(stime in seconds, minor page faults) of a live process, all its threads: where a
-    phase's CPU went besides user code."""
+def cpu_sys_faults(pid):
+    """(utime+stime, stime, minor page faults) of a live process, all its threads, from one
+    reading: its CPU, and where it went besides user code. None once it is gone."""
     rest = _stat(pid)
-    return (int(rest[12]) / CLK_TCK, int(rest[7])) if rest else None
+    return ((int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[12]) / CLK_TCK, int(rest[7])) if rest else None
 
 
 VMSTAT_KEYS = ("allocstall_normal", "allocstall_movable", "compact_stall", "pgscan_direct", "pgsteal_direct",
@@ -227,8 +227,8 @@ class Phase:
         self.t0 = time.monotonic()
         self.sys0 = system_cpu()
         self.self0 = self_cpu()
-        self.main0 = cpu_seconds(self.main.pid) if self.main else 0.0
-        self.kernel0 = kernel_share(self.main.pid) if self.main else None
+        self.main_start = cpu_sys_faults(self.main.pid) if self.main else None
+        self.main0 = self.main_start[0] if self.main_start else 0.0  # bench.py: CPU to idle
         self.vm0 = vmstat()
         self.others0 = [cpu_seconds(o.pid) or 0.0 for o in self.others]
         return self
@@ -237,7 +237,8 @@ class Phase:
         wall = time.monotonic() - self.t0
         busy1, tot1 = system_cpu()
         client = self_cpu() - self.self0
-        main_cpu = (cpu_seconds(self.main.pid) or 0.0) - self.main0 if self.main else 0.0
+        main1 = cpu_sys_faults(self.main.pid) if self.main else None
+        main_cpu = (main1[0] if main1 else 0.0) - self.main0 if self.main else 0.0
         others = [(cpu_seconds(o.pid) or 0.0) - c for o, c in zip(self.others, self.others0)]
         busy = busy1 - self.sys0[0]
         total = tot1 - self.sys0[1]
@@ -254,10 +255,9 @@ class Phase:
             r["peak_rss_kib"] = status_kib(self.main.pid, "VmHWM")
             r["rss_end_kib"] = status_kib(self.main.pid, "VmRSS")
             r["peak_rss_scope"] = "phase" if self.hwm_reset else "since process start"
-            k1 = kernel_share(self.main.pid)
-            if k1 and self.kernel0:
-                r["sys_cpu_s"] = round(k1[0] - self.kernel0[0], 2)
-                r["minor_faults"] = k1[1] - self.kernel0[1]
+            if main1 and self.main_start:
+                r["sys_cpu_s"] = round(main1[1] - self.main_start[1], 2)
+                r["minor_faults"] = main1[2] - self.main_start[2]
         for o, c in zip(self.others, others):
             r[o.name + "_cpu_s"] = round(c, 2)
         vm1 = vmstat()

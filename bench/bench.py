@@ -379,6 +379,7 @@ class Direct:
 
 
 FLOOR_MODES = ("relay", "seq", "pipe", "pipe3")
+FLOOR_VERIFYING = ("seq", "pipe", "pipe3")
 
 
 def measure_floor(ctx, workdir, binary, upstream, uplog, images, up_tls=None, tag="", base=None):
@@ -624,10 +625,26 @@ def main():
                     # rounds falls on every target alike, not on whichever ran second.
                     for key, _ in targets:
                         res[key] = {"pull": {"cold": [], "warm": []}}
-                    for _ in range(n):
-                        for key, t in targets:
-                            for kind, runs in measure_pulls(ctx, t, upstream, uplog, images, repeat=1).items():
-                                res[key]["pull"][kind] += runs
+                    # bench/floor's verifying relays in the same rounds (cold only): what a
+                    # fill that hashes and writes its bytes to a local file before the last
+                    # byte costs with the memory and disk as this section leaves them (a
+                    # Stevedore fill on S3 spools locally; the bucket gets it at the commit).
+                    relays = []
+                    if P["floor"] and want("floor"):
+                        floor_bin = build_floor(REPO)
+                        relays = [(m, FloorRelay("floor-%s-garage" % m, workdir, floor_bin, upstream.hostport, m))
+                                  for m in FLOOR_VERIFYING]
+                        res["floor"] = {m: {"pull": {"cold": [], "warm": []}} for m, _ in relays}
+                    # Each round starts one target later (D S seq pipe pipe3, S seq pipe pipe3 D, ...).
+                    order = [(key, t, res[key]["pull"], ("cold", "warm")) for key, t in targets] + \
+                            [(m, t, res["floor"][m]["pull"], ("cold",)) for m, t in relays]
+                    for i in range(n):
+                        for key, t, into, kinds in order[i % len(order):] + order[:i % len(order)]:
+                            for kind, runs in measure_pulls(ctx, t, upstream, uplog, images, repeat=1,
+                                                            kinds=kinds).items():
+                                into[kind] += runs
+                    for _, t in relays:
+                        t.stop()
                     for key, t in targets:
                         res[key]["concurrent"] = measure_concurrent(ctx, t, upstream, uplog, images, repeat=1)
                         t.stop()
@@ -638,7 +655,7 @@ def main():
                         + ([("baseline", Stevedore("baseline-garage-push", workdir, base["binary"], upstream.hostport,
                                                    fsync=True, s3=garage), n)] if base else []),
                         images, layout, [upstream.server])
-                    for key in res:
+                    for key, _ in targets:
                         res[key]["push"] = pushed.get(key)
                     garage.stop()
                     results["garage_s3"] = res

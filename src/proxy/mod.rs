@@ -375,18 +375,19 @@ impl Proxy {
                         // find the tag fresh in the store after it.
                         let lease = format!("tag:{}:{t2}", p2.cache);
                         let check = || async {
-                            let Some((d, age)) = store2.tag_with_age(&p2.cache, &t2).await? else { return Ok(None) };
-                            let fresh = age < p2.upstream.tag_ttl || p2.upstream.is_immutable(&t2);
-                            let there = fresh && store2.manifest_info(&p2.cache, &d).await?.is_some();
-                            Ok::<_, ProxyError>(there.then_some((d, Outcome::Joined)))
+                            Ok::<_, ProxyError>(match cached_tag(&store2, &p2, &t2).await? {
+                                CachedTag::Fresh(d) => Some((d, Outcome::Joined)),
+                                _ => None,
+                            })
                         };
                         // Under the lease, the store first: another replica may have just
                         // revalidated (or changed) the tag since this request looked.
                         let work = || async {
-                            if let Some(done) = check().await? {
-                                return Ok(done);
-                            }
-                            let known = store2.tag_with_age(&p2.cache, &t2).await?.map(|(d, _)| d);
+                            let known = match cached_tag(&store2, &p2, &t2).await? {
+                                CachedTag::Fresh(d) => return Ok((d, Outcome::Joined)),
+                                CachedTag::Stale(d) => Some(d),
+                                CachedTag::None => None,
+                            };
                             revalidate(&store2, &p2, &t2, known).await
                         };
                         cluster.once(&lease, check, work).await.map_err(Arc::new)
@@ -521,6 +522,24 @@ impl Proxy {
 
 fn store_err(e: StoreError) -> Arc<ProxyError> {
     Arc::new(ProxyError::Store(e))
+}
+
+/// A tag in the cache, as one read of it finds it.
+enum CachedTag {
+    /// Younger than the upstream's `tag_ttl` (or immutable), its manifest present.
+    Fresh(Digest),
+    /// To revalidate: too old, or its manifest gone.
+    Stale(Digest),
+    None,
+}
+
+async fn cached_tag(store: &Store, p: &ProxyRepo, tag: &Tag) -> Result<CachedTag, ProxyError> {
+    let Some((d, age)) = store.tag_with_age(&p.cache, tag).await? else { return Ok(CachedTag::None) };
+    let fresh = age < p.upstream.tag_ttl || p.upstream.is_immutable(tag);
+    Ok(match fresh && store.manifest_info(&p.cache, &d).await?.is_some() {
+        true => CachedTag::Fresh(d),
+        false => CachedTag::Stale(d),
+    })
 }
 
 /// HEAD the tag upstream; if it still names the cached digest, refresh the tag's age, else

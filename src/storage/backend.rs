@@ -179,6 +179,11 @@ pub trait Backend: Send + Sync + 'static {
     async fn remove(&self, key: &Key) -> StoreResult<bool>;
     /// Whether anything exists under `key` (an object, or objects below it).
     async fn exists(&self, key: &Key) -> StoreResult<bool>;
+    /// Whether the small object `key` exists (a link, a record), nothing below it looked at:
+    /// on an object store one HEAD where [`Backend::exists`] may also list.
+    async fn has(&self, key: &Key) -> StoreResult<bool> {
+        self.exists(key).await
+    }
     /// The names directly below `prefix` (objects and sub-prefixes), unsorted.
     async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>>;
     /// Removes the directories at and below `under` that hold nothing, then its parents left

@@ -235,6 +235,10 @@ impl Backend for Counted {
         self.count("exists");
         self.inner.exists(key).await
     }
+    async fn has(&self, key: &Key) -> StoreResult<bool> {
+        self.count("has");
+        self.inner.has(key).await
+    }
     async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>> {
         self.count("list");
         self.inner.list(prefix).await

@@ -423,7 +423,7 @@ impl Store {
     }
 
     pub async fn is_imported(&self, d: &Digest) -> StoreResult<bool> {
-        self.backend.exists(&layout::imported(d)).await
+        self.backend.has(&layout::imported(d)).await
     }
 
     /// Removes committed content and every record of it (eviction, GC, fsck).
@@ -481,7 +481,7 @@ impl Store {
 
     /// Whether `repo` holds a manifest revision for `d`.
     pub async fn has_revision(&self, repo: &Repo, d: &Digest) -> StoreResult<bool> {
-        self.backend.exists(&layout::revision(repo, d)).await
+        self.backend.has(&layout::revision(repo, d)).await
     }
 
     /// Every tag of `repo` with the digest it points at (unreadable tags as `None`).

@@ -349,7 +349,7 @@ impl Store {
             return Ok(true);
         }
         let epoch = self.unlinks.load(Ordering::Acquire);
-        let linked = self.backend.exists(&layout::layer_link(repo, d)).await?;
+        let linked = self.backend.has(&layout::layer_link(repo, d)).await?;
         if linked {
             let _g = self.link_lock.lock().unwrap();
             if self.unlinks.load(Ordering::Acquire) == epoch {
@@ -433,7 +433,7 @@ impl Store {
     /// linked in `from` and its content is there (both asked of the backend). Whether it is.
     pub async fn mount_blob(&self, from: &Repo, repo: &Repo, d: &Digest) -> StoreResult<bool> {
         let reach = self.reach(&[d]).await?;
-        if !self.backend.exists(&layout::layer_link(from, d)).await? || self.backend.stat(d).await?.is_none() {
+        if !self.backend.has(&layout::layer_link(from, d)).await? || self.backend.stat(d).await?.is_none() {
             return Ok(false);
         }
         crate::hooks::pause("mount.after_check").await;
@@ -448,7 +448,7 @@ impl Store {
     pub(crate) async fn link_guarded(&self, reach: &Reach, repo: &Repo, d: &Digest) -> StoreResult<()> {
         debug_assert!(reach.covers(d));
         let key = layout::layer_link(repo, d);
-        let created = if !self.backend.exists(&key).await? {
+        let created = if !self.backend.has(&key).await? {
             if !reach.recorded(d) {
                 self.record_access_now(d).await;
             }

@@ -63,7 +63,7 @@ impl Store {
                 Required::Blob(d) => (d, layout::layer_link(repo, d)),
                 Required::Manifest(d) => (d, layout::revision(repo, d)),
             };
-            let present = self.backend.exists(&key).await? && self.backend.stat(d).await?.is_some();
+            let present = self.backend.has(&key).await? && self.backend.stat(d).await?.is_some();
             StoreResult::Ok((!present).then(|| d.clone()))
         });
         if let Some(missing) = futures::future::try_join_all(checks).await?.into_iter().flatten().next() {
@@ -95,7 +95,7 @@ impl Store {
             self.backend.put(&layout::referrer(repo, subject, m.digest), desc.to_string().as_bytes()).await?;
         }
         let revision = layout::revision(repo, m.digest);
-        if !reach.recorded(m.digest) && !self.backend.exists(&revision).await? {
+        if !reach.recorded(m.digest) && !self.backend.has(&revision).await? {
             // A new revision: its use is durable before it is visible (another replica's
             // collection sees it).
             self.record_access_now(m.digest).await;
@@ -136,7 +136,7 @@ impl Store {
     /// while `repo` holds manifest `d` (a tag never points at a manifest just removed).
     pub async fn touch_tag(&self, repo: &Repo, tag: &Tag, d: &Digest) -> StoreResult<()> {
         let _reach = self.reach(&[d]).await?;
-        if !self.backend.exists(&layout::revision(repo, d)).await? {
+        if !self.backend.has(&layout::revision(repo, d)).await? {
             return Ok(());
         }
         self.backend.put(&layout::tag(repo, tag), d.to_string().as_bytes()).await?;

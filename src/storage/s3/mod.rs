@@ -65,6 +65,11 @@ pub(super) struct S3 {
     part_size: u64,
     /// Parts in memory at once, process-wide (`buffer_memory / part_size`).
     budget: Arc<Semaphore>,
+    /// The mappings of parts in memory (see `writer::PartPool`).
+    parts: Arc<writer::PartPool>,
+    /// Writers taking bytes now (created or resumed, not verified yet): while any is, a
+    /// fill's commit sends one part at a time (see `S3Writer::parts_in_flight`).
+    receiving: std::sync::atomic::AtomicUsize,
     fsync: bool,
     /// Objects larger than this are copied by parts (`storage.s3.max_copy_size`).
     max_copy_size: u64,
@@ -122,6 +127,8 @@ impl S3Backend {
             scratch: scratch.to_path_buf(),
             part_size,
             budget: Arc::new(Semaphore::new(slots)),
+            receiving: std::sync::atomic::AtomicUsize::new(0),
+            parts: Arc::new(writer::PartPool::new(part_size as usize)),
             fsync,
             max_copy_size: cfg.max_copy_size.0,
             http,
@@ -572,6 +579,10 @@ impl Backend for S3Backend {
         }
         let mut below = self.0.store.list(Some(&self.0.path(key)));
         Ok(below.try_next().await.map_err(io)?.is_some())
+    }
+
+    async fn has(&self, key: &Key) -> StoreResult<bool> {
+        Ok(self.0.head(key).await?.is_some())
     }
 
     async fn list(&self, prefix: &Key) -> StoreResult<Vec<String>> {

@@ -67,9 +67,12 @@ pub(super) struct S3 {
     budget: Arc<Semaphore>,
     /// The mappings of parts in memory (see `writer::PartPool`).
     parts: Arc<writer::PartPool>,
-    /// Writers taking bytes now (created or resumed, not verified yet): while any is, a
-    /// fill's commit sends one part at a time (see `S3Writer::parts_in_flight`).
+    /// Writers taking bytes now (created or resumed, not verified yet), and until when (ms
+    /// after `opened`) the last one to stop counts as busy still: meanwhile a fill's commit
+    /// sends one part at a time (see `S3Writer::parts_in_flight`).
     receiving: std::sync::atomic::AtomicUsize,
+    busy_until_ms: std::sync::atomic::AtomicU64,
+    opened: std::time::Instant,
     fsync: bool,
     /// Objects larger than this are copied by parts (`storage.s3.max_copy_size`).
     max_copy_size: u64,
@@ -128,6 +131,8 @@ impl S3Backend {
             part_size,
             budget: Arc::new(Semaphore::new(slots)),
             receiving: std::sync::atomic::AtomicUsize::new(0),
+            busy_until_ms: std::sync::atomic::AtomicU64::new(0),
+            opened: std::time::Instant::now(),
             parts: Arc::new(writer::PartPool::new(part_size as usize)),
             fsync,
             max_copy_size: cfg.max_copy_size.0,

@@ -54,7 +54,7 @@ P = {
     "tls_deadline_extra_s": env_int("BENCH_TLS_DEADLINE_EXTRA_SECS", 120),
     "garage": env_int("BENCH_GARAGE_S3", 1),
     "garage_repeat": env_int("BENCH_GARAGE_REPEAT", 3),
-    "garage_deadline_extra_s": env_int("BENCH_GARAGE_DEADLINE_EXTRA_SECS", 240),
+    "garage_deadline_extra_s": env_int("BENCH_GARAGE_DEADLINE_EXTRA_SECS", 300),
     "floor": env_int("BENCH_FLOOR", 1),
     "floor_repeat": env_int("BENCH_FLOOR_REPEAT", 3),
     "client_mem_mib": env_int("BENCH_CLIENT_MEM_MIB", 0),

@@ -379,7 +379,6 @@ class Direct:
 
 
 FLOOR_MODES = ("relay", "seq", "pipe", "pipe3")
-FLOOR_VERIFYING = ("seq", "pipe", "pipe3")
 
 
 def measure_floor(ctx, workdir, binary, upstream, uplog, images, up_tls=None, tag="", base=None):
@@ -633,7 +632,7 @@ def main():
                     if P["floor"] and want("floor"):
                         floor_bin = build_floor(REPO)
                         relays = [(m, FloorRelay("floor-%s-garage" % m, workdir, floor_bin, upstream.hostport, m))
-                                  for m in FLOOR_VERIFYING]
+                                  for m in report.FLOOR_VERIFYING]
                         res["floor"] = {m: {"pull": {"cold": [], "warm": []}} for m, _ in relays}
                     # Each round starts one target later (D S seq pipe pipe3, S seq pipe pipe3 D, ...).
                     order = [(key, t, res[key]["pull"], ("cold", "warm")) for key, t in targets] + \

@@ -143,8 +143,8 @@ def _stat(pid):
 
 def cpu_seconds(pid):
     """utime+stime of a live process, in seconds (all its threads)."""
-    rest = _stat(pid)
-    return (int(rest[11]) + int(rest[12])) / CLK_TCK if rest else None
+    r = cpu_sys_faults(pid)
+    return r[0] if r else None
 
 
 def cpu_sys_faults(pid):

@@ -494,7 +494,7 @@ class Stevedore(Registry):
         self._rotate_logs()
         # The binary's default log filter (RUST_LOG unset), as shipped.
         self.server = Server(self.name, [self.binary, "serve", "--config", cfg], self.dir, env=self.env,
-                             unset=() if (self.env or {}).get("RUST_LOG") else ("RUST_LOG",)).start()
+                             unset=("RUST_LOG",)).start()
         addr = wait_line(self.server, "stevedore listening on")
         if addr != self.hostport:
             raise RuntimeError("stevedore listens on %s, configured %s" % (addr, self.hostport))

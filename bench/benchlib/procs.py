@@ -148,14 +148,17 @@ def cpu_seconds(pid):
 
 
 def cpu_sys_faults(pid):
-    """(utime+stime, stime, minor page faults) of a live process, all its threads, from one
-    reading: its CPU, and where it went besides user code. None once it is gone."""
+    """(utime+stime, stime, minor page faults, major page faults) of a live process, all its
+    threads, from one reading: its CPU, and where it went besides user code (a major fault
+    read a page from disk: code or data the kernel had dropped). None once it is gone."""
     rest = _stat(pid)
-    return ((int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[12]) / CLK_TCK, int(rest[7])) if rest else None
+    return ((int(rest[11]) + int(rest[12])) / CLK_TCK, int(rest[12]) / CLK_TCK, int(rest[7]),
+            int(rest[9])) if rest else None
 
 
 VMSTAT_KEYS = ("allocstall_normal", "allocstall_movable", "compact_stall", "pgscan_direct", "pgsteal_direct",
-               "pgscan_kswapd", "pgsteal_kswapd", "nr_dirtied", "nr_written", "pgfault")
+               "pgscan_kswapd", "pgsteal_kswapd", "nr_dirtied", "nr_written", "pgfault",
+               "pgmajfault", "workingset_refault_file")
 
 
 def vmstat():
@@ -258,6 +261,7 @@ class Phase:
             if main1 and self.main_start:
                 r["sys_cpu_s"] = round(main1[1] - self.main_start[1], 2)
                 r["minor_faults"] = main1[2] - self.main_start[2]
+                r["major_faults"] = main1[3] - self.main_start[3]
         for o, c in zip(self.others, others):
             r[o.name + "_cpu_s"] = round(c, 2)
         vm1 = vmstat()

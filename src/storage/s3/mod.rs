@@ -73,6 +73,9 @@ pub(super) struct S3 {
     receiving: std::sync::atomic::AtomicUsize,
     busy_until_ms: std::sync::atomic::AtomicU64,
     opened: std::time::Instant,
+    /// The scratch file system refused `O_DIRECT` once: fills spool through the page cache
+    /// (see `writer::DirectSpool`).
+    no_direct: std::sync::atomic::AtomicBool,
     fsync: bool,
     /// Objects larger than this are copied by parts (`storage.s3.max_copy_size`).
     max_copy_size: u64,
@@ -133,6 +136,7 @@ impl S3Backend {
             receiving: std::sync::atomic::AtomicUsize::new(0),
             busy_until_ms: std::sync::atomic::AtomicU64::new(0),
             opened: std::time::Instant::now(),
+            no_direct: std::sync::atomic::AtomicBool::new(false),
             parts: Arc::new(writer::PartPool::new(part_size as usize)),
             fsync,
             max_copy_size: cfg.max_copy_size.0,

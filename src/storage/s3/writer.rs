@@ -172,7 +172,8 @@ const STAGE: usize = 1 << 20;
 /// and cuts the file to size. The first part goes through the page cache as before: a small
 /// blob's commit and its followers read it from memory.
 struct DirectSpool {
-    stage: Mapping,
+    /// Mapped with the first part spooled here (a blob of one part never needs it).
+    stage: Option<Mapping>,
     /// Bytes in `stage`, from stream offset `base` (a multiple of [`BLOCK`], in one part).
     len: usize,
     base: u64,
@@ -182,28 +183,26 @@ struct DirectSpool {
 }
 
 impl DirectSpool {
-    fn new(part_size: u64) -> std::io::Result<DirectSpool> {
-        Ok(DirectSpool { stage: Mapping::new(STAGE)?, len: 0, base: 0, part_size, files: BTreeMap::new() })
+    fn new(part_size: u64) -> DirectSpool {
+        DirectSpool { stage: None, len: 0, base: 0, part_size, files: BTreeMap::new() }
     }
 
-    /// Whether part `idx` is spooled here: every part after the first, on a file system that
-    /// takes `O_DIRECT` (its direct handle is opened on first use; `false` if refused).
-    fn takes(&mut self, idx: usize, dir: &std::path::Path) -> bool {
+    /// Whether part `idx` is spooled here: every part after the first (its direct handle is
+    /// opened on first use; an error if the file system refuses).
+    fn takes(&mut self, idx: usize, dir: &std::path::Path) -> std::io::Result<bool> {
         if idx == 0 {
-            return false;
+            return Ok(false);
         }
         if self.files.contains_key(&idx) {
-            return true;
+            return Ok(true);
         }
         use std::os::unix::fs::OpenOptionsExt;
-        let path = part_file(dir, idx);
-        match std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path) {
-            Ok(f) => {
-                self.files.insert(idx, Arc::new(f));
-                true
-            }
-            Err(_) => false,
+        let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(part_file(dir, idx))?;
+        if self.stage.is_none() {
+            self.stage = Some(Mapping::new(STAGE)?);
         }
+        self.files.insert(idx, Arc::new(f));
+        Ok(true)
     }
 
     /// Appends `bytes`, the stream's bytes from `pos` (where the stage ends); writes whole
@@ -214,12 +213,13 @@ impl DirectSpool {
         }
         debug_assert_eq!(pos, self.base + self.len as u64);
         while !bytes.is_empty() {
-            let n = (self.stage.len - self.len).min(bytes.len());
             let at = self.len;
-            self.stage_mut()[at..at + n].copy_from_slice(&bytes[..n]);
+            let stage = self.stage_mut();
+            let n = (stage.len() - at).min(bytes.len());
+            stage[at..at + n].copy_from_slice(&bytes[..n]);
             self.len += n;
             bytes = &bytes[n..];
-            if self.len == self.stage.len || (self.base + self.len as u64).is_multiple_of(self.part_size) {
+            if self.len == STAGE || (self.base + self.len as u64).is_multiple_of(self.part_size) {
                 self.write(false)?;
             }
         }
@@ -264,8 +264,9 @@ impl DirectSpool {
     }
 
     fn stage_mut(&mut self) -> &mut [u8] {
-        // SAFETY: the mapping is `len` bytes, readable and writable, owned by `self.stage`.
-        unsafe { std::slice::from_raw_parts_mut(self.stage.ptr.as_ptr(), self.stage.len) }
+        let m = self.stage.as_ref().expect("mapped with the first direct part");
+        // SAFETY: the mapping is `m.len` bytes, readable and writable, owned by `self.stage`.
+        unsafe { std::slice::from_raw_parts_mut(m.ptr.as_ptr(), m.len) }
     }
 }
 
@@ -394,7 +395,7 @@ impl S3Writer {
         };
         let mut w = S3Writer::wrap(s3, id, state, hasher, Vec::new(), opts.batch_bytes, keep_spool, hold);
         if keep_spool && w.s3.part_size.is_multiple_of(BLOCK as u64) && !w.s3.no_direct.load(Ordering::Relaxed) {
-            w.direct = Some(DirectSpool::new(w.s3.part_size)?);
+            w.direct = Some(DirectSpool::new(w.s3.part_size));
         }
         if !keep_spool {
             // An upload session exists once its state does. (A fill's state is written before
@@ -686,14 +687,18 @@ impl S3Writer {
                             }
                         };
                         let n = rest.len().min((part_size - at) as usize);
-                        let taken = direct.as_mut().map(|d| d.takes(idx, &dir));
-                        match taken {
-                            Some(true) => direct.as_mut().expect("taken").push(&rest[..n], pos)?,
-                            Some(false) if idx > 0 => {
-                                // Refused (at a part's first byte: nothing held back): the page
-                                // cache from here on.
-                                if !s3.no_direct.swap(true, Ordering::Relaxed) {
-                                    tracing::warn!(dir = %dir.display(), "the scratch file system refuses O_DIRECT: fills spool through the page cache");
+                        match direct.as_mut().map(|d| d.takes(idx, &dir)) {
+                            Some(Ok(true)) => direct.as_mut().expect("taken").push(&rest[..n], pos)?,
+                            Some(Err(e)) => {
+                                // Refused (at a part's first byte: nothing held back): this
+                                // writer goes through the page cache from here on, and every
+                                // later one where the file system does not take O_DIRECT.
+                                if e.raw_os_error() == Some(libc::EINVAL) {
+                                    if !s3.no_direct.swap(true, Ordering::Relaxed) {
+                                        tracing::warn!(dir = %dir.display(), "the scratch file system refuses O_DIRECT: fills spool through the page cache");
+                                    }
+                                } else {
+                                    tracing::warn!(dir = %dir.display(), error = %e, "opening a spool file for direct I/O; this fill spools through the page cache");
                                 }
                                 direct = None;
                                 file.write_all_at(&rest[..n], at)?;
@@ -1533,8 +1538,9 @@ mod tests {
         let part = 3 * BLOCK as u64;
         let size = part * 4 + 1000;
         let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        let mut d = DirectSpool::new(part).unwrap();
-        assert!(!d.takes(0, &dir), "the first part goes through the page cache");
+        let mut d = DirectSpool::new(part);
+        assert!(!d.takes(0, &dir).unwrap(), "the first part goes through the page cache");
+        assert!(d.stage.is_none(), "nothing mapped until a part is spooled here");
         let mut buffered = BTreeMap::new();
         let mut pos = part;
         // Chunks of every awkward size, batches of a few chunks, as a fill's job gets them.
@@ -1548,7 +1554,7 @@ mod tests {
                 buffered.entry(idx).or_insert_with(|| {
                     std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(part_file(&dir, idx)).unwrap()
                 });
-                assert!(d.takes(idx, &dir), "the file system takes O_DIRECT (tmpfs does since Linux 6.6)");
+                assert!(d.takes(idx, &dir).expect("the file system takes O_DIRECT (tmpfs does since Linux 6.6)"));
                 d.push(&data[pos as usize..pos as usize + n], pos).unwrap();
                 pos += n as u64;
                 if pos == size {

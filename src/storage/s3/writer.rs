@@ -197,7 +197,11 @@ impl DirectSpool {
             return Ok(true);
         }
         use std::os::unix::fs::OpenOptionsExt;
-        let f = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(part_file(dir, idx))?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(part_file(dir, idx))?;
         if self.stage.is_none() {
             self.stage = Some(Mapping::new(STAGE)?);
         }
@@ -1552,7 +1556,13 @@ mod tests {
                 let n = sizes[i % sizes.len()].min((part - pos % part) as usize).min((size - pos) as usize);
                 i += 1;
                 buffered.entry(idx).or_insert_with(|| {
-                    std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(part_file(&dir, idx)).unwrap()
+                    std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create(true)
+                        .truncate(true)
+                        .open(part_file(&dir, idx))
+                        .unwrap()
                 });
                 assert!(d.takes(idx, &dir).expect("the file system takes O_DIRECT (tmpfs does since Linux 6.6)"));
                 d.push(&data[pos as usize..pos as usize + n], pos).unwrap();
@@ -1563,7 +1573,11 @@ mod tests {
             }
             d.write(false).unwrap();
             let readable = d.readable(pos);
-            assert_eq!(readable, if pos % part == 0 { pos } else { pos / BLOCK as u64 * BLOCK as u64 }, "at {pos}");
+            assert_eq!(
+                readable,
+                if pos.is_multiple_of(part) { pos } else { pos / BLOCK as u64 * BLOCK as u64 },
+                "at {pos}"
+            );
             // What is readable is in the part files (through the page cache, as followers read).
             if readable > part {
                 let (idx, at) = ((readable - 1) / part, (readable - 1) % part);

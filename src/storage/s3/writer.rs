@@ -834,10 +834,7 @@ impl S3Writer {
         }
         // A part spooled around the page cache is read back the same way.
         let direct = self.direct.as_ref().and_then(|d| d.files.get(&idx).cloned());
-        let file = match direct.clone() {
-            Some(f) => Some(f),
-            None => self.tail.files.lock().unwrap().get(&idx).cloned(),
-        };
+        let file = direct.clone().or_else(|| self.tail.files.lock().unwrap().get(&idx).cloned());
         let file = file.ok_or_else(|| std::io::Error::other(format!("spool of part {} is missing", idx + 1)))?;
         if self.pool_use.is_none() {
             self.pool_use = Some(PoolUse::new(&self.s3.parts));
@@ -1040,6 +1037,16 @@ struct Pool {
     free: Vec<Mapping>,
 }
 
+impl Pool {
+    /// The mappings to unmap now: all of them once no part is out and no writer sends.
+    fn idle(&mut self) -> Vec<Mapping> {
+        match self.out == 0 && self.users == 0 {
+            true => std::mem::take(&mut self.free),
+            false => Vec::new(),
+        }
+    }
+}
+
 /// A writer sending parts: the pool keeps its mappings while any lives.
 pub(super) struct PoolUse(Arc<PartPool>);
 
@@ -1055,11 +1062,7 @@ impl Drop for PoolUse {
         let unmap = {
             let mut p = self.0.inner.lock().unwrap();
             p.users -= 1;
-            if p.out == 0 && p.users == 0 {
-                std::mem::take(&mut p.free)
-            } else {
-                Vec::new()
-            }
+            p.idle()
         };
         drop(unmap);
     }
@@ -1138,7 +1141,7 @@ impl PartPool {
             let mut p = self.inner.lock().unwrap();
             p.out -= 1;
             if p.out == 0 && p.users == 0 {
-                let mut all = std::mem::take(&mut p.free);
+                let mut all = p.idle();
                 all.push(map);
                 all
             } else if p.free.len() < Self::KEEP {
@@ -1208,23 +1211,14 @@ async fn read_part(s3: &S3, file: Arc<File>, len: u64) -> StoreResult<PutPayload
     read_range(s3, file, 0, len).await
 }
 
-/// The first `len` bytes of a part file opened for direct I/O, as [`read_part`]: read in whole
-/// blocks into the (page-aligned) mapping, the last one up to the end of the file.
+/// The first `len` bytes of a part file opened for direct I/O, as [`read_part`].
 async fn read_part_direct(s3: &S3, file: Arc<File>, len: u64) -> StoreResult<PutPayload> {
-    let slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
-    let pool = s3.parts.clone();
-    let buf = super::super::fs::blocking(move || read_direct(&pool, slot, &file, len as usize)).await?;
-    Ok(PutPayload::from_bytes(Bytes::from_owner(buf)))
+    part_payload(s3, len, move |buf| read_direct(buf, &file, len as usize)).await
 }
 
-/// [`read_part_direct`]'s reading (blocking).
-fn read_direct(
-    pool: &Arc<PartPool>,
-    slot: tokio::sync::OwnedSemaphorePermit,
-    file: &File,
-    len: usize,
-) -> std::io::Result<PartBuf> {
-    let mut buf = pool.take(len, slot)?;
+/// Reads the first `len` bytes of a part file opened for direct I/O into `buf`, in whole
+/// blocks (the mapping is page-aligned), the last one up to the end of the file.
+fn read_direct(buf: &mut PartBuf, file: &File, len: usize) -> std::io::Result<()> {
     let room = buf.room_mut(len.next_multiple_of(BLOCK))?;
     let mut pos = 0;
     while pos < len {
@@ -1233,16 +1227,26 @@ fn read_direct(
             n => pos += n,
         }
     }
-    Ok(buf)
+    Ok(())
 }
 
 /// `len` bytes from `at` of a part file, in memory, as [`read_part`].
 async fn read_range(s3: &S3, file: Arc<File>, at: u64, len: u64) -> StoreResult<PutPayload> {
+    part_payload(s3, len, move |buf| file.read_exact_at(buf.as_mut(), at)).await
+}
+
+/// A part of `len` bytes in memory, filled by `read` on the blocking pool: one slot of the
+/// budget and a mapping of the pool, held until the payload is dropped.
+async fn part_payload(
+    s3: &S3,
+    len: u64,
+    read: impl FnOnce(&mut PartBuf) -> std::io::Result<()> + Send + 'static,
+) -> StoreResult<PutPayload> {
     let slot = s3.budget.clone().acquire_owned().await.expect("the budget is never closed");
     let pool = s3.parts.clone();
     let buf = super::super::fs::blocking(move || {
         let mut buf = pool.take(len as usize, slot)?;
-        file.read_exact_at(buf.as_mut(), at)?;
+        read(&mut buf)?;
         Ok(buf)
     })
     .await?;
@@ -1600,11 +1604,14 @@ mod tests {
         let pool = Arc::new(PartPool::new(part as usize));
         let budget = Arc::new(tokio::sync::Semaphore::new(3));
         let slot = || budget.clone().try_acquire_owned().unwrap();
-        let full = read_direct(&pool, slot(), &d.files[&2], part as usize).unwrap();
+        let mut full = pool.take(part as usize, slot()).unwrap();
+        read_direct(&mut full, &d.files[&2], part as usize).unwrap();
         assert!(full.as_ref() == &data[2 * part as usize..3 * part as usize]);
-        let last = read_direct(&pool, slot(), &d.files[&4], 1000).unwrap();
+        let mut last = pool.take(1000, slot()).unwrap();
+        read_direct(&mut last, &d.files[&4], 1000).unwrap();
         assert!(last.as_ref() == &data[4 * part as usize..]);
-        let err = read_direct(&pool, slot(), &d.files[&4], 1001).err().expect("short");
+        let mut short = pool.take(1001, slot()).unwrap();
+        let err = read_direct(&mut short, &d.files[&4], 1001).expect_err("short");
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
         let _ = std::fs::remove_dir_all(&dir);
     }

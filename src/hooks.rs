@@ -10,6 +10,10 @@
 //!
 //! Points (grep `hooks::pause(`) are named `<operation>.<step>`, e.g. `commit.after_publish`.
 //!
+//! A point named in `STEVEDORE_PAUSE_ON_ARM=name,…` pauses instead at each pass made while
+//! `<dir>/<name>.arm` exists (the test writes it; the pass removes it): "the next pass after
+//! now", for points passed many times before the one a test is about.
+//!
 //! Failure points do what a pause cannot: make a write fail (stand in for EIO). A process
 //! started with `STEVEDORE_FAIL=name@N,…` gets `true` from [`fail`] at the Nth pass through
 //! `name` (`name` alone: the first), and only then; the caller returns its layer's error.
@@ -26,21 +30,26 @@ mod imp {
         dir: Mutex<Option<PathBuf>>,
         /// Points still to pause at (each pauses once).
         armed: Mutex<HashSet<String>>,
+        /// Points that pause at a pass while their `.arm` file exists.
+        on_arm: HashSet<String>,
+    }
+
+    fn names(var: &str) -> HashSet<String> {
+        std::env::var(var)
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     fn hooks() -> &'static Hooks {
         static H: OnceLock<Hooks> = OnceLock::new();
         H.get_or_init(|| Hooks {
             dir: Mutex::new(std::env::var_os("STEVEDORE_PAUSE_DIR").map(PathBuf::from)),
-            armed: Mutex::new(
-                std::env::var("STEVEDORE_PAUSE")
-                    .unwrap_or_default()
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            ),
+            armed: Mutex::new(names("STEVEDORE_PAUSE")),
+            on_arm: names("STEVEDORE_PAUSE_ON_ARM"),
         })
     }
 
@@ -83,13 +92,18 @@ mod imp {
     /// The `.go` file to wait for, once `.reached` is written; `None`: go straight on.
     fn arrive(name: &str) -> Option<(PathBuf, PathBuf)> {
         let h = hooks();
-        if !h.armed.lock().unwrap().remove(name) {
+        let once = h.armed.lock().unwrap().remove(name);
+        if !once && !h.on_arm.contains(name) {
             return None;
         }
         let Some(dir) = h.dir.lock().unwrap().clone() else {
             eprintln!("stevedore: pause point {name} armed but no pause directory (STEVEDORE_PAUSE_DIR)");
             return None;
         };
+        // Only the pass that removes the `.arm` file pauses.
+        if !once && std::fs::remove_file(dir.join(format!("{name}.arm"))).is_err() {
+            return None;
+        }
         let _ = std::fs::create_dir_all(&dir);
         let reached = dir.join(format!("{name}.reached"));
         let go = dir.join(format!("{name}.go"));

@@ -296,6 +296,96 @@ async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
     assert!(settled, "ingests left: {:?}", ingests_left(&sd));
 }
 
+/// The soak's seed 24132913650041, made deterministic: a client pushes a layer the cache
+/// holds (pulled through) to a local repository while an eviction that scanned before the
+/// new link is about to re-check it, and an access flush in between does not write the
+/// push's use (this process wrote the layer's record moments before, at the commit). The
+/// re-check still sees the use: the layer stays stored, and a manifest using it is accepted.
+/// (Before, the flush took the unwritten use out of memory, the re-check read the commit's
+/// record, older than its scan, and deleted the layer under the new link: the manifest PUT
+/// answered MANIFEST_BLOB_UNKNOWN.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_layer_whose_use_a_flush_skipped_survives_an_eviction_that_scanned_before_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("store");
+    let pauses = Pauses::in_dir(&tmp.path().join("pause"));
+    let fake = Fake::start().await;
+    let a = fake.add_image("team/a", "v1", 91, &[100_000, 100_000]);
+    let b = fake.add_image("team/b", "v1", 92, &[300_000]);
+    let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")]).replacen(
+        "[proxy]\n",
+        "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
+        1,
+    ) + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n";
+    let sd = Stevedore::builder()
+        .config(&cfg)
+        .root(&root)
+        .env("STEVEDORE_PAUSE", "access.flush_written,commit.after_publish,evict.before_recheck")
+        .env("STEVEDORE_PAUSE_ON_ARM", "access.flushed,evict.done")
+        .env("STEVEDORE_PAUSE_DIR", s(pauses.dir()))
+        .start();
+    let reg = sd.registry();
+    let http = client();
+    let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
+    let pull = |repo: &'static str, img: &common::fake::FakeImage| {
+        let (http, manifest_url) = (http.clone(), url(repo, "manifests/v1"));
+        let blobs: Vec<_> =
+            img.blobs.iter().map(|(d, body)| (url(repo, &format!("blobs/{d}")), d.clone(), body.clone())).collect();
+        let (digest, manifest) = (img.digest.clone(), img.manifest.clone());
+        async move {
+            let r = get_manifest(&http, manifest_url).await;
+            assert_content(&r, &digest, &manifest, repo);
+            for (u, d, body) in blobs {
+                assert_content(&read(http.get(u)).await, &d, &body, repo);
+            }
+        }
+    };
+    // A, under the high mark; the flush of its uses pauses (no flush forgets the records
+    // this process wrote until it goes on).
+    pull("team/a", &a).await;
+    pauses.reached("access.flush_written", REACH).await;
+    // The push of A's layer commits (its access record written) and pauses before the link.
+    let (layer_d, layer) = a.blobs[1].clone();
+    let push = tokio::spawn({
+        let (reg, layer) = (reg.clone(), layer.clone());
+        async move {
+            let loc = reg.start_upload("local/app").await;
+            reg.finish_upload(&loc, &sha256(&layer), layer).await.status().as_u16()
+        }
+    });
+    pauses.reached("commit.after_publish", REACH).await;
+    // B takes the cache past its high mark: an eviction scans (without the link to come) and
+    // pauses before its re-check of A, the least recently used.
+    pull("team/b", &b).await;
+    pauses.reached("evict.before_recheck", REACH).await;
+    // The push links the layer, uses it and answers.
+    pauses.go("commit.after_publish").await;
+    assert_eq!(push.await.unwrap(), 201, "the push of {layer_d}");
+    // Two flushes: the paused one, then one whose batch holds the push's use (not written:
+    // the commit's record is seconds old).
+    pauses.arm("access.flushed");
+    pauses.go("access.flush_written").await;
+    pauses.reached("access.flushed", REACH).await;
+    pauses.go("access.flushed").await;
+    pauses.arm("access.flushed");
+    pauses.reached("access.flushed", REACH).await;
+    pauses.go("access.flushed").await;
+    // The eviction re-checks and finishes its pass.
+    pauses.arm("evict.done");
+    pauses.go("evict.before_recheck").await;
+    pauses.reached("evict.done", REACH).await;
+    pauses.go("evict.done").await;
+    assert!(has_blob(&sd, &layer_d), "the layer pushed to local/app (201) was deleted:\n{}", sd.problems());
+    let r = read(http.get(reg.url(&format!("/v2/local/app/blobs/{layer_d}")))).await;
+    assert_content(&r, &layer_d, &layer, "the pushed layer, after the eviction");
+    let config_blob = oci::Blob::new(oci::MT_CONFIG, bytes(93, 500));
+    reg.upload_blob("local/app", &config_blob.data).await;
+    let img = image_of(config_blob, vec![oci::Blob::new(oci::MT_LAYER_GZIP, layer.clone())]);
+    let put = reg.put_manifest("local/app", "v1", oci::MT_MANIFEST, &img.manifest.data).await;
+    assert_eq!(put.status().as_u16(), 201, "a manifest using the layer pushed during the eviction");
+    pull_local(&reg, "local/app", "v1", &img, "the image pushed during the eviction").await;
+}
+
 /// Scenario 1, the manifest PUT's window: a manifest PUT has checked its blobs when online
 /// GC, having found them unreferenced past the grace period, is about to remove them. The
 /// PUT answers 201, and then the image pulls back whole.

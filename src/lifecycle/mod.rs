@@ -303,6 +303,8 @@ impl Lifecycle {
             return Ok(Evicted::default());
         }
         let Ok(_pass) = self.fleet_pass("eviction").await else { return Ok(Evicted::default()) };
+        // The last pass is over: the uses flushes skipped since the one before are noted.
+        self.store.begin_scan();
         // Before the journal is drained: any use after this is seen by the re-checks.
         let start = SystemTime::now();
         self.store.records().committed_since_scan.store(0, Ordering::Release);
@@ -343,6 +345,7 @@ impl Lifecycle {
             (target, start.checked_sub(self.cfg.check_interval).unwrap_or(SystemTime::UNIX_EPOCH))
         });
         let out = self.evict(scan, cap, full).await;
+        crate::hooks::pause("evict.done").await;
         if matches!(out, Ok((_, true))) {
             st.drift = true;
         }
@@ -435,6 +438,7 @@ impl Lifecycle {
             // reachable; whatever did since the scan recorded a use, re-checked here. A unit
             // something is being linked to right now is left for the next pass.
             let refs: Vec<&Digest> = digests.iter().collect();
+            crate::hooks::pause("evict.before_recheck").await;
             let Some(removal) = store.try_removal(&refs).await else {
                 out.kept_busy += 1;
                 continue;

@@ -142,6 +142,13 @@ pub struct Records {
     /// before (digest → unix milliseconds): a use within [`RECORD_SLACK_MS`] of one is not
     /// written again. Bounded by two flush intervals' activity, whatever the store holds.
     written: Mutex<[HashMap<Digest, u64>; 2]>,
+    /// Uses the flush did not write (within the slack of a record this process wrote), newer
+    /// than that record: still uses for [`Store::last_access`] until the next usage check
+    /// begins ([`Store::begin_scan`]). By then the index has heard of each of them, and
+    /// every eviction that scanned before it did has re-checked (a link made between a scan
+    /// and its re-check is seen through its use, even when the use was not written).
+    /// Bounded by one check interval's activity.
+    skipped: Mutex<HashMap<Digest, u64>>,
     /// digest → open reads and fills.
     in_use: Mutex<HashMap<Digest, usize>>,
     /// Bytes committed since the last usage scan (an estimate between scans).
@@ -204,18 +211,26 @@ impl Records {
     }
 
     pub fn touch(&self, d: &Digest) {
-        let now = unix_now();
+        self.touch_at(d, unix_now());
+    }
+
+    /// A use of `d` at `at` (unix milliseconds), unless a later one is batched.
+    fn touch_at(&self, d: &Digest, at: u64) {
         let mut p = self.pending.lock().unwrap();
         match p.get_mut(d) {
-            Some(t) => *t = now,
+            Some(t) => *t = (*t).max(at),
             None => {
-                p.insert(d.clone(), now);
+                p.insert(d.clone(), at);
             }
         }
     }
 
-    fn pending(&self, d: &Digest) -> Option<u64> {
-        self.pending.lock().unwrap().get(d).copied()
+    /// The latest use of `d` this process knows of and did not write: batched, or skipped
+    /// by a flush.
+    fn unwritten(&self, d: &Digest) -> Option<u64> {
+        let pending = self.pending.lock().unwrap().get(d).copied();
+        let skipped = self.skipped.lock().unwrap().get(d).copied();
+        pending.max(skipped)
     }
 }
 
@@ -311,12 +326,14 @@ impl Store {
             return 0;
         }
         let mut uses = Vec::with_capacity(batch.len());
+        let mut skipped = Vec::new();
         let mut written = 0;
         // In a fleet every use is written: other replicas' evictions read the records.
         let alone = self.fleet().is_none();
         for (d, t) in batch {
             if alone && self.records.recorded_near(&d, t) {
-                uses.push((d, t));
+                uses.push((d.clone(), t));
+                skipped.push((d, t));
                 continue;
             }
             if self.backend.put(&layout::access(&d), t.to_string().as_bytes()).await.is_ok() {
@@ -328,6 +345,14 @@ impl Store {
         crate::hooks::pause("access.flush_written").await;
         if !uses.is_empty() {
             self.note(Change::Accessed { uses: uses.clone() });
+            // Told to the index first, kept for the re-checks before it leaves the batch.
+            {
+                let mut k = self.records.skipped.lock().unwrap();
+                for (d, t) in skipped {
+                    let e = k.entry(d).or_insert(t);
+                    *e = (*e).max(t);
+                }
+            }
             let mut p = self.records.pending.lock().unwrap();
             for (d, t) in uses {
                 // A use since the write stays for the next flush.
@@ -341,7 +366,18 @@ impl Store {
             }
         }
         self.records.rotate_written();
+        crate::hooks::pause("access.flushed").await;
         written
+    }
+
+    /// A usage check begins (before it drains the changes): the uses earlier flushes skipped
+    /// are in the index it reads, and no eviction that scanned before them is still running.
+    pub fn begin_scan(&self) {
+        let mut k = self.records.skipped.lock().unwrap();
+        k.clear();
+        if k.capacity() > 1024 {
+            k.shrink_to_fit();
+        }
     }
 
     /// Records the use of `d` durably now (a commit).
@@ -353,6 +389,11 @@ impl Store {
     /// removal re-checks this record, so it must be written before the removal lease is read).
     pub(crate) async fn record_access_checked(&self, d: &Digest) -> StoreResult<()> {
         let t = unix_now();
+        // Alone, a use in memory first (the flush will not write it again): `last_access`
+        // answers from memory, and must never answer older than a record being written.
+        if self.fleet().is_none() {
+            self.records.touch_at(d, t);
+        }
         self.backend.put(&layout::access(d), t.to_string().as_bytes()).await?;
         // The index knows every record this process writes (an eviction's re-check reads
         // the record: one newer than the index's view would keep the unit as used since).
@@ -361,11 +402,11 @@ impl Store {
         Ok(())
     }
 
-    /// When `d` was last used: the batch in memory, else the durable record (`None`: no
-    /// record). In a fleet, the later of the two: another replica's use is only in the
-    /// durable record.
+    /// When `d` was last used: a use in memory not written (batched, or skipped by a flush),
+    /// else the durable record (`None`: no record). In a fleet, the later of the two: another
+    /// replica's use is only in the durable record.
     pub async fn last_access(&self, d: &Digest) -> StoreResult<Option<SystemTime>> {
-        let pending = self.records.pending(d).map(from_unix);
+        let pending = self.records.unwritten(d).map(from_unix);
         if pending.is_some() && self.fleet().is_none() {
             return Ok(pending);
         }

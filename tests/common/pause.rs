@@ -43,6 +43,13 @@ impl Pauses {
         }
     }
 
+    /// Makes the next pass through `name` pause (a point the process was started with in
+    /// `STEVEDORE_PAUSE_ON_ARM`).
+    pub fn arm(&self, name: &str) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.arm")), b"").unwrap();
+    }
+
     /// Lets the process paused at `name` go on, and waits until it has.
     pub async fn go(&self, name: &str) {
         std::fs::create_dir_all(&self.dir).unwrap();

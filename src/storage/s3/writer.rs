@@ -33,7 +33,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -139,21 +139,28 @@ impl S3State {
 /// (64 MB/s cold pull on Garage against Distribution's 236).
 const PARTS_IN_FLIGHT: usize = 4;
 
-/// A batch being hashed and spooled.
-type SpoolJob = JoinHandle<Spooled>;
+/// Batches hashed and spooled at once (each takes a permit until both its jobs are done):
+/// the bytes coming in wait only when this many are behind.
+const BATCHES_AT_ONCE: usize = 3;
 
-/// What a spooled batch gives back.
-struct Spooled {
-    hasher: Hasher,
-    /// The part files it opened (for readers and the commit).
-    opened: Vec<(usize, Arc<File>)>,
-    direct: Option<DirectSpool>,
-    res: std::io::Result<()>,
-    /// Where its bytes end, and up to where they are readable in the part files (less by the
-    /// bytes the direct spool holds back until their block is whole).
-    end: u64,
-    readable: u64,
+/// The batches being hashed and spooled. Each batch is two jobs on the blocking pool at once,
+/// one hashing, one spooling (the direct spool's writes wait for the disk meanwhile); a job
+/// takes its state (the hasher; the direct spool) from the previous batch's job of its kind
+/// and hands it to the next, so batches are hashed and spooled in order while up to
+/// [`BATCHES_AT_ONCE`] are under way. (One job per batch, hashing then spooling, with the
+/// next batch waiting for it: on a 2-core host the bytes coming in waited ~1.2 ms of every
+/// 1 MiB batch, a third of a Garage cold pull's time.)
+struct Spooling {
+    /// The last batch's jobs: the hasher after it; the direct spool after it and the first
+    /// error of any batch.
+    hash: JoinHandle<Option<Hasher>>,
+    spool: JoinHandle<Spooled>,
+    permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// The spool's state after a batch: the direct spool, and the first error (a batch after a
+/// failed one does nothing).
+type Spooled = (Option<DirectSpool>, std::io::Result<()>);
 
 /// The unit of direct I/O: file offsets, lengths and buffer addresses are multiples of it.
 const BLOCK: usize = 4096;
@@ -314,14 +321,14 @@ pub struct S3Writer {
     /// Parts being sent, in order: `parts.len()`, `parts.len() + 1`, ... (at most
     /// [`PARTS_IN_FLIGHT`]). A part joins `parts` only once it and every part before it landed.
     in_flight: VecDeque<JoinHandle<StoreResult<PartId>>>,
-    /// The batch being hashed and spooled, at most one: the next is collected meanwhile.
-    spooling: Option<SpoolJob>,
+    /// The batches being hashed and spooled (see [`Spooling`]): the next is collected meanwhile.
+    spooling: Option<Spooling>,
     batch: Vec<Bytes>,
     batch_bytes: usize,
     batch_limit: usize,
     size: u64,
-    /// Bytes in the spool for certain.
-    landed: u64,
+    /// Bytes in the spool for certain (advanced by the spooling jobs, in order).
+    landed: Arc<AtomicU64>,
     /// Fills keep every part file until the commit, for their followers.
     keep_spool: bool,
     /// The multipart upload is complete (under its target key).
@@ -452,7 +459,7 @@ impl S3Writer {
         let mut w = S3Writer::wrap(s3, id, state, hasher, parts, batch_bytes, false, hold);
         w.state_saved = true;
         w.size = offset;
-        w.landed = offset;
+        w.landed.store(offset, Ordering::Release);
         w.tail.files.lock().unwrap().extend(file.map(|f| (idx, f)));
         Ok(w)
     }
@@ -481,7 +488,7 @@ impl S3Writer {
             batch_bytes: 0,
             batch_limit: batch_limit.max(1),
             size: 0,
-            landed: 0,
+            landed: Arc::new(AtomicU64::new(0)),
             keep_spool,
             completed: false,
             tail,
@@ -589,7 +596,8 @@ impl S3Writer {
         let parts = state.parts.clone();
         let mut w = S3Writer::wrap(s3.clone(), id, state, hasher, parts, 1, false, hold);
         w.state_saved = true;
-        (w.size, w.landed) = (size, size);
+        w.size = size;
+        w.landed.store(size, Ordering::Release);
         if one_part {
             // Its bytes are in the local spool only.
             let file = part_file(&s3.spool_dir(&id), 0);
@@ -613,17 +621,23 @@ impl S3Writer {
         self.settle_batch().await
     }
 
-    /// Waits for the batch being spooled, if any: its bytes are readable then.
+    /// Waits for the batches being spooled, if any: their bytes are readable then, and the
+    /// hasher and the direct spool are back.
     async fn settle_batch(&mut self) -> StoreResult<()> {
         let Some(job) = self.spooling.take() else { return Ok(()) };
-        let done = job.await.map_err(std::io::Error::other)?;
-        self.hasher = Some(done.hasher);
-        self.tail.files.lock().unwrap().extend(done.opened);
-        self.direct = done.direct;
-        done.res?;
-        debug_assert_eq!(done.end, self.size - self.batch_bytes as u64);
-        self.landed = done.readable;
+        let (hashed, spooled) = (job.hash.await, job.spool.await);
+        let (direct, res) = spooled.map_err(std::io::Error::other)?;
+        self.hasher = hashed.map_err(std::io::Error::other)?;
+        self.direct = direct;
+        res?;
+        if self.hasher.is_none() {
+            return Err(std::io::Error::other("an earlier batch was lost").into());
+        }
         Ok(())
+    }
+
+    fn landed(&self) -> u64 {
+        self.landed.load(Ordering::Acquire)
     }
 
     /// Writes what the direct spool holds back (less than a block): every byte is readable
@@ -644,85 +658,57 @@ impl S3Writer {
         .map_err(std::io::Error::other)?;
         self.direct = Some(d);
         res?;
-        self.landed = self.size;
+        self.landed.store(self.size, Ordering::Release);
         Ok(())
     }
 
-    /// Waits for the batch being spooled, then starts hashing and spooling the collected one
-    /// (on the blocking pool), which the next chunks do not wait for.
+    /// Starts hashing and spooling the collected batch (see [`Spooling`]); waits only while
+    /// [`BATCHES_AT_ONCE`] are under way.
     async fn start_batch(&mut self) -> StoreResult<()> {
-        self.settle_batch().await?;
         let start = self.size - self.batch_bytes as u64;
         let batch = std::mem::take(&mut self.batch);
-        let len = std::mem::take(&mut self.batch_bytes) as u64;
-        let mut hasher = self.hasher.take().ok_or_else(|| std::io::Error::other("an earlier batch was lost"))?;
-        let (dir, part_size) = (self.s3.spool_dir(&self.id), self.s3.part_size);
-        let first = (start / part_size) as usize;
-        let current = self.tail.files.lock().unwrap().get(&first).cloned();
-        let (hold, s3) = (self.hold.clone(), self.s3.clone());
+        self.batch_bytes = 0;
+        let (prev_hash, prev_spool, permits) = match self.spooling.take() {
+            Some(j) => (Some(j.hash), Some(j.spool), j.permits),
+            None => (None, None, Arc::new(tokio::sync::Semaphore::new(BATCHES_AT_ONCE))),
+        };
+        let permit = Arc::new(permits.clone().acquire_owned().await.expect("never closed"));
+        let mut hasher = self.hasher.take();
         let mut direct = self.direct.take();
-        self.spooling = Some(tokio::task::spawn_blocking(move || {
-            let _hold = hold;
-            for chunk in &batch {
-                hasher.update(chunk);
-            }
-            let mut opened = Vec::new();
-            let res = (|| {
-                let mut pos = start;
+        let runtime = tokio::runtime::Handle::current();
+        let hash = tokio::task::spawn_blocking({
+            let (batch, hold, permit, runtime) = (batch.clone(), self.hold.clone(), permit.clone(), runtime.clone());
+            move || {
+                let (_hold, _permit) = (hold, permit);
+                if let Some(prev) = prev_hash {
+                    hasher = runtime.block_on(prev).ok().flatten();
+                }
+                let mut hasher = hasher?;
                 for chunk in &batch {
-                    let mut rest: &[u8] = chunk;
-                    while !rest.is_empty() {
-                        let idx = (pos / part_size) as usize;
-                        let at = pos % part_size;
-                        let known = if idx == first { current.as_ref() } else { None };
-                        let file = match known.or_else(|| opened.iter().find(|(i, _)| *i == idx).map(|(_, f)| f)) {
-                            Some(f) => f.clone(),
-                            None => {
-                                let f = Arc::new(
-                                    std::fs::OpenOptions::new()
-                                        .read(true)
-                                        .write(true)
-                                        .create(true)
-                                        .truncate(true)
-                                        .open(part_file(&dir, idx))?,
-                                );
-                                opened.push((idx, f.clone()));
-                                f
-                            }
-                        };
-                        let n = rest.len().min((part_size - at) as usize);
-                        match direct.as_mut().map(|d| d.takes(idx, &dir)) {
-                            Some(Ok(true)) => direct.as_mut().expect("taken").push(&rest[..n], pos)?,
-                            Some(Err(e)) => {
-                                // Refused (at a part's first byte: nothing held back): this
-                                // writer goes through the page cache from here on, and every
-                                // later one where the file system does not take O_DIRECT.
-                                if e.raw_os_error() == Some(libc::EINVAL) {
-                                    if !s3.no_direct.swap(true, Ordering::Relaxed) {
-                                        tracing::warn!(dir = %dir.display(), "the scratch file system refuses O_DIRECT: fills spool through the page cache");
-                                    }
-                                } else {
-                                    tracing::warn!(dir = %dir.display(), error = %e, "opening a spool file for direct I/O; this fill spools through the page cache");
-                                }
-                                direct = None;
-                                file.write_all_at(&rest[..n], at)?;
-                            }
-                            _ => file.write_all_at(&rest[..n], at)?,
-                        }
-                        rest = &rest[n..];
-                        pos += n as u64;
-                    }
+                    hasher.update(chunk);
                 }
-                // The batch's whole blocks are readable at once.
-                if let Some(d) = direct.as_mut() {
-                    d.write(false)?;
+                Some(hasher)
+            }
+        });
+        let (dir, part_size) = (self.s3.spool_dir(&self.id), self.s3.part_size);
+        let (hold, s3, tail, landed) = (self.hold.clone(), self.s3.clone(), self.tail.clone(), self.landed.clone());
+        let spool = tokio::task::spawn_blocking(move || -> Spooled {
+            let (_hold, _permit) = (hold, permit);
+            if let Some(prev) = prev_spool {
+                match runtime.block_on(prev) {
+                    Ok((d, Ok(()))) => direct = d,
+                    Ok((d, Err(e))) => return (d, Err(e)),
+                    Err(e) => return (None, Err(std::io::Error::other(e))),
                 }
-                Ok::<_, std::io::Error>(())
-            })();
-            let end = start + len;
-            let readable = direct.as_ref().map_or(end, |d| d.readable(end));
-            Spooled { hasher, opened, direct, res, end, readable }
-        }));
+            }
+            let res = spool(&batch, start, part_size, &dir, &tail, &mut direct, &s3);
+            if res.is_ok() {
+                let end = start + batch.iter().map(|c| c.len() as u64).sum::<u64>();
+                landed.store(direct.as_ref().map_or(end, |d| d.readable(end)), Ordering::Release);
+            }
+            (direct, res)
+        });
+        self.spooling = Some(Spooling { hash, spool, permits });
         Ok(())
     }
 
@@ -763,7 +749,7 @@ impl S3Writer {
     /// wait for the bucket (the spool holds them). With `wait`, sends every one and waits for
     /// them all.
     async fn send_full_parts(&mut self, wait: bool) -> StoreResult<()> {
-        let full = (self.landed / self.s3.part_size) as usize;
+        let full = (self.landed() / self.s3.part_size) as usize;
         let res = async {
             loop {
                 self.settle_landed().await?;
@@ -910,7 +896,8 @@ impl S3Writer {
     /// Removes the ingest: its multipart upload, its objects, its spool.
     async fn remove(&mut self) -> StoreResult<()> {
         if let Some(job) = self.spooling.take() {
-            let _ = job.await;
+            let _ = job.hash.await;
+            let _ = job.spool.await;
         }
         self.drain_parts().await;
         if self.state_saved {
@@ -925,6 +912,77 @@ impl S3Writer {
             _ => Ok(()),
         }
     }
+}
+
+/// Writes `batch`, the stream's bytes from `start`, into the part files (opening those it
+/// starts: readers find them in `tail`), through `direct` from the second part on.
+fn spool(
+    batch: &[Bytes],
+    start: u64,
+    part_size: u64,
+    dir: &std::path::Path,
+    tail: &S3Tail,
+    direct: &mut Option<DirectSpool>,
+    s3: &S3,
+) -> std::io::Result<()> {
+    let mut pos = start;
+    let mut current: Option<(usize, Arc<File>)> = None;
+    for chunk in batch {
+        let mut rest: &[u8] = chunk;
+        while !rest.is_empty() {
+            let idx = (pos / part_size) as usize;
+            let at = pos % part_size;
+            let file = match &current {
+                Some((i, f)) if *i == idx => f.clone(),
+                _ => {
+                    let known = tail.files.lock().unwrap().get(&idx).cloned();
+                    let f = match known {
+                        Some(f) => f,
+                        None => {
+                            let f = Arc::new(
+                                std::fs::OpenOptions::new()
+                                    .read(true)
+                                    .write(true)
+                                    .create(true)
+                                    .truncate(true)
+                                    .open(part_file(dir, idx))?,
+                            );
+                            tail.files.lock().unwrap().insert(idx, f.clone());
+                            f
+                        }
+                    };
+                    current = Some((idx, f.clone()));
+                    f
+                }
+            };
+            let n = rest.len().min((part_size - at) as usize);
+            match direct.as_mut().map(|d| d.takes(idx, dir)) {
+                Some(Ok(true)) => direct.as_mut().expect("taken").push(&rest[..n], pos)?,
+                Some(Err(e)) => {
+                    // Refused (at a part's first byte: nothing held back): this writer goes
+                    // through the page cache from here on, and every later one where the file
+                    // system does not take O_DIRECT.
+                    if e.raw_os_error() == Some(libc::EINVAL) {
+                        if !s3.no_direct.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(dir = %dir.display(), "the scratch file system refuses O_DIRECT: fills spool through the page cache");
+                        }
+                    } else {
+                        tracing::warn!(dir = %dir.display(), error = %e, "opening a spool file for direct I/O; this fill spools through the page cache");
+                    }
+                    *direct = None;
+                    file.write_all_at(&rest[..n], at)?;
+                }
+                _ => file.write_all_at(&rest[..n], at)?,
+            }
+            rest = &rest[n..];
+            pos += n as u64;
+        }
+    }
+    // The batch's whole blocks are readable at once.
+    if let Some(d) = direct.as_mut() {
+        d.write(false)?;
+    }
+    Ok(())
 }
 
 fn part_file(dir: &std::path::Path, idx: usize) -> PathBuf {
@@ -1268,7 +1326,7 @@ impl Writer for S3Writer {
     }
 
     fn readable(&self) -> u64 {
-        self.landed
+        self.landed()
     }
 
     fn tail(&self) -> Arc<dyn TailReader> {
@@ -1286,9 +1344,10 @@ impl Writer for S3Writer {
             // The previous batch lands, this one is spooled while its full parts start.
             self.start_batch().await?;
             self.send_parts_now().await?;
-        } else if self.spooling.as_ref().is_some_and(|j| j.is_finished()) {
-            // Let readers of the tail see the landed batch as soon as possible.
-            self.settle_batch().await?;
+        } else if !self.keep_spool
+            && (self.landed() / self.s3.part_size) as usize > self.parts.len() + self.in_flight.len()
+        {
+            // A part landed in the spool: it can go.
             self.send_parts_now().await?;
         } else if self.in_flight.front().is_some_and(|j| j.is_finished()) {
             // A part landed: the next one can go.
@@ -1371,7 +1430,8 @@ impl Writer for S3Writer {
             Ok(())
         })
         .await?;
-        (self.size, self.landed) = (offset, offset);
+        self.size = offset;
+        self.landed.store(offset, Ordering::Release);
         Ok(())
     }
 

@@ -21,6 +21,7 @@
 
 mod common;
 
+use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
@@ -124,6 +125,24 @@ fn replica_ids(sd: &Stevedore) -> Vec<String> {
     stored_keys(sd, "meta/replicas/").iter().filter_map(|k| k.rsplit('/').next().map(str::to_string)).collect()
 }
 
+/// Pulls `img` (tag `v1`) from the upstream's `repo` through `sd`: the manifest, then every
+/// blob, each checked. The future borrows neither.
+fn pull_through(sd: &Stevedore, repo: &'static str, img: &common::fake::FakeImage) -> impl Future<Output = ()> {
+    let url = |rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
+    let manifest_url = url("manifests/v1");
+    let blobs: Vec<_> =
+        img.blobs.iter().map(|(d, body)| (url(&format!("blobs/{d}")), d.clone(), body.clone())).collect();
+    let (digest, manifest) = (img.digest.clone(), img.manifest.clone());
+    async move {
+        let http = client();
+        let r = get_manifest(&http, manifest_url).await;
+        assert_content(&r, &digest, &manifest, repo);
+        for (u, d, body) in blobs {
+            assert_content(&read(http.get(u)).await, &d, &body, repo);
+        }
+    }
+}
+
 /// A server with a cache of 500 KiB that pulled image A then image B through it (past the
 /// high mark) and whose eviction, having decided to evict A (the least recently used), is
 /// paused at `evict.before_delete`; `points` armed. The server, its pauses, A, the upstream.
@@ -139,15 +158,9 @@ async fn evicting(dir: &Path, points: &[&str]) -> (Stevedore, Pauses, common::fa
         1,
     ) + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n";
     let sd = paused_server(&cfg, &root, &pauses, points);
-    let http = client();
-    let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
     // A, then B (manifest first): past the high mark, A (least recently used) is evicted.
     for (repo, img) in [("team/a", &a), ("team/b", &b)] {
-        let r = get_manifest(&http, url(repo, "manifests/v1")).await;
-        assert_content(&r, &img.digest, &img.manifest, repo);
-        for (d, body) in &img.blobs {
-            assert_content(&read(http.get(url(repo, &format!("blobs/{d}")))).await, d, body, repo);
-        }
+        pull_through(&sd, repo, img).await;
     }
     pauses.reached("evict.before_delete", REACH).await;
     (sd, pauses, a, fake)
@@ -170,21 +183,7 @@ async fn an_eviction_beside_an_access_flush_evicts_the_least_recently_used_image
     let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")])
         + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"3s\"\n";
     let sd = paused_server(&cfg, &root, &pauses, &["access.flush_written"]);
-    let http = client();
-    let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
-    let pull = |repo: &'static str, img: &common::fake::FakeImage| {
-        let (http, manifest_url) = (http.clone(), url(repo, "manifests/v1"));
-        let blobs: Vec<_> =
-            img.blobs.iter().map(|(d, body)| (url(repo, &format!("blobs/{d}")), d.clone(), body.clone())).collect();
-        let (digest, manifest) = (img.digest.clone(), img.manifest.clone());
-        async move {
-            let r = get_manifest(&http, manifest_url).await;
-            assert_content(&r, &digest, &manifest, repo);
-            for (u, d, body) in blobs {
-                assert_content(&read(http.get(u)).await, &d, &body, repo);
-            }
-        }
-    };
+    let pull = |repo: &'static str, img: &common::fake::FakeImage| pull_through(&sd, repo, img);
     // A twice (the second pull is served from the cache: uses after A's commits), under the
     // high mark; then the flush writes those uses and pauses.
     pull("team/a", &a).await;
@@ -326,20 +325,7 @@ async fn a_pushed_layer_whose_use_a_flush_skipped_survives_an_eviction_that_scan
         .start();
     let reg = sd.registry();
     let http = client();
-    let url = |repo: &str, rest: &str| sd.url(&Dialect::Ns.path(HOST, repo, rest));
-    let pull = |repo: &'static str, img: &common::fake::FakeImage| {
-        let (http, manifest_url) = (http.clone(), url(repo, "manifests/v1"));
-        let blobs: Vec<_> =
-            img.blobs.iter().map(|(d, body)| (url(repo, &format!("blobs/{d}")), d.clone(), body.clone())).collect();
-        let (digest, manifest) = (img.digest.clone(), img.manifest.clone());
-        async move {
-            let r = get_manifest(&http, manifest_url).await;
-            assert_content(&r, &digest, &manifest, repo);
-            for (u, d, body) in blobs {
-                assert_content(&read(http.get(u)).await, &d, &body, repo);
-            }
-        }
-    };
+    let pull = |repo: &'static str, img: &common::fake::FakeImage| pull_through(&sd, repo, img);
     // A, under the high mark; the flush of its uses pauses (no flush forgets the records
     // this process wrote until it goes on).
     pull("team/a", &a).await;

@@ -510,7 +510,8 @@ def render(res):
                 _render_floor(lines, "Garage rounds: the verifying relays interleaved with the cold pulls above",
                               s["extra"]["garage_floor_rounds"], p.get("garage_repeat", 0))
             gf = s["extra"].get("garage_floor")
-            if gf:
+            # The floor rounds print their verdict; without them, the plaintext floor's.
+            if gf and not s["extra"].get("garage_floor_rounds"):
                 lines.append("  cold pull on Garage: target 1.2 x D = %s MB/s; verifying floor (%s, %s) %s MB/s = %s x "
                              "the target; Stevedore on Garage = %s x the floor"
                              % (_fmt(gf["target_mb_s"], "%.0f"), gf.get("floor_from", "plaintext floor rows"),

@@ -158,6 +158,13 @@ struct Spooling {
     permits: Arc<tokio::sync::Semaphore>,
 }
 
+impl Spooling {
+    /// Every batch under way is hashed and spooled.
+    fn is_finished(&self) -> bool {
+        self.hash.is_finished() && self.spool.is_finished()
+    }
+}
+
 /// The spool's state after a batch: the direct spool, and the first error (a batch after a
 /// failed one does nothing).
 type Spooled = (Option<DirectSpool>, std::io::Result<()>);
@@ -665,6 +672,12 @@ impl S3Writer {
     /// Starts hashing and spooling the collected batch (see [`Spooling`]); waits only while
     /// [`BATCHES_AT_ONCE`] are under way.
     async fn start_batch(&mut self) -> StoreResult<()> {
+        if !self.keep_spool {
+            // An upload session's parts go as they land, started from `write`: with one batch
+            // under way, a part is sent by the time the next batch starts, whenever the client
+            // pauses (a slow PATCH keeps its session alive across replicas' sweeps).
+            self.settle_batch().await?;
+        }
         let start = self.size - self.batch_bytes as u64;
         let batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
@@ -1344,10 +1357,9 @@ impl Writer for S3Writer {
             // The previous batch lands, this one is spooled while its full parts start.
             self.start_batch().await?;
             self.send_parts_now().await?;
-        } else if !self.keep_spool
-            && (self.landed() / self.s3.part_size) as usize > self.parts.len() + self.in_flight.len()
-        {
-            // A part landed in the spool: it can go.
+        } else if self.spooling.as_ref().is_some_and(|j| j.is_finished()) {
+            // Every batch landed: readers and the hasher see it, and an upload's full parts go.
+            self.settle_batch().await?;
             self.send_parts_now().await?;
         } else if self.in_flight.front().is_some_and(|j| j.is_finished()) {
             // A part landed: the next one can go.

@@ -139,8 +139,9 @@ impl S3State {
 /// (64 MB/s cold pull on Garage against Distribution's 236).
 const PARTS_IN_FLIGHT: usize = 4;
 
-/// Batches hashed and spooled at once (each takes a permit until both its jobs are done):
-/// the bytes coming in wait only when this many are behind.
+/// A fill's batches hashed and spooled at once (each takes a permit until both its jobs are
+/// done): the bytes coming in wait only when this many are behind. An upload session keeps
+/// one under way (see [`S3Writer::start_batch`]).
 const BATCHES_AT_ONCE: usize = 3;
 
 /// The batches being hashed and spooled. Each batch is two jobs on the blocking pool at once,

@@ -50,12 +50,28 @@ fn local_config(cache: &str) -> String {
 
 /// A server on `root` whose pause points `points` are armed, pausing in `pauses`.
 fn paused_server(cfg: &str, root: &Path, pauses: &Pauses, points: &[&str]) -> Stevedore {
+    paused_server_on_arm(cfg, root, pauses, points, &[])
+}
+
+/// [`paused_server`], and `on_arm` pause at the next pass after each [`Pauses::arm`].
+fn paused_server_on_arm(cfg: &str, root: &Path, pauses: &Pauses, points: &[&str], on_arm: &[&str]) -> Stevedore {
     Stevedore::builder()
         .config(cfg)
         .root(root)
         .env("STEVEDORE_PAUSE", &points.join(","))
+        .env("STEVEDORE_PAUSE_ON_ARM", &on_arm.join(","))
         .env("STEVEDORE_PAUSE_DIR", s(pauses.dir()))
         .start()
+}
+
+/// Pulls through `fake` as upstream `HOST`, `local/*` pushed to, a cache of 500 KiB checked
+/// and flushed every second.
+fn small_cache_config(fake: &Fake) -> String {
+    config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")]).replacen(
+        "[proxy]\n",
+        "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
+        1,
+    ) + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n"
 }
 
 /// Waits until one of `names` is reached; returns it.
@@ -108,6 +124,19 @@ async fn pull_local(reg: &Registry, repo: &str, reference: &str, img: &Image, wh
     }
 }
 
+/// The layer pushed to `local/app` reads back byte for byte; an image of it and a config of
+/// its own (`seed`) is pushed as `local/app:v1` (201) and pulls back whole.
+async fn uses_pushed_layer(reg: &Registry, layer_d: &str, layer: &[u8], seed: u64, what: &str) {
+    let r = read(client().get(reg.url(&format!("/v2/local/app/blobs/{layer_d}")))).await;
+    assert_content(&r, layer_d, layer, &format!("{what}: GET from local/app"));
+    let config_blob = oci::Blob::new(oci::MT_CONFIG, bytes(seed, 500));
+    reg.upload_blob("local/app", &config_blob.data).await;
+    let img = image_of(config_blob, vec![oci::Blob::new(oci::MT_LAYER_GZIP, layer.to_vec())]);
+    let put = reg.put_manifest("local/app", "v1", oci::MT_MANIFEST, &img.manifest.data).await;
+    assert_eq!(put.status().as_u16(), 201, "{what}: a manifest using it");
+    pull_local(reg, "local/app", "v1", &img, &format!("{what}: the image using it")).await;
+}
+
 /// An image of `config` and `layers` (its manifest built from them).
 fn image_of(config: oci::Blob, layers: Vec<oci::Blob>) -> Image {
     let manifest = serde_json::json!({
@@ -152,11 +181,7 @@ async fn evicting(dir: &Path, points: &[&str]) -> (Stevedore, Pauses, common::fa
     let fake = Fake::start().await;
     let a = fake.add_image("team/a", "v1", 71, &[200_000, 200_000]);
     let b = fake.add_image("team/b", "v1", 72, &[200_000]);
-    let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")]).replacen(
-        "[proxy]\n",
-        "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
-        1,
-    ) + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n";
+    let cfg = small_cache_config(&fake);
     let sd = paused_server(&cfg, &root, &pauses, points);
     // A, then B (manifest first): past the high mark, A (least recently used) is evicted.
     for (repo, img) in [("team/a", &a), ("team/b", &b)] {
@@ -254,7 +279,6 @@ async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
     let (sd, pauses, a, _fake) =
         evicting(tmp.path(), &["evict.before_delete", "commit.after_publish", "guard.wait"]).await;
     let reg = sd.registry();
-    let http = client();
 
     // The CI job pushes an image built FROM A: A's first layer, and a config of its own.
     let (layer_d, layer) = a.blobs[1].clone();
@@ -282,15 +306,7 @@ async fn a_layer_pushed_while_eviction_deletes_it_stays_stored() {
     }
     let status = push.await.unwrap();
     assert_eq!(status, 201, "the push of {layer_d} during eviction");
-    let r = read(http.get(reg.url(&format!("/v2/local/app/blobs/{layer_d}")))).await;
-    assert_content(&r, &layer_d, &layer, "a layer pushed (201) while eviction deleted it: GET from local/app");
-
-    let config_blob = oci::Blob::new(oci::MT_CONFIG, bytes(73, 500));
-    reg.upload_blob("local/app", &config_blob.data).await;
-    let img = image_of(config_blob, vec![oci::Blob::new(oci::MT_LAYER_GZIP, layer.clone())]);
-    let put = reg.put_manifest("local/app", "v1", oci::MT_MANIFEST, &img.manifest.data).await;
-    assert_eq!(put.status().as_u16(), 201, "a manifest using the layer pushed during eviction");
-    pull_local(&reg, "local/app", "v1", &img, "the image built FROM the evicted one").await;
+    uses_pushed_layer(&reg, &layer_d, &layer, 73, "a layer pushed (201) while eviction deleted it").await;
     let settled = wait_until(LIMIT, || ingests_left(&sd).is_empty()).await;
     assert!(settled, "ingests left: {:?}", ingests_left(&sd));
 }
@@ -311,20 +327,15 @@ async fn a_pushed_layer_whose_use_a_flush_skipped_survives_an_eviction_that_scan
     let fake = Fake::start().await;
     let a = fake.add_image("team/a", "v1", 91, &[100_000, 100_000]);
     let b = fake.add_image("team/b", "v1", 92, &[300_000]);
-    let cfg = config(HOST, &[(HOST, &fake.url(), "tag_ttl = \"1h\"")]).replacen(
-        "[proxy]\n",
-        "[proxy]\nlocal_namespaces = [\"local/*\"]\n",
-        1,
-    ) + "\n[cache]\nmax_size = \"500KiB\"\ncheck_interval = \"1s\"\naccess_flush_interval = \"1s\"\n";
-    let sd = Stevedore::builder()
-        .config(&cfg)
-        .root(&root)
-        .env("STEVEDORE_PAUSE", "access.flush_written,commit.after_publish,evict.before_recheck")
-        .env("STEVEDORE_PAUSE_ON_ARM", "access.flushed,evict.done")
-        .env("STEVEDORE_PAUSE_DIR", s(pauses.dir()))
-        .start();
+    let cfg = small_cache_config(&fake);
+    let sd = paused_server_on_arm(
+        &cfg,
+        &root,
+        &pauses,
+        &["access.flush_written", "commit.after_publish", "evict.before_recheck"],
+        &["access.flushed", "evict.done"],
+    );
     let reg = sd.registry();
-    let http = client();
     let pull = |repo: &'static str, img: &common::fake::FakeImage| pull_through(&sd, repo, img);
     // A, under the high mark; the flush of its uses pauses (no flush forgets the records
     // this process wrote until it goes on).
@@ -362,14 +373,7 @@ async fn a_pushed_layer_whose_use_a_flush_skipped_survives_an_eviction_that_scan
     pauses.reached("evict.done", REACH).await;
     pauses.go("evict.done").await;
     assert!(has_blob(&sd, &layer_d), "the layer pushed to local/app (201) was deleted:\n{}", sd.problems());
-    let r = read(http.get(reg.url(&format!("/v2/local/app/blobs/{layer_d}")))).await;
-    assert_content(&r, &layer_d, &layer, "the pushed layer, after the eviction");
-    let config_blob = oci::Blob::new(oci::MT_CONFIG, bytes(93, 500));
-    reg.upload_blob("local/app", &config_blob.data).await;
-    let img = image_of(config_blob, vec![oci::Blob::new(oci::MT_LAYER_GZIP, layer.clone())]);
-    let put = reg.put_manifest("local/app", "v1", oci::MT_MANIFEST, &img.manifest.data).await;
-    assert_eq!(put.status().as_u16(), 201, "a manifest using the layer pushed during the eviction");
-    pull_local(&reg, "local/app", "v1", &img, "the image pushed during the eviction").await;
+    uses_pushed_layer(&reg, &layer_d, &layer, 93, "the layer pushed (201) during the eviction").await;
 }
 
 /// Scenario 1, the manifest PUT's window: a manifest PUT has checked its blobs when online

@@ -406,14 +406,14 @@ impl Store {
     /// else the durable record (`None`: no record). In a fleet, the later of the two: another
     /// replica's use is only in the durable record.
     pub async fn last_access(&self, d: &Digest) -> StoreResult<Option<SystemTime>> {
-        let pending = self.records.unwritten(d).map(from_unix);
-        if pending.is_some() && self.fleet().is_none() {
-            return Ok(pending);
+        let unwritten = self.records.unwritten(d).map(from_unix);
+        if unwritten.is_some() && self.fleet().is_none() {
+            return Ok(unwritten);
         }
-        let Some((raw, written)) = self.backend.get(&layout::access(d)).await? else { return Ok(pending) };
+        let Some((raw, written)) = self.backend.get(&layout::access(d)).await? else { return Ok(unwritten) };
         let t = std::str::from_utf8(&raw).ok().and_then(|s| s.trim().parse::<u64>().ok());
         let durable = t.map(from_unix).unwrap_or(written);
-        Ok(Some(pending.map_or(durable, |p| p.max(durable))))
+        Ok(Some(unwritten.map_or(durable, |p| p.max(durable))))
     }
 
     /// Writes an access record of "now" for content that has none (a lost index).

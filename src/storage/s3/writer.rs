@@ -681,7 +681,7 @@ impl S3Writer {
         }
         let start = self.size - self.batch_bytes as u64;
         let batch = std::mem::take(&mut self.batch);
-        self.batch_bytes = 0;
+        let end = start + std::mem::take(&mut self.batch_bytes) as u64;
         let (prev_hash, prev_spool, permits) = match self.spooling.take() {
             Some(j) => (Some(j.hash), Some(j.spool), j.permits),
             None => (None, None, Arc::new(tokio::sync::Semaphore::new(BATCHES_AT_ONCE))),
@@ -717,7 +717,6 @@ impl S3Writer {
             }
             let res = spool(&batch, start, part_size, &dir, &tail, &mut direct, &s3);
             if res.is_ok() {
-                let end = start + batch.iter().map(|c| c.len() as u64).sum::<u64>();
                 landed.store(direct.as_ref().map_or(end, |d| d.readable(end)), Ordering::Release);
             }
             (direct, res)

@@ -9,7 +9,8 @@ proxy on an empty store, and counts with `perf stat -e instructions,cycles,task-
 keep-alive connection, the client does not hash). Prints instructions and CPU per GB of
 bodies. `PROFILE_REPEAT` (default 2) cold pulls per target, each on a fresh proxy;
 `BENCH_BIG_MIB` (default 512); `BENCH_STEVEDORE` (default target/dist/stevedore);
-`PROFILE_FSYNC=0` for Stevedore with `storage.fsync = false`; `PROFILE_PERF_RECORD=1` also
+`PROFILE_EVENTS=a,b` counts more events (e.g.
+`syscalls:sys_enter_writev`), each reported per GB; `PROFILE_FSYNC=0` for Stevedore with `storage.fsync = false`; `PROFILE_PERF_RECORD=1` also
 writes `perf record -g` data per run into the work directory (kept, path printed).
 `stevedore-garage`: Stevedore with backend = "s3" on a Garage bucket (started once, as
 `bench/run.sh` builds it). Loopback only; every server stopped on exit.
@@ -44,8 +45,8 @@ def perf_counts(path):
             parts = ln.strip().split(",")
             # -x, : value,unit,event,...
             if len(parts) >= 3 and parts[0] and parts[0][0].isdigit():
-                ev = parts[2].split(":")[0]
-                out[ev] = float(parts[0])
+                out[parts[2]] = float(parts[0])
+                out.setdefault(parts[2].split(":")[0], float(parts[0]))
     return out
 
 
@@ -57,7 +58,9 @@ def profile(t, upstream, images, workdir, record):
     t.fresh()
     wait_idle([t.server, upstream.server], None, quiet=0.6, timeout=30)
     stat_path = os.path.join(workdir, "%s-%d.perfstat" % (t.name, t.starts))
-    argv = ["perf", "stat", "-x,", "-o", stat_path, "-e", "instructions,cycles,task-clock,page-faults,context-switches", "-p", str(t.server.pid)]
+    extra = [e for e in os.environ.get("PROFILE_EVENTS", "").split(",") if e]
+    events = ",".join(["instructions", "cycles", "task-clock", "page-faults", "context-switches"] + extra)
+    argv = ["perf", "stat", "-x,", "-o", stat_path, "-e", events, "-p", str(t.server.pid)]
     if record:
         data = os.path.join(workdir, "%s-%d.perf.data" % (t.name, t.starts))
         argv = ["perf", "record", "-e", "cpu-clock", "-F", "2000", "-g", "-o", data, "-p", str(t.server.pid)]
@@ -84,6 +87,8 @@ def profile(t, upstream, images, workdir, record):
         res["task_clock_s_per_gb"] = round(c.get("task-clock", 0) / 1e3 / (total / 1e9), 3)
         res["page_faults_per_gb"] = round(c.get("page-faults", 0) / (total / 1e9))
         res["ctx_switches_per_gb"] = round(c.get("context-switches", 0) / (total / 1e9))
+        for e in extra:
+            res[e.split(":")[-1] + "_per_gb"] = round(c.get(e, 0) / (total / 1e9))
     t.stop()
     return res
 

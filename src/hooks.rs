@@ -157,3 +157,14 @@ pub fn fail(_name: &str) -> bool {
 #[cfg(not(feature = "test-hooks"))]
 #[inline(always)]
 pub fn pause_blocking(_name: &str) {}
+
+/// The serving runtime's bound on blocking-pool threads, for tests that show no client can
+/// hold them all (`STEVEDORE_TEST_MAX_BLOCKING_THREADS`); Tokio's default (512) otherwise,
+/// and always without the feature.
+pub fn max_blocking_threads() -> Option<usize> {
+    if cfg!(feature = "test-hooks") {
+        std::env::var("STEVEDORE_TEST_MAX_BLOCKING_THREADS").ok().and_then(|v| v.parse().ok()).filter(|&n| n > 0)
+    } else {
+        None
+    }
+}

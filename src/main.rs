@@ -268,7 +268,12 @@ fn main() -> anyhow::Result<()> {
             if args.offline {
                 cfg.proxy.offline = true;
             }
-            let rt = tokio::runtime::Runtime::new()?;
+            let mut rt = tokio::runtime::Builder::new_multi_thread();
+            rt.enable_all();
+            if let Some(n) = stevedore::hooks::max_blocking_threads() {
+                rt.max_blocking_threads(n);
+            }
+            let rt = rt.build()?;
             let _traces = rt.block_on(async { init_logs(cli.log_format, Some(&cfg.tracing)) })?;
             cfg.validate(&stevedore::app::ConfigFiles)?;
             rt.block_on(serve(cfg))

@@ -361,3 +361,78 @@ fn unsynced_dirs(lines: &[&str], root: &Path) -> DirCheck {
         .collect();
     DirCheck { created: created.len(), unsynced }
 }
+
+/// Bytes stored so far for the ingest `id`: its data file (fs) or spooled parts (S3), all
+/// under `<root>/ingest/<id>/`.
+fn ingest_bytes(sd: &Stevedore, id: &str) -> u64 {
+    let dir = sd.root().join("ingest").join(id);
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name() != "state.json")
+                .filter_map(|e| e.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Uploads whose clients stop mid-body hold no blocking-pool thread while they wait: with
+/// the pool bounded at 2 threads (`STEVEDORE_TEST_MAX_BLOCKING_THREADS`), three PATCHes that
+/// sent 2 MiB and then stall each have those bytes stored, a push and a pull of another blob
+/// complete meanwhile, and once the stalled clients send the rest, every session commits
+/// exactly the bytes sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_uploads_hold_no_blocking_thread_while_they_wait() {
+    use bytes::Bytes;
+    use reqwest::Body;
+    const SENT: usize = (2 << 20) + 100_000;
+    let sd = Stevedore::builder().env("STEVEDORE_TEST_MAX_BLOCKING_THREADS", "2").start();
+    let reg = sd.registry();
+    let mut slow = Vec::new();
+    for i in 0..3u64 {
+        let data = data::bytes(700 + i, SENT + 700_000);
+        let loc = reg.try_start_upload("team/slow").await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
+        let patch = {
+            let (reg, loc, len) = (reg.clone(), loc.clone(), data.len() as u64);
+            tokio::spawn(async move { reg.try_patch(&loc, 0, len, Body::wrap_stream(stream)).await })
+        };
+        for piece in data[..SENT].chunks(256 << 10) {
+            tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+        }
+        slow.push((session_id(&loc), data, tx, patch));
+    }
+    // Each stalled session's first 2 MiB are stored: no writer is left waiting for a thread
+    // that another, waiting for its client, holds.
+    let stored =
+        common::wait_until(Duration::from_secs(30), || slow.iter().all(|(id, ..)| ingest_bytes(&sd, id) >= 2 << 20))
+            .await;
+    let have: Vec<u64> = slow.iter().map(|(id, ..)| ingest_bytes(&sd, id)).collect();
+    assert!(stored, "the stalled uploads' first 2 MiB are not all stored after 30 s: {have:?} bytes");
+
+    // Meanwhile the rest of the server works: a push (1.5 MiB, two batches) and its pull.
+    let other = data::bytes(799, 1_500_000);
+    let pushed = tokio::time::timeout(Duration::from_secs(30), async {
+        let digest = reg.push_blob("team/other", &other).await;
+        reg.assert_blob("team/other", &digest, &other).await;
+    })
+    .await;
+    assert!(pushed.is_ok(), "a push and pull beside three stalled uploads did not finish in 30 s");
+
+    // The stalled clients finish: each session holds exactly what its client sent.
+    for (_, data, tx, patch) in slow {
+        for piece in data[SENT..].chunks(256 << 10) {
+            tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+        }
+        drop(tx);
+        let (loc, stored) = patch.await.unwrap().unwrap_or_else(|e| panic!("the stalled PATCH: {e}"));
+        assert_eq!(stored, data.len() as u64);
+        let digest = data::sha256(&data);
+        reg.try_finish(&loc, &digest, None).await.unwrap_or_else(|e| panic!("PUT after the stall: {e}"));
+        reg.assert_blob("team/slow", &digest, &data).await;
+    }
+    assert_stored_blobs_intact(&sd);
+}

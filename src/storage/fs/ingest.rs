@@ -2,10 +2,11 @@
 //! offset and hash state are saved in `ingest/<id>/state.json` at every checkpoint, and only
 //! [`Writer::verify`] → [`Verified::commit`] moves a verified file into `blobs/` by rename.
 //!
-//! Writes are pipelined: one worker on the blocking pool per writer (started with its first
-//! batch, ended when the writer settles) hashes and writes the batches in order, while the
-//! next one is collected from the network; the network side waits only while
-//! [`QUEUED_BATCHES`] more are queued. The worker owns the file, the running hash and the
+//! Writes are pipelined: a worker on the blocking pool hashes and writes the batches in order,
+//! while the next one is collected from the network; the network side waits only while
+//! [`QUEUED_BATCHES`] more are queued. A worker runs while batches are queued: started by a
+//! batch sent when none runs, it ends once its queue is empty, so a writer whose bytes come
+//! slowly holds no thread between its batches. The worker owns the file, the running hash and the
 //! writer's [`Hold`] (an upload's session lock) until it has written every batch it was
 //! sent: a writer dropped mid-stream (a client that reset its stream) keeps its session
 //! locked until those batches have landed, so no write can land after the next request on the
@@ -48,8 +49,8 @@ struct Sink {
 const QUEUED_BATCHES: usize = 1;
 
 /// The worker hashing and writing the batches sent, in order, on the blocking pool: it owns
-/// the [`Sink`] until the writer settles (closes the queue and takes the sink back), and
-/// counts what landed so that tail readers see it at once.
+/// the [`Sink`] until it ends (its queue found empty, or the writer settles) and the writer
+/// takes the sink back, and counts what landed so that tail readers see it at once.
 struct Worker {
     queue: tokio::sync::mpsc::Sender<Vec<Bytes>>,
     job: JoinHandle<(Sink, std::io::Result<()>)>,
@@ -214,40 +215,52 @@ impl FsWriter {
         })
     }
 
-    /// Hands the collected batch to the worker (started with the first batch), waiting only
-    /// while [`QUEUED_BATCHES`] are queued already.
+    /// Hands the collected batch to the worker, waiting only while [`QUEUED_BATCHES`] are
+    /// queued already. A worker runs while it has batches: one that found its queue empty
+    /// has ended (see [`work`]), and the batch goes to a new one.
     async fn send_batch(&mut self) -> std::io::Result<()> {
-        let batch = std::mem::take(&mut self.batch);
+        let mut batch = std::mem::take(&mut self.batch);
         self.batch_bytes = 0;
-        let queue = match &self.worker {
-            Some(w) => w.queue.clone(),
-            None => {
-                let (queue, rx) = tokio::sync::mpsc::channel(QUEUED_BATCHES);
-                let sink = self.sink.take().expect("settled");
-                let (landed, delay) = (self.landed.clone(), test_write_delay());
-                let job = tokio::task::spawn_blocking(move || work(sink, rx, &landed, delay));
-                self.worker = Some(Worker { queue: queue.clone(), job });
-                queue
+        loop {
+            let queue = match &self.worker {
+                Some(w) => w.queue.clone(),
+                None => {
+                    let (queue, rx) = tokio::sync::mpsc::channel(QUEUED_BATCHES);
+                    let sink = self.sink.take().expect("settled");
+                    let (landed, delay) = (self.landed.clone(), test_write_delay());
+                    let job = tokio::task::spawn_blocking(move || work(sink, rx, &landed, delay));
+                    self.worker = Some(Worker { queue: queue.clone(), job });
+                    queue
+                }
+            };
+            match queue.send(batch).await {
+                Ok(()) => return Ok(()),
+                // The worker ended: it ran out of batches (then this one goes to the next
+                // worker), or a write failed (its error).
+                Err(tokio::sync::mpsc::error::SendError(back)) => {
+                    batch = back;
+                    self.join_worker().await?;
+                }
             }
-        };
-        if queue.send(batch).await.is_err() {
-            // The worker stopped at a failed write: its error.
-            self.settle().await?;
-            return Err(std::io::Error::other("ingest worker stopped"));
         }
-        Ok(())
     }
 
     /// Waits until every batch sent has landed, and takes the sink back from the worker.
     async fn settle(&mut self) -> std::io::Result<()> {
+        self.join_worker().await?;
+        // Everything accepted landed, but the batch being collected.
+        debug_assert_eq!(self.landed.load(Ordering::Acquire), self.size - self.batch_bytes as u64);
+        Ok(())
+    }
+
+    /// Ends the worker, if one runs, once it has written every batch it was sent, and takes
+    /// the sink back: its write error, if one failed.
+    async fn join_worker(&mut self) -> std::io::Result<()> {
         let Some(Worker { queue, job }) = self.worker.take() else { return Ok(()) };
         drop(queue);
         let (sink, res) = job.await.map_err(std::io::Error::other)?;
         self.sink = Some(sink);
-        res?;
-        // Everything accepted landed, but the batch being collected.
-        debug_assert_eq!(self.landed.load(Ordering::Acquire), self.size - self.batch_bytes as u64);
-        Ok(())
+        res
     }
 
     /// Writes every byte accepted to the file and, with `fsync`, to the disk.
@@ -453,13 +466,29 @@ impl Verified for FsVerified {
 
 /// The worker's loop: hashes and writes each batch in turn, counts it landed, starts its
 /// writeback; stops at the first failed write (the writer's next send sees the queue closed).
+/// It ends as soon as its queue is empty: a blocking-pool thread is held while there are
+/// bytes to hash and write, never while a slow client or upstream sends the next ones (512
+/// slow uploads would otherwise hold every thread, and every blocking file operation of the
+/// server would wait behind them).
 fn work(
     mut sink: Sink,
     mut queue: tokio::sync::mpsc::Receiver<Vec<Bytes>>,
     landed: &AtomicU64,
     delay: Option<std::time::Duration>,
 ) -> (Sink, std::io::Result<()>) {
-    while let Some(batch) = queue.blocking_recv() {
+    loop {
+        let batch = match queue.try_recv() {
+            Ok(batch) => batch,
+            Err(_) => {
+                // No batch, or the writer settles: no more sends are taken; one that raced
+                // in before the close is still written.
+                queue.close();
+                match queue.blocking_recv() {
+                    Some(batch) => batch,
+                    None => return (sink, Ok(())),
+                }
+            }
+        };
         let len: u64 = batch.iter().map(|c| c.len() as u64).sum();
         for chunk in &batch {
             sink.hasher.update(chunk);
@@ -479,7 +508,6 @@ fn work(
             wb.written(now);
         }
     }
-    (sink, Ok(()))
 }
 
 /// How long each batch write waits before it lands, for tests that must hit a write landing

@@ -22,8 +22,15 @@ fn main() {
         && rustc_minor().is_some_and(|m| m >= 90);
     let path = Path::new(&var("CARGO_MANIFEST_DIR")).join(ORDER);
     if default_lld && path.is_file() && env::var_os("STEVEDORE_NO_ORDER_FILE").is_none() {
-        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", path.display());
-        println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+        // The linker reads a copy in OUT_DIR, which lives as long as this build's output:
+        // cargo reuses that output for a checkout elsewhere that shares the target directory
+        // (the package's path is not in its fingerprint), and a path into the other checkout
+        // would fail the link once that checkout is gone.
+        let copy = Path::new(&var("OUT_DIR")).join("stevedore.order");
+        if std::fs::copy(&path, &copy).is_ok() {
+            println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", copy.display());
+            println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
+        }
     }
 }
 

@@ -241,13 +241,8 @@ async fn a_chunked_push_across_replicas_completes_and_pulls_back_identical() {
     let loc = regs[0].start_upload("team/push").await;
     let id = loc.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
     let chunk = bytes(405, 300_000);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    let first = {
-        let (reg, loc, len) = (regs[1].clone(), loc.clone(), chunk.len() as u64);
-        tokio::spawn(async move { reg.try_patch(&loc, 0, len, Body::wrap_stream(stream)).await })
-    };
-    tx.send(Ok(Bytes::copy_from_slice(&chunk[..100_000]))).await.unwrap();
+    let (tx, first) = regs[1].patch_fed(&loc, 0, chunk.len() as u64);
+    tx.send(Bytes::copy_from_slice(&chunk[..100_000])).await.unwrap();
     let redis = f.redis.as_ref().unwrap();
     let lease = format!("stevedore:upload:{id}");
     assert!(
@@ -267,7 +262,7 @@ async fn a_chunked_push_across_replicas_completes_and_pulls_back_identical() {
         assert!(Instant::now() < end, "replica 2 never waited for replica 1's lease on the session");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    tx.send(Ok(Bytes::copy_from_slice(&chunk[100_000..]))).await.unwrap();
+    tx.send(Bytes::copy_from_slice(&chunk[100_000..])).await.unwrap();
     drop(tx);
     let (_, stored) = first.await.unwrap().unwrap_or_else(|e| panic!("the first PATCH: {e}"));
     assert_eq!(stored, chunk.len() as u64);
@@ -412,14 +407,9 @@ async fn sweeps_leave_another_replicas_live_session_alone() {
     let digest = sha256(&data);
     let cut = (8 << 20) + 50_000;
     let loc = regs[0].start_upload("team/slow").await;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-    let patch = {
-        let (reg, loc, len) = (regs[0].clone(), loc.clone(), data.len() as u64);
-        tokio::spawn(async move { reg.try_patch(&loc, 0, len, Body::wrap_stream(stream)).await })
-    };
+    let (tx, patch) = regs[0].patch_fed(&loc, 0, data.len() as u64);
     for piece in data[..cut].chunks(1 << 20) {
-        tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+        tx.send(Bytes::copy_from_slice(piece)).await.unwrap();
     }
     let bucket = f.at(0).bucket.as_ref().unwrap();
     let id = loc.rsplit('/').next().unwrap().split('?').next().unwrap().to_string();
@@ -433,7 +423,7 @@ async fn sweeps_leave_another_replicas_live_session_alone() {
     // Past the session's TTL (the point of the test), the body still streaming: the other
     // replicas sweep every 200 ms meanwhile.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    tx.send(Ok(Bytes::copy_from_slice(&data[cut..]))).await.unwrap();
+    tx.send(Bytes::copy_from_slice(&data[cut..])).await.unwrap();
     drop(tx);
     let (loc, stored) = patch.await.unwrap().unwrap_or_else(|e| panic!("the slow PATCH: {e}"));
     assert_eq!(stored, data.len() as u64);

@@ -386,7 +386,6 @@ fn ingest_bytes(sd: &Stevedore, id: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_uploads_hold_no_blocking_thread_while_they_wait() {
     use bytes::Bytes;
-    use reqwest::Body;
     const SENT: usize = (2 << 20) + 100_000;
     let sd = Stevedore::builder().env("STEVEDORE_TEST_MAX_BLOCKING_THREADS", "2").start();
     let reg = sd.registry();
@@ -394,14 +393,9 @@ async fn stalled_uploads_hold_no_blocking_thread_while_they_wait() {
     for i in 0..3u64 {
         let data = data::bytes(700 + i, SENT + 700_000);
         let loc = reg.try_start_upload("team/slow").await.unwrap();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-        let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) });
-        let patch = {
-            let (reg, loc, len) = (reg.clone(), loc.clone(), data.len() as u64);
-            tokio::spawn(async move { reg.try_patch(&loc, 0, len, Body::wrap_stream(stream)).await })
-        };
+        let (tx, patch) = reg.patch_fed(&loc, 0, data.len() as u64);
         for piece in data[..SENT].chunks(256 << 10) {
-            tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+            tx.send(Bytes::copy_from_slice(piece)).await.unwrap();
         }
         slow.push((session_id(&loc), data, tx, patch));
     }
@@ -425,7 +419,7 @@ async fn stalled_uploads_hold_no_blocking_thread_while_they_wait() {
     // The stalled clients finish: each session holds exactly what its client sent.
     for (_, data, tx, patch) in slow {
         for piece in data[SENT..].chunks(256 << 10) {
-            tx.send(Ok(Bytes::copy_from_slice(piece))).await.unwrap();
+            tx.send(Bytes::copy_from_slice(piece)).await.unwrap();
         }
         drop(tx);
         let (loc, stored) = patch.await.unwrap().unwrap_or_else(|e| panic!("the stalled PATCH: {e}"));

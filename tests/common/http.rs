@@ -524,6 +524,26 @@ impl Registry {
         }
     }
 
+    /// [`Registry::try_patch`] of `len` bytes at `start`, running in the background, whose
+    /// body the test feeds piece by piece through the sender (the body ends when it is
+    /// dropped): a client that sends part of a chunk and pauses or stalls.
+    pub fn patch_fed(
+        &self,
+        loc: &str,
+        start: u64,
+        len: u64,
+    ) -> (tokio::sync::mpsc::Sender<bytes::Bytes>, tokio::task::JoinHandle<Res<(String, u64)>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let body =
+            futures::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, std::io::Error>(b), rx)) },
+            );
+        let (reg, loc) = (self.clone(), loc.to_string());
+        let patch = tokio::spawn(async move { reg.try_patch(&loc, start, len, Body::wrap_stream(body)).await });
+        (tx, patch)
+    }
+
     /// `PATCH <loc>` with `Content-Range: start-end` → 202; returns (new Location, stored
     /// length from `Range`), and checks `Range` says `start + len` bytes are stored.
     pub async fn try_patch(&self, loc: &str, start: u64, len: u64, body: Body) -> Res<(String, u64)> {

@@ -224,14 +224,7 @@ impl FsWriter {
         loop {
             let queue = match &self.worker {
                 Some(w) => w.queue.clone(),
-                None => {
-                    let (queue, rx) = tokio::sync::mpsc::channel(QUEUED_BATCHES);
-                    let sink = self.sink.take().expect("settled");
-                    let (landed, delay) = (self.landed.clone(), test_write_delay());
-                    let job = tokio::task::spawn_blocking(move || work(sink, rx, &landed, delay));
-                    self.worker = Some(Worker { queue: queue.clone(), job });
-                    queue
-                }
+                None => self.start_worker(),
             };
             match queue.send(batch).await {
                 Ok(()) => return Ok(()),
@@ -243,6 +236,16 @@ impl FsWriter {
                 }
             }
         }
+    }
+
+    /// Starts a worker with the sink; its queue.
+    fn start_worker(&mut self) -> tokio::sync::mpsc::Sender<Vec<Bytes>> {
+        let (queue, rx) = tokio::sync::mpsc::channel(QUEUED_BATCHES);
+        let sink = self.sink.take().expect("settled");
+        let (landed, delay) = (self.landed.clone(), test_write_delay());
+        let job = tokio::task::spawn_blocking(move || work(sink, rx, &landed, delay));
+        self.worker = Some(Worker { queue: queue.clone(), job });
+        queue
     }
 
     /// Waits until every batch sent has landed, and takes the sink back from the worker.
